@@ -1,0 +1,1 @@
+"""Disclosure checks, one module per output class."""

@@ -1,0 +1,16 @@
+"""The ``airlock`` command line."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, help="The airlock: disclosure checks and release service.")
+
+
+@app.callback()
+def _root() -> None:
+    """Disclosure checks and the release-review service."""
+
+
+def main() -> None:
+    app()
