@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m benchmarks [NAME...]``; each ``benchmarks/bench_<name>.py`` has ``main()``.
+"""Run benchmarks: ``python -m benchmarks [NAME...]``; each ``bench_<name>.py`` has ``main()``.
 
 Results are printed; record them (with machine and date) in docs/benchmarks.md.
 """
