@@ -3,13 +3,15 @@
 Any table found in any file (a CSV, a sheet, an HTML ``<table>``, a pandas repr printed in a
 notebook) goes through ``check_dataframe``: the disclosure rules of ``airlock.checks.tables``,
 then the rules that belong to files (row count, formula injection) and the row-level leak rules
-of ``airlock.checks.leaks``. Row numbers in findings count data rows from 1 (header excluded).
+of ``airlock.checks.leaks``. Row numbers in findings are 0-based indexes of data rows (header excluded), as in the table
+rules.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -28,7 +30,8 @@ _NUMBER = re.compile(r"^[+-]?(\d[\d,]*\.?\d*|\.\d+)([eE][+-]?\d+)?%?$")
 @dataclass
 class CheckContext:
     policy: Policy
-    evidence: Any = None  # what airlock.evidence.load_evidence returned, or None
+    evidence: Any = None  # airlock.evidence.TableEvidence for the file being checked, or None
+    evidence_path: Path | None = None
     extract: ExtractIndex | None = None  # the project's extract, for the leak rules
     companions: list[str] = field(default_factory=list)
 
@@ -36,16 +39,8 @@ class CheckContext:
 def _check_table_rules(
     df: pl.DataFrame, ctx: CheckContext, location: dict[str, Any]
 ) -> tuple[str, list[Finding]]:
-    try:
-        from airlock.checks.tables import check_table
-    except ImportError:  # TEMPORARY until the checks-tables branch is merged
-        return "table", [
-            Finding(
-                rule="table.rules_unavailable",
-                status=Status.REVIEW,
-                message="the table disclosure rules are not installed",
-            )
-        ]
+    from airlock.checks.tables import check_table
+
     return check_table(df, ctx.policy, evidence=ctx.evidence, location=location or None)
 
 
@@ -73,7 +68,7 @@ def formula_injection(df: pl.DataFrame) -> list[dict[str, Any]]:
             bare = value.strip()
             if _NUMBER.match(bare.replace(" ", "")) or set(bare) <= {"-", "+"}:
                 continue  # a negative number, or a dash standing for "none"
-            hits.append({"row": i + 1, "column": name, "value": value[:80]})
+            hits.append({"row": i, "column": name, "value": value[:80]})
     return hits
 
 

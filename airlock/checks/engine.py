@@ -208,13 +208,14 @@ def check_file(
     try:
         if ctx is None:
             ctx = CheckContext(policy=policy)
-            if evidence_path is not None:
-                ctx.evidence, problem = _load_evidence(evidence_path)
-                findings += [problem] if problem else []
+            ctx.evidence_path = Path(evidence_path) if evidence_path is not None else None
             if extract_path is not None:
                 from airlock.checks.leaks import ExtractIndex
 
                 owned_extract = ctx.extract = ExtractIndex(extract_path)
+        if ctx.evidence_path is not None:
+            ctx.evidence, problem = _load_evidence(ctx.evidence_path, path.name)
+            findings += [problem] if problem else []
         output_class, more, sha256 = _check_path(path, ctx, [Path(c) for c in companions])
         findings += more
     except Exception as exc:  # noqa: BLE001 (the contract: bad input never raises)
@@ -244,16 +245,22 @@ def _describe(exc: BaseException, path: Path) -> str:
     return f"{path.name} cannot be checked: {text}"
 
 
-def _load_evidence(evidence_path: Path | str) -> tuple[Any, Finding | None]:
-    try:
-        from airlock.evidence import load_evidence
+def _load_evidence(evidence_path: Path, name: str) -> tuple[Any, Finding | None]:
+    """The evidence for the file ``name``: from an ACRO bundle, its entry for that file (or its
+    only entry); from an evidence file, the file itself."""
+    from airlock.evidence import EvidenceError, load_evidence
 
-        return load_evidence(Path(evidence_path)), None
+    try:
+        try:
+            return load_evidence(evidence_path, table_name=name), None
+        except EvidenceError:
+            return load_evidence(evidence_path), None
     except Exception as exc:  # noqa: BLE001
         return None, _finding(
             "evidence.unreadable",
-            Status.FAIL,
-            f"the evidence file {Path(evidence_path).name} cannot be read: {exc}",
+            Status.REVIEW,
+            f"the evidence file {Path(evidence_path).name} cannot be used for this file "
+            f"(checked without it): {exc}",
         )
 
 
@@ -359,9 +366,7 @@ def check_files(
     setup: list[Finding] = []
     index = None
     try:
-        if evidence_path is not None:
-            ctx.evidence, problem = _load_evidence(evidence_path)
-            setup += [problem] if problem else []
+        ctx.evidence_path = Path(evidence_path) if evidence_path is not None else None
         if extract_path is not None:
             from airlock.checks.leaks import ExtractIndex
 

@@ -1,6 +1,7 @@
 """Row-level data and leaks of the pooled data itself.
 
-Four rules, all ``fail`` with the offending rows counted and located (data rows from 1):
+Four rules, all ``fail`` with the offending rows counted and located (0-based data-row
+indexes, header excluded, as in the table rules):
 
 - ``leak.identifier``: a value equal to a pseudonymous id of the extract (``patient_id``,
   ``tumour_id``), in any column of a table or any word of a text;
@@ -96,7 +97,7 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     in a column of the same name (else every small count would 'match' patient 12)."""
     if not extract.id_columns or df.height == 0 or df.width == 0:
         return None
-    text = _as_text_frame(df).with_row_index("__row", offset=1)
+    text = _as_text_frame(df).with_row_index("__row", offset=0)
     long = text.unpivot(index="__row", variable_name="col", value_name="value").drop_nulls()
     long = long.with_columns(pl.col("value").str.strip_chars())
     lower_names = {c.lower(): c for c in df.columns}
@@ -203,7 +204,7 @@ def _match_rows(
     """
     cur = extract.cursor()
     try:
-        cur.register("__export_rows", df.with_row_index("__row", offset=1).to_arrow())
+        cur.register("__export_rows", df.with_row_index("__row", offset=0).to_arrow())
         return [(int(r), int(n)) for r, n in cur.execute(sql).fetchall()]
     finally:
         cur.close()
@@ -292,7 +293,7 @@ def find_small_classes(df: pl.DataFrame, policy: Any) -> Finding | None:
         return None
     sizes = (
         df.select(qis)
-        .with_row_index("__row", offset=1)
+        .with_row_index("__row", offset=0)
         .with_columns(pl.len().over(qis).alias("__k"))
         .filter(pl.col("__k") < policy.k_anonymity)
     )
