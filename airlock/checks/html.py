@@ -27,10 +27,17 @@ def parse_html(text: str) -> Any:
     """An lxml document for ``text``; raises ValueError for what cannot be parsed."""
     if not text.strip():
         raise ValueError("empty HTML document")
+    parser = lxml.html.HTMLParser()
     try:
-        return lxml.html.document_fromstring(text)
+        doc = lxml.html.document_fromstring(text, parser=parser)
     except (etree.ParserError, ValueError) as exc:
         raise ValueError(f"HTML cannot be parsed: {exc}") from None
+    # libxml2 stops reading at its limits (nesting depth 256...) and drops the rest silently:
+    # what it did not read was not checked, so the page is refused
+    for error in parser.error_log:
+        if error.type_name == "ERR_RESOURCE_LIMIT" or "depth" in error.message.lower():
+            raise ValueError(f"HTML too deeply nested to be checked ({error.message})")
+    return doc
 
 
 def _cell_text(el: Any) -> str:
