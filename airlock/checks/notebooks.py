@@ -90,13 +90,9 @@ def encoded_blobs(text: str, location: dict[str, Any], allow_images: bool = Fals
 
 def _frame(header: list[str], rows: list[list[str]]) -> tuple[pl.DataFrame, pl.DataFrame]:
     from airlock.checks.context import coerce_numbers
+    from airlock.checks.spreadsheets import unique_names
 
-    names: list[str] = []
-    for i, h in enumerate(header):
-        name = h.strip() or f"column_{i + 1}"
-        while name in names:
-            name += "_"
-        names.append(name)
+    names = unique_names(header)
     raw = pl.DataFrame(
         {
             n: [r[i] if r[i] not in {"", "NaN", "None", "null"} else None for r in rows]
