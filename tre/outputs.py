@@ -556,7 +556,7 @@ def survival_table(
         raise OutputError("no rows with both a time and an event indicator")
     if not f[time].dtype.is_numeric() or (f[time] < 0).any():
         raise OutputError(f"time column {time!r} must be numeric and non-negative")
-    f = f.with_columns(pl.col(event).cast(pl.Int8).alias("__event"))
+    f = f.with_columns(pl.col(event).cast(pl.Int8, strict=False).alias("__event"))
     if not set(f["__event"].unique().to_list()) <= {0, 1}:
         raise OutputError(f"event column {event!r} must be 0/1 or boolean")
     if dims:

@@ -210,7 +210,40 @@ def recoverable_cells(
                 recovered[cell] = Recovery(
                     cell, round(float(solution[j]), 6), "total minus the visible cells"
                 )
+        # bounds: counts are >= 0, so a cell can be pinned even when the system leaves a free
+        # direction (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). Linear programming (HiGHS via
+        # scipy) gives each cell's range; a range holding a single integer reveals the cell.
+        open_cells = [j for j, cell in enumerate(unknown) if cell not in recovered]
+        if open_cells and len(unknown) <= LP_MAX_UNKNOWNS:
+            for j, low, high in _count_ranges(a, b, open_cells):
+                if math.floor(high + 1e-7) <= math.ceil(low - 1e-7):
+                    cell = unknown[j]
+                    recovered[cell] = Recovery(
+                        cell, float(round(low)), "the margins and non-negative counts pin it"
+                    )
     return sorted(recovered.values(), key=lambda r: r.cell), inconsistent
+
+
+LP_MAX_UNKNOWNS = 400
+
+
+def _count_ranges(a: np.ndarray, b: np.ndarray, cells: list[int]) -> list[tuple[int, float, float]]:
+    """Smallest and largest value of each unknown over non-negative solutions of ``a x = b``."""
+    from scipy.optimize import linprog  # imported lazily: only tables with suppression need it
+
+    n = a.shape[1]
+    out = []
+    for j in cells:
+        c = np.zeros(n)
+        c[j] = 1.0
+        low = linprog(c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
+        if low.status != 0:  # infeasible (inconsistent margins) or failed: no claim
+            continue
+        high = linprog(-c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
+        if high.status != 0:  # unbounded above: not determined
+            continue
+        out.append((j, float(low.fun), float(-high.fun)))
+    return out
 
 
 # ---------------------------------------------------------------- magnitude
