@@ -313,8 +313,12 @@ def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
         roles[name] = role
         if kind:
             stats[name] = kind
-    # the first column of a table whose other columns are all data and that holds row labels
-    # such as category codes (integers) is still a label column when it is sequential 1..k
+    # a column of nothing but markers ('x', '-') is a suppressed data column only in a table
+    # that has numbers somewhere; in an all-text table it is text
+    if not any(p.any_number for p in parsed.values()):
+        for name in frame.columns:
+            roles[name] = Role.LABEL
+            stats.pop(name, None)
     layout = Layout(roles, stats, parsed, n_rows=frame.height)
     labels = layout.columns(Role.LABEL)
     for row in range(frame.height):
