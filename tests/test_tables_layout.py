@@ -7,7 +7,7 @@ import pytest
 
 from airlock.checks import rules
 from airlock.checks.findings import Status, worst
-from airlock.checks.layout import Role, read_layout
+from airlock.checks.layout import read_layout
 from airlock.checks.tables import check_table
 from airlock.policy import load_policy
 
