@@ -284,6 +284,7 @@ def frequency_table(
         suppression_applied=bool(suppress and any(suppressed)),
         rounding_base=round_to,
         notes=notes,
+        margins="true_totals" if margins else None,
     )
     output_class, findings = _check(name, table, evidence, pol)
     return TableOutput(

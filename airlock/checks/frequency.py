@@ -174,9 +174,18 @@ def check_frequency(
     policy: Policy,
     location: dict | None = None,
     suppression_declared: bool = False,
+    margins_visible_only: bool = False,
 ) -> list[Finding]:
     cells = count_cells(frame, layout)
-    return check_count_cells(frame, layout, cells, policy, location, suppression_declared)
+    return check_count_cells(
+        frame,
+        layout,
+        cells,
+        policy,
+        location,
+        suppression_declared,
+        margins_visible_only=margins_visible_only,
+    )
 
 
 def check_count_cells(
@@ -187,6 +196,7 @@ def check_count_cells(
     location: dict | None = None,
     suppression_declared: bool = False,
     with_margins: bool = True,
+    margins_visible_only: bool = False,
 ) -> list[Finding]:
     found: dict[str, list[tuple[rules.Breach, dict]]] = {}
     visible = [c for c in cells if not c.suppressed and c.value is not None]
@@ -221,7 +231,7 @@ def check_count_cells(
         )
 
     if with_margins:
-        findings += _margin_findings(cells, layout, policy, location, rounded)
+        findings += _margin_findings(cells, layout, policy, location, rounded, margins_visible_only)
         findings += _percent_findings(frame, layout, cells, policy, location)
     note = rules.rounding_note([c.value for c in visible if c.value is not None], policy)
     if note:
@@ -252,10 +262,19 @@ def _margin_findings(
     policy: Policy,
     location: dict | None,
     rounded: bool,
+    visible_only: bool = False,
 ) -> list[Finding]:
     equations = margin_equations(cells, layout, policy)
     if not equations:
         return []
+    if visible_only:
+        # declared: totals were computed from the visible cells after suppression, so they
+        # carry nothing about the suppressed ones; only their consistency is checked
+        equations = [
+            rules.MarginEquation(e.total, [p for p in e.parts if not cells[p].suppressed], e.margin)
+            for e in equations
+            if not cells[e.total].suppressed
+        ]
     recovered, inconsistent = rules.recoverable_cells(
         [c.value for c in cells], [c.suppressed for c in cells], equations, policy
     )
