@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import stat
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -24,8 +22,6 @@ from tre.hub.auth import (
     TRELocalAuthenticator,
     verify_password,
 )
-
-TRE = [sys.executable, "-c", "from tre.cli import main; main()"]
 
 PASSWORDS = {
     "alice": "alice-correct-horse-1",
@@ -130,23 +126,29 @@ def test_remove_user(accounts):
 
 
 def test_cli_add_user_prints_a_password_that_works(tmp_path):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+
     path = tmp_path / "users.json"
-    out = subprocess.run(
-        [*TRE, "hub", "add-user", "alice", "--password-file", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    runner = CliRunner()
+    out = runner.invoke(app, ["hub", "add-user", "alice", "--password-file", str(path)])
+    assert out.exit_code == 0, out.output
     name, password = out.stdout.strip().split("\t")
     assert name == "alice" and len(password) >= 12
     assert PasswordFile(path).verify("alice", password)
-    bad = subprocess.run(
-        [*TRE, "hub", "add-user", "Bad Name", "--password-file", str(path)],
-        capture_output=True,
-        text=True,
+    bad = runner.invoke(app, ["hub", "add-user", "Bad Name", "--password-file", str(path)])
+    assert bad.exit_code != 0 and "not a valid user name" in bad.output
+    short = runner.invoke(
+        app,
+        ["hub", "add-user", "bob", "--password-stdin", "--password-file", str(path)],
+        input="short\n",
     )
-    assert bad.returncode != 0 and "not a valid user name" in bad.stderr
+    assert short.exit_code != 0 and "at least 12 characters" in short.output
     assert PasswordFile(path).usernames() == ["alice"]
+    assert (
+        runner.invoke(app, ["hub", "list-users", "--password-file", str(path)]).stdout == "alice\n"
+    )
 
 
 # ---------------------------------------------------------------- authenticator

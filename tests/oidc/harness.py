@@ -140,11 +140,12 @@ class Hub:
         )
 
 
-def start_hub(tmp: Path, proxy_path: str, auth_config: str) -> Hub:
+def start_hub(tmp: Path, proxy_path: str, auth_config: str, port: int | None = None) -> Hub:
     """A real JupyterHub 6 behind a real configurable-http-proxy, with ``auth_config`` appended."""
     hub_dir = tmp / "hub"
     hub_dir.mkdir()
-    port, hub_port, api_port = free_port(), free_port(), free_port()
+    port = port or free_port()
+    hub_port, api_port = free_port(), free_port()
     token = secrets.token_hex(16)
     config = hub_dir / "jupyterhub_config.py"
     config.write_text(
@@ -164,7 +165,7 @@ def start_hub(tmp: Path, proxy_path: str, auth_config: str) -> Hub:
             c.JupyterHub.services = [{{"name": "tests", "api_token": "{token}"}}]
             c.JupyterHub.load_roles = [{{
                 "name": "tests",
-                "scopes": ["read:users", "read:groups", "admin:users"],
+                "scopes": ["list:users", "read:users", "list:groups", "read:groups"],
                 "services": ["tests"],
             }}]
             """
