@@ -3,8 +3,8 @@
 Any table found in any file (a CSV, a sheet, an HTML ``<table>``, a pandas repr printed in a
 notebook) goes through ``check_dataframe``: the disclosure rules of ``airlock.checks.tables``,
 then the rules that belong to files (row count, formula injection) and the row-level leak rules
-of ``airlock.checks.leaks``. Row numbers in findings are 0-based indexes of data rows (header excluded), as in the table
-rules.
+of ``airlock.checks.leaks``. Row numbers in findings are 0-based indexes of data rows (header
+excluded), as in the table rules.
 """
 
 from __future__ import annotations
