@@ -50,6 +50,7 @@ CORRELATION_PERFECT = "correlation.perfect"
 CORRELATION_MIN_N = "correlation.min_n"
 CORRELATION_EVIDENCE_MISSING = "correlation.evidence_missing"
 SURVIVAL_STEP = "survival.step"
+SURVIVAL_AT_RISK = "survival.at_risk"
 SURVIVAL_EVIDENCE_MISSING = "survival.evidence_missing"
 EVIDENCE_MISMATCH = "evidence.mismatch"
 MITIGATION_APPLIED = "evidence.mitigation_applied"
@@ -445,6 +446,20 @@ def survival_step(leaving: float, what: str, policy: Policy) -> Breach | None:
             Status.FAIL,
             f"{what}: {_fmt(leaving)} is below the survival minimum {policy.survival_min_step}",
             {"step": leaving, "what": what, "survival_min_step": policy.survival_min_step},
+        )
+    return None
+
+
+def survival_at_risk(at_risk: float, policy: Policy) -> Breach | None:
+    """Fewer than ``survival_min_step`` people still at risk: the tail of the curve is about
+    a handful of identifiable children. ``0 < n < minimum`` fails (truncate the table)."""
+    if 0 < at_risk < policy.survival_min_step:
+        return Breach(
+            SURVIVAL_AT_RISK,
+            Status.FAIL,
+            f"only {_fmt(at_risk)} at risk (minimum {policy.survival_min_step}): truncate the "
+            "table or curve where fewer remain",
+            {"at_risk": at_risk, "survival_min_step": policy.survival_min_step},
         )
     return None
 
