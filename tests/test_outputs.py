@@ -373,3 +373,16 @@ def test_histogram_png_and_table(tmp_path):
     assert small.status == Status.FAIL  # bins below 10
     hidden = outputs.histogram(data.head(40), "age", bins=8, suppress=True)
     assert hidden.status == Status.REVIEW
+
+
+def test_survival_truncate_drops_the_small_tail():
+    rng = np.random.default_rng(9)
+    n = 600
+    data = pl.DataFrame({"time": rng.exponential(150, n), "event": rng.integers(0, 2, n)})
+    full = outputs.survival_table(data, "time", "event", interval=100)
+    assert full.table["at_risk"].min() < 10
+    assert any(f.rule == rules.SURVIVAL_AT_RISK for f in full.findings)
+    cut = outputs.survival_table(data, "time", "event", interval=100, truncate=True)
+    assert cut.table["at_risk"].min() >= 10
+    assert not any(f.rule == rules.SURVIVAL_AT_RISK for f in cut.findings)
+    assert any("truncated" in note for note in cut.evidence.notes)

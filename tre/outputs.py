@@ -536,6 +536,7 @@ def survival_table(
     *,
     group: str | None = None,
     interval: float | None = None,
+    truncate: bool = False,
     name: str = "survival_table",
     policy: Policy | None = None,
 ) -> TableOutput:
@@ -544,7 +545,8 @@ def survival_table(
     ``floor(time / interval)``, so each row pools everyone leaving in the interval).
 
     Columns: [group], time, at_risk, events, censored, survival. ``event`` is 1/True for an
-    event and 0/False for censoring.
+    event and 0/False for censoring. ``truncate`` drops the tail where fewer than
+    ``survival_min_step`` people remain at risk (noted in the evidence).
     """
     pol = _policy(policy)
     frame = _frame(data)
@@ -594,12 +596,16 @@ def survival_table(
         pl.col("censored").cast(pl.Int64),
         "survival",
     )
-    evidence = _evidence(
-        name,
-        "survival_table",
-        pol,
-        notes=[f"life table, interval {interval:g}"] if interval else [],
-    )
+    notes = [f"life table, interval {interval:g}"] if interval else []
+    if truncate:
+        kept = table.filter(pl.col("at_risk") >= pol.survival_min_step)
+        if kept.height < table.height:
+            notes.append(
+                f"truncated: {table.height - kept.height} row(s) with fewer than "
+                f"{pol.survival_min_step} at risk removed"
+            )
+        table = kept
+    evidence = _evidence(name, "survival_table", pol, notes=notes)
     output_class, findings = _check(name, table, evidence, pol)
     return TableOutput(name, output_class, table, evidence, findings)
 
