@@ -353,37 +353,29 @@ def ingest_files(
     )
     pseudonymiser = Pseudonymiser(key)
     store = PooledStore(settings.pooled_dir)
-    final_dir = store.batches_dir / batch_id
     order = [t for t in CORE_TABLES if t in by_table]
 
-    with store.writer() as con, _progress(progress, 4 + 2 * len(order)) as step:
+    with _progress(progress, 5 + 3 * len(order)) as step:
         step = step or (lambda _d: None)
-        previous = store.batch_record(con, batch_id)
-        if previous is not None and previous["status"] == "loaded":
-            result = BatchResult(
-                batch_id, site_id, "unchanged", previous["pooled_version"], batch_dir=final_dir
-            )
-            if not (final_dir / "batch.json").exists():  # crashed after the commit: repair
-                errs = _errors_from_quarantine(con, batch_id)
-                staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
-                _write_batch_record(staging, previous, errs, None)
-                _publish(staging, final_dir)
-            result.errors_csv = final_dir / "errors.csv"
-            step("already loaded")
-        else:
-            result = _ingest_new(
-                con,
-                store,
-                pseudonymiser,
-                settings,
-                site,
-                by_table,
-                order,
-                batch_id,
-                version_label,
-                on_invalid,
-                step,
-            )
+        previous = _loaded_record(store, batch_id)
+        prepared = None
+        if previous is None:
+            # the expensive part (read, validate, harmonise) runs without holding the store
+            prepared = _prepare(settings, site, by_table, order, batch_id, version_label, step)
+        with store.writer() as con:
+            previous = store.batch_record(con, batch_id)
+            if previous is not None and previous["status"] == "loaded":
+                result = _unchanged(con, store, previous)
+                step("already loaded: nothing to do")
+            else:
+                if prepared is None:  # loaded by nobody after all (rare race): prepare now
+                    prepared = _prepare(
+                        settings, site, by_table, order, batch_id, version_label, step
+                    )
+                result = _ingest_new(
+                    con, store, pseudonymiser, prepared, site, by_table, order, batch_id,
+                    version_label, on_invalid, step,
+                )  # fmt: skip
     if result.status in {"loaded", "unchanged"} and quality_report:
         out = (settings.reports_dir or Path()) / f"{batch_id}.html"
         if result.status == "loaded" or not out.exists():
@@ -394,20 +386,57 @@ def ingest_files(
     return result
 
 
-def _ingest_new(
-    con: duckdb.DuckDBPyConnection,
-    store: PooledStore,
-    pseudonymiser: Pseudonymiser,
+def _loaded_record(store: PooledStore, batch_id: str) -> dict | None:
+    """The record of this batch if it is already loaded (a shared, read-only look)."""
+    if not store.db_path.exists():
+        return None
+    with store.reader() as con:
+        has_batches = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'pooled' "
+            "AND table_name = '_batches'"
+        ).fetchone()[0]
+        if not has_batches:
+            return None
+        rec = store.batch_record(con, batch_id, schema="pooled")
+    return rec if rec is not None and rec["status"] == "loaded" else None
+
+
+def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dict) -> BatchResult:
+    batch_id = previous["batch_id"]
+    final_dir = store.batches_dir / batch_id
+    if not (final_dir / "batch.json").exists():  # crashed after the commit: repair the record
+        errs = _errors_from_quarantine(con, batch_id)
+        staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
+        _write_batch_record(staging, previous, errs, None)
+        _publish(staging, final_dir)
+    return BatchResult(
+        batch_id,
+        previous["site_id"],
+        "unchanged",
+        previous["pooled_version"],
+        batch_dir=final_dir,
+        errors_csv=final_dir / "errors.csv",
+    )
+
+
+@dataclass
+class _Prepared:
+    dictionary: DataDictionary
+    raw: dict[str, pl.DataFrame]
+    incoming: dict[str, pl.DataFrame]  # harmonised rows + site columns + provenance, pooled order
+    errors: dict[str, pl.DataFrame]  # per-table errors, foreign keys excluded (checked later)
+
+
+def _prepare(
     settings: Settings,
     site,  # noqa: ANN001 - tre.registry.Site
     by_table: dict[str, tuple[Path, str]],
     order: list[str],
     batch_id: str,
     source_version: str,
-    on_invalid: str,
     step,  # noqa: ANN001
-) -> BatchResult:
-    site_id = site.id
+) -> _Prepared:
+    """Read, validate and harmonise the batch, and add site columns and provenance."""
     raw = {}
     for table in order:
         raw[table] = _read(by_table[table][0])
@@ -418,25 +447,19 @@ def _ingest_new(
     except (DeliveryError, DictionaryError) as exc:
         raise IngestError(str(exc)) from exc
     step("validated and harmonised")
-
     fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
-    pooled_tables = set(store.data_tables(con))
-    pads = pseudonymiser.register(con)
     provenance = {
-        "site_id": site_id,
+        "site_id": site.id,
         "source_dataset": site.source_dataset,
         "source_version": source_version,
         "load_batch": batch_id,
     }
-    error_frames: list[pl.DataFrame] = []
-    identifiers: dict[str, list[str]] = {}
-    # Stage every dictionary table (parents first), also the ones not delivered (empty), so
-    # the pooled store always has every table with its dictionary schema.
+    incoming: dict[str, pl.DataFrame] = {}
+    errors: dict[str, pl.DataFrame] = {}
     for table in dictionary.tables:
         res = results[table]
         spec = dictionary.table(table)
-        # foreign keys are re-checked below against valid rows AND the pooled store
-        errors = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
+        errors[table] = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
         rows = res.harmonised
         if "iccc3_classifiable" not in {r.kind for r in dictionary.rules_for(table)} and {
             "iccc3_group",
@@ -455,33 +478,83 @@ def _ingest_new(
         absent = [c for c in pooled_cols if c not in rows.columns]
         if absent:
             raise IngestError(f"{table}: cannot derive pooled column(s) {', '.join(absent)}")
-        id_cols = dictionary.identifier_columns(table)
-        identifiers[table] = id_cols
-        con.register("_incoming", rows.select([ROW, *pooled_cols]).to_arrow())
-        select = [
-            pseudonymiser.sql(identifier_kind(c), site_id, f'i."{c}"::VARCHAR', pads) + f' AS "{c}"'
-            if c in id_cols
-            else f'i."{c}"'
-            for c in pooled_cols
-        ]
+        incoming[table] = rows.select([ROW, *pooled_cols])
+    return _Prepared(dictionary, raw, incoming, errors)
+
+
+def _ingest_new(
+    con: duckdb.DuckDBPyConnection,
+    store: PooledStore,
+    pseudonymiser: Pseudonymiser,
+    prepared: _Prepared,
+    site,  # noqa: ANN001 - tre.registry.Site
+    by_table: dict[str, tuple[Path, str]],
+    order: list[str],
+    batch_id: str,
+    source_version: str,
+    on_invalid: str,
+    step,  # noqa: ANN001
+) -> BatchResult:
+    site_id = site.id
+    dictionary, raw = prepared.dictionary, prepared.raw
+    pooled_tables = set(store.data_tables(con))
+    pads = pseudonymiser.register(con)
+    error_frames: list[pl.DataFrame] = []
+    identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
+    table_errors = prepared.errors
+    for table, frame in prepared.incoming.items():
+        con.register(f"_in_{table}", frame.to_arrow())
+    # One HMAC per DISTINCT local id of each kind (a patient id recurs in patient, tumour and
+    # followup rows), then hash joins: far fewer HMACs than rows.
+    kinds: dict[str, list[str]] = {}
+    for table, cols in identifiers.items():
+        for c in cols:
+            kinds.setdefault(identifier_kind(c), []).append(
+                f'SELECT "{c}"::VARCHAR AS local FROM _in_{table}'
+            )
+    for kind, sources in kinds.items():
+        expr = pseudonymiser.sql(kind, site_id, "local", pads)
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _idmap_{kind} AS SELECT local, {expr} AS pseudonym "
+            f"FROM (SELECT DISTINCT local FROM ({' UNION ALL '.join(sources)}) "
+            "WHERE local IS NOT NULL)"
+        )
+    step("pseudonymised identifiers")
+    # Stage every dictionary table (parents first), also the ones not delivered (empty), so
+    # the pooled store always has every table with its dictionary schema.
+    for table in dictionary.tables:
+        pooled_cols = dictionary.pooled_columns(table)
+        id_cols = identifiers[table]
+        select, joins = [], []
+        for c in pooled_cols:
+            if c in id_cols:
+                alias = f"_m_{c}"
+                select.append(f'{alias}.pseudonym AS "{c}"')
+                joins.append(
+                    f"LEFT JOIN _idmap_{identifier_kind(c)} AS {alias} "
+                    f'ON {alias}.local = i."{c}"::VARCHAR'
+                )
+            else:
+                select.append(f'i."{c}"')
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE _stage_{table} AS "
-            f"SELECT i.{ROW}, {', '.join(select)} FROM _incoming AS i"
+            f"SELECT i.{ROW}, {', '.join(select)} FROM _in_{table} AS i {' '.join(joins)}"
         )
-        con.unregister("_incoming")
+        con.unregister(f"_in_{table}")
         pool_errors = _pool_errors(
             con, dictionary, table, f"_stage_{table}", pooled_tables, site_id
         )
-        table_errors = pl.concat([_conform_errors(errors, table), pool_errors])
-        error_frames.append(table_errors)
-        con.register("_bad", table_errors.select(pl.col("row").unique()).to_arrow())
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _ok_{table} AS SELECT * FROM _stage_{table} "
-            f"WHERE {ROW} NOT IN (SELECT row FROM _bad)"
-        )
+        errs = pl.concat([_conform_errors(table_errors[table], table), pool_errors])
+        error_frames.append(errs)
+        con.register("_bad", errs.select(pl.col("row").unique()).to_arrow())
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_{table} AS SELECT row FROM _bad")
         con.unregister("_bad")
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW _ok_{table} AS SELECT * FROM _stage_{table} "
+            f"WHERE {ROW} NOT IN (SELECT row FROM _bad_{table})"
+        )
         if table in by_table:
-            step(f"pseudonymised {table}")
+            step(f"checked keys of {table}")
 
     errors = pl.concat(error_frames).sort(["table", "row", "column", "rule"])
     invalid_rows = errors.select(["table", "row"]).unique().height
@@ -536,7 +609,9 @@ def _ingest_new(
         if table not in by_table:
             continue
         con.execute(f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}')
-        rows_added[table] = con.execute(f"SELECT count(*) FROM _ok_{table}").fetchone()[0]
+        rows_added[table] = con.execute(
+            f"SELECT count(*) FROM _stage_{table} WHERE {ROW} NOT IN (SELECT row FROM _bad_{table})"
+        ).fetchone()[0]
         step(f"wrote {table}")
         _crash_point(f"after-insert-{table}")
     if quarantine.height:
