@@ -394,7 +394,7 @@ def _loaded_record(store: PooledStore, batch_id: str) -> dict | None:
         has_batches = con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'pooled' "
             "AND table_name = '_batches'"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         if not has_batches:
             return None
         rec = store.batch_record(con, batch_id, schema="pooled")
@@ -611,7 +611,7 @@ def _ingest_new(
         con.execute(f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}')
         rows_added[table] = con.execute(
             f"SELECT count(*) FROM _stage_{table} WHERE {ROW} NOT IN (SELECT row FROM _bad_{table})"
-        ).fetchone()[0]
+        ).fetchall()[0][0]
         step(f"wrote {table}")
         _crash_point(f"after-insert-{table}")
     if quarantine.height:
@@ -622,7 +622,8 @@ def _ingest_new(
         )
         con.unregister("_q")
     totals = {
-        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in dictionary.tables
+        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchall()[0][0]
+        for t in dictionary.tables
     }
     record |= {"status": "loaded", "pooled_version": version, "row_counts": rows_added}
     con.execute("DELETE FROM _batches WHERE batch_id = $b", {"b": batch_id})
