@@ -477,7 +477,7 @@ DEFECT_KINDS: dict[str, tuple[str, str, str]] = {
     "bad_topography": ("tumour", "icdo3_topography", "range"),
     "impossible_age": ("tumour", "age_at_diagnosis_days", "range"),
     "unclassifiable_tumour": ("tumour", "icdo3_morphology", "iccc3_classifiable"),
-    "missing_diagnosis_year": ("tumour", "diagnosis_year", "required"),
+    "missing_topography": ("tumour", "icdo3_topography", "required"),
     "orphan_tumour": ("tumour", "patient_id", "tumour_patient_exists"),
     "duplicate_tumour": ("tumour", "tumour_id", "duplicate"),
     "bad_modality": ("treatment", "modality", "code_list"),
@@ -552,7 +552,7 @@ def inject_defects(
                 continue
             if kind == "bad_sex_code":
                 df = _set(df, col, r, "Q")
-            elif kind in ("missing_sex", "missing_diagnosis_year", "missing_last_contact"):
+            elif kind in ("missing_sex", "missing_topography", "missing_last_contact"):
                 df = _set(df, col, r, None)
             elif kind == "impossible_birth_year":
                 df = _set(df, col, r, 1850)
@@ -603,7 +603,7 @@ def inject_defects(
         position = np.empty(len(order), dtype=np.int64)
         position[order] = np.arange(len(order))
         final_rows[table] = position  # position of each (original + copy) entry in the file
-        for j, s in enumerate(src):
+        for j in range(len(src)):
             kind = "duplicate_patient" if table == "patient" else "duplicate_tumour"
             records.append((table, n + j, kind, DEFECT_KINDS[kind][1], DEFECT_KINDS[kind][2]))
     manifest = pl.DataFrame(
