@@ -285,8 +285,8 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(settings, tmp_path, deli
     with pytest.raises(IngestError, match="child_name"):
         ingest(settings, "uk-ccr", [tmp_path / "x" / "patient.csv"])
     (tmp_path / "y").mkdir()
-    delivery["patient"].drop("birth_year").write_csv(tmp_path / "y" / "patient.csv")
-    with pytest.raises(IngestError, match="birth_year"):
+    delivery["patient"].drop("sex").write_csv(tmp_path / "y" / "patient.csv")
+    with pytest.raises(IngestError, match="sex"):
         ingest(settings, "uk-ccr", [tmp_path / "y" / "patient.csv"])
     garbage = tmp_path / "z" / "patient.parquet"
     garbage.parent.mkdir()

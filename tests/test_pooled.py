@@ -206,3 +206,30 @@ def test_kill_9_at_random_moments(crash_setup):
         seen.add("after" if got == crash_setup["S1"] else "before")
         _retry_completes(crash_setup, state, "unchanged" if got == crash_setup["S1"] else "loaded")
     assert seen  # (which of the two states was hit depends on timing)
+
+
+def test_a_column_added_to_the_dictionary_is_added_to_the_pooled_table(tmp_path):
+    import yaml
+
+    old_policies = tmp_path / "old-policies"
+    shutil.copytree(REPO / "policies", old_policies)
+    d = yaml.safe_load((old_policies / "dictionary.yaml").read_text())
+    del d["tables"]["tumour"]["columns"]["laterality"]
+    (old_policies / "dictionary.yaml").write_text(yaml.safe_dump(d))
+    old = Settings(state_dir=tmp_path / "state", policies_dir=old_policies)
+    init_key(old.hmac_key_file)
+    first = site_files.generate(20, seed=1, id_prefix="A")
+    first["tumour"] = first["tumour"].drop("laterality")
+    ingest_files(old, "uk-ccr", site_files.write(first, tmp_path / "a"), quality_report=False)
+    new = Settings(state_dir=tmp_path / "state")
+    second = site_files.generate(20, seed=2, id_prefix="B")
+    r = ingest_files(new, "uk-ccr", site_files.write(second, tmp_path / "b"), quality_report=False)
+    assert r.status == "loaded"
+    con = duckdb.connect(str(PooledStore(new.pooled_dir).db_path), read_only=True)
+    rows = con.execute(
+        "SELECT load_batch = $b, count(*), count(laterality) FROM tumour GROUP BY 1 ORDER BY 1",
+        {"b": r.batch_id},
+    ).fetchall()
+    con.close()
+    assert rows[0][2] == 0  # the earlier batch has no laterality
+    assert rows[1][2] > 0  # the new one has

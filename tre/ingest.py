@@ -606,6 +606,8 @@ def _ingest_new(
         cols = ", ".join(f'"{c}"' for c in dictionary.pooled_columns(table))
         if table not in pooled_tables:
             con.execute(f'CREATE TABLE main."{table}" AS SELECT {cols} FROM _ok_{table} LIMIT 0')
+        else:
+            _add_new_columns(con, table, dictionary.pooled_columns(table))
         if table not in by_table:
             continue
         con.execute(f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}')
@@ -650,6 +652,25 @@ def _ingest_new(
         errors_csv=final_dir / "errors.csv",
         errors=errors,
     )
+
+
+def _add_new_columns(con: duckdb.DuckDBPyConnection, table: str, pooled_cols: list[str]) -> None:
+    """A dictionary that gained a column: add it to the pooled table (null for older rows).
+    Columns are only ever added, so every earlier pooled version stays readable."""
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = $t",
+            {"t": table},
+        ).fetchall()
+    }
+    types = dict(
+        con.execute(f"SELECT column_name, column_type FROM (DESCRIBE _stage_{table})").fetchall()
+    )
+    for c in pooled_cols:
+        if c not in have:
+            con.execute(f'ALTER TABLE main."{table}" ADD COLUMN "{c}" {types[c]}')
 
 
 def _insert_batch_row(con: duckdb.DuckDBPyConnection, record: dict, quarantined: int) -> None:
