@@ -179,6 +179,21 @@ def _conform_errors(df: pl.DataFrame, table: str) -> pl.DataFrame:
     )
 
 
+def load_order(dictionary: DataDictionary) -> list[str]:
+    """Tables with every foreign-key parent before its children (dictionary order otherwise)."""
+    parents = {t: set() for t in dictionary.tables}
+    for r in dictionary.rules:
+        if r.kind == "foreign_key" and r.get("ref_table") != r.table:
+            parents[r.table].add(r.get("ref_table"))
+    order: list[str] = []
+    while len(order) < len(parents):
+        ready = [t for t in parents if t not in order and parents[t] <= set(order)]
+        if not ready:
+            raise IngestError("the dictionary's foreign keys form a cycle")
+        order.append(ready[0])
+    return order
+
+
 def _pool_errors(
     con: duckdb.DuckDBPyConnection,
     dictionary: DataDictionary,
@@ -522,7 +537,7 @@ def _ingest_new(
     step("pseudonymised identifiers")
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.
-    for table in dictionary.tables:
+    for table in load_order(dictionary):
         pooled_cols = dictionary.pooled_columns(table)
         id_cols = identifiers[table]
         select, joins = [], []
