@@ -114,7 +114,8 @@ class PooledStore:
         """Exclusive read-write connection; cleans up staging left by an interrupted writer."""
         with self._locked(exclusive=True, timeout=timeout):
             self._remove_staging()
-            con = duckdb.connect(str(self.db_path))
+            # row order carries no meaning in the pool: let DuckDB insert in parallel
+            con = duckdb.connect(str(self.db_path), config={"preserve_insertion_order": False})
             try:
                 con.execute(_SCHEMA)
                 yield con
