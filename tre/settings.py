@@ -65,6 +65,12 @@ class HubSettings(BaseModel):
     cull_interval_seconds: int = Field(
         default=300, ge=10, description="How often the idle culler looks for idle sandboxes."
     )
+    airlock_service: str = Field(
+        default="managed",
+        description="'managed': the hub starts `airlock serve` (TCP + unix socket); 'external': "
+        "the airlock runs elsewhere at airlock_port; 'none': registered for OAuth scopes only, "
+        "no URL (hubs without an airlock, tests).",
+    )
     start_timeout_seconds: int = Field(default=60, ge=5, description="Spawn timeout.")
     proxy_api_port: int = Field(default=8001, description="Loopback port of the proxy's API.")
 
@@ -74,6 +80,8 @@ class HubSettings(BaseModel):
             raise ValueError("hub.spawner must be 'bubblewrap' or 'docker'")
         if self.authenticator not in {"local", "oidc"}:
             raise ValueError("hub.authenticator must be 'local' or 'oidc'")
+        if self.airlock_service not in {"managed", "external", "none"}:
+            raise ValueError("hub.airlock_service must be 'managed', 'external' or 'none'")
         return self
 
 

@@ -35,11 +35,12 @@ def config(
 @app.command("build-sandbox-env")
 def build_sandbox_env() -> None:
     """Build (or update) the Python environment the bubblewrap sandboxes run; idempotent."""
-    from tre.hub.sandbox_env import SandboxEnvError
+    from tre.hub.sandbox_env import SandboxEnvError, ensure_sandbox_user
     from tre.hub.sandbox_env import build_sandbox_env as build
 
     settings = load_settings()
     try:
+        ensure_sandbox_user(settings.hub.sandbox_user)
         result = build(settings.hub.sandbox_env_dir, settings.hub.sandbox_python)
     except SandboxEnvError as exc:
         console.print(f"[red]Could not build the sandbox environment:[/red] {exc}")
@@ -64,10 +65,11 @@ def run(ctx: typer.Context) -> None:
         console.print(f"[red]The project registry is invalid; the hub is not started:[/red]\n{exc}")
         raise typer.Exit(1) from None
     if settings.hub.spawner == "bubblewrap":
-        from tre.hub.sandbox_env import SandboxEnvError
+        from tre.hub.sandbox_env import SandboxEnvError, ensure_sandbox_user
         from tre.hub.sandbox_env import build_sandbox_env as build
 
         try:
+            ensure_sandbox_user(settings.hub.sandbox_user)
             build(settings.hub.sandbox_env_dir, settings.hub.sandbox_python)
         except SandboxEnvError as exc:
             console.print(f"[red]Could not build the sandbox environment:[/red] {exc}")

@@ -22,13 +22,13 @@ What a sandbox is (the embedded default of the TRE):
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
 import resource
 import shutil
 import signal
-import time
 from pathlib import Path
 from subprocess import Popen
 from urllib.parse import quote
@@ -413,7 +413,7 @@ class BubblewrapSpawner(LocalProcessSpawner):
         await super().stop(now=True)
         # bwrap's death kills the sandbox's pid 1 and so the namespace; make sure of it.
         self.pidns = pidns
-        for _ in range(50):
+        for _ in range(100):
             left = self.sandbox_pids()
             if not left:
                 break
@@ -422,6 +422,6 @@ class BubblewrapSpawner(LocalProcessSpawner):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
         self.pidns = 0
         shutil.rmtree(self.host_socket_dir, ignore_errors=True)

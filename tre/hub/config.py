@@ -9,7 +9,6 @@ secrets are never written into it, only the paths of the files that hold them.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import sys
@@ -68,10 +67,6 @@ def _loopback_hub_api(settings: Settings) -> str:
     return f"http://{ip}:{settings.hub_port}/hub/api"
 
 
-def _airlock_available() -> bool:
-    return importlib.util.find_spec("airlock.service_cli") is not None
-
-
 def users_of(registry: Registry) -> tuple[set[str], set[str]]:
     """(allowed users, admin users) from the registry: project members, checkers and admins."""
     members = {m for p in registry.projects.values() for m in p.member_names()}
@@ -101,13 +96,12 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             ],
         }
     ]
-    airlock: dict[str, Any] = {
-        "name": AIRLOCK_SERVICE,
-        "url": f"http://127.0.0.1:{settings.airlock_port}",
-        "oauth_no_confirm": True,
-        "display": True,
-    }
-    if _airlock_available():
+    airlock: dict[str, Any] = {"name": AIRLOCK_SERVICE}
+    if settings.hub.airlock_service != "none":
+        airlock.update(
+            url=f"http://127.0.0.1:{settings.airlock_port}", oauth_no_confirm=True, display=True
+        )
+    if settings.hub.airlock_service == "managed":
         airlock["command"] = [
             sys.executable,
             "-m",

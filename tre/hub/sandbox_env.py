@@ -134,7 +134,7 @@ def build_sandbox_env(
     uv = _uv()
     constraints = locked_constraints(project_root)
     deps_key = hashlib.sha256(
-        json.dumps([str(python), constraints, sorted(packages)]).encode()
+        json.dumps([str(python), constraints, sorted(packages), "compiled"]).encode()
     ).hexdigest()
     project_key = project_source_digest(project_root)
     stamp_path = env_dir / STAMP
@@ -150,7 +150,15 @@ def build_sandbox_env(
             constraints_file = fh.name
         try:
             _run(
-                [uv, "pip", "install", "--quiet", "--python", str(env_dir / "bin" / "python")]
+                [
+                    uv,
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--compile-bytecode",
+                    "--python",
+                    str(env_dir / "bin" / "python"),
+                ]
                 + ["--constraint", constraints_file, *packages]
             )
         finally:
@@ -159,7 +167,15 @@ def build_sandbox_env(
         deps_installed = True
     if stamp.get("project") != project_key:
         _run(
-            [uv, "pip", "install", "--quiet", "--python", str(env_dir / "bin" / "python")]
+            [
+                uv,
+                "pip",
+                "install",
+                "--quiet",
+                "--compile-bytecode",
+                "--python",
+                str(env_dir / "bin" / "python"),
+            ]
             + ["--no-deps", "--reinstall-package", "childhood-cancer-tre", str(project_root)]
         )
         install_lab_settings(env_dir)
@@ -171,3 +187,23 @@ def build_sandbox_env(
     os.replace(tmp, stamp_path)
     _readable_by_all(env_dir)
     return BuildResult(env_dir, deps_installed, project_installed)
+
+
+def ensure_sandbox_user(name: str = "tre-sandbox") -> int:
+    """Create the unprivileged system user sandboxes run as (needs root); return its uid."""
+    import pwd
+
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        pass
+    if os.geteuid() != 0:
+        raise SandboxEnvError(
+            f"the sandbox user {name!r} does not exist; as root run: useradd --system "
+            f"--no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {name}"
+        )
+    _run(
+        ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent"]
+        + ["--shell", "/usr/sbin/nologin", name]
+    )
+    return pwd.getpwnam(name).pw_uid
