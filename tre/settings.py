@@ -60,10 +60,10 @@ class HubSettings(BaseModel):
     )
     max_open_files: int = Field(default=1024, ge=64, description="Open files per process.")
     idle_timeout_seconds: int = Field(
-        default=3600, ge=60, description="The idle culler stops sandboxes idle for this long."
+        default=3600, ge=5, description="The idle culler stops sandboxes idle for this long."
     )
     cull_interval_seconds: int = Field(
-        default=300, ge=10, description="How often the idle culler looks for idle sandboxes."
+        default=300, ge=2, description="How often the idle culler looks for idle sandboxes."
     )
     airlock_service: str = Field(
         default="managed",

@@ -18,7 +18,7 @@ import duckdb
 import pytest
 import yaml
 
-from tre.hub.harness import HubInstance, free_port
+from tre.hub.harness import HubInstance, Kernel, free_port
 from tre.hub.sandbox_env import build_sandbox_env, ensure_sandbox_user
 from tre.settings import REPO_ROOT, Settings, load_settings
 
@@ -71,7 +71,7 @@ def make_extract(path: Path, project: str) -> None:
     os.chmod(path, 0o644)
 
 
-def make_state(root: Path) -> Settings:
+def make_state(root: Path, **hub: object) -> Settings:
     """A TRE installation in ``root``: policies, extracts, workspaces, a secret key."""
     os.chmod(root, 0o755)
     policies = root / "policies"
@@ -86,6 +86,7 @@ def make_state(root: Path) -> Settings:
     state = root / "state"
     settings = load_settings(
         state_dir=state,
+        **({"hub_db_url": hub.pop("db_url")} if "db_url" in hub else {}),
         policies_dir=policies,
         hub_port=free_port(),
         airlock_port=free_port(),
@@ -93,9 +94,9 @@ def make_state(root: Path) -> Settings:
             "proxy_api_port": free_port(),
             "sandbox_env_dir": str(SANDBOX_ENV),
             "runtime_dir": str(root / "run"),
-            "idle_timeout_seconds": 60,
-            "cull_interval_seconds": 10,
             "airlock_service": "none",
+            "max_file_size_mb": 64,
+            **hub,
         },
     )
     for d in (state, settings.extracts_dir, settings.workspaces_dir):
@@ -131,6 +132,33 @@ def require_hub_components() -> None:
             if ci:
                 pytest.fail(f"{what} is required in CI but is not available")
             pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(scope="session")
+def alice_token(hub: HubInstance) -> str:
+    return hub.user_token("alice")
+
+
+@pytest.fixture(scope="session")
+def alice_server(hub: HubInstance) -> str:
+    """alice's running wilms-outcomes sandbox; returns the server name."""
+    r = hub.start_server("alice", "wilms-outcomes")
+    assert r.status_code in (201, 202), r.text
+    return "wilms-outcomes"
+
+
+@pytest.fixture(scope="session")
+def alice_kernel(hub: HubInstance, alice_server: str, alice_token: str) -> Iterator[Kernel]:
+    kernel = Kernel(hub, "alice", alice_server, alice_token)
+    yield kernel
+    kernel.shutdown()
+
+
+@pytest.fixture(scope="session")
+def carol_server(hub: HubInstance) -> str:
+    r = hub.start_server("carol", "leukaemia-incidence")
+    assert r.status_code in (201, 202), r.text
+    return "leukaemia-incidence"
 
 
 @pytest.fixture(scope="session")

@@ -109,3 +109,25 @@ def projects_for_home(policies_dir: Path, extracts_dir: Path, username: str) -> 
         )
         for p in sorted(registry.projects_of(username), key=lambda p: p.id)
     ]
+
+
+def named_server_gate(policies_dir: str, extracts_dir: str):  # noqa: ANN201 - hub callable
+    """``c.JupyterHub.named_server_limit_per_user``: JupyterHub calls it with the request handler
+    *before* it creates a named server, so a refused project leaves no server record behind
+    (bad input changes nothing). It refuses with the same message as the spawner, and sets no
+    count limit (one server per project is implied by server names being project ids)."""
+    from tornado import web
+
+    def gate(handler: object) -> int:
+        args = [a for a in getattr(handler, "path_args", []) if a is not None]
+        if len(args) < 2 or not args[1]:
+            return 0
+        username, project_id = args[0], args[1]
+        try:
+            registry = load_registry(Path(policies_dir))
+            check_can_start_project(registry, username, project_id, Path(extracts_dir))
+        except ProjectAccessDenied as exc:
+            raise web.HTTPError(exc.status, exc.message) from None
+        return 0
+
+    return gate

@@ -78,10 +78,6 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
     """Every configured trait, by class name: the content of the generated config file."""
     state = hub_dir(settings)
     allowed, admins = users_of(registry)
-    most_projects = max(
-        (sum(1 for p in registry.projects.values() if u in p.member_names()) for u in allowed),
-        default=1,
-    )
     hub_url = unix_url(hub_socket(settings))
     services: list[dict[str, Any]] = [
         {
@@ -127,7 +123,6 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "spawner_class": SPAWNERS[settings.hub.spawner],
             "authenticator_class": AUTHENTICATORS[settings.hub.authenticator],
             "allow_named_servers": True,
-            "named_server_limit_per_user": most_projects,
             "default_url": "/hub/home",
             "template_paths": [str(TEMPLATES_DIR)],
             # Sandboxes outlive a hub restart; the idle culler and users stop them.
@@ -190,6 +185,7 @@ project registry. Do not edit: change tre.yaml or policies/ and regenerate."""
 # ruff: noqa
 from pathlib import Path
 
+from tre.hub.access import named_server_gate
 from tre.hub.config import home_projects
 
 c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
@@ -208,6 +204,10 @@ def render_config(settings: Settings, registry: Registry) -> str:
     lines.append(
         "c.JupyterHub.template_vars = {'tre_projects': home_projects("
         f"{str(settings.policies_dir)!r}, {str(settings.extracts_dir)!r})}}"
+    )
+    lines.append(
+        "c.JupyterHub.named_server_limit_per_user = named_server_gate("
+        f"{str(settings.policies_dir)!r}, {str(settings.extracts_dir)!r})"
     )
     return "\n".join(lines) + "\n"
 

@@ -56,7 +56,8 @@ class HubInstance:
             "c.JupyterHub.load_roles.append({'name': 'tre-harness-admin', "
             "'scopes': ['admin:users', "
             "'admin:servers', 'tokens', 'admin-ui', 'list:users', 'read:users', "
-            "'access:servers', 'read:servers', 'delete:servers', 'servers'], "
+            "'access:servers', 'read:servers', 'delete:servers', 'servers', "
+            "'admin:server_state'], "
             "'services': ['tre-harness-admin']})\n"
         )
         with path.open("a") as fh:
