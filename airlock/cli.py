@@ -122,6 +122,7 @@ def check(
     else:
         _print_reports(reports)
 
+
 service_cli.register(app)  # serve, db, workflow: the review service
 
 
