@@ -23,7 +23,7 @@ from tre.settings import Settings, load_settings
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _actor(actor: str | None) -> str:
