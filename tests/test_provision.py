@@ -335,3 +335,29 @@ def test_cli_edit_with_invalid_value_exits_2_and_names_the_problem(tmp_path, mon
     result = CliRunner().invoke(app, ["project", "grant", "wilms-outcomes", "genome", "*"])
     assert result.exit_code == 2
     assert "wilms-outcomes.yaml" in result.output and "unknown table" in result.output
+
+
+def test_apply_is_recorded_in_the_hash_chained_audit_log(tmp_path):
+    from airlock.service.db import make_engine, session_factory
+    from tre.audit import iter_events, verify_chain
+    from tre.provision import AirlockAudit
+
+    settings = make_settings(tmp_path)
+    rec = reconcile(
+        settings,
+        load_registry(settings.policies_dir),
+        actor="admin",
+        use_hub=False,
+        audit=AirlockAudit(settings),
+        extracts=FileExtracts(),
+        today=TODAY,
+    )
+    assert rec.result is not None and rec.result.ok
+    with session_factory(make_engine(settings.airlock_db_url))() as session:
+        events = list(iter_events(session))
+        assert verify_chain(session) == []
+    assert len(events) == len(rec.changes)
+    assert {(e.actor, e.action, e.target) for e in events} >= {
+        ("admin", "project.create", "project:wilms-outcomes"),
+        ("admin", "project.build_extract", "project:leukaemia-incidence"),
+    }

@@ -359,17 +359,31 @@ class AuditSink(Protocol):
 
 
 class AirlockAudit:
-    """Events go to the hash-chained audit log in the airlock database (``tre.audit``)."""
+    """Events go to the hash-chained audit log in the airlock database (``tre.audit``).
+
+    Each event is its own transaction: it records a step that has already happened. The
+    database is migrated first (idempotent), so provisioning can run before the airlock has.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._factory: Any = None
+
+    def _sessions(self) -> Any:
+        if self._factory is None:
+            from airlock.service.db import make_engine, session_factory, upgrade
+
+            engine = make_engine(self.settings.airlock_db_url or "", pool_size=2)
+            upgrade(engine)
+            self._factory = session_factory(engine)
+        return self._factory
 
     def record(self, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
-        from tre.audit import open_session, record_event
+        from airlock.service.db import transaction
+        from tre.audit import record_event
 
-        with open_session(self.settings) as session:
+        with transaction(self._sessions()) as session:
             record_event(session, actor, action, target, details)
-            session.commit()
 
 
 # ---------------------------------------------------------------------------------------------
