@@ -210,7 +210,8 @@ import json, os
 import duckdb, polars as pl
 from tre import outputs
 con = duckdb.connect(os.environ["TRE_EXTRACT"], read_only=True)
-tables = sorted(r[0] for r in con.sql("SELECT table_name FROM information_schema.tables").fetchall())
+names = con.sql("SELECT table_name FROM information_schema.tables").fetchall()
+tables = sorted(r[0] for r in names)
 df = con.sql("SELECT t.site_id, p.sex FROM tumour t JOIN patient p USING (patient_id)").pl()
 assert isinstance(df, pl.DataFrame)
 t = outputs.frequency_table(df, rows="site_id", columns="sex", suppress=True)
