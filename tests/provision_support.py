@@ -31,6 +31,10 @@ class FileExtracts:
     def __init__(self) -> None:
         self.builds: list[str] = []
         self.fail_for: set[str] = set()
+        self.pooled_version = "1"
+
+    def source_version(self, settings: Settings) -> str:
+        return self.pooled_version
 
     def path(self, settings: Settings, project_id: str) -> Path:
         return settings.extracts_dir / f"{project_id}.duckdb"

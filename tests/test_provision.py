@@ -125,6 +125,25 @@ def test_row_filter_and_site_condition_changes_rebuild(env):
     assert actions(rec.changes) == {("wilms-outcomes", "build_extract")}
 
 
+def test_new_pooled_version_rebuilds_active_extracts(env):
+    settings, hub, extracts, audit = env
+    run(settings, hub, extracts, audit)
+    extracts.pooled_version = "2"  # a new batch was ingested
+    rec = run(settings, hub, extracts, audit)
+    assert actions(rec.changes) == {
+        ("wilms-outcomes", "build_extract"),
+        ("leukaemia-incidence", "build_extract"),
+    }
+    assert run(settings, hub, extracts, audit).changes == []
+
+
+def test_real_extract_builder_reports_pooled_version(tmp_path):
+    from tre.provision import TreExtracts
+
+    settings = make_settings(tmp_path)
+    assert TreExtracts().source_version(settings) == "none"
+
+
 def test_removed_member_loses_group_and_running_server(env, hub):  # noqa: ANN001
     settings, client, extracts, audit = env
     run(settings, client, extracts, audit)

@@ -183,14 +183,18 @@ def metadata_of(project: Project) -> dict[str, Any]:
     }
 
 
-def extract_fingerprint(registry: Registry, project: Project, today: dt.date) -> str:
-    """A digest of everything the extract's content depends on in the declarations.
+def extract_fingerprint(
+    registry: Registry, project: Project, today: dt.date, pooled_version: str = ""
+) -> str:
+    """A digest of everything the extract's content depends on.
 
-    Grants, row filters, purpose and jurisdiction, and the sharing conditions of every site
-    (which sites are allowed today, embargoes included): a change to any of them rebuilds.
+    Grants, row filters, purpose and jurisdiction, the sharing conditions of every site (which
+    sites are allowed today, embargoes included) and the pooled store's version (a new ingest):
+    a change to any of them rebuilds.
     """
     allowed = sorted(s.id for s in registry.sites_for(project, today))
     body = {
+        "pooled_version": pooled_version,
         "grants": {t: sorted(c) for t, c in sorted(project.grants.items())},
         "row_filters": project.row_filters.model_dump(mode="json"),
         "purpose": project.purpose.value,
@@ -332,6 +336,7 @@ class HubClient:
 
 
 class ExtractBuilder(Protocol):
+    def source_version(self, settings: Settings) -> str: ...
     def build(
         self, settings: Settings, registry: Registry, project_id: str, on: dt.date
     ) -> Path | None: ...
@@ -340,6 +345,17 @@ class ExtractBuilder(Protocol):
 
 class TreExtracts:
     """The real extract builder of ``tre.extract`` (imported lazily: it pulls in DuckDB)."""
+
+    def source_version(self, settings: Settings) -> str:
+        """The pooled store's version ('none' before the first ingest)."""
+        from tre.pooled import PooledStore, PooledStoreError
+
+        assert settings.pooled_dir is not None
+        try:
+            with PooledStore(settings.pooled_dir).reader() as con:
+                return str(PooledStore.current_version(con, "pooled"))
+        except PooledStoreError:
+            return "none"
 
     def build(
         self, settings: Settings, registry: Registry, project_id: str, on: dt.date
@@ -406,6 +422,7 @@ def plan(
 ) -> list[Change]:
     """The changes that would make the system match the declarations (empty when it does)."""
     changes: list[Change] = []
+    pooled_version = extracts.source_version(settings)
     ids = sorted(set(registry.projects) | set(applied.projects))
     for pid in ids:
         project = registry.projects.get(pid)
@@ -439,7 +456,7 @@ def plan(
         # the extract: present and current while active, absent otherwise
         epath = extracts.path(settings, pid)
         if active and project is not None:
-            fp = extract_fingerprint(registry, project, today)
+            fp = extract_fingerprint(registry, project, today, pooled_version)
             if not epath.exists():
                 changes.append(Change(pid, Action.build_extract, "missing", {"fingerprint": fp}))
             elif (rec or {}).get("extract_fingerprint") != fp:
