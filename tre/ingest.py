@@ -35,6 +35,15 @@ import duckdb
 import polars as pl
 import structlog
 
+from tre.dictionary import (
+    ROW,
+    DataDictionary,
+    DeliveryError,
+    DictionaryError,
+    load_dictionary,
+    validate_batch,
+)
+from tre.iccc3 import recode
 from tre.pooled import PooledStore
 from tre.pseudonymise import Pseudonymiser, load_key
 from tre.registry import CORE_TABLES, Registry, load_registry
@@ -43,31 +52,6 @@ from tre.settings import Settings
 log = structlog.get_logger(__name__)
 
 PROVENANCE_COLUMNS = ("site_id", "source_dataset", "source_version", "load_batch")
-# Columns holding a site-local identifier, and the kind of thing they identify (the kind is part
-# of the HMAC message, so a patient id and a tumour id never share a pseudonym).
-IDENTIFIER_KINDS = {
-    "patient_id": "patient",
-    "tumour_id": "tumour",
-    "treatment_id": "treatment",
-    "event_id": "event",
-    "followup_id": "followup",
-}
-# Each table's own key and the parent keys its rows must point to. Parents load first.
-TABLE_KEYS: dict[str, str | None] = {
-    "patient": "patient_id",
-    "tumour": "tumour_id",
-    "treatment": "treatment_id",
-    "event": "event_id",
-    "followup": "followup_id",
-}
-PARENTS: dict[str, tuple[tuple[str, str], ...]] = {
-    "patient": (),
-    "tumour": (("patient_id", "patient"),),
-    "treatment": (("tumour_id", "tumour"),),
-    "event": (("tumour_id", "tumour"),),
-    "followup": (("patient_id", "patient"),),
-}
-ERROR_COLUMNS = ("table", "row", "column", "value", "rule", "message")
 SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -168,84 +152,124 @@ def _progress(enabled: bool, total: int) -> Iterator:
         yield _Step()
 
 
-# ---------------------------------------------------------------------------------------------
-# the data dictionary (owned by tre.dictionary); the few calls made to it are kept here
-def _dictionary(settings: Settings):  # noqa: ANN202 - type lives in tre.dictionary
-    from tre.dictionary import load_dictionary
-
-    return load_dictionary(settings.policies_dir / "dictionary.yaml")
-
-
-def _validate(dictionary, raw: dict[str, pl.DataFrame]) -> dict:  # noqa: ANN001
-    from tre.dictionary import validate_batch
-
-    return validate_batch(dictionary, raw)
+def identifier_kind(column: str) -> str:
+    """What an identifier column identifies (``tumour.patient_id`` -> ``patient``): part of the
+    HMAC message, so ``patient_id`` means the same child in every table and never equals a
+    tumour's pseudonym."""
+    return column[:-3] if column.endswith("_id") else column
 
 
-def _recode(df: pl.DataFrame) -> pl.DataFrame:
-    from tre.iccc3 import recode
-
-    return recode(df, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+def _empty_errors() -> pl.DataFrame:
+    return pl.DataFrame(schema=ERROR_SCHEMA)
 
 
-# ---------------------------------------------------------------------------------------------
-def _errors_frame(frames: list[pl.DataFrame]) -> pl.DataFrame:
-    schema = {c: pl.String for c in ERROR_COLUMNS} | {"row": pl.Int64}
-    if not frames:
-        return pl.DataFrame(schema=schema)
-    return pl.concat(
-        [f.select([pl.col(c).cast(schema[c]) for c in ERROR_COLUMNS]) for f in frames]
-    ).sort(["table", "row", "column"])
+ERROR_SCHEMA = {
+    "table": pl.String,
+    "row": pl.Int64,
+    "column": pl.String,
+    "value": pl.String,
+    "rule": pl.String,
+    "message": pl.String,
+}
 
 
-def _key_errors(
+def _conform_errors(df: pl.DataFrame, table: str) -> pl.DataFrame:
+    return df.with_columns(pl.lit(table).alias("table")).select(
+        [pl.col(c).cast(t) for c, t in ERROR_SCHEMA.items()]
+    )
+
+
+def _pool_errors(
     con: duckdb.DuckDBPyConnection,
+    dictionary: DataDictionary,
     table: str,
     staged: str,
     pooled_tables: set[str],
     site_id: str,
 ) -> pl.DataFrame:
-    """Duplicate keys (in the batch or already pooled) and rows pointing at unknown parents."""
-    cols = {r[0] for r in con.execute(f"DESCRIBE {staged}").fetchall()}
+    """Errors only visible against the pooled store, computed on pseudonymised ids (SQL):
+
+    * foreign keys: a row must point at a VALID parent row of this batch or at a pooled row of
+      the same site (so a later batch may add follow-up to patients loaded earlier, and a child
+      of an invalid, quarantined parent is quarantined too instead of loading as an orphan);
+    * unique keys: a key already pooled for this site (an earlier batch loaded it).
+    """
+    spec = dictionary.table(table)
     parts: list[str] = []
-    key = TABLE_KEYS.get(table)
-    if key and key in cols:
-        parts.append(
-            f"SELECT _row, '{key}' AS column, _local_{key} AS value, 'unique_key' AS rule, "
-            f"'{key} occurs more than once in this batch' AS message FROM {staged} "
-            f"WHERE {key} IN (SELECT {key} FROM {staged} GROUP BY {key} HAVING count(*) > 1)"
-        )
-        if table in pooled_tables:
-            parts.append(
-                f"SELECT _row, '{key}', _local_{key}, 'unique_key', "
-                f"'{key} is already in the pooled store (loaded by an earlier batch)' "
-                f"FROM {staged} WHERE {key} IN (SELECT {key} FROM main.{table})"
-            )
-    for col, parent in PARENTS.get(table, ()):
-        if col not in cols:
+    for rule in dictionary.rules_for(table):
+        if rule.kind != "foreign_key":
             continue
-        sources = [f"SELECT {col} FROM _ok_{parent}"] if _exists(con, f"_ok_{parent}") else []
-        if parent in pooled_tables:
-            sources.append(f"SELECT {col} FROM main.{parent} WHERE site_id = '{site_id}'")
-        known = " UNION ALL ".join(sources) or f"SELECT NULL::VARCHAR AS {col} WHERE FALSE"
+        col, ref_table, ref_col = rule.get("column"), rule.get("ref_table"), rule.get("ref_column")
+        known = [f'SELECT "{ref_col}" AS k FROM _ok_{ref_table}']
+        if ref_table in pooled_tables:
+            known.append(f'SELECT "{ref_col}" FROM main."{ref_table}" WHERE site_id = $site')
         parts.append(
-            f"SELECT _row, '{col}', _local_{col}, 'known_{parent}', "
-            f"'no valid {parent} row with this {col} in the batch or the pooled store' "
-            f"FROM {staged} WHERE {col} IS NOT NULL AND {col} NOT IN ({known})"
+            f"SELECT _row, '{col}', \"{col}\", '{rule.id}', "
+            f"'{col} does not match a valid {ref_table} row of this batch or of the pooled store' "
+            f'FROM {staged} WHERE "{col}" IS NOT NULL AND "{col}" NOT IN '
+            f"(SELECT k FROM ({' UNION ALL '.join(known)}) WHERE k IS NOT NULL)"
         )
+    if table in pooled_tables:
+        keys = [[c] for c, spec_c in spec.columns.items() if spec_c.unique]
+        if spec.unique_together:
+            keys.append(list(spec.unique_together))
+        for key in keys:
+            cols = ", ".join(f'"{c}"' for c in key)
+            parts.append(
+                f"SELECT _row, '{key[0]}', \"{key[0]}\", 'already_pooled', "
+                f"'({', '.join(key)}) is already in the pooled store (an earlier batch of this "
+                f"site loaded it)' FROM {staged} WHERE ({cols}) IN "
+                f'(SELECT ({cols}) FROM main."{table}" WHERE site_id = $site)'
+            )
     if not parts:
-        return _errors_frame([])
+        return _empty_errors()
     sql = " UNION ALL ".join(parts)
-    df = con.sql(sql).pl()
+    df = con.sql(sql, params={"site": site_id} if "$site" in sql else None).pl()
     df.columns = ["row", "column", "value", "rule", "message"]
-    return df.with_columns(pl.lit(table).alias("table"))
+    return _conform_errors(df, table)
 
 
-def _exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(
-        con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = $n", {"n": name}
-        ).fetchone()[0]
+def _pseudonymise_error_values(
+    con: duckdb.DuckDBPyConnection,
+    errors: pl.DataFrame,
+    identifiers: dict[str, list[str]],
+    pseudonymiser: Pseudonymiser,
+    site_id: str,
+    pads: str,
+) -> pl.DataFrame:
+    """Error reports are kept with the batch record, inside the TRE: an identifier value in
+    them is shown as its pseudonym (the row number locates the row for the site)."""
+    if not errors.height:
+        return errors
+    cases = []
+    for table, cols in identifiers.items():
+        for c in cols:
+            expr = pseudonymiser.sql(identifier_kind(c), site_id, "value", pads)
+            cases.append(f"WHEN \"table\" = '{table}' AND \"column\" = '{c}' THEN {expr}")
+    if not cases:
+        return errors
+    con.register("_errs", errors.to_arrow())
+    out = con.sql(
+        f"SELECT * REPLACE (CASE {' '.join(cases)} ELSE value END AS value) FROM _errs"
+    ).pl()
+    con.unregister("_errs")
+    return out.select(list(ERROR_SCHEMA)).sort(["table", "row", "column", "rule"])
+
+
+def _errors_from_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str) -> pl.DataFrame:
+    """The error report of a loaded batch, rebuilt from its quarantined rows (a loaded batch's
+    only invalid rows are the quarantined ones), to repair a record lost in a crash."""
+    df = con.sql(
+        'SELECT table_name AS "table", source_row AS row, e.column, e.value, e.rule, e.message '
+        "FROM (SELECT table_name, source_row, unnest(from_json(errors, "
+        '\'[{"column":"VARCHAR","value":"VARCHAR","rule":"VARCHAR",'
+        '"message":"VARCHAR"}]\')) AS e FROM _quarantine WHERE batch_id = $b)',
+        params={"b": batch_id},
+    ).pl()
+    if not df.height:
+        return _empty_errors()
+    return df.select([pl.col(c).cast(t) for c, t in ERROR_SCHEMA.items()]).sort(
+        ["table", "row", "column", "rule"]
     )
 
 
@@ -340,7 +364,7 @@ def ingest_files(
                 batch_id, site_id, "unchanged", previous["pooled_version"], batch_dir=final_dir
             )
             if not (final_dir / "batch.json").exists():  # crashed after the commit: repair
-                errs = _errors_frame([])
+                errs = _errors_from_quarantine(con, batch_id)
                 staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
                 _write_batch_record(staging, previous, errs, None)
                 _publish(staging, final_dir)
@@ -388,11 +412,14 @@ def _ingest_new(
     for table in order:
         raw[table] = _read(by_table[table][0])
         step(f"read {table}")
-    dictionary = _dictionary(settings)
-    results = _validate(dictionary, raw)
-    step("validated")
+    try:
+        dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
+        results = validate_batch(dictionary, raw)
+    except (DeliveryError, DictionaryError) as exc:
+        raise IngestError(str(exc)) from exc
+    step("validated and harmonised")
 
-    error_frames: list[pl.DataFrame] = []
+    fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
     pooled_tables = set(store.data_tables(con))
     pads = pseudonymiser.register(con)
     provenance = {
@@ -401,39 +428,64 @@ def _ingest_new(
         "source_version": source_version,
         "load_batch": batch_id,
     }
-    # stage each table in dependency order: pseudonymise, then key checks against parents
-    for table in order:
+    error_frames: list[pl.DataFrame] = []
+    identifiers: dict[str, list[str]] = {}
+    # Stage every dictionary table (parents first), also the ones not delivered (empty), so
+    # the pooled store always has every table with its dictionary schema.
+    for table in dictionary.tables:
         res = results[table]
-        valid: pl.DataFrame = res.valid
-        if res.errors.height:
-            error_frames.append(res.errors.with_columns(pl.lit(table).alias("table")))
-        if table == "tumour" and valid.height:
-            valid = _recode(valid)
-        valid = valid.with_columns([pl.lit(v, pl.String).alias(k) for k, v in provenance.items()])
-        id_cols = [c for c in valid.columns if c in IDENTIFIER_KINDS]
-        con.register("_incoming", valid.to_arrow())
-        select = ["i.* EXCLUDE (" + ", ".join(id_cols) + ")" if id_cols else "i.*"]
-        for c in id_cols:
-            expr = pseudonymiser.sql(IDENTIFIER_KINDS[c], site_id, f"i.{c}::VARCHAR", pads)
-            select += [f"{expr} AS {c}", f"i.{c}::VARCHAR AS _local_{c}"]
+        spec = dictionary.table(table)
+        # foreign keys are re-checked below against valid rows AND the pooled store
+        errors = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
+        rows = res.harmonised
+        if "iccc3_classifiable" not in {r.kind for r in dictionary.rules_for(table)} and {
+            "iccc3_group",
+            "icdo3_morphology",
+        } <= set(spec.columns):
+            rows = recode(rows, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+        from_site = {
+            c: getattr(site, c)
+            for c, cs in spec.columns.items()
+            if cs.source == "site" and c not in rows.columns
+        }
+        rows = rows.with_columns(
+            [pl.lit(str(v), pl.String).alias(k) for k, v in (from_site | provenance).items()]
+        )
+        pooled_cols = dictionary.pooled_columns(table)
+        absent = [c for c in pooled_cols if c not in rows.columns]
+        if absent:
+            raise IngestError(f"{table}: cannot derive pooled column(s) {', '.join(absent)}")
+        id_cols = dictionary.identifier_columns(table)
+        identifiers[table] = id_cols
+        con.register("_incoming", rows.select([ROW, *pooled_cols]).to_arrow())
+        select = [
+            pseudonymiser.sql(identifier_kind(c), site_id, f'i."{c}"::VARCHAR', pads) + f' AS "{c}"'
+            if c in id_cols
+            else f'i."{c}"'
+            for c in pooled_cols
+        ]
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE _stage_{table} AS "
-            f"SELECT {', '.join(select)} FROM _incoming AS i"
+            f"SELECT i.{ROW}, {', '.join(select)} FROM _incoming AS i"
         )
         con.unregister("_incoming")
-        key_errors = _key_errors(con, table, f"_stage_{table}", pooled_tables, site_id)
-        if key_errors.height:
-            error_frames.append(key_errors)
-        bad_rows = key_errors["row"].unique().to_list() if key_errors.height else []
+        pool_errors = _pool_errors(
+            con, dictionary, table, f"_stage_{table}", pooled_tables, site_id
+        )
+        table_errors = pl.concat([_conform_errors(errors, table), pool_errors])
+        error_frames.append(table_errors)
+        con.register("_bad", table_errors.select(pl.col("row").unique()).to_arrow())
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE _ok_{table} AS SELECT * FROM _stage_{table} "
-            "WHERE _row NOT IN (SELECT unnest($bad::BIGINT[]))",
-            {"bad": bad_rows},
+            f"WHERE {ROW} NOT IN (SELECT row FROM _bad)"
         )
-        step(f"pseudonymised {table}")
+        con.unregister("_bad")
+        if table in by_table:
+            step(f"pseudonymised {table}")
 
-    errors = _errors_frame(error_frames)
+    errors = pl.concat(error_frames).sort(["table", "row", "column", "rule"])
     invalid_rows = errors.select(["table", "row"]).unique().height
+    errors = _pseudonymise_error_values(con, errors, identifiers, pseudonymiser, site_id, pads)
     files_meta = [
         {"table": t, "name": by_table[t][0].name, "sha256": by_table[t][1], "rows": raw[t].height}
         for t in order
@@ -449,6 +501,7 @@ def _ingest_new(
         "files": files_meta,
         "invalid_rows": invalid_rows,
         "on_invalid": on_invalid,
+        "dictionary_version": dictionary.version,
         "recorded_at": now.isoformat(),
     }
     if invalid_rows and on_invalid == "reject":
@@ -471,22 +524,18 @@ def _ingest_new(
             errors=errors,
         )
 
-    quarantine = _quarantine_rows(con, raw, errors, pseudonymiser, site_id, pads, batch_id)
+    quarantine = _quarantine_rows(con, raw, errors, identifiers, pseudonymiser, site_id, pads)
     version = store.current_version(con) + 1
     rows_added: dict[str, int] = {}
     _crash_point("before-transaction")
     con.execute("BEGIN TRANSACTION")
-    for table in order:
-        data_cols = [
-            r[0]
-            for r in con.execute(f"DESCRIBE _ok_{table}").fetchall()
-            if r[0] != "_row" and not r[0].startswith("_local_")
-        ]
+    for table in dictionary.tables:
+        cols = ", ".join(f'"{c}"' for c in dictionary.pooled_columns(table))
         if table not in pooled_tables:
-            cols = ", ".join(f'"{c}"' for c in data_cols)
-            con.execute(f"CREATE TABLE main.{table} AS SELECT {cols} FROM _ok_{table} LIMIT 0")
-        cols = ", ".join(f'"{c}"' for c in data_cols)
-        con.execute(f"INSERT INTO main.{table} BY NAME SELECT {cols} FROM _ok_{table}")
+            con.execute(f'CREATE TABLE main."{table}" AS SELECT {cols} FROM _ok_{table} LIMIT 0')
+        if table not in by_table:
+            continue
+        con.execute(f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}')
         rows_added[table] = con.execute(f"SELECT count(*) FROM _ok_{table}").fetchone()[0]
         step(f"wrote {table}")
         _crash_point(f"after-insert-{table}")
@@ -497,7 +546,9 @@ def _ingest_new(
             {"b": batch_id},
         )
         con.unregister("_q")
-    totals = {t: con.execute(f"SELECT count(*) FROM main.{t}").fetchone()[0] for t in order}
+    totals = {
+        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in dictionary.tables
+    }
     record |= {"status": "loaded", "pooled_version": version, "row_counts": rows_added}
     con.execute("DELETE FROM _batches WHERE batch_id = $b", {"b": batch_id})
     _insert_batch_row(con, record, quarantined=invalid_rows)
@@ -550,10 +601,10 @@ def _quarantine_rows(
     con: duckdb.DuckDBPyConnection,
     raw: dict[str, pl.DataFrame],
     errors: pl.DataFrame,
+    identifiers: dict[str, list[str]],
     pseudonymiser: Pseudonymiser,
     site_id: str,
     pads: str,
-    batch_id: str,
 ) -> pl.DataFrame:
     """The invalid rows as delivered (identifiers pseudonymised) with their errors, as JSON."""
     schema = {
@@ -565,40 +616,29 @@ def _quarantine_rows(
     if not errors.height:
         return pl.DataFrame(schema=schema)
     out = []
-    for table, errs in errors.group_by("table"):
-        table = str(table[0])
+    for (table,), errs in errors.group_by("table", maintain_order=True):
         grouped = errs.group_by("row").agg(
-            pl.struct(["column", "value", "rule", "message"]).alias("errs")
+            pl.struct(["column", "value", "rule", "message"]).alias("_errs")
         )
+        delivered = raw[table]
         rows = (
-            raw[table]
-            .with_row_index("source_row", offset=_first_row())
-            .with_columns(pl.col("source_row").cast(pl.Int64))
-            .join(grouped, left_on="source_row", right_on="row", how="inner")
+            delivered.with_row_index(ROW, offset=1)
+            .with_columns(pl.col(ROW).cast(pl.Int64))
+            .join(grouped, left_on=ROW, right_on="row", how="inner")
         )
-        id_cols = [c for c in raw[table].columns if c in IDENTIFIER_KINDS]
+        ids = [c for c in delivered.columns if c in identifiers.get(str(table), [])]
+        replace = ", ".join(
+            pseudonymiser.sql(identifier_kind(c), site_id, f'"{c}"::VARCHAR', pads) + f' AS "{c}"'
+            for c in ids
+        )
+        fields = ", ".join(f'"{c}" := "{c}"' for c in delivered.columns)
         con.register("_qin", rows.to_arrow())
-        replaced = [
-            f"{pseudonymiser.sql(IDENTIFIER_KINDS[c], site_id, f'{c}::VARCHAR', pads)} AS {c}"
-            for c in id_cols
-        ]
-        data_cols = [c for c in raw[table].columns]
-        exclude = ", ".join(["source_row", "errs", *id_cols])
+        inner = f"SELECT * REPLACE ({replace}) FROM _qin" if ids else "SELECT * FROM _qin"
         q = con.sql(
-            f"SELECT '{table}' AS table_name, source_row, to_json(errs)::VARCHAR AS errors, "
-            f"to_json(struct_pack({', '.join(data_cols)}))::VARCHAR AS data FROM ("
-            f"SELECT * EXCLUDE ({exclude}), {', '.join(replaced + ['source_row', 'errs'])} "
-            "FROM _qin)"
-            if id_cols
-            else f"SELECT '{table}' AS table_name, source_row, to_json(errs)::VARCHAR, "
-            f"to_json(struct_pack({', '.join(data_cols)}))::VARCHAR FROM _qin"
+            f"SELECT '{table}' AS table_name, {ROW} AS source_row, "
+            f"to_json(_errs)::VARCHAR AS errors, to_json(struct_pack({fields}))::VARCHAR AS data "
+            f"FROM ({inner})"
         ).pl()
         con.unregister("_qin")
-        q.columns = list(schema)
         out.append(q)
     return pl.concat(out).sort(["table_name", "source_row"])
-
-
-def _first_row() -> int:
-    """Row number of the first data row, as the dictionary numbers ``_row``."""
-    return 1

@@ -140,7 +140,7 @@ class PooledStore:
 
     def _remove_staging(self) -> None:
         if self.batches_dir.exists():
-            for p in self.batches_dir.glob(".staging-*"):
+            for p in [*self.batches_dir.glob(".staging-*"), *self.batches_dir.glob(".old-*")]:
                 shutil.rmtree(p, ignore_errors=True)
 
     # -- queries -------------------------------------------------------------------------
