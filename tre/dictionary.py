@@ -365,9 +365,11 @@ def _collect_errors(frame: pl.DataFrame, checks: list[_Check]) -> pl.DataFrame:
     """Evaluate all masks in one pass, then gather only the offending rows of each check."""
     if not checks or frame.height == 0:
         return _empty_errors()
+    flags = [f"__err{i}" for i in range(len(checks))]
+    # one pass computes every mask; only rows with some error go on to the per-check gathers
     masked = frame.with_columns(
-        [c.mask.fill_null(False).alias(f"__err{i}") for i, c in enumerate(checks)]
-    )
+        [c.mask.fill_null(False).alias(f) for f, c in zip(flags, checks, strict=True)]
+    ).filter(pl.any_horizontal(flags))
     parts = []
     for i, c in enumerate(checks):
         hit = masked.filter(pl.col(f"__err{i}"))
