@@ -350,7 +350,7 @@ def test_histogram_counts_the_maximum_and_matches_numpy():
     assert sum(counts) == len(values) and edges[-1] >= 10.0 and edges[0] <= 0.0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200), st.integers(1, 30)
 )

@@ -186,3 +186,16 @@ def test_check_table_never_crashes_and_never_passes_a_small_visible_count(rows, 
         ]
         if small:
             assert status == Status.FAIL
+
+
+def test_counts_beside_statistics_are_checked_for_margins_too():
+    table = pl.DataFrame(
+        {
+            "group": ["a", "b", "c", "Total"],
+            "n": ["40", "*", "35", "82"],
+            "mean_age": ["5.1", "*", "6.0", "5.5"],
+        }
+    )
+    _, findings = check_table(table, P)
+    hit = [f for f in findings if f.rule == rules.SECONDARY_DISCLOSURE]
+    assert hit and hit[0].cells[0]["recovered_value"] == 7

@@ -240,7 +240,7 @@ def check_magnitude(
     # the table's own count columns (e.g. n per row) are frequency cells
     counts = count_cells(frame, layout)
     if counts:
-        findings += check_count_cells(frame, layout, counts, policy, location, with_margins=False)
+        findings += check_count_cells(frame, layout, counts, policy, location)
     if not stat_columns:
         findings.append(
             Finding(
