@@ -199,3 +199,22 @@ def test_counts_beside_statistics_are_checked_for_margins_too():
     _, findings = check_table(table, P)
     hit = [f for f in findings if f.rule == rules.SECONDARY_DISCLOSURE]
     assert hit and hit[0].cells[0]["recovered_value"] == 7
+
+
+def test_a_column_that_adds_up_is_a_margin_whatever_its_name():
+    table = pl.DataFrame(
+        {
+            "sex": ["F", "M", "X"],
+            "ALL": ["120", "140", "30"],
+            "AML": ["35", "<10", "20"],
+            "CML": ["11", "22", "12"],
+            "N": ["166", "169", "62"],
+        }
+    )
+    _, findings = check_table(table, P)
+    hit = [f for f in findings if f.rule == rules.SECONDARY_DISCLOSURE]
+    assert hit and hit[0].cells[0]["recovered_value"] == 7
+    # a column that merely holds counts is not taken for a margin
+    other = table.with_columns(pl.Series("N", ["160", "169", "62"]))
+    _, findings = check_table(other, P)
+    assert not any(f.rule == rules.SECONDARY_DISCLOSURE for f in findings)
