@@ -260,6 +260,7 @@ def test_magnitude_negative_values_are_review():
     out = outputs.magnitude_table(data, rows="grp", values="change", statistics="mean")
     assert out.status == Status.REVIEW
     assert any(f.rule == rules.NEGATIVE_VALUES for f in out.findings)
+    assert all(cell.largest == [] for cell in out.evidence.cells)  # no raw values recorded
 
 
 def test_magnitude_small_group_fails_and_values_are_correct():

@@ -386,6 +386,10 @@ def magnitude_table(
             if total > 0 and not r["__negative"]:
                 largest = [x / total for x in largest]
                 total = 1.0
+            else:
+                # no share can be formed (negative or all-zero contributions): record nothing
+                # rather than a person's raw value; the negative/class rules decide the cell
+                largest, total = [], 0.0
             cell = CellEvidence(
                 column=column,
                 row=i,
