@@ -174,6 +174,7 @@ class Layout:
     total_rows: set[int] = field(default_factory=set)
     total_columns: set[str] = field(default_factory=set)
     n_rows: int = 0
+    row_statistic: dict[int, str] = field(default_factory=dict)  # stats in rows (describe())
     _labels: list[dict[str, str]] | None = None
 
     def columns(self, role: Role) -> list[str]:
@@ -318,6 +319,25 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
     return Role.STATISTIC, "unknown"
 
 
+def row_statistic(label: str) -> str | None:
+    """The statistic a row label names ('mean', 'max', '25%', 'count'), as in pandas'
+    ``describe()``, where statistics are rows and variables are columns."""
+    text = label.strip().lower()
+    if re.fullmatch(r"\d{1,2}(\.\d+)?\s*%", text):
+        return "percentile"
+    tokens = words(text)
+    if len(tokens) != 1:
+        return None
+    token = tokens[0]
+    if token in {"count", "n", "nobs", "freq"}:
+        return "count"
+    if token in STAT_WORDS:
+        return STAT_WORDS[token]
+    if re.fullmatch(r"p\d{1,2}|q\d", token):
+        return "percentile"
+    return None
+
+
 def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
     roles: dict[str, Role] = {}
     stats: dict[str, str] = {}
@@ -339,6 +359,12 @@ def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
     for row in range(frame.height):
         if any(is_total_label(v, policy) for v in layout.labels_of(row, frame).values()):
             layout.total_rows.add(row)
+    for row in range(frame.height):
+        for text in layout.labels_of(row, frame).values():
+            kind = row_statistic(text)
+            if kind:
+                layout.row_statistic[row] = kind
+                break
     layout.total_columns = {
         c for c in frame.columns if roles[c] != Role.LABEL and is_total_label(c, policy)
     }
