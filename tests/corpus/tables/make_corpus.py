@@ -296,7 +296,9 @@ F,2950.4,8
 M,3120.8,181
 """,
     )
-    csv("mag_pandas_describe.csv", """
+    csv(
+        "mag_pandas_describe.csv",
+        """
 ,age_days,dose_mg
 count,300.0,300.0
 mean,2012.4,98.7
@@ -306,7 +308,8 @@ min,512.0,3.1
 50%,2004.9,83.0
 75%,2350.6,131.9
 max,3460.0,402.8
-""")
+""",
+    )
     # ---------------------------------------------------------------- models
     coefs = """
 term,coef,std_err,t,p_value
