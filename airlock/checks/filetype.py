@@ -217,7 +217,7 @@ def detect_bytes(data: bytes, name: str = "") -> DetectedType:
     for offset, sig, kind in _SIGNATURES:
         if head[offset : offset + len(sig)] == sig:
             return result(_zip_kind(data) if kind == "zip" else kind)
-    if _PICKLE.match(head) and head.rstrip().endswith(b".") or head.startswith(b"\x80\x04\x95"):
+    if _PICKLE.match(head):  # no text starts with 0x80 (not a UTF-8 lead byte)
         return result("pickle")
     guess = _filetype.guess(head) if head else None
     if guess is not None:
