@@ -107,6 +107,31 @@ def _as_text_frame(df: pl.DataFrame) -> pl.DataFrame:
     return df.select([pl.col(c).cast(pl.String, strict=False) for c in df.columns])
 
 
+_IN_LIST_MAX = 5000
+
+
+def _ids_among(
+    cur: duckdb.DuckDBPyConnection, table: str, column: str, candidates: pl.Series
+) -> set[str]:
+    """The candidates that are ids in ``table.column``. A few thousand candidates go in as a
+    constant IN list, which DuckDB checks against each row group's min/max before reading it
+    (ids with a structure, such as a prefix, then skip most of the column); more go through a
+    semi-join that hashes the candidates and streams the id column."""
+    if len(candidates) <= _IN_LIST_MAX:
+        literals = ", ".join("'" + v.replace("'", "''") + "'" for v in candidates.to_list())
+        sql = (
+            f"SELECT DISTINCT {_quote(column)} FROM {_quote(table)} "
+            f"WHERE {_quote(column)} IN ({literals})"
+        )
+        return {r[0] for r in cur.execute(sql).fetchall()}
+    cur.register("__id_candidates", pl.DataFrame({"value": candidates}).to_arrow())
+    sql = (
+        f"SELECT DISTINCT x.{_quote(column)} FROM {_quote(table)} x "
+        f"SEMI JOIN __id_candidates c ON x.{_quote(column)} = c.value"
+    )
+    return {r[0] for r in cur.execute(sql).fetchall()}
+
+
 def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     """Values equal to an extract id. Text ids are looked for in every column; numeric ids only
     in a column of the same name (else every small count would 'match' patient 12)."""
@@ -116,32 +141,29 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     long = text.unpivot(index="__row", variable_name="col", value_name="value").drop_nulls()
     long = long.with_columns(pl.col("value").str.strip_chars())
     lower_names = {c.lower(): c for c in df.columns}
+    candidates = (
+        long.get_column("value").filter(long.get_column("value").str.len_chars() >= _MIN_ID_CHARS)
+    ).unique()
+    found: set[str] = set()
+    hits: set[tuple[int, str]] = set()
     cur = extract.cursor()
     try:
         cur.register("__export_values", long.to_arrow())
-        hits: set[tuple[int, str]] = set()
         for table, column, is_text in extract.id_columns:
-            if is_text:
-                # the semi-join hashes the export's distinct values and streams the id column
-                sql = (
-                    f"WITH vals AS (SELECT DISTINCT value FROM __export_values "
-                    f"WHERE length(value) >= {_MIN_ID_CHARS}), "
-                    f"found AS (SELECT x.{_quote(column)} AS value FROM {_quote(table)} x "
-                    f"SEMI JOIN vals ON x.{_quote(column)} = vals.value) "
-                    f"SELECT DISTINCT v.__row, v.col FROM __export_values v "
-                    f"JOIN found ON v.value = found.value"
-                )
-            elif column.lower() in lower_names:
+            if is_text and len(candidates):
+                found |= _ids_among(cur, table, column, candidates)
+            elif not is_text and column.lower() in lower_names:
                 sql = (
                     f"SELECT DISTINCT v.__row, v.col FROM {_quote(table)} x JOIN "
                     f"(SELECT __row, col, TRY_CAST(value AS DOUBLE) AS value FROM __export_values"
                     f" WHERE lower(col) = '{column.lower()}') v ON x.{_quote(column)} = v.value"
                 )
-            else:
-                continue
-            hits.update(cur.execute(sql).fetchall())
+                hits.update(cur.execute(sql).fetchall())
     finally:
         cur.close()
+    if found:
+        matched = long.filter(pl.col("value").is_in(list(found)))
+        hits.update(zip(matched.get_column("__row"), matched.get_column("col"), strict=True))
     if not hits:
         return None
     rows = sorted({r for r, _ in hits})
@@ -161,18 +183,12 @@ def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None
     words = sorted(set(_WORD.findall(text)))
     if not words or not any(is_text for _, _, is_text in extract.id_columns):
         return None
-    frame = pl.DataFrame({"word": words})
-    cur = extract.cursor()
     found: set[str] = set()
+    cur = extract.cursor()
     try:
-        cur.register("__export_words", frame.to_arrow())
         for table, column, is_text in extract.id_columns:
             if is_text:
-                sql = (
-                    f"SELECT DISTINCT w.word FROM {_quote(table)} x "
-                    f"JOIN __export_words w ON x.{_quote(column)} = w.word"
-                )
-                found.update(r[0] for r in cur.execute(sql).fetchall())
+                found |= _ids_among(cur, table, column, pl.Series(words, dtype=pl.String))
     finally:
         cur.close()
     if not found:
@@ -192,19 +208,21 @@ def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None
 
 
 def _few_groups(extract: ExtractIndex, table: str, columns: list[str]) -> bool:
-    """Whether these columns take few distinct combinations in the table (judged on a sample)."""
+    """Whether these columns repeat a lot in the table (judged on a 2% block sample): then
+    counting every combination first is cheaper than joining every extract row to the export."""
     key = (table, tuple(columns))
     if key not in extract._few:
         cols = ", ".join(_quote(c) for c in columns)
         cur = extract.cursor()
         try:
-            (distinct,) = cur.execute(
-                f"SELECT count(*) FROM (SELECT DISTINCT {cols} FROM "
-                f"(SELECT {cols} FROM {_quote(table)} USING SAMPLE 20000 ROWS))"
+            sampled, distinct = cur.execute(
+                f"WITH s AS (SELECT {cols} FROM {_quote(table)} USING SAMPLE 2 PERCENT (system)) "
+                f"SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM (SELECT DISTINCT {cols} "
+                "FROM s))"
             ).fetchall()[0]
         finally:
             cur.close()
-        extract._few[key] = distinct <= 2000
+        extract._few[key] = distinct <= 0.5 * max(sampled, 1)
     return extract._few[key]
 
 
