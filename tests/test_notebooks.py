@@ -228,3 +228,13 @@ def test_html_tables_with_header_spans_and_index():
     ((df, raw),) = tables_from_html(doc)
     assert df.get_column("count").to_list() == [1234, 12]
     assert df.columns[0] == "site"
+
+
+def test_polars_html_repr_drops_the_dtype_row_and_quotes():
+    df = pl.DataFrame({"site": ["north", "south"], "count": [140, 3]})
+    ((parsed, _),) = tables_from_html(lxml.html.document_fromstring(df._repr_html_()))
+    assert parsed.columns == ["site", "count"]
+    assert parsed.get_column("site").to_list() == ["north", "south"]
+    assert parsed.get_column("count").to_list() == [140, 3]
+    ((parsed, _),) = tables_from_text(repr(df))
+    assert parsed.get_column("site").to_list() == ["north", "south"]

@@ -40,6 +40,20 @@ def parse_html(text: str) -> Any:
     return doc
 
 
+# polars dtype names (its HTML and text reprs print them under the column names)
+_DTYPE = re.compile(
+    r"^(?:[iu](?:8|16|32|64|128)|f(?:32|64)|str|bool|date|time|null|cat|enum|binary|object|"
+    r"decimal(?:\[.*\])?|datetime\[.*\]|duration\[.*\]|list\[.*\]|array\[.*\]|struct\[.*\])$"
+)
+
+
+def _unquote(value: str) -> str:
+    """polars shows text cells in double quotes: the value is what is inside."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
 def _cell_text(el: Any) -> str:
     return " ".join(el.text_content().split())
 
@@ -68,8 +82,10 @@ def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
                 c.tag == "th" for c in tr.xpath("./td|./th")
             )
             if in_head and header_rows == len(rows):
+                if rows and all(_DTYPE.match(c) for c in cells):
+                    continue  # polars prints the column types under the names
                 header_rows += 1
-            rows.append(cells)
+            rows.append([_unquote(c) for c in cells] if not in_head else cells)
         if not rows:
             continue
         width = max(len(r) for r in rows)

@@ -103,6 +103,12 @@ def _frame(header: list[str], rows: list[list[str]]) -> tuple[pl.DataFrame, pl.D
     return coerce_numbers(raw), raw
 
 
+def _unquote(value: str) -> str:
+    from airlock.checks.html import _unquote as unquote
+
+    return unquote(value)
+
+
 def _polars_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     boxed = [ln.strip() for ln in lines if ln.strip()[:1] in "│╞"]
     if not boxed or not any(ln.startswith("╞") for ln in boxed):
@@ -114,6 +120,7 @@ def _polars_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
         return None
     header = head[0]
     body = [r for r in body if len(r) == len(header) and not all(c in {"…", "..."} for c in r)]
+    body = [[_unquote(c) for c in r] for r in body]
     keep = [i for i, h in enumerate(header) if h not in {"…", "..."}]
     return [header[i] for i in keep], [[r[i] for i in keep] for r in body]
 
