@@ -87,3 +87,12 @@ def test_markdown_pipe_tables_are_checked_as_tables(tmp_path):
     small = [x for x in report.findings if x.rule == "frequency.min_cell_count"]
     assert small and small[0].cells[0]["lines"] == "5-8"
     assert not any(x.rule.startswith("text.") for x in report.findings)
+
+
+def test_a_data_dump_of_numbers_fails_without_classifying_everything():
+    from airlock.checks.text import MAX_NUMBERS
+
+    text = "value 17 and 2345\n" * (MAX_NUMBERS // 2 + 10)
+    findings = check_text(text, POLICY)
+    dump = next(f for f in findings if f.rule == "text.too_many_numbers")
+    assert dump.status == Status.FAIL and dump.evidence["numbers"] == MAX_NUMBERS + 20

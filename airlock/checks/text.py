@@ -18,6 +18,7 @@ from airlock.checks.findings import Finding, Status
 from airlock.policy import Policy
 
 SNIPPET = 40  # characters each side of a number in a finding
+MAX_NUMBERS = 20_000  # a resource guard: more numbers than this is a data dump, not prose
 _LISTED = 50
 
 _NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?%?(?![\w])")
@@ -62,16 +63,24 @@ def _snippet(text: str, start: int, end: int) -> str:
     return ("…" if a else "") + text[a:b].replace("\n", " ") + ("…" if b < len(text) else "")
 
 
-def numbers_in_text(text: str, policy: Policy) -> list[NumberInText]:
-    """Every number in ``text`` that could disclose something, classified."""
-    masked = list(text)
-    for pattern in (_DATE, _VERSION):
-        for m in pattern.finditer(text):
-            masked[m.start() : m.end()] = " " * (m.end() - m.start())
-    plain = "".join(masked)
+def _masked(text: str) -> str:
+    """``text`` with dates, times and versions blanked out (same length: offsets hold)."""
+
+    def blank(m: re.Match[str]) -> str:
+        return " " * (m.end() - m.start())
+
+    return _VERSION.sub(blank, _DATE.sub(blank, text))
+
+
+def numbers_in_text(text: str, policy: Policy, limit: int | None = None) -> list[NumberInText]:
+    """Every number in ``text`` that could disclose something, classified (the first ``limit``
+    numbers of the text when a limit is given)."""
+    plain = _masked(text)
     found: list[NumberInText] = []
     line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
-    for m in _NUMBER.finditer(plain):
+    for seen, m in enumerate(_NUMBER.finditer(plain)):
+        if limit is not None and seen >= limit:
+            break
         raw = m.group(0)
         start, end = m.start(), m.end()
         line = bisect.bisect_right(line_starts, start) - 1
@@ -111,8 +120,20 @@ def numbers_in_text(text: str, policy: Policy) -> list[NumberInText]:
 def check_text(text: str, policy: Policy, location: dict[str, Any] | None = None) -> list[Finding]:
     """Findings for the numbers in a text: small counts fail, other possible counts review."""
     location = location or {}
-    numbers = numbers_in_text(text, policy)
+    numbers = numbers_in_text(text, policy, limit=MAX_NUMBERS)
     findings: list[Finding] = []
+    total = sum(1 for _ in _NUMBER.finditer(_masked(text)))
+    if total > MAX_NUMBERS:
+        findings.append(
+            Finding(
+                rule="text.too_many_numbers",
+                status=Status.FAIL,
+                message=f"{total} numbers: a text with more than {MAX_NUMBERS} numbers is data, "
+                f"not prose (only the first {MAX_NUMBERS} were classified)",
+                cells=[dict(location)] if location else [],
+                evidence={"numbers": total, "classified": MAX_NUMBERS},
+            )
+        )
 
     def cells(items: list[NumberInText]) -> list[dict[str, Any]]:
         return [
