@@ -132,3 +132,14 @@ def test_external_link_parts(tmp_path):
         dst.writestr("xl/externalLinks/externalLink1.xml", b"<externalLink/>")
     rules = {f.rule for f in check_xlsx(out.getvalue(), CTX)[0]}
     assert "spreadsheet.external_links" in rules
+
+
+def test_comment_lines_above_the_header_are_prose(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_text(
+        "# Table 1: counts by site, 2 sites\n# 3 children excluded\nsite,count\nnorth,143\n"
+        "south,121\n"
+    )
+    report = check_file(f, POLICY)
+    rules = {x.rule for x in report.findings}
+    assert "text.small_count" in rules and "file.unreadable" not in rules

@@ -176,7 +176,8 @@ def _dispatch(
 ) -> tuple[str, list[Finding]]:
     from airlock.checks.html import check_html
     from airlock.checks.notebooks import check_notebook
-    from airlock.checks.spreadsheets import check_xlsx, read_delimited
+    from airlock.checks.spreadsheets import check_xlsx, read_delimited, split_preamble
+    from airlock.checks.text import check_text
 
     kind = detected.kind
     if kind in FIGURE_KINDS:
@@ -192,8 +193,12 @@ def _dispatch(
     if kind == "html":
         return "html", check_html(text, ctx)
     if kind in {"csv", "tsv"} and detected.declared in {"csv", "tsv", None}:
-        df, raw = read_delimited(text, "\t" if kind == "tsv" else None)
-        return check_dataframe(df, ctx, raw=raw)
+        preamble, body = split_preamble(text)
+        df, raw = read_delimited(body, "\t" if kind == "tsv" else None)
+        output_class, findings = check_dataframe(df, ctx, raw=raw)
+        if preamble:  # a title or notes above the header are prose
+            findings += check_text(preamble, ctx.policy, {"preamble": True})
+        return output_class, findings
     return _check_text_file(text, ctx, kind)
 
 

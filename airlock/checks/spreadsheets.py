@@ -38,6 +38,17 @@ def unique_names(header: list[Any]) -> list[str]:
     return names
 
 
+def split_preamble(text: str) -> tuple[str, str]:
+    """(comment lines starting with '#' above the header, the table below them)."""
+    lines = text.splitlines(keepends=True)
+    n = 0
+    while n < len(lines) and (lines[n].lstrip().startswith("#") or not lines[n].strip()):
+        n += 1
+    if n == len(lines):
+        return "", text
+    return "".join(lines[:n]), "".join(lines[n:])
+
+
 def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(typed frame, all-text frame) of CSV/TSV text; ValueError with a clear message if the
     rows do not parse (ragged rows, unbalanced quotes)."""
