@@ -25,7 +25,9 @@ if TYPE_CHECKING:
 MAX_TABLE_COLUMNS = 1000  # a resource guard, not a disclosure threshold
 MAX_CELLS_LISTED = 20  # findings list at most this many cells; counts are always complete
 _FORMULA_START = re.compile(r"^[\t\r\n ]*[=+\-@\t\r]")
-_NUMBER = re.compile(r"^[+-]?(\d[\d,]*\.?\d*|\.\d+)([eE][+-]?\d+)?%?$")
+# what makes a cell starting with + or - executable: a function call, a DDE pipe, a sheet
+# reference, another formula sign
+_ACTIVE = re.compile(r"[A-Za-z_][\w.]*\s*\(|[|!=@]|^[+-]+\s*[A-Za-z]")
 
 
 @dataclass
@@ -67,8 +69,8 @@ def formula_injection(df: pl.DataFrame) -> list[dict[str, Any]]:
             if not value or not _FORMULA_START.match(value):
                 continue
             bare = value.strip()
-            if _NUMBER.match(bare.replace(" ", "")) or set(bare) <= {"-", "+"}:
-                continue  # a negative number, or a dash standing for "none"
+            if bare[:1] in "+-" and not _ACTIVE.search(bare):
+                continue  # "-5", "-0.5 (-0.9 to -0.1)", "-": numbers and dashes, nothing to run
             hits.append({"row": i, "column": name, "value": value[:80]})
     return hits
 
