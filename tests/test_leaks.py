@@ -285,3 +285,30 @@ def test_any_table_names_and_columns(tmp_path):
         ctx = CheckContext(policy=policy, extract=idx)
         findings = check_rows(export, ctx)
     assert any(f.rule == "leak.row_match" for f in findings)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        {
+            "sex": ["F", "M"] * 5,
+            "year": [y for y in range(2010, 2015) for _ in (0, 1)],
+            "count": [14, 15, 22, 18, 30, 12, 11, 19, 25, 16],
+        },
+        {"sex": ["F", "M"], "2010": [14, 15], "2011": [22, 18]},
+        {
+            "country": ["FR", "FR", "DE", "DE"],
+            "sex": ["F", "M", "F", "M"],
+            "mean_age_days": [1500.5, 1720.1, 1633.0, 1702.2],
+        },
+        {
+            "sex": ["F", "F", "M", "M"],
+            "measure": ["mean", "sd", "mean", "sd"],
+            "value": [5.1, 2.2, 5.6, 2.4],
+        },
+    ],
+)
+def test_aggregates_are_not_row_level(table):
+    df = pl.DataFrame(table)
+    assert not is_row_level(df, POLICY)
+    assert find_small_classes(df, POLICY) is None

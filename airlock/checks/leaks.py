@@ -383,6 +383,10 @@ _STAT_NAME = re.compile(
 )
 
 
+# a column named by a value (a pivoted year, "0-4", "<1") holds counts, not groups
+_VALUE_HEADER = re.compile(r"^[\d\s.,<>=+\-–]+$")
+
+
 def quasi_identifiers_in(df: pl.DataFrame, policy: Any) -> list[str]:
     qis = {q.lower() for q in policy.quasi_identifiers}
     return [c for c in df.columns if c.lower() in qis]
@@ -406,7 +410,15 @@ def is_row_level(df: pl.DataFrame, policy: Any) -> bool:
     if not qis:
         return False
     schema = df.schema
-    key = list(dict.fromkeys(qis + [c for c, dtype in schema.items() if dtype == pl.String]))
+    # the grouping columns of an aggregate: quasi-identifiers, text, and integers not named
+    # like a statistic (a year, an age band number)
+    groups = [
+        c
+        for c, dtype in schema.items()
+        if dtype == pl.String
+        or (dtype.is_integer() and not _STAT_NAME.search(c) and not _VALUE_HEADER.match(c))
+    ]
+    key = list(dict.fromkeys(qis + groups))
     if df.select(key).n_unique() < df.height:
         return True
     others = [c for c in df.columns if c not in key]
