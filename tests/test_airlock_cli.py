@@ -16,7 +16,7 @@ from airlock.cli import CheckSetupError, run_checks
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
-import corpus  # noqa: E402
+import file_corpus as corpus  # noqa: E402
 
 
 class Result:

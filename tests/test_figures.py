@@ -22,7 +22,7 @@ from airlock.checks.findings import Status
 from airlock.policy import load_policy
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
-import corpus  # noqa: E402
+import file_corpus as corpus  # noqa: E402
 
 POLICY = load_policy()
 

@@ -13,7 +13,7 @@ import pytest
 from airlock.checks.filetype import decode_text, detect_bytes, detect_file, loads_json
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
-import corpus  # noqa: E402
+import file_corpus as corpus  # noqa: E402
 
 
 def _zip(files: dict[str, bytes]) -> bytes:

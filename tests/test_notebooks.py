@@ -20,8 +20,8 @@ from airlock.checks.notebooks import check_notebook, render_notebook_html, table
 from airlock.policy import load_policy
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
-import corpus  # noqa: E402
-from corpus import code_cell, notebook, result, stream  # noqa: E402
+import file_corpus as corpus  # noqa: E402
+from file_corpus import code_cell, notebook, result, stream  # noqa: E402
 
 POLICY = load_policy()
 CTX = CheckContext(policy=POLICY)

@@ -17,7 +17,7 @@ from airlock.checks.spreadsheets import check_xlsx, read_delimited
 from airlock.policy import load_policy
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
-import corpus  # noqa: E402
+import file_corpus as corpus  # noqa: E402
 
 POLICY = load_policy()
 CTX = CheckContext(policy=POLICY)

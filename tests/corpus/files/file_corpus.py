@@ -3,7 +3,7 @@
 ``build(dest)`` writes every file under ``dest`` and returns the cases: file name, expected
 verdict and the rule that must be among the findings (None: no particular rule). Run as a script
 to write the corpus to a directory and see what it holds:
-``uv run python tests/corpus/files/corpus.py /tmp/corpus``.
+``uv run python tests/corpus/files/file_corpus.py /tmp/corpus``.
 """
 
 from __future__ import annotations
