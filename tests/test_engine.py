@@ -163,3 +163,17 @@ def test_public_dict_shape(tmp_path):
     assert d["status"] == "fail"
     assert set(d["findings"][0]) == {"rule", "status", "message", "cells"}
     json.dumps(d)
+
+
+def test_base64_hidden_in_a_csv_cell_or_html_text_fails(tmp_path):
+    import base64
+
+    blob = base64.b64encode(b"patient,age\n" * 30).decode()
+    f = tmp_path / "t.csv"
+    f.write_text(f"site,count,note\nnorth,143,ok\nsouth,121,{blob}\n")
+    report = check_file(f, POLICY)
+    hit = next(x for x in report.findings if x.rule == "encoded.blob")
+    assert hit.cells[0]["row"] == 1 and hit.cells[0]["column"] == "note"
+    h = tmp_path / "p.html"
+    h.write_text(f"<html><body><p>Results</p><pre>{blob}</pre></body></html>")
+    assert "encoded.blob" in {x.rule for x in check_file(h, POLICY).findings}

@@ -101,6 +101,21 @@ def coerce_numbers(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(**replace) if replace else df
 
 
+def _blobs_in_cells(df: pl.DataFrame) -> list[Finding]:
+    """Base64/hex blobs hidden in text cells (polars finds the candidate cells, vectorised)."""
+    from airlock.checks.notebooks import encoded_blobs
+
+    findings: list[Finding] = []
+    for name, dtype in df.schema.items():
+        if dtype != pl.String:
+            continue
+        col = df.get_column(name)
+        suspects = col.str.contains(r"[A-Za-z0-9+/_-]{100,}|[0-9a-fA-F]{128,}").fill_null(False)
+        for i in suspects.arg_true().to_list()[:MAX_CELLS_LISTED]:
+            findings += encoded_blobs(col[i], {"row": i, "column": name})
+    return findings
+
+
 def check_dataframe(
     df: pl.DataFrame,
     ctx: CheckContext,
@@ -146,6 +161,7 @@ def check_dataframe(
                 evidence={"rows": df.height, "max_rows": policy.max_rows},
             )
         )
+    findings += _blobs_in_cells(raw if raw is not None else df)
     from airlock.checks import leaks
 
     findings += leaks.check_rows(df, ctx)

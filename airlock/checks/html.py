@@ -209,8 +209,12 @@ def check_html(text: str, ctx: Any, location: dict[str, Any] | None = None) -> l
                 evidence={"references": len(externals)},
             )
         )
-    for script in doc.iter("script"):
-        findings += _blobs_in(script.text or "", {**location, "element": "script"})
+    # blobs anywhere in the page's text (tables, prose, <pre>, scripts); tables' cells were
+    # already searched cell by cell, so only the text outside them is searched here
+    outside_tables = "\n".join(
+        [visible_text(doc)] + [script.text or "" for script in doc.iter("script")]
+    )
+    findings += _blobs_in(outside_tables, location)
     findings += check_text(visible_text(doc), ctx.policy, location)
     return findings
 
