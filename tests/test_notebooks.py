@@ -238,3 +238,17 @@ def test_polars_html_repr_drops_the_dtype_row_and_quotes():
     assert parsed.get_column("count").to_list() == [140, 3]
     ((parsed, _),) = tables_from_text(repr(df))
     assert parsed.get_column("site").to_list() == ["north", "south"]
+
+
+def test_records_printed_with_spaces_are_row_level_data():
+    import random
+
+    rng = random.Random(2)
+    lines = ["sex birth_year country"] + [
+        f"{rng.choice('FM')} {rng.randint(2000, 2015)} {rng.choice(['FR', 'DE', 'GB'])}"
+        for _ in range(40)
+    ]
+    nb = json.loads(notebook([code_cell("for r in rows: print(*r)", [stream("\n".join(lines))])]))
+    found = {f.rule: f for f in check_notebook(nb, CTX)}
+    assert "leak.k_anonymity" in found
+    assert all(c["cell"] == 0 and c["output"] == 0 for c in found["leak.k_anonymity"].cells)

@@ -262,7 +262,22 @@ def tables_from_text(text: str) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
         csv = _csv_like("\n".join(lines))
         if csv is not None:
             return [csv]
+        spaced = _whitespace_table(lines)
+        if spaced is not None:
+            return [_frame(*spaced)]
     return []
+
+
+def _whitespace_table(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """Records printed one per line with single spaces (``print(*row)``): same token count on
+    every line; the first line is the header when it holds no number."""
+    rows = [ln.split() for ln in lines]
+    width = len(rows[0])
+    if width < 2 or any(len(r) != width for r in rows):
+        return None
+    if any(re.fullmatch(r"[-+]?\d[\d.,]*", t) for t in rows[0]):
+        return [f"column_{i + 1}" for i in range(width)], rows
+    return rows[0], rows[1:]
 
 
 # -------------------------------------------------------------------------------- notebook

@@ -573,6 +573,20 @@ def build(dest: Path) -> list[Case]:
             [
                 code_cell(
                     "for r in rows: print(r)",
+                    [stream("".join(f"step {i}:" + " ok" * (i % 3) + "\n" for i in range(5200)))],
+                ),
+            ]
+        ),
+        "fail",
+        "notebook.long_output",
+        "5200 printed lines that are not a table",
+    )
+    add(
+        "long_rows.ipynb",
+        notebook(
+            [
+                code_cell(
+                    "for r in rows: print(*r)",
                     [
                         stream(
                             "".join(f"record {i} value {i * 3} flag {i % 2}\n" for i in range(5200))
@@ -582,8 +596,8 @@ def build(dest: Path) -> list[Case]:
             ]
         ),
         "fail",
-        "notebook.long_output",
-        "5200 printed lines",
+        "table.max_rows",
+        "5200 printed records",
     )
     add(
         "not_a_notebook.ipynb",
