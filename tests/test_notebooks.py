@@ -252,3 +252,27 @@ def test_records_printed_with_spaces_are_row_level_data():
     found = {f.rule: f for f in check_notebook(nb, CTX)}
     assert "leak.k_anonymity" in found
     assert all(c["cell"] == 0 and c["output"] == 0 for c in found["leak.k_anonymity"].cells)
+
+
+def test_one_broken_output_is_located_and_the_rest_still_checked():
+    nb = json.loads(
+        notebook(
+            [
+                code_cell(
+                    "x",
+                    [
+                        {
+                            "output_type": "display_data",
+                            "metadata": {},
+                            "data": {"image/png": "bm90IGFuIGltYWdl"},
+                        },
+                        result({"text/html": corpus.HTML_SMALL_TABLE}),
+                    ],
+                )
+            ]
+        )
+    )
+    findings = check_notebook(nb, CTX)
+    broken = next(f for f in findings if f.rule == "file.unreadable")
+    assert broken.cells == [{"cell": 0, "output": 0}] and broken.status == Status.FAIL
+    assert any(f.rule == "frequency.min_cell_count" for f in findings)

@@ -406,7 +406,17 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
             if not isinstance(output, dict):
                 raise ValueError(f"cell {i} output {j} is not an object")
             loc = {"cell": i, "output": j}
-            findings += _check_output(output, ctx, loc)
+            try:
+                findings += _check_output(output, ctx, loc)
+            except (ValueError, TypeError, KeyError) as exc:  # one bad output, not the notebook
+                findings.append(
+                    Finding(
+                        rule="file.unreadable",
+                        status=Status.FAIL,
+                        message=f"cell {i} output {j} cannot be checked: {exc}",
+                        cells=[loc],
+                    )
+                )
             if ctx.extract is not None:
                 all_text.append(_joined(output.get("text")))
                 for mime, value in (output.get("data") or {}).items():
