@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,12 @@ def corpus_dir(tmp_path_factory):
     return d, {c.name: c for c in corpus.build(d)}
 
 
-CASE_NAMES = [c.name for c in corpus.build(Path(__import__("tempfile").mkdtemp()))]
+def _case_names() -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return [c.name for c in corpus.build(Path(tmp))]
+
+
+CASE_NAMES = _case_names()
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -42,8 +48,8 @@ def test_corpus_verdict(corpus_dir, name):
         assert report.status != Status.PASS
 
 
-def test_every_class_has_safe_and_unsafe_cases():
-    cases = corpus.build(Path(__import__("tempfile").mkdtemp()))
+def test_every_class_has_safe_and_unsafe_cases(corpus_dir):
+    cases = list(corpus_dir[1].values())
     for suffix in (".csv", ".png", ".jpg", ".svg", ".ipynb", ".html", ".xlsx", ".txt", ".json"):
         statuses = {c.status for c in cases if c.name.endswith(suffix)}
         assert "fail" in statuses, suffix
