@@ -162,3 +162,11 @@ def test_a_figure_inside_its_table_directory_is_checked_with_the_table(tmp_path)
     report = check_file(tmp_path / "km.png", POLICY)
     assert report.status == Status.PASS
     assert [f.rule for f in report.findings] == ["figure.table_checked"]
+
+
+def test_svg_labels_with_small_counts_fail_but_axis_ticks_do_not():
+    ticks = "".join(f"<text x='{i}' y='0'>{v}</text>" for i, v in enumerate((0, 50, 100, 150)))
+    svg = f"{corpus.SVG_HEAD}>{ticks}<text>Relapse (n = 4)</text></svg>"
+    findings = check_svg(svg, policy=POLICY)
+    assert [f.rule for f in findings] == ["text.small_count"]
+    assert check_svg(f"{corpus.SVG_HEAD}>{ticks}</svg>", policy=POLICY) == []

@@ -141,7 +141,7 @@ def _check_figure(
     from airlock.checks import figures
 
     if kind == "svg":
-        findings = figures.check_svg(ft.decode_text(data))
+        findings = figures.check_svg(ft.decode_text(data), policy=ctx.policy)
     else:
         findings = figures.check_raster(data, kind)
     tables = _companion_tables(path, companions)

@@ -291,7 +291,9 @@ def _parse_svg(text: str) -> Any:
         raise FigureError(f"SVG is not well-formed XML: {exc}") from None
 
 
-def check_svg(text: str, location: dict[str, Any] | None = None) -> list[Finding]:
+def check_svg(
+    text: str, location: dict[str, Any] | None = None, policy: Any = None
+) -> list[Finding]:
     """Scripts, handlers, foreignObject, external references fail; metadata is flagged."""
     import re
 
@@ -342,6 +344,14 @@ def check_svg(text: str, location: dict[str, Any] | None = None) -> list[Finding
         )
         for rule, cells in hits.items()
     ]
+    labels = "\n".join("".join(el.itertext()) for el in root.iter() if _local(el.tag) == "text")
+    if labels.strip() and policy is not None:
+        from airlock.checks.text import check_text
+
+        # axis ticks are numbers too: only counts of people below the threshold are findings
+        findings += [
+            f for f in check_text(labels, policy, location) if f.rule == "text.small_count"
+        ]
     if metadata:
         findings.append(
             Finding(

@@ -175,7 +175,7 @@ def check_html(text: str, ctx: Any, location: dict[str, Any] | None = None) -> l
         if kind in {"png", "jpeg"}:
             findings += figures.check_raster(blob, kind, where)
         elif kind == "svg":
-            findings += figures.check_svg(blob.decode("utf-8"), where)
+            findings += figures.check_svg(blob.decode("utf-8"), where, policy=ctx.policy)
         else:
             findings.append(
                 Finding(

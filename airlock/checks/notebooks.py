@@ -336,7 +336,7 @@ def _check_output(output: dict[str, Any], ctx: Any, where: dict[str, Any]) -> li
             findings += figures.check_raster(blob, _IMAGE_MIMES[mime], where)
             findings.append(_no_table(where))
         elif mime == "image/svg+xml":
-            findings += figures.check_svg(_joined(value), where)
+            findings += figures.check_svg(_joined(value), where, policy=ctx.policy)
             findings.append(_no_table(where))
         elif mime in _SCRIPT_MIMES:
             findings.append(
