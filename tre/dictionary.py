@@ -443,6 +443,14 @@ def harmonise_and_validate(
             parts.append(f"unknown column(s): {', '.join(unknown)}")
         raise DeliveryError(f"{table}: " + "; ".join(parts))
 
+    nested = [
+        c for c in given if df.schema[c].is_nested() or df.schema[c] in (pl.Binary, pl.Object)
+    ]
+    if nested:
+        raise DeliveryError(
+            f"{table}: column(s) {', '.join(nested)} hold nested or binary values, "
+            "not text or numbers"
+        )
     row = pl.col(ROW) if ROW in df.columns else pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
     work = df.select(
         [row.cast(pl.Int64).alias(ROW)]
