@@ -105,6 +105,7 @@ def test_icdo3_forms(d):
     assert r.valid["icdo3_behaviour"].to_list() == [3] * 4
     assert r.valid["icdo3_topography"].to_list() == ["C64.9"] * 4
     assert r.valid["iccc3_subgroup"].to_list() == ["VIa"] * 4
+    assert r.valid["iccc3_division"].to_list() == ["VIa.1"] * 4
 
 
 def test_behaviour_column_may_be_omitted_when_the_morphology_carries_it(d):

@@ -542,7 +542,9 @@ def _table_rules(
     checks: list[_Check] = []
     for r in dictionary.rules_for(table):
         if r.kind == "iccc3_classifiable":
-            work = iccc3.recode(work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+            work = iccc3.recode(
+                work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography", extended=True
+            )
             known = (
                 pl.col("icdo3_morphology").is_between(
                     spec.columns["icdo3_morphology"].min or 0,
