@@ -403,6 +403,9 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
                 "icdo3_topography": topo,
                 "laterality": laterality,
                 "basis_of_diagnosis": basis,
+                "histology_group": pl.Series(
+                    np.where(rng.random(n) < 0.9, "Favourable", "Unfavourable")
+                ).set(pl.Series(profile.diag_morph[d] != 8960), None),
                 "stage_system": stage_system,
                 "stage": stage,
             }
