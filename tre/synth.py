@@ -683,11 +683,26 @@ def generate(
         sites.append({**asdict(plan), "rows": {t: f.height for t, f in frames.items()}})
     if defects_rate > 0:
         pl.concat(manifests).write_csv(out_dir / "defects.csv")
+    _declare_extra_sites(out_dir, plans, policies_dir)
     summary = GenerateSummary(str(out_dir), seed, defects_rate, sites)
     (out_dir / "manifest.json").write_text(
         json.dumps({"seed": seed, "defects_rate": defects_rate, "sites": sites}, indent=2) + "\n"
     )
     return summary
+
+
+def _declare_extra_sites(out_dir: Path, plans: list[SitePlan], policies_dir: Path) -> None:
+    """Sites beyond the declared ones need a declaration before ingest: write one per extra site
+    (a copy of its template's sharing conditions) under ``out_dir/site-declarations/``."""
+    extra = [p for p in plans if p.id != p.template]
+    if not extra:
+        return
+    decl_dir = out_dir / "site-declarations"
+    decl_dir.mkdir(exist_ok=True)
+    for p in extra:
+        body = yaml.safe_load((policies_dir / "sites" / f"{p.template}.yaml").read_text())
+        body.update(id=p.id, name=f"{body['name']} (synthetic copy {p.id})")
+        (decl_dir / f"{p.id}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
 
 
 def read_delivery(site_dir: Path) -> dict[str, pl.DataFrame]:
