@@ -221,6 +221,10 @@ def test_delivery_errors_change_nothing(d):
         hv(d, "tumour", tumour().drop("icdo3_topography"))
     with pytest.raises(DeliveryError, match="unknown column.*name"):
         hv(d, "patient", patient().with_columns(pl.lit("Alice").alias("name")))
+    with pytest.raises(DeliveryError, match="iccc3_group are set by the pool"):
+        hv(d, "tumour", tumour().with_columns(pl.lit("VI").alias("iccc3_group")))
+    with pytest.raises(DeliveryError, match="_row"):
+        hv(d, "patient", patient().with_columns(pl.lit("x").alias("_row")))
     with pytest.raises(DeliveryError, match="unknown table"):
         validate_batch(d, {"patients": patient()})
     with pytest.raises(KeyError):

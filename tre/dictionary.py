@@ -436,14 +436,20 @@ def harmonise_and_validate(
     missing = [
         c for c in dictionary.required_columns(table) if c not in given and c not in derivable
     ]
-    unknown = [c for c in given if c not in delivered]
-    if missing or unknown:
+    pooled = set(dictionary.pooled_columns(table))
+    derived = [c for c in given if c not in delivered and c in pooled]
+    unknown = [c for c in given if c not in delivered and c not in pooled]
+    if missing or unknown or derived:
         parts = []
         if missing:
             parts.append(f"missing required column(s): {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown column(s): {', '.join(unknown)}")
+        if derived:
+            parts.append(f"column(s) {', '.join(derived)} are set by the pool, not delivered")
         raise DeliveryError(f"{table}: " + "; ".join(parts))
+    if ROW in df.columns and not df.schema[ROW].is_integer():
+        raise DeliveryError(f"{table}: column {ROW} must hold integer source row numbers")
 
     nested = [
         c for c in given if df.schema[c].is_nested() or df.schema[c] in (pl.Binary, pl.Object)
