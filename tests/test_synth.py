@@ -217,3 +217,15 @@ def test_cli_generate_and_bad_arguments(tmp_path):
     r = runner.invoke(app, ["data", "generate", "--defects", "0.9", "--out", str(bad)])
     assert r.exit_code != 0
     assert not bad.exists()
+
+
+def test_stage_and_histology_change_survival(cohort):
+    _, tum = cohort
+    nb = tum.filter(pl.col("iccc3_subgroup") == "IVa")
+    assert km5(nb.filter(pl.col("stage") == "L1")) - km5(nb.filter(pl.col("stage") == "M")) > 0.2
+    wilms = tum.filter(pl.col("icdo3_morphology") == 8960)
+    fav = km5(wilms.filter(pl.col("histology_group") == "Favourable"))
+    unfav = km5(wilms.filter(pl.col("histology_group") == "Unfavourable"))
+    assert fav - unfav > 0.05
+    share = wilms.select((pl.col("histology_group") == "Unfavourable").mean()).item()
+    assert 0.07 <= share <= 0.13

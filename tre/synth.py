@@ -144,6 +144,10 @@ class Profile:
     stage_system: list[str | None]
     stage_values: list[list[str]]
     stage_cum: np.ndarray  # [S, V]
+    stage_risk: np.ndarray  # [S, V] relative risk of each stage value (1 where not given)
+    stage_mean_risk: np.ndarray  # [S] expected relative risk, to keep survival calibrated
+    unfav_share: float
+    unfav_risk: float
     treat_p: np.ndarray  # [S, len(MODALITIES)]
     protocols: list[list[str]]
     progression_event: list[str]
@@ -187,13 +191,17 @@ def load_profile(path: Path = PROFILE_FILE, shares_path: Path = SHARES_FILE) -> 
     for sg in names:
         offsets.append(sum(len(subs[x]["diagnoses"]) for x in names[: names.index(sg)]))
         cums.append([float(w) for *_, w in subs[sg]["diagnoses"]])
-    stage_sys, stage_vals, stage_w = [], [], []
+    stage_sys, stage_vals, stage_w, stage_r = [], [], [], []
     treat = np.zeros((len(names), len(MODALITIES)))
     for i, sg in enumerate(names):
         st = subs[sg].get("stage")
         stage_sys.append(st["system"] if st else None)
         stage_vals.append(list(st["values"]) if st else [])
         stage_w.append([float(v) for v in st["values"].values()] if st else [])
+        risk = [float(x) for x in st.get("risk", [])] if st else []
+        if st and risk and len(risk) != len(st["values"]):
+            raise ValueError(f"{path}: {sg}: stage risk needs one value per stage value")
+        stage_r.append(risk or [1.0] * len(stage_w[-1]))
         for m, p in (subs[sg].get("treatment") or defaults["treatment"]).items():
             treat[i, MODALITIES.index(m)] = p
     return Profile(
@@ -211,12 +219,29 @@ def load_profile(path: Path = PROFILE_FILE, shares_path: Path = SHARES_FILE) -> 
         stage_system=stage_sys,
         stage_values=stage_vals,
         stage_cum=_cum(stage_w),
+        stage_risk=_pad(stage_r),
+        stage_mean_risk=np.array(
+            [
+                float(np.dot(w, r) / sum(w)) if w else 1.0
+                for w, r in zip(stage_w, stage_r, strict=True)
+            ]
+        ),
+        unfav_share=float(raw.get("unfavourable_histology_share", 0.0)),
+        unfav_risk=float(raw.get("unfavourable_histology_risk", 1.0)),
         treat_p=treat,
         protocols=[subs[sg].get("protocols", []) for sg in names],
         progression_event=[
             subs[sg].get("progression_event", defaults["progression_event"]) for sg in names
         ],
     )
+
+
+def _pad(rows: list[list[float]]) -> np.ndarray:
+    width = max(1, max(len(r) for r in rows))
+    out = np.ones((len(rows), width))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def _pick(rng: np.random.Generator, cum: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -285,9 +310,19 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
     dx_day = y0 + np.floor(rng.random(n) * (y1 - y0)).astype(np.int64)
     birth_day = dx_day - age_dx
 
-    # outcome: death within 5 years with probability 1 - surv5, a few late deaths after
+    # stage and (for Wilms tumours) histology come first: they modify the risk of dying
+    has_stage = np.array([s is not None for s in profile.stage_system])[sg]
+    stage_k = _pick(rng, profile.stage_cum, sg)
+    wilms = profile.diag_morph[d] == 8960
+    unfavourable = wilms & (rng.random(n) < profile.unfav_share)
+    hist_mean = 1 - profile.unfav_share + profile.unfav_share * profile.unfav_risk
+    risk = np.where(has_stage, profile.stage_risk[sg, stage_k] / profile.stage_mean_risk[sg], 1.0)
+    risk *= np.where(wilms, np.where(unfavourable, profile.unfav_risk, 1.0) / hist_mean, 1.0)
+
+    # outcome: death within 5 years with probability (1 - surv5) x relative risk, a few late
+    # deaths after; the rescaled risks keep each subgroup's 5-year survival as declared
     u = rng.random(n)
-    early = u < (1 - profile.surv5[sg])
+    early = u < np.minimum((1 - profile.surv5[sg]) * risk, 0.97)
     late = (~early) & (rng.random(n) < LATE_DEATH_AFTER_5Y)
     death_t = np.full(n, np.inf)
     death_t[early] = 5 * YEAR * rng.beta(1.3, 2.6, early.sum())
@@ -302,7 +337,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
 
     # relapse / progression: most deaths follow one, some survivors are salvaged after one
     rel_dead = dead & (rng.random(n) < 0.75)
-    rel_surv = (~dead) & (rng.random(n) < 0.5 * (1 - profile.surv5[sg]))
+    rel_surv = (~dead) & (rng.random(n) < np.minimum(0.5 * (1 - profile.surv5[sg]) * risk, 0.9))
     rel_t = np.full(n, -1.0)
     rel_t[rel_dead] = follow[rel_dead] * (0.3 + 0.55 * rng.random(rel_dead.sum()))
     rel_t[rel_surv] = YEAR * (0.2 + 2.8 * rng.random(rel_surv.sum()))
@@ -315,9 +350,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
     pat_ids = _id_series(f"{prefix}-P", rng.permutation(n) + 1, 8)
     tum_ids = _id_series(f"{prefix}-T", rng.permutation(n) + 1, 8)
 
-    # stage
-    has_stage = np.array([s is not None for s in profile.stage_system])[sg]
-    stage_k = _pick(rng, profile.stage_cum, sg)
+    # stage values as text
     all_vals = sorted({v for vs in profile.stage_values for v in vs})
     val_idx = np.array(
         [
@@ -422,8 +455,8 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
                 "laterality": laterality,
                 "basis_of_diagnosis": basis,
                 "histology_group": pl.Series(
-                    np.where(rng.random(n) < 0.9, "Favourable", "Unfavourable")
-                ).set(pl.Series(profile.diag_morph[d] != 8960), None),
+                    np.where(unfavourable, "Unfavourable", "Favourable")
+                ).set(pl.Series(~wilms), None),
                 "stage_system": stage_system,
                 "stage": stage,
             }
