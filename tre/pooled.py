@@ -132,7 +132,7 @@ class PooledStore:
                     f"there is no pooled store at {self.db_path}; ingest data first "
                     "(`tre data ingest --site SITE FILES...`)"
                 )
-            con = duckdb.connect()
+            con = duckdb.connect(config={"preserve_insertion_order": False})
             try:
                 con.execute("ATTACH $p AS pooled (READ_ONLY)", {"p": str(self.db_path)})
                 yield con
