@@ -309,3 +309,17 @@ def test_missing_or_misplaced_key_stops_ingest(tmp_path, delivery):
         ingest(inside, "uk-ccr", files)
     os.chmod(s.hmac_key_file.parent, 0o700) if s.hmac_key_file.parent.exists() else None
     assert not PooledStore(s.pooled_dir).db_path.exists()
+
+
+@pytest.mark.slow
+def test_each_loaded_batch_gets_a_quality_report(settings, tmp_path):
+    files = site_files.write(site_files.generate(60, seed=5), tmp_path / "in")
+    r = ingest_files(settings, "uk-ccr", files)
+    assert r.status == "loaded" and r.report_error is None, r.report_error
+    assert r.report_html == settings.reports_dir / f"{r.batch_id}.html"
+    html = r.report_html.read_text()
+    assert r.batch_id in html and "<html" in html.lower()
+    # a re-ingest changes nothing, not even the report (one report build keeps this test short)
+    mtime = r.report_html.stat().st_mtime_ns
+    again = ingest_files(settings, "uk-ccr", files)
+    assert again.status == "unchanged" and again.report_html.stat().st_mtime_ns == mtime

@@ -336,7 +336,12 @@ def _quality_report(settings: Settings, store: PooledStore, batch_id: str) -> tu
         from tre.quality import build_quality_report
 
         with store._locked(exclusive=False, timeout=120):
-            build_quality_report(store.db_path, batch_id, out)
+            build_quality_report(
+                store.db_path,
+                batch_id,
+                out,
+                dictionary_path=settings.policies_dir / "dictionary.yaml",
+            )
         return out, ""
     except Exception as exc:  # noqa: BLE001 - a report failure must not undo a committed batch
         log.warning("quality report failed", batch=batch_id, error=str(exc))
