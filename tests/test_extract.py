@@ -352,3 +352,28 @@ def test_no_allowed_site_gives_empty_tables(settings):
     path = build_extract(settings, registry([p], sites), "wilms", TODAY)
     assert rows(path, "SELECT count(*) FROM patient")[0][0] == 0
     assert rows(path, "SELECT sites FROM _extract")[0][0] == []
+
+
+def test_cli_extract_build_and_info(settings, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.settings import get_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(settings.state_dir))
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        # the shipped policies: wilms-outcomes is active until 2028 (academic, GB)
+        res = runner.invoke(app, ["extract", "build", "wilms-outcomes", "--on", "2026-06-01"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["extract", "info", "wilms-outcomes"])
+        assert res.exit_code == 0 and "pooled_version" in res.output and "0o444" in res.output
+        res = runner.invoke(app, ["extract", "build", "--all", "--on", "2029-01-01"])
+        assert res.exit_code == 0 and "no extract" in res.output  # both projects ended
+        assert not extract_path(settings, "wilms-outcomes").exists()
+        assert runner.invoke(app, ["extract", "build", "nope"]).exit_code == 1
+        assert runner.invoke(app, ["extract", "info", "wilms-outcomes"]).exit_code == 1
+        assert runner.invoke(app, ["extract", "build"]).exit_code != 0
+    finally:
+        get_settings.cache_clear()

@@ -323,3 +323,35 @@ def test_each_loaded_batch_gets_a_quality_report(settings, tmp_path):
     mtime = r.report_html.stat().st_mtime_ns
     again = ingest_files(settings, "uk-ccr", files)
     assert again.status == "unchanged" and again.report_html.stat().st_mtime_ns == mtime
+
+
+def test_cli_init_key_ingest_and_status(tmp_path, monkeypatch, delivery):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.settings import get_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(tmp_path / "cli"))
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        res = runner.invoke(app, ["data", "init-key"])
+        assert res.exit_code == 0 and "0600" in res.output
+        assert runner.invoke(app, ["data", "init-key"]).exit_code == 1  # never silently replaced
+        bad = site_files.write(_defective(delivery), tmp_path / "bad")
+        res = runner.invoke(app, ["data", "ingest", "--site", "uk-ccr", *map(str, bad),
+                                  "--no-report"])  # fmt: skip
+        assert res.exit_code == 1 and "rejected" in res.output and "code_list" in res.output
+        assert "errors.csv" in res.output
+        good = site_files.write(delivery, tmp_path / "good")
+        args = ["data", "ingest", "--site", "uk-ccr", *map(str, good), "--no-report"]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0 and "pooled version 1" in res.output, res.output
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0 and "already loaded" in res.output
+        res = runner.invoke(app, ["data", "ingest", "--site", "nowhere", *map(str, good)])
+        assert res.exit_code == 2 and "unknown site" in res.output
+        res = runner.invoke(app, ["data", "status"])
+        assert res.exit_code == 0 and "pooled version 1" in res.output
+    finally:
+        get_settings.cache_clear()
