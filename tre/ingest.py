@@ -553,9 +553,7 @@ def _ingest_new(
         idmap = pl.DataFrame(
             {"local": local, "pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
         )
-        con.register("_idmap", idmap.to_arrow())
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _idmap_{kind} AS SELECT * FROM _idmap")
-        con.unregister("_idmap")
+        con.register(f"_idmap_{kind}", idmap.to_arrow())  # zero-copy: no temp table needed
     step("pseudonymised identifiers")
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.
