@@ -361,3 +361,36 @@ def _broken(tmp_path, edit):
 def test_bad_dictionary_is_refused(tmp_path, edit, match):
     with pytest.raises(DictionaryError, match=match):
         load_dictionary(_broken(tmp_path, edit))
+
+
+def test_nested_columns_are_refused(d):
+    df = patient().with_columns(pl.Series("sex", [["M"], ["F"]]))
+    with pytest.raises(DeliveryError, match="nested"):
+        hv(d, "patient", df)
+
+
+_cell = st.one_of(
+    st.none(),
+    st.text(max_size=8),
+    st.sampled_from(["8960/3", "C64.9", "M", "Dead", "1", "-3", "2010", "1e9", "NaN", " "]),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_any_text_delivery_is_validated_without_crashing(d, data):
+    """Hostile cell values never crash validation; every row is either valid or has an error."""
+    n = data.draw(st.integers(0, 6))
+    tables = {
+        t: pl.DataFrame(
+            {c: data.draw(st.lists(_cell, min_size=n, max_size=n)) for c in d.delivered_columns(t)},
+            schema={c: pl.String for c in d.delivered_columns(t)},
+        )
+        for t in d.tables
+    }
+    res = validate_batch(d, tables)
+    for r in res.values():
+        valid = set(r.valid["_row"].to_list())
+        assert valid.isdisjoint(r.error_rows)
+        assert valid | r.error_rows == set(range(1, n + 1))
+        assert r.errors.columns == ["row", "column", "value", "rule", "message"]

@@ -242,6 +242,14 @@ def _orig(name: str) -> str:
     return f"__orig_{name}"
 
 
+def _present(name: str) -> str:
+    return f"__present_{name}"
+
+
+def _int(name: str) -> str:
+    return f"__int_{name}"
+
+
 def _as_text(name: str) -> pl.Expr:
     """The delivered value as stripped text, empty -> null."""
     s = pl.col(_orig(name)).cast(pl.String).str.strip_chars()
@@ -274,8 +282,8 @@ def _column_checks(
 ) -> tuple[list[tuple[str, pl.Expr]], list[_Check]]:
     """Harmonising expressions (name, expr) and the checks for one delivered column."""
     n = spec.name
-    present = _as_text(n).is_not_null()
-    exprs: list[tuple[str, pl.Expr]] = []
+    present = pl.col(_present(n))
+    exprs: list[tuple[str, pl.Expr]] = [(_present(n), _as_text(n).is_not_null())]
     checks: list[_Check] = []
     if spec.type == "string":
         exprs.append((n, _as_text(n)))
@@ -321,6 +329,7 @@ def _column_checks(
             if grp:
                 pieces.append(parts.struct.field(grp))
         exprs.append((n, pl.concat_str(pieces)))
+        exprs.append((_int(n), iccc3.topography_to_int(pl.concat_str(pieces))))
         checks.append(
             _Check(
                 n,
@@ -334,7 +343,7 @@ def _column_checks(
     if spec.min is not None or spec.max is not None:
         v = pl.col(n)
         if spec.type == "icdo3_topography":
-            v = iccc3.topography_to_int(pl.col(n))
+            v = pl.col(_int(n))
         lo = spec.min if spec.min is not None else -(2**62)
         hi = spec.max if spec.max is not None else 2**62
         checks.append(
@@ -434,6 +443,14 @@ def harmonise_and_validate(
             parts.append(f"unknown column(s): {', '.join(unknown)}")
         raise DeliveryError(f"{table}: " + "; ".join(parts))
 
+    nested = [
+        c for c in given if df.schema[c].is_nested() or df.schema[c] in (pl.Binary, pl.Object)
+    ]
+    if nested:
+        raise DeliveryError(
+            f"{table}: column(s) {', '.join(nested)} hold nested or binary values, "
+            "not text or numbers"
+        )
     row = pl.col(ROW) if ROW in df.columns else pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
     work = df.select(
         [row.cast(pl.Int64).alias(ROW)]
@@ -447,8 +464,15 @@ def harmonise_and_validate(
     for name in delivered:
         col = spec.columns[name]
         e, c = _column_checks(col, work.schema[_orig(name)])
-        exprs += [x.alias(alias) for alias, x in e]
         checks += c
+        if not col.identifier and work.schema[_orig(name)] == pl.String:
+            # Text columns other than ids repeat few distinct values: harmonise each distinct
+            # value once (regexes, code maps) and join the answers back onto the rows.
+            o = _orig(name)
+            lookup = work.select(pl.col(o).unique()).with_columns(x.alias(a) for a, x in e)
+            work = work.join(lookup, on=o, how="left", maintain_order="left", nulls_equal=True)
+        else:
+            exprs += [x.alias(alias) for alias, x in e]
     work = work.with_columns(exprs)
     # Behaviour given inside the morphology ('8960/3') fills or must agree with the column.
     for name in delivered:
@@ -506,6 +530,7 @@ def _harmonise_behaviour(spec: TableSpec, work: pl.DataFrame) -> pl.DataFrame:
                 pl.coalesce(pl.col(beh).cast(pl.String), fill).alias(beh),
                 # a behaviour only given inside the morphology satisfies 'required'
                 pl.coalesce(_as_text(beh), from_morph).alias(_orig(beh)),
+                (pl.col(_present(beh)) | from_morph.is_not_null()).alias(_present(beh)),
             )
     return work
 
@@ -610,12 +635,8 @@ def validate_batch(
         if df is None:
             df = pl.DataFrame(schema={c: pl.String for c in dictionary.delivered_columns(name)})
         results[name] = harmonise_and_validate(dictionary, name, df)
-    valid_rows = {
-        n: r.harmonised.join(
-            r.errors.select(pl.col("row").unique()), left_on=ROW, right_on="row", how="anti"
-        )
-        for n, r in results.items()
-    }
+    # rows already known bad, per table (narrow frames: joins below carry only what they need)
+    bad_rows = {n: r.errors.select(pl.col("row").unique()) for n, r in results.items()}
     extra: dict[str, list[pl.DataFrame]] = {n: [] for n in dictionary.tables}
     # foreign keys first: a row without its parent is no reference for the rules after it
     cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
@@ -625,13 +646,14 @@ def validate_batch(
         if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
             for n, parts in extra.items():
                 if parts:
-                    bad = pl.concat(parts).select(pl.col("row").unique())
-                    valid_rows[n] = valid_rows[n].join(bad, left_on=ROW, right_on="row", how="anti")
-        child = results[r.table].harmonised
+                    bad_rows[n] = pl.concat(
+                        [bad_rows[n], *[p.select("row") for p in parts]]
+                    ).unique()
         ref_table = r.get("ref_table")
         if r.kind == "foreign_key":
             c, rc = r.get("column"), r.get("ref_column")
             keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls().unique()
+            child = results[r.table].harmonised.select(ROW, c)
             hit = child.filter(pl.col(c).is_not_null()).join(keys, on=c, how="anti")
             msg = f"{c} does not exist in {ref_table}.{rc}"
             value = pl.col(c)
@@ -640,12 +662,16 @@ def validate_batch(
             c = r.get("column")
             agg = {"min": pl.min, "max": pl.max}[r.get("aggregate", "min")]
             ref = (
-                valid_rows[ref_table]
+                results[ref_table]
+                .harmonised.select(ROW, ref_key, rc)
+                .join(bad_rows[ref_table], left_on=ROW, right_on="row", how="anti")
                 .filter(pl.col(ref_key).is_not_null() & pl.col(rc).is_not_null())
                 .group_by(ref_key)
                 .agg(agg(rc).alias("__ref"))
                 .rename({ref_key: key})
             )
+            needed = [ROW, key, c] + ([r.get("age_column")] if r.get("age_column") else [])
+            child = results[r.table].harmonised.select(list(dict.fromkeys(needed)))
             joined = child.join(ref, on=key, how="inner")
             if r.kind == "not_before":
                 tol = int(r.get("tolerance_days", 0))
