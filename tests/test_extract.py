@@ -377,3 +377,10 @@ def test_cli_extract_build_and_info(settings, tmp_path, monkeypatch):
         assert runner.invoke(app, ["extract", "build"]).exit_code != 0
     finally:
         get_settings.cache_clear()
+
+
+def test_empty_group_list_selects_nothing_and_years_exclude_unknown(settings):
+    grants = {"patient": ["*"], "tumour": ["*"], "event": ["*"]}
+    p = project(grants=grants, row_filters=RowFilters(iccc3_groups=[]))
+    path = build_extract(settings, registry([p]), "wilms", TODAY)
+    assert [rows(path, f"SELECT count(*) FROM {t}")[0][0] for t in grants] == [0, 0, 0]

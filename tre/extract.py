@@ -111,8 +111,9 @@ def _row_conditions(
 def _tumour_filter_sql(project: Project) -> list[str]:
     f = project.row_filters
     conds = []
-    if f.iccc3_groups is not None:
-        conds.append(f"iccc3_group IN {_literal_list(list(f.iccc3_groups))}")
+    if f.iccc3_groups is not None:  # an empty list selects no tumour at all
+        groups = list(f.iccc3_groups)
+        conds.append(f"iccc3_group IN {_literal_list(groups)}" if groups else "FALSE")
     if f.diagnosis_year_min is not None:
         conds.append(f"diagnosis_year >= {int(f.diagnosis_year_min)}")
     if f.diagnosis_year_max is not None:
