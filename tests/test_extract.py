@@ -379,7 +379,7 @@ def test_cli_extract_build_and_info(settings, tmp_path, monkeypatch):
         get_settings.cache_clear()
 
 
-def test_empty_group_list_selects_nothing_and_years_exclude_unknown(settings):
+def test_empty_group_list_selects_nothing(settings):
     grants = {"patient": ["*"], "tumour": ["*"], "event": ["*"]}
     p = project(grants=grants, row_filters=RowFilters(iccc3_groups=[]))
     path = build_extract(settings, registry([p]), "wilms", TODAY)

@@ -345,8 +345,14 @@ def test_cli_init_key_ingest_and_status(tmp_path, monkeypatch, delivery):
         assert "errors.csv" in res.output
         good = site_files.write(delivery, tmp_path / "good")
         args = ["data", "ingest", "--site", "uk-ccr", *map(str, good), "--no-report"]
-        res = runner.invoke(app, args)
+        res = runner.invoke(app, [*args, "--rebuild-extracts"])
         assert res.exit_code == 0 and "pooled version 1" in res.output, res.output
+        from tre.registry import load_registry
+
+        for project in load_registry(get_settings().policies_dir).projects.values():
+            assert f"extract {project.id}" in res.output
+            extract = tmp_path / "cli" / "extracts" / f"{project.id}.duckdb"
+            assert extract.exists() == project.is_active()
         res = runner.invoke(app, args)
         assert res.exit_code == 0 and "already loaded" in res.output
         res = runner.invoke(app, ["data", "ingest", "--site", "nowhere", *map(str, good)])

@@ -100,6 +100,9 @@ def ingest_cmd(
     ),
     report: bool = typer.Option(True, "--report/--no-report", help="Data-quality report."),
     show: int = typer.Option(20, "--show", min=0, help="Error rows to print (all go to CSV)."),
+    rebuild_extracts: bool = typer.Option(
+        False, "--rebuild-extracts", help="After a load, rebuild every project's extract."
+    ),
 ) -> None:
     """Validate, harmonise, pseudonymise and load one batch of a site's files (all or nothing)."""
     from rich.table import Table
@@ -171,6 +174,14 @@ def ingest_cmd(
             "(fix the rows above, or use --on-invalid quarantine)"
         )
         raise typer.Exit(1)
+    if rebuild_extracts and result.status == "loaded":
+        from tre.extract import build_all
+        from tre.registry import load_registry
+
+        settings = get_settings()
+        for o in build_all(settings, load_registry(settings.policies_dir)):
+            what = o.error or (f"built {o.path}" if o.path else "no extract (inactive)")
+            console.print(f"extract {o.project_id}: {what}")
 
 
 @app.command("status")
