@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import stat
 
 import duckdb
 import polars as pl
@@ -116,6 +117,9 @@ def test_valid_batch_loads_pseudonymised_harmonised_with_provenance(settings, tm
         "SELECT count(*) FROM tumour WHERE patient_id NOT IN (SELECT patient_id FROM patient)",
     )
     assert orphans == 0
+    # the store and its batch records are for the TRE's services only
+    assert stat.S_IMODE(settings.pooled_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(r.batch_dir.parent.stat().st_mode) == 0o700
     # batch record next to the store
     record = json.loads((r.batch_dir / "batch.json").read_text())
     assert record["status"] == "loaded" and record["pooled_version"] == 1

@@ -308,7 +308,8 @@ def _errors_from_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str) -> pl
 def _write_batch_record(
     directory: Path, record: dict, errors: pl.DataFrame, quarantine: pl.DataFrame | None
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.mkdir(exist_ok=True, mode=0o700)
     errors.write_csv(directory / "errors.csv")
     if quarantine is not None and quarantine.height:
         quarantine.write_csv(directory / "quarantine.csv")
