@@ -384,3 +384,40 @@ def test_empty_group_list_selects_nothing(settings):
     p = project(grants=grants, row_filters=RowFilters(iccc3_groups=[]))
     path = build_extract(settings, registry([p]), "wilms", TODAY)
     assert [rows(path, f"SELECT count(*) FROM {t}")[0][0] for t in grants] == [0, 0, 0]
+
+
+def test_end_to_end_from_ingested_sites_with_the_shipped_projects(tmp_path, policies_dir):
+    """Real pipeline: generated deliveries and the NWTS-like site ingested through
+    tre.ingest, then the shipped projects' extracts built as declared in policies/."""
+    import site_files
+
+    from tre.ingest import ingest_files
+    from tre.pseudonymise import init_key
+    from tre.registry import load_registry
+
+    s = Settings(state_dir=tmp_path / "e2e")
+    init_key(s.hmac_key_file)
+    for n, site_id in enumerate(("uk-ccr", "fr-rnce", "us-nwts", "de-gpoh")):
+        files = site_files.write(site_files.generate(150, seed=n), tmp_path / site_id)
+        assert ingest_files(s, site_id, files, quality_report=False).status == "loaded"
+    reg = load_registry(policies_dir)
+    on = dt.date(2026, 6, 1)
+    for project in reg.projects.values():
+        path = build_extract(s, reg, project.id, on)
+        allowed = {x.id for x in reg.sites_for(project, on)}
+        info = extract_info(s, project.id)
+        assert set(info["sites"]) == allowed and info["pooled_version"] == 4
+        for table, cols in project.grants.items():
+            sql = (
+                "SELECT column_name FROM duckdb_columns() "
+                f"WHERE table_name = '{table}' ORDER BY column_index"
+            )
+            got = [c for (c,) in rows(path, sql)]
+            if cols != ["*"]:
+                assert got == cols
+        tumour_sites = {x for (x,) in rows(path, "SELECT DISTINCT site_id FROM tumour")}
+        assert tumour_sites == allowed  # every allowed site has qualifying tumours here
+        groups = {g for (g,) in rows(path, "SELECT DISTINCT iccc3_group FROM tumour")}
+        assert groups == set(project.row_filters.iccc3_groups)
+    # leukaemia-incidence (public health, FR) never sees the academic-only us-nwts rows
+    assert "us-nwts" not in extract_info(s, "leukaemia-incidence")["sites"]
