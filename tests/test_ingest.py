@@ -242,6 +242,8 @@ def test_identical_batch_is_a_no_op_whatever_the_file_names(settings, tmp_path, 
         shutil.copy(f, renamed / f"uk-ccr_{f.name}")
     third = ingest(settings, "uk-ccr", sorted(renamed.iterdir()))
     assert third.status == "unchanged"
+    (renamed / "README.txt").write_text("not data")
+    assert ingest(settings, "uk-ccr", [renamed]).status == "unchanged"  # a directory
     assert state(settings) == after
     # a different site is a different batch even for the same bytes
     assert batch_identity("de-gpoh", {}) != batch_identity("uk-ccr", {})
@@ -275,6 +277,9 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(settings, tmp_path, deli
     files = site_files.write(delivery, tmp_path / "in")
     with pytest.raises(IngestError, match="unknown site"):
         ingest(settings, "xx-nowhere", files)
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(IngestError, match="no CSV or Parquet"):
+        ingest(settings, "uk-ccr", [tmp_path / "empty-dir"])
     with pytest.raises(IngestError, match="no such file"):
         ingest(settings, "uk-ccr", [tmp_path / "missing.csv"])
     odd = tmp_path / "hospital.csv"

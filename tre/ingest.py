@@ -374,8 +374,18 @@ def ingest_files(
         raise IngestError(f"unknown site {site_id!r}; declared sites: {', '.join(registry.sites)}")
     if not files:
         raise IngestError("no files given")
+    expanded: list[Path] = []
+    for f in map(Path, files):  # a directory stands for the CSV/Parquet files in it
+        if f.is_dir():
+            expanded += sorted(
+                p for p in f.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+            )
+        else:
+            expanded.append(f)
+    if not expanded:
+        raise IngestError("no CSV or Parquet files given")
     by_table: dict[str, tuple[Path, str]] = {}
-    for f in map(Path, files):
+    for f in expanded:
         if not f.is_file():
             raise IngestError(f"{f}: no such file")
         table = table_of(f)

@@ -88,7 +88,9 @@ def init_key_cmd(
 @app.command("ingest")
 def ingest_cmd(
     site: str = typer.Option(..., "--site", help="Contributing site id (policies/sites/)."),
-    files: list[Path] = typer.Argument(..., help="The site's files: <table>.csv / .parquet"),
+    files: list[Path] = typer.Argument(
+        ..., help="The site's files (<table>.csv / .parquet), or a directory holding them."
+    ),
     on_invalid: str | None = typer.Option(
         None,
         "--on-invalid",
