@@ -330,6 +330,8 @@ def test_unknown_project_and_missing_pooled_store(settings, tmp_path):
     empty = Settings(state_dir=tmp_path / "empty")
     with pytest.raises(PooledStoreError, match="ingest data first"):
         build_extract(empty, registry([project()]), "wilms", TODAY)
+    [outcome] = build_all(empty, registry([project()]), TODAY)  # reported, not raised
+    assert outcome.path is None and "ingest data first" in outcome.error
 
 
 def test_build_all_builds_active_removes_inactive_and_undeclared(settings):

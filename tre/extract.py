@@ -25,7 +25,7 @@ from pathlib import Path
 
 import duckdb
 
-from tre.pooled import PooledStore
+from tre.pooled import PooledStore, PooledStoreError
 from tre.registry import Project, Registry
 from tre.settings import Settings
 
@@ -244,7 +244,7 @@ def build_all(
         try:
             path = build_extract(settings, registry, project_id, on)
             outcomes.append(BuildOutcome(project_id, path, removed=path is None))
-        except (ExtractError, duckdb.Error, OSError) as exc:
+        except (ExtractError, PooledStoreError, duckdb.Error, OSError) as exc:
             outcomes.append(BuildOutcome(project_id, None, error=str(exc)))
     assert settings.extracts_dir is not None
     if settings.extracts_dir.exists():
