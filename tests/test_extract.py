@@ -423,3 +423,31 @@ def test_end_to_end_from_ingested_sites_with_the_shipped_projects(tmp_path, poli
         assert groups == set(project.row_filters.iccc3_groups)
     # leukaemia-incidence (public health, FR) never sees the academic-only us-nwts rows
     assert "us-nwts" not in extract_info(s, "leukaemia-incidence")["sites"]
+
+
+def test_rebuild_from_an_earlier_pooled_version(settings):
+    """The pool is append-only: an extract can be rebuilt exactly as of an earlier version."""
+    grants = {t: ["*"] for t in ("patient", "tumour", "treatment", "event", "followup")}
+    p = project(grants=grants, row_filters=RowFilters(iccc3_groups=["I", "VI"]))
+    reg = registry([p], [site(s) for s in SITES])
+    now = build_extract(settings, reg, "wilms", TODAY)
+    full = {t: rows(now, f"SELECT count(*) FROM {t}")[0][0] for t in grants}
+    older = build_extract(settings, reg, "wilms", TODAY, pooled_version=2)
+    assert extract_info(settings, "wilms")["pooled_version"] == 2
+    store = PooledStore(settings.pooled_dir)
+    first_two = pooled_rows(
+        store, "SELECT batch_id FROM _batches WHERE pooled_version <= 2 ORDER BY pooled_version"
+    )
+    batches = {b for (b,) in first_two}
+    for t in grants:
+        got = {b for (b,) in rows(older, f"SELECT DISTINCT load_batch FROM {t}")}
+        assert got == batches  # exactly the first two batches' rows
+        assert 0 < rows(older, f"SELECT count(*) FROM {t}")[0][0] < full[t]
+    # patients still follow the ICCC-3 filter as of that version
+    assert set(rows(older, "SELECT patient_id FROM patient")) == set(
+        rows(older, "SELECT DISTINCT patient_id FROM tumour")
+    )
+    again = build_extract(settings, reg, "wilms", TODAY, pooled_version=len(SITES))
+    assert {t: rows(again, f"SELECT count(*) FROM {t}")[0][0] for t in grants} == full
+    with pytest.raises(ExtractError, match="does not exist"):
+        build_extract(settings, reg, "wilms", TODAY, pooled_version=99)

@@ -82,10 +82,17 @@ def _granted_columns(project: Project, table: str, available: list[str]) -> list
 
 
 def _row_conditions(
-    project: Project, table: str, columns: list[str], sites: list[str], tumour_filtered: bool
+    project: Project,
+    table: str,
+    columns: list[str],
+    sites: list[str],
+    tumour_filtered: bool,
+    as_of: bool = False,
 ) -> str:
     """SQL WHERE clause of ``table`` (alias ``t``) for this project."""
     conds = [f"t.site_id IN {_literal_list(sites)}" if sites else "FALSE"]
+    if as_of:
+        conds.append("t.load_batch IN (SELECT batch_id FROM _batches_as_of)")
     if tumour_filtered:
         if table == "tumour":
             conds.append("t.tumour_id IN (SELECT tumour_id FROM _qualifying_tumours)")
@@ -141,12 +148,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def build_extract(
-    settings: Settings, registry: Registry, project_id: str, on: dt.date | None = None
+    settings: Settings,
+    registry: Registry,
+    project_id: str,
+    on: dt.date | None = None,
+    pooled_version: int | None = None,
 ) -> Path | None:
     """Build (or rebuild) the project's extract; return its path.
 
     A project that is not active on ``on`` (expired, suspended, closed, not started) gets no
-    extract: an existing one is removed and ``None`` is returned.
+    extract: an existing one is removed and ``None`` is returned. ``pooled_version`` rebuilds
+    from an earlier version of the pooled store (the pool is append-only, so version N is
+    exactly the rows of the batches loaded up to N); by default the current version.
     """
     on = on or dt.date.today()
     project = registry.projects.get(project_id)
@@ -165,9 +178,24 @@ def build_extract(
         with store.reader() as con:
             pooled_tables = set(store.data_tables(con, "pooled"))
             version = store.current_version(con, "pooled")
+            as_of = pooled_version is not None and pooled_version != version
+            if pooled_version is not None:
+                if not 0 <= pooled_version <= version:
+                    raise ExtractError(
+                        f"pooled version {pooled_version} does not exist "
+                        f"(the current version is {version})"
+                    )
+                con.execute(
+                    "CREATE TEMP TABLE _batches_as_of AS SELECT batch_id FROM pooled._batches "
+                    "WHERE status = 'loaded' AND pooled_version <= $v",
+                    {"v": pooled_version},
+                )
+                version = pooled_version
             con.execute("ATTACH $p AS ext", {"p": str(tmp)})
             tumour_conds = _tumour_filter_sql(project)
-            tumour_filtered = bool(tumour_conds)
+            tumour_filtered = bool(tumour_conds)  # the project's own filters, not as_of
+            if as_of:
+                tumour_conds.append("load_batch IN (SELECT batch_id FROM _batches_as_of)")
             if tumour_filtered:
                 if "tumour" not in pooled_tables:
                     raise ExtractError("the pooled store has no tumour table to filter on")
@@ -189,7 +217,7 @@ def build_extract(
                     )
                 available = _pooled_columns(con, table)
                 columns = _granted_columns(project, table, available)
-                where = _row_conditions(project, table, available, sites, tumour_filtered)
+                where = _row_conditions(project, table, available, sites, tumour_filtered, as_of)
                 select = ", ".join(f"t.{_quote(c)}" for c in columns)
                 con.execute(
                     f"CREATE TABLE ext.{_quote(table)} AS "
