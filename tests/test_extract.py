@@ -451,3 +451,92 @@ def test_rebuild_from_an_earlier_pooled_version(settings):
     assert {t: rows(again, f"SELECT count(*) FROM {t}")[0][0] for t in grants} == full
     with pytest.raises(ExtractError, match="does not exist"):
         build_extract(settings, reg, "wilms", TODAY, pooled_version=99)
+
+
+GROUP_NAMES = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"]
+
+
+@pytest.fixture(scope="module")
+def pooled_frames(pooled_state):
+    store, _ = pooled_state
+    con = duckdb.connect(str(store.db_path), read_only=True)
+    try:
+        return {
+            t: con.sql(f"SELECT * FROM {t}").pl()
+            for t in ("patient", "tumour", "treatment", "event", "followup")
+        }
+    finally:
+        con.close()
+
+
+def test_extract_rows_equal_an_independent_reference_for_random_projects(settings, pooled_frames):
+    """Random purposes, jurisdictions, embargoes, groups, years and site filters: the extract
+    holds exactly the rows a plain polars reading of the rules selects."""
+    import polars as pl
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+
+    @hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        purpose=st.sampled_from(["academic", "public_health", "commercial"]),
+        jurisdiction=st.sampled_from(["GB", "FR", "US", "JP"]),
+        groups=st.none() | st.lists(st.sampled_from(GROUP_NAMES), max_size=4, unique=True),
+        years=st.none() | st.tuples(st.integers(1995, 2030), st.integers(0, 15)),
+        site_filter=st.none() | st.lists(st.sampled_from(sorted(SITES)), min_size=1, unique=True),
+        embargoed=st.sets(st.sampled_from(sorted(SITES))),
+    )
+    def check(purpose, jurisdiction, groups, years, site_filter, embargoed):
+        sites = [
+            site("uk-ccr", purposes=["academic", "public_health"], jurisdictions=["GB", "FR"]),
+            site("fr-rnce", purposes=["academic", "public_health"], jurisdictions=["FR"]),
+            site("us-nwts", purposes=["academic"]),
+            site("de-gpoh", purposes=["academic", "public_health", "commercial"]),
+        ]
+        sites = [
+            s.model_copy(update={"embargo_until": dt.date(2027, 1, 1)}) if s.id in embargoed else s
+            for s in sites
+        ]
+        filters = RowFilters(
+            iccc3_groups=groups,
+            sites=site_filter,
+            diagnosis_year_min=years[0] if years else None,
+            diagnosis_year_max=years[0] + years[1] if years else None,
+        )
+        grants = {t: ["*"] for t in pooled_frames}
+        p = project(purpose=purpose, jurisdiction=jurisdiction, grants=grants, row_filters=filters)
+        reg = registry([p], sites)
+        path = build_extract(settings, reg, "wilms", TODAY)
+        # the reference: the rules read literally, in polars
+        allowed = [
+            s.id
+            for s in sites
+            if s.embargo_until is None
+            and purpose in s.allowed_purposes
+            and ("*" in s.allowed_jurisdictions or jurisdiction in s.allowed_jurisdictions)
+            and (site_filter is None or s.id in site_filter)
+        ]
+        f = pooled_frames
+        tum = f["tumour"].filter(pl.col("site_id").is_in(allowed))
+        tumour_filtered = groups is not None or years is not None
+        if groups is not None:
+            tum = tum.filter(pl.col("iccc3_group").is_in(groups))
+        if years is not None:
+            tum = tum.filter(pl.col("diagnosis_year").is_between(years[0], years[0] + years[1]))
+        pats = set(tum["patient_id"])
+        tids = set(tum["tumour_id"])
+
+        def expected(table):
+            df = f[table].filter(pl.col("site_id").is_in(allowed))
+            if tumour_filtered:
+                if "tumour_id" in df.columns:
+                    df = df.filter(pl.col("tumour_id").is_in(tids))
+                else:
+                    df = df.filter(pl.col("patient_id").is_in(pats))
+            return df.height
+
+        for table in grants:
+            assert rows(path, f"SELECT count(*) FROM {table}")[0][0] == expected(table), table
+        assert sorted(rows(path, "SELECT sites FROM _extract")[0][0]) == sorted(allowed)
+
+    check()
