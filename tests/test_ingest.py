@@ -404,3 +404,30 @@ def test_generated_multi_site_deliveries_with_planted_defects(settings, tmp_path
         assert orphans == 0
     sites = {s for (s,) in q(settings, "SELECT DISTINCT site_id FROM patient")}
     assert sites == {s["id"] for s in summary.sites}
+
+
+def test_hostile_values_and_column_names_are_data_not_code(settings, tmp_path):
+    hostile = [
+        "x'); DROP TABLE patient; --",
+        '"; DELETE FROM _batches; --',
+        '=HYPERLINK("http://127.0.0.1/")',
+        "line\nbreak, comma",
+        "ünïcødé ✓ 病",
+        "A" * 100_000,
+    ]
+    d = site_files.generate(len(hostile) + 2, seed=4)
+    d["patient"] = d["patient"].with_columns(
+        pl.Series("study_id", [*hostile, None, None], dtype=pl.String)
+    )
+    r = ingest(settings, "uk-ccr", site_files.write(d, tmp_path / "in"))
+    assert r.status == "loaded", r.errors
+    got = {v for (v,) in q(settings, "SELECT study_id FROM patient WHERE study_id IS NOT NULL")}
+    assert got == set(hostile)  # stored verbatim
+    assert q(settings, "SELECT count(*) FROM _batches") == [(1,)]
+    # a hostile column NAME is an unknown column: the batch is refused before any SQL
+    bad = d["patient"].rename({"study_id": 'study_id"; DROP TABLE patient; --'})
+    (tmp_path / "bad").mkdir()
+    bad.write_csv(tmp_path / "bad" / "patient.csv")
+    with pytest.raises(IngestError, match="unknown column"):
+        ingest(settings, "uk-ccr", [tmp_path / "bad" / "patient.csv"])
+    assert q(settings, "SELECT count(*) FROM patient") == [(len(hostile) + 2,)]
