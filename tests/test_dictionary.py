@@ -105,6 +105,7 @@ def test_icdo3_forms(d):
     assert r.valid["icdo3_behaviour"].to_list() == [3] * 4
     assert r.valid["icdo3_topography"].to_list() == ["C64.9"] * 4
     assert r.valid["iccc3_subgroup"].to_list() == ["VIa"] * 4
+    assert r.valid["iccc3_division"].to_list() == ["VIa.1"] * 4
 
 
 def test_behaviour_column_may_be_omitted_when_the_morphology_carries_it(d):
@@ -220,6 +221,10 @@ def test_delivery_errors_change_nothing(d):
         hv(d, "tumour", tumour().drop("icdo3_topography"))
     with pytest.raises(DeliveryError, match="unknown column.*name"):
         hv(d, "patient", patient().with_columns(pl.lit("Alice").alias("name")))
+    with pytest.raises(DeliveryError, match="iccc3_group are set by the pool"):
+        hv(d, "tumour", tumour().with_columns(pl.lit("VI").alias("iccc3_group")))
+    with pytest.raises(DeliveryError, match="_row"):
+        hv(d, "patient", patient().with_columns(pl.lit("x").alias("_row")))
     with pytest.raises(DeliveryError, match="unknown table"):
         validate_batch(d, {"patients": patient()})
     with pytest.raises(KeyError):

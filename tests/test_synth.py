@@ -70,6 +70,23 @@ def test_site_plan_follows_the_declared_sites(policies_dir):
     assert {p.id for p in plans[: len(declared)]} == set(declared)
     with pytest.raises(ValueError):
         plan_sites(0, 10, policies_dir)
+
+
+def test_extra_sites_get_declarations_the_registry_accepts(tmp_path, policies_dir):
+    import shutil
+
+    s = generate(tmp_path / "out", 5, 500, seed=2, policies_dir=policies_dir)
+    extra = [x["id"] for x in s.sites if x["id"] != x["template"]]
+    assert extra
+    # a copy of the policies with the extra declarations added loads cleanly
+    pol = tmp_path / "policies"
+    shutil.copytree(policies_dir, pol)
+    for f in (tmp_path / "out" / "site-declarations").iterdir():
+        shutil.copy(f, pol / "sites" / f.name)
+    reg = load_registry(pol)
+    for x in s.sites:
+        site = reg.sites[x["id"]]
+        assert site.file_format == x["file_format"]
     with pytest.raises(ValueError):
         plan_sites(5, 3, policies_dir)
 

@@ -408,6 +408,8 @@ def _collect_errors(frame: pl.DataFrame, checks: list[_Check]) -> pl.DataFrame:
 def _finish(
     table: str, spec: TableSpec, harmonised: pl.DataFrame, errors: pl.DataFrame
 ) -> ValidationResult:
+    if errors.height == 0:
+        return ValidationResult(table=table, valid=harmonised, errors=errors, harmonised=harmonised)
     errors = errors.sort(["row", "column", "rule"])
     bad = errors.select(pl.col("row").unique())
     valid = harmonised.join(bad, left_on=ROW, right_on="row", how="anti", maintain_order="left")
@@ -434,14 +436,20 @@ def harmonise_and_validate(
     missing = [
         c for c in dictionary.required_columns(table) if c not in given and c not in derivable
     ]
-    unknown = [c for c in given if c not in delivered]
-    if missing or unknown:
+    pooled = set(dictionary.pooled_columns(table))
+    derived = [c for c in given if c not in delivered and c in pooled]
+    unknown = [c for c in given if c not in delivered and c not in pooled]
+    if missing or unknown or derived:
         parts = []
         if missing:
             parts.append(f"missing required column(s): {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown column(s): {', '.join(unknown)}")
+        if derived:
+            parts.append(f"column(s) {', '.join(derived)} are set by the pool, not delivered")
         raise DeliveryError(f"{table}: " + "; ".join(parts))
+    if ROW in df.columns and not df.schema[ROW].is_integer():
+        raise DeliveryError(f"{table}: column {ROW} must hold integer source row numbers")
 
     nested = [
         c for c in given if df.schema[c].is_nested() or df.schema[c] in (pl.Binary, pl.Object)
@@ -542,7 +550,9 @@ def _table_rules(
     checks: list[_Check] = []
     for r in dictionary.rules_for(table):
         if r.kind == "iccc3_classifiable":
-            work = iccc3.recode(work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+            work = iccc3.recode(
+                work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography", extended=True
+            )
             known = (
                 pl.col("icdo3_morphology").is_between(
                     spec.columns["icdo3_morphology"].min or 0,
@@ -642,6 +652,7 @@ def validate_batch(
     cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
         r for r in dictionary.rules if r.kind in ("not_before", "year_matches_age")
     ]
+    ref_cache: dict[tuple, pl.DataFrame] = {}
     for i, r in enumerate(cross):
         if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
             for n, parts in extra.items():
@@ -652,7 +663,7 @@ def validate_batch(
         ref_table = r.get("ref_table")
         if r.kind == "foreign_key":
             c, rc = r.get("column"), r.get("ref_column")
-            keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls().unique()
+            keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls()
             child = results[r.table].harmonised.select(ROW, c)
             hit = child.filter(pl.col(c).is_not_null()).join(keys, on=c, how="anti")
             msg = f"{c} does not exist in {ref_table}.{rc}"
@@ -660,16 +671,22 @@ def validate_batch(
         else:
             key, ref_key, rc = r.get("key"), r.get("ref_key"), r.get("ref_column")
             c = r.get("column")
-            agg = {"min": pl.min, "max": pl.max}[r.get("aggregate", "min")]
-            ref = (
-                results[ref_table]
-                .harmonised.select(ROW, ref_key, rc)
-                .join(bad_rows[ref_table], left_on=ROW, right_on="row", how="anti")
-                .filter(pl.col(ref_key).is_not_null() & pl.col(rc).is_not_null())
-                .group_by(ref_key)
-                .agg(agg(rc).alias("__ref"))
-                .rename({ref_key: key})
-            )
+            aggregate = r.get("aggregate", "min")
+            agg = {"min": pl.min, "max": pl.max}[aggregate]
+            cache_key = (ref_table, ref_key, rc, aggregate)
+            if cache_key not in ref_cache:  # treatment and event share the tumour reference
+                ref = (
+                    results[ref_table]
+                    .harmonised.select(ROW, ref_key, rc)
+                    .join(bad_rows[ref_table], left_on=ROW, right_on="row", how="anti")
+                    .filter(pl.col(ref_key).is_not_null() & pl.col(rc).is_not_null())
+                )
+                if dictionary.table(ref_table).columns[ref_key].unique:
+                    # duplicates are already bad rows: one reference row per key, no grouping
+                    ref_cache[cache_key] = ref.select(ref_key, pl.col(rc).alias("__ref"))
+                else:
+                    ref_cache[cache_key] = ref.group_by(ref_key).agg(agg(rc).alias("__ref"))
+            ref = ref_cache[cache_key].rename({ref_key: key})
             needed = [ROW, key, c] + ([r.get("age_column")] if r.get("age_column") else [])
             child = results[r.table].harmonised.select(list(dict.fromkeys(needed)))
             joined = child.join(ref, on=key, how="inner")

@@ -32,7 +32,6 @@ PROFILE_FILE = REPO_ROOT / "policies" / "iccc3" / "synthetic_profile.yaml"
 SHARES_FILE = REPO_ROOT / "policies" / "iccc3" / "expected_shares.csv"
 REAL_SITES = frozenset({"us-nwts"})  # delivered from real data (tre.nwtco), never synthesised
 TABLES = ("patient", "tumour", "treatment", "event", "followup")
-AGE_BANDS_DAYS = np.array([[0, 365], [365, 1826], [1826, 3652], [3652, 5479]])  # <1,1-4,5-9,10-14
 MODALITIES = ("Chemotherapy", "Surgery", "Radiotherapy", "Stem-cell transplant", "Immunotherapy")
 # days from diagnosis to the start of each modality: uniform [lo, hi)
 MODALITY_START = {
@@ -227,6 +226,26 @@ def _pick(rng: np.random.Generator, cum: np.ndarray, idx: np.ndarray) -> np.ndar
     return np.minimum(k, cum.shape[1] - 1)
 
 
+def _single_year_cum(ages: np.ndarray) -> np.ndarray:
+    """Cumulative weights of each single year of age 0-14, per subgroup.
+
+    The profile gives shares of the bands <1, 1-4, 5-9, 10-14. Densities are interpolated
+    linearly between band midpoints (so incidence changes smoothly across band edges, e.g. ALL
+    peaks at 2-4 rather than being flat over 1-4), then rescaled so every band keeps its share.
+    """
+    edges = [(0, 1), (1, 5), (5, 10), (10, 15)]
+    mids = np.array([(a + b) / 2 for a, b in edges])
+    years = np.arange(15) + 0.5
+    shares = ages / ages.sum(axis=1, keepdims=True)
+    dens = shares / np.array([b - a for a, b in edges])
+    w = np.stack([np.interp(years, mids, d) for d in dens])
+    for k, (a, b) in enumerate(edges):
+        total = w[:, a:b].sum(axis=1, keepdims=True)
+        w[:, a:b] = np.where(total > 0, w[:, a:b] / np.maximum(total, 1e-12), 0) * shares[:, [k]]
+    cum = np.cumsum(w, axis=1)
+    return cum / cum[:, -1:]
+
+
 def _years(days: np.ndarray) -> np.ndarray:
     return days.astype("datetime64[D]").astype("datetime64[Y]").astype(np.int64) + 1970
 
@@ -257,9 +276,8 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
     """The clean delivery of one site (canonical codes, before the dialect is applied)."""
     n = site.patients
     sg = rng.choice(len(profile.subgroups), size=n, p=profile.probs)
-    band = _pick(rng, np.cumsum(profile.ages, axis=1) / profile.ages.sum(1, keepdims=True), sg)
-    lo, hi = AGE_BANDS_DAYS[band, 0], AGE_BANDS_DAYS[band, 1]
-    age_dx = lo + np.floor(rng.random(n) * (hi - lo)).astype(np.int64)
+    year_of_age = _pick(rng, _single_year_cum(profile.ages), sg)
+    age_dx = np.floor((year_of_age + rng.random(n)) * YEAR).astype(np.int64)
     male = rng.random(n) < profile.male[sg]
     d = profile.diag_offset[sg] + _pick(rng, profile.diag_cum, sg)
     y0 = np.datetime64(f"{DIAGNOSIS_YEARS[0]}-01-01").astype(np.int64)
@@ -403,6 +421,9 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
                 "icdo3_topography": topo,
                 "laterality": laterality,
                 "basis_of_diagnosis": basis,
+                "histology_group": pl.Series(
+                    np.where(rng.random(n) < 0.9, "Favourable", "Unfavourable")
+                ).set(pl.Series(profile.diag_morph[d] != 8960), None),
                 "stage_system": stage_system,
                 "stage": stage,
             }
@@ -680,11 +701,26 @@ def generate(
         sites.append({**asdict(plan), "rows": {t: f.height for t, f in frames.items()}})
     if defects_rate > 0:
         pl.concat(manifests).write_csv(out_dir / "defects.csv")
+    _declare_extra_sites(out_dir, plans, policies_dir)
     summary = GenerateSummary(str(out_dir), seed, defects_rate, sites)
     (out_dir / "manifest.json").write_text(
         json.dumps({"seed": seed, "defects_rate": defects_rate, "sites": sites}, indent=2) + "\n"
     )
     return summary
+
+
+def _declare_extra_sites(out_dir: Path, plans: list[SitePlan], policies_dir: Path) -> None:
+    """Sites beyond the declared ones need a declaration before ingest: write one per extra site
+    (a copy of its template's sharing conditions) under ``out_dir/site-declarations/``."""
+    extra = [p for p in plans if p.id != p.template]
+    if not extra:
+        return
+    decl_dir = out_dir / "site-declarations"
+    decl_dir.mkdir(exist_ok=True)
+    for p in extra:
+        body = yaml.safe_load((policies_dir / "sites" / f"{p.template}.yaml").read_text())
+        body.update(id=p.id, name=f"{body['name']} (synthetic copy {p.id})")
+        (decl_dir / f"{p.id}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
 
 
 def read_delivery(site_dir: Path) -> dict[str, pl.DataFrame]:
