@@ -540,3 +540,64 @@ def test_extract_rows_equal_an_independent_reference_for_random_projects(setting
         assert sorted(rows(path, "SELECT sites FROM _extract")[0][0]) == sorted(allowed)
 
     check()
+
+
+BUILD_SCRIPT = """
+import datetime as dt, sys
+from pathlib import Path
+from tre.extract import build_extract
+from tre.registry import Project, Registry, Site, Staff
+from tre.settings import Settings
+sites = {s: Site(id=s, name=s, country="GB", source_type="registry", source_dataset=s,
+                 allowed_purposes=["academic"], allowed_jurisdictions=["*"])
+         for s in ("uk-ccr", "fr-rnce", "us-nwts", "de-gpoh")}
+p = Project(id="wilms", title="Kill test", lay_summary="A project for the kill test.",
+            purpose="academic", jurisdiction="GB", members=[{"username": "alice"}],
+            grants={t: ["*"] for t in ("patient", "tumour", "treatment", "event", "followup")},
+            start_date=dt.date(2026, 1, 1), end_date=dt.date(2027, 1, 1))
+print("ready", flush=True)
+build_extract(Settings(state_dir=Path(sys.argv[1])), Registry(sites, {"wilms": p}, Staff()),
+              "wilms", dt.date(2026, 6, 1))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_build_never_exposes_a_partial_extract(settings):
+    import random
+    import signal
+    import time
+
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    old = path.read_bytes()
+    build_pooled(PooledStore(settings.pooled_dir), {"uk-ccr": "GB"}, 20000, seed=5)
+    rng = random.Random()
+    outcomes = set()
+    for i in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BUILD_SCRIPT, str(settings.state_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0, 0.4 * (i + 1)))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        # the visible extract is the old file or a complete new one, never a partial one
+        data = path.read_bytes()
+        if data == old:
+            outcomes.add("old")
+        else:
+            info = extract_info(settings, "wilms")
+            assert (
+                info["tables"]["patient"]["rows"]
+                == rows(path, "SELECT count(*) FROM patient")[0][0]
+            )
+            outcomes.add("new")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    # a later build cleans up (stale temporaries are removed by build_all after an hour)
+    build_extract(settings, registry([project()]), "wilms", TODAY)
+    temporaries = [p for p in settings.extracts_dir.iterdir() if p.name.startswith(".")]
+    for p in temporaries:
+        os.utime(p, (0, 0))  # pretend they are old
+    build_all(settings, registry([project()]), TODAY)
+    assert [p.name for p in settings.extracts_dir.iterdir()] == ["wilms.duckdb"]
+    assert outcomes

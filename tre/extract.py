@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,23 @@ def build_extract(
         _remove(tmp)
 
 
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Half-written extracts of a build that was killed (never visible under a project's name).
+    Only old ones: a build running right now owns its fresh temporary file."""
+    if not directory.exists():
+        return
+    now = time.time()
+    for p in directory.glob(".*.tmp*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                p.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def build_all(
     settings: Settings, registry: Registry, on: dt.date | None = None
 ) -> list[BuildOutcome]:
@@ -267,6 +285,8 @@ def build_all(
 
     One project's problem does not stop the others: each outcome says what happened.
     """
+    assert settings.extracts_dir is not None
+    _remove_stale_temporaries(settings.extracts_dir)
     outcomes: list[BuildOutcome] = []
     for project_id in sorted(registry.projects):
         try:
