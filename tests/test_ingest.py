@@ -431,3 +431,23 @@ def test_hostile_values_and_column_names_are_data_not_code(settings, tmp_path):
     with pytest.raises(IngestError, match="unknown column"):
         ingest(settings, "uk-ccr", [tmp_path / "bad" / "patient.csv"])
     assert q(settings, "SELECT count(*) FROM patient") == [(len(hostile) + 2,)]
+
+
+def test_a_damaged_pooled_store_is_a_clear_cli_error(settings, tmp_path, monkeypatch, delivery):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.settings import get_settings
+
+    files = site_files.write(delivery, tmp_path / "in")
+    settings.pooled_dir.mkdir(parents=True)
+    db = PooledStore(settings.pooled_dir).db_path
+    db.write_bytes(b"this is not a duckdb file" * 100)
+    monkeypatch.setenv("TRE_STATE_DIR", str(settings.state_dir))
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["data", "ingest", "--site", "uk-ccr", *map(str, files)])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 3 and "pooled store error" in res.output
+    assert db.read_bytes() == b"this is not a duckdb file" * 100  # left for the admin to inspect

@@ -107,6 +107,7 @@ def ingest_cmd(
     ),
 ) -> None:
     """Validate, harmonise, pseudonymise and load one batch of a site's files (all or nothing)."""
+    import duckdb
     from rich.table import Table
 
     from tre.ingest import IngestError, ingest_files
@@ -129,6 +130,10 @@ def ingest_cmd(
         console.print(f"[red]error:[/red] {exc}")
         console.print("nothing was changed")
         raise typer.Exit(2) from None
+    except duckdb.Error as exc:  # e.g. a damaged store file: the transaction was not committed
+        console.print(f"[red]pooled store error:[/red] {exc}")
+        console.print("the batch was not loaded")
+        raise typer.Exit(3) from None
     if result.status == "unchanged":
         console.print(
             f"batch {result.batch_id} was already loaded (pooled version "

@@ -33,6 +33,8 @@ def build(
     ),
 ) -> None:
     """Build a project's extract (or all of them) from the current pooled version."""
+    import duckdb
+
     from tre.extract import ExtractError, build_all, build_extract
     from tre.pooled import PooledStoreError
     from tre.registry import RegistryError, load_registry
@@ -52,7 +54,7 @@ def build(
     if project is not None:
         try:
             path = build_extract(settings, registry, project, date, pooled_version)
-        except (ExtractError, PooledStoreError) as exc:
+        except (ExtractError, PooledStoreError, duckdb.Error) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
         if path is None:
