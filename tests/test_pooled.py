@@ -199,7 +199,8 @@ def test_kill_9_at_each_stage_leaves_before_or_after_and_retry_completes(crash_s
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments(crash_setup):
-    rng = random.Random(os.environ.get("PYTEST_SEED", time.time_ns()))
+    seed = int(os.environ.get("PYTEST_SEED", time.time_ns()))
+    rng = random.Random(seed)
     seen = set()
     for i in range(4):
         state = _fresh(crash_setup, f"random-{i}")
@@ -207,7 +208,9 @@ def test_kill_9_at_random_moments(crash_setup):
         delay = rng.uniform(0.0, crash_setup["duration"] * (i + 1) / 4)
         code, _, err, _ = run_ingest(state, crash_setup["b"], kill_after=delay)
         got = fingerprint(state)
-        assert got in (crash_setup["S0"], crash_setup["S1"]), f"kill after {delay:.2f}s: {err}"
+        assert got in (crash_setup["S0"], crash_setup["S1"]), (
+            f"kill after {delay:.2f}s (PYTEST_SEED={seed}): {err}"
+        )
         seen.add("after" if got == crash_setup["S1"] else "before")
         _retry_completes(crash_setup, state, "unchanged" if got == crash_setup["S1"] else "loaded")
     assert seen  # (which of the two states was hit depends on timing)
