@@ -56,7 +56,6 @@ from tre.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-PROVENANCE_COLUMNS = ("site_id", "source_dataset", "source_version", "load_batch")
 SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
