@@ -16,7 +16,11 @@ Invalid rows go to a per-row error report (``errors.csv`` next to the batch reco
 summary table in the CLI). By policy (``Settings.ingest_invalid_rows`` / ``--on-invalid``) they
 either reject the whole batch or are quarantined, and the valid rows load. Re-ingesting a loaded
 batch changes nothing. After a load, a data-quality report is written under
-``Settings.reports_dir``. The work is vectorised (polars, DuckDB): no per-row Python.
+``Settings.reports_dir``. The work is vectorised (polars, DuckDB): no per-row Python, except
+one HMAC call per distinct identifier.
+
+``TRE_INGEST_CRASH_AT=<stage>`` makes the process kill itself (SIGKILL) at that stage: a test
+hook that proves the all-or-nothing guarantee at each stage (``tests/test_pooled.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ from tre.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-PROVENANCE_COLUMNS = ("site_id", "source_dataset", "source_version", "load_batch")
 SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -304,7 +307,8 @@ def _errors_from_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str) -> pl
 def _write_batch_record(
     directory: Path, record: dict, errors: pl.DataFrame, quarantine: pl.DataFrame | None
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.mkdir(exist_ok=True, mode=0o700)
     errors.write_csv(directory / "errors.csv")
     if quarantine is not None and quarantine.height:
         quarantine.write_csv(directory / "quarantine.csv")
@@ -336,7 +340,12 @@ def _quality_report(settings: Settings, store: PooledStore, batch_id: str) -> tu
         from tre.quality import build_quality_report
 
         with store._locked(exclusive=False, timeout=120):
-            build_quality_report(store.db_path, batch_id, out)
+            build_quality_report(
+                store.db_path,
+                batch_id,
+                out,
+                dictionary_path=settings.policies_dir / "dictionary.yaml",
+            )
         return out, ""
     except Exception as exc:  # noqa: BLE001 - a report failure must not undo a committed batch
         log.warning("quality report failed", batch=batch_id, error=str(exc))
@@ -364,8 +373,18 @@ def ingest_files(
         raise IngestError(f"unknown site {site_id!r}; declared sites: {', '.join(registry.sites)}")
     if not files:
         raise IngestError("no files given")
+    expanded: list[Path] = []
+    for f in map(Path, files):  # a directory stands for the CSV/Parquet files in it
+        if f.is_dir():
+            expanded += sorted(
+                p for p in f.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+            )
+        else:
+            expanded.append(f)
+    if not expanded:
+        raise IngestError("no CSV or Parquet files given")
     by_table: dict[str, tuple[Path, str]] = {}
-    for f in map(Path, files):
+    for f in expanded:
         if not f.is_file():
             raise IngestError(f"{f}: no such file")
         table = table_of(f)
@@ -548,9 +567,7 @@ def _ingest_new(
         idmap = pl.DataFrame(
             {"local": local, "pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
         )
-        con.register("_idmap", idmap.to_arrow())
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _idmap_{kind} AS SELECT * FROM _idmap")
-        con.unregister("_idmap")
+        con.register(f"_idmap_{kind}", idmap.to_arrow())  # zero-copy: no temp table needed
     step("pseudonymised identifiers")
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.

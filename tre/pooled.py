@@ -87,7 +87,10 @@ class PooledStore:
     # -- locking -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self, exclusive: bool, timeout: float) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.exists():
+            # the pooled store is for the TRE's own services only: owner-only from the start
+            self.dir.mkdir(parents=True, mode=0o700)
+            os.chmod(self.dir, 0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = time.monotonic() + timeout
@@ -132,7 +135,7 @@ class PooledStore:
                     f"there is no pooled store at {self.db_path}; ingest data first "
                     "(`tre data ingest --site SITE FILES...`)"
                 )
-            con = duckdb.connect()
+            con = duckdb.connect(config={"preserve_insertion_order": False})
             try:
                 con.execute("ATTACH $p AS pooled (READ_ONLY)", {"p": str(self.db_path)})
                 yield con

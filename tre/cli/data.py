@@ -88,7 +88,9 @@ def init_key_cmd(
 @app.command("ingest")
 def ingest_cmd(
     site: str = typer.Option(..., "--site", help="Contributing site id (policies/sites/)."),
-    files: list[Path] = typer.Argument(..., help="The site's files: <table>.csv / .parquet"),
+    files: list[Path] = typer.Argument(
+        ..., help="The site's files (<table>.csv / .parquet), or a directory holding them."
+    ),
     on_invalid: str | None = typer.Option(
         None,
         "--on-invalid",
@@ -100,8 +102,12 @@ def ingest_cmd(
     ),
     report: bool = typer.Option(True, "--report/--no-report", help="Data-quality report."),
     show: int = typer.Option(20, "--show", min=0, help="Error rows to print (all go to CSV)."),
+    rebuild_extracts: bool = typer.Option(
+        False, "--rebuild-extracts", help="After a load, rebuild every project's extract."
+    ),
 ) -> None:
     """Validate, harmonise, pseudonymise and load one batch of a site's files (all or nothing)."""
+    import duckdb
     from rich.table import Table
 
     from tre.ingest import IngestError, ingest_files
@@ -124,6 +130,10 @@ def ingest_cmd(
         console.print(f"[red]error:[/red] {exc}")
         console.print("nothing was changed")
         raise typer.Exit(2) from None
+    except duckdb.Error as exc:  # e.g. a damaged store file: the transaction was not committed
+        console.print(f"[red]pooled store error:[/red] {exc}")
+        console.print("the batch was not loaded")
+        raise typer.Exit(3) from None
     if result.status == "unchanged":
         console.print(
             f"batch {result.batch_id} was already loaded (pooled version "
@@ -171,6 +181,14 @@ def ingest_cmd(
             "(fix the rows above, or use --on-invalid quarantine)"
         )
         raise typer.Exit(1)
+    if rebuild_extracts and result.status == "loaded":
+        from tre.extract import build_all
+        from tre.registry import load_registry
+
+        settings = get_settings()
+        for o in build_all(settings, load_registry(settings.policies_dir)):
+            what = o.error or (f"built {o.path}" if o.path else "no extract (inactive)")
+            console.print(f"extract {o.project_id}: {what}")
 
 
 @app.command("status")
