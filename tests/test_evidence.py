@@ -163,3 +163,30 @@ def test_evidence_matched_by_labels_when_rows_move():
     _, findings = check_table(table, P, ev)
     cls = [f for f in findings if f.rule == rules.CLASS_DISCLOSURE]
     assert [c["labels"]["grp"] for c in cls[0].cells] == ["b"]
+
+
+def test_totals_declared_visible_only_reveal_nothing_but_must_add_up():
+    table = pl.DataFrame(
+        {
+            "sex": ["F", "M", "Total"],
+            "a": ["*", "30", "30"],
+            "b": ["40", "50", "90"],
+            "Total": ["40", "80", "120"],
+        }
+    )
+    _, plain = check_table(table, P)
+    assert any(f.rule == rules.SECONDARY_DISCLOSURE for f in plain)  # read as true totals
+    declared = parse_evidence(
+        {
+            "schema": "tre.evidence/1",
+            "name": "t.csv",
+            "margins": "visible_only",
+            "suppression_applied": True,
+        }
+    )
+    _, findings = check_table(table, P, declared)
+    assert not any(f.rule == rules.SECONDARY_DISCLOSURE for f in findings)
+    assert worst([f.status for f in findings]) == Status.REVIEW
+    wrong = table.with_columns(pl.Series("Total", ["41", "80", "121"]))
+    _, findings = check_table(wrong, P, declared)
+    assert any(f.rule == rules.MARGIN_INCONSISTENT for f in findings)

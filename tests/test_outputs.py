@@ -260,6 +260,7 @@ def test_magnitude_negative_values_are_review():
     out = outputs.magnitude_table(data, rows="grp", values="change", statistics="mean")
     assert out.status == Status.REVIEW
     assert any(f.rule == rules.NEGATIVE_VALUES for f in out.findings)
+    assert all(cell.largest == [] for cell in out.evidence.cells)  # no raw values recorded
 
 
 def test_magnitude_small_group_fails_and_values_are_correct():
@@ -350,7 +351,7 @@ def test_histogram_counts_the_maximum_and_matches_numpy():
     assert sum(counts) == len(values) and edges[-1] >= 10.0 and edges[0] <= 0.0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200), st.integers(1, 30)
 )
@@ -373,3 +374,16 @@ def test_histogram_png_and_table(tmp_path):
     assert small.status == Status.FAIL  # bins below 10
     hidden = outputs.histogram(data.head(40), "age", bins=8, suppress=True)
     assert hidden.status == Status.REVIEW
+
+
+def test_survival_truncate_drops_the_small_tail():
+    rng = np.random.default_rng(9)
+    n = 600
+    data = pl.DataFrame({"time": rng.exponential(150, n), "event": rng.integers(0, 2, n)})
+    full = outputs.survival_table(data, "time", "event", interval=100)
+    assert full.table["at_risk"].min() < 10
+    assert any(f.rule == rules.SURVIVAL_AT_RISK for f in full.findings)
+    cut = outputs.survival_table(data, "time", "event", interval=100, truncate=True)
+    assert cut.table["at_risk"].min() >= 10
+    assert not any(f.rule == rules.SURVIVAL_AT_RISK for f in cut.findings)
+    assert any("truncated" in note for note in cut.evidence.notes)

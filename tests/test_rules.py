@@ -181,3 +181,9 @@ def test_policy_for_registry_project(policies_dir):
     policy = policy_for_project(stricter)
     assert (policy.min_cell_count, policy.nk_k) == (20, 0.8)
     assert rules.min_cell_count(15, policy) is not None
+
+
+def test_survival_at_risk_boundary():
+    assert rules.survival_at_risk(9, P).status == Status.FAIL
+    assert rules.survival_at_risk(10, P) is None
+    assert rules.survival_at_risk(0, P) is None

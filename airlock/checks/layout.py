@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 
 import polars as pl
 
@@ -173,12 +174,19 @@ class Layout:
     total_rows: set[int] = field(default_factory=set)
     total_columns: set[str] = field(default_factory=set)
     n_rows: int = 0
+    row_statistic: dict[int, str] = field(default_factory=dict)  # stats in rows (describe())
+    _labels: list[dict[str, str]] | None = None
 
     def columns(self, role: Role) -> list[str]:
         return [c for c, r in self.roles.items() if r == role]
 
     def labels_of(self, row: int, frame: pl.DataFrame) -> dict[str, str]:
-        return {c: _text(frame[c][row]) for c in self.columns(Role.LABEL)}
+        if self._labels is None or len(self._labels) != frame.height:
+            columns = {c: frame[c].to_list() for c in self.columns(Role.LABEL)}
+            self._labels = [
+                {c: _text(v[r]) for c, v in columns.items()} for r in range(frame.height)
+            ]
+        return dict(self._labels[row])
 
 
 def words(name: str) -> list[str]:
@@ -257,13 +265,22 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
     return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number)
 
 
+@lru_cache(maxsize=64)
+def _total_sets(plain: tuple[str, ...], ambiguous: tuple[str, ...]) -> tuple[set, set]:
+    return {" ".join(words(t)) for t in plain}, {" ".join(words(t)) for t in ambiguous}
+
+
+@lru_cache(maxsize=65536)
+def _normalised(text: str) -> str:
+    return " ".join(words(text)) if text else ""
+
+
 def is_total_label(text: str, policy: Policy, ambiguous: bool = True) -> bool:
     """Whether a label marks a margin; with ``ambiguous`` also labels such as 'All' that need
     the numbers to confirm them."""
-    low = " ".join(words(text)) if text else ""
-    if low in {" ".join(words(t)) for t in policy.total_labels}:
-        return True
-    return ambiguous and low in {" ".join(words(t)) for t in policy.ambiguous_total_labels}
+    plain, maybe = _total_sets(tuple(policy.total_labels), tuple(policy.ambiguous_total_labels))
+    low = _normalised(text)
+    return low in plain or (ambiguous and low in maybe)
 
 
 def is_ambiguous_total(text: str, policy: Policy) -> bool:
@@ -302,6 +319,25 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
     return Role.STATISTIC, "unknown"
 
 
+def row_statistic(label: str) -> str | None:
+    """The statistic a row label names ('mean', 'max', '25%', 'count'), as in pandas'
+    ``describe()``, where statistics are rows and variables are columns."""
+    text = label.strip().lower()
+    if re.fullmatch(r"\d{1,2}(\.\d+)?\s*%", text):
+        return "percentile"
+    tokens = words(text)
+    if len(tokens) != 1:
+        return None
+    token = tokens[0]
+    if token in {"count", "n", "nobs", "freq"}:
+        return "count"
+    if token in STAT_WORDS:
+        return STAT_WORDS[token]
+    if re.fullmatch(r"p\d{1,2}|q\d", token):
+        return "percentile"
+    return None
+
+
 def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
     roles: dict[str, Role] = {}
     stats: dict[str, str] = {}
@@ -320,10 +356,15 @@ def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
             roles[name] = Role.LABEL
             stats.pop(name, None)
     layout = Layout(roles, stats, parsed, n_rows=frame.height)
-    labels = layout.columns(Role.LABEL)
     for row in range(frame.height):
-        if any(is_total_label(_text(frame[c][row]), policy) for c in labels):
+        if any(is_total_label(v, policy) for v in layout.labels_of(row, frame).values()):
             layout.total_rows.add(row)
+    for row in range(frame.height):
+        for text in layout.labels_of(row, frame).values():
+            kind = row_statistic(text)
+            if kind:
+                layout.row_statistic[row] = kind
+                break
     layout.total_columns = {
         c for c in frame.columns if roles[c] != Role.LABEL and is_total_label(c, policy)
     }
