@@ -1,3 +1,4 @@
+# ruff: noqa: B023 - race() runs the lambdas before the loop variables change
 """Concurrent votes (real threads, one connection each) keep the invariants: row locks on the
 request and the unique (file, reviewer, round) constraint. Runs on PostgreSQL and SQLite."""
 
