@@ -12,16 +12,21 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from PIL import Image
-
 from hubfixture import HUB_PASSWORD
+from PIL import Image
 
 pytestmark = [pytest.mark.browser, pytest.mark.hub]
 
 DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -31,14 +36,24 @@ def make_outputs(ws: Path) -> dict[str, bytes]:
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_markdown_cell("# Relapse by study era"),
-        nbformat.v4.new_code_cell("print('counts rounded to 5')", outputs=[
-            nbformat.v4.new_output("stream", name="stdout", text="counts rounded to 5\n")]),
-        nbformat.v4.new_code_cell("html", outputs=[nbformat.v4.new_output(
-            "display_data", data={"text/html": "<b>bold</b><script>alert(1)</script>"})]),
+        nbformat.v4.new_code_cell(
+            "print('counts rounded to 5')",
+            outputs=[nbformat.v4.new_output("stream", name="stdout", text="counts rounded to 5\n")],
+        ),
+        nbformat.v4.new_code_cell(
+            "html",
+            outputs=[
+                nbformat.v4.new_output(
+                    "display_data", data={"text/html": "<b>bold</b><script>alert(1)</script>"}
+                )
+            ],
+        ),
     ]
     nbformat.write(nb, ws / "outputs" / "analysis.ipynb")
-    return {p: (ws / p).read_bytes() for p in
-            ("outputs/table.csv", "outputs/figure.png", "outputs/analysis.ipynb")}
+    return {
+        p: (ws / p).read_bytes()
+        for p in ("outputs/table.csv", "outputs/figure.png", "outputs/analysis.ipynb")
+    }
 
 
 def test_submit_two_approvals_download(client, tre_settings, require_chromium, tmp_path):
@@ -54,7 +69,9 @@ def test_submit_two_approvals_download(client, tre_settings, require_chromium, t
         browser = pw.chromium.launch(executable_path=require_chromium, args=FLAGS)
 
         def session(user):
-            ctx = browser.new_context(accept_downloads=True, viewport={"width": 1200, "height": 900})
+            ctx = browser.new_context(
+                accept_downloads=True, viewport={"width": 1200, "height": 900}
+            )
             page = ctx.new_page()
             page.goto(base + "requests")
             page.fill("#username_input", user)
