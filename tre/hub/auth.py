@@ -242,6 +242,22 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
+def ensure_accounts(path: Path | str, usernames: Iterable[str]) -> dict[str, str]:
+    """Create a local account with a generated password for each user that has none.
+
+    Returns ``{name: password}`` for the accounts created now (for the demo to print once);
+    existing accounts keep their passwords and are not returned.
+    """
+    password_file = PasswordFile(path)
+    existing = set(password_file.usernames())
+    created: dict[str, str] = {}
+    for name in sorted(set(usernames) - existing):
+        password = generate_password()
+        password_file.set_password(name, password)
+        created[name] = password
+    return created
+
+
 # --------------------------------------------------------------------------------------------
 # Authenticators
 # --------------------------------------------------------------------------------------------
