@@ -299,6 +299,10 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
     )
     allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
 
+    @default("refresh_pre_spawn")
+    def _default_refresh_pre_spawn(self) -> bool:
+        return True  # re-check the registry before every spawn
+
     @default("password_file")
     def _default_password_file(self) -> str:
         return str(_default_state_dir() / "secrets" / "hub-users.json")
@@ -394,6 +398,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     @default("policies_dir")
     def _default_policies_dir(self) -> str:
         return _default_policies_dir()
+
+    @default("refresh_pre_spawn")
+    def _default_refresh_pre_spawn(self) -> bool:
+        return True  # re-check the registry (and the IdP, with auth state) before every spawn
 
     @default("login_service")
     def _default_login_service(self) -> str:
