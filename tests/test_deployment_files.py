@@ -172,10 +172,11 @@ def _networks(service: dict) -> set[str]:
 def compose_policy_problems(doc: dict) -> list[str]:
     problems = []
     services, networks, volumes = doc["services"], doc.get("networks", {}), doc.get("volumes", {})
-    spawner = TREDockerSpawner.class_traits()
-    sandbox_net_name = spawner["network_name"].default_value or "tre-sandboxes"
+    # the spawner's defaults, as the hub would use them
+    spawner = TREDockerSpawner(image="a@sha256:" + "0" * 64, user=SimpleNamespace(name="x"))
+    sandbox_net_name = spawner.network_name
     # the sandbox network exists under the name the spawner uses, and has no route out
-    sandbox_keys = [k for k, n in networks.items() if (n or {}).get("name") == "tre-sandboxes"]
+    sandbox_keys = [k for k, n in networks.items() if (n or {}).get("name") == sandbox_net_name]
     if not sandbox_keys:
         problems.append(f"no network named {sandbox_net_name!r} for the sandboxes")
     for key in sandbox_keys:
@@ -188,6 +189,16 @@ def compose_policy_problems(doc: dict) -> list[str]:
         members = {s for s, svc in services.items() if key in _networks(svc)}
         if "postgres" in members and (net or {}).get("internal") is not True:
             problems.append(f"PostgreSQL is on network {key}, which has a route out")
+    # the containers the spawner joins to each sandbox's own network exist under those names
+    names = {svc.get("container_name") for svc in services.values()}
+    for peer in spawner.sandbox_network_peers:
+        if peer not in names:
+            problems.append(f"no service has container_name {peer} (a sandbox network peer)")
+    # the proxy listens only on its edge address: nothing of it is reachable from a sandbox
+    proxy = services.get("proxy", {})
+    edge_ip = (proxy.get("networks", {}).get("edge") or {}).get("ipv4_address")
+    if not edge_ip or f"--ip={edge_ip}" not in proxy.get("command", []):
+        problems.append("the proxy must listen only on its fixed edge address")
     # only the proxy publishes ports on the host
     for name, svc in services.items():
         if svc.get("ports") and name != "proxy":
@@ -206,9 +217,10 @@ def compose_policy_problems(doc: dict) -> list[str]:
         for source, _target, read_only in _volume_mounts(svc):
             if source in data_volumes and not read_only and name != "admin":
                 problems.append(f"service {name} mounts the data volume {source} writable")
-    extracts_key = [k for k, v in volumes.items() if (v or {}).get("name") == "tre-extracts"]
-    if spawner["extracts_volume"].default_value not in {"tre-extracts"} or not extracts_key:
-        problems.append("the spawner's extracts volume is not the compose extracts volume")
+    declared = {(v or {}).get("name") for v in volumes.values()}
+    for volume in (spawner.extracts_volume, spawner.workspaces_volume):
+        if volume not in declared:
+            problems.append(f"the spawner mounts volume {volume}, which compose does not declare")
     # every service but the one-shot admin is health-checked
     for name, svc in services.items():
         if name != "admin" and "healthcheck" not in svc:
@@ -250,6 +262,13 @@ def _mutations():
     def privileged_hub(d):
         d["services"]["hub"]["privileged"] = True
 
+    def proxy_listens_everywhere(d):
+        cmd = d["services"]["proxy"]["command"]
+        cmd[:] = ["--ip=0.0.0.0" if c.startswith("--ip=") else c for c in cmd]
+
+    def hub_container_renamed(d):
+        d["services"]["hub"]["container_name"] = "hub"
+
     return [
         sandbox_not_internal,
         hub_publishes_port,
@@ -259,6 +278,8 @@ def _mutations():
         no_healthcheck,
         secret_from_file,
         privileged_hub,
+        proxy_listens_everywhere,
+        hub_container_renamed,
     ]
 
 

@@ -43,6 +43,7 @@ class FakeEngine:
         self.requests: list[tuple[str, str, dict, object]] = []
         self.images: set[str] = set()
         self.containers: dict[str, dict] = {}  # id -> {"name", "body", "running"}
+        self.networks: dict[str, dict] = {}  # name -> {"body", "connected": {container: aliases}}
         engine = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -111,6 +112,33 @@ class FakeEngine:
         if method == "POST" and path == "/images/create":
             self.images.add(f"{query['fromImage']}@{query['tag']}")
             return 200, {"status": "Downloaded newer image"}
+        if method == "POST" and path == "/networks/create":
+            if body["Name"] in self.networks:
+                return 409, {"message": f"network with name {body['Name']} already exists"}
+            self.networks[body["Name"]] = {"body": body, "connected": {}}
+            return 201, {"Id": body["Name"], "Warning": ""}
+        n = re.fullmatch(r"/networks/([^/]+)(/connect|/disconnect)?", path)
+        if n:
+            net = self.networks.get(n.group(1))
+            if net is None:
+                return 404, {"message": f"network {n.group(1)} not found"}
+            if n.group(2) == "/connect":
+                if body["Container"] in net["connected"]:
+                    return 403, {"message": "endpoint with name x already exists in network"}
+                net["connected"][body["Container"]] = body.get("EndpointConfig", {}).get("Aliases")
+                return 200, None
+            if n.group(2) == "/disconnect":
+                net["connected"].pop(body["Container"], None)
+                return 200, None
+            if method == "DELETE":
+                if net["connected"] or any(
+                    c["body"]["HostConfig"]["NetworkMode"] == n.group(1)
+                    for c in self.containers.values()
+                ):
+                    return 403, {"message": "error while removing network: has active endpoints"}
+                del self.networks[n.group(1)]
+                return 204, None
+            return 200, {"Name": n.group(1), "Internal": net["body"].get("Internal", False)}
         if method == "POST" and path == "/containers/create":
             cid = secrets.token_hex(32)
             self.containers[cid] = {"name": query["name"], "body": body, "running": False}
@@ -234,7 +262,15 @@ def test_start_sends_the_sandbox_policy_and_stop_removes(engine, policies):
     assert hc["PidsLimit"] == 512
     assert hc["Memory"] == 2 * 1024**3 and hc["MemorySwap"] == 2 * 1024**3
     assert hc["CpuQuota"] == int(1.5 * hc["CpuPeriod"])
-    assert hc["NetworkMode"] == "tre-sandboxes"
+    # its own internal network, joined only by the hub, the airlock and the proxy
+    network = "tre-sandboxes-alice--wilms-2doutcomes"
+    assert hc["NetworkMode"] == network
+    assert engine.networks[network]["body"]["Internal"] is True
+    assert engine.networks[network]["connected"] == {
+        "tre-hub": ["hub"],
+        "tre-airlock": ["airlock"],
+        "tre-proxy": None,
+    }
     assert hc["Dns"] == ["127.0.0.1"] and hc["DnsSearch"] == ["."]
     assert hc["AutoRemove"] is True
     assert hc["Init"] is True
@@ -266,7 +302,29 @@ def test_start_sends_the_sandbox_policy_and_stop_removes(engine, policies):
     assert ("POST", f"/containers/{cid}/stop") in [(m, p) for (m, p, _, _) in engine.requests]
     assert ("DELETE", f"/containers/{cid}") in [(m, p) for (m, p, _, _) in engine.requests]
     assert engine.containers == {}
+    assert engine.networks == {}  # the sandbox's network is gone with it
     assert spawner.object_id == ""
+
+
+def test_two_sandboxes_never_share_a_network(engine, policies):
+    alice = make_spawner(policies, "alice", "wilms-outcomes")
+    bob = make_spawner(policies, "bob", "wilms-outcomes")
+    asyncio.run(alice.start())
+    asyncio.run(bob.start())
+    modes = [b["HostConfig"]["NetworkMode"] for b in engine.bodies("POST", "/containers/create")]
+    assert len(set(modes)) == 2 and set(modes) == set(engine.networks)
+    asyncio.run(alice.stop())
+    asyncio.run(bob.stop())
+    assert engine.networks == {}
+
+
+def test_shared_network_mode(engine, policies):
+    spawner = make_spawner(policies, "alice", "wilms-outcomes", isolate_sandboxes=False)
+    assert asyncio.run(spawner.start()) == (SANDBOX_IP, 8888)
+    hc = engine.bodies("POST", "/containers/create")[0]["HostConfig"]
+    assert hc["NetworkMode"] == "tre-sandboxes"
+    assert engine.networks == {}
+    asyncio.run(spawner.stop())
 
 
 def test_policy_wins_over_extra_config_and_a_restart_rechecks(engine, policies):

@@ -4,8 +4,10 @@
 
 - one *named* server per project: the server name is the project id, and only a member of that
   active project may start it;
-- networking: only the ``internal: true`` sandbox network (which reaches the hub and the airlock,
-  nothing else), and DNS pointed at nothing outside the container;
+- networking: an ``internal: true`` network (no route out) that only the hub, the airlock and the
+  proxy share. By default each sandbox gets its *own* such network, created at start and removed
+  at stop (``isolate_sandboxes``), so sandboxes cannot reach each other either; otherwise all
+  sandboxes share ``network_name``. DNS points at nothing outside the container;
 - the project's extract alone, read-only, at ``/data/<project>.duckdb``; the project's workspace
   (one per project, shared by its members) read-write at ``/home/jovyan/work``;
 - ``cap_drop=ALL``, ``no-new-privileges``, a read-only root filesystem with tmpfs for ``/tmp``
@@ -160,6 +162,25 @@ class TREDockerSpawner(DockerSpawner):
     sandbox_environment = Dict(
         config=True, help="Extra environment for every sandbox (no secrets: users can read it)."
     )
+    isolate_sandboxes = Bool(
+        True,
+        config=True,
+        help=(
+            "Give each sandbox its own internal network (created at start, removed at stop) "
+            "joined only by the containers in sandbox_network_peers, so that sandboxes cannot "
+            "reach one another. If False, every sandbox joins the shared network_name."
+        ),
+    )
+    sandbox_network_peers = Dict(
+        key_trait=Unicode(),
+        value_trait=List(Unicode()),
+        default_value={"tre-hub": ["hub"], "tre-airlock": ["airlock"], "tre-proxy": []},
+        config=True,
+        help=(
+            "Containers connected to each sandbox's own network, with the DNS aliases the "
+            "sandbox knows them by (the hub and the airlock; the proxy routes to the sandbox)."
+        ),
+    )
     refuse_user_options = Bool(
         True, config=True, help="Refuse any user options (image, etc.); always on in the TRE."
     )
@@ -272,12 +293,70 @@ class TREDockerSpawner(DockerSpawner):
             },
         ]
 
+    def sandbox_network(self) -> str:
+        """The network this sandbox joins: its own (isolated) or the shared one."""
+        if not self.isolate_sandboxes:
+            return self.network_name
+        ns = self.template_namespace()
+        return f"{self.network_name}-{ns['username']}--{ns['servername']}"
+
+    def get_network_ip(self, network_settings: dict) -> str:
+        networks = network_settings["Networks"]
+        name = self.sandbox_network()
+        if name not in networks:
+            raise RuntimeError(f"sandbox container is not on its network {name!r}")
+        return networks[name]["IPAddress"]
+
+    async def _create_sandbox_network(self, project_id: str) -> None:
+        import docker.errors
+
+        name = self.sandbox_network()
+        try:
+            await self.docker("inspect_network", name)
+        except docker.errors.NotFound:
+            await self.docker(
+                "create_network",
+                name,
+                driver="bridge",
+                internal=True,  # no route out of the host
+                labels={
+                    "org.tre.project": project_id,
+                    "org.tre.user": self.user.name,
+                    "org.tre.component": "sandbox-network",
+                },
+            )
+        for container, aliases in self.sandbox_network_peers.items():
+            try:
+                await self.docker(
+                    "connect_container_to_network", container, name, aliases=aliases or None
+                )
+            except docker.errors.APIError as exc:
+                # already connected (a restart after a crash) is fine; anything else is not
+                if "already exists" not in str(exc):
+                    raise
+
+    async def _remove_sandbox_network(self) -> None:
+        import docker.errors
+
+        name = self.sandbox_network()
+        for container in self.sandbox_network_peers:
+            try:
+                await self.docker("disconnect_container_from_network", container, name, force=True)
+            except docker.errors.APIError as exc:
+                self.log.debug("disconnect %s from %s: %s", container, name, exc)
+        try:
+            await self.docker("remove_network", name)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            self.log.warning("Could not remove sandbox network %s: %s", name, exc)
+
     def policy_host_config(self) -> dict:
         tmpfs_opts = f"rw,nosuid,nodev,noexec,size={self.tmpfs_size}"
         uid, _, gid = self.sandbox_user.partition(":")
         home_cache_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},uid={uid},gid={gid or uid}"
         config = {
-            "network_mode": self.network_name,
+            "network_mode": self.sandbox_network(),
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges:true"],
             "read_only": True,
@@ -338,7 +417,19 @@ class TREDockerSpawner(DockerSpawner):
             workspace = Path(self.workspaces_local_dir) / project.id
             workspace.mkdir(mode=0o770, exist_ok=True)
         self._tre_project = project.id
-        return await super().start()
+        if self.isolate_sandboxes:
+            await self._create_sandbox_network(project.id)
+        try:
+            return await super().start()
+        except Exception:
+            if self.isolate_sandboxes:
+                await self._remove_sandbox_network()
+            raise
+
+    async def stop(self, now: bool = False) -> None:
+        await super().stop(now=now)
+        if self.isolate_sandboxes and self.name:
+            await self._remove_sandbox_network()
 
     async def create_object(self) -> dict:
         """Create the container with the policy applied last, so that it wins.
