@@ -443,3 +443,51 @@ def test_kubespawner_hook_mounts_only_the_project_extract_read_only(tmp_path, mo
     chosen.user_options = {"image": "evil"}
     with pytest.raises(web.HTTPError):
         hook(chosen)
+
+
+def test_compose_hub_config_loads_and_names_only_real_traits(tmp_path, monkeypatch):
+    """Execute images/hub/jupyterhub_config.py as JupyterHub would, with the variables of
+    .env.example, then load the TRE classes with it: every option must be a real trait and
+    pass the classes' own validation (pinned image etc.)."""
+    from jupyterhub.app import JupyterHub
+    from traitlets.config import Config
+
+    from tre.hub.auth import TREOIDCAuthenticator
+
+    env = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", (REPO / ".env.example").read_text(), re.M))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for name in load_compose()["services"]["hub"]["secrets"]:
+        (secrets_dir / name).write_text("ab" * 32 + "\n")
+    monkeypatch.setenv("TRE_SECRETS_DIR", str(secrets_dir))
+    # the config sets JUPYTERHUB_CRYPT_KEY from its secret: make monkeypatch restore the original
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "placeholder")
+    monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY")
+    cfg = Config()
+    code = (IMAGES / "hub" / "jupyterhub_config.py").read_text()
+    exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: cfg})  # noqa: S102
+
+    classes = {
+        "JupyterHub": JupyterHub,
+        "TREOIDCAuthenticator": TREOIDCAuthenticator,
+        "TREDockerSpawner": TREDockerSpawner,
+    }
+    for section, cls in classes.items():
+        unknown = set(cfg[section]) - set(cls.class_trait_names())
+        assert unknown == set(), f"{section}: not traits: {unknown}"
+    spawner = TREDockerSpawner(config=cfg, user=SimpleNamespace(name="alice"))
+    assert spawner.image == env["TRE_NOTEBOOK_IMAGE"]
+    assert spawner.isolate_sandboxes and spawner.network_name == "tre-sandboxes"
+    auth = TREOIDCAuthenticator(config=cfg)
+    assert auth.client_id == env["OIDC_CLIENT_ID"]
+    assert auth.oauth_callback_url == env["TRE_PUBLIC_URL"] + "/hub/oauth_callback"
+    assert cfg.JupyterHub.authenticator_class == "tre.hub.auth.TREOIDCAuthenticator"
+    assert cfg.JupyterHub.spawner_class == "tre.hub.docker.TREDockerSpawner"
+    # a notebook image without a digest is refused when the hub loads the spawner
+    monkeypatch.setenv("TRE_NOTEBOOK_IMAGE", "registry.example.org/tre/notebook:latest")
+    cfg2 = Config()
+    exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: cfg2})  # noqa: S102
+    with pytest.raises(Exception, match="pinned by digest"):
+        TREDockerSpawner(config=cfg2, user=SimpleNamespace(name="alice"))

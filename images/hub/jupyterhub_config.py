@@ -18,7 +18,8 @@ def env(name: str, default: str | None = None) -> str:
 
 
 def secret(name: str) -> str:
-    return Path("/run/secrets", name).read_text().strip()
+    # compose secrets are files under /run/secrets (TRE_SECRETS_DIR overrides it for tests)
+    return Path(os.environ.get("TRE_SECRETS_DIR", "/run/secrets"), name).read_text().strip()
 
 
 c = get_config()
