@@ -86,7 +86,12 @@ def test_password_file_stores_salted_scrypt_hashes_only(accounts):
 
 @pytest.mark.parametrize(
     "name,password",
-    [("Alice Smith", "long-enough-password"), ("../etc", "long-enough-password"), ("eve", "short")],
+    [
+        ("Alice Smith", "long-enough-password"),
+        ("../etc", "long-enough-password"),
+        ("eve", "short"),
+        ("eve", "x" * 2000),
+    ],
 )
 def test_bad_account_input_is_refused_and_changes_nothing(accounts, name, password):
     _, pw = accounts
@@ -104,6 +109,7 @@ def test_verify_rejects_wrong_unknown_empty(accounts):
     assert not pw.verify("alice", "")
     assert not pw.verify("nobody", PASSWORDS["alice"])
     assert not pw.verify("", "")
+    assert not pw.verify("alice", PASSWORDS["alice"] + "x" * 5_000_000)  # refused without hashing
     assert not verify_password("x", "md5$abc")  # unknown scheme never matches
     assert not verify_password("x", "garbage")
 

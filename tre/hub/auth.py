@@ -119,6 +119,7 @@ SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 _SCRYPT_MAXMEM = 128 * 1024 * 1024
+MAX_PASSWORD_LENGTH = 1024
 
 
 class PasswordError(ValueError):
@@ -186,6 +187,8 @@ class PasswordFile:
 
     def verify(self, username: str, password: str) -> bool:
         """True only for a known user with the right, non-empty password."""
+        if len(password) > MAX_PASSWORD_LENGTH:
+            return False  # never hash megabytes on behalf of an anonymous client
         try:
             stored = self._read().get(username)
         except PasswordError:
@@ -222,6 +225,8 @@ class PasswordFile:
             )
         if len(password) < min_length:
             raise PasswordError(f"the password must have at least {min_length} characters")
+        if len(password) > MAX_PASSWORD_LENGTH:
+            raise PasswordError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
         new_hash = hash_password(password)
         with self._locked():
             users = self._read()
