@@ -418,3 +418,22 @@ def test_project_rule_shared_with_other_spawners(policies):
     assert not can_start_project_server(
         registry, "bob", "wilms-outcomes", on=end + dt.timedelta(days=1)
     )
+
+
+def test_project_without_an_extract_is_refused_and_workspace_is_prepared(
+    engine, policies, tmp_path
+):
+    extracts = tmp_path / "extracts"
+    workspaces = tmp_path / "workspaces"
+    extracts.mkdir()
+    workspaces.mkdir()
+    config = {"extracts_local_dir": str(extracts), "workspaces_local_dir": str(workspaces)}
+    spawner = make_spawner(policies, "alice", "wilms-outcomes", **config)
+    with pytest.raises(web.HTTPError) as err:
+        asyncio.run(spawner.start())
+    assert err.value.status_code == 409
+    assert engine.bodies("POST", "/containers/create") == [] and engine.networks == {}
+    (extracts / "wilms-outcomes.duckdb").write_bytes(b"")
+    asyncio.run(spawner.start())
+    assert (workspaces / "wilms-outcomes").is_dir()
+    asyncio.run(spawner.stop())

@@ -67,6 +67,7 @@ c.TREDockerSpawner.network_name = "tre-sandboxes"
 c.TREDockerSpawner.extracts_volume = "tre-extracts"
 c.TREDockerSpawner.workspaces_volume = "tre-workspaces"
 c.TREDockerSpawner.workspaces_local_dir = "/srv/tre/var/workspaces"
+c.TREDockerSpawner.extracts_local_dir = "/srv/tre/var/extracts"
 c.TREDockerSpawner.airlock_url = "http://airlock:8100/services/airlock/"
 c.TREDockerSpawner.mem_limit = env("TRE_SANDBOX_MEMORY", "4G")
 c.TREDockerSpawner.cpu_limit = float(env("TRE_SANDBOX_CPUS", "2"))

@@ -141,6 +141,15 @@ class TREDockerSpawner(DockerSpawner):
             "exist. Empty: provisioning creates it."
         ),
     )
+    extracts_local_dir = Unicode(
+        "",
+        config=True,
+        help=(
+            "Where the hub sees the extracts volume (mounted read-only in the hub container): "
+            "if set, a project without <project>.duckdb there is refused (409) before the "
+            "engine is called. Empty: not checked."
+        ),
+    )
     sandbox_user = Unicode(
         "1000:100", config=True, help="uid:gid of the notebook user (never root)."
     )
@@ -413,6 +422,16 @@ class TREDockerSpawner(DockerSpawner):
     async def start(self) -> tuple[str, int]:
         project = self.check_can_start()
         self._check_extra_config()
+        if self.extracts_local_dir:
+            extract = Path(self.extracts_local_dir) / self.extract_subpath.format(
+                project=project.id
+            )
+            if not extract.is_file():
+                raise web.HTTPError(
+                    409,
+                    f"Project {project.id!r} has no data extract yet; an admin must build it "
+                    "(tre extract build) before its sandbox can start.",
+                )
         if self.workspaces_local_dir:
             workspace = Path(self.workspaces_local_dir) / project.id
             workspace.mkdir(mode=0o770, exist_ok=True)
