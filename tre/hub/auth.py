@@ -476,11 +476,13 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
 
     async def update_auth_model(self, auth_model: dict) -> dict:
         auth_model = await super().update_auth_model(auth_model)
-        access = registry_access(self.load_registry(), auth_model["name"])
+        registered = registry_access(self.load_registry(), auth_model["name"])
+        access = registered
         if self.require_idp_groups:
             idp_groups = self.raw_idp_groups(auth_model.get("auth_state") or {})
-            access = access.narrowed_to(*self.idp_grants(idp_groups))
+            access = registered.narrowed_to(*self.idp_grants(idp_groups))
         auth_model["auth_state"]["tre_groups"] = access.hub_groups()
+        auth_model["auth_state"]["tre_registered"] = registered.registered
         auth_model["admin"] = access.admin
         return auth_model
 
@@ -491,9 +493,19 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     async def check_allowed(self, username: str, auth_model: dict | None) -> bool:
         if auth_model is None:  # JupyterHub < 5 calls this without a model for existing users
             return True
-        groups = auth_model.get("auth_state", {}).get("tre_groups", [])
-        if not groups:
-            self.refuse_unregistered(Access(username=username))
+        state = auth_model.get("auth_state", {})
+        if state.get("tre_groups"):
+            return True
+        if state.get("tre_registered"):
+            # the registry knows them, but the IdP confirms none of their roles
+            self.log.warning("Login refused: the IdP confirms no TRE role of %r", username)
+            raise web.HTTPError(
+                403,
+                f"Your identity provider does not confirm any of your TRE roles, {username!r}: "
+                f"ask your institution to add you to the group of your project (named "
+                f"{self.project_group_prefix}<project-id>).",
+            )
+        self.refuse_unregistered(Access(username=username))
         return True
 
     async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> bool | dict:
