@@ -123,6 +123,17 @@ def test_image_requirements_are_the_lockfile():
     )
 
 
+def test_notebook_image_holds_no_declarations_of_other_projects():
+    text = (IMAGES / "notebook" / "Dockerfile").read_text()
+    copies = [ln for ln in text.splitlines() if ln.startswith("COPY")]
+    for ln in copies:
+        sources = ln.split()[1:-1]
+        assert "policies" not in sources and "policies/projects" not in sources, ln
+        assert not any(
+            s.startswith(("policies/projects", "policies/staff", "var")) for s in sources
+        )
+
+
 def test_notebook_image_switches_outbound_fetches_off():
     text = (IMAGES / "notebook" / "Dockerfile").read_text()
     for name in ("overrides.json", "page_config.json", "jupyter_server_config.json"):
