@@ -257,7 +257,8 @@ def test_start_sends_the_sandbox_policy_and_stop_removes(engine, policies):
     assert hc["SecurityOpt"] == ["no-new-privileges:true"]
     assert hc["ReadonlyRootfs"] is True
     assert not hc.get("Privileged")
-    assert set(hc["Tmpfs"]) == {"/tmp", "/home/jovyan/.cache"}
+    assert set(hc["Tmpfs"]) == {"/tmp", "/home/jovyan"}  # the workspace is mounted inside home
+    assert "uid=1000" in hc["Tmpfs"]["/home/jovyan"]
     assert "noexec" in hc["Tmpfs"]["/tmp"] and "size=" in hc["Tmpfs"]["/tmp"]
     assert hc["PidsLimit"] == 512
     assert hc["Memory"] == 2 * 1024**3 and hc["MemorySwap"] == 2 * 1024**3

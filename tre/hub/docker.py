@@ -11,7 +11,8 @@
 - the project's extract alone, read-only, at ``/data/<project>.duckdb``; the project's workspace
   (one per project, shared by its members) read-write at ``/home/jovyan/work``;
 - ``cap_drop=ALL``, ``no-new-privileges``, a read-only root filesystem with tmpfs for ``/tmp``
-  and the home cache, pids/memory/CPU limits, an init process, a non-root user;
+  and the home directory (caches, Jupyter runtime files), pids/memory/CPU limits, an init
+  process, a non-root user;
 - the image from configuration only, pinned by digest; users cannot choose one;
 - containers are removed when they stop.
 
@@ -154,7 +155,7 @@ class TREDockerSpawner(DockerSpawner):
         "1000:100", config=True, help="uid:gid of the notebook user (never root)."
     )
     pids_limit = Integer(512, config=True, help="Maximum number of processes in a sandbox.")
-    tmpfs_size = Unicode("512m", config=True, help="Size of each tmpfs (/tmp, the home cache).")
+    tmpfs_size = Unicode("512m", config=True, help="Size of each tmpfs (/tmp, the home directory).")
     dns_servers = List(
         Unicode(),
         default_value=["127.0.0.1"],
@@ -363,14 +364,16 @@ class TREDockerSpawner(DockerSpawner):
     def policy_host_config(self) -> dict:
         tmpfs_opts = f"rw,nosuid,nodev,noexec,size={self.tmpfs_size}"
         uid, _, gid = self.sandbox_user.partition(":")
-        home_cache_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},uid={uid},gid={gid or uid}"
+        home_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},uid={uid},gid={gid or uid}"
         config = {
             "network_mode": self.sandbox_network(),
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges:true"],
             "read_only": True,
-            # paths inside the container: a private tmpfs each
-            "tmpfs": {"/tmp": tmpfs_opts, "/home/jovyan/.cache": home_cache_opts},  # noqa: S108
+            # paths inside the container, a private tmpfs each: the home directory (caches,
+            # Jupyter runtime and settings) is ephemeral; only the workspace mounted inside it
+            # persists
+            "tmpfs": {"/tmp": tmpfs_opts, "/home/jovyan": home_opts},  # noqa: S108
             "pids_limit": self.pids_limit,
             "dns": list(self.dns_servers),
             "dns_search": ["."],  # "." = no search domain
