@@ -11,9 +11,9 @@ import stat
 
 import httpx
 import pytest
-from oidc.harness import start_hub, write_policies, xsrf_from
 from tornado import web
 
+from tests.oidc.harness import start_hub, write_policies, xsrf_from
 from tre.hub.auth import (
     ADMINS_GROUP,
     CHECKERS_GROUP,

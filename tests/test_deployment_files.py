@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import jsonschema
 import pytest
 import yaml
-from oidc.harness import write_policies
 
+from tests.oidc.harness import write_policies
 from tre.hub.docker import TREDockerSpawner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -428,6 +428,12 @@ def test_kubespawner_hook_mounts_only_the_project_extract_read_only(tmp_path, mo
 
     policies = write_policies(tmp_path)
     monkeypatch.setenv("TRE_POLICIES_DIR", str(policies))
+    extracts = tmp_path / "extracts"
+    extracts.mkdir()
+    for project in (policies / "projects").glob("*.yaml"):
+        if project.stem != "neuro-survival":  # one active project without an extract
+            (extracts / f"{project.stem}.duckdb").write_bytes(b"")
+    monkeypatch.setenv("TRE_EXTRACTS_DIR", str(extracts))
     code = load_values()["hub"]["extraConfig"]["tre-project-servers"]
     c = SimpleNamespace(KubeSpawner=SimpleNamespace())
     exec(compile(code, "extraConfig", "exec"), {"c": c})  # noqa: S102
@@ -447,7 +453,12 @@ def test_kubespawner_hook_mounts_only_the_project_extract_read_only(tmp_path, mo
     claims = {v["name"]: v for v in ok.volumes}
     assert claims["tre-extracts"]["persistentVolumeClaim"]["readOnly"] is True
     assert ok.environment["TRE_PROJECT"] == "wilms-outcomes"
-    for user, server in [("bob", "neuro-survival"), ("carol", "old-study"), ("alice", "")]:
+    for user, server in [
+        ("bob", "neuro-survival"),
+        ("carol", "old-study"),
+        ("alice", ""),
+        ("alice", "neuro-survival"),  # member, active, but no extract yet
+    ]:
         with pytest.raises(web.HTTPError):
             hook(spawner(user, server))
     chosen = spawner("alice", "wilms-outcomes")

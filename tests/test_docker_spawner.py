@@ -24,11 +24,12 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from jupyterhub import orm
 from jupyterhub.objects import Hub
-from oidc.harness import write_policies
 from tornado import web
 from traitlets import TraitError
 
-from tre.hub.docker import TREDockerSpawner, can_start_project_server, project_for_server
+from tests.oidc.harness import write_policies
+from tre.hub.access import can_start_project
+from tre.hub.docker import TREDockerSpawner
 from tre.registry import load_registry
 
 IMAGE = "registry.example.org/tre/notebook@sha256:" + "ab" * 32
@@ -193,7 +194,13 @@ def engine(tmp_path, monkeypatch):
 
 @pytest.fixture
 def policies(tmp_path):
-    return write_policies(tmp_path)
+    policies = write_policies(tmp_path)
+    # the hub's view of the extracts volume: every declared project has its extract
+    extracts = tmp_path / "hub-extracts"
+    extracts.mkdir()
+    for project in (policies / "projects").glob("*.yaml"):
+        (extracts / f"{project.stem}.duckdb").write_bytes(b"")
+    return policies
 
 
 @functools.cache
@@ -222,6 +229,7 @@ def make_spawner(policies: Path, username: str, server: str, **config) -> TREDoc
     hub = Hub(ip="hub", port=8081, base_url="/hub/")
     hub.connect_url = "http://hub:8081/hub/"
     config.setdefault("image", IMAGE)
+    config.setdefault("extracts_local_dir", str(policies.parent / "hub-extracts"))
     spawner = TREDockerSpawner(
         user=user,
         orm_spawner=orm_spawner,
@@ -369,7 +377,7 @@ def test_extra_config_that_weakens_the_policy_is_refused(engine, policies, extra
     "username,server,status",
     [
         ("alice", "", 400),  # the default server: sandboxes are per project
-        ("alice", "no-such-project", 404),
+        ("alice", "no-such-project", 403),  # same answer as "not a member": no name disclosed
         ("bob", "neuro-survival", 403),  # not a member
         ("carol", "old-study", 403),  # project ended
         ("erin", "paused-study", 403),  # project suspended
@@ -408,17 +416,27 @@ def test_unsafe_configuration_is_refused_at_load(policies, config):
         make_spawner(policies, "alice", "wilms-outcomes", **config)
 
 
-def test_project_rule_shared_with_other_spawners(policies):
+def test_project_rule_is_the_shared_one(policies, monkeypatch):
+    """The spawner applies tre.hub.access, the rule of the bubblewrap spawner and home page."""
+    import tre.hub.docker as docker_module
+
     registry = load_registry(policies)
-    assert project_for_server(registry, "alice", "neuro-survival").id == "neuro-survival"
-    assert can_start_project_server(registry, "alice", "wilms-outcomes")
-    assert not can_start_project_server(registry, "alice", "old-study")
-    # on the last day the project is still active, the day after it is not
+    extracts = policies.parent / "hub-extracts"
+    assert can_start_project(registry, "alice", "wilms-outcomes", extracts)
+    assert not can_start_project(registry, "alice", "old-study", extracts)
     end = registry.projects["wilms-outcomes"].end_date
-    assert can_start_project_server(registry, "bob", "wilms-outcomes", on=end)
-    assert not can_start_project_server(
-        registry, "bob", "wilms-outcomes", on=end + dt.timedelta(days=1)
+    day_after = end + dt.timedelta(days=1)
+    assert not can_start_project(registry, "bob", "wilms-outcomes", extracts, on=day_after)
+    spawner = make_spawner(policies, "bob", "wilms-outcomes")
+    assert spawner.can_start()
+    # the same spawner, evaluated on the day after the project ends, is refused
+    shared_rule = docker_module.check_can_start_project
+    monkeypatch.setattr(
+        docker_module,
+        "check_can_start_project",
+        lambda *args, **kwargs: shared_rule(*args, **kwargs, on=day_after),
     )
+    assert not spawner.can_start()
 
 
 def test_project_without_an_extract_is_refused_and_workspace_is_prepared(

@@ -36,9 +36,9 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
+from tre.provision import GROUP_PREFIX as PROJECT_GROUP_PREFIX  # the one naming rule
 from tre.registry import USERNAME, Registry, load_registry
 
-PROJECT_GROUP_PREFIX = "project-"
 CHECKERS_GROUP = "output-checkers"
 ADMINS_GROUP = "tre-admins"
 

@@ -23,7 +23,6 @@ are refused when the server starts.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
+from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
 from tre.registry import Project, Registry, load_registry
 
 PINNED_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
@@ -69,43 +69,6 @@ FORBIDDEN_HOST_CONFIG = frozenset(
 FORBIDDEN_CREATE_KWARGS = frozenset({"user", "volumes", "host_config", "image", "ports"})
 
 
-def project_for_server(
-    registry: Registry, username: str, server_name: str, on: dt.date | None = None
-) -> Project:
-    """The project a named server stands for; raise ``HTTPError`` if this user may not start it.
-
-    Shared by the Docker spawner and (through a pre-spawn hook) KubeSpawner deployments.
-    """
-    if not server_name:
-        raise web.HTTPError(
-            400,
-            "Sandboxes are per project: start a named server whose name is the project id "
-            f"(one of: {', '.join(sorted(p.id for p in registry.projects_of(username, on)))})",
-        )
-    project = registry.projects.get(server_name)
-    if project is None:
-        raise web.HTTPError(404, f"There is no project {server_name!r} in this TRE")
-    if not project.is_active(on):
-        raise web.HTTPError(
-            403,
-            f"Project {project.id!r} is not active (status {project.status.value}, "
-            f"{project.start_date} to {project.end_date}): its sandbox cannot be started",
-        )
-    if username not in project.member_names():
-        raise web.HTTPError(403, f"{username!r} is not a member of project {project.id!r}")
-    return project
-
-
-def can_start_project_server(
-    registry: Registry, username: str, server_name: str, on: dt.date | None = None
-) -> bool:
-    try:
-        project_for_server(registry, username, server_name, on)
-    except web.HTTPError:
-        return False
-    return True
-
-
 class TREDockerSpawner(DockerSpawner):
     """DockerSpawner with the TRE sandbox policy; see the module docstring."""
 
@@ -118,11 +81,6 @@ class TREDockerSpawner(DockerSpawner):
         "tre-extracts",
         config=True,
         help="Docker volume holding the per-project extracts, one <project>.duckdb file each.",
-    )
-    extract_subpath = Unicode(
-        "{project}.duckdb",
-        config=True,
-        help="Path of a project's extract inside extracts_volume ({project} is the project id).",
     )
     data_dir = Unicode("/data", config=True, help="Where the extract appears in the sandbox.")
     workspaces_volume = Unicode(
@@ -143,12 +101,11 @@ class TREDockerSpawner(DockerSpawner):
         ),
     )
     extracts_local_dir = Unicode(
-        "",
         config=True,
         help=(
-            "Where the hub sees the extracts volume (mounted read-only in the hub container): "
-            "if set, a project without <project>.duckdb there is refused (409) before the "
-            "engine is called. Empty: not checked."
+            "Where the hub sees the extracts (the extracts volume, mounted read-only in the hub "
+            "container): a project without <project>.duckdb there is refused before the engine "
+            "is called. Default: settings.extracts_dir."
         ),
     )
     sandbox_user = Unicode(
@@ -200,6 +157,12 @@ class TREDockerSpawner(DockerSpawner):
         from tre.settings import get_settings
 
         return str(get_settings().policies_dir)
+
+    @default("extracts_local_dir")
+    def _default_extracts_local_dir(self) -> str:
+        from tre.settings import get_settings
+
+        return str(get_settings().extracts_dir)
 
     # ---- DockerSpawner defaults that the policy fixes --------------------------------------
 
@@ -271,7 +234,13 @@ class TREDockerSpawner(DockerSpawner):
         """The project of this server; raises HTTPError if it may not be started."""
         if self.refuse_user_options and self.user_options:
             raise web.HTTPError(400, "Sandbox options cannot be chosen: the project decides")
-        return project_for_server(self.load_registry(), self.user.name, self.name)
+        # the one rule shared with the bubblewrap spawner and the home page (tre.hub.access)
+        try:
+            return check_can_start_project(
+                self.load_registry(), self.user.name, self.name, Path(self.extracts_local_dir)
+            )
+        except ProjectAccessDenied as exc:
+            raise web.HTTPError(exc.status, exc.message) from None
 
     def can_start(self) -> bool:
         try:
@@ -288,7 +257,7 @@ class TREDockerSpawner(DockerSpawner):
             {
                 "type": "volume",
                 "source": self.extracts_volume,
-                "subpath": self.extract_subpath.format(project=project_id),
+                "subpath": extract_path(Path(), project_id).name,  # the layout of tre.hub.access
                 "target": self.data_path(project_id),
                 "read_only": True,
                 "no_copy": True,
@@ -425,16 +394,6 @@ class TREDockerSpawner(DockerSpawner):
     async def start(self) -> tuple[str, int]:
         project = self.check_can_start()
         self._check_extra_config()
-        if self.extracts_local_dir:
-            extract = Path(self.extracts_local_dir) / self.extract_subpath.format(
-                project=project.id
-            )
-            if not extract.is_file():
-                raise web.HTTPError(
-                    409,
-                    f"Project {project.id!r} has no data extract yet; an admin must build it "
-                    "(tre extract build) before its sandbox can start.",
-                )
         if self.workspaces_local_dir:
             workspace = Path(self.workspaces_local_dir) / project.id
             workspace.mkdir(mode=0o770, exist_ok=True)
