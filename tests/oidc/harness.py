@@ -66,7 +66,10 @@ def write_policies(root: Path) -> Path:
         today + dt.timedelta(days=300),
     )
     project(
-        "neuro-survival", ["alice"], today - dt.timedelta(days=30), today + dt.timedelta(days=300)
+        "neuro-survival",
+        ["alice", "frank"],
+        today - dt.timedelta(days=30),
+        today + dt.timedelta(days=300),
     )
     project("old-study", ["carol"], today - dt.timedelta(days=400), today - dt.timedelta(days=1))
     project(
