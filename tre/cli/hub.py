@@ -77,3 +77,9 @@ def run(ctx: typer.Context) -> None:
     os.chdir(hub_dir(settings))
     argv = [sys.executable, "-m", "jupyterhub", "-f", str(path), *ctx.args]
     os.execv(sys.executable, argv)  # noqa: S606 - replace this process by the hub
+
+
+# Local demo accounts (owned by the login work, tre/cli/hub_users.py).
+from tre.cli import hub_users  # noqa: E402
+
+hub_users.register(app)

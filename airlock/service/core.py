@@ -1,0 +1,750 @@
+"""The airlock's use cases, shared by the JSON API, the HTML pages, the CLI and the tests.
+
+Every mutating method runs in one transaction that first locks the request's row, checks the
+caller's permission and the transition against ``airlock.workflow``, changes the rows and writes
+the audit events; a failure anywhere rolls all of it back (bad input changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from airlock import permissions as perm
+from airlock.policy import Policy, load_policy
+from airlock.release import ReleaseError, release_request, released_dir
+from airlock.service.checking import run_checks
+from airlock.service.db import session_factory
+from airlock.service.models import Comment, ReleaseRequest, RequestFile, Vote
+from airlock.storage import FileSystemStore, StorageError, open_workspace_file, sha256_file
+from airlock.workflow import (
+    Action,
+    State,
+    TransitionError,
+    next_state,
+)
+from tre.audit import AuditEvent, record_event
+from tre.registry import Registry
+from tre.settings import Settings
+
+log = logging.getLogger("airlock")
+
+DECISIONS = ("approve", "reject", "request_changes")
+GROUP_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.")
+
+
+class NotFound(LookupError):
+    """Unknown id, or one the caller may not see (both answer 404, so ids leak nothing)."""
+
+
+class Conflict(ValueError):
+    """The request is valid but clashes with the current state (e.g. a second vote)."""
+
+
+class BadInput(ValueError):
+    """The request is malformed in a way the schema cannot express."""
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str
+    group: str = "default"
+
+
+@dataclass
+class Snapshot:
+    spec: FileSpec
+    path: str
+    sha256: str
+    size: int
+    output_class: str
+    status: str
+    findings: list[dict[str, Any]]
+
+
+def _check_group(group: str) -> str:
+    group = group.strip()
+    if not group or len(group) > 64 or not set(group) <= GROUP_CHARS:
+        raise BadInput("a group name is 1-64 letters, digits, spaces, '_', '-' or '.'")
+    return group
+
+
+def _text(value: str, what: str, limit: int = 20000) -> str:
+    if len(value) > limit:
+        raise BadInput(f"{what} is longer than {limit} characters")
+    return value
+
+
+class AirlockService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        registry: Registry | Callable[[], Registry],
+        release_hook: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.factory: sessionmaker[Session] = session_factory(engine)
+        self._registry = registry
+        assert settings.airlock_store_dir is not None and settings.workspaces_dir is not None
+        self.store = FileSystemStore(settings.airlock_store_dir / "snapshots")
+        self.released_root = settings.airlock_store_dir / "released"
+        self.release_hook = release_hook
+
+    # --- helpers ------------------------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry() if callable(self._registry) else self._registry
+
+    def who(self, name: str, sandbox_project: str | None = None) -> perm.Who:
+        return perm.who_from_registry(self.registry, name, sandbox_project)
+
+    def policy_for(self, project: str) -> Policy:
+        proj = self.registry.projects.get(project)
+        overrides = dict(proj.disclosure) if proj else {}
+        return load_policy(self.settings.policies_dir / "disclosure.yaml", overrides)
+
+    def eligible_checkers(self, project: str) -> set[str]:
+        proj = self.registry.projects.get(project)
+        members = proj.member_names() if proj else set()
+        return set(self.registry.staff.output_checkers) - members
+
+    def _load(self, session: Session, who: perm.Who, request_id: str, lock: bool) -> ReleaseRequest:
+        if not isinstance(request_id, str) or len(request_id) != 32:
+            raise NotFound("no such request")
+        stmt = select(ReleaseRequest).where(ReleaseRequest.id == request_id)
+        if lock:
+            stmt = stmt.with_for_update()
+        req = session.execute(stmt).scalar_one_or_none()
+        if req is None or not perm.can_view_request(who, req):
+            raise NotFound("no such request")
+        return req
+
+    def _transition(
+        self, session: Session, req: ReleaseRequest, action: Action, actor: str
+    ) -> None:
+        target = next_state(req.state, action)
+        previous = req.state
+        req.state = target.value
+        req.updated_at = _now()
+        record_event(
+            session,
+            actor,
+            "state_change",
+            f"request:{req.id}",
+            {"from": previous, "to": target.value, "transition": action.value},
+        )
+
+    def snapshot(self, project: str, spec: FileSpec) -> Snapshot:
+        """Copy a workspace file into the store and check exactly the stored bytes."""
+        assert self.settings.workspaces_dir is not None
+        policy = self.policy_for(project)
+        workspace = self.settings.workspaces_dir / project
+        rel, fh = open_workspace_file(workspace, spec.path)
+        with fh:
+            sha, size = self.store.put_stream(fh, policy.max_file_bytes)
+        # run the checks on a private copy named like the original (checks dispatch on it)
+        with tempfile.TemporaryDirectory(prefix="airlock-check-") as tmp:
+            named = Path(tmp) / rel.name
+            shutil.copyfile(self.store.path(sha), named)
+            extract = self.settings.extracts_dir / f"{project}.duckdb"  # type: ignore[operator]
+            report = run_checks(named, policy, extract if extract.exists() else None)
+        findings = [f.model_dump(mode="json") for f in report.findings]
+        return Snapshot(
+            spec, str(rel), sha, size, report.output_class, report.status.value, findings
+        )
+
+    def _add_snapshot(
+        self, session: Session, req: ReleaseRequest, snap: Snapshot, actor: str
+    ) -> RequestFile:
+        group = _check_group(snap.spec.group)
+        for old in req.active_files():
+            if old.path == snap.path and old.group == group:
+                old.withdrawn_round = req.round
+                old.withdrawn_reason = "replaced"
+                record_event(session, actor, "file_replace", f"file:{old.id}", {"request": req.id})
+        row = RequestFile(
+            request_id=req.id,
+            group=group,
+            path=snap.path,
+            sha256=snap.sha256,
+            size=snap.size,
+            output_class=snap.output_class,
+            check_status=snap.status,
+            findings_json=json.dumps(snap.findings),
+            added_round=req.round,
+        )
+        req.files.append(row)
+        session.flush()
+        record_event(
+            session,
+            actor,
+            "file_add",
+            f"file:{row.id}",
+            {
+                "request": req.id,
+                "path": snap.path,
+                "group": group,
+                "sha256": snap.sha256,
+                "check_status": snap.status,
+            },
+        )
+        return row
+
+    # --- author ---------------------------------------------------------------------------
+
+    def create_request(
+        self,
+        who: perm.Who,
+        project: str,
+        files: list[FileSpec],
+        title: str = "",
+        context: str = "",
+        controls: str = "",
+    ) -> str:
+        perm.check_create_request(who, project)
+        _text(title, "title", 200)
+        _text(context, "context")
+        _text(controls, "controls")
+        # snapshot and check everything first: a bad file refuses the whole request
+        snaps = [self.snapshot(project, spec) for spec in files]
+        for spec in files:
+            _check_group(spec.group)
+        with self.factory() as session, session.begin():
+            req = ReleaseRequest(
+                id=uuid.uuid4().hex,
+                project=project,
+                author=who.name,
+                state=State.PENDING.value,
+                round=1,
+                title=title,
+                context=context,
+                controls=controls,
+                created_at=_now(),
+                updated_at=_now(),
+            )
+            session.add(req)
+            session.flush()
+            record_event(
+                session,
+                who.name,
+                "request_create",
+                f"request:{req.id}",
+                {"project": project, "sandbox": who.in_sandbox},
+            )
+            for snap in snaps:
+                self._add_snapshot(session, req, snap, who.name)
+            return req.id
+
+    def add_file(self, who: perm.Who, request_id: str, spec: FileSpec) -> int:
+        with self.factory() as session:
+            req = self._load(session, who, request_id, lock=False)
+            perm.check_edit_request(who, req)
+            project = req.project
+        snap = self.snapshot(project, spec)
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_edit_request(who, req)
+            return self._add_snapshot(session, req, snap, who.name).id
+
+    def withdraw_file(self, who: perm.Who, request_id: str, file_id: int) -> None:
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_edit_request(who, req)
+            f = _find_file(req, file_id)
+            if f.withdrawn_round is not None:
+                raise Conflict("the file is already withdrawn")
+            f.withdrawn_round = req.round
+            f.withdrawn_reason = "withdrawn"
+            record_event(session, who.name, "file_withdraw", f"file:{f.id}", {"request": req.id})
+
+    def update_context(
+        self, who: perm.Who, request_id: str, context: str | None, controls: str | None
+    ) -> None:
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_edit_request(who, req)
+            if context is not None:
+                req.context = _text(context, "context")
+            if controls is not None:
+                req.controls = _text(controls, "controls")
+            record_event(session, who.name, "request_edit", f"request:{req.id}", {})
+
+    def submit(self, who: perm.Who, request_id: str) -> str:
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_submit(who, req)
+            if not req.active_files():
+                raise Conflict("add at least one file before submitting")
+            if req.state == State.RETURNED:
+                req.round += 1
+                self._transition(session, req, Action.RESUBMIT, who.name)
+            else:
+                self._transition(session, req, Action.SUBMIT, who.name)
+            return req.state
+
+    def withdraw(self, who: perm.Who, request_id: str) -> str:
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_withdraw(who, req)
+            self._transition(session, req, Action.WITHDRAW, who.name)
+            return req.state
+
+    # --- comments -------------------------------------------------------------------------
+
+    def comment(self, who: perm.Who, request_id: str, body: str, visibility: str) -> int:
+        body = _text(body.strip(), "comment", 10000)
+        if not body:
+            raise BadInput("a comment cannot be empty")
+        if visibility not in ("public", "private"):
+            raise BadInput("visibility is 'public' or 'private'")
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_comment(who, req)
+            if visibility == "private" and not perm.can_comment_privately(who, req):
+                raise perm.PermissionDenied("only the request's checkers may comment privately")
+            c = Comment(
+                request_id=req.id,
+                author=who.name,
+                body=body,
+                visibility=visibility,
+                round=req.round,
+                created_at=_now(),
+            )
+            session.add(c)
+            session.flush()
+            record_event(
+                session,
+                who.name,
+                "comment",
+                f"request:{req.id}",
+                {"comment": c.id, "visibility": visibility},
+            )
+            return c.id
+
+    # --- reviewing ------------------------------------------------------------------------
+
+    def vote(
+        self,
+        who: perm.Who,
+        request_id: str,
+        file_id: int,
+        decision: str,
+        comment: str = "",
+        justification: str = "",
+    ) -> str:
+        """Cast one vote; returns the request's state afterwards (released if it completed)."""
+        if decision not in DECISIONS:
+            raise BadInput(f"decision must be one of {', '.join(DECISIONS)}")
+        comment = _text(comment.strip(), "comment", 10000)
+        justification = _text(justification.strip(), "justification", 10000)
+        if decision != "approve" and not comment:
+            raise BadInput("a comment is required to reject or request changes")
+        try:
+            with self.factory() as session, session.begin():
+                req = self._load(session, who, request_id, lock=True)
+                perm.check_review(who, req)
+                if req.state not in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
+                    raise TransitionError(f"a {req.state} request is not open for review")
+                f = _find_file(req, file_id)
+                if f.withdrawn_round is not None:
+                    raise Conflict("this file was withdrawn or replaced")
+                if decision == "approve" and f.check_status == "fail" and not justification:
+                    raise BadInput(
+                        "this file failed an automated check: approving it needs a written"
+                        " justification"
+                    )
+                round_votes = [v for v in req.votes if v.file_id == f.id and v.round == req.round]
+                if any(v.reviewer == who.name for v in round_votes):
+                    raise Conflict("you have already voted on this file in this round")
+                if len(round_votes) >= 2:
+                    raise Conflict("this file already has its two independent reviews")
+                v = Vote(
+                    request_id=req.id,
+                    file_id=f.id,
+                    reviewer=who.name,
+                    round=req.round,
+                    decision=decision,
+                    comment=comment,
+                    justification=justification,
+                    created_at=_now(),
+                )
+                req.votes.append(v)
+                session.flush()
+                record_event(
+                    session,
+                    who.name,
+                    "vote",
+                    f"file:{f.id}",
+                    {"request": req.id, "round": req.round, "decision": decision},
+                )
+                if req.state == State.SUBMITTED:
+                    self._transition(session, req, Action.FIRST_VOTE, who.name)
+                if self._round_complete(req):
+                    self._transition(session, req, Action.REVIEWS_COMPLETE, who.name)
+                    if self._all_approved(req):
+                        self._transition(session, req, Action.APPROVE, who.name)
+                state = req.state
+        except IntegrityError:
+            # the unique constraint caught a concurrent duplicate vote
+            raise Conflict("you have already voted on this file in this round") from None
+        if state == State.APPROVED:
+            state = self._try_release(who.name, request_id)
+        return state
+
+    def _round_complete(self, req: ReleaseRequest) -> bool:
+        for f in req.active_files():
+            voters = {v.reviewer for v in req.votes if v.file_id == f.id and v.round == req.round}
+            if len(voters) < 2:
+                return False
+        return bool(req.active_files())
+
+    def _all_approved(self, req: ReleaseRequest) -> bool:
+        return all(
+            v.decision == "approve"
+            for v in req.votes
+            if v.round == req.round and v.file_id in {f.id for f in req.active_files()}
+        )
+
+    def decide(self, who: perm.Who, request_id: str, action: str, comment: str) -> str:
+        """A checker returns (for changes) or rejects a reviewed request, with a comment."""
+        if action not in ("return", "reject"):
+            raise BadInput("action is 'return' or 'reject'")
+        comment = _text(comment.strip(), "comment", 10000)
+        if not comment:
+            raise BadInput("say why: a comment is required")
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_decide(who, req)
+            self._transition(session, req, Action(action), who.name)
+            c = Comment(
+                request_id=req.id,
+                author=who.name,
+                body=comment,
+                visibility="public",
+                round=req.round,
+                created_at=_now(),
+            )
+            session.add(c)
+            session.flush()
+            record_event(
+                session,
+                who.name,
+                "comment",
+                f"request:{req.id}",
+                {"comment": c.id, "visibility": "public"},
+            )
+            return req.state
+
+    def _try_release(self, actor: str, request_id: str) -> str:
+        try:
+            self.release_now(actor, request_id)
+        except (ReleaseError, OSError) as exc:
+            log.error("release of %s failed, retry with POST .../release: %s", request_id, exc)
+        with self.factory() as session:
+            return session.get(ReleaseRequest, request_id).state  # type: ignore[union-attr]
+
+    def release_now(self, actor: str, request_id: str) -> bool:
+        with self.factory() as session:
+            req = session.get(ReleaseRequest, request_id)
+            project = req.project if req else ""
+        return release_request(
+            self.factory,
+            self.store,
+            self.released_root,
+            request_id,
+            actor,
+            self.eligible_checkers(project),
+            on_step=self.release_hook,
+        )
+
+    def release(self, who: perm.Who, request_id: str) -> str:
+        with self.factory() as session:
+            req = self._load(session, who, request_id, lock=False)
+            perm.check_release(who, req)
+            if req.state not in (State.APPROVED, State.RELEASED):
+                raise TransitionError(f"a {req.state} request cannot be released")
+        self.release_now(who.name, request_id)
+        return State.RELEASED.value
+
+    def complete_pending_releases(self) -> list[str]:
+        """Retry every approved-but-unreleased request (run at start after a crash)."""
+        with self.factory() as session:
+            ids = list(
+                session.execute(
+                    select(ReleaseRequest.id).where(ReleaseRequest.state == State.APPROVED)
+                ).scalars()
+            )
+        done = []
+        for rid in ids:
+            try:
+                self.release_now("system", rid)
+                done.append(rid)
+            except (ReleaseError, TransitionError, OSError) as exc:
+                log.error("could not complete release of %s: %s", rid, exc)
+        return done
+
+    # --- download -------------------------------------------------------------------------
+
+    def download(self, who: perm.Who, request_id: str, file_id: int) -> tuple[Path, str]:
+        """Path of a released file (verified against its sha256) and its download name."""
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=False)
+            perm.check_download(who, req)
+            if req.state != State.RELEASED:
+                raise Conflict("this request has not been released")
+            f = _find_file(req, file_id)
+            if f.withdrawn_round is not None:
+                raise NotFound("this file was not released")
+            path = released_dir(self.released_root, req.id) / str(f.id) / f.name
+            if not path.is_file() or sha256_file(path) != f.sha256:
+                raise ReleaseError("the released copy does not match its sha256; not served")
+            record_event(
+                session, who.name, "download", f"file:{f.id}", {"request": req.id, "sha": f.sha256}
+            )
+            return path, f.name
+
+    def snapshot_path(
+        self, who: perm.Who, request_id: str, file_id: int
+    ) -> tuple[Path, RequestFile]:
+        """The snapshot bytes, for checkers' and authors' previews inside the airlock."""
+        with self.factory() as session:
+            req = self._load(session, who, request_id, lock=False)
+            f = _find_file(req, file_id)
+            return self.store.path(f.sha256), f
+
+    # --- reading --------------------------------------------------------------------------
+
+    def view(self, who: perm.Who, request_id: str) -> dict[str, Any]:
+        with self.factory() as session:
+            req = self._load(session, who, request_id, lock=False)
+            return self._view(session, who, req)
+
+    def _view(self, session: Session, who: perm.Who, req: ReleaseRequest) -> dict[str, Any]:
+        round_complete = self._round_complete(req) or req.state not in (
+            State.SUBMITTED,
+            State.PARTIALLY_REVIEWED,
+        )
+        files = []
+        for f in req.files:
+            current = [v for v in req.votes if v.file_id == f.id and v.round == req.round]
+            votes = [
+                _vote_dict(v)
+                for v in req.votes
+                if v.file_id == f.id
+                and perm.can_see_vote(
+                    who,
+                    req,
+                    v.reviewer,
+                    len(current) if v.round == req.round else 2,
+                )
+            ]
+            files.append(
+                {
+                    "id": f.id,
+                    "group": f.group,
+                    "path": f.path,
+                    "name": f.name,
+                    "sha256": f.sha256,
+                    "size": f.size,
+                    "output_class": f.output_class,
+                    "check_status": f.check_status,
+                    "findings": f.findings,
+                    "added_round": f.added_round,
+                    "withdrawn": f.withdrawn_reason,
+                    "active": f.withdrawn_round is None,
+                    "votes": votes,
+                    "vote_count": len(current),
+                    "my_vote": next((v.decision for v in current if v.reviewer == who.name), None),
+                }
+            )
+        comments = [
+            {
+                "id": c.id,
+                "author": c.author,
+                "body": c.body,
+                "visibility": c.visibility,
+                "round": c.round,
+                "created_at": c.created_at.isoformat(),
+            }
+            for c in req.comments
+            if perm.can_see_comment(
+                who, req, c.author, c.visibility, round_complete or c.round < req.round
+            )
+        ]
+        history = [
+            {
+                "seq": e.seq,
+                "ts": e.ts,
+                "actor": e.actor,
+                "action": e.action,
+                "target": e.target,
+                "details": json.loads(e.details),
+            }
+            for e in session.execute(
+                select(AuditEvent)
+                .where(
+                    AuditEvent.target.in_(
+                        [f"request:{req.id}"] + [f"file:{f.id}" for f in req.files]
+                    )
+                )
+                .order_by(AuditEvent.seq)
+            ).scalars()
+            if e.action
+            in (
+                "state_change",
+                "request_create",
+                "file_add",
+                "file_withdraw",
+                "file_replace",
+                "release",
+            )
+            or (
+                e.action == "vote"
+                and perm.can_see_vote(who, req, e.actor, 2 if round_complete else 0)
+            )
+        ]
+        return {
+            **_request_summary(req),
+            "files": files,
+            "comments": comments,
+            "history": history,
+            "permissions": {
+                "edit": perm.can_edit_request(who, req),
+                "submit": perm.can_submit(who, req) and bool(req.active_files()),
+                "withdraw": perm.can_withdraw(who, req),
+                "review": perm.can_review(who, req),
+                "decide": perm.can_decide(who, req),
+                "release": perm.can_release(who, req) and req.state == State.APPROVED,
+                "download": perm.can_download(who, req),
+                "comment": perm.can_comment(who, req),
+                "comment_privately": perm.can_comment_privately(who, req),
+            },
+        }
+
+    def list_requests(self, who: perm.Who) -> list[dict[str, Any]]:
+        with self.factory() as session:
+            stmt = select(ReleaseRequest).order_by(ReleaseRequest.created_at.desc())
+            if not (who.is_admin or who.is_checker) or who.in_sandbox:
+                stmt = stmt.where(ReleaseRequest.project.in_(sorted(who.projects) or [""]))
+            rows = session.execute(stmt).scalars().all()
+            return [_request_summary(r) for r in rows if perm.can_view_request(who, r)]
+
+    def queue(self, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
+        """A checker's queue: waiting for me, in progress (I voted, others not yet), done."""
+        out: dict[str, list[dict[str, Any]]] = {"waiting": [], "in_progress": [], "done": []}
+        with self.factory() as session:
+            rows = session.execute(
+                select(ReleaseRequest)
+                .where(ReleaseRequest.state != State.PENDING)
+                .order_by(ReleaseRequest.updated_at.desc())
+            ).scalars()
+            for req in rows:
+                if not perm.is_eligible_checker(who, req):
+                    continue
+                summary = _request_summary(req)
+                active = req.active_files()
+                mine = {
+                    v.file_id for v in req.votes if v.reviewer == who.name and v.round == req.round
+                }
+                full = {
+                    f.id
+                    for f in active
+                    if len(
+                        {
+                            v.reviewer
+                            for v in req.votes
+                            if v.file_id == f.id and v.round == req.round
+                        }
+                    )
+                    >= 2
+                }
+                summary["files_to_vote"] = len(
+                    [f for f in active if f.id not in mine and f.id not in full]
+                )
+                if req.state in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
+                    key = "waiting" if summary["files_to_vote"] else "in_progress"
+                elif req.state == State.REVIEWED or req.state == State.APPROVED:
+                    key = "in_progress"
+                else:
+                    key = "done"
+                out[key].append(summary)
+        return out
+
+    def audit_events(self, who: perm.Who, limit: int = 1000) -> list[dict[str, Any]]:
+        perm.check_view_audit(who)
+        with self.factory() as session:
+            rows = session.execute(
+                select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
+            ).scalars()
+            return [e.as_dict() for e in rows]
+
+    def count_requests(self) -> int:
+        with self.factory() as session:
+            return session.execute(select(func.count(ReleaseRequest.id))).scalar_one()
+
+
+def _now():  # noqa: ANN202
+    from airlock.service.models import utcnow
+
+    return utcnow()
+
+
+def _find_file(req: ReleaseRequest, file_id: int) -> RequestFile:
+    for f in req.files:
+        if f.id == file_id:
+            return f
+    raise NotFound("no such file in this request")
+
+
+def _vote_dict(v: Vote) -> dict[str, Any]:
+    return {
+        "reviewer": v.reviewer,
+        "round": v.round,
+        "decision": v.decision,
+        "comment": v.comment,
+        "justification": v.justification,
+        "created_at": v.created_at.isoformat(),
+    }
+
+
+def _request_summary(req: ReleaseRequest) -> dict[str, Any]:
+    active = req.active_files()
+    return {
+        "id": req.id,
+        "project": req.project,
+        "author": req.author,
+        "state": req.state,
+        "round": req.round,
+        "title": req.title,
+        "context": req.context,
+        "controls": req.controls,
+        "file_count": len(active),
+        "created_at": req.created_at.isoformat(),
+        "updated_at": req.updated_at.isoformat(),
+    }
+
+
+__all__ = [
+    "AirlockService",
+    "BadInput",
+    "Conflict",
+    "FileSpec",
+    "NotFound",
+    "StorageError",
+    "TransitionError",
+    "ReleaseError",
+]

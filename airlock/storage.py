@@ -1,0 +1,163 @@
+"""Content-addressed snapshots (sha256), outside every sandbox, behind a ``typing.Protocol``.
+
+A snapshot is taken when a file joins a request: later edits in the workspace change nothing
+under review. Workspace paths are resolved defensively: no absolute paths, no ``..``, no symlink
+anywhere on the path, regular files only, opened with ``O_NOFOLLOW`` and checked again on the
+open descriptor (so a file swapped for a symlink between the check and the read is refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Protocol
+
+CHUNK = 1024 * 1024
+SHA256_HEX = frozenset("0123456789abcdef")
+
+
+class StorageError(ValueError):
+    """A file cannot be snapshotted (bad path, not a regular file, too big, ...)."""
+
+
+class SnapshotStore(Protocol):
+    def put_stream(self, stream: BinaryIO, max_bytes: int) -> tuple[str, int]:
+        """Store the bytes; return (sha256, size). Idempotent for equal content."""
+        ...
+
+    def exists(self, sha256: str) -> bool: ...
+
+    def path(self, sha256: str) -> Path: ...
+
+    def open(self, sha256: str) -> BinaryIO: ...
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _valid_sha(sha256: str) -> str:
+    if len(sha256) != 64 or not set(sha256) <= SHA256_HEX:
+        raise StorageError(f"not a sha256 digest: {sha256[:80]!r}")
+    return sha256
+
+
+class FileSystemStore:
+    """Blobs at ``<root>/objects/<aa>/<sha256>``, written via temp file + fsync + rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.objects = self.root / "objects"
+        self.tmp = self.root / "tmp"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        sha = _valid_sha(sha256)
+        return self.objects / sha[:2] / sha
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def open(self, sha256: str) -> BinaryIO:
+        return open(self.path(sha256), "rb")  # noqa: SIM115 (caller closes)
+
+    def put_stream(self, stream: BinaryIO, max_bytes: int) -> tuple[str, int]:
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, prefix="put-")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := stream.read(CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise StorageError(f"file is larger than the limit of {max_bytes} bytes")
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            sha = digest.hexdigest()
+            final = self.path(sha)
+            if final.exists():
+                tmp.unlink()
+            else:
+                final.parent.mkdir(exist_ok=True)
+                os.chmod(tmp, 0o440)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+            return sha, size
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def verify(self, sha256: str) -> bool:
+        return self.exists(sha256) and sha256_file(self.path(sha256)) == sha256
+
+
+def clean_relative_path(relpath: str) -> PurePosixPath:
+    """A normalised relative path, or StorageError for anything that could escape."""
+    if not relpath or "\x00" in relpath or len(relpath) > 512:
+        raise StorageError("a file path must be 1 to 512 characters, without NUL")
+    if "\\" in relpath:
+        raise StorageError("use '/' to separate directories")
+    pure = PurePosixPath(relpath)
+    if pure.is_absolute():
+        raise StorageError(f"{relpath!r}: give a path relative to the project workspace")
+    parts = [p for p in pure.parts if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        raise StorageError(f"{relpath!r}: '..' is not allowed in a workspace path")
+    return PurePosixPath(*parts)
+
+
+def open_workspace_file(workspace: Path, relpath: str) -> tuple[PurePosixPath, BinaryIO]:
+    """Open ``relpath`` under ``workspace`` for reading, refusing every way out of it."""
+    rel = clean_relative_path(relpath)
+    root = Path(workspace)
+    if not root.is_dir() or root.is_symlink():
+        raise StorageError("the project workspace does not exist")
+    current = root
+    for part in rel.parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            raise StorageError(f"{rel}: no such file in the project workspace") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise StorageError(f"{rel}: symbolic links are not allowed ({part!r} is one)")
+    try:
+        fd = os.open(current, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise StorageError(f"{rel}: cannot be opened ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise StorageError(f"{rel}: not a regular file")
+    # the descriptor must be the file we checked: refuse a swap between lstat and open
+    real = Path(os.path.realpath(current))
+    if not real.is_relative_to(root.resolve()):
+        os.close(fd)
+        raise StorageError(f"{rel}: resolves outside the project workspace")
+    return rel, os.fdopen(fd, "rb")
+
+
+def iter_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk

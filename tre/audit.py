@@ -1,0 +1,197 @@
+"""The append-only, hash-chained audit log (stored in the airlock database).
+
+Every action in the TRE (submit, vote, comment, state change, release, download, admin change)
+is one ``AuditEvent``. Each event stores the hash of the previous event and its own hash over
+(sequence number, time, actor, action, target, details, previous hash), so editing, removing or
+reordering any past event breaks the chain and ``verify_chain`` names the event concerned.
+
+A one-row ``audit_head`` table holds the sequence number and hash of the newest event. Appending
+locks that row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises writers), so concurrent
+writers never fork the chain, and removing the newest events is detected too.
+
+Public API for other areas: ``record_event(session, actor, action, target, details)`` (inside the
+caller's transaction, so the event commits or rolls back with the action it records) and
+``verify_chain(session) -> list[Problem]``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Integer, String, Text, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+GENESIS_HASH = "0" * 64
+
+
+class AuditBase(DeclarativeBase):
+    pass
+
+
+class AuditEvent(AuditBase):
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True, nullable=False)
+    ts: Mapped[str] = mapped_column(String(40), nullable=False)
+    actor: Mapped[str] = mapped_column(String(128), nullable=False)
+    action: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    target: Mapped[str] = mapped_column(String(512), nullable=False, index=True)
+    # canonical JSON text (sorted keys): hashing must not depend on a backend's JSON type
+    details: Mapped[str] = mapped_column(Text, nullable=False, default="{}")
+    prev_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "ts": self.ts,
+            "actor": self.actor,
+            "action": self.action,
+            "target": self.target,
+            "details": json.loads(self.details),
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+class AuditHead(AuditBase):
+    """Sequence number and hash of the newest event (one row, id 1, created by the migration)."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    seq: int | None
+    kind: str  # edited | removed | reordered | head
+    message: str
+
+    def __str__(self) -> str:
+        where = f"event {self.seq}" if self.seq is not None else "log"
+        return f"{where}: {self.kind}: {self.message}"
+
+
+def canonical_json(details: dict[str, Any]) -> str:
+    return json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(
+    seq: int, ts: str, actor: str, action: str, target: str, details: str, prev_hash: str
+) -> str:
+    body = json.dumps([seq, ts, actor, action, target, details, prev_hash], ensure_ascii=False)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _head(session: Session, lock: bool) -> AuditHead:
+    stmt = select(AuditHead).where(AuditHead.id == 1)
+    if lock:
+        stmt = stmt.with_for_update()
+    head = session.execute(stmt).scalar_one_or_none()
+    if head is None:
+        raise RuntimeError("the audit log is not initialised: run `airlock db upgrade`")
+    return head
+
+
+def record_event(
+    session: Session,
+    actor: str,
+    action: str,
+    target: str,
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event inside the caller's transaction (committed with the action it records)."""
+    head = _head(session, lock=True)
+    seq = head.seq + 1
+    ts = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    body = canonical_json(details or {})
+    digest = event_hash(seq, ts, actor, action, target, body, head.hash)
+    event = AuditEvent(
+        seq=seq,
+        ts=ts,
+        actor=actor,
+        action=action,
+        target=target,
+        details=body,
+        prev_hash=head.hash,
+        hash=digest,
+    )
+    session.add(event)
+    head.seq = seq
+    head.hash = digest
+    session.flush()
+    return event
+
+
+def iter_events(session: Session) -> Iterator[AuditEvent]:
+    yield from session.execute(select(AuditEvent).order_by(AuditEvent.seq)).scalars()
+
+
+def verify_chain(session: Session) -> list[Problem]:
+    """Every edited, removed or reordered event, named by its sequence number (empty = intact)."""
+    problems: list[Problem] = []
+    events = list(iter_events(session))
+    by_hash = {e.hash: e.seq for e in events}
+    expected_seq, prev = 1, GENESIS_HASH
+    for ev in events:
+        recomputed = event_hash(
+            ev.seq, ev.ts, ev.actor, ev.action, ev.target, ev.details, ev.prev_hash
+        )
+        removed_here = ev.seq > expected_seq
+        if removed_here:
+            missing = (
+                str(expected_seq) if ev.seq == expected_seq + 1 else f"{expected_seq}..{ev.seq - 1}"
+            )
+            problems.append(Problem(expected_seq, "removed", f"event(s) {missing} are missing"))
+        if ev.prev_hash != prev and not removed_here:
+            follows = by_hash.get(ev.prev_hash)
+            if follows is not None and follows != ev.seq - 1:
+                problems.append(
+                    Problem(
+                        ev.seq,
+                        "reordered",
+                        f"event {ev.seq} was chained after event {follows}, not {ev.seq - 1}",
+                    )
+                )
+            else:
+                problems.append(
+                    Problem(
+                        ev.seq,
+                        "edited",
+                        f"event {ev.seq} does not chain to event {ev.seq - 1}: one of them"
+                        " was altered and re-hashed",
+                    )
+                )
+        if recomputed != ev.hash:
+            problems.append(
+                Problem(ev.seq, "edited", f"event {ev.seq} ({ev.action}) does not match its hash")
+            )
+        expected_seq, prev = ev.seq + 1, ev.hash
+    head = session.execute(select(AuditHead).where(AuditHead.id == 1)).scalar_one_or_none()
+    last_seq = events[-1].seq if events else 0
+    if head is None:
+        problems.append(Problem(None, "head", "the audit head record is missing"))
+    elif head.seq != last_seq or head.hash != prev:
+        problems.append(
+            Problem(
+                last_seq + 1 if head.seq > last_seq else None,
+                "removed" if head.seq > last_seq else "head",
+                f"the log ends at event {last_seq} but its head records event {head.seq}",
+            )
+        )
+    return problems
+
+
+def export_events(session: Session) -> Iterator[str]:
+    """The log as JSON lines, oldest first."""
+    for ev in iter_events(session):
+        yield json.dumps(ev.as_dict(), sort_keys=True, ensure_ascii=False)
