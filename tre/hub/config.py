@@ -46,6 +46,11 @@ def hub_dir(settings: Settings) -> Path:
     return settings.state_dir / "hub"
 
 
+def password_file(settings: Settings) -> Path:
+    """Local demo accounts (scrypt hashes), managed by `tre hub add-user`."""
+    return settings.hmac_key_file.parent / "hub-users.json"
+
+
 def hub_socket(settings: Settings) -> Path:
     return settings.hub.runtime_dir / "hub" / "hub.sock"
 
@@ -99,9 +104,7 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
         )
     if settings.hub.airlock_service == "managed":
         airlock["command"] = [
-            sys.executable,
-            "-m",
-            "airlock.cli",
+            str(Path(sys.executable).parent / "airlock"),  # the console script of this env
             "serve",
             "--port",
             str(settings.airlock_port),
@@ -158,6 +161,11 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "allowed_users": sorted(allowed),
             "admin_users": sorted(admins),
         },
+        "TRELocalAuthenticator": {
+            "password_file": str(password_file(settings)),
+            "policies_dir": str(settings.policies_dir),
+        },
+        "TREOIDCAuthenticator": {"policies_dir": str(settings.policies_dir)},
         "Spawner": {
             "start_timeout": settings.hub.start_timeout_seconds,
             "http_timeout": settings.hub.start_timeout_seconds,
