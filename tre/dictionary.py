@@ -365,9 +365,11 @@ def _collect_errors(frame: pl.DataFrame, checks: list[_Check]) -> pl.DataFrame:
     """Evaluate all masks in one pass, then gather only the offending rows of each check."""
     if not checks or frame.height == 0:
         return _empty_errors()
+    flags = [f"__err{i}" for i in range(len(checks))]
+    # one pass computes every mask; only rows with some error go on to the per-check gathers
     masked = frame.with_columns(
-        [c.mask.fill_null(False).alias(f"__err{i}") for i, c in enumerate(checks)]
-    )
+        [c.mask.fill_null(False).alias(f) for f, c in zip(flags, checks, strict=True)]
+    ).filter(pl.any_horizontal(flags))
     parts = []
     for i, c in enumerate(checks):
         hit = masked.filter(pl.col(f"__err{i}"))
@@ -615,9 +617,16 @@ def validate_batch(
         for n, r in results.items()
     }
     extra: dict[str, list[pl.DataFrame]] = {n: [] for n in dictionary.tables}
-    for r in dictionary.rules:
-        if r.kind not in ("foreign_key", "not_before", "year_matches_age"):
-            continue
+    # foreign keys first: a row without its parent is no reference for the rules after it
+    cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
+        r for r in dictionary.rules if r.kind in ("not_before", "year_matches_age")
+    ]
+    for i, r in enumerate(cross):
+        if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
+            for n, parts in extra.items():
+                if parts:
+                    bad = pl.concat(parts).select(pl.col("row").unique())
+                    valid_rows[n] = valid_rows[n].join(bad, left_on=ROW, right_on="row", how="anti")
         child = results[r.table].harmonised
         ref_table = r.get("ref_table")
         if r.kind == "foreign_key":

@@ -114,6 +114,20 @@ class Settings(BaseSettings):
     hub_port: int = 8000
     airlock_port: int = 8100
     hub: HubSettings = Field(default_factory=HubSettings, description="JupyterHub and sandboxes.")
+    # provisioning and expiry enforcement (tre/provision.py, tre/enforce.py)
+    hub_api_url: str | None = Field(
+        default=None,
+        description="JupyterHub REST API used to mirror project groups and stop sandboxes "
+        "(default http://<hub_ip>:<hub_port>/hub/api).",
+    )
+    hub_admin_token_file: Path | None = Field(
+        default=None,
+        description="File holding the API token of the hub service 'tre-provision' "
+        "(scopes: admin:users, admin:groups, admin:servers).",
+    )
+    enforce_interval_seconds: int = Field(
+        default=300, ge=1, description="How often `tre project enforce --loop` runs."
+    )
     ingest_invalid_rows: str = Field(
         default="reject",
         description="Invalid rows in an ingest: 'reject' the batch or 'quarantine' the rows.",
@@ -132,6 +146,10 @@ class Settings(BaseSettings):
         self.hub_db_url = self.hub_db_url or f"sqlite:///{s / 'jupyterhub.sqlite'}"
         self.hub.runtime_dir = self.hub.runtime_dir or s / "run"
         self.hub.sandbox_env_dir = self.hub.sandbox_env_dir or s / "sandbox-env"
+        self.hub_api_url = self.hub_api_url or f"http://{self.hub_ip}:{self.hub_port}/hub/api"
+        self.hub_admin_token_file = (
+            self.hub_admin_token_file or s / "secrets" / "hub-provision.token"
+        )
         if self.ingest_invalid_rows not in {"reject", "quarantine"}:
             raise ValueError("ingest_invalid_rows must be 'reject' or 'quarantine'")
         return self
