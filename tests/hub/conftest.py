@@ -101,7 +101,7 @@ def make_state(root: Path, **hub: object) -> Settings:
             "proxy_api_port": free_port(),
             "sandbox_env_dir": str(SANDBOX_ENV),
             "runtime_dir": str(root / "run"),
-            "airlock_service": "none",
+            "airlock_service": "managed",
             "max_file_size_mb": 64,
             **hub,
         },

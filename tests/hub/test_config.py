@@ -65,6 +65,9 @@ def test_config_follows_settings_and_registry(installation):
     roles = {r["name"]: r for r in c.JupyterHub.load_roles}
     assert roles["tre-idle-culler"]["services"] == ["idle-culler"]
     assert "admin:users" not in roles["tre-idle-culler"]["scopes"]
+    assert "tre-provision" in services and services["tre-provision"]["api_token"] == (
+        s.hub_admin_token_file.read_text().strip()
+    )
     # callables the hub calls: the project gate and the home page's project list
     assert callable(c.JupyterHub.named_server_limit_per_user)
     assert callable(c.JupyterHub.template_vars["tre_projects"])
@@ -92,6 +95,7 @@ def test_no_secret_is_written_into_the_config(installation):
     text = path.read_text()
     token = (path.parent / "proxy_auth_token").read_text()
     assert len(token) >= 32 and token not in text
+    assert s.hub_admin_token_file.read_text().strip() not in text
     assert (path.parent / "proxy_auth_token").stat().st_mode & 0o077 == 0
     assert load_generated(path).ConfigurableHTTPProxy.auth_token == token
 
