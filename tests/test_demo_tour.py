@@ -41,7 +41,14 @@ def test_tour_runs_the_whole_story(tmp_path, require_proxy, require_bwrap):
         TRE_ENFORCE_INTERVAL_SECONDS="5",
     )
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tre"), "demo", "--tour", "--patients", "300"],
+        [
+            str(Path(sys.executable).parent / "tre"),
+            "demo",
+            "--tour",
+            "--patients",
+            "300",
+            "--skip-quality-reports",
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

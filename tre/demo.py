@@ -56,6 +56,7 @@ class DemoContext:
     settings: Settings
     console: Console
     patients: int = 2000
+    quality_reports: bool = True
     passwords: dict[str, str] = field(default_factory=dict)
     hub_proc: subprocess.Popen | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -84,7 +85,10 @@ def check_prerequisites(ctx: DemoContext) -> None:
     missing = []
     if not proxy.exists():
         missing.append(f"configurable-http-proxy ({proxy}; run `npm ci`)")
-    if ctx.settings.hub.spawner == "bubblewrap" and shutil.which("bwrap") is None:
+    hub = getattr(ctx.settings, "hub", None)
+    if hub is None:
+        missing.append("the hub integration (tre.settings has no hub settings yet)")
+    elif hub.spawner == "bubblewrap" and shutil.which("bwrap") is None:
         missing.append("bubblewrap (apt-get install bubblewrap)")
     if missing:
         raise DemoError("missing prerequisites: " + "; ".join(missing))
@@ -134,7 +138,13 @@ def ensure_data(ctx: DemoContext) -> None:
         files = sorted(
             f for f in site_dir.iterdir() if f.suffix in (".csv", ".parquet") and f.is_file()
         )
-        result = ingest_files(settings, site_dir.name, files, source_version=f"demo-{DEMO_SEED}")
+        result = ingest_files(
+            settings,
+            site_dir.name,
+            files,
+            source_version=f"demo-{DEMO_SEED}",
+            quality_report=ctx.quality_reports,
+        )
         if not result.ok:
             raise DemoError(
                 f"ingest of {site_dir.name} was {result.status}: {result.invalid_rows} invalid "
@@ -415,10 +425,13 @@ def run_demo(
     screenshots: Path | None = None,
     patients: int = 2000,
     settings: Settings | None = None,
+    quality_reports: bool = True,
 ) -> int:
     """Start the demo; with ``tour`` run the headless story and return its exit status."""
     console = Console()
-    ctx = DemoContext(settings or load_settings(), console, patients=patients)
+    ctx = DemoContext(
+        settings or load_settings(), console, patients=patients, quality_reports=quality_reports
+    )
     interrupted = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
