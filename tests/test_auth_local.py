@@ -20,6 +20,7 @@ from tre.hub.auth import (
     PasswordError,
     PasswordFile,
     TRELocalAuthenticator,
+    ensure_accounts,
     verify_password,
 )
 
@@ -115,6 +116,16 @@ def test_corrupt_password_file_refuses_everyone_and_add_user_fails_cleanly(tmp_p
     with pytest.raises(PasswordError):
         pw.set_password("alice", "a-new-long-password")
     assert path.read_text() == "{not json"
+
+
+def test_ensure_accounts_creates_only_missing_accounts(tmp_path):
+    path = tmp_path / "users.json"
+    first = ensure_accounts(path, ["alice", "bob"])
+    assert set(first) == {"alice", "bob"}
+    assert all(PasswordFile(path).verify(n, p) for n, p in first.items())
+    second = ensure_accounts(path, ["alice", "bob", "checker1"])
+    assert set(second) == {"checker1"}  # alice and bob keep their passwords
+    assert PasswordFile(path).verify("alice", first["alice"])
 
 
 def test_remove_user(accounts):

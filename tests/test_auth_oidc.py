@@ -201,3 +201,47 @@ def test_update_auth_model_without_idp_groups_refuses(tmp_path):
     model = {"name": "alice", "admin": None, "auth_state": {"oauth_user": {"sub": "alice"}}}
     model = asyncio.run(relaxed.update_auth_model(model))
     assert model["auth_state"]["tre_groups"] == ["project-neuro-survival", "project-wilms-outcomes"]
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.hub
+@pytest.mark.browser
+def test_login_in_a_real_browser(oidc_hub, require_chromium):
+    """The same flow in headless Chromium: real cookies, redirects and form posts."""
+    from playwright.sync_api import sync_playwright
+
+    hub, issuer, _ = oidc_hub
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=require_chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{hub.url}/hub/login")
+            page.click("a#login-main, a[href*='oauth_login']")
+            page.wait_for_url(f"{issuer}/interaction/**")
+            page.fill("input[name=login]", "bob")
+            page.fill("input[name=password]", PASSWORD["bob"])
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{hub.url}/hub/home")
+            assert "bob" in page.content()
+            # a refused user sees the registry message, in the browser too
+            other = browser.new_page()
+            other.context.clear_cookies()
+            other.goto(f"{hub.url}/hub/oauth_login")
+            other.fill("input[name=login]", "dave")
+            other.fill("input[name=password]", PASSWORD["dave"])
+            other.click("button[type=submit]")
+            other.wait_for_url(f"{hub.url}/hub/oauth_callback**")
+            assert "not registered in this trusted research environment" in other.content()
+        finally:
+            browser.close()

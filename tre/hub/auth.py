@@ -34,7 +34,7 @@ from typing import Any
 from jupyterhub.auth import Authenticator
 from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
-from traitlets import Bool, Dict, Unicode, default, validate
+from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
 from tre.registry import USERNAME, Registry, load_registry
 
@@ -242,6 +242,22 @@ def generate_password() -> str:
     return secrets.token_urlsafe(12)
 
 
+def ensure_accounts(path: Path | str, usernames: Iterable[str]) -> dict[str, str]:
+    """Create a local account with a generated password for each user that has none.
+
+    Returns ``{name: password}`` for the accounts created now (for the demo to print once);
+    existing accounts keep their passwords and are not returned.
+    """
+    password_file = PasswordFile(path)
+    existing = set(password_file.usernames())
+    created: dict[str, str] = {}
+    for name in sorted(set(usernames) - existing):
+        password = generate_password()
+        password_file.set_password(name, password)
+        created[name] = password
+    return created
+
+
 # --------------------------------------------------------------------------------------------
 # Authenticators
 # --------------------------------------------------------------------------------------------
@@ -283,6 +299,10 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
     )
     allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
 
+    @default("refresh_pre_spawn")
+    def _default_refresh_pre_spawn(self) -> bool:
+        return True  # re-check the registry before every spawn
+
     @default("password_file")
     def _default_password_file(self) -> str:
         return str(_default_state_dir() / "secrets" / "hub-users.json")
@@ -294,13 +314,13 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
     @validate("allow_all")
     def _no_allow_all(self, proposal: Any) -> bool:
         if proposal["value"]:
-            raise ValueError("allow_all cannot be enabled in the TRE: the registry decides")
+            raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
         return False
 
     @validate("manage_groups")
     def _always_manage_groups(self, proposal: Any) -> bool:
         if not proposal["value"]:
-            raise ValueError("manage_groups must be True in the TRE: groups follow the registry")
+            raise TraitError("manage_groups must be True in the TRE: groups follow the registry")
         return True
 
     async def authenticate(self, handler: Any, data: dict) -> dict | None:
@@ -379,6 +399,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     def _default_policies_dir(self) -> str:
         return _default_policies_dir()
 
+    @default("refresh_pre_spawn")
+    def _default_refresh_pre_spawn(self) -> bool:
+        return True  # re-check the registry (and the IdP, with auth state) before every spawn
+
     @default("login_service")
     def _default_login_service(self) -> str:
         return "institutional login"
@@ -394,13 +418,13 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     @validate("allow_all")
     def _no_allow_all(self, proposal: Any) -> bool:
         if proposal["value"]:
-            raise ValueError("allow_all cannot be enabled in the TRE: the registry decides")
+            raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
         return False
 
     @validate("manage_groups")
     def _always_manage_groups(self, proposal: Any) -> bool:
         if not proposal["value"]:
-            raise ValueError("manage_groups must be True in the TRE: groups follow the registry")
+            raise TraitError("manage_groups must be True in the TRE: groups follow the registry")
         return True
 
     @validate("group_mapping")
@@ -409,7 +433,7 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             if grant not in {"checker", "admin"} and not re.fullmatch(
                 r"project:[a-z][a-z0-9-]{1,38}[a-z0-9]", grant
             ):
-                raise ValueError(
+                raise TraitError(
                     f"group_mapping[{idp_group!r}] = {grant!r}: "
                     "expected 'project:<id>', 'checker' or 'admin'"
                 )
