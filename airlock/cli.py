@@ -128,3 +128,7 @@ service_cli.register(app)  # serve, db, workflow: the review service
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # the hub starts the service as `python -m airlock.cli serve`
+    main()
