@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -164,8 +165,19 @@ def ensure_accounts(ctx: DemoContext) -> None:
     known: dict[str, str] = {}
     if store.exists():
         known = json.loads(store.read_text(encoding="utf-8"))
-    passwords = PasswordFile(ctx.settings.state_dir / "secrets" / "hub-users.json")
+    password_path = ctx.settings.state_dir / "secrets" / "hub-users.json"
+    passwords = PasswordFile(password_path)
+    # scrypt makes each check slow on purpose: verify only if the password file changed since
+    # the demo last wrote its accounts (e.g. an admin reset a password with `tre hub add-user`)
+    unchanged = (
+        store.exists()
+        and password_path.exists()
+        and password_path.stat().st_mtime_ns <= store.stat().st_mtime_ns
+    )
+    listed = set(passwords.usernames()) if password_path.exists() else set()
     for user in DEMO_USERS:
+        if user in known and user in listed and unchanged:
+            continue
         if user not in known or not passwords.verify(user, known[user]):
             known[user] = known.get(user) or generate_password()
             passwords.set_password(user, known[user])
@@ -352,10 +364,64 @@ def start_enforcement(ctx: DemoContext) -> None:
     ctx.enforce_thread.start()
 
 
+def become_subreaper() -> None:
+    """Adopt our orphaned descendants (Linux PR_SET_CHILD_SUBREAPER).
+
+    The hub starts the proxy and its services in sessions of their own; if the hub dies they
+    would live on. As their subreaper the demo finds them again and stops them on exit.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _children() -> list[int]:
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: the ppid follows the last ')'
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def stop_descendants(timeout: float = 10) -> None:
+    """SIGTERM every remaining child (adopted orphans included), then SIGKILL after timeout."""
+    pids = _children()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        for pid in list(pids):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == 0:
+                    continue
+            pids.remove(pid)
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 def shutdown(ctx: DemoContext) -> None:
-    """Stop the sandboxes, then the hub (which stops the proxy and the airlock)."""
+    """Stop the sandboxes, then the hub (which stops the proxy and the airlock), then
+    anything of ours still running (e.g. a proxy left behind by a hub that crashed)."""
     ctx.stop.set()
     if ctx.hub_proc is None or ctx.hub_proc.poll() is not None:
+        stop_descendants()
         return
     try:
         from tre.provision import HubClient
@@ -376,6 +442,7 @@ def shutdown(ctx: DemoContext) -> None:
         ctx.hub_proc.wait(10)
     if ctx.enforce_thread is not None:
         ctx.enforce_thread.join(5)
+    stop_descendants()
 
 
 def print_welcome(ctx: DemoContext) -> None:
@@ -439,6 +506,7 @@ def run_demo(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    become_subreaper()
     try:
         try:
             prepare(ctx)
