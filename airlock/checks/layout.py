@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 
 import polars as pl
 
@@ -173,12 +174,18 @@ class Layout:
     total_rows: set[int] = field(default_factory=set)
     total_columns: set[str] = field(default_factory=set)
     n_rows: int = 0
+    _labels: list[dict[str, str]] | None = None
 
     def columns(self, role: Role) -> list[str]:
         return [c for c, r in self.roles.items() if r == role]
 
     def labels_of(self, row: int, frame: pl.DataFrame) -> dict[str, str]:
-        return {c: _text(frame[c][row]) for c in self.columns(Role.LABEL)}
+        if self._labels is None or len(self._labels) != frame.height:
+            columns = {c: frame[c].to_list() for c in self.columns(Role.LABEL)}
+            self._labels = [
+                {c: _text(v[r]) for c, v in columns.items()} for r in range(frame.height)
+            ]
+        return dict(self._labels[row])
 
 
 def words(name: str) -> list[str]:
@@ -252,13 +259,31 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
             values.append(None)
             suppressed.append(False)
             numeric = False
-    return Parsed(values, suppressed, numeric and any_number, any_number)
+    # a column holding only suppression markers is a fully suppressed data column
+    all_markers = numeric and not any_number and any(suppressed)
+    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number)
 
 
-def is_total_label(text: str, policy: Policy) -> bool:
-    low = " ".join(words(text)) if text else ""
-    totals = {t.lower() for t in policy.total_labels}
-    return low in totals or (low.startswith("all ") and len(low.split()) <= 3)
+@lru_cache(maxsize=64)
+def _total_sets(plain: tuple[str, ...], ambiguous: tuple[str, ...]) -> tuple[set, set]:
+    return {" ".join(words(t)) for t in plain}, {" ".join(words(t)) for t in ambiguous}
+
+
+@lru_cache(maxsize=65536)
+def _normalised(text: str) -> str:
+    return " ".join(words(text)) if text else ""
+
+
+def is_total_label(text: str, policy: Policy, ambiguous: bool = True) -> bool:
+    """Whether a label marks a margin; with ``ambiguous`` also labels such as 'All' that need
+    the numbers to confirm them."""
+    plain, maybe = _total_sets(tuple(policy.total_labels), tuple(policy.ambiguous_total_labels))
+    low = _normalised(text)
+    return low in plain or (ambiguous and low in maybe)
+
+
+def is_ambiguous_total(text: str, policy: Policy) -> bool:
+    return is_total_label(text, policy) and not is_total_label(text, policy, ambiguous=False)
 
 
 def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
@@ -283,8 +308,8 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
         return Role.COUNT, None
     if "total" in tokens and not integer_valued:
         return Role.STATISTIC, "sum"
-    if label_hint:
-        return Role.LABEL, None
+    if label_hint and integer_valued:
+        return Role.LABEL, None  # codes, years, ids: fractional values are never labels
     if integer_valued:
         distinct = set(nums)
         if len(distinct) >= 2 and all(1900 <= v <= 2100 for v in distinct) and not count_hint:
@@ -304,12 +329,15 @@ def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
         roles[name] = role
         if kind:
             stats[name] = kind
-    # the first column of a table whose other columns are all data and that holds row labels
-    # such as category codes (integers) is still a label column when it is sequential 1..k
+    # a column of nothing but markers ('x', '-') is a suppressed data column only in a table
+    # that has numbers somewhere; in an all-text table it is text
+    if not any(p.any_number for p in parsed.values()):
+        for name in frame.columns:
+            roles[name] = Role.LABEL
+            stats.pop(name, None)
     layout = Layout(roles, stats, parsed, n_rows=frame.height)
-    labels = layout.columns(Role.LABEL)
     for row in range(frame.height):
-        if any(is_total_label(_text(frame[c][row]), policy) for c in labels):
+        if any(is_total_label(v, policy) for v in layout.labels_of(row, frame).values()):
             layout.total_rows.add(row)
     layout.total_columns = {
         c for c in frame.columns if roles[c] != Role.LABEL and is_total_label(c, policy)

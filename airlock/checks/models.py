@@ -13,7 +13,7 @@ import polars as pl
 
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
-from airlock.checks.layout import Layout, Role, _text, parse_number, words
+from airlock.checks.layout import Layout, Role, _normalised, _text, parse_number, words
 from airlock.evidence import TableEvidence
 from airlock.policy import Policy
 
@@ -67,6 +67,8 @@ NOBS_KEYS = {"no observations", "nobs", "n obs", "observations", "number of obs"
 
 
 def looks_like_model(frame: pl.DataFrame) -> bool:
+    if any(k in DOF_KEYS for k in _key_values(frame)):
+        return True  # a model information table ("Df Residuals: 190")
     heads = [set(words(c)) for c in frame.columns]
     has_coef = any(h & COEF_WORDS for h in heads)
     has_se = sum(1 for h in heads if h & SE_WORDS) >= 1
@@ -102,7 +104,7 @@ def _key_values(frame: pl.DataFrame) -> dict[str, float]:
     columns = frame.columns
     for row in frame.iter_rows():
         for i, cell in enumerate(row[:-1]):
-            key = " ".join(words(_text(cell)))
+            key = _normalised(_text(cell))
             if key in DOF_KEYS | NOBS_KEYS:
                 value = parse_number(_text(row[i + 1]))
                 if value is not None:

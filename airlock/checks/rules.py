@@ -132,6 +132,7 @@ class MarginEquation:
 
     total: int
     parts: list[int]
+    margin: tuple[int, str] = (0, "")  # (dimension, label) of the total: equations of one margin
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def recoverable_cells(
     numpy's least squares / rank, not by hand-picking single-unknown rows, so chains such as a
     row total revealing one cell that then completes a column are found too). A line is also
     fully determined when its residual sits at the bound of what its suppressed cells could hold
-    (e.g. two suppressed cells that must sum to 0, or to 2 x (min_cell_count - 1)).
+    (suppressed cells that must sum to 0).
     Returns (recoveries, indices of inconsistent equations).
     """
     unknown = [i for i, s in enumerate(suppressed) if s]
@@ -166,7 +167,6 @@ def recoverable_cells(
     rhs: list[float] = []
     inconsistent: list[int] = []
     recovered: dict[int, Recovery] = {}
-    high = policy.min_cell_count - 1
     for e_index, eq in enumerate(equations):
         coeffs = [0.0] * len(unknown)
         residual = 0.0
@@ -180,47 +180,81 @@ def recoverable_cells(
             if abs(residual) > 1e-6:
                 inconsistent.append(e_index)
             continue
-        # bounds: a suppressed part lies in [0, high]; a suppressed total is unknown but >= 0
+        # counts are never negative: suppressed parts that must sum to 0 are all 0, and parts
+        # that must sum to less than 0 mean the margin is wrong. (No upper bound is assumed:
+        # secondary suppression hides cells of any size.)
         part_unknowns = [p for p in eq.parts if suppressed[p]]
-        total_unknown = suppressed[eq.total]
-        if not total_unknown:
+        if not suppressed[eq.total] and part_unknowns:
             needed = -residual  # the suppressed parts must sum to this
-            if needed < -1e-6 or needed > high * len(part_unknowns) + 1e-6:
+            if needed < -1e-6:
                 inconsistent.append(e_index)
             elif abs(needed) < 1e-6:
                 for p in part_unknowns:
                     recovered.setdefault(p, Recovery(p, 0.0, "its margin leaves 0 for it"))
-            elif abs(needed - high * len(part_unknowns)) < 1e-6:
-                for p in part_unknowns:
-                    recovered.setdefault(
-                        p,
-                        Recovery(
-                            p,
-                            float(high),
-                            "its margin forces every suppressed cell "
-                            "to the largest suppressible value",
-                        ),
-                    )
         rows.append(coeffs)
         rhs.append(residual)
     if rows and unknown:
         a = np.array(rows)
         b = np.array(rhs)
-        # x_j is determined iff every solution agrees on it, i.e. the null space of A has a zero
-        # in coordinate j: one SVD for the whole table.
-        _, singular, vt = np.linalg.svd(a)
-        tol = max(a.shape) * np.finfo(float).eps * (singular[0] if singular.size else 0.0)
-        rank = int((singular > max(tol, 1e-9)).sum())
-        null_space = vt[rank:].T  # columns span the null space
-        solution, *_ = np.linalg.lstsq(a, b, rcond=None)
-        for j, cell in enumerate(unknown):
-            if cell in recovered:
-                continue
-            if null_space.size == 0 or np.abs(null_space[j]).max() < 1e-9:
-                recovered[cell] = Recovery(
-                    cell, round(float(solution[j]), 6), "total minus the visible cells"
-                )
+        determined = _determined(a, b)
+        free = [j for j in range(len(unknown)) if j not in determined]
+        # counts are >= 0: cells that are 0 in every solution are pinned, and pinning them can
+        # determine others (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). One LP finds them.
+        if free:
+            zero = _always_zero(a, b)
+            if zero:
+                pin = np.zeros((len(zero), a.shape[1]))
+                for i, j in enumerate(sorted(zero)):
+                    pin[i, j] = 1.0
+                more = _determined(np.vstack([a, pin]), np.concatenate([b, np.zeros(len(zero))]))
+                for j, (value, _how) in more.items():
+                    if j not in determined:
+                        determined[j] = (value, "the margins and non-negative counts pin it")
+        for j, (value, how) in determined.items():
+            cell = unknown[j]
+            recovered.setdefault(cell, Recovery(cell, round(value, 6), how))
     return sorted(recovered.values(), key=lambda r: r.cell), inconsistent
+
+
+def _determined(a: np.ndarray, b: np.ndarray) -> dict[int, tuple[float, str]]:
+    """Unknowns of ``a x = b`` that every solution agrees on: x_j is determined iff the unit
+    vector e_j lies in the row space of ``a``, i.e. its projection onto the row space (spanned
+    by the right singular vectors of a thin SVD) has length 1."""
+    _, singular, vt = np.linalg.svd(a, full_matrices=False)
+    tol = max(a.shape) * np.finfo(float).eps * (singular[0] if singular.size else 0.0)
+    rank = int((singular > max(tol, 1e-9)).sum())
+    row_space = vt[:rank]
+    in_row_space = (row_space**2).sum(axis=0)
+    solution, *_ = np.linalg.lstsq(a, b, rcond=None)
+    return {
+        j: (float(solution[j]), "total minus the visible cells")
+        for j in range(a.shape[1])
+        if in_row_space[j] > 1 - 1e-9
+    }
+
+
+def _always_zero(a: np.ndarray, b: np.ndarray) -> set[int]:
+    """Unknowns that are 0 in every non-negative solution of ``a x = b``.
+
+    One linear programme (HiGHS via scipy), homogenised so that every unknown that can be
+    positive reaches 1 at once: maximise sum(y) with y <= x, y <= 1, a x = s b, s >= 1, x >= 0.
+    (A convex combination of solutions, scaled up, makes all possibly-positive unknowns >= 1.)
+    """
+    from scipy.optimize import linprog  # imported lazily: only tables with suppression need it
+
+    m, n = a.shape
+    # variables: x (n), y (n), s (1)
+    c = np.concatenate([np.zeros(n), -np.ones(n), [0.0]])
+    a_eq = np.hstack([a, np.zeros((m, n)), -b.reshape(-1, 1)])
+    a_ub = np.hstack([-np.eye(n), np.eye(n), np.zeros((n, 1))])  # y - x <= 0
+    bounds = [(0, None)] * n + [(0, 1)] * n + [(1, None)]
+    res = linprog(
+        c, A_ub=a_ub, b_ub=np.zeros(n), A_eq=a_eq, b_eq=np.zeros(m), bounds=bounds, method="highs"
+    )
+    if res.status != 0:  # infeasible margins: reported as inconsistent elsewhere
+        return set()
+    y = res.x[n : 2 * n]
+    return {j for j in range(n) if y[j] < 0.5}
 
 
 # ---------------------------------------------------------------- magnitude

@@ -115,7 +115,11 @@ def check_table(
     findings: list[Finding]
     if output_class == "frequency_table":
         findings = check_frequency(
-            df, layout, policy, suppression_declared=bool(evidence and evidence.suppression_applied)
+            df,
+            layout,
+            policy,
+            suppression_declared=bool(evidence and evidence.suppression_applied),
+            margins_visible_only=bool(evidence and evidence.margins == "visible_only"),
         )
     elif output_class == "magnitude_table":
         findings = check_magnitude(df, layout, policy, evidence)
