@@ -18,6 +18,8 @@ from lxml import etree
 from airlock.checks.findings import Finding, Status
 
 _DATA_URI = re.compile(r"^data:([\w/+.-]+)?((?:;[\w=.-]+)*);base64,(.*)$", re.DOTALL)
+# CSS url() to anything but an in-page #fragment or an embedded data: URI
+_CSS_EXTERNAL = re.compile(r"url\(\s*['\"]?\s*(?!data:|#)[^)]*\)", re.IGNORECASE)
 _EXTERNAL_ATTRS = ("src", "href", "action", "formaction", "data", "poster", "background")
 
 
@@ -25,10 +27,17 @@ def parse_html(text: str) -> Any:
     """An lxml document for ``text``; raises ValueError for what cannot be parsed."""
     if not text.strip():
         raise ValueError("empty HTML document")
+    parser = lxml.html.HTMLParser()
     try:
-        return lxml.html.document_fromstring(text)
+        doc = lxml.html.document_fromstring(text, parser=parser)
     except (etree.ParserError, ValueError) as exc:
         raise ValueError(f"HTML cannot be parsed: {exc}") from None
+    # libxml2 stops reading at its limits (nesting depth 256...) and drops the rest silently:
+    # what it did not read was not checked, so the page is refused
+    for error in parser.error_log:
+        if error.type_name == "ERR_RESOURCE_LIMIT" or "depth" in error.message.lower():
+            raise ValueError(f"HTML too deeply nested to be checked ({error.message})")
+    return doc
 
 
 def _cell_text(el: Any) -> str:
@@ -220,11 +229,12 @@ def sanitize_html(text: str) -> str:
             value = el.get(attr) or ""
             if attr.lower().startswith("on") or "javascript:" in value.lower().replace(" ", ""):
                 del el.attrib[attr]
+            elif attr == "style":
+                el.set(attr, _CSS_EXTERNAL.sub("none", value))
             elif attr in _EXTERNAL_ATTRS and not value.startswith(("data:image/", "#")):
                 if re.match(r"^\s*(https?:|//|file:|ftp:)", value) or attr != "href":
                     del el.attrib[attr]
     for style in doc.iter("style"):
         if style.text:
-            style.text = re.sub(r"@import[^;]*;?", "", style.text)
-            style.text = re.sub(r"url\(\s*['\"]?(?!data:)[^)]*\)", "none", style.text)
+            style.text = _CSS_EXTERNAL.sub("none", re.sub(r"@import[^;]*;?", "", style.text))
     return lxml.html.tostring(doc, encoding="unicode", doctype="<!DOCTYPE html>")

@@ -39,7 +39,10 @@ _NOT_ROW_IDS = {"site_id", "study_id", "load_batch", "source_dataset"}
 _ROWS_LISTED = 20
 _NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE")
 _NUMERIC_TYPES += ("UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
+_MIN_ID_CHARS = 6  # a pseudonym shorter than this would not be a pseudonym
 _WORD = re.compile(r"[A-Za-z0-9_\-]{6,}")
+# Comparing the join of several tables costs a join of the tables: only below this many rows.
+CHAIN_MAX_ROWS = 2_000_000
 
 
 def _quote(name: str) -> str:
@@ -49,12 +52,15 @@ def _quote(name: str) -> str:
 class ExtractIndex:
     """A project's extract (DuckDB file) opened read-only, and what the leak rules need of it."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, memory_limit: str = "1GB") -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"extract {self.path} does not exist")
-        self._con = duckdb.connect(str(self.path), read_only=True)
+        self._con = duckdb.connect(
+            str(self.path), read_only=True, config={"memory_limit": memory_limit}
+        )
         self._lock = threading.Lock()
+        self._few: dict[tuple[str, tuple[str, ...]], bool] = {}
         rows = self._con.execute(
             "SELECT table_name, column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
@@ -62,13 +68,22 @@ class ExtractIndex:
         self.tables: dict[str, dict[str, str]] = {}
         for table, column, dtype in rows:
             self.tables.setdefault(table, {})[column] = dtype.upper()
-        # (table, column, is_text) for every identifier column
-        self.id_columns = [
-            (t, c, not self.tables[t][c].startswith(_NUMERIC_TYPES))
-            for t in self.tables
-            for c in self.tables[t]
-            if c.lower() in ID_COLUMNS
-        ]
+        # (table, column, is_text) for every identifier, read from one table only: the table
+        # named after it when there is one (patient_id from patient), as the others repeat it
+        self.id_columns = []
+        for name in ID_COLUMNS:
+            holders = [(t, c) for t in self.tables for c in self.tables[t] if c.lower() == name]
+            if holders:
+                stem = name.removesuffix("_id")
+                table, column = next((h for h in holders if h[0].lower() == stem), holders[0])
+                is_text = not self.tables[table][column].startswith(_NUMERIC_TYPES)
+                self.id_columns.append((table, column, is_text))
+        self.rows = {
+            t: int(n)
+            for t, n in self._con.execute(
+                "SELECT table_name, estimated_size FROM duckdb_tables() WHERE schema_name = 'main'"
+            ).fetchall()
+        }
 
     def close(self) -> None:
         self._con.close()
@@ -107,9 +122,14 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
         hits: set[tuple[int, str]] = set()
         for table, column, is_text in extract.id_columns:
             if is_text:
+                # the semi-join hashes the export's distinct values and streams the id column
                 sql = (
-                    f"SELECT DISTINCT v.__row, v.col FROM {_quote(table)} x "
-                    f"JOIN __export_values v ON x.{_quote(column)} = v.value"
+                    f"WITH vals AS (SELECT DISTINCT value FROM __export_values "
+                    f"WHERE length(value) >= {_MIN_ID_CHARS}), "
+                    f"found AS (SELECT x.{_quote(column)} AS value FROM {_quote(table)} x "
+                    f"SEMI JOIN vals ON x.{_quote(column)} = vals.value) "
+                    f"SELECT DISTINCT v.__row, v.col FROM __export_values v "
+                    f"JOIN found ON v.value = found.value"
                 )
             elif column.lower() in lower_names:
                 sql = (
@@ -171,36 +191,85 @@ def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None
     )
 
 
+def _few_groups(extract: ExtractIndex, table: str, columns: list[str]) -> bool:
+    """Whether these columns take few distinct combinations in the table (judged on a sample)."""
+    key = (table, tuple(columns))
+    if key not in extract._few:
+        cols = ", ".join(_quote(c) for c in columns)
+        cur = extract.cursor()
+        try:
+            (distinct,) = cur.execute(
+                f"SELECT count(*) FROM (SELECT DISTINCT {cols} FROM "
+                f"(SELECT {cols} FROM {_quote(table)} USING SAMPLE 20000 ROWS))"
+            ).fetchall()[0]
+        finally:
+            cur.close()
+        extract._few[key] = distinct <= 2000
+    return extract._few[key]
+
+
+# (export column, extract table alias, extract column)
+_Pair = tuple[str, str, str]
+
+
 def _match_rows(
-    df: pl.DataFrame, extract: ExtractIndex, table: str, pairs: list[tuple[str, str]], k: int
+    df: pl.DataFrame,
+    extract: ExtractIndex,
+    tables: list[tuple[str, str | None]],
+    pairs: list[_Pair],
+    k: int,
 ) -> list[tuple[int, int]]:
-    """(export row, matching extract records) for rows matching fewer than k records of table
-    on the column ``pairs`` (export name, extract name)."""
-    types = extract.tables[table]
-    sel, conds = [], []
-    for i, (mine, theirs) in enumerate(pairs):
-        alias = f"c{i}"
-        if types[theirs].startswith(_NUMERIC_TYPES):
+    """(export row, matching extract records) for the rows that match fewer than k records.
+
+    ``tables`` is a chain [(table, None), (table2, id column linking it to the chain), ...];
+    the records are the rows of the chain's join. ``pairs`` name the columns compared. Values are
+    normalised on the export side only (the extract side stays a plain column, so the join
+    probes millions of extract rows cheaply): numbers as numbers, text case-insensitively.
+    """
+    aliases = {table: f"x{i}" for i, (table, _) in enumerate(tables)}
+    sel, conds, agg_conds = [], [], []
+    for i, (mine, table, theirs) in enumerate(pairs):
+        alias, ref, agg_ref = f"c{i}", f"{aliases[table]}.{_quote(theirs)}", f"a.k{i}"
+        dtype = extract.tables[table][theirs]
+        if dtype.startswith(_NUMERIC_TYPES):
             sel.append(f"TRY_CAST(TRIM(CAST({_quote(mine)} AS VARCHAR)) AS DOUBLE) AS {alias}")
-            conds.append(f"x.{_quote(theirs)} = m.{alias}")
-        elif types[theirs] == "VARCHAR":
+            compare = "{} = m.{}"
+        elif dtype == "VARCHAR":
             sel.append(f"lower(trim(CAST({_quote(mine)} AS VARCHAR))) AS {alias}")
-            conds.append(f"lower(x.{_quote(theirs)}) = m.{alias}")
+            compare = "lower({}) = m.{}"
         else:
             sel.append(f"TRIM(CAST({_quote(mine)} AS VARCHAR)) AS {alias}")
-            conds.append(f"CAST(x.{_quote(theirs)} AS VARCHAR) = m.{alias}")
-    aliases = [f"c{i}" for i in range(len(pairs))]
-    not_null = " AND ".join(f"{a} IS NOT NULL" for a in aliases)
+            compare = "CAST({} AS VARCHAR) = m.{}"
+        conds.append(compare.format(ref, alias))
+        agg_conds.append(compare.format(agg_ref, alias))
+    names = [f"c{i}" for i in range(len(pairs))]
+    not_null = " AND ".join(f"{a} IS NOT NULL" for a in names)
+    first, _ = tables[0]
+    source = f"{_quote(first)} {aliases[first]}"
+    for i, (table, link) in enumerate(tables[1:], start=1):
+        prev = next(t for t, _ in tables[:i] if link in extract.tables[t])
+        source += (
+            f" JOIN {_quote(table)} {aliases[table]} ON "
+            f"{aliases[table]}.{_quote(link)} = {aliases[prev]}.{_quote(link)}"
+        )
+    m_cols = ", ".join("m." + a for a in names)
+    if len(tables) == 1 and _few_groups(extract, first, [p[2] for p in pairs]):
+        # few distinct combinations in the extract: counting them all first is cheaper than
+        # joining every extract row to the export
+        keys = ", ".join(f"x0.{_quote(p[2])} AS k{i}" for i, p in enumerate(pairs))
+        hits = (
+            f"SELECT {m_cols}, a.n FROM (SELECT {keys}, count(*) AS n FROM {source} "
+            f"GROUP BY ALL) a JOIN m ON {' AND '.join(agg_conds)}"
+        )
+    else:
+        hits = f"SELECT {m_cols}, count(*) AS n FROM {source} JOIN m ON {' AND '.join(conds)} "
+        hits += "GROUP BY ALL"
     sql = f"""
         WITH e AS (SELECT __row, {", ".join(sel)} FROM __export_rows),
-        m AS (SELECT DISTINCT {", ".join(aliases)} FROM e WHERE {not_null}),
-        hits AS (
-            SELECT {", ".join("m." + a for a in aliases)}, count(*) AS n
-            FROM {_quote(table)} x JOIN m ON {" AND ".join(conds)}
-            GROUP BY ALL
-        )
-        SELECT e.__row, hits.n FROM e JOIN hits USING ({", ".join(aliases)})
-        WHERE hits.n < {int(k)} ORDER BY e.__row
+        m AS (SELECT DISTINCT {", ".join(names)} FROM e WHERE {not_null}),
+        hits AS ({hits})
+        SELECT e.__row, sum(hits.n) AS n FROM e JOIN hits USING ({", ".join(names)})
+        GROUP BY e.__row HAVING sum(hits.n) < {int(k)} ORDER BY e.__row
     """
     cur = extract.cursor()
     try:
@@ -210,26 +279,66 @@ def _match_rows(
         cur.close()
 
 
+def _comparisons(
+    df: pl.DataFrame, extract: ExtractIndex
+) -> list[tuple[list[tuple[str, str | None]], list[_Pair]]]:
+    """What to compare: each extract table on the columns it shares with the export, and the
+    join of the tables linked by an id column (a patient table and a tumour table, say) on the
+    columns they share together, each export column compared once."""
+    mine = {c.lower(): c for c in df.columns}
+    per_table: dict[str, list[_Pair]] = {}
+    for table, columns in extract.tables.items():
+        pairs = [
+            (mine[c.lower()], table, c)
+            for c in columns
+            if c.lower() in mine and c.lower() not in ID_COLUMNS
+        ]
+        if pairs:
+            per_table[table] = pairs
+    out: list[tuple[list[tuple[str, str | None]], list[_Pair]]] = [
+        ([(t, None)], pairs) for t, pairs in per_table.items()
+    ]
+    ranked = sorted(per_table, key=lambda t: -len(per_table[t]))
+    if len(ranked) >= 2:
+        chain: list[tuple[str, str | None]] = [(ranked[0], None)]
+        used = {p[0] for p in per_table[ranked[0]]}
+        pairs = list(per_table[ranked[0]])
+        for table in ranked[1:4]:
+            new = [p for p in per_table[table] if p[0] not in used]
+            link = next(
+                (
+                    c
+                    for c in extract.tables[table]
+                    if c.lower() in ID_COLUMNS and any(c in extract.tables[t] for t, _ in chain)
+                ),
+                None,
+            )
+            if new and link:
+                chain.append((table, link))
+                pairs += new
+                used.update(p[0] for p in new)
+        if len(chain) >= 2 and sum(extract.rows.get(t, 0) for t, _ in chain) <= CHAIN_MAX_ROWS:
+            out.append((chain, pairs))
+    return out
+
+
 def find_row_matches(df: pl.DataFrame, extract: ExtractIndex, policy: Any) -> list[Finding]:
     """Rows singling out fewer than k extract records, on shared columns and on shared QIs."""
     if df.height == 0:
         return []
     qis = {q.lower() for q in policy.quasi_identifiers}
-    mine = {c.lower(): c for c in df.columns}
     results: dict[str, tuple[set[int], list[str], int]] = {}
-    for table, columns in extract.tables.items():
-        shared = [(mine[c.lower()], c) for c in columns if c.lower() in mine]
-        shared = [p for p in shared if p[1].lower() not in ID_COLUMNS]
-        qi_shared = [p for p in shared if p[1].lower() in qis]
+    for tables, shared in _comparisons(df, extract):
+        qi_shared = [p for p in shared if p[2].lower() in qis]
         for rule, pairs in (("leak.row_match", shared), ("leak.qi_match", qi_shared)):
             if len(pairs) < 2 or (rule == "leak.qi_match" and len(qi_shared) == len(shared)):
                 continue
-            matched = _match_rows(df, extract, table, pairs, policy.k_anonymity)
+            matched = _match_rows(df, extract, tables, pairs, policy.k_anonymity)
             if matched:
                 rows, cols, unique = results.get(rule, (set(), [], 0))
                 rows.update(r for r, _ in matched)
-                cols = cols + [f"{table}.{c}" for _, c in pairs]
-                unique += sum(1 for _, n in matched if n == 1)
+                cols = cols + [f"{t}.{c}" for _, t, c in pairs if f"{t}.{c}" not in cols]
+                unique = max(unique, sum(1 for _, n in matched if n == 1))
                 results[rule] = (rows, cols, unique)
     findings = []
     for rule, (rows, cols, unique) in results.items():

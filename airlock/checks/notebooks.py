@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import warnings
 from typing import Any
 
 import polars as pl
@@ -152,15 +153,21 @@ def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     header = re.split(r"\s{2,}", lines[0].strip())
     body = lines[1:]
     index_name = ""
-    if has_index and len(re.split(r"\s{2,}", body[0].strip())) == 1 and body[0][:1] != " ":
-        if len(header) > 1 or body[0].rstrip() != body[0].strip():
-            index_name = body[0].strip()
-            body = body[1:]
     want = len(header) + (1 if has_index else 0)
+    if (
+        has_index
+        and len(body) > 1
+        and len(re.split(r"\s{2,}", body[0].strip())) == 1
+        and body[0][:1] != " "
+        and len(re.split(r"\s{2,}", body[1].strip())) == want
+        and want > 1
+    ):
+        index_name = body[0].strip()  # pandas prints the index name on a line of its own
+        body = body[1:]
     rows = []
     for ln in body:
-        parts = re.split(r"\s{2,}", ln.strip())
-        if all(p in {"...", "…"} for p in parts):
+        parts = re.split(r"\s{2,}|(?<=\.\.)\s+(?=\.\.)", ln.strip())
+        if all(p in {"...", "…", ".."} for p in parts):
             continue
         if len(parts) != want:
             return None
@@ -359,7 +366,9 @@ def render_notebook_html(path: Any) -> str:
 
     from airlock.checks.html import sanitize_html
 
-    nb = nbformat.read(str(path), as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old notebooks without cell ids: render them anyway
+        nb = nbformat.read(str(path), as_version=4)
     exporter = HTMLExporter(sanitize_html=True, embed_images=True)
     exporter.mathjax_url = ""
     exporter.require_js_url = ""
