@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from airlock import service_cli
+
 app = typer.Typer(no_args_is_help=True, help="The airlock: disclosure checks and release service.")
 
 
@@ -121,9 +123,12 @@ def check(
         _print_reports(reports)
 
 
+service_cli.register(app)  # serve, db, workflow: the review service
+
+
 def main() -> None:
     app()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the hub starts the service as `python -m airlock.cli serve`
     main()
