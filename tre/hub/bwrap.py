@@ -14,10 +14,12 @@ What a sandbox is (the embedded default of the TRE):
   no hub database, no secrets;
 - an unprivileged host uid (``sandbox_user``, default ``tre-sandbox``) and resource limits
   (address space, processes, file size, open files) set before bwrap starts;
-- ``--die-with-parent`` on bwrap's monitor process, which is itself in its own session: stopping
-  kills the monitor, which kills the sandbox's pid 1 and with it every process in the pid
-  namespace; a hub restart leaves the monitor running, and the state (pid, pid namespace, socket
-  path) lets the restarted hub find and route to it again.
+- ``--die-with-parent``: bwrap's parent is a small keeper process (``setsid --wait``) in a
+  session of its own, not the hub. Stopping kills the keeper's process group; bwrap dies with
+  its parent, the sandbox's pid 1 with bwrap, and every process in the pid namespace with its
+  pid 1 (the spawner then checks that none is left). A hub restart leaves the keeper running,
+  and the persisted state (pid, pid namespace, socket path) lets the restarted hub find the
+  sandbox and route to it again.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ class BubblewrapSpawner(LocalProcessSpawner):
     """Run each single-user server inside a bubblewrap sandbox (see the module docstring)."""
 
     bwrap_path = Unicode("/usr/bin/bwrap", config=True, help="Path of the bubblewrap executable.")
+    keeper_cmd = List(
+        Unicode(),
+        default_value=["/usr/bin/setsid", "--wait"],
+        config=True,
+        help="Small process that starts bwrap and waits for it. bwrap runs --die-with-parent, "
+        "and its parent must outlive a hub restart, so it cannot be the hub itself.",
+    )
     sandbox_user = Unicode(
         "tre-sandbox",
         config=True,
@@ -216,7 +225,9 @@ class BubblewrapSpawner(LocalProcessSpawner):
         runtime = Path(self.runtime_dir)
         args = [
             self.bwrap_path,
-            "--unshare-all",  # user, ipc, pid, net, uts, cgroup namespaces
+            "--unshare-all",  # ipc, pid, net, uts, cgroup namespaces
+            "--unshare-user",
+            "--disable-userns",  # no nested user namespace (kernel attack surface)
             "--die-with-parent",
             "--new-session",
             "--cap-drop",
@@ -335,7 +346,7 @@ class BubblewrapSpawner(LocalProcessSpawner):
         self.port = SERVER_PORT
         env = self.get_env()
         info_read, info_write = os.pipe()
-        cmd = self.bwrap_args(extract, workspace)
+        cmd = [*self.keeper_cmd, *self.bwrap_args(extract, workspace)]
         cmd += ["--info-fd", str(info_write), "--", *self.cmd, *self.get_args()]
         self.log.info("Starting sandbox %s: %s", self.sandbox_key, " ".join(cmd))
         try:
@@ -350,36 +361,59 @@ class BubblewrapSpawner(LocalProcessSpawner):
         finally:
             os.close(info_write)
         self.pid = self.proc.pid
-        self.pidns = self._read_pidns(info_read)
+        self.pidns = await self._read_pidns(info_read)
         if self.server is not None:
             self.server.connect_url = self.server_url
         return self.server_url
 
-    def _read_pidns(self, info_read: int) -> int:
-        """bwrap writes {"child-pid": N} once the sandbox runs; remember its pid namespace."""
-        with os.fdopen(info_read, "rb") as fh:
-            data = fh.read()
-        try:
-            child = int(json.loads(data)["child-pid"])
-            return os.stat(f"/proc/{child}/ns/pid").st_ino
-        except (ValueError, KeyError, OSError):
-            self.log.warning("Sandbox %s gave no usable info: %r", self.sandbox_key, data[:200])
-            return 0
+    async def _read_pidns(self, info_read: int, timeout: float = 30) -> int:
+        """bwrap writes {"child-pid": N} once the sandbox runs; remember its pid namespace.
 
-    def _is_our_bwrap(self) -> bool:
-        """The stored pid is still this sandbox's bwrap (not a recycled pid)."""
+        The keeper process also holds the pipe's write end, so read until the JSON document is
+        complete (not until EOF), without blocking the hub's event loop."""
+        loop = asyncio.get_running_loop()
+        os.set_blocking(info_read, False)
+        data = b""
+        deadline = loop.time() + timeout
         try:
+            while loop.time() < deadline:
+                try:
+                    chunk = os.read(info_read, 4096)
+                except BlockingIOError:
+                    chunk = None
+                if chunk == b"":
+                    break  # EOF: bwrap failed before the sandbox ran
+                if chunk:
+                    data += chunk
+                    try:
+                        child = int(json.loads(data)["child-pid"])
+                    except (ValueError, KeyError):
+                        continue
+                    return os.stat(f"/proc/{child}/ns/pid").st_ino
+                await asyncio.sleep(0.01)
+        except OSError:
+            pass
+        finally:
+            os.close(info_read)
+        self.log.warning("Sandbox %s gave no usable info: %r", self.sandbox_key, data[:200])
+        return 0
+
+    def _is_our_sandbox(self) -> bool:
+        """The stored pid is still this sandbox's keeper, alive (not a zombie, not recycled)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
+        state = stat.rsplit(")", 1)[1].split()[0]
         return (
-            bool(cmdline)
-            and cmdline[0] == self.bwrap_path.encode()
-            and (str(self.host_socket_dir).encode() in cmdline)
+            state not in {"Z", "X"}
+            and self.bwrap_path.encode() in cmdline
+            and str(self.host_socket_dir).encode() in cmdline
         )
 
     async def poll(self) -> int | None:
-        if self.proc is None and self.pid and not self._is_our_bwrap():
+        if self.proc is None and self.pid and not self._is_our_sandbox():
             self.clear_state()
             return 0
         return await super().poll()
