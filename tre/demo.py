@@ -210,6 +210,15 @@ def provision(ctx: DemoContext, use_hub: bool) -> None:
 EXAMPLE_NOTEBOOK = "wilms_relapse_by_stage.ipynb"
 
 
+RELAPSE_BY_STAGE_SQL = """
+SELECT t.stage,
+       CASE WHEN r.tumour_id IS NULL THEN 'no relapse' ELSE 'relapse' END AS relapse
+FROM tumour t
+LEFT JOIN (SELECT DISTINCT tumour_id FROM event WHERE event_type = 'Relapse') r USING (tumour_id)
+WHERE t.stage IN ('I', 'II', 'III', 'IV')
+"""
+
+
 def example_notebook() -> dict[str, Any]:
     """A short example analysis for the Wilms tumour project (what the screenshots show)."""
     import nbformat
@@ -217,7 +226,7 @@ def example_notebook() -> dict[str, Any]:
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_markdown_cell(
-            "# Wilms tumour: tumours by contributing site and sex\n"
+            "# Wilms tumour: relapse by stage\n"
             "The project's extract is mounted read-only at `$TRE_EXTRACT`. `tre.outputs` "
             "checks every table with the airlock's own rules before you request its release."
         ),
@@ -227,13 +236,11 @@ def example_notebook() -> dict[str, Any]:
             'con.sql("SELECT table_name FROM information_schema.tables ORDER BY 1")'
         ),
         nbformat.v4.new_code_cell(
-            "df = con.sql(\n"
-            '    "SELECT t.site_id, p.sex FROM tumour t JOIN patient p USING (patient_id)"\n'
-            ").pl()\n"
-            't = outputs.frequency_table(df, rows="site_id", columns="sex", suppress=True)\n'
+            f'df = con.sql("""{RELAPSE_BY_STAGE_SQL}""").pl()\n'
+            't = outputs.frequency_table(df, rows="stage", columns="relapse", suppress=True)\n'
             "t.status, t.table"
         ),
-        nbformat.v4.new_code_cell('t.save("outputs/tumours_by_site_and_sex.csv")'),
+        nbformat.v4.new_code_cell('t.save("outputs/relapse_by_stage.csv")'),
     ]
     nb.metadata["kernelspec"] = {
         "name": "python3",
