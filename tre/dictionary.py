@@ -617,9 +617,16 @@ def validate_batch(
         for n, r in results.items()
     }
     extra: dict[str, list[pl.DataFrame]] = {n: [] for n in dictionary.tables}
-    for r in dictionary.rules:
-        if r.kind not in ("foreign_key", "not_before", "year_matches_age"):
-            continue
+    # foreign keys first: a row without its parent is no reference for the rules after it
+    cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
+        r for r in dictionary.rules if r.kind in ("not_before", "year_matches_age")
+    ]
+    for i, r in enumerate(cross):
+        if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
+            for n, parts in extra.items():
+                if parts:
+                    bad = pl.concat(parts).select(pl.col("row").unique())
+                    valid_rows[n] = valid_rows[n].join(bad, left_on=ROW, right_on="row", how="anti")
         child = results[r.table].harmonised
         ref_table = r.get("ref_table")
         if r.kind == "foreign_key":
