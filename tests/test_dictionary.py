@@ -399,3 +399,40 @@ def test_any_text_delivery_is_validated_without_crashing(d, data):
         assert valid.isdisjoint(r.error_rows)
         assert valid | r.error_rows == set(range(1, n + 1))
         assert r.errors.columns == ["row", "column", "value", "rule", "message"]
+
+
+def test_nothing_after_the_last_contact(d):
+    pat = patient()
+    tum = tumour()
+    fu = pl.DataFrame(
+        {
+            "patient_id": ["P1", "P2"],
+            "vital_status": ["Dead", "Alive"],
+            "age_at_last_contact_days": ["2000", "1000"],  # P2's is before diagnosis: no bound
+            "cause_of_death": ["Disease", None],
+        }
+    )
+    ev = pl.DataFrame(
+        {
+            "tumour_id": ["T1", "T1", "T2"],
+            "event_type": ["Relapse", "Death", "Relapse"],
+            "age_at_event_days": ["1800", "2001", "5000"],
+        }
+    )
+    trt = pl.DataFrame(
+        {
+            "tumour_id": ["T1", "T1"],
+            "modality": ["Surgery", "Radiotherapy"],
+            "age_at_start_days": ["2000", "2100"],
+        }
+    )
+    res = validate_batch(
+        d, {"patient": pat, "tumour": tum, "treatment": trt, "event": ev, "followup": fu}
+    )
+    assert res["event"].errors.select("row", "rule").rows() == [(2, "event_not_after_last_contact")]
+    assert res["treatment"].errors.select("row", "rule").rows() == [
+        (2, "treatment_not_after_last_contact")
+    ]
+    assert res["followup"].errors.select("row", "rule").rows() == [
+        (2, "last_contact_after_diagnosis")
+    ]

@@ -295,6 +295,7 @@ class SiteTables:
     treatment_tumour: np.ndarray  # tumour row index of each treatment row
     event_tumour: np.ndarray
     followup_patient: np.ndarray  # = arange: followup row i is patient i
+    last_contact_age: np.ndarray  # per patient
 
 
 def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) -> SiteTables:
@@ -491,6 +492,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
         treatment_tumour=t_pat,
         event_tumour=e_pat,
         followup_patient=np.arange(n),
+        last_contact_age=last_age,
     )
 
 
@@ -538,6 +540,7 @@ DEFECT_KINDS: dict[str, tuple[str, str, str]] = {
     "treatment_before_diagnosis": ("treatment", "age_at_start_days", "treatment_after_diagnosis"),
     "bad_event_type": ("event", "event_type", "code_list"),
     "event_before_diagnosis": ("event", "age_at_event_days", "event_after_diagnosis"),
+    "event_after_last_contact": ("event", "age_at_event_days", "event_not_after_last_contact"),
     "bad_vital_status": ("followup", "vital_status", "code_list"),
     "cause_of_death_when_alive": ("followup", "cause_of_death", "cause_of_death_only_if_dead"),
     "missing_last_contact": ("followup", "age_at_last_contact_days", "required"),
@@ -552,6 +555,7 @@ _NEEDS_CLEAN_TUMOUR = {
     "treatment_before_diagnosis",
     "event_before_diagnosis",
     "contact_before_diagnosis",
+    "event_after_last_contact",
 }
 
 
@@ -575,6 +579,8 @@ def inject_defects(
     records: list[tuple[str, int, str, str, str]] = []  # table, 0-based row (pre-dup), kind...
     dup_sources: dict[str, np.ndarray] = {}
     corrupted_tumour = np.zeros(frames["tumour"].height, dtype=bool)
+    # children whose follow-up row must stay clean (it is the reference of an event defect)
+    protected_followup = np.zeros(frames["followup"].height, dtype=bool)
     ref_of = {
         "treatment": st.treatment_tumour,
         "event": st.event_tumour,
@@ -593,6 +599,8 @@ def inject_defects(
             r = np.sort(rows[assigned == ki])
             if kind in _NEEDS_CLEAN_TUMOUR:
                 r = r[~corrupted_tumour[ref_of[table][r]]]
+            if table == "followup":
+                r = r[~protected_followup[r]]
             if kind == "cause_of_death_when_alive":
                 alive = (frames[table]["cause_of_death"].is_null()).to_numpy()
                 r = r[alive[r]]
@@ -631,6 +639,11 @@ def inject_defects(
                 df = _set(df, col, r, "Zombie")
             elif kind == "cause_of_death_when_alive":
                 df = _set(df, col, r, "Disease")
+            elif kind == "event_after_last_contact":
+                patient = ref_of[table][r]
+                after = st.last_contact_age[patient] + rng.integers(1, 300, len(r))
+                df = _set(df, col, r, after)
+                protected_followup[patient] = True
             elif kind in _NEEDS_CLEAN_TUMOUR:
                 dx = st.tumour_dx_age[ref_of[table][r]]
                 df = _set(df, col, r, dx - 40 - rng.integers(1, 300, len(r)))
