@@ -229,3 +229,21 @@ def test_stage_and_histology_change_survival(cohort):
     assert fav - unfav > 0.05
     share = wilms.select((pl.col("histology_group") == "Unfavourable").mean()).item()
     assert 0.07 <= share <= 0.13
+
+
+def test_rerun_replaces_the_whole_output_and_refuses_foreign_directories(tmp_path, policies_dir):
+    out = tmp_path / "out"
+    generate(out, 4, 400, seed=1, defects_rate=0.05, policies_dir=policies_dir)
+    assert (out / "defects.csv").exists() and (out / "site-declarations").exists()
+    generate(out, 2, 200, seed=1, policies_dir=policies_dir)
+    # nothing of the earlier, larger run survives
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *[p.id for p in plan_sites(2, 200, policies_dir)]]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not an earlier output"):
+        generate(foreign, 1, 10, seed=1, policies_dir=policies_dir)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.txt"]

@@ -17,6 +17,9 @@ exactly the manifest.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -723,12 +726,49 @@ def generate(
     defects_rate: float = 0.0,
     policies_dir: Path = REPO_ROOT / "policies",
 ) -> GenerateSummary:
-    """Write one delivery per site under ``out_dir`` (see module docstring)."""
+    """Write one delivery per site under ``out_dir`` (see module docstring).
+
+    Everything is written into a staging directory beside ``out_dir`` and swapped in at the
+    end: a crash leaves no half-written delivery, and a rerun leaves no stale file of an
+    earlier one. An existing ``out_dir`` is only replaced if it is empty or an earlier output
+    of this command (it has ``manifest.json``).
+    """
     if not 0 <= defects_rate <= 0.5:
         raise ValueError("--defects must be between 0 and 0.5")
     plans = plan_sites(n_sites, n_patients, policies_dir)
     profile = load_profile()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (
+        not out_dir.is_dir()
+        or (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())
+    ):
+        raise ValueError(f"{out_dir} exists and is not an earlier output of tre data generate")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        summary = _write_all(staging, plans, profile, seed, defects_rate, policies_dir)
+        if out_dir.exists():
+            old = staging.with_name(staging.name.replace(".staging-", ".old-"))
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    summary.out_dir = str(out_dir)
+    return summary
+
+
+def _write_all(
+    out_dir: Path,
+    plans: list[SitePlan],
+    profile: Profile,
+    seed: int,
+    defects_rate: float,
+    policies_dir: Path,
+) -> GenerateSummary:
     manifests = []
     sites = []
     for i, plan in enumerate(plans):
@@ -748,11 +788,10 @@ def generate(
     if defects_rate > 0:
         pl.concat(manifests).write_csv(out_dir / "defects.csv")
     _declare_extra_sites(out_dir, plans, policies_dir)
-    summary = GenerateSummary(str(out_dir), seed, defects_rate, sites)
     (out_dir / "manifest.json").write_text(
         json.dumps({"seed": seed, "defects_rate": defects_rate, "sites": sites}, indent=2) + "\n"
     )
-    return summary
+    return GenerateSummary(str(out_dir), seed, defects_rate, sites)
 
 
 def _declare_extra_sites(out_dir: Path, plans: list[SitePlan], policies_dir: Path) -> None:
