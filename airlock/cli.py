@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from airlock import service_cli
+
 app = typer.Typer(no_args_is_help=True, help="The airlock: disclosure checks and release service.")
 
 
@@ -119,6 +121,9 @@ def check(
         typer.echo(json.dumps([r.public_dict() for r in reports], indent=2))
     else:
         _print_reports(reports)
+
+
+service_cli.register(app)  # serve, db, workflow: the review service
 
 
 def main() -> None:

@@ -54,8 +54,13 @@ class Policy(BaseModel):
         description="Regular expressions (case-insensitive) for suppression markers like '<10'.",
     )
     total_labels: list[str] = Field(
-        default_factory=lambda: ["total", "totals", "all", "overall", "sum", "grand total"],
+        default_factory=lambda: ["total", "totals", "grand total"],
         description="Row or column labels (case-insensitive) that mark a margin.",
+    )
+    ambiguous_total_labels: list[str] = Field(
+        default_factory=lambda: ["all", "overall", "sum", "all ages", "both sexes"],
+        description="Labels that mark a margin only when the numbers confirm it (ALL is also "
+        "a diagnosis: acute lymphoblastic leukaemia).",
     )
     allowed_file_types: list[str]
     max_file_bytes: int = Field(ge=1)

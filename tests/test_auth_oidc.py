@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from conftest import REPO_ROOT, require_component
 from oidc.harness import free_port, start_hub, start_provider, write_policies
 
+from tests.conftest import REPO_ROOT, require_component
 from tre.hub.auth import TREOIDCAuthenticator
 
 ACCOUNTS = [

@@ -113,3 +113,13 @@ def test_pads_live_in_a_temp_table_only(tmp_path):
     con.close()
     con = duckdb.connect(str(tmp_path / "db.duckdb"))
     assert con.execute("SELECT count(*) FROM duckdb_tables()").fetchone()[0] == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(ids=st.lists(st.one_of(st.none(), st.text(max_size=20)), min_size=1, max_size=30))
+def test_bulk_python_pseudonyms_equal_reference_and_keep_nulls(ids):
+    import polars as pl
+
+    p = Pseudonymiser(bytes(range(1, 33)))
+    got = p.pseudonyms("patient", "uk-ccr", pl.Series("id", ids, dtype=pl.String)).to_list()
+    assert got == [None if i is None else p.pseudonym("patient", "uk-ccr", i) for i in ids]

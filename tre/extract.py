@@ -194,7 +194,7 @@ def build_extract(
                     f"CREATE TABLE ext.{_quote(table)} AS "
                     f"SELECT {select} FROM pooled.{_quote(table)} AS t WHERE {where}"
                 )
-                rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchone()[0]
+                rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchall()[0][0]
                 table_meta[table] = {"columns": columns, "rows": int(rows)}
             con.execute(
                 f"CREATE TABLE ext.{METADATA_TABLE} (project_id VARCHAR, pooled_version BIGINT, "
@@ -262,7 +262,7 @@ def extract_info(settings: Settings, project_id: str) -> dict:
     con = duckdb.connect(str(path), read_only=True)
     try:
         cur = con.execute(f"SELECT * FROM {METADATA_TABLE}")
-        row = cur.fetchone()
+        row = cur.fetchall()[0]
         cols = [d[0] for d in cur.description]
     finally:
         con.close()

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,6 +74,7 @@ class BatchResult:
     report_html: Path | None = None
     report_error: str | None = None
     errors: pl.DataFrame | None = None  # the per-row error report
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
     def ok(self) -> bool:
@@ -133,23 +135,34 @@ def _read(path: Path) -> pl.DataFrame:
         raise IngestError(f"{path.name}: cannot be read: {exc}") from exc
 
 
+class _Steps:
+    """Records how long each stage took (``BatchResult.timings``) and, for the CLI, advances a
+    rich progress bar: long ingests show where they are."""
+
+    def __init__(self, bar: object | None = None, task: object | None = None) -> None:
+        self.bar, self.task = bar, task
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, description: str) -> None:
+        now = time.perf_counter()
+        self.timings[description] = round(now - self._last, 3)
+        self._last = now
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=description)  # type: ignore[attr-defined]
+
+
 @contextmanager
-def _progress(enabled: bool, total: int) -> Iterator:
+def _progress(enabled: bool, total: int) -> Iterator[_Steps]:
     if not enabled:
-        yield None
+        yield _Steps()
         return
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(), transient=False
-    ) as bar:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task("ingest", total=total)
-
-        class _Step:
-            def __call__(self, description: str) -> None:
-                bar.update(task, advance=1, description=description)
-
-        yield _Step()
+        yield _Steps(bar, task)
 
 
 def identifier_kind(column: str) -> str:
@@ -177,6 +190,21 @@ def _conform_errors(df: pl.DataFrame, table: str) -> pl.DataFrame:
     return df.with_columns(pl.lit(table).alias("table")).select(
         [pl.col(c).cast(t) for c, t in ERROR_SCHEMA.items()]
     )
+
+
+def load_order(dictionary: DataDictionary) -> list[str]:
+    """Tables with every foreign-key parent before its children (dictionary order otherwise)."""
+    parents = {t: set() for t in dictionary.tables}
+    for r in dictionary.rules:
+        if r.kind == "foreign_key" and r.get("ref_table") != r.table:
+            parents[r.table].add(r.get("ref_table"))
+    order: list[str] = []
+    while len(order) < len(parents):
+        ready = [t for t in parents if t not in order and parents[t] <= set(order)]
+        if not ready:
+            raise IngestError("the dictionary's foreign keys form a cycle")
+        order.append(ready[0])
+    return order
 
 
 def _pool_errors(
@@ -353,61 +381,92 @@ def ingest_files(
     )
     pseudonymiser = Pseudonymiser(key)
     store = PooledStore(settings.pooled_dir)
-    final_dir = store.batches_dir / batch_id
     order = [t for t in CORE_TABLES if t in by_table]
 
-    with store.writer() as con, _progress(progress, 4 + 2 * len(order)) as step:
-        step = step or (lambda _d: None)
-        previous = store.batch_record(con, batch_id)
-        if previous is not None and previous["status"] == "loaded":
-            result = BatchResult(
-                batch_id, site_id, "unchanged", previous["pooled_version"], batch_dir=final_dir
-            )
-            if not (final_dir / "batch.json").exists():  # crashed after the commit: repair
-                errs = _errors_from_quarantine(con, batch_id)
-                staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
-                _write_batch_record(staging, previous, errs, None)
-                _publish(staging, final_dir)
-            result.errors_csv = final_dir / "errors.csv"
-            step("already loaded")
-        else:
-            result = _ingest_new(
-                con,
-                store,
-                pseudonymiser,
-                settings,
-                site,
-                by_table,
-                order,
-                batch_id,
-                version_label,
-                on_invalid,
-                step,
-            )
-    if result.status in {"loaded", "unchanged"} and quality_report:
-        out = (settings.reports_dir or Path()) / f"{batch_id}.html"
-        if result.status == "loaded" or not out.exists():
-            result.report_html, err = _quality_report(settings, store, batch_id)
-            result.report_error = err or None
-        else:
-            result.report_html = out
+    with _progress(progress, 4 + 3 * len(order) + int(quality_report)) as step:
+        previous = _loaded_record(store, batch_id)
+        prepared = None
+        if previous is None:
+            # the expensive part (read, validate, harmonise) runs without holding the store
+            prepared = _prepare(settings, site, by_table, order, batch_id, version_label, step)
+        with store.writer() as con:
+            previous = store.batch_record(con, batch_id)
+            if previous is not None and previous["status"] == "loaded":
+                result = _unchanged(con, store, previous)
+                step("already loaded: nothing to do")
+            else:
+                if prepared is None:  # loaded by nobody after all (rare race): prepare now
+                    prepared = _prepare(
+                        settings, site, by_table, order, batch_id, version_label, step
+                    )
+                result = _ingest_new(
+                    con, store, pseudonymiser, prepared, site, by_table, order, batch_id,
+                    version_label, on_invalid, step,
+                )  # fmt: skip
+        step("checkpointed")
+        if result.status in {"loaded", "unchanged"} and quality_report:
+            out = (settings.reports_dir or Path()) / f"{batch_id}.html"
+            if result.status == "loaded" or not out.exists():
+                result.report_html, err = _quality_report(settings, store, batch_id)
+                result.report_error = err or None
+            else:
+                result.report_html = out
+            step("quality report")
+    result.timings = step.timings
     return result
 
 
-def _ingest_new(
-    con: duckdb.DuckDBPyConnection,
-    store: PooledStore,
-    pseudonymiser: Pseudonymiser,
+def _loaded_record(store: PooledStore, batch_id: str) -> dict | None:
+    """The record of this batch if it is already loaded (a shared, read-only look)."""
+    if not store.db_path.exists():
+        return None
+    with store.reader() as con:
+        has_batches = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'pooled' "
+            "AND table_name = '_batches'"
+        ).fetchall()[0][0]
+        if not has_batches:
+            return None
+        rec = store.batch_record(con, batch_id, schema="pooled")
+    return rec if rec is not None and rec["status"] == "loaded" else None
+
+
+def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dict) -> BatchResult:
+    batch_id = previous["batch_id"]
+    final_dir = store.batches_dir / batch_id
+    if not (final_dir / "batch.json").exists():  # crashed after the commit: repair the record
+        errs = _errors_from_quarantine(con, batch_id)
+        staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
+        _write_batch_record(staging, previous, errs, None)
+        _publish(staging, final_dir)
+    return BatchResult(
+        batch_id,
+        previous["site_id"],
+        "unchanged",
+        previous["pooled_version"],
+        batch_dir=final_dir,
+        errors_csv=final_dir / "errors.csv",
+    )
+
+
+@dataclass
+class _Prepared:
+    dictionary: DataDictionary
+    raw: dict[str, pl.DataFrame]
+    incoming: dict[str, pl.DataFrame]  # harmonised rows + site columns + provenance, pooled order
+    errors: dict[str, pl.DataFrame]  # per-table errors, foreign keys excluded (checked later)
+
+
+def _prepare(
     settings: Settings,
     site,  # noqa: ANN001 - tre.registry.Site
     by_table: dict[str, tuple[Path, str]],
     order: list[str],
     batch_id: str,
     source_version: str,
-    on_invalid: str,
     step,  # noqa: ANN001
-) -> BatchResult:
-    site_id = site.id
+) -> _Prepared:
+    """Read, validate and harmonise the batch, and add site columns and provenance."""
     raw = {}
     for table in order:
         raw[table] = _read(by_table[table][0])
@@ -418,25 +477,19 @@ def _ingest_new(
     except (DeliveryError, DictionaryError) as exc:
         raise IngestError(str(exc)) from exc
     step("validated and harmonised")
-
     fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
-    pooled_tables = set(store.data_tables(con))
-    pads = pseudonymiser.register(con)
     provenance = {
-        "site_id": site_id,
+        "site_id": site.id,
         "source_dataset": site.source_dataset,
         "source_version": source_version,
         "load_batch": batch_id,
     }
-    error_frames: list[pl.DataFrame] = []
-    identifiers: dict[str, list[str]] = {}
-    # Stage every dictionary table (parents first), also the ones not delivered (empty), so
-    # the pooled store always has every table with its dictionary schema.
+    incoming: dict[str, pl.DataFrame] = {}
+    errors: dict[str, pl.DataFrame] = {}
     for table in dictionary.tables:
         res = results[table]
         spec = dictionary.table(table)
-        # foreign keys are re-checked below against valid rows AND the pooled store
-        errors = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
+        errors[table] = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
         rows = res.harmonised
         if "iccc3_classifiable" not in {r.kind for r in dictionary.rules_for(table)} and {
             "iccc3_group",
@@ -455,33 +508,85 @@ def _ingest_new(
         absent = [c for c in pooled_cols if c not in rows.columns]
         if absent:
             raise IngestError(f"{table}: cannot derive pooled column(s) {', '.join(absent)}")
-        id_cols = dictionary.identifier_columns(table)
-        identifiers[table] = id_cols
-        con.register("_incoming", rows.select([ROW, *pooled_cols]).to_arrow())
-        select = [
-            pseudonymiser.sql(identifier_kind(c), site_id, f'i."{c}"::VARCHAR', pads) + f' AS "{c}"'
-            if c in id_cols
-            else f'i."{c}"'
-            for c in pooled_cols
-        ]
+        incoming[table] = rows.select([ROW, *pooled_cols])
+    return _Prepared(dictionary, raw, incoming, errors)
+
+
+def _ingest_new(
+    con: duckdb.DuckDBPyConnection,
+    store: PooledStore,
+    pseudonymiser: Pseudonymiser,
+    prepared: _Prepared,
+    site,  # noqa: ANN001 - tre.registry.Site
+    by_table: dict[str, tuple[Path, str]],
+    order: list[str],
+    batch_id: str,
+    source_version: str,
+    on_invalid: str,
+    step,  # noqa: ANN001
+) -> BatchResult:
+    site_id = site.id
+    dictionary, raw = prepared.dictionary, prepared.raw
+    pooled_tables = set(store.data_tables(con))
+    pads = pseudonymiser.register(con)
+    error_frames: list[pl.DataFrame] = []
+    identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
+    table_errors = prepared.errors
+    for table, frame in prepared.incoming.items():
+        con.register(f"_in_{table}", frame.to_arrow())
+    # One HMAC per DISTINCT local id of each kind (a patient id recurs in patient, tumour and
+    # followup rows), then hash joins: far fewer HMACs than rows. Python's hmac on the distinct
+    # ids costs about 1 us each, less CPU than the same HMAC composed of DuckDB sha256 calls.
+    kinds: dict[str, list[pl.Series]] = {}
+    for table, cols in identifiers.items():
+        for c in cols:
+            kinds.setdefault(identifier_kind(c), []).append(
+                prepared.incoming[table][c].cast(pl.String)
+            )
+    for kind, series in kinds.items():
+        local = pl.concat(series).drop_nulls().unique()
+        idmap = pl.DataFrame(
+            {"local": local, "pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
+        )
+        con.register("_idmap", idmap.to_arrow())
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _idmap_{kind} AS SELECT * FROM _idmap")
+        con.unregister("_idmap")
+    step("pseudonymised identifiers")
+    # Stage every dictionary table (parents first), also the ones not delivered (empty), so
+    # the pooled store always has every table with its dictionary schema.
+    for table in load_order(dictionary):
+        pooled_cols = dictionary.pooled_columns(table)
+        id_cols = identifiers[table]
+        select, joins = [], []
+        for c in pooled_cols:
+            if c in id_cols:
+                alias = f"_m_{c}"
+                select.append(f'{alias}.pseudonym AS "{c}"')
+                joins.append(
+                    f"LEFT JOIN _idmap_{identifier_kind(c)} AS {alias} "
+                    f'ON {alias}.local = i."{c}"::VARCHAR'
+                )
+            else:
+                select.append(f'i."{c}"')
         con.execute(
             f"CREATE OR REPLACE TEMP TABLE _stage_{table} AS "
-            f"SELECT i.{ROW}, {', '.join(select)} FROM _incoming AS i"
+            f"SELECT i.{ROW}, {', '.join(select)} FROM _in_{table} AS i {' '.join(joins)}"
         )
-        con.unregister("_incoming")
+        con.unregister(f"_in_{table}")
         pool_errors = _pool_errors(
             con, dictionary, table, f"_stage_{table}", pooled_tables, site_id
         )
-        table_errors = pl.concat([_conform_errors(errors, table), pool_errors])
-        error_frames.append(table_errors)
-        con.register("_bad", table_errors.select(pl.col("row").unique()).to_arrow())
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _ok_{table} AS SELECT * FROM _stage_{table} "
-            f"WHERE {ROW} NOT IN (SELECT row FROM _bad)"
-        )
+        errs = pl.concat([_conform_errors(table_errors[table], table), pool_errors])
+        error_frames.append(errs)
+        con.register("_bad", errs.select(pl.col("row").unique()).to_arrow())
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_{table} AS SELECT row FROM _bad")
         con.unregister("_bad")
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW _ok_{table} AS SELECT * FROM _stage_{table} "
+            f"WHERE {ROW} NOT IN (SELECT row FROM _bad_{table})"
+        )
         if table in by_table:
-            step(f"pseudonymised {table}")
+            step(f"checked keys of {table}")
 
     errors = pl.concat(error_frames).sort(["table", "row", "column", "rule"])
     invalid_rows = errors.select(["table", "row"]).unique().height
@@ -533,10 +638,14 @@ def _ingest_new(
         cols = ", ".join(f'"{c}"' for c in dictionary.pooled_columns(table))
         if table not in pooled_tables:
             con.execute(f'CREATE TABLE main."{table}" AS SELECT {cols} FROM _ok_{table} LIMIT 0')
+        else:
+            _add_new_columns(con, table, dictionary.pooled_columns(table))
         if table not in by_table:
             continue
-        con.execute(f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}')
-        rows_added[table] = con.execute(f"SELECT count(*) FROM _ok_{table}").fetchone()[0]
+        inserted = con.execute(
+            f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}'
+        ).fetchall()
+        rows_added[table] = int(inserted[0][0])
         step(f"wrote {table}")
         _crash_point(f"after-insert-{table}")
     if quarantine.height:
@@ -547,7 +656,8 @@ def _ingest_new(
         )
         con.unregister("_q")
     totals = {
-        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchone()[0] for t in dictionary.tables
+        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchall()[0][0]
+        for t in dictionary.tables
     }
     record |= {"status": "loaded", "pooled_version": version, "row_counts": rows_added}
     con.execute("DELETE FROM _batches WHERE batch_id = $b", {"b": batch_id})
@@ -574,6 +684,25 @@ def _ingest_new(
         errors_csv=final_dir / "errors.csv",
         errors=errors,
     )
+
+
+def _add_new_columns(con: duckdb.DuckDBPyConnection, table: str, pooled_cols: list[str]) -> None:
+    """A dictionary that gained a column: add it to the pooled table (null for older rows).
+    Columns are only ever added, so every earlier pooled version stays readable."""
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = $t",
+            {"t": table},
+        ).fetchall()
+    }
+    types = dict(
+        con.execute(f"SELECT column_name, column_type FROM (DESCRIBE _stage_{table})").fetchall()
+    )
+    for c in pooled_cols:
+        if c not in have:
+            con.execute(f'ALTER TABLE main."{table}" ADD COLUMN "{c}" {types[c]}')
 
 
 def _insert_batch_row(con: duckdb.DuckDBPyConnection, record: dict, quarantined: int) -> None:

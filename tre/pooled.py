@@ -114,7 +114,8 @@ class PooledStore:
         """Exclusive read-write connection; cleans up staging left by an interrupted writer."""
         with self._locked(exclusive=True, timeout=timeout):
             self._remove_staging()
-            con = duckdb.connect(str(self.db_path))
+            # row order carries no meaning in the pool: let DuckDB insert in parallel
+            con = duckdb.connect(str(self.db_path), config={"preserve_insertion_order": False})
             try:
                 con.execute(_SCHEMA)
                 yield con
@@ -146,8 +147,8 @@ class PooledStore:
     # -- queries -------------------------------------------------------------------------
     @staticmethod
     def current_version(con: duckdb.DuckDBPyConnection, schema: str = "main") -> int:
-        row = con.execute(f"SELECT coalesce(max(version), 0) FROM {schema}._versions").fetchone()
-        return int(row[0]) if row else 0
+        rows = con.execute(f"SELECT coalesce(max(version), 0) FROM {schema}._versions").fetchall()
+        return int(rows[0][0])
 
     @staticmethod
     def data_tables(con: duckdb.DuckDBPyConnection, catalog: str | None = None) -> list[str]:
@@ -166,9 +167,10 @@ class PooledStore:
         con: duckdb.DuckDBPyConnection, batch_id: str, schema: str = "main"
     ) -> dict | None:
         cur = con.execute(f"SELECT * FROM {schema}._batches WHERE batch_id = $b", {"b": batch_id})
-        row = cur.fetchone()
-        if row is None:
+        rows = cur.fetchall()
+        if not rows:
             return None
+        row = rows[0]
         cols = [d[0] for d in cur.description]
         rec = dict(zip(cols, row, strict=True))
         for k in ("files", "row_counts"):
@@ -181,7 +183,8 @@ class PooledStore:
             version = self.current_version(con, "pooled")
             tables = self.data_tables(con, "pooled")
             counts = {
-                t: con.execute(f'SELECT count(*) FROM pooled."{t}"').fetchone()[0] for t in tables
+                t: con.execute(f'SELECT count(*) FROM pooled."{t}"').fetchall()[0][0]
+                for t in tables
             }
             batches = con.execute(
                 "SELECT batch_id, site_id, status, pooled_version FROM pooled._batches "

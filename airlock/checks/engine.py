@@ -95,13 +95,22 @@ def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
 def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list[Finding]]:
     from airlock.checks.leaks import find_identifiers_in_text
     from airlock.checks.notebooks import encoded_blobs, tables_from_text
+    from airlock.checks.spreadsheets import read_delimited
     from airlock.checks.text import check_text
 
     findings = encoded_blobs(text, {})
-    tables = tables_from_text(text) if kind in {"csv", "tsv"} else []
+    tables = []
+    if kind in {"csv", "tsv"}:  # a .txt/.log holding a table is checked as the table it is
+        try:
+            tables = [read_delimited(text, "\t" if kind == "tsv" else None)]
+        except ValueError:
+            tables = tables_from_text(text)
+    output_class = "text"
     for df, raw in tables:
-        findings += check_dataframe(df, ctx, raw=raw)[1]
-    findings += check_text(text, ctx.policy)
+        output_class, found = check_dataframe(df, ctx, raw=raw)
+        findings += found
+    if not tables:
+        findings += check_text(text, ctx.policy)
     lines = text.count("\n") + 1
     if not tables and lines > ctx.policy.max_rows:
         findings.append(
@@ -115,7 +124,7 @@ def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list
     if ctx.extract is not None:
         ident = find_identifiers_in_text(text, ctx.extract)
         findings += [ident] if ident else []
-    return "text", findings
+    return output_class, findings
 
 
 def _companion_tables(path: Path, companions: Sequence[Path]) -> list[Path]:

@@ -15,7 +15,7 @@ import polars as pl
 
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
-from airlock.checks.layout import Layout, Role, _text, is_total_label
+from airlock.checks.layout import Layout, Role, _text, is_ambiguous_total, is_total_label
 from airlock.policy import Policy
 
 COLUMN_DIM = "__column__"
@@ -68,28 +68,103 @@ def margin_equations(
     """
     dims = layout.columns(Role.LABEL)
     multi_column = len(layout.columns(Role.COUNT)) > 1
-    keyed: dict[tuple[str, ...], int] = {}
-    for i, c in enumerate(cells):
-        key = tuple(c.labels.get(d, "") for d in dims) + ((c.column,) if multi_column else ())
-        if key in keyed:
-            return []
-        keyed[key] = i
-    all_dims = dims + ([COLUMN_DIM] if multi_column else [])
-    is_total = [[is_total_label(part, policy) for part in key] for key in keyed]
-    keys = list(keyed)
-    equations: list[rules.MarginEquation] = []
-    for t_pos, t_key in enumerate(keys):
-        for d in range(len(all_dims)):
-            if not is_total[t_pos][d]:
+    keys = [
+        tuple(c.labels.get(d, "") for d in dims) + ((c.column,) if multi_column else ())
+        for c in cells
+    ]
+    return confirmed_equations(
+        keys, [c.value for c in cells], [c.suppressed for c in cells], policy
+    )
+
+
+def confirmed_equations(
+    keys: list[tuple[str, ...]],
+    values: list[float | None],
+    suppressed: list[bool],
+    policy: Policy,
+    tolerance: float = 0.0,
+) -> list[rules.MarginEquation]:
+    """Margin equations, after dropping ambiguous margin labels ('All') whose fully visible
+    lines never add up: such a label names a category (ALL is a leukaemia), not a total."""
+    not_totals: set[tuple[int, str]] = set()
+    # a dimension with a plain 'Total' has no second margin: 'All' there is a category
+    plain = {
+        d
+        for key in keys
+        for d, part in enumerate(key)
+        if is_total_label(part, policy, ambiguous=False)
+    }
+    not_totals |= {
+        (d, part)
+        for key in keys
+        for d, part in enumerate(key)
+        if d in plain and is_ambiguous_total(part, policy)
+    }
+    for _ in range(len(keys) + 1):
+        equations = cube_equations(keys, policy, not_totals)
+        groups: dict[tuple[int, str], list[rules.MarginEquation]] = {}
+        for eq in equations:
+            groups.setdefault(eq.margin, []).append(eq)
+        rejected = set()
+        for (dim, label), eqs in groups.items():
+            if not is_ambiguous_total(label, policy):
                 continue
-            parts = [
-                keyed[k]
-                for p_pos, k in enumerate(keys)
-                if not is_total[p_pos][d]
-                and all(k[o] == t_key[o] for o in range(len(all_dims)) if o != d)
+            visible = [e for e in eqs if not any(suppressed[i] for i in [e.total, *e.parts])]
+            holds = [
+                abs((values[e.total] or 0) - sum(values[p] or 0 for p in e.parts))
+                <= tolerance * (len(e.parts) + 1)
+                for e in visible
             ]
-            if parts:
-                equations.append(rules.MarginEquation(keyed[t_key], parts))
+            # parts that would have to be negative also rule a margin out
+            infeasible = any(
+                (values[e.total] or 0)
+                < sum(values[p] or 0 for p in e.parts if not suppressed[p])
+                - tolerance * (len(e.parts) + 1)
+                for e in eqs
+                if not suppressed[e.total]
+            )
+            if (visible and not any(holds)) or infeasible:
+                rejected.add((dim, label))
+        if not rejected:
+            return equations
+        not_totals |= rejected
+    return []
+
+
+def cube_equations(
+    keys: list[tuple[str, ...]],
+    policy: Policy,
+    not_totals: set[tuple[int, str]] | None = None,
+) -> list[rules.MarginEquation]:
+    """Margin equations of a table whose cells are identified by ``keys`` (one value per
+    dimension). A cell whose value in dimension d is a total label (``policy.total_labels``) is
+    the sum of the cells that agree with it on every other dimension and are not totals in d.
+    Duplicate keys make the layout ambiguous: then no equations are returned."""
+    index: dict[tuple[str, ...], int] = {}
+    for i, key in enumerate(keys):
+        if key in index:
+            return []
+        index[key] = i
+    if not keys:
+        return []
+    n_dims = len(keys[0])
+    skip = not_totals or set()
+    is_total = [
+        [is_total_label(part, policy) and (d, part) not in skip for d, part in enumerate(key)]
+        for key in keys
+    ]
+    equations: list[rules.MarginEquation] = []
+    for d in range(n_dims):
+        # group the non-total cells of dimension d by their other coordinates
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, key in enumerate(keys):
+            if not is_total[i][d]:
+                groups.setdefault(key[:d] + key[d + 1 :], []).append(i)
+        for i, key in enumerate(keys):
+            if is_total[i][d]:
+                parts = groups.get(key[:d] + key[d + 1 :], [])
+                if parts:
+                    equations.append(rules.MarginEquation(i, parts, (d, key[d])))
     return equations
 
 

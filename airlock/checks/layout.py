@@ -252,13 +252,22 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
             values.append(None)
             suppressed.append(False)
             numeric = False
-    return Parsed(values, suppressed, numeric and any_number, any_number)
+    # a column holding only suppression markers is a fully suppressed data column
+    all_markers = numeric and not any_number and any(suppressed)
+    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number)
 
 
-def is_total_label(text: str, policy: Policy) -> bool:
+def is_total_label(text: str, policy: Policy, ambiguous: bool = True) -> bool:
+    """Whether a label marks a margin; with ``ambiguous`` also labels such as 'All' that need
+    the numbers to confirm them."""
     low = " ".join(words(text)) if text else ""
-    totals = {t.lower() for t in policy.total_labels}
-    return low in totals or (low.startswith("all ") and len(low.split()) <= 3)
+    if low in {" ".join(words(t)) for t in policy.total_labels}:
+        return True
+    return ambiguous and low in {" ".join(words(t)) for t in policy.ambiguous_total_labels}
+
+
+def is_ambiguous_total(text: str, policy: Policy) -> bool:
+    return is_total_label(text, policy) and not is_total_label(text, policy, ambiguous=False)
 
 
 def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
@@ -283,8 +292,8 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
         return Role.COUNT, None
     if "total" in tokens and not integer_valued:
         return Role.STATISTIC, "sum"
-    if label_hint:
-        return Role.LABEL, None
+    if label_hint and integer_valued:
+        return Role.LABEL, None  # codes, years, ids: fractional values are never labels
     if integer_valued:
         distinct = set(nums)
         if len(distinct) >= 2 and all(1900 <= v <= 2100 for v in distinct) and not count_hint:
@@ -304,8 +313,12 @@ def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
         roles[name] = role
         if kind:
             stats[name] = kind
-    # the first column of a table whose other columns are all data and that holds row labels
-    # such as category codes (integers) is still a label column when it is sequential 1..k
+    # a column of nothing but markers ('x', '-') is a suppressed data column only in a table
+    # that has numbers somewhere; in an all-text table it is text
+    if not any(p.any_number for p in parsed.values()):
+        for name in frame.columns:
+            roles[name] = Role.LABEL
+            stats.pop(name, None)
     layout = Layout(roles, stats, parsed, n_rows=frame.height)
     labels = layout.columns(Role.LABEL)
     for row in range(frame.height):

@@ -171,35 +171,57 @@ def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None
     )
 
 
+# (export column, extract table alias, extract column)
+_Pair = tuple[str, str, str]
+
+
 def _match_rows(
-    df: pl.DataFrame, extract: ExtractIndex, table: str, pairs: list[tuple[str, str]], k: int
+    df: pl.DataFrame,
+    extract: ExtractIndex,
+    tables: list[tuple[str, str | None]],
+    pairs: list[_Pair],
+    k: int,
 ) -> list[tuple[int, int]]:
-    """(export row, matching extract records) for rows matching fewer than k records of table
-    on the column ``pairs`` (export name, extract name)."""
-    types = extract.tables[table]
+    """(export row, matching extract records) for the rows that match fewer than k records.
+
+    ``tables`` is a chain [(table, None), (table2, id column linking it to the chain), ...];
+    the records are the rows of the chain's join. ``pairs`` name the columns compared. Values are
+    normalised on the export side only (the extract side stays a plain column, so the join
+    probes millions of extract rows cheaply): numbers as numbers, text case-insensitively.
+    """
+    aliases = {table: f"x{i}" for i, (table, _) in enumerate(tables)}
     sel, conds = [], []
-    for i, (mine, theirs) in enumerate(pairs):
-        alias = f"c{i}"
-        if types[theirs].startswith(_NUMERIC_TYPES):
+    for i, (mine, table, theirs) in enumerate(pairs):
+        alias, x = f"c{i}", aliases[table]
+        dtype = extract.tables[table][theirs]
+        if dtype.startswith(_NUMERIC_TYPES):
             sel.append(f"TRY_CAST(TRIM(CAST({_quote(mine)} AS VARCHAR)) AS DOUBLE) AS {alias}")
-            conds.append(f"x.{_quote(theirs)} = m.{alias}")
-        elif types[theirs] == "VARCHAR":
+            conds.append(f"{x}.{_quote(theirs)} = m.{alias}")
+        elif dtype == "VARCHAR":
             sel.append(f"lower(trim(CAST({_quote(mine)} AS VARCHAR))) AS {alias}")
-            conds.append(f"lower(x.{_quote(theirs)}) = m.{alias}")
+            conds.append(f"lower({x}.{_quote(theirs)}) = m.{alias}")
         else:
             sel.append(f"TRIM(CAST({_quote(mine)} AS VARCHAR)) AS {alias}")
-            conds.append(f"CAST(x.{_quote(theirs)} AS VARCHAR) = m.{alias}")
-    aliases = [f"c{i}" for i in range(len(pairs))]
-    not_null = " AND ".join(f"{a} IS NOT NULL" for a in aliases)
+            conds.append(f"CAST({x}.{_quote(theirs)} AS VARCHAR) = m.{alias}")
+    names = [f"c{i}" for i in range(len(pairs))]
+    not_null = " AND ".join(f"{a} IS NOT NULL" for a in names)
+    first, _ = tables[0]
+    source = f"{_quote(first)} {aliases[first]}"
+    for i, (table, link) in enumerate(tables[1:], start=1):
+        prev = next(t for t, _ in tables[:i] if link in extract.tables[t])
+        source += (
+            f" JOIN {_quote(table)} {aliases[table]} ON "
+            f"{aliases[table]}.{_quote(link)} = {aliases[prev]}.{_quote(link)}"
+        )
     sql = f"""
         WITH e AS (SELECT __row, {", ".join(sel)} FROM __export_rows),
-        m AS (SELECT DISTINCT {", ".join(aliases)} FROM e WHERE {not_null}),
+        m AS (SELECT DISTINCT {", ".join(names)} FROM e WHERE {not_null}),
         hits AS (
-            SELECT {", ".join("m." + a for a in aliases)}, count(*) AS n
-            FROM {_quote(table)} x JOIN m ON {" AND ".join(conds)}
+            SELECT {", ".join("m." + a for a in names)}, count(*) AS n
+            FROM {source} JOIN m ON {" AND ".join(conds)}
             GROUP BY ALL
         )
-        SELECT e.__row, hits.n FROM e JOIN hits USING ({", ".join(aliases)})
+        SELECT e.__row, hits.n FROM e JOIN hits USING ({", ".join(names)})
         WHERE hits.n < {int(k)} ORDER BY e.__row
     """
     cur = extract.cursor()
@@ -210,26 +232,66 @@ def _match_rows(
         cur.close()
 
 
+def _comparisons(
+    df: pl.DataFrame, extract: ExtractIndex
+) -> list[tuple[list[tuple[str, str | None]], list[_Pair]]]:
+    """What to compare: each extract table on the columns it shares with the export, and the
+    join of the tables linked by an id column (a patient table and a tumour table, say) on the
+    columns they share together, each export column compared once."""
+    mine = {c.lower(): c for c in df.columns}
+    per_table: dict[str, list[_Pair]] = {}
+    for table, columns in extract.tables.items():
+        pairs = [
+            (mine[c.lower()], table, c)
+            for c in columns
+            if c.lower() in mine and c.lower() not in ID_COLUMNS
+        ]
+        if pairs:
+            per_table[table] = pairs
+    out: list[tuple[list[tuple[str, str | None]], list[_Pair]]] = [
+        ([(t, None)], pairs) for t, pairs in per_table.items()
+    ]
+    ranked = sorted(per_table, key=lambda t: -len(per_table[t]))
+    if len(ranked) >= 2:
+        chain: list[tuple[str, str | None]] = [(ranked[0], None)]
+        used = {p[0] for p in per_table[ranked[0]]}
+        pairs = list(per_table[ranked[0]])
+        for table in ranked[1:4]:
+            new = [p for p in per_table[table] if p[0] not in used]
+            link = next(
+                (
+                    c
+                    for c in extract.tables[table]
+                    if c.lower() in ID_COLUMNS and any(c in extract.tables[t] for t, _ in chain)
+                ),
+                None,
+            )
+            if new and link:
+                chain.append((table, link))
+                pairs += new
+                used.update(p[0] for p in new)
+        if len(chain) >= 2:
+            out.append((chain, pairs))
+    return out
+
+
 def find_row_matches(df: pl.DataFrame, extract: ExtractIndex, policy: Any) -> list[Finding]:
     """Rows singling out fewer than k extract records, on shared columns and on shared QIs."""
     if df.height == 0:
         return []
     qis = {q.lower() for q in policy.quasi_identifiers}
-    mine = {c.lower(): c for c in df.columns}
     results: dict[str, tuple[set[int], list[str], int]] = {}
-    for table, columns in extract.tables.items():
-        shared = [(mine[c.lower()], c) for c in columns if c.lower() in mine]
-        shared = [p for p in shared if p[1].lower() not in ID_COLUMNS]
-        qi_shared = [p for p in shared if p[1].lower() in qis]
+    for tables, shared in _comparisons(df, extract):
+        qi_shared = [p for p in shared if p[2].lower() in qis]
         for rule, pairs in (("leak.row_match", shared), ("leak.qi_match", qi_shared)):
             if len(pairs) < 2 or (rule == "leak.qi_match" and len(qi_shared) == len(shared)):
                 continue
-            matched = _match_rows(df, extract, table, pairs, policy.k_anonymity)
+            matched = _match_rows(df, extract, tables, pairs, policy.k_anonymity)
             if matched:
                 rows, cols, unique = results.get(rule, (set(), [], 0))
                 rows.update(r for r, _ in matched)
-                cols = cols + [f"{table}.{c}" for _, c in pairs]
-                unique += sum(1 for _, n in matched if n == 1)
+                cols = cols + [f"{t}.{c}" for _, t, c in pairs if f"{t}.{c}" not in cols]
+                unique = max(unique, sum(1 for _, n in matched if n == 1))
                 results[rule] = (rows, cols, unique)
     findings = []
     for rule, (rows, cols, unique) in results.items():

@@ -67,6 +67,8 @@ NOBS_KEYS = {"no observations", "nobs", "n obs", "observations", "number of obs"
 
 
 def looks_like_model(frame: pl.DataFrame) -> bool:
+    if any(k in DOF_KEYS for k in _key_values(frame)):
+        return True  # a model information table ("Df Residuals: 190")
     heads = [set(words(c)) for c in frame.columns]
     has_coef = any(h & COEF_WORDS for h in heads)
     has_se = sum(1 for h in heads if h & SE_WORDS) >= 1

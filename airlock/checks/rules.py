@@ -132,6 +132,7 @@ class MarginEquation:
 
     total: int
     parts: list[int]
+    margin: tuple[int, str] = (0, "")  # (dimension, label) of the total: equations of one margin
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def recoverable_cells(
     numpy's least squares / rank, not by hand-picking single-unknown rows, so chains such as a
     row total revealing one cell that then completes a column are found too). A line is also
     fully determined when its residual sits at the bound of what its suppressed cells could hold
-    (e.g. two suppressed cells that must sum to 0, or to 2 x (min_cell_count - 1)).
+    (suppressed cells that must sum to 0).
     Returns (recoveries, indices of inconsistent equations).
     """
     unknown = [i for i, s in enumerate(suppressed) if s]
@@ -166,7 +167,6 @@ def recoverable_cells(
     rhs: list[float] = []
     inconsistent: list[int] = []
     recovered: dict[int, Recovery] = {}
-    high = policy.min_cell_count - 1
     for e_index, eq in enumerate(equations):
         coeffs = [0.0] * len(unknown)
         residual = 0.0
@@ -180,27 +180,17 @@ def recoverable_cells(
             if abs(residual) > 1e-6:
                 inconsistent.append(e_index)
             continue
-        # bounds: a suppressed part lies in [0, high]; a suppressed total is unknown but >= 0
+        # counts are never negative: suppressed parts that must sum to 0 are all 0, and parts
+        # that must sum to less than 0 mean the margin is wrong. (No upper bound is assumed:
+        # secondary suppression hides cells of any size.)
         part_unknowns = [p for p in eq.parts if suppressed[p]]
-        total_unknown = suppressed[eq.total]
-        if not total_unknown:
+        if not suppressed[eq.total] and part_unknowns:
             needed = -residual  # the suppressed parts must sum to this
-            if needed < -1e-6 or needed > high * len(part_unknowns) + 1e-6:
+            if needed < -1e-6:
                 inconsistent.append(e_index)
             elif abs(needed) < 1e-6:
                 for p in part_unknowns:
                     recovered.setdefault(p, Recovery(p, 0.0, "its margin leaves 0 for it"))
-            elif abs(needed - high * len(part_unknowns)) < 1e-6:
-                for p in part_unknowns:
-                    recovered.setdefault(
-                        p,
-                        Recovery(
-                            p,
-                            float(high),
-                            "its margin forces every suppressed cell "
-                            "to the largest suppressible value",
-                        ),
-                    )
         rows.append(coeffs)
         rhs.append(residual)
     if rows and unknown:
@@ -220,7 +210,40 @@ def recoverable_cells(
                 recovered[cell] = Recovery(
                     cell, round(float(solution[j]), 6), "total minus the visible cells"
                 )
+        # bounds: counts are >= 0, so a cell can be pinned even when the system leaves a free
+        # direction (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). Linear programming (HiGHS via
+        # scipy) gives each cell's range; a range holding a single integer reveals the cell.
+        open_cells = [j for j, cell in enumerate(unknown) if cell not in recovered]
+        if open_cells and len(unknown) <= LP_MAX_UNKNOWNS:
+            for j, low, high in _count_ranges(a, b, open_cells):
+                if math.floor(high + 1e-7) <= math.ceil(low - 1e-7):
+                    cell = unknown[j]
+                    recovered[cell] = Recovery(
+                        cell, float(round(low)), "the margins and non-negative counts pin it"
+                    )
     return sorted(recovered.values(), key=lambda r: r.cell), inconsistent
+
+
+LP_MAX_UNKNOWNS = 400
+
+
+def _count_ranges(a: np.ndarray, b: np.ndarray, cells: list[int]) -> list[tuple[int, float, float]]:
+    """Smallest and largest value of each unknown over non-negative solutions of ``a x = b``."""
+    from scipy.optimize import linprog  # imported lazily: only tables with suppression need it
+
+    n = a.shape[1]
+    out = []
+    for j in cells:
+        c = np.zeros(n)
+        c[j] = 1.0
+        low = linprog(c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
+        if low.status != 0:  # infeasible (inconsistent margins) or failed: no claim
+            continue
+        high = linprog(-c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
+        if high.status != 0:  # unbounded above: not determined
+            continue
+        out.append((j, float(low.fun), float(-high.fun)))
+    return out
 
 
 # ---------------------------------------------------------------- magnitude

@@ -31,6 +31,8 @@ def make_policies(root: Path) -> Path:
     leuk = policies / "projects" / "leukaemia-incidence.yaml"
     data = yaml.safe_load(leuk.read_text())
     data["members"].append({"username": "checker3", "role": "researcher"})
+    # alice is in both projects, so a sandbox token of one project must not reach the other
+    data["members"].append({"username": "alice", "role": "researcher"})
     leuk.write_text(yaml.safe_dump(data))
     return policies
 
@@ -96,3 +98,121 @@ def tre_settings(tmp_path: Path, db: DB) -> Settings:
 def service(tre_settings: Settings, db: DB) -> AirlockService:
     registry = load_registry(tre_settings.policies_dir)
     return AirlockService(tre_settings, db.engine, registry)
+
+
+# --- a real JupyterHub with the airlock registered as its service -------------------------
+
+SANDBOX_PROJECTS = ("wilms-outcomes", "leukaemia-incidence")
+
+
+class AppHolder:
+    """The ASGI app uvicorn serves; each test swaps in an app over its own database."""
+
+    def __init__(self) -> None:
+        self.app = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.app is None:  # between tests (the hub probes its services): not available
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b"no airlock app installed"})
+            return
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Live:
+    hub: object
+    holder: AppHolder
+    identity: object
+    prefix: str
+    base: str  # airlock through the hub's proxy, e.g. http://127.0.0.1:PORT/services/airlock/
+    tokens: dict  # role or user -> token (None = anonymous)
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory, request) -> Live:
+    """JupyterHub 6 + proxy + the airlock (uvicorn, loopback) for the whole test session."""
+    import secrets
+    import threading
+    import time
+
+    import uvicorn
+    from conftest import require_component  # tests/conftest.py (skips locally, fails in CI)
+    from hubfixture import free_port, start_hub
+
+    from airlock.service.auth import HubConfig, HubIdentityProvider
+
+    proxy = str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")
+    require_component(Path(proxy).exists(), "configurable-http-proxy (npm ci)")
+    airlock_port, hub_port = free_port(), free_port()
+    service_token = secrets.token_hex(32)
+    holder = AppHolder()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            holder, host="127.0.0.1", port=airlock_port, lifespan="off", log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    hub = start_hub(
+        tmp_path_factory.mktemp("hub"),
+        proxy,
+        services=[
+            {
+                "name": "airlock",
+                "url": f"http://127.0.0.1:{airlock_port}",
+                "api_token": service_token,
+                "oauth_no_confirm": True,
+            }
+        ],
+        hub_port=hub_port,
+        user_scopes=("self", "access:services!service=airlock"),
+    )
+    try:
+        config = HubConfig(
+            api_url=f"http://127.0.0.1:{hub_port}/hub/api",
+            api_token=service_token,
+            hub_host=hub.url,
+        )
+        identity = HubIdentityProvider(config)
+        tokens: dict = {None: None}
+        for user in USERS:
+            hub.create_user(user)
+            tokens[user] = hub.user_token(user)
+        for project in SANDBOX_PROJECTS:
+            tokens[f"sandbox:alice/{project}"] = hub.start_server("alice", project)
+        yield Live(hub, holder, identity, config.prefix, f"{hub.url}{config.prefix}", tokens)
+    finally:
+        hub.stop()
+        server.should_exit = True
+        thread.join(10)
+
+
+class Client:
+    def __init__(self, live: Live, service: AirlockService) -> None:
+        import httpx
+
+        self.live, self.service = live, service
+        self.http = httpx.Client(base_url=live.base, timeout=30)
+
+    def call(self, who, method: str, path: str, **kwargs):
+        token = self.live.tokens[who]
+        headers = kwargs.pop("headers", {})
+        if token:
+            headers["Authorization"] = f"token {token}"
+        return self.http.request(method, path.lstrip("/"), headers=headers, **kwargs)
+
+
+@pytest.fixture
+def client(live: Live, service: AirlockService):
+    from airlock.service.app import create_app
+
+    live.holder.app = create_app(
+        service, live.identity, prefix=live.prefix, session_secret="test-secret"
+    )
+    c = Client(live, service)
+    yield c
+    c.http.close()
+    live.holder.app = None

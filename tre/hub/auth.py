@@ -34,7 +34,7 @@ from typing import Any
 from jupyterhub.auth import Authenticator
 from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
-from traitlets import Bool, Dict, Unicode, default, validate
+from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
 from tre.registry import USERNAME, Registry, load_registry
 
@@ -294,13 +294,13 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
     @validate("allow_all")
     def _no_allow_all(self, proposal: Any) -> bool:
         if proposal["value"]:
-            raise ValueError("allow_all cannot be enabled in the TRE: the registry decides")
+            raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
         return False
 
     @validate("manage_groups")
     def _always_manage_groups(self, proposal: Any) -> bool:
         if not proposal["value"]:
-            raise ValueError("manage_groups must be True in the TRE: groups follow the registry")
+            raise TraitError("manage_groups must be True in the TRE: groups follow the registry")
         return True
 
     async def authenticate(self, handler: Any, data: dict) -> dict | None:
@@ -394,13 +394,13 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     @validate("allow_all")
     def _no_allow_all(self, proposal: Any) -> bool:
         if proposal["value"]:
-            raise ValueError("allow_all cannot be enabled in the TRE: the registry decides")
+            raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
         return False
 
     @validate("manage_groups")
     def _always_manage_groups(self, proposal: Any) -> bool:
         if not proposal["value"]:
-            raise ValueError("manage_groups must be True in the TRE: groups follow the registry")
+            raise TraitError("manage_groups must be True in the TRE: groups follow the registry")
         return True
 
     @validate("group_mapping")
@@ -409,7 +409,7 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             if grant not in {"checker", "admin"} and not re.fullmatch(
                 r"project:[a-z][a-z0-9-]{1,38}[a-z0-9]", grant
             ):
-                raise ValueError(
+                raise TraitError(
                     f"group_mapping[{idp_group!r}] = {grant!r}: "
                     "expected 'project:<id>', 'checker' or 'admin'"
                 )

@@ -1,0 +1,589 @@
+"""The airlock web application: JSON API (``<prefix>api/...``, OpenAPI at ``<prefix>openapi.json``)
+and server-rendered pages (Jinja2 + htmx, vendored; no CDN, no build step).
+
+The API authenticates with ``Authorization: token <hub token>`` only (no cookies, so no CSRF);
+pages authenticate with the hub OAuth login stored in a signed session cookie, and every page
+form carries a CSRF token that is checked on POST.
+"""
+
+import logging
+import secrets
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from airlock import permissions as perm
+from airlock.release import ReleaseError
+from airlock.service import preview
+from airlock.service.auth import HubIdentityProvider, Identity, IdentityProvider, TokenRefused
+from airlock.service.core import (
+    AirlockService,
+    BadInput,
+    Conflict,
+    FileSpec,
+    NotFound,
+)
+from airlock.storage import StorageError
+from airlock.workflow import TransitionError
+from tre.audit import verify_chain
+
+log = logging.getLogger("airlock.web")
+HERE = Path(__file__).resolve().parent
+MAX_BODY_BYTES = 1024 * 1024
+
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
+    " frame-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none';"
+    " object-src 'none'"
+)
+# what a rendered notebook or a raw snapshot may do: nothing (no scripts, no requests)
+INERT_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+# --- request bodies -----------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileIn(_Body):
+    path: str = Field(min_length=1, max_length=512, description="Relative to the workspace.")
+    group: str = Field(default="default", min_length=1, max_length=64)
+
+
+class CreateRequestIn(_Body):
+    project: str = Field(min_length=1, max_length=64)
+    title: str = Field(default="", max_length=200)
+    context: str = Field(default="", max_length=20000)
+    controls: str = Field(default="", max_length=20000)
+    files: list[FileIn] = Field(default_factory=list, max_length=100)
+    submit: bool = False
+
+
+class EditRequestIn(_Body):
+    context: str | None = Field(default=None, max_length=20000)
+    controls: str | None = Field(default=None, max_length=20000)
+
+
+class VoteIn(_Body):
+    decision: Literal["approve", "reject", "request_changes"]
+    comment: str = Field(default="", max_length=10000)
+    justification: str = Field(default="", max_length=10000)
+
+
+class CommentIn(_Body):
+    body: str = Field(min_length=1, max_length=10000)
+    visibility: Literal["public", "private"] = "public"
+
+
+class DecisionIn(_Body):
+    action: Literal["return", "reject"]
+    comment: str = Field(min_length=1, max_length=10000)
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await _too_large(send, self.limit)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = f'{{"detail":"request body larger than {limit} bytes"}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class LoginRequired(Exception):  # noqa: N818
+    def __init__(self, next_url: str) -> None:
+        self.next_url = next_url
+
+
+class CsrfFailed(Exception):  # noqa: N818
+    pass
+
+
+ERRORS: list[tuple[type[Exception], int]] = [
+    (NotFound, 404),
+    (perm.PermissionDenied, 403),
+    (TokenRefused, 403),
+    (TransitionError, 409),
+    (Conflict, 409),
+    (BadInput, 400),
+    (StorageError, 400),
+    (ReleaseError, 409),
+    (CsrfFailed, 403),
+]
+
+
+def create_app(
+    service: AirlockService,
+    identity: IdentityProvider,
+    *,
+    prefix: str = "/services/airlock/",
+    session_secret: str | None = None,
+    https_only: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The ASGI application; ``identity`` validates hub tokens (``HubIdentityProvider``)."""
+    if not prefix.startswith("/") or not prefix.endswith("/"):
+        raise ValueError("prefix must start and end with '/'")
+    app = FastAPI(
+        title="Airlock",
+        version="1",
+        description="Release requests, independent output checking and release of outputs.",
+        openapi_url=f"{prefix}openapi.json",
+        docs_url=None,  # Swagger UI loads from a CDN: nothing here fetches from the internet
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.identity = identity
+    app.state.prefix = prefix
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.globals["prefix"] = prefix
+    app.mount(f"{prefix}static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=session_secret or secrets.token_hex(32),
+        session_cookie="airlock-session",
+        path=prefix,
+        same_site="lax",
+        https_only=https_only,
+        max_age=8 * 3600,
+    )
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+    for exc_type, status in ERRORS:
+
+        def _handler(_req: Request, exc: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse({"detail": str(exc) or exc.__class__.__name__}, status_code=status)
+
+        app.add_exception_handler(exc_type, _handler)
+
+    @app.exception_handler(LoginRequired)
+    async def _login(_req: Request, exc: LoginRequired) -> RedirectResponse:
+        from urllib.parse import quote
+
+        return RedirectResponse(f"{prefix}login?next={quote(exc.next_url)}", status_code=303)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    # --- identities -----------------------------------------------------------------------
+
+    async def _who_for_token(token: str) -> perm.Who | None:
+        ident: Identity | None = await identity.identify(token)
+        if ident is None:
+            return None
+        return service.who(ident.name, ident.sandbox_project)
+
+    async def api_user(request: Request) -> perm.Who:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() not in ("token", "bearer") or not token.strip():
+            raise _Unauthorized("send 'Authorization: token <JupyterHub token>'")
+        who = await _who_for_token(token.strip())
+        if who is None:
+            raise _Unauthorized("the hub does not know this token")
+        return who
+
+    async def page_user(request: Request) -> perm.Who:
+        token = request.session.get("token")
+        who = await _who_for_token(token) if token else None
+        if who is None:
+            request.session.pop("token", None)
+            raise LoginRequired(str(request.url.path))
+        if who.in_sandbox:  # a sandbox never gets a browser session
+            raise perm.PermissionDenied("sandbox tokens cannot use the web pages")
+        return who
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauth(_req: Request, exc: _Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "token"}
+        )
+
+    ApiUser = Annotated[perm.Who, Depends(api_user)]
+    PageUser = Annotated[perm.Who, Depends(page_user)]
+
+    def csrf_token(request: Request) -> str:
+        token = request.session.get("csrf")
+        if not token:
+            token = request.session["csrf"] = secrets.token_urlsafe(32)
+        return token
+
+    async def check_csrf(request: Request) -> None:
+        expected = request.session.get("csrf")
+        sent = request.headers.get("x-csrf-token")
+        if sent is None:
+            form = await request.form()
+            sent = form.get("csrf_token")  # type: ignore[assignment]
+        if not expected or not isinstance(sent, str) or not secrets.compare_digest(sent, expected):
+            raise CsrfFailed("missing or wrong CSRF token: reload the page and try again")
+
+    Csrf = Depends(check_csrf)
+
+    # --- JSON API -------------------------------------------------------------------------
+
+    api = APIRouter(prefix=f"{prefix}api", tags=["api"])
+
+    @api.get("/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True}
+
+    @api.get("/me")
+    def me(who: ApiUser) -> dict[str, Any]:
+        return {
+            "name": who.name,
+            "projects": sorted(who.projects),
+            "checker": who.is_checker,
+            "admin": who.is_admin,
+            "sandbox_project": who.sandbox_project,
+        }
+
+    @api.get("/requests")
+    def list_requests(who: ApiUser) -> list[dict[str, Any]]:
+        return service.list_requests(who)
+
+    @api.post("/requests", status_code=201)
+    def create_request(body: CreateRequestIn, who: ApiUser) -> dict[str, Any]:
+        rid = service.create_request(
+            who,
+            body.project,
+            [FileSpec(f.path, f.group) for f in body.files],
+            title=body.title,
+            context=body.context,
+            controls=body.controls,
+        )
+        if body.submit:
+            service.submit(who, rid)
+        return service.view(who, rid)
+
+    @api.get("/requests/{request_id}")
+    def get_request(request_id: str, who: ApiUser) -> dict[str, Any]:
+        return service.view(who, request_id)
+
+    @api.patch("/requests/{request_id}")
+    def edit_request(request_id: str, body: EditRequestIn, who: ApiUser) -> dict[str, Any]:
+        service.update_context(who, request_id, body.context, body.controls)
+        return service.view(who, request_id)
+
+    @api.post("/requests/{request_id}/files", status_code=201)
+    def add_file(request_id: str, body: FileIn, who: ApiUser) -> dict[str, Any]:
+        fid = service.add_file(who, request_id, FileSpec(body.path, body.group))
+        return {"file_id": fid, "request": service.view(who, request_id)}
+
+    @api.post("/requests/{request_id}/files/{file_id}/withdraw")
+    def withdraw_file(request_id: str, file_id: int, who: ApiUser) -> dict[str, Any]:
+        service.withdraw_file(who, request_id, file_id)
+        return service.view(who, request_id)
+
+    @api.post("/requests/{request_id}/submit")
+    def submit(request_id: str, who: ApiUser) -> dict[str, Any]:
+        return {"state": service.submit(who, request_id)}
+
+    @api.post("/requests/{request_id}/withdraw")
+    def withdraw(request_id: str, who: ApiUser) -> dict[str, Any]:
+        return {"state": service.withdraw(who, request_id)}
+
+    @api.post("/requests/{request_id}/files/{file_id}/votes", status_code=201)
+    def vote(request_id: str, file_id: int, body: VoteIn, who: ApiUser) -> dict[str, Any]:
+        state = service.vote(
+            who, request_id, file_id, body.decision, body.comment, body.justification
+        )
+        return {"state": state}
+
+    @api.post("/requests/{request_id}/comments", status_code=201)
+    def comment(request_id: str, body: CommentIn, who: ApiUser) -> dict[str, Any]:
+        return {"comment_id": service.comment(who, request_id, body.body, body.visibility)}
+
+    @api.post("/requests/{request_id}/decision")
+    def decision(request_id: str, body: DecisionIn, who: ApiUser) -> dict[str, Any]:
+        return {"state": service.decide(who, request_id, body.action, body.comment)}
+
+    @api.post("/requests/{request_id}/release")
+    def release(request_id: str, who: ApiUser) -> dict[str, Any]:
+        return {"state": service.release(who, request_id)}
+
+    @api.get(
+        "/requests/{request_id}/files/{file_id}/download",
+        response_class=FileResponse,
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
+    def download(request_id: str, file_id: int, who: ApiUser) -> FileResponse:
+        path, name = service.download(who, request_id, file_id)
+        return _attachment(path, name)
+
+    @api.get("/queue")
+    def queue(who: ApiUser) -> dict[str, Any]:
+        perm._deny(who.is_checker and not who.in_sandbox, "only output checkers have a queue")
+        return service.queue(who)
+
+    @api.get("/audit")
+    def audit(who: ApiUser) -> list[dict[str, Any]]:
+        return service.audit_events(who)
+
+    @api.get("/audit/verify")
+    def audit_verify(who: ApiUser) -> dict[str, Any]:
+        perm.check_view_audit(who)
+        with service.factory() as session:
+            problems = verify_chain(session)
+        return {"ok": not problems, "problems": [str(p) for p in problems]}
+
+    app.include_router(api)
+
+    # --- login ----------------------------------------------------------------------------
+
+    @app.get(f"{prefix}login", include_in_schema=False)
+    def login(request: Request, next: str = "") -> RedirectResponse:  # noqa: A002
+        if not isinstance(identity, HubIdentityProvider):
+            raise NotFound("no hub login configured")
+        state = secrets.token_urlsafe(24)
+        verifier, challenge = identity.pkce()
+        safe_next = next if next.startswith(prefix) and "//" not in next else prefix
+        request.session["oauth"] = {"state": state, "verifier": verifier, "next": safe_next}
+        return RedirectResponse(identity.authorize_url(state, challenge), status_code=302)
+
+    @app.get(f"{prefix}oauth_callback", include_in_schema=False)
+    async def oauth_callback(request: Request, code: str = "", state: str = "") -> Response:
+        pending = request.session.pop("oauth", None)
+        if not pending or not code or not secrets.compare_digest(state, pending.get("state", "")):
+            return JSONResponse({"detail": "OAuth state mismatch: log in again"}, status_code=403)
+        assert isinstance(identity, HubIdentityProvider)
+        token = await identity.token_for_code(code, pending["verifier"])
+        request.session["token"] = token
+        request.session["csrf"] = secrets.token_urlsafe(32)
+        return RedirectResponse(pending["next"], status_code=302)
+
+    @app.post(f"{prefix}logout", include_in_schema=False, dependencies=[Csrf])
+    def logout(request: Request) -> RedirectResponse:
+        request.session.clear()
+        return RedirectResponse(f"{identity_logout_url(identity)}", status_code=303)
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def render(request: Request, name: str, who: perm.Who, **ctx: Any) -> HTMLResponse:
+        response = templates.TemplateResponse(
+            request, name, {"who": who, "csrf": csrf_token(request), **ctx}
+        )
+        response.headers["Content-Security-Policy"] = PAGE_CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "same-origin"
+        return response
+
+    def back_to(request_id: str) -> RedirectResponse:
+        return RedirectResponse(f"{prefix}requests/{request_id}", status_code=303)
+
+    @app.get(prefix, include_in_schema=False)
+    def home(who: PageUser) -> RedirectResponse:
+        target = "queue" if who.is_checker and not who.projects else "requests"
+        return RedirectResponse(f"{prefix}{target}", status_code=303)
+
+    @app.get(f"{prefix}requests", include_in_schema=False)
+    def my_requests(request: Request, who: PageUser) -> HTMLResponse:
+        rows = [r for r in service.list_requests(who) if r["project"] in who.projects]
+        return render(request, "requests.html", who, requests=rows)
+
+    @app.post(f"{prefix}requests", include_in_schema=False, dependencies=[Csrf])
+    def create_from_form(
+        who: PageUser,
+        project: Annotated[str, Form(max_length=64)],
+        paths: Annotated[str, Form(max_length=20000)],
+        group: Annotated[str, Form(max_length=64)] = "default",
+        title: Annotated[str, Form(max_length=200)] = "",
+        context: Annotated[str, Form(max_length=20000)] = "",
+        controls: Annotated[str, Form(max_length=20000)] = "",
+        submit: Annotated[str, Form(max_length=8)] = "",
+    ) -> RedirectResponse:
+        files = [FileSpec(p.strip(), group) for p in paths.splitlines() if p.strip()]
+        rid = service.create_request(
+            who, project, files, title=title, context=context, controls=controls
+        )
+        if submit:
+            service.submit(who, rid)
+        return back_to(rid)
+
+    @app.get(f"{prefix}queue", include_in_schema=False)
+    def queue_page(request: Request, who: PageUser) -> HTMLResponse:
+        perm._deny(who.is_checker, "only output checkers have a queue")
+        return render(request, "queue.html", who, queue=service.queue(who))
+
+    @app.get(f"{prefix}requests/{{request_id}}", include_in_schema=False)
+    def request_page(request: Request, request_id: str, who: PageUser) -> HTMLResponse:
+        view = service.view(who, request_id)
+        for f in view["files"]:
+            f["preview_kind"] = preview.kind_for(f["name"])
+        return render(request, "request.html", who, r=view)
+
+    @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/preview", include_in_schema=False)
+    def file_preview(
+        request: Request, request_id: str, file_id: int, who: PageUser
+    ) -> HTMLResponse:
+        path, f = service.snapshot_path(who, request_id, file_id)
+        kind = preview.kind_for(f.name)
+        table = preview.table_preview(path, f.name, f.findings) if kind == "table" else None
+        text = preview.text_preview(path) if kind == "text" else None
+        return render(
+            request,
+            "preview.html",
+            who,
+            f=f,
+            kind=kind,
+            table=table,
+            text=text,
+            request_id=request_id,
+        )
+
+    @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/raw", include_in_schema=False)
+    def file_raw(request_id: str, file_id: int, who: PageUser) -> Response:
+        path, f = service.snapshot_path(who, request_id, file_id)
+        media = preview.image_media_type(f.name)
+        if media is None:
+            return _attachment(path, f.name)
+        response = FileResponse(path, media_type=media)
+        response.headers["Content-Security-Policy"] = INERT_CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/notebook", include_in_schema=False)
+    def file_notebook(request_id: str, file_id: int, who: PageUser) -> HTMLResponse:
+        path, f = service.snapshot_path(who, request_id, file_id)
+        html = preview.notebook_html(path)
+        return HTMLResponse(
+            html,
+            headers={
+                "Content-Security-Policy": INERT_CSP + "; frame-ancestors 'self'",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.post(
+        f"{prefix}requests/{{request_id}}/files/{{file_id}}/vote",
+        include_in_schema=False,
+        dependencies=[Csrf],
+    )
+    def vote_form(
+        request_id: str,
+        file_id: int,
+        who: PageUser,
+        decision: Annotated[str, Form(max_length=32)],
+        comment: Annotated[str, Form(max_length=10000)] = "",
+        justification: Annotated[str, Form(max_length=10000)] = "",
+    ) -> RedirectResponse:
+        service.vote(who, request_id, file_id, decision, comment, justification)
+        return back_to(request_id)
+
+    @app.post(
+        f"{prefix}requests/{{request_id}}/{{action}}",
+        include_in_schema=False,
+        dependencies=[Csrf],
+    )
+    def request_action(
+        request_id: str,
+        action: str,
+        who: PageUser,
+        comment: Annotated[str, Form(max_length=10000)] = "",
+        visibility: Annotated[str, Form(max_length=16)] = "public",
+        file_id: Annotated[int | None, Form()] = None,
+        path: Annotated[str, Form(max_length=512)] = "",
+        group: Annotated[str, Form(max_length=64)] = "default",
+    ) -> RedirectResponse:
+        if action == "submit":
+            service.submit(who, request_id)
+        elif action == "withdraw":
+            service.withdraw(who, request_id)
+        elif action in ("return", "reject"):
+            service.decide(who, request_id, action, comment)
+        elif action == "comment":
+            service.comment(who, request_id, comment, visibility)
+        elif action == "release":
+            service.release(who, request_id)
+        elif action == "withdraw-file" and file_id is not None:
+            service.withdraw_file(who, request_id, file_id)
+        elif action == "add-file":
+            service.add_file(who, request_id, FileSpec(path, group))
+        else:
+            raise NotFound("no such action")
+        return back_to(request_id)
+
+    @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/download", include_in_schema=False)
+    def download_page(request_id: str, file_id: int, who: PageUser) -> FileResponse:
+        path, name = service.download(who, request_id, file_id)
+        return _attachment(path, name)
+
+    @app.get(f"{prefix}audit", include_in_schema=False)
+    def audit_page(request: Request, who: PageUser) -> HTMLResponse:
+        events = service.audit_events(who, limit=500)
+        with service.factory() as session:
+            problems = [str(p) for p in verify_chain(session)]
+        return render(request, "audit.html", who, events=events, problems=problems)
+
+    return app
+
+
+class _Unauthorized(Exception):  # noqa: N818
+    pass
+
+
+def identity_logout_url(identity: IdentityProvider) -> str:
+    if isinstance(identity, HubIdentityProvider):
+        return identity.config.hub_host + identity.config.hub_prefix + "logout"
+    return "/"
+
+
+def _attachment(path: Path, name: str) -> FileResponse:
+    response = FileResponse(path, media_type="application/octet-stream", filename=name)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = INERT_CSP
+    return response

@@ -1,0 +1,70 @@
+"""`airlock serve`, `airlock db ...` and `airlock workflow ...` (the review service side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tre.settings import get_settings
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "airlock.md"
+
+db_app = typer.Typer(no_args_is_help=True, help="The airlock database.")
+workflow_app = typer.Typer(no_args_is_help=True, help="The request state machine.")
+
+
+def serve(
+    host: str = typer.Option(None, help="TCP address (default: settings.hub_ip)."),
+    port: int = typer.Option(None, help="TCP port (default: settings.airlock_port)."),
+    uds: Path = typer.Option(None, "--uds", help="Also listen on this unix socket (sandboxes)."),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Run the airlock service (as a JupyterHub service: reads the JUPYTERHUB_* environment)."""
+    from airlock.service.auth import HubConfig
+    from airlock.service.runner import build_app
+    from airlock.service.runner import serve as run
+
+    settings = get_settings()
+    app = build_app(settings, HubConfig.from_env())
+    run(app, host or settings.hub_ip, port or settings.airlock_port, uds, log_level)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    url: str = typer.Option(None, help="Database URL (default: settings.airlock_db_url)."),
+) -> None:
+    """Apply the Alembic migrations (idempotent)."""
+    from airlock.service.db import current_revision, make_engine, upgrade
+
+    engine = make_engine(url or get_settings().airlock_db_url or "")
+    upgrade(engine)
+    typer.echo(f"airlock database at revision {current_revision(engine)}")
+
+
+@workflow_app.command("diagram")
+def diagram(
+    write: bool = typer.Option(False, "--write", help=f"Update the diagram in {DOC.name}."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 if the document is stale."),
+) -> None:
+    """Print (or write into docs/airlock.md) the state diagram generated from the table."""
+    from airlock.workflow import doc_is_current, generated_block, render_doc
+
+    if check:
+        if not doc_is_current(DOC):
+            typer.echo(f"{DOC} is stale: run `airlock workflow diagram --write`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{DOC} is current")
+        return
+    if write:
+        text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# The airlock\n"
+        DOC.write_text(render_doc(text), encoding="utf-8")
+        typer.echo(f"wrote {DOC}")
+        return
+    typer.echo(generated_block())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.add_typer(db_app, name="db")
+    app.add_typer(workflow_app, name="workflow")
