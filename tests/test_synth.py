@@ -247,3 +247,23 @@ def test_rerun_replaces_the_whole_output_and_refuses_foreign_directories(tmp_pat
     with pytest.raises(ValueError, match="not an earlier output"):
         generate(foreign, 1, 10, seed=1, policies_dir=policies_dir)
     assert [p.name for p in foreign.iterdir()] == ["thesis.txt"]
+
+
+def test_cli_check_reports_errors_by_rule(tmp_path, policies_dir):
+    runner = CliRunner()
+    generate(tmp_path / "d", 1, 500, seed=4, defects_rate=0.05, policies_dir=policies_dir)
+    site = tmp_path / "d" / plan_sites(1, 500, policies_dir)[0].id
+    r = runner.invoke(app, ["data", "check", str(site), "--errors-out", str(tmp_path / "e.csv")])
+    assert r.exit_code == 1, r.output
+    errs = pl.read_csv(tmp_path / "e.csv")
+    manifest = pl.read_csv(tmp_path / "d" / "defects.csv")
+    assert set(errs.select("table", "row").iter_rows()) == set(
+        manifest.select("table", "row").iter_rows()
+    )
+    generate(tmp_path / "clean", 1, 200, seed=4, policies_dir=policies_dir)
+    clean = tmp_path / "clean" / plan_sites(1, 200, policies_dir)[0].id
+    r = runner.invoke(app, ["data", "check", str(clean)])
+    assert r.exit_code == 0 and "no errors" in r.output
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["data", "check", str(tmp_path / "empty")])
+    assert r.exit_code == 2
