@@ -361,6 +361,36 @@ def _broken(tmp_path, edit):
             "maps to both",
         ),
         (lambda r: r.pop("tables"), "tables"),
+        (
+            lambda r: r["rules"].append(
+                {
+                    "id": "y",
+                    "kind": "foreign_key",
+                    "table": "tumour",
+                    "colum": "patient_id",
+                    "ref_table": "patient",
+                    "ref_column": "patient_id",
+                }
+            ),
+            "needs column",
+        ),
+        (lambda r: r["rules"].append(dict(r["rules"][0])), "more than once"),
+        (
+            lambda r: r["rules"].append(
+                {
+                    "id": "z",
+                    "kind": "not_before",
+                    "table": "event",
+                    "column": "age_at_event_days",
+                    "key": "tumour_id",
+                    "ref_table": "tumour",
+                    "ref_key": "tumour_id",
+                    "ref_column": "age_at_diagnosis_days",
+                    "aggregate": "mean",
+                }
+            ),
+            "aggregate",
+        ),
     ],
 )
 def test_bad_dictionary_is_refused(tmp_path, edit, match):

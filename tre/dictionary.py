@@ -156,9 +156,43 @@ class DataDictionary(_Strict):
         return [r for r in self.rules if r.table == table]
 
 
+# fields each rule kind needs, and may have
+RULE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "iccc3_classifiable": (set(), set()),
+    "stage_in_system": (set(), set()),
+    "only_if": ({"column", "when_column", "when_values"}, set()),
+    "foreign_key": ({"column", "ref_table", "ref_column"}, set()),
+    "not_before": (
+        {"column", "key", "ref_table", "ref_key", "ref_column"},
+        {"aggregate", "tolerance_days"},
+    ),
+    "year_matches_age": (
+        {"column", "age_column", "key", "ref_table", "ref_key", "ref_column"},
+        set(),
+    ),
+    "not_after": (
+        {"column", "key", "ref_table", "ref_key", "ref_column"},
+        {"aggregate", "tolerance_days", "via_table", "via_key", "via_to"},
+    ),
+}
+
+
 def _cross_check(d: DataDictionary) -> list[str]:
     problems = []
+    ids = [r.id for r in d.rules]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"rule {dup}: declared more than once")
     for r in d.rules:
+        needed, optional = RULE_FIELDS[r.kind]
+        given = set(r.model_extra or {})
+        if needed - given:
+            problems.append(f"rule {r.id}: {r.kind} needs {', '.join(sorted(needed - given))}")
+        if given - needed - optional:
+            problems.append(
+                f"rule {r.id}: unknown field(s) {', '.join(sorted(given - needed - optional))}"
+            )
+        if r.get("aggregate", "min") not in ("min", "max"):
+            problems.append(f"rule {r.id}: aggregate must be min or max")
         if r.table not in d.tables:
             problems.append(f"rule {r.id}: unknown table {r.table!r}")
             continue
