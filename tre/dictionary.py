@@ -625,8 +625,12 @@ def _table_rules(
         elif r.kind == "stage_in_system":
             values = spec.stage_values or {}
             pairs = pl.DataFrame(
-                [(s, v.upper()) for s, vs in values.items() for v in vs],
-                schema={"stage_system": pl.String, "__stage_ok": pl.String},
+                [(s, v.upper(), v) for s, vs in values.items() for v in vs],
+                schema={
+                    "stage_system": pl.String,
+                    "__stage_ok": pl.String,
+                    "__stage_canonical": pl.String,
+                },
                 orient="row",
             )
             work = work.with_columns(pl.col("stage").str.to_uppercase().alias("__stage_up"))
@@ -638,7 +642,11 @@ def _table_rules(
                 maintain_order="left",
                 coalesce=False,
             )
-            work = work.with_columns(ok["__stage_ok"].is_not_null().alias("__stage_valid"))
+            # a valid stage is stored as the dictionary spells it ('iii' -> 'III', '4s' -> '4S')
+            work = work.with_columns(
+                ok["__stage_ok"].is_not_null().alias("__stage_valid"),
+                pl.coalesce(ok["__stage_canonical"], pl.col("stage")).alias("stage"),
+            )
             checks.append(
                 _Check(
                     "stage",
