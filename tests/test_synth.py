@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lifelines import KaplanMeierFitter
 from typer.testing import CliRunner
 
@@ -229,3 +231,70 @@ def test_stage_and_histology_change_survival(cohort):
     assert fav - unfav > 0.05
     share = wilms.select((pl.col("histology_group") == "Unfavourable").mean()).item()
     assert 0.07 <= share <= 0.13
+
+
+def test_rerun_replaces_the_whole_output_and_refuses_foreign_directories(tmp_path, policies_dir):
+    out = tmp_path / "out"
+    generate(out, 4, 400, seed=1, defects_rate=0.05, policies_dir=policies_dir)
+    assert (out / "defects.csv").exists() and (out / "site-declarations").exists()
+    generate(out, 2, 200, seed=1, policies_dir=policies_dir)
+    # nothing of the earlier, larger run survives
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *[p.id for p in plan_sites(2, 200, policies_dir)]]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not an earlier output"):
+        generate(foreign, 1, 10, seed=1, policies_dir=policies_dir)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.txt"]
+
+
+def test_cli_check_reports_errors_by_rule(tmp_path, policies_dir):
+    runner = CliRunner()
+    generate(tmp_path / "d", 1, 500, seed=4, defects_rate=0.05, policies_dir=policies_dir)
+    site = tmp_path / "d" / plan_sites(1, 500, policies_dir)[0].id
+    r = runner.invoke(app, ["data", "check", str(site), "--errors-out", str(tmp_path / "e.csv")])
+    assert r.exit_code == 1, r.output
+    errs = pl.read_csv(tmp_path / "e.csv")
+    manifest = pl.read_csv(tmp_path / "d" / "defects.csv")
+    assert set(errs.select("table", "row").iter_rows()) == set(
+        manifest.select("table", "row").iter_rows()
+    )
+    generate(tmp_path / "clean", 1, 200, seed=4, policies_dir=policies_dir)
+    clean = tmp_path / "clean" / plan_sites(1, 200, policies_dir)[0].id
+    r = runner.invoke(app, ["data", "check", str(clean)])
+    assert r.exit_code == 0 and "no errors" in r.output
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["data", "check", str(tmp_path / "empty")])
+    assert r.exit_code == 2
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    sites=st.integers(1, 4),
+    patients=st.integers(4, 400),
+    seed=st.integers(0, 2**31),
+    rate=st.sampled_from([0.01, 0.05, 0.2, 0.5]),
+)
+def test_any_generated_cohort_has_exactly_its_manifest_rejected(sites, patients, seed, rate):
+    import tempfile
+
+    d = load_dictionary()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        patients = max(patients, sites)
+        generate(
+            out, sites, patients, seed, rate, Path(__file__).resolve().parent.parent / "policies"
+        )
+        manifest = pl.read_csv(out / "defects.csv", schema_overrides={"row": pl.Int64})
+        for site in sorted(
+            p for p in out.iterdir() if p.is_dir() and p.name != "site-declarations"
+        ):
+            errs = errors_of(validate_batch(d, read_delivery(site)))
+            found = set(errs.select("table", "row").unique().iter_rows())
+            expected = set(
+                manifest.filter(pl.col("site") == site.name).select("table", "row").iter_rows()
+            )
+            assert found == expected

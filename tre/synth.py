@@ -17,6 +17,9 @@ exactly the manifest.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -295,6 +298,7 @@ class SiteTables:
     treatment_tumour: np.ndarray  # tumour row index of each treatment row
     event_tumour: np.ndarray
     followup_patient: np.ndarray  # = arange: followup row i is patient i
+    last_contact_age: np.ndarray  # per patient
 
 
 def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) -> SiteTables:
@@ -491,6 +495,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
         treatment_tumour=t_pat,
         event_tumour=e_pat,
         followup_patient=np.arange(n),
+        last_contact_age=last_age,
     )
 
 
@@ -538,6 +543,7 @@ DEFECT_KINDS: dict[str, tuple[str, str, str]] = {
     "treatment_before_diagnosis": ("treatment", "age_at_start_days", "treatment_after_diagnosis"),
     "bad_event_type": ("event", "event_type", "code_list"),
     "event_before_diagnosis": ("event", "age_at_event_days", "event_after_diagnosis"),
+    "event_after_last_contact": ("event", "age_at_event_days", "event_not_after_last_contact"),
     "bad_vital_status": ("followup", "vital_status", "code_list"),
     "cause_of_death_when_alive": ("followup", "cause_of_death", "cause_of_death_only_if_dead"),
     "missing_last_contact": ("followup", "age_at_last_contact_days", "required"),
@@ -552,6 +558,7 @@ _NEEDS_CLEAN_TUMOUR = {
     "treatment_before_diagnosis",
     "event_before_diagnosis",
     "contact_before_diagnosis",
+    "event_after_last_contact",
 }
 
 
@@ -575,6 +582,8 @@ def inject_defects(
     records: list[tuple[str, int, str, str, str]] = []  # table, 0-based row (pre-dup), kind...
     dup_sources: dict[str, np.ndarray] = {}
     corrupted_tumour = np.zeros(frames["tumour"].height, dtype=bool)
+    # children whose follow-up row must stay clean (it is the reference of an event defect)
+    protected_followup = np.zeros(frames["followup"].height, dtype=bool)
     ref_of = {
         "treatment": st.treatment_tumour,
         "event": st.event_tumour,
@@ -593,6 +602,8 @@ def inject_defects(
             r = np.sort(rows[assigned == ki])
             if kind in _NEEDS_CLEAN_TUMOUR:
                 r = r[~corrupted_tumour[ref_of[table][r]]]
+            if table == "followup":
+                r = r[~protected_followup[r]]
             if kind == "cause_of_death_when_alive":
                 alive = (frames[table]["cause_of_death"].is_null()).to_numpy()
                 r = r[alive[r]]
@@ -631,6 +642,11 @@ def inject_defects(
                 df = _set(df, col, r, "Zombie")
             elif kind == "cause_of_death_when_alive":
                 df = _set(df, col, r, "Disease")
+            elif kind == "event_after_last_contact":
+                patient = ref_of[table][r]
+                after = st.last_contact_age[patient] + rng.integers(1, 300, len(r))
+                df = _set(df, col, r, after)
+                protected_followup[patient] = True
             elif kind in _NEEDS_CLEAN_TUMOUR:
                 dx = st.tumour_dx_age[ref_of[table][r]]
                 df = _set(df, col, r, dx - 40 - rng.integers(1, 300, len(r)))
@@ -710,12 +726,49 @@ def generate(
     defects_rate: float = 0.0,
     policies_dir: Path = REPO_ROOT / "policies",
 ) -> GenerateSummary:
-    """Write one delivery per site under ``out_dir`` (see module docstring)."""
+    """Write one delivery per site under ``out_dir`` (see module docstring).
+
+    Everything is written into a staging directory beside ``out_dir`` and swapped in at the
+    end: a crash leaves no half-written delivery, and a rerun leaves no stale file of an
+    earlier one. An existing ``out_dir`` is only replaced if it is empty or an earlier output
+    of this command (it has ``manifest.json``).
+    """
     if not 0 <= defects_rate <= 0.5:
         raise ValueError("--defects must be between 0 and 0.5")
     plans = plan_sites(n_sites, n_patients, policies_dir)
     profile = load_profile()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (
+        not out_dir.is_dir()
+        or (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())
+    ):
+        raise ValueError(f"{out_dir} exists and is not an earlier output of tre data generate")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        summary = _write_all(staging, plans, profile, seed, defects_rate, policies_dir)
+        if out_dir.exists():
+            old = staging.with_name(staging.name.replace(".staging-", ".old-"))
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    summary.out_dir = str(out_dir)
+    return summary
+
+
+def _write_all(
+    out_dir: Path,
+    plans: list[SitePlan],
+    profile: Profile,
+    seed: int,
+    defects_rate: float,
+    policies_dir: Path,
+) -> GenerateSummary:
     manifests = []
     sites = []
     for i, plan in enumerate(plans):
@@ -735,11 +788,10 @@ def generate(
     if defects_rate > 0:
         pl.concat(manifests).write_csv(out_dir / "defects.csv")
     _declare_extra_sites(out_dir, plans, policies_dir)
-    summary = GenerateSummary(str(out_dir), seed, defects_rate, sites)
     (out_dir / "manifest.json").write_text(
         json.dumps({"seed": seed, "defects_rate": defects_rate, "sites": sites}, indent=2) + "\n"
     )
-    return summary
+    return GenerateSummary(str(out_dir), seed, defects_rate, sites)
 
 
 def _declare_extra_sites(out_dir: Path, plans: list[SitePlan], policies_dir: Path) -> None:
