@@ -179,19 +179,23 @@ def build_extract(
         with store.reader() as con:
             pooled_tables = set(store.data_tables(con, "pooled"))
             version = store.current_version(con, "pooled")
-            as_of = pooled_version is not None and pooled_version != version
-            if pooled_version is not None:
-                if not 0 <= pooled_version <= version:
-                    raise ExtractError(
-                        f"pooled version {pooled_version} does not exist "
-                        f"(the current version is {version})"
-                    )
-                con.execute(
-                    "CREATE TEMP TABLE _batches_as_of AS SELECT batch_id FROM pooled._batches "
-                    "WHERE status = 'loaded' AND pooled_version <= $v",
-                    {"v": pooled_version},
+            if pooled_version is not None and not 0 <= pooled_version <= version:
+                raise ExtractError(
+                    f"pooled version {pooled_version} does not exist "
+                    f"(the current version is {version})"
                 )
+            # rows of the batches that make up the version: needed for an earlier version, or
+            # when a batch was replaced by a corrected re-delivery (its rows stay in the file)
+            as_of = (pooled_version is not None and pooled_version != version) or store.has_retired(
+                con, "pooled"
+            )
+            if pooled_version is not None:
                 version = pooled_version
+            if as_of:
+                con.execute(
+                    "CREATE TEMP TABLE _batches_as_of AS "
+                    + store.live_batches_sql(version, "pooled")
+                )
             con.execute("ATTACH $p AS ext", {"p": str(tmp)})
             tumour_conds = _tumour_filter_sql(project)
             tumour_filtered = bool(tumour_conds)  # the project's own filters, not as_of
