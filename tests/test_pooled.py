@@ -307,3 +307,8 @@ def test_a_corrected_redelivery_replaces_the_site_and_keeps_history(tmp_path):
     assert json.loads(v3)["patient"] == fixed["patient"].height + other["patient"].height
     assert con.execute("SELECT * FROM _retired").fetchall() == [(a.batch_id, c.batch_id, 3)]
     con.close()
+    # the replaced bytes again: refused with a clear reason, not reported as loaded
+    from tre.ingest import IngestError
+
+    with pytest.raises(IngestError, match="replaced by batch"):
+        ingest_files(s, "uk-ccr", sorted((tmp_path / "a").iterdir()), quality_report=False)

@@ -422,6 +422,7 @@ def ingest_files(
         with store.writer() as con:
             previous = store.batch_record(con, batch_id)
             if previous is not None and previous["status"] == "loaded":
+                _refuse_if_retired(con, batch_id)
                 result = _unchanged(con, store, previous)
                 step("already loaded: nothing to do")
             else:
@@ -459,6 +460,21 @@ def _loaded_record(store: PooledStore, batch_id: str) -> dict | None:
             return None
         rec = store.batch_record(con, batch_id, schema="pooled")
     return rec if rec is not None and rec["status"] == "loaded" else None
+
+
+def _refuse_if_retired(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    """The same bytes as a batch that a later delivery replaced: loading them again under the
+    same batch id would blur the version history, so say so instead of pretending it is live."""
+    rows = con.execute(
+        "SELECT retired_by, retired_in_version FROM _retired WHERE batch_id = $b", {"b": batch_id}
+    ).fetchall()
+    if rows:
+        by, version = rows[0]
+        raise IngestError(
+            f"batch {batch_id} was loaded before and replaced by batch {by} at pooled version "
+            f"{version}; to bring its rows back, deliver them as a new batch (e.g. a new file "
+            "export) with --replace"
+        )
 
 
 def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dict) -> BatchResult:
