@@ -361,6 +361,36 @@ def _broken(tmp_path, edit):
             "maps to both",
         ),
         (lambda r: r.pop("tables"), "tables"),
+        (
+            lambda r: r["rules"].append(
+                {
+                    "id": "y",
+                    "kind": "foreign_key",
+                    "table": "tumour",
+                    "colum": "patient_id",
+                    "ref_table": "patient",
+                    "ref_column": "patient_id",
+                }
+            ),
+            "needs column",
+        ),
+        (lambda r: r["rules"].append(dict(r["rules"][0])), "more than once"),
+        (
+            lambda r: r["rules"].append(
+                {
+                    "id": "z",
+                    "kind": "not_before",
+                    "table": "event",
+                    "column": "age_at_event_days",
+                    "key": "tumour_id",
+                    "ref_table": "tumour",
+                    "ref_key": "tumour_id",
+                    "ref_column": "age_at_diagnosis_days",
+                    "aggregate": "mean",
+                }
+            ),
+            "aggregate",
+        ),
     ],
 )
 def test_bad_dictionary_is_refused(tmp_path, edit, match):
@@ -399,3 +429,40 @@ def test_any_text_delivery_is_validated_without_crashing(d, data):
         assert valid.isdisjoint(r.error_rows)
         assert valid | r.error_rows == set(range(1, n + 1))
         assert r.errors.columns == ["row", "column", "value", "rule", "message"]
+
+
+def test_nothing_after_the_last_contact(d):
+    pat = patient()
+    tum = tumour()
+    fu = pl.DataFrame(
+        {
+            "patient_id": ["P1", "P2"],
+            "vital_status": ["Dead", "Alive"],
+            "age_at_last_contact_days": ["2000", "1000"],  # P2's is before diagnosis: no bound
+            "cause_of_death": ["Disease", None],
+        }
+    )
+    ev = pl.DataFrame(
+        {
+            "tumour_id": ["T1", "T1", "T2"],
+            "event_type": ["Relapse", "Death", "Relapse"],
+            "age_at_event_days": ["1800", "2001", "5000"],
+        }
+    )
+    trt = pl.DataFrame(
+        {
+            "tumour_id": ["T1", "T1"],
+            "modality": ["Surgery", "Radiotherapy"],
+            "age_at_start_days": ["2000", "2100"],
+        }
+    )
+    res = validate_batch(
+        d, {"patient": pat, "tumour": tum, "treatment": trt, "event": ev, "followup": fu}
+    )
+    assert res["event"].errors.select("row", "rule").rows() == [(2, "event_not_after_last_contact")]
+    assert res["treatment"].errors.select("row", "rule").rows() == [
+        (2, "treatment_not_after_last_contact")
+    ]
+    assert res["followup"].errors.select("row", "rule").rows() == [
+        (2, "last_contact_after_diagnosis")
+    ]

@@ -217,3 +217,53 @@ def test_cli_generate_and_bad_arguments(tmp_path):
     r = runner.invoke(app, ["data", "generate", "--defects", "0.9", "--out", str(bad)])
     assert r.exit_code != 0
     assert not bad.exists()
+
+
+def test_stage_and_histology_change_survival(cohort):
+    _, tum = cohort
+    nb = tum.filter(pl.col("iccc3_subgroup") == "IVa")
+    assert km5(nb.filter(pl.col("stage") == "L1")) - km5(nb.filter(pl.col("stage") == "M")) > 0.2
+    wilms = tum.filter(pl.col("icdo3_morphology") == 8960)
+    fav = km5(wilms.filter(pl.col("histology_group") == "Favourable"))
+    unfav = km5(wilms.filter(pl.col("histology_group") == "Unfavourable"))
+    assert fav - unfav > 0.05
+    share = wilms.select((pl.col("histology_group") == "Unfavourable").mean()).item()
+    assert 0.07 <= share <= 0.13
+
+
+def test_rerun_replaces_the_whole_output_and_refuses_foreign_directories(tmp_path, policies_dir):
+    out = tmp_path / "out"
+    generate(out, 4, 400, seed=1, defects_rate=0.05, policies_dir=policies_dir)
+    assert (out / "defects.csv").exists() and (out / "site-declarations").exists()
+    generate(out, 2, 200, seed=1, policies_dir=policies_dir)
+    # nothing of the earlier, larger run survives
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", *[p.id for p in plan_sites(2, 200, policies_dir)]]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not an earlier output"):
+        generate(foreign, 1, 10, seed=1, policies_dir=policies_dir)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.txt"]
+
+
+def test_cli_check_reports_errors_by_rule(tmp_path, policies_dir):
+    runner = CliRunner()
+    generate(tmp_path / "d", 1, 500, seed=4, defects_rate=0.05, policies_dir=policies_dir)
+    site = tmp_path / "d" / plan_sites(1, 500, policies_dir)[0].id
+    r = runner.invoke(app, ["data", "check", str(site), "--errors-out", str(tmp_path / "e.csv")])
+    assert r.exit_code == 1, r.output
+    errs = pl.read_csv(tmp_path / "e.csv")
+    manifest = pl.read_csv(tmp_path / "d" / "defects.csv")
+    assert set(errs.select("table", "row").iter_rows()) == set(
+        manifest.select("table", "row").iter_rows()
+    )
+    generate(tmp_path / "clean", 1, 200, seed=4, policies_dir=policies_dir)
+    clean = tmp_path / "clean" / plan_sites(1, 200, policies_dir)[0].id
+    r = runner.invoke(app, ["data", "check", str(clean)])
+    assert r.exit_code == 0 and "no errors" in r.output
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(app, ["data", "check", str(tmp_path / "empty")])
+    assert r.exit_code == 2

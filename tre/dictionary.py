@@ -112,6 +112,7 @@ class RuleSpec(BaseModel):
         "foreign_key",
         "not_before",
         "year_matches_age",
+        "not_after",
     ]
     table: str
 
@@ -155,9 +156,43 @@ class DataDictionary(_Strict):
         return [r for r in self.rules if r.table == table]
 
 
+# fields each rule kind needs, and may have
+RULE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "iccc3_classifiable": (set(), set()),
+    "stage_in_system": (set(), set()),
+    "only_if": ({"column", "when_column", "when_values"}, set()),
+    "foreign_key": ({"column", "ref_table", "ref_column"}, set()),
+    "not_before": (
+        {"column", "key", "ref_table", "ref_key", "ref_column"},
+        {"aggregate", "tolerance_days"},
+    ),
+    "year_matches_age": (
+        {"column", "age_column", "key", "ref_table", "ref_key", "ref_column"},
+        set(),
+    ),
+    "not_after": (
+        {"column", "key", "ref_table", "ref_key", "ref_column"},
+        {"aggregate", "tolerance_days", "via_table", "via_key", "via_to"},
+    ),
+}
+
+
 def _cross_check(d: DataDictionary) -> list[str]:
     problems = []
+    ids = [r.id for r in d.rules]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"rule {dup}: declared more than once")
     for r in d.rules:
+        needed, optional = RULE_FIELDS[r.kind]
+        given = set(r.model_extra or {})
+        if needed - given:
+            problems.append(f"rule {r.id}: {r.kind} needs {', '.join(sorted(needed - given))}")
+        if given - needed - optional:
+            problems.append(
+                f"rule {r.id}: unknown field(s) {', '.join(sorted(given - needed - optional))}"
+            )
+        if r.get("aggregate", "min") not in ("min", "max"):
+            problems.append(f"rule {r.id}: aggregate must be min or max")
         if r.table not in d.tables:
             problems.append(f"rule {r.id}: unknown table {r.table!r}")
             continue
@@ -166,6 +201,14 @@ def _cross_check(d: DataDictionary) -> list[str]:
             name = r.get(key)
             if name is not None and name not in cols:
                 problems.append(f"rule {r.id}: {key} {name!r} is not a column of {r.table}")
+        via = r.get("via_table")
+        if via is not None:
+            if via not in d.tables:
+                problems.append(f"rule {r.id}: unknown via_table {via!r}")
+            else:
+                for key in ("via_key", "via_to"):
+                    if r.get(key) not in d.tables[via].columns:
+                        problems.append(f"rule {r.id}: {key} is not a column of {via}")
         ref = r.get("ref_table")
         if ref is not None:
             if ref not in d.tables:
@@ -649,19 +692,23 @@ def validate_batch(
     bad_rows = {n: r.errors.select(pl.col("row").unique()) for n, r in results.items()}
     extra: dict[str, list[pl.DataFrame]] = {n: [] for n in dictionary.tables}
     # foreign keys first: a row without its parent is no reference for the rules after it
-    cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
-        r for r in dictionary.rules if r.kind in ("not_before", "year_matches_age")
-    ]
+    # phases: rows found bad in one phase are no reference for the next (an orphan tumour is
+    # no diagnosis to compare events with; a last contact before diagnosis is no bound)
+    phases = [("foreign_key",), ("not_before", "year_matches_age"), ("not_after",)]
+    cross = [(k, r) for k, kinds in enumerate(phases) for r in dictionary.rules if r.kind in kinds]
     ref_cache: dict[tuple, pl.DataFrame] = {}
-    for i, r in enumerate(cross):
-        if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
+    for i, (phase, r) in enumerate(cross):
+        if i > 0 and phase != cross[i - 1][0]:
+            ref_cache.clear()
             for n, parts in extra.items():
                 if parts:
                     bad_rows[n] = pl.concat(
                         [bad_rows[n], *[p.select("row") for p in parts]]
                     ).unique()
         ref_table = r.get("ref_table")
-        if r.kind == "foreign_key":
+        if r.kind == "not_after":
+            hit, c, value, msg = _not_after(dictionary, r, results, bad_rows)
+        elif r.kind == "foreign_key":
             c, rc = r.get("column"), r.get("ref_column")
             keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls()
             child = results[r.table].harmonised.select(ROW, c)
@@ -727,6 +774,46 @@ def validate_batch(
             errors = pl.concat([res.errors, *parts])
             results[name] = _finish(name, dictionary.table(name), res.harmonised, errors)
     return results
+
+
+def _valid_part(
+    results: dict[str, ValidationResult], bad_rows: dict[str, pl.DataFrame], table: str, cols: list
+) -> pl.DataFrame:
+    return (
+        results[table]
+        .harmonised.select(ROW, *cols)
+        .join(bad_rows[table], left_on=ROW, right_on="row", how="anti")
+        .drop_nulls(cols)
+    )
+
+
+def _not_after(
+    dictionary: DataDictionary,
+    r: RuleSpec,
+    results: dict[str, ValidationResult],
+    bad_rows: dict[str, pl.DataFrame],
+) -> tuple[pl.DataFrame, str, pl.Expr, str]:
+    """Rows whose value is after the reference (e.g. an event after the last contact), with an
+    optional hop through a ``via_table`` (event -> tumour -> patient)."""
+    c, key, tol = r.get("column"), r.get("key"), int(r.get("tolerance_days", 0))
+    ref_table, ref_key, rc = r.get("ref_table"), r.get("ref_key"), r.get("ref_column")
+    child = results[r.table].harmonised.select(ROW, key, c).drop_nulls([key, c])
+    link = key
+    if r.get("via_table"):
+        via_key, via_to = r.get("via_key"), r.get("via_to")
+        via = _valid_part(results, bad_rows, r.get("via_table"), [via_key, via_to])
+        child = child.join(
+            via.select(pl.col(via_key).alias(key), pl.col(via_to).alias("__via")), on=key
+        )
+        link = "__via"
+    ref = _valid_part(results, bad_rows, ref_table, [ref_key, rc])
+    agg = {"min": pl.min, "max": pl.max}[r.get("aggregate", "max")]
+    ref = ref.group_by(ref_key).agg(agg(rc).alias("__ref")).rename({ref_key: link})
+    hit = child.join(ref, on=link).filter(pl.col(c) > pl.col("__ref") + tol)
+    value = pl.concat_str(
+        [pl.col(c).cast(pl.String), pl.lit(" > "), pl.col("__ref").cast(pl.String)]
+    )
+    return hit, c, value, f"{c} is after {ref_table}.{rc}"
 
 
 def errors_of(results: dict[str, ValidationResult]) -> pl.DataFrame:

@@ -9,6 +9,7 @@ from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
+TABLE_NAMES = ("patient", "tumour", "treatment", "event", "followup")
 
 
 @app.command("generate")
@@ -40,6 +41,57 @@ def generate_cmd(
         console.print(f"{s['id']} ({s['file_format']}, {s['dialect']}): {rows}")
     if defects:
         console.print(f"defects manifest: {out / 'defects.csv'}")
+
+
+@app.command("check")
+def check_cmd(
+    site_dir: Path = typer.Argument(..., help="A delivery: DIR/<table>.csv or .parquet"),
+    errors_out: Path = typer.Option(
+        None, "--errors-out", help="Also write every error (table, row, column, value, rule)."
+    ),
+) -> None:
+    """Validate a delivery against the data dictionary without ingesting it (exit 1 on errors)."""
+    import polars as pl
+    from rich.table import Table
+
+    from tre.dictionary import DeliveryError, errors_of, load_dictionary, validate_batch
+    from tre.synth import read_delivery
+
+    if not site_dir.is_dir():
+        console.print(f"[red]error:[/red] {site_dir} is not a directory")
+        raise typer.Exit(2)
+    try:
+        tables = read_delivery(site_dir)
+        if not tables:
+            raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(TABLE_NAMES)}")
+        results = validate_batch(load_dictionary(), tables)
+    except (DeliveryError, pl.exceptions.PolarsError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    errors = errors_of(results)
+    summary = Table("table", "rows", "valid", "rule", "rows with errors")
+    for name, res in results.items():
+        counts = res.errors.group_by("rule").agg(pl.col("row").n_unique()).sort("rule")
+        rows = tables[name].height if name in tables else 0
+        if counts.height == 0:
+            summary.add_row(name, str(rows), str(res.valid.height), "", "")
+        for i, (rule, n) in enumerate(counts.iter_rows()):
+            first = i == 0
+            summary.add_row(
+                name if first else "",
+                str(rows) if first else "",
+                str(res.valid.height) if first else "",
+                rule,
+                str(n),
+            )
+    console.print(summary)
+    if errors_out is not None:
+        errors.write_csv(errors_out)
+        console.print(f"errors written to {errors_out}")
+    if errors.height:
+        console.print(f"[red]{errors.height} error(s)[/red]")
+        raise typer.Exit(1)
+    console.print("[green]no errors[/green]")
 
 
 @app.command("import-nwtco")
