@@ -16,9 +16,9 @@ Invalid rows go to a per-row error report (``errors.csv`` next to the batch reco
 summary table in the CLI). By policy (``Settings.ingest_invalid_rows`` / ``--on-invalid``) they
 either reject the whole batch or are quarantined, and the valid rows load. Re-ingesting a loaded
 batch changes nothing. ``replace=True`` (``--replace``) makes the batch a corrected, complete
-re-delivery that supersedes the site's earlier batches (see ``tre.pooled``). After a load, a data-quality report is written under
-``Settings.reports_dir``. The work is vectorised (polars, DuckDB): no per-row Python, except
-one HMAC call per distinct identifier.
+re-delivery that supersedes the site's earlier batches (see ``tre.pooled``). After a load, a
+data-quality report is written under ``Settings.reports_dir``. The work is vectorised (polars,
+DuckDB): no per-row Python, except one HMAC call per distinct identifier.
 
 ``TRE_INGEST_CRASH_AT=<stage>`` makes the process kill itself (SIGKILL) at that stage: a test
 hook that proves the all-or-nothing guarantee at each stage (``tests/test_pooled.py``).
