@@ -215,6 +215,7 @@ def build_extract(
                     "SELECT DISTINCT patient_id FROM _qualifying_tumours"
                 )
             table_meta: dict[str, dict] = {}
+            contributing: set[str] = set()
             for table in project.grants:
                 if table not in pooled_tables:
                     raise ExtractError(
@@ -230,18 +231,28 @@ def build_extract(
                 )
                 rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchall()[0][0]
                 table_meta[table] = {"columns": columns, "rows": int(rows)}
+                # which sites' rows are actually in it (site_id may not be a granted column)
+                contributing |= {
+                    r[0]
+                    for r in con.execute(
+                        f"SELECT DISTINCT t.site_id FROM pooled.{_quote(table)} AS t WHERE {where}"
+                    ).fetchall()
+                }
             con.execute(
                 f"CREATE TABLE ext.{METADATA_TABLE} (project_id VARCHAR, pooled_version BIGINT, "
-                "sites VARCHAR[], built_at TIMESTAMPTZ, built_for_date DATE, purpose VARCHAR, "
+                "sites VARCHAR[], contributing_sites VARCHAR[], built_at TIMESTAMPTZ, "
+                "built_for_date DATE, purpose VARCHAR, "
                 "jurisdiction VARCHAR, end_date DATE, row_filters VARCHAR, tables VARCHAR)"
             )
             con.execute(
                 f"INSERT INTO ext.{METADATA_TABLE} VALUES "
-                "($pid, $v, $sites, $built, $on, $purpose, $jur, $end, $filters, $tables)",
+                "($pid, $v, $sites, $contributing, $built, $on, $purpose, $jur, $end, $filters, "
+                "$tables)",
                 {
                     "pid": project.id,
                     "v": version,
                     "sites": sites,
+                    "contributing": sorted(contributing),
                     "built": dt.datetime.now(dt.UTC),
                     "on": on,
                     "purpose": str(project.purpose),
