@@ -186,6 +186,7 @@ def test_unclassifiable_tumour_and_stage_rules(d):
     assert rules_of(r, 4) == {"stage_in_system"}
     assert rules_of(r, 5) == {"stage_in_system"}  # stage without a system
     assert r.valid["stage_system"].to_list() == [None, "COG/NWTS"]
+    assert r.valid["stage"].to_list() == [None, "III"]  # stored as the dictionary spells it
 
 
 def test_duplicates_flag_the_later_occurrence(d):

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lifelines import KaplanMeierFitter
 from typer.testing import CliRunner
 
@@ -267,3 +269,32 @@ def test_cli_check_reports_errors_by_rule(tmp_path, policies_dir):
     (tmp_path / "empty").mkdir()
     r = runner.invoke(app, ["data", "check", str(tmp_path / "empty")])
     assert r.exit_code == 2
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    sites=st.integers(1, 4),
+    patients=st.integers(4, 400),
+    seed=st.integers(0, 2**31),
+    rate=st.sampled_from([0.01, 0.05, 0.2, 0.5]),
+)
+def test_any_generated_cohort_has_exactly_its_manifest_rejected(sites, patients, seed, rate):
+    import tempfile
+
+    d = load_dictionary()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        patients = max(patients, sites)
+        generate(
+            out, sites, patients, seed, rate, Path(__file__).resolve().parent.parent / "policies"
+        )
+        manifest = pl.read_csv(out / "defects.csv", schema_overrides={"row": pl.Int64})
+        for site in sorted(
+            p for p in out.iterdir() if p.is_dir() and p.name != "site-declarations"
+        ):
+            errs = errors_of(validate_batch(d, read_delivery(site)))
+            found = set(errs.select("table", "row").unique().iter_rows())
+            expected = set(
+                manifest.filter(pl.col("site") == site.name).select("table", "row").iter_rows()
+            )
+            assert found == expected

@@ -625,8 +625,12 @@ def _table_rules(
         elif r.kind == "stage_in_system":
             values = spec.stage_values or {}
             pairs = pl.DataFrame(
-                [(s, v.upper()) for s, vs in values.items() for v in vs],
-                schema={"stage_system": pl.String, "__stage_ok": pl.String},
+                [(s, v.upper(), v) for s, vs in values.items() for v in vs],
+                schema={
+                    "stage_system": pl.String,
+                    "__stage_ok": pl.String,
+                    "__stage_canonical": pl.String,
+                },
                 orient="row",
             )
             work = work.with_columns(pl.col("stage").str.to_uppercase().alias("__stage_up"))
@@ -638,7 +642,11 @@ def _table_rules(
                 maintain_order="left",
                 coalesce=False,
             )
-            work = work.with_columns(ok["__stage_ok"].is_not_null().alias("__stage_valid"))
+            # a valid stage is stored as the dictionary spells it ('iii' -> 'III', '4s' -> '4S')
+            work = work.with_columns(
+                ok["__stage_ok"].is_not_null().alias("__stage_valid"),
+                pl.coalesce(ok["__stage_canonical"], pl.col("stage")).alias("stage"),
+            )
             checks.append(
                 _Check(
                     "stage",
@@ -707,7 +715,7 @@ def validate_batch(
                     ).unique()
         ref_table = r.get("ref_table")
         if r.kind == "not_after":
-            hit, c, value, msg = _not_after(dictionary, r, results, bad_rows)
+            hit, c, value, msg = _not_after(dictionary, r, results, bad_rows, ref_cache)
         elif r.kind == "foreign_key":
             c, rc = r.get("column"), r.get("ref_column")
             keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls()
@@ -792,24 +800,31 @@ def _not_after(
     r: RuleSpec,
     results: dict[str, ValidationResult],
     bad_rows: dict[str, pl.DataFrame],
+    cache: dict[tuple, pl.DataFrame],
 ) -> tuple[pl.DataFrame, str, pl.Expr, str]:
     """Rows whose value is after the reference (e.g. an event after the last contact), with an
     optional hop through a ``via_table`` (event -> tumour -> patient)."""
     c, key, tol = r.get("column"), r.get("key"), int(r.get("tolerance_days", 0))
     ref_table, ref_key, rc = r.get("ref_table"), r.get("ref_key"), r.get("ref_column")
-    child = results[r.table].harmonised.select(ROW, key, c).drop_nulls([key, c])
-    link = key
-    if r.get("via_table"):
-        via_key, via_to = r.get("via_key"), r.get("via_to")
-        via = _valid_part(results, bad_rows, r.get("via_table"), [via_key, via_to])
-        child = child.join(
-            via.select(pl.col(via_key).alias(key), pl.col(via_to).alias("__via")), on=key
-        )
-        link = "__via"
-    ref = _valid_part(results, bad_rows, ref_table, [ref_key, rc])
-    agg = {"min": pl.min, "max": pl.max}[r.get("aggregate", "max")]
-    ref = ref.group_by(ref_key).agg(agg(rc).alias("__ref")).rename({ref_key: link})
-    hit = child.join(ref, on=link).filter(pl.col(c) > pl.col("__ref") + tol)
+    aggregate = r.get("aggregate", "max")
+    via_table, via_key, via_to = r.get("via_table"), r.get("via_key"), r.get("via_to")
+    cache_key = ("not_after", ref_table, ref_key, rc, aggregate, via_table, via_key, via_to)
+    if cache_key not in cache:  # the event and treatment rules share one bound per tumour
+        ref = _valid_part(results, bad_rows, ref_table, [ref_key, rc])
+        if dictionary.table(ref_table).columns[ref_key].unique:
+            ref = ref.select(ref_key, pl.col(rc).alias("__ref"))
+        else:
+            agg = {"min": pl.min, "max": pl.max}[aggregate]
+            ref = ref.group_by(ref_key).agg(agg(rc).alias("__ref"))
+        if via_table:
+            via = _valid_part(results, bad_rows, via_table, [via_key, via_to])
+            ref = via.select(via_key, pl.col(via_to).alias(ref_key)).join(ref, on=ref_key)
+            ref = ref.select(pl.col(via_key).alias("__link"), "__ref")
+        else:
+            ref = ref.select(pl.col(ref_key).alias("__link"), "__ref")
+        cache[cache_key] = ref
+    child = results[r.table].harmonised.select(ROW, pl.col(key).alias("__link"), c)
+    hit = child.join(cache[cache_key], on="__link").filter(pl.col(c) > pl.col("__ref") + tol)
     value = pl.concat_str(
         [pl.col(c).cast(pl.String), pl.lit(" > "), pl.col("__ref").cast(pl.String)]
     )
