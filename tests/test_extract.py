@@ -572,7 +572,7 @@ def test_kill_9_during_a_build_never_exposes_a_partial_extract(settings):
     build_pooled(PooledStore(settings.pooled_dir), {"uk-ccr": "GB"}, 20000, seed=5)
     rng = random.Random()
     outcomes = set()
-    for i in range(4):
+    for i in range(3):
         proc = subprocess.Popen(
             [sys.executable, "-c", BUILD_SCRIPT, str(settings.state_dir)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -601,3 +601,16 @@ def test_kill_9_during_a_build_never_exposes_a_partial_extract(settings):
     build_all(settings, registry([project()]), TODAY)
     assert [p.name for p in settings.extracts_dir.iterdir()] == ["wilms.duckdb"]
     assert outcomes
+
+
+def test_metadata_separates_allowed_from_contributing_sites(settings):
+    quiet = Site(
+        id="nl-skion", name="NL", country="NL", source_type="trial", source_dataset="skion",
+        allowed_purposes=["academic"], allowed_jurisdictions=["*"],
+    )  # fmt: skip
+    p = project(grants={"patient": ["sex"]})  # site_id is not even granted
+    reg = registry([p], [site("us-nwts"), site("uk-ccr"), quiet])
+    build_extract(settings, reg, "wilms", TODAY)
+    info = extract_info(settings, "wilms")
+    assert sorted(info["sites"]) == ["nl-skion", "uk-ccr", "us-nwts"]  # allowed
+    assert sorted(info["contributing_sites"]) == ["uk-ccr", "us-nwts"]  # rows actually present

@@ -179,19 +179,23 @@ def build_extract(
         with store.reader() as con:
             pooled_tables = set(store.data_tables(con, "pooled"))
             version = store.current_version(con, "pooled")
-            as_of = pooled_version is not None and pooled_version != version
-            if pooled_version is not None:
-                if not 0 <= pooled_version <= version:
-                    raise ExtractError(
-                        f"pooled version {pooled_version} does not exist "
-                        f"(the current version is {version})"
-                    )
-                con.execute(
-                    "CREATE TEMP TABLE _batches_as_of AS SELECT batch_id FROM pooled._batches "
-                    "WHERE status = 'loaded' AND pooled_version <= $v",
-                    {"v": pooled_version},
+            if pooled_version is not None and not 0 <= pooled_version <= version:
+                raise ExtractError(
+                    f"pooled version {pooled_version} does not exist "
+                    f"(the current version is {version})"
                 )
+            # rows of the batches that make up the version: needed for an earlier version, or
+            # when a batch was replaced by a corrected re-delivery (its rows stay in the file)
+            as_of = (pooled_version is not None and pooled_version != version) or store.has_retired(
+                con, "pooled"
+            )
+            if pooled_version is not None:
                 version = pooled_version
+            if as_of:
+                con.execute(
+                    "CREATE TEMP TABLE _batches_as_of AS "
+                    + store.live_batches_sql(version, "pooled")
+                )
             con.execute("ATTACH $p AS ext", {"p": str(tmp)})
             tumour_conds = _tumour_filter_sql(project)
             tumour_filtered = bool(tumour_conds)  # the project's own filters, not as_of
@@ -211,6 +215,7 @@ def build_extract(
                     "SELECT DISTINCT patient_id FROM _qualifying_tumours"
                 )
             table_meta: dict[str, dict] = {}
+            contributing: set[str] = set()
             for table in project.grants:
                 if table not in pooled_tables:
                     raise ExtractError(
@@ -226,18 +231,28 @@ def build_extract(
                 )
                 rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchall()[0][0]
                 table_meta[table] = {"columns": columns, "rows": int(rows)}
+                # which sites' rows are actually in it (site_id may not be a granted column)
+                contributing |= {
+                    r[0]
+                    for r in con.execute(
+                        f"SELECT DISTINCT t.site_id FROM pooled.{_quote(table)} AS t WHERE {where}"
+                    ).fetchall()
+                }
             con.execute(
                 f"CREATE TABLE ext.{METADATA_TABLE} (project_id VARCHAR, pooled_version BIGINT, "
-                "sites VARCHAR[], built_at TIMESTAMPTZ, built_for_date DATE, purpose VARCHAR, "
+                "sites VARCHAR[], contributing_sites VARCHAR[], built_at TIMESTAMPTZ, "
+                "built_for_date DATE, purpose VARCHAR, "
                 "jurisdiction VARCHAR, end_date DATE, row_filters VARCHAR, tables VARCHAR)"
             )
             con.execute(
                 f"INSERT INTO ext.{METADATA_TABLE} VALUES "
-                "($pid, $v, $sites, $built, $on, $purpose, $jur, $end, $filters, $tables)",
+                "($pid, $v, $sites, $contributing, $built, $on, $purpose, $jur, $end, $filters, "
+                "$tables)",
                 {
                     "pid": project.id,
                     "v": version,
                     "sites": sites,
+                    "contributing": sorted(contributing),
                     "built": dt.datetime.now(dt.UTC),
                     "on": on,
                     "purpose": str(project.purpose),

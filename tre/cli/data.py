@@ -157,6 +157,12 @@ def ingest_cmd(
     rebuild_extracts: bool = typer.Option(
         False, "--rebuild-extracts", help="After a load, rebuild every project's extract."
     ),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="A complete, corrected re-delivery: supersede everything the site loaded before "
+        "(earlier rows leave the pool from this version on; earlier versions keep them).",
+    ),
 ) -> None:
     """Validate, harmonise, pseudonymise and load one batch of a site's files (all or nothing)."""
     import duckdb
@@ -177,6 +183,7 @@ def ingest_cmd(
             on_invalid=on_invalid,
             progress=True,
             quality_report=report,
+            replace=replace,
         )
     except (IngestError, PseudonymKeyError, PooledStoreError, RegistryError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -222,6 +229,8 @@ def ingest_cmd(
         )
         if result.quarantined_rows:
             console.print(f"{result.quarantined_rows} invalid row(s) quarantined")
+        if result.replaced_batches:
+            console.print(f"replaced earlier batch(es): {', '.join(result.replaced_batches)}")
     if result.report_html is not None:
         if result.report_error:
             console.print(f"[yellow]quality report failed:[/yellow] {result.report_error}")

@@ -88,7 +88,8 @@ def info(project: str = typer.Argument(..., help="Project id.")) -> None:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     head = Table(show_header=False)
-    for k in ("project_id", "path", "mode", "size_bytes", "pooled_version", "sites", "built_at"):
+    for k in ("project_id", "path", "mode", "size_bytes", "pooled_version", "sites",
+              "contributing_sites", "built_at"):  # fmt: skip
         head.add_row(k, str(meta[k]))
     head.add_row("row_filters", str({k: v for k, v in meta["row_filters"].items() if v}))
     console.print(head)
