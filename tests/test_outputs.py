@@ -436,3 +436,25 @@ def test_three_way_suppressed_table_is_not_recoverable(values):
         if value != outputs.SUPPRESSED:
             assert rules.count_cell(float(value), P) is None
     assert _oracle_long(table, ["x", "y", "z"]) == [], (values, table)
+
+
+def test_sandbox_policy_comes_from_the_environment(tmp_path, monkeypatch):
+    data = people({("F", "a"): 30, ("F", "b"): 7, ("M", "a"): 25, ("M", "b"): 40})
+    assert outputs.frequency_table(data, rows="sex", columns="grp").status == Status.FAIL
+    monkeypatch.setenv("TRE_DISCLOSURE_OVERRIDES", '{"min_cell_count": 5}')
+    relaxed = outputs.frequency_table(data, rows="sex", columns="grp")
+    assert relaxed.status == Status.PASS
+    assert relaxed.evidence.policy_version == outputs.default_policy().label != P.label
+    monkeypatch.setenv("TRE_DISCLOSURE_OVERRIDES", "[1]")
+    with pytest.raises(outputs.OutputError, match="JSON object"):
+        outputs.frequency_table(data, rows="sex", columns="grp")
+    monkeypatch.delenv("TRE_DISCLOSURE_OVERRIDES")
+    strict = tmp_path / "disclosure.yaml"
+    import yaml
+
+    body = yaml.safe_load(open(outputs.load_policy.__defaults__[0]).read())
+    body["min_cell_count"] = 50
+    strict.write_text(yaml.safe_dump(body))
+    monkeypatch.setenv("TRE_DISCLOSURE_POLICY", str(strict))
+    assert outputs.frequency_table(data, rows="sex", columns="grp").status == Status.FAIL
+    assert outputs.default_policy().min_cell_count == 50
