@@ -15,7 +15,7 @@ import polars as pl
 
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
-from airlock.checks.layout import Layout, Role, _text, is_ambiguous_total, is_total_label
+from airlock.checks.layout import Layout, Role, is_ambiguous_total, is_total_label
 from airlock.policy import Policy
 
 COLUMN_DIM = "__column__"
@@ -400,7 +400,3 @@ def _grouped(rule: str, items: list[tuple[rules.Breach, dict]], policy: Policy) 
         evidence={k: v for k, v in first.evidence.items() if k not in {"count"}},
         policy_version=policy.label,
     )
-
-
-def labels_text(frame: pl.DataFrame, row: int, columns: list[str]) -> dict[str, str]:
-    return {c: _text(frame[c][row]) for c in columns}

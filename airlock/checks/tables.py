@@ -7,12 +7,10 @@ and the findings. A table that cannot be recognised is ``review``, never a silen
 
 from __future__ import annotations
 
-from typing import Any
-
 import polars as pl
 
 from airlock.checks import rules
-from airlock.checks.findings import Finding, Status, worst
+from airlock.checks.findings import Finding, Status
 from airlock.checks.frequency import check_frequency
 from airlock.checks.layout import Layout, Role, read_layout
 from airlock.checks.magnitude import check_magnitude
@@ -168,14 +166,3 @@ def _mitigation_notes(evidence: TableEvidence, policy: Policy) -> list[Finding]:
             policy_version=policy.label,
         )
     ]
-
-
-def table_status(findings: list[Finding]) -> Status:
-    return worst([f.status for f in findings])
-
-
-def summarise(findings: list[Finding]) -> dict[str, Any]:
-    return {
-        "status": table_status(findings).value,
-        "rules": sorted({f.rule for f in findings if f.status != Status.PASS}),
-    }
