@@ -12,7 +12,7 @@ import polars as pl
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
 from airlock.checks.frequency import check_frequency
-from airlock.checks.layout import Layout, Role, read_layout
+from airlock.checks.layout import COUNT_WORDS, Layout, Role, read_layout, words
 from airlock.checks.magnitude import check_magnitude
 from airlock.checks.models import (
     check_correlation,
@@ -58,13 +58,17 @@ def classify(frame: pl.DataFrame, layout: Layout, evidence: TableEvidence | None
 
 
 def _as_statistics(layout: Layout, evidence: TableEvidence) -> None:
-    """Columns the evidence describes as statistics are statistics even if integer-valued."""
+    """Columns the evidence describes as statistics are statistics even if integer-valued
+    (a sum of whole days). A column whose name says it is a count (n, count, cases...) stays a
+    count whatever the evidence claims: evidence must not switch the count rules off."""
     described = {
         c.column: (c.statistic or "unknown")
         for c in evidence.cells
         if c.statistic not in (None, "count")
     }
     for column, statistic in described.items():
+        if set(words(column)) & COUNT_WORDS:
+            continue
         if column in layout.roles and layout.roles[column] == Role.COUNT:
             layout.roles[column] = Role.STATISTIC
             layout.statistic[column] = statistic
