@@ -229,3 +229,18 @@ def test_evidence_cannot_turn_a_count_column_into_a_statistic():
     output_class, findings = check_table(days, P, ev2)
     assert output_class == "magnitude_table"
     assert worst([f.status for f in findings]) == Status.PASS
+
+
+def test_evidence_claiming_a_model_cannot_hide_counts():
+    table = pl.DataFrame({"grp": ["a", "b"], "n": [3, 40]})
+    ev = parse_evidence(
+        {
+            "schema": "tre.evidence/1",
+            "name": "t.csv",
+            "output_class": "model_summary",
+            "model": {"nobs": 5000, "df_resid": 4990, "n_params": 10},
+        }
+    )
+    output_class, findings = check_table(table, P, ev)
+    assert output_class == "frequency_table"
+    assert worst([f.status for f in findings]) == Status.FAIL

@@ -43,7 +43,12 @@ def classify(frame: pl.DataFrame, layout: Layout, evidence: TableEvidence | None
     if looks_like_survival(frame):
         return "survival_table"
     if looks_like_model(frame) or (
-        evidence is not None and evidence.output_class == "model_summary" and evidence.model
+        # a claim of the evidence counts only for a table without count columns, so that it
+        # cannot switch the count rules off
+        evidence is not None
+        and evidence.output_class == "model_summary"
+        and evidence.model
+        and not layout.columns(Role.COUNT)
     ):
         return "model_summary"
     if looks_like_correlation(frame, layout):
