@@ -246,7 +246,11 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
         return Parsed(values, suppressed, True, any_number)
     if series.dtype == pl.Boolean:
         return Parsed([None] * len(series), [False] * len(series), False, False)
-    for v in series.cast(pl.String, strict=False).to_list():
+    if series.dtype == pl.String:
+        texts = series.to_list()
+    else:  # dates, categoricals, lists, structs...: their text form
+        texts = [None if v is None else str(v) for v in series.to_list()]
+    for v in texts:
         text = "" if v is None else str(v)
         num = parse_number(text)
         if num is not None:
