@@ -28,6 +28,7 @@ class CountCell:
     value: float | None
     suppressed: bool
     labels: dict[str, str]
+    upper: float | None = None  # what a marker such as '<10' says about the hidden value
 
 
 def count_cells(frame: pl.DataFrame, layout: Layout) -> list[CountCell]:
@@ -42,6 +43,7 @@ def count_cells(frame: pl.DataFrame, layout: Layout) -> list[CountCell]:
                     parsed.values[row],
                     parsed.suppressed[row],
                     layout.labels_of(row, frame),
+                    parsed.upper.get(row),
                 )
             )
     return cells
@@ -305,7 +307,11 @@ def _margin_findings(
             if not cells[e.total].suppressed
         ]
     recovered, inconsistent = rules.recoverable_cells(
-        [c.value for c in cells], [c.suppressed for c in cells], equations, policy
+        [c.value for c in cells],
+        [c.suppressed for c in cells],
+        equations,
+        policy,
+        upper=[c.upper for c in cells],
     )
     findings: list[Finding] = []
     if recovered:

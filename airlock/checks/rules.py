@@ -150,6 +150,7 @@ def recoverable_cells(
     suppressed: Sequence[bool],
     equations: Sequence[MarginEquation],
     policy: Policy,
+    upper: Sequence[float | None] | None = None,
 ) -> tuple[list[Recovery], list[int]]:
     """Secondary disclosure: which suppressed cells the margins reveal, and which equations are
     inconsistent with the visible cells.
@@ -197,10 +198,24 @@ def recoverable_cells(
     if rows and unknown:
         a = np.array(rows)
         b = np.array(rhs)
-        determined = _determined(a, b)
-        free = [j for j in range(len(unknown)) if j not in determined]
-        # counts are >= 0: cells that are 0 in every solution are pinned, and pinning them can
-        # determine others (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). One LP finds them.
+        n = len(unknown)
+        # a marker such as '<10' bounds its cell: x_j + z_j = 9 with a slack z_j >= 0
+        bounded = [
+            (j, float(upper[cell]))
+            for j, cell in enumerate(unknown)
+            if upper is not None and upper[cell] is not None
+        ]
+        if bounded:
+            extra = np.zeros((len(bounded), n + len(bounded)))
+            for k, (j, _bound) in enumerate(bounded):
+                extra[k, j] = extra[k, n + k] = 1.0
+            a = np.vstack([np.hstack([a, np.zeros((a.shape[0], len(bounded)))]), extra])
+            b = np.concatenate([b, [bound for _, bound in bounded]])
+        determined = {j: v for j, v in _determined(a, b).items() if j < n}
+        free = [j for j in range(n) if j not in determined]
+        # counts are >= 0 (and slacks too): variables that are 0 in every solution are pinned
+        # (a cell at 0, or at its marker's bound), and pinning them can determine others
+        # (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). One LP finds them.
         if free:
             zero = _always_zero(a, b)
             if zero:
@@ -209,7 +224,7 @@ def recoverable_cells(
                     pin[i, j] = 1.0
                 more = _determined(np.vstack([a, pin]), np.concatenate([b, np.zeros(len(zero))]))
                 for j, (value, _how) in more.items():
-                    if j not in determined:
+                    if j < n and j not in determined:
                         determined[j] = (value, "the margins and non-negative counts pin it")
         for j, (value, how) in determined.items():
             cell = unknown[j]
