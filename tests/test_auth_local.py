@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import stat
+import threading
 
 import httpx
 import pytest
@@ -198,6 +199,22 @@ def test_right_password_but_not_registered_is_refused_with_a_clear_message(authe
         login(authenticator, username, PASSWORDS[username])
     assert err.value.status_code == 403
     assert "not registered" in err.value.log_message
+
+
+def test_password_check_does_not_block_the_hub_event_loop(authenticator, monkeypatch):
+    """scrypt runs in a worker thread, not in the hub's event loop thread."""
+    threads: list[str] = []
+    real_verify = PasswordFile.verify
+
+    def recording_verify(self, username, password):
+        threads.append(threading.current_thread().name)
+        return real_verify(self, username, password)
+
+    monkeypatch.setattr(PasswordFile, "verify", recording_verify)
+    loop_thread = threading.current_thread().name  # asyncio.run runs the loop in this thread
+    assert login(authenticator, "alice", PASSWORDS["alice"])["name"] == "alice"
+    assert login(authenticator, "alice", "a-wrong-password") is None
+    assert len(threads) == 2 and loop_thread not in threads
 
 
 def test_staff_get_their_groups_and_admin_rights(authenticator):

@@ -260,3 +260,43 @@ def test_login_in_a_real_browser(oidc_hub, require_chromium):
             assert "not registered in this trusted research environment" in other.content()
         finally:
             browser.close()
+
+
+def test_idp_settings_from_the_environment():
+    """What docs/login.md tells operators of the generated hub configuration to set (in a fresh
+    process: oauthenticator reads some of these variables when it is imported)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        "OAUTH_CLIENT_ID": "tre-hub",
+        "OAUTH_CLIENT_SECRET": "s3cret",
+        "OAUTH_CALLBACK_URL": "https://tre.example.org/hub/oauth_callback",
+        "OAUTH2_AUTHORIZE_URL": "https://idp.example.org/auth",
+        "OAUTH2_TOKEN_URL": "https://idp.example.org/token",
+        "OAUTH2_USERDATA_URL": "https://idp.example.org/me",
+        "OAUTH2_BASIC_AUTH": "true",
+    }
+    code = (
+        "import json; from tre.hub.auth import TREOIDCAuthenticator as A; a = A(); "
+        "print(json.dumps([a.client_id, a.client_secret, a.oauth_callback_url, "
+        "a.authorize_url, a.token_url, a.userdata_url, a.basic_auth]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        "tre-hub",
+        "s3cret",
+        env["OAUTH_CALLBACK_URL"],
+        env["OAUTH2_AUTHORIZE_URL"],
+        env["OAUTH2_TOKEN_URL"],
+        env["OAUTH2_USERDATA_URL"],
+        True,
+    ]

@@ -138,6 +138,7 @@ def test_notebook_image_switches_outbound_fetches_off():
     text = (IMAGES / "notebook" / "Dockerfile").read_text()
     for name in ("overrides.json", "page_config.json", "jupyter_server_config.json"):
         assert f"tre/hub/jupyterlab_settings/{name}" in text
+        assert (REPO / "tre" / "hub" / "jupyterlab_settings" / name).is_file()
 
 
 # ---------------------------------------------------------------- docker-compose.yml

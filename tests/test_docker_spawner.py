@@ -409,6 +409,9 @@ def test_user_chosen_image_or_options_are_refused(engine, policies):
         {"allowed_images": ["a@sha256:" + "0" * 64]},
         {"remove": False},
         {"volumes": {"/srv/all-extracts": "/data"}},
+        {"read_only_volumes": {"/srv/all-extracts": "/data"}},
+        {"links": {"tre-postgres": "db"}},
+        {"use_internal_ip": False},
     ],
 )
 def test_unsafe_configuration_is_refused_at_load(policies, config):

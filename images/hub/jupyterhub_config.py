@@ -9,6 +9,8 @@ this file: it generates its configuration with ``tre hub config``.
 import os
 from pathlib import Path
 
+from tre.hub.access import named_server_gate
+
 
 def env(name: str, default: str | None = None) -> str:
     value = os.environ.get(name, default)
@@ -82,15 +84,8 @@ c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 60
 
-try:
-    # refuse a project the user may not start before the hub records a server (hub-sandbox area)
-    from tre.hub.access import named_server_gate
-
-    c.JupyterHub.named_server_limit_per_user = named_server_gate(
-        policies_dir, "/srv/tre/var/extracts"
-    )
-except ImportError:  # the spawner refuses it at start either way
-    pass
+# refuse a project the user may not start before the hub records a server (tre.hub.access)
+c.JupyterHub.named_server_limit_per_user = named_server_gate(policies_dir, "/srv/tre/var/extracts")
 
 # --- the airlock, as a JupyterHub service (runs in its own container) ------------------------
 c.JupyterHub.services = [

@@ -16,6 +16,7 @@ group mapped to it), and likewise for the checker and admin roles. ``TRELocalAut
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import fcntl
@@ -27,6 +28,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,11 @@ def verify_password(password: str, stored: str) -> bool:
         return False
     return hmac.compare_digest(actual, expected)
 
+
+# Password checks run in two worker threads: scrypt costs ~0.1 s and 32 MiB, so checking in the
+# hub's event loop would stall every user's request during each login attempt, and unbounded
+# concurrency would let a burst of attempts exhaust memory.
+_SCRYPT_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tre-scrypt")
 
 # A hash of a random password, checked when the user is unknown so that a wrong name costs the
 # same time as a wrong password (no user enumeration by timing).
@@ -333,7 +340,9 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         password = (data or {}).get("password") or ""
         if not username or not password:
             return None
-        if not PasswordFile(self.password_file).verify(username, password):
+        verify = PasswordFile(self.password_file).verify
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(_SCRYPT_WORKERS, verify, username, password):
             return None
         access = registry_access(self.load_registry(), username)
         self.refuse_unregistered(access)

@@ -219,11 +219,18 @@ class TREDockerSpawner(DockerSpawner):
             raise TraitError("remove must stay True: sandboxes are removed when they stop")
         return True
 
-    @validate("volumes")
+    @validate("volumes", "read_only_volumes", "links")
     def _no_extra_volumes(self, proposal: Any) -> dict:
         if proposal["value"]:
-            raise TraitError("volumes must stay empty: the spawner mounts the project's data")
+            name = proposal["trait"].name
+            raise TraitError(f"{name} must stay empty: the spawner mounts the project's data")
         return {}
+
+    @validate("use_internal_ip")
+    def _no_published_ports(self, proposal: Any) -> bool:
+        if not proposal["value"]:
+            raise TraitError("use_internal_ip must stay True: sandboxes publish no host ports")
+        return True
 
     # ---- the policy ------------------------------------------------------------------------
 
