@@ -387,3 +387,74 @@ def test_survival_truncate_drops_the_small_tail():
     assert cut.table["at_risk"].min() >= 10
     assert not any(f.rule == rules.SURVIVAL_AT_RISK for f in cut.findings)
     assert any("truncated" in note for note in cut.evidence.notes)
+
+
+def _oracle_long(table: pl.DataFrame, dims: list[str]) -> list[tuple]:
+    """Integer-programming oracle for a long table with 'Total' levels in every dimension."""
+    keys = [tuple(r[d] for d in dims) for r in table.iter_rows(named=True)]
+    shown = dict(zip(keys, table["n"].to_list(), strict=True))
+    hidden = [k for k, v in shown.items() if v == outputs.SUPPRESSED]
+    if not hidden:
+        return []
+    index = {k: i for i, k in enumerate(hidden)}
+    a_rows, b = [], []
+    for key in keys:
+        for d in range(len(dims)):
+            if key[d] != outputs.TOTAL:
+                continue
+            parts = [
+                k
+                for k in keys
+                if k[d] != outputs.TOTAL and all(k[o] == key[o] for o in range(len(dims)) if o != d)
+            ]
+            coeffs = np.zeros(len(hidden))
+            rhs = 0.0
+            for cell, sign in [(key, 1.0)] + [(p, -1.0) for p in parts]:
+                if cell in index:
+                    coeffs[index[cell]] += sign
+                else:
+                    rhs -= sign * float(shown[cell])
+            if coeffs.any():
+                a_rows.append(coeffs)
+                b.append(rhs)
+    a = np.array(a_rows)
+    return [cell for cell, j in index.items() if len(set(_milp_range(a, np.array(b), j))) == 1]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(count, min_size=8, max_size=8))
+def test_three_way_suppressed_table_is_not_recoverable(values):
+    levels = [(a, b, c) for a in ("a1", "a2") for b in ("b1", "b2") for c in ("c1", "c2")]
+    rows = [lv for lv, n in zip(levels, values, strict=True) for _ in range(n)]
+    if not rows:
+        return
+    data = pl.DataFrame(rows, schema=["x", "y", "z"], orient="row")
+    out = outputs.frequency_table(data, rows=["x", "y", "z"], suppress=True)
+    table = reread(out).with_columns(pl.col("n").cast(pl.String))
+    table = table.with_columns([pl.col(c).cast(pl.String) for c in ("x", "y", "z")])
+    for value in table["n"].to_list():
+        if value != outputs.SUPPRESSED:
+            assert rules.count_cell(float(value), P) is None
+    assert _oracle_long(table, ["x", "y", "z"]) == [], (values, table)
+
+
+def test_sandbox_policy_comes_from_the_environment(tmp_path, monkeypatch):
+    data = people({("F", "a"): 30, ("F", "b"): 7, ("M", "a"): 25, ("M", "b"): 40})
+    assert outputs.frequency_table(data, rows="sex", columns="grp").status == Status.FAIL
+    monkeypatch.setenv("TRE_DISCLOSURE_OVERRIDES", '{"min_cell_count": 5}')
+    relaxed = outputs.frequency_table(data, rows="sex", columns="grp")
+    assert relaxed.status == Status.PASS
+    assert relaxed.evidence.policy_version == outputs.default_policy().label != P.label
+    monkeypatch.setenv("TRE_DISCLOSURE_OVERRIDES", "[1]")
+    with pytest.raises(outputs.OutputError, match="JSON object"):
+        outputs.frequency_table(data, rows="sex", columns="grp")
+    monkeypatch.delenv("TRE_DISCLOSURE_OVERRIDES")
+    strict = tmp_path / "disclosure.yaml"
+    import yaml
+
+    body = yaml.safe_load(open(outputs.load_policy.__defaults__[0]).read())
+    body["min_cell_count"] = 50
+    strict.write_text(yaml.safe_dump(body))
+    monkeypatch.setenv("TRE_DISCLOSURE_POLICY", str(strict))
+    assert outputs.frequency_table(data, rows="sex", columns="grp").status == Status.FAIL
+    assert outputs.default_policy().min_cell_count == 50

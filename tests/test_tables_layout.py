@@ -218,3 +218,19 @@ def test_a_column_that_adds_up_is_a_margin_whatever_its_name():
     other = table.with_columns(pl.Series("N", ["160", "169", "62"]))
     _, findings = check_table(other, P)
     assert not any(f.rule == rules.SECONDARY_DISCLOSURE for f in findings)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pl.Series("d", [None, None], dtype=pl.Date),
+        pl.Series("l", [[1, 2], [3]]),
+        pl.Series("s", [{"a": 1}, {"a": 2}]),
+        pl.Series("b", [True, False]),
+        pl.Series("c", ["a", "b"], dtype=pl.Categorical),
+    ],
+)
+def test_any_column_type_is_read_without_error(column):
+    frame = pl.DataFrame([column, pl.Series("n", [12, 3])])
+    output_class, findings = check_table(frame, P)
+    assert worst([f.status for f in findings]) in (Status.FAIL, Status.REVIEW)

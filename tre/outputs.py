@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import itertools
+import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +130,23 @@ def _columns(value: str | list[str] | None, frame: pl.DataFrame, what: str) -> l
     return names
 
 
+def default_policy() -> Policy:
+    """The policy a helper uses when none is passed: the file named by
+    ``TRE_DISCLOSURE_POLICY`` (the sandbox's effective project policy) or the repository's
+    ``policies/disclosure.yaml``, plus the JSON overrides in ``TRE_DISCLOSURE_OVERRIDES``."""
+    path = os.environ.get("TRE_DISCLOSURE_POLICY")
+    overrides_text = os.environ.get("TRE_DISCLOSURE_OVERRIDES", "")
+    try:
+        overrides = json.loads(overrides_text) if overrides_text else {}
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"TRE_DISCLOSURE_OVERRIDES is not JSON: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise OutputError("TRE_DISCLOSURE_OVERRIDES must be a JSON object")
+    return load_policy(Path(path), overrides) if path else load_policy(overrides=overrides)
+
+
 def _policy(policy: Policy | None) -> Policy:
-    return policy or load_policy()
+    return policy or default_policy()
 
 
 def _labels(frame: pl.DataFrame, dims: list[str], policy: Policy) -> pl.DataFrame:

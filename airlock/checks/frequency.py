@@ -15,7 +15,7 @@ import polars as pl
 
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
-from airlock.checks.layout import Layout, Role, _text, is_ambiguous_total, is_total_label
+from airlock.checks.layout import Layout, Role, is_ambiguous_total, is_total_label
 from airlock.policy import Policy
 
 COLUMN_DIM = "__column__"
@@ -28,6 +28,7 @@ class CountCell:
     value: float | None
     suppressed: bool
     labels: dict[str, str]
+    upper: float | None = None  # what a marker such as '<10' says about the hidden value
 
 
 def count_cells(frame: pl.DataFrame, layout: Layout) -> list[CountCell]:
@@ -42,6 +43,7 @@ def count_cells(frame: pl.DataFrame, layout: Layout) -> list[CountCell]:
                     parsed.values[row],
                     parsed.suppressed[row],
                     layout.labels_of(row, frame),
+                    parsed.upper.get(row),
                 )
             )
     return cells
@@ -305,7 +307,11 @@ def _margin_findings(
             if not cells[e.total].suppressed
         ]
     recovered, inconsistent = rules.recoverable_cells(
-        [c.value for c in cells], [c.suppressed for c in cells], equations, policy
+        [c.value for c in cells],
+        [c.suppressed for c in cells],
+        equations,
+        policy,
+        upper=[c.upper for c in cells],
     )
     findings: list[Finding] = []
     if recovered:
@@ -400,7 +406,3 @@ def _grouped(rule: str, items: list[tuple[rules.Breach, dict]], policy: Policy) 
         evidence={k: v for k, v in first.evidence.items() if k not in {"count"}},
         policy_version=policy.label,
     )
-
-
-def labels_text(frame: pl.DataFrame, row: int, columns: list[str]) -> dict[str, str]:
-    return {c: _text(frame[c][row]) for c in columns}

@@ -164,6 +164,19 @@ class Parsed:
     suppressed: list[bool]
     numeric: bool  # every non-marker cell parsed as a number
     any_number: bool
+    upper: dict[int, float] = field(default_factory=dict)  # '<10' says: at most 9
+
+
+_UPPER = re.compile(r"^\s*(<=|<|≤)\s*=?\s*(\d+)\s*$")
+
+
+def marker_upper_bound(text: str) -> float | None:
+    """The largest value a marker such as '<10' (9) or '<=5' / '≤5' (5) allows."""
+    m = _UPPER.match(text)
+    if not m:
+        return None
+    bound = float(m.group(2))
+    return bound if m.group(1) in {"<=", "≤"} else bound - 1
 
 
 @dataclass
@@ -246,7 +259,12 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
         return Parsed(values, suppressed, True, any_number)
     if series.dtype == pl.Boolean:
         return Parsed([None] * len(series), [False] * len(series), False, False)
-    for v in series.cast(pl.String, strict=False).to_list():
+    if series.dtype == pl.String:
+        texts = series.to_list()
+    else:  # dates, categoricals, lists, structs...: their text form
+        texts = [None if v is None else str(v) for v in series.to_list()]
+    upper: dict[int, float] = {}
+    for v in texts:
         text = "" if v is None else str(v)
         num = parse_number(text)
         if num is not None:
@@ -254,6 +272,9 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
             suppressed.append(False)
             any_number = True
         elif _is_marker(text, policy, patterns):
+            bound = marker_upper_bound(text)
+            if bound is not None:
+                upper[len(values)] = bound
             values.append(None)
             suppressed.append(True)
         else:
@@ -262,7 +283,7 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
             numeric = False
     # a column holding only suppression markers is a fully suppressed data column
     all_markers = numeric and not any_number and any(suppressed)
-    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number)
+    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number, upper)
 
 
 @lru_cache(maxsize=64)

@@ -132,6 +132,14 @@ z,130,150,160,170
 """,
     )
     csv(
+        "freq_marker_bounds.csv",
+        """
+sex,ALL,AML,CML,Total
+F,120,<10,<10,138
+M,140,41,22,203
+""",
+    )
+    csv(
         "freq_margin_inconsistent.csv",
         """
 sex,ALL,AML,Total
