@@ -126,6 +126,28 @@ def check(
 service_cli.register(app)  # serve, db, workflow: the review service
 
 
+@app.command("strip-metadata")
+def strip_metadata_command(
+    src: Path = typer.Argument(..., help="A PNG, JPEG or SVG figure."),
+    dst: Path = typer.Argument(..., help="Where to write the clean copy."),
+) -> None:
+    """Write a copy of a figure without metadata, embedded text or trailing data."""
+    from airlock.checks.figures import FigureError, strip_metadata
+
+    if not src.is_file():
+        typer.echo(f"error: no such file: {src}", err=True)
+        raise typer.Exit(2)
+    if dst.exists() and dst.resolve() == src.resolve():
+        typer.echo("error: write the clean copy to another file", err=True)
+        raise typer.Exit(2)
+    try:
+        removed = strip_metadata(src, dst)
+    except (FigureError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {dst}; removed: {', '.join(removed) or 'nothing'}")
+
+
 def main() -> None:
     app()
 

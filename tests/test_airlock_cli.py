@@ -135,3 +135,14 @@ def test_python_api(files, installation):
     assert reports[0].status.value == "pass"
     with pytest.raises(CheckSetupError):
         run_checks([files / "missing.csv"])
+
+
+def test_strip_metadata_command(tmp_path):
+    src, dst = tmp_path / "fig.png", tmp_path / "clean.png"
+    src.write_bytes(corpus.png_bytes(text={"Comment": "3 children"}) + b"tail")
+    res = airlock("strip-metadata", str(src), str(dst))
+    assert res.returncode == 0 and "tEXt" in res.stdout
+    assert airlock("check", "--json", str(dst)).stdout.count('"figure.metadata"') == 0
+    assert airlock("strip-metadata", str(src), str(src)).returncode == 2
+    (tmp_path / "t.csv").write_text("a,b\n1,2\n")
+    assert airlock("strip-metadata", str(tmp_path / "t.csv"), str(dst)).returncode == 2
