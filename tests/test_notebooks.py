@@ -44,7 +44,8 @@ def test_series_repr_is_parsed():
 @pytest.mark.parametrize(
     ("text", "columns", "rows"),
     [
-        ("   site  count\n0  north    140\n1  south      3", ["index", "site", "count"], 2),
+        ("   site  count\n0  north    140\n1  south      3", ["site", "count"], 2),
+        ("   site  count\n3  north    140\n7  south      3", ["index", "site", "count"], 2),
         ("       count\nsite       \nnorth    140\nsouth      3", ["site", "count"], 2),
         ("site  count\nnorth    140\nsouth      3", ["site", "count"], 2),
         (
@@ -276,3 +277,20 @@ def test_one_broken_output_is_located_and_the_rest_still_checked():
     broken = next(f for f in findings if f.rule == "file.unreadable")
     assert broken.cells == [{"cell": 0, "output": 0}] and broken.status == Status.FAIL
     assert any(f.rule == "frequency.min_cell_count" for f in findings)
+
+
+def test_a_default_pandas_index_is_not_a_count_column():
+    # what DataFrame._repr_html_ writes for df.groupby('site').size().reset_index(name='n')
+    html = (
+        '<table border="1" class="dataframe"><thead><tr style="text-align: right;"><th></th>'
+        "<th>site</th><th>n</th></tr></thead><tbody><tr><th>0</th><td>north</td><td>143</td></tr>"
+        "<tr><th>1</th><td>south</td><td>121</td></tr></tbody></table>"
+    )
+    ((df, _),) = tables_from_html(lxml.html.document_fromstring(html))
+    assert df.columns == ["site", "n"]
+    ((df, _),) = tables_from_text("    site    n\n0  north  143\n1  south  121")
+    assert df.columns == ["site", "n"]
+    nb = json.loads(
+        notebook([code_cell("df", [result({"text/html": "<small>shape: (2, 2)</small>" + html})])])
+    )
+    assert check_notebook(nb, CTX) == []

@@ -180,7 +180,9 @@ def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     if has_index:
         header = [index_name or "index"] + header
     keep = [i for i, h in enumerate(header) if h not in {"...", "…"}]
-    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    from airlock.checks.html import drop_range_index
+
+    return drop_range_index([header[i] for i in keep], [[r[i] for i in keep] for r in rows])
 
 
 def _csv_like(text: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
