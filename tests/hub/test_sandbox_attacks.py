@@ -300,6 +300,11 @@ except OSError as e:
 libc = ctypes.CDLL(None, use_errno=True)
 PTRACE_ATTACH = 16
 res["ptrace_hub"] = libc.ptrace(PTRACE_ATTACH, {hub_pid}, 0, 0), ctypes.get_errno()
+# even the sandbox's own processes cannot be traced (seccomp), nor can it make namespaces
+res["ptrace_own"] = libc.ptrace(PTRACE_ATTACH, 1, 0, 0), ctypes.get_errno()
+res["unshare_net"] = libc.unshare(0x40000000), ctypes.get_errno()
+status_now = open("/proc/self/status").read()
+res["seccomp"] = [l.split()[1] for l in status_now.splitlines() if l.startswith("Seccomp:")][0]
 try:
     os.setuid(0); res["setuid"] = "root"
 except OSError as e:
@@ -334,6 +339,9 @@ print(json.dumps(res))
     assert result["hub_visible"] is False
     assert result["kill_hub"] == "ProcessLookupError"
     assert result["ptrace_hub"][0] == -1
+    assert result["ptrace_own"] == [-1, 1]  # EPERM
+    assert result["unshare_net"] == [-1, 1]
+    assert result["seccomp"] == "2"  # filter mode
     assert result["setuid"] != "root"
     assert int(result["capeff"], 16) == 0 and int(result["capbnd"], 16) == 0
     assert result["nonewprivs"] == "1"

@@ -38,10 +38,11 @@ from urllib.parse import quote
 import yaml
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from tornado import web
-from traitlets import Integer, List, Unicode, default
+from traitlets import Bool, Integer, List, Unicode, default
 
 from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
 from tre.hub.sandbox_env import policy_path_in_env
+from tre.hub.seccomp import SeccompError, compile_filter, filter_fd
 from tre.registry import Project, RegistryError, load_registry
 
 SANDBOX_HOME = "/home/jovyan"
@@ -116,6 +117,12 @@ class BubblewrapSpawner(LocalProcessSpawner):
         2048, config=True, help="Largest file a sandbox process may write (RLIMIT_FSIZE), MiB."
     )
     max_open_files = Integer(1024, config=True, help="RLIMIT_NOFILE of sandbox processes.")
+    seccomp = Bool(
+        True,
+        config=True,
+        help="Load the TRE's seccomp filter (tre/hub/seccomp.py) into every sandbox: ptrace, "
+        "mount, namespaces, keyrings, bpf, perf, userfaultfd, modules... are denied.",
+    )
     tmp_size_mb = Integer(1024, config=True, help="Size of the sandbox's private /tmp, MiB.")
     pidns = Integer(0, help="Inode of the sandbox's pid namespace (to find every process).")
 
@@ -370,7 +377,18 @@ class BubblewrapSpawner(LocalProcessSpawner):
         self.port = SERVER_PORT
         env = self.get_env()
         info_read, info_write = os.pipe()
+        fds = [info_write]
         cmd = [*self.keeper_cmd, *self.bwrap_args(extract, workspace)]
+        if self.seccomp:
+            try:
+                fds.append(filter_fd(compile_filter()))
+            except SeccompError as exc:
+                os.close(info_read)
+                os.close(info_write)
+                raise web.HTTPError(
+                    500, f"Cannot build the sandbox's seccomp filter: {exc}"
+                ) from None
+            cmd += ["--seccomp", str(fds[-1])]
         cmd += ["--info-fd", str(info_write), "--", *self.cmd, *self.get_args()]
         self.log.info("Starting sandbox %s: %s", self.sandbox_key, " ".join(cmd))
         try:
@@ -379,11 +397,12 @@ class BubblewrapSpawner(LocalProcessSpawner):
                 env=env,
                 preexec_fn=self.make_preexec_fn(self.user.name),
                 start_new_session=True,
-                pass_fds=(info_write,),
+                pass_fds=tuple(fds),
                 cwd="/",
             )
         finally:
-            os.close(info_write)
+            for fd in fds:
+                os.close(fd)
         self.pid = self.proc.pid
         self.pidns = await self._read_pidns(info_read)
         if self.server is not None:
