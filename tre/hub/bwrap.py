@@ -304,6 +304,27 @@ class BubblewrapSpawner(LocalProcessSpawner):
             raise web.HTTPError(500, "The sandbox user must not be root.")
         return entry.pw_uid, entry.pw_gid
 
+    @staticmethod
+    def _allowed(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+        """Whether ``uid``/``gid`` has every permission in ``bits`` (r=4, w=2, x=1)."""
+        if st.st_uid == uid:
+            return (st.st_mode >> 6) & bits == bits
+        if st.st_gid == gid:
+            return (st.st_mode >> 3) & bits == bits
+        return st.st_mode & bits == bits
+
+    def _check_sandbox_access(self, path: Path, uid: int, gid: int, write: bool = False) -> None:
+        """bwrap resolves bind sources as the sandbox user: say clearly what it cannot reach
+        (instead of a bare bwrap error after the spawn)."""
+        for parent in reversed(path.parents):
+            if not self._allowed(parent.stat(), uid, gid, 1):
+                raise web.HTTPError(
+                    500, f"The sandbox user cannot traverse {parent}: give it o+x (chmod o+x)."
+                )
+        if not self._allowed(path.stat(), uid, gid, 6 if write else 4):
+            what = "read and write" if write else "read"
+            raise web.HTTPError(500, f"The sandbox user cannot {what} {path}: fix its mode.")
+
     def _prepare_host_dirs(self, uid: int, gid: int, workspace: Path) -> None:
         runtime = Path(self.runtime_dir)
         for sub in ("hub", "airlock", "sandboxes", "etc"):
@@ -333,6 +354,8 @@ class BubblewrapSpawner(LocalProcessSpawner):
         if not workspace.exists():
             workspace.mkdir(parents=True, mode=0o770)
             os.chown(workspace, uid, gid)
+        self._check_sandbox_access(workspace, uid, gid, write=True)
+        self._check_sandbox_access(Path(self.sandbox_env_dir), uid, gid)
 
     def make_preexec_fn(self, name: str):  # noqa: ANN201 - a callable for Popen
         uid, gid = self._sandbox_ids()
@@ -373,6 +396,7 @@ class BubblewrapSpawner(LocalProcessSpawner):
         uid, gid = self._sandbox_ids()
         workspace = Path(self.workspaces_dir) / self.name
         self._prepare_host_dirs(uid, gid, workspace)
+        self._check_sandbox_access(extract, uid, gid)
         self._write_project_policy(project)
         self.port = SERVER_PORT
         env = self.get_env()
