@@ -102,7 +102,8 @@ class HubInstance:
             return
         # the hub's managed services (idle culler, airlock) and proxy run in sessions of their
         # own: remember them, so none is left behind if the hub does not stop them
-        children = _children(self.proc.pid)
+        # (sandboxes excepted: they outlive a hub restart by design)
+        children = [pid for pid in _children(self.proc.pid) if not _is_sandbox(pid)]
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(20)
@@ -182,6 +183,13 @@ def _children(pid: int) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
         text = out
     return [int(p) for p in text.split()]
+
+
+def _is_sandbox(pid: int) -> bool:
+    try:
+        return b"bwrap" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:
