@@ -105,6 +105,8 @@ def make_state(root: Path, **hub: object) -> Settings:
             "runtime_dir": str(root / "run"),
             "airlock_service": "managed",
             "max_file_size_mb": 64,
+            "sandbox_max_pids": 64,
+            "sandbox_memory_mb": 2048,
             **hub,
         },
     )

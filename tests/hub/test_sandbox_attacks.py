@@ -12,6 +12,7 @@ import os
 import socket
 import socketserver
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -384,6 +385,41 @@ print(json.dumps(res))
     big = hub.settings.workspaces_dir / "wilms-outcomes" / "big.bin"
     assert big.stat().st_size <= limit * 1024 * 1024
     big.unlink()
+
+
+def test_a_fork_bomb_is_contained_by_the_sandboxs_cgroup(alice_kernel, hub):
+    """Where the host's cgroups are writable (they are here; in CI too), each sandbox gets its
+    own memory and pids cgroup: a fork bomb stops at the sandbox's pids.max."""
+    state = hub.api("GET", "/users/alice?include_stopped_servers=1").json()["servers"]
+    keeper = state["wilms-outcomes"]["state"]["pid"]
+    groups = dict(
+        line.split(":", 2)[1:] for line in Path(f"/proc/{keeper}/cgroup").read_text().splitlines()
+    )
+    key = "tre-sandbox-alice.wilms-outcomes"
+    assert groups["pids"].endswith(key) and groups["memory"].endswith(key), groups
+    pids_dir = Path("/sys/fs/cgroup/pids") / groups["pids"].lstrip("/")
+    memory_dir = Path("/sys/fs/cgroup/memory") / groups["memory"].lstrip("/")
+    assert int((pids_dir / "pids.max").read_text()) == hub.settings.hub.sandbox_max_pids
+    limit = int((memory_dir / "memory.limit_in_bytes").read_text())
+    assert limit == hub.settings.hub.sandbox_memory_mb * 1024 * 1024
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, subprocess
+procs, err = [], None
+try:
+    for _ in range({hub.settings.hub.sandbox_max_pids} * 2):
+        procs.append(subprocess.Popen(["sleep", "60"]))
+except OSError as e:
+    err = e.errno
+n = len(procs)
+for p in procs:
+    p.kill(); p.wait()
+print(json.dumps({{"spawned": n, "errno": err}}))
+""",
+    )
+    assert result["errno"] == 11, result  # EAGAIN: no more processes in this sandbox
+    assert result["spawned"] < hub.settings.hub.sandbox_max_pids
 
 
 # -- the sandbox's hub token -------------------------------------------------------------------

@@ -117,6 +117,17 @@ class BubblewrapSpawner(LocalProcessSpawner):
         2048, config=True, help="Largest file a sandbox process may write (RLIMIT_FSIZE), MiB."
     )
     max_open_files = Integer(1024, config=True, help="RLIMIT_NOFILE of sandbox processes.")
+    cgroup_memory_mb = Integer(
+        8192,
+        config=True,
+        help="Memory limit of the whole sandbox (a cgroup of its own), when the host's memory "
+        "cgroup is writable (v1 memory.limit_in_bytes or v2 memory.max); 0: none.",
+    )
+    cgroup_max_pids = Integer(
+        512,
+        config=True,
+        help="Process limit of the whole sandbox (cgroup pids.max), when writable; 0: none.",
+    )
     seccomp = Bool(
         True,
         config=True,
@@ -357,8 +368,55 @@ class BubblewrapSpawner(LocalProcessSpawner):
         self._check_sandbox_access(workspace, uid, gid, write=True)
         self._check_sandbox_access(Path(self.sandbox_env_dir), uid, gid)
 
+    # -- cgroups: whole-sandbox memory and process limits where the host lets us ---------------
+
+    def _cgroup_dirs(self) -> list[tuple[Path, dict[str, str]]]:
+        """(cgroup directory, limit files) for this sandbox; empty where cgroups are not
+        writable (then only the per-process rlimits apply)."""
+        wanted: list[tuple[Path, dict[str, str]]] = []
+        name = f"tre-sandbox-{self.sandbox_key}"
+        own = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(","):
+                own[c] = path
+        v1 = Path("/sys/fs/cgroup")
+        if self.cgroup_memory_mb and (v1 / "memory" / "memory.limit_in_bytes").exists():
+            base = v1 / "memory" / own.get("memory", "/").lstrip("/")
+            limit = str(self.cgroup_memory_mb * MiB)
+            wanted.append((base / name, {"memory.limit_in_bytes": limit}))
+        if self.cgroup_max_pids and (v1 / "pids" / "cgroup.procs").exists():
+            base = v1 / "pids" / own.get("pids", "/").lstrip("/")
+            wanted.append((base / name, {"pids.max": str(self.cgroup_max_pids)}))
+        usable = []
+        for directory, limits in wanted:
+            if os.access(directory.parent, os.W_OK):
+                usable.append((directory, limits))
+        return usable
+
+    def _make_cgroups(self) -> list[Path]:
+        made = []
+        for directory, limits in self._cgroup_dirs():
+            try:
+                directory.mkdir(exist_ok=True)
+                for fname, value in limits.items():
+                    (directory / fname).write_text(value)
+            except OSError as exc:
+                self.log.warning("No cgroup limit %s for %s: %s", directory, self.sandbox_key, exc)
+                continue
+            made.append(directory)
+        return made
+
+    def _remove_cgroups(self) -> None:
+        for directory, _ in self._cgroup_dirs():
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
     def make_preexec_fn(self, name: str):  # noqa: ANN201 - a callable for Popen
         uid, gid = self._sandbox_ids()
+        cgroups = [str(d / "cgroup.procs") for d in self._make_cgroups()]
         limits = [
             (resource.RLIMIT_AS, self.memory_limit_mb * MiB),
             (resource.RLIMIT_NPROC, self.max_processes),
@@ -368,6 +426,10 @@ class BubblewrapSpawner(LocalProcessSpawner):
         ]
 
         def preexec() -> None:
+            # join the sandbox's cgroups first: every later process inherits them
+            for procs in cgroups:
+                with open(procs, "w") as fh:
+                    fh.write(str(os.getpid()))
             for which, value in limits:
                 resource.setrlimit(which, (value, value))
             os.setgroups([])
@@ -526,3 +588,4 @@ class BubblewrapSpawner(LocalProcessSpawner):
             await asyncio.sleep(0.02)
         self.pidns = 0
         shutil.rmtree(self.host_socket_dir, ignore_errors=True)
+        self._remove_cgroups()
