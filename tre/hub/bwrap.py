@@ -396,7 +396,12 @@ class BubblewrapSpawner(LocalProcessSpawner):
 
     def _make_cgroups(self) -> list[Path]:
         made = []
-        for directory, limits in self._cgroup_dirs():
+        dirs = self._cgroup_dirs()
+        if not dirs and (self.cgroup_memory_mb or self.cgroup_max_pids):
+            self.log.warning(
+                "No writable cgroup for %s: only per-process limits apply", self.sandbox_key
+            )
+        for directory, limits in dirs:
             try:
                 directory.mkdir(exist_ok=True)
                 for fname, value in limits.items():
