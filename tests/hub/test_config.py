@@ -74,7 +74,9 @@ def test_config_follows_settings_and_registry(installation):
 
 
 def test_class_names_in_the_config_resolve():
-    for dotted in ("tre.hub.bwrap.BubblewrapSpawner", "tre.hub.auth.TRELocalAuthenticator"):
+    from tre.hub.config import AUTHENTICATORS, SPAWNERS
+
+    for dotted in [*SPAWNERS.values(), *AUTHENTICATORS.values()]:
         module, name = dotted.rsplit(".", 1)
         assert hasattr(importlib.import_module(module), name)
 
