@@ -59,6 +59,14 @@ class HubSettings(BaseModel):
         default=2048, ge=1, description="Largest file a sandbox may write (MiB)."
     )
     max_open_files: int = Field(default=1024, ge=64, description="Open files per process.")
+    sandbox_memory_mb: int = Field(
+        default=8192,
+        ge=128,
+        description="Memory of a whole sandbox (cgroup memory limit), when cgroups are writable.",
+    )
+    sandbox_max_pids: int = Field(
+        default=512, ge=16, description="Processes of one sandbox (cgroup pids.max), ditto."
+    )
     idle_timeout_seconds: int = Field(
         default=3600, ge=5, description="The idle culler stops sandboxes idle for this long."
     )

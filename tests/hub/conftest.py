@@ -26,7 +26,9 @@ from tre.settings import REPO_ROOT, Settings, load_settings
 
 SANDBOX_ENV = Path(os.environ.get("TRE_TEST_SANDBOX_ENV", REPO_ROOT / "var" / "sandbox-env"))
 TEST_AUTH = ""  # the real TRELocalAuthenticator, with the passwords below
-PASSWORDS = {u: f"{u}-correct-horse-battery" for u in ("alice", "bob", "carol", "mallory")}
+PASSWORDS = {
+    u: f"{u}-correct-horse-battery" for u in ("alice", "bob", "carol", "mallory", "checker1")
+}
 TODAY = dt.date.today()
 
 
@@ -103,6 +105,8 @@ def make_state(root: Path, **hub: object) -> Settings:
             "runtime_dir": str(root / "run"),
             "airlock_service": "managed",
             "max_file_size_mb": 64,
+            "sandbox_max_pids": 64,
+            "sandbox_memory_mb": 2048,
             **hub,
         },
     )

@@ -28,6 +28,7 @@ CHROMIUM_ARGS = [
 ]
 
 
+@pytest.mark.slow
 def test_login_spawn_jupyterlab_in_chromium(hub, require_chromium):
     from playwright.sync_api import sync_playwright
 

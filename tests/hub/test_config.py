@@ -74,7 +74,9 @@ def test_config_follows_settings_and_registry(installation):
 
 
 def test_class_names_in_the_config_resolve():
-    for dotted in ("tre.hub.bwrap.BubblewrapSpawner", "tre.hub.auth.TRELocalAuthenticator"):
+    from tre.hub.config import AUTHENTICATORS, SPAWNERS
+
+    for dotted in [*SPAWNERS.values(), *AUTHENTICATORS.values()]:
         module, name = dotted.rsplit(".", 1)
         assert hasattr(importlib.import_module(module), name)
 
@@ -157,3 +159,34 @@ def test_cli_writes_the_config(installation, monkeypatch, tmp_path):
     assert result.exit_code == 0, result.output
     written = Path(result.output.strip())
     assert written.exists() and "GENERATED" in written.read_text()
+
+
+def test_paths_the_sandbox_user_cannot_reach_are_named():
+    """bwrap resolves bind sources as the sandbox user; the spawner names what it cannot reach."""
+    import os
+    import tempfile
+
+    from tornado import web
+
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))  # /tmp/pytest-of-root is 0700 itself
+
+    from tre.hub.bwrap import BubblewrapSpawner
+
+    uid, gid = 54321, 54321  # nobody's ids: only "other" permission bits apply
+    os.chmod(tmp_path, 0o755)
+    hidden = tmp_path / "hidden"
+    hidden.mkdir(mode=0o700)
+    extract = hidden / "p.duckdb"
+    extract.write_bytes(b"x")
+    os.chmod(extract, 0o644)
+    check = BubblewrapSpawner._check_sandbox_access
+    with pytest.raises(web.HTTPError, match="cannot traverse"):
+        check(BubblewrapSpawner, extract, uid, gid)
+    os.chmod(hidden, 0o711)
+    check(BubblewrapSpawner, extract, uid, gid)  # now readable
+    os.chmod(extract, 0o600)
+    with pytest.raises(web.HTTPError, match="cannot read"):
+        check(BubblewrapSpawner, extract, uid, gid)
+    with pytest.raises(web.HTTPError, match="cannot read and write"):
+        check(BubblewrapSpawner, hidden, uid, gid, write=True)
+    shutil.rmtree(tmp_path)

@@ -84,6 +84,7 @@ def own_hub(sandbox_env):
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_sandboxes_survive_a_hub_restart_and_stay_reachable(own_hub):
     hub = own_hub()
     hub.create_user("alice")
@@ -107,6 +108,8 @@ def test_sandboxes_survive_a_hub_restart_and_stay_reachable(own_hub):
     assert pids_in_namespace(state["pidns"]) == []
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_idle_culler_stops_idle_sandboxes_on_a_postgresql_hub(own_hub, require_postgres):
     """The hub runs on PostgreSQL (its own database), and the idle culler service, configured
     from the TRE settings, stops a sandbox nobody uses."""

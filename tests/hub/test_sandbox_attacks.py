@@ -12,6 +12,7 @@ import os
 import socket
 import socketserver
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -300,6 +301,11 @@ except OSError as e:
 libc = ctypes.CDLL(None, use_errno=True)
 PTRACE_ATTACH = 16
 res["ptrace_hub"] = libc.ptrace(PTRACE_ATTACH, {hub_pid}, 0, 0), ctypes.get_errno()
+# even the sandbox's own processes cannot be traced (seccomp), nor can it make namespaces
+res["ptrace_own"] = libc.ptrace(PTRACE_ATTACH, 1, 0, 0), ctypes.get_errno()
+res["unshare_net"] = libc.unshare(0x40000000), ctypes.get_errno()
+status_now = open("/proc/self/status").read()
+res["seccomp"] = [l.split()[1] for l in status_now.splitlines() if l.startswith("Seccomp:")][0]
 try:
     os.setuid(0); res["setuid"] = "root"
 except OSError as e:
@@ -334,6 +340,9 @@ print(json.dumps(res))
     assert result["hub_visible"] is False
     assert result["kill_hub"] == "ProcessLookupError"
     assert result["ptrace_hub"][0] == -1
+    assert result["ptrace_own"] == [-1, 1]  # EPERM
+    assert result["unshare_net"] == [-1, 1]
+    assert result["seccomp"] == "2"  # filter mode
     assert result["setuid"] != "root"
     assert int(result["capeff"], 16) == 0 and int(result["capbnd"], 16) == 0
     assert result["nonewprivs"] == "1"
@@ -376,6 +385,47 @@ print(json.dumps(res))
     big = hub.settings.workspaces_dir / "wilms-outcomes" / "big.bin"
     assert big.stat().st_size <= limit * 1024 * 1024
     big.unlink()
+
+
+def test_a_fork_bomb_is_contained_by_the_sandboxs_cgroup(alice_kernel, hub):
+    """Where the host's cgroups are writable (they are on this machine), each sandbox gets its
+    own memory and pids cgroup: a fork bomb stops at the sandbox's pids.max."""
+    from tests.conftest import require_component
+
+    writable = os.access("/sys/fs/cgroup/pids", os.W_OK) and os.path.exists(
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes"
+    )
+    require_component(writable, "writable cgroup v1 pids/memory controllers")
+    state = hub.api("GET", "/users/alice?include_stopped_servers=1").json()["servers"]
+    keeper = state["wilms-outcomes"]["state"]["pid"]
+    groups = dict(
+        line.split(":", 2)[1:] for line in Path(f"/proc/{keeper}/cgroup").read_text().splitlines()
+    )
+    key = "tre-sandbox-alice.wilms-outcomes"
+    assert groups["pids"].endswith(key) and groups["memory"].endswith(key), groups
+    pids_dir = Path("/sys/fs/cgroup/pids") / groups["pids"].lstrip("/")
+    memory_dir = Path("/sys/fs/cgroup/memory") / groups["memory"].lstrip("/")
+    assert int((pids_dir / "pids.max").read_text()) == hub.settings.hub.sandbox_max_pids
+    limit = int((memory_dir / "memory.limit_in_bytes").read_text())
+    assert limit == hub.settings.hub.sandbox_memory_mb * 1024 * 1024
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, subprocess
+procs, err = [], None
+try:
+    for _ in range({hub.settings.hub.sandbox_max_pids} * 2):
+        procs.append(subprocess.Popen(["sleep", "60"]))
+except OSError as e:
+    err = e.errno
+n = len(procs)
+for p in procs:
+    p.kill(); p.wait()
+print(json.dumps({{"spawned": n, "errno": err}}))
+""",
+    )
+    assert result["errno"] == 11, result  # EAGAIN: no more processes in this sandbox
+    assert result["spawned"] < hub.settings.hub.sandbox_max_pids
 
 
 # -- the sandbox's hub token -------------------------------------------------------------------

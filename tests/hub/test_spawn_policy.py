@@ -67,6 +67,17 @@ def login(hub, username: str) -> httpx.Client:
     return client
 
 
+def test_a_user_whose_only_project_ended_cannot_log_in(hub):
+    client = httpx.Client(base_url=hub.url, timeout=30)
+    page = client.get("/hub/login")
+    xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
+    r = client.post(
+        "/hub/login",
+        data={"username": "mallory", "password": PASSWORDS["mallory"], "_xsrf": xsrf.group(1)},
+    )
+    assert r.status_code == 403
+
+
 def test_wrong_password_is_refused(hub):
     client = httpx.Client(base_url=hub.url, timeout=30)
     page = client.get("/hub/login")
@@ -85,12 +96,13 @@ def test_home_page_lists_only_the_users_active_projects(hub):
     assert "no data extract yet" in html  # no-extract cannot be started from the page
     html = login(hub, "carol").get("/hub/home").text
     assert set(re.findall(r'data-project="([^"]+)"', html)) == {"leukaemia-incidence"}
-    html = login(hub, "mallory").get("/hub/home").text
+    # an output checker is registered but member of no project
+    html = login(hub, "checker1").get("/hub/home").text
     assert not re.findall(r'data-project="([^"]+)"', html)
     assert "not a member of any active project" in html
 
 
 def test_the_spawn_page_refuses_a_project_of_someone_else(hub):
-    r = login(hub, "mallory").get("/hub/spawn/mallory/wilms-outcomes")
+    r = login(hub, "carol").get("/hub/spawn/carol/wilms-outcomes")
     assert r.status_code == 403
     assert "not a member" in r.text

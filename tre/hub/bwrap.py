@@ -38,10 +38,11 @@ from urllib.parse import quote
 import yaml
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from tornado import web
-from traitlets import Integer, List, Unicode, default
+from traitlets import Bool, Integer, List, Unicode, default
 
 from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
 from tre.hub.sandbox_env import policy_path_in_env
+from tre.hub.seccomp import SeccompError, compile_filter, filter_fd
 from tre.registry import Project, RegistryError, load_registry
 
 SANDBOX_HOME = "/home/jovyan"
@@ -116,6 +117,23 @@ class BubblewrapSpawner(LocalProcessSpawner):
         2048, config=True, help="Largest file a sandbox process may write (RLIMIT_FSIZE), MiB."
     )
     max_open_files = Integer(1024, config=True, help="RLIMIT_NOFILE of sandbox processes.")
+    cgroup_memory_mb = Integer(
+        8192,
+        config=True,
+        help="Memory limit of the whole sandbox (a cgroup of its own), when the host's memory "
+        "cgroup is writable (v1 memory.limit_in_bytes or v2 memory.max); 0: none.",
+    )
+    cgroup_max_pids = Integer(
+        512,
+        config=True,
+        help="Process limit of the whole sandbox (cgroup pids.max), when writable; 0: none.",
+    )
+    seccomp = Bool(
+        True,
+        config=True,
+        help="Load the TRE's seccomp filter (tre/hub/seccomp.py) into every sandbox: ptrace, "
+        "mount, namespaces, keyrings, bpf, perf, userfaultfd, modules... are denied.",
+    )
     tmp_size_mb = Integer(1024, config=True, help="Size of the sandbox's private /tmp, MiB.")
     pidns = Integer(0, help="Inode of the sandbox's pid namespace (to find every process).")
 
@@ -297,6 +315,27 @@ class BubblewrapSpawner(LocalProcessSpawner):
             raise web.HTTPError(500, "The sandbox user must not be root.")
         return entry.pw_uid, entry.pw_gid
 
+    @staticmethod
+    def _allowed(st: os.stat_result, uid: int, gid: int, bits: int) -> bool:
+        """Whether ``uid``/``gid`` has every permission in ``bits`` (r=4, w=2, x=1)."""
+        if st.st_uid == uid:
+            return (st.st_mode >> 6) & bits == bits
+        if st.st_gid == gid:
+            return (st.st_mode >> 3) & bits == bits
+        return st.st_mode & bits == bits
+
+    def _check_sandbox_access(self, path: Path, uid: int, gid: int, write: bool = False) -> None:
+        """bwrap resolves bind sources as the sandbox user: say clearly what it cannot reach
+        (instead of a bare bwrap error after the spawn)."""
+        for parent in reversed(path.parents):
+            if not self._allowed(parent.stat(), uid, gid, 1):
+                raise web.HTTPError(
+                    500, f"The sandbox user cannot traverse {parent}: give it o+x (chmod o+x)."
+                )
+        if not self._allowed(path.stat(), uid, gid, 6 if write else 4):
+            what = "read and write" if write else "read"
+            raise web.HTTPError(500, f"The sandbox user cannot {what} {path}: fix its mode.")
+
     def _prepare_host_dirs(self, uid: int, gid: int, workspace: Path) -> None:
         runtime = Path(self.runtime_dir)
         for sub in ("hub", "airlock", "sandboxes", "etc"):
@@ -326,9 +365,63 @@ class BubblewrapSpawner(LocalProcessSpawner):
         if not workspace.exists():
             workspace.mkdir(parents=True, mode=0o770)
             os.chown(workspace, uid, gid)
+        self._check_sandbox_access(workspace, uid, gid, write=True)
+        self._check_sandbox_access(Path(self.sandbox_env_dir), uid, gid)
+
+    # -- cgroups: whole-sandbox memory and process limits where the host lets us ---------------
+
+    def _cgroup_dirs(self) -> list[tuple[Path, dict[str, str]]]:
+        """(cgroup directory, limit files) for this sandbox; empty where cgroups are not
+        writable (then only the per-process rlimits apply)."""
+        wanted: list[tuple[Path, dict[str, str]]] = []
+        name = f"tre-sandbox-{self.sandbox_key}"
+        own = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(","):
+                own[c] = path
+        v1 = Path("/sys/fs/cgroup")
+        if self.cgroup_memory_mb and (v1 / "memory" / "memory.limit_in_bytes").exists():
+            base = v1 / "memory" / own.get("memory", "/").lstrip("/")
+            limit = str(self.cgroup_memory_mb * MiB)
+            wanted.append((base / name, {"memory.limit_in_bytes": limit}))
+        if self.cgroup_max_pids and (v1 / "pids" / "cgroup.procs").exists():
+            base = v1 / "pids" / own.get("pids", "/").lstrip("/")
+            wanted.append((base / name, {"pids.max": str(self.cgroup_max_pids)}))
+        usable = []
+        for directory, limits in wanted:
+            if os.access(directory.parent, os.W_OK):
+                usable.append((directory, limits))
+        return usable
+
+    def _make_cgroups(self) -> list[Path]:
+        made = []
+        dirs = self._cgroup_dirs()
+        if not dirs and (self.cgroup_memory_mb or self.cgroup_max_pids):
+            self.log.warning(
+                "No writable cgroup for %s: only per-process limits apply", self.sandbox_key
+            )
+        for directory, limits in dirs:
+            try:
+                directory.mkdir(exist_ok=True)
+                for fname, value in limits.items():
+                    (directory / fname).write_text(value)
+            except OSError as exc:
+                self.log.warning("No cgroup limit %s for %s: %s", directory, self.sandbox_key, exc)
+                continue
+            made.append(directory)
+        return made
+
+    def _remove_cgroups(self) -> None:
+        for directory, _ in self._cgroup_dirs():
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
 
     def make_preexec_fn(self, name: str):  # noqa: ANN201 - a callable for Popen
         uid, gid = self._sandbox_ids()
+        cgroups = [str(d / "cgroup.procs") for d in self._make_cgroups()]
         limits = [
             (resource.RLIMIT_AS, self.memory_limit_mb * MiB),
             (resource.RLIMIT_NPROC, self.max_processes),
@@ -338,6 +431,10 @@ class BubblewrapSpawner(LocalProcessSpawner):
         ]
 
         def preexec() -> None:
+            # join the sandbox's cgroups first: every later process inherits them
+            for procs in cgroups:
+                with open(procs, "w") as fh:
+                    fh.write(str(os.getpid()))
             for which, value in limits:
                 resource.setrlimit(which, (value, value))
             os.setgroups([])
@@ -366,11 +463,23 @@ class BubblewrapSpawner(LocalProcessSpawner):
         uid, gid = self._sandbox_ids()
         workspace = Path(self.workspaces_dir) / self.name
         self._prepare_host_dirs(uid, gid, workspace)
+        self._check_sandbox_access(extract, uid, gid)
         self._write_project_policy(project)
         self.port = SERVER_PORT
         env = self.get_env()
         info_read, info_write = os.pipe()
+        fds = [info_write]
         cmd = [*self.keeper_cmd, *self.bwrap_args(extract, workspace)]
+        if self.seccomp:
+            try:
+                fds.append(filter_fd(compile_filter()))
+            except SeccompError as exc:
+                os.close(info_read)
+                os.close(info_write)
+                raise web.HTTPError(
+                    500, f"Cannot build the sandbox's seccomp filter: {exc}"
+                ) from None
+            cmd += ["--seccomp", str(fds[-1])]
         cmd += ["--info-fd", str(info_write), "--", *self.cmd, *self.get_args()]
         self.log.info("Starting sandbox %s: %s", self.sandbox_key, " ".join(cmd))
         try:
@@ -379,11 +488,12 @@ class BubblewrapSpawner(LocalProcessSpawner):
                 env=env,
                 preexec_fn=self.make_preexec_fn(self.user.name),
                 start_new_session=True,
-                pass_fds=(info_write,),
+                pass_fds=tuple(fds),
                 cwd="/",
             )
         finally:
-            os.close(info_write)
+            for fd in fds:
+                os.close(fd)
         self.pid = self.proc.pid
         self.pidns = await self._read_pidns(info_read)
         if self.server is not None:
@@ -483,3 +593,4 @@ class BubblewrapSpawner(LocalProcessSpawner):
             await asyncio.sleep(0.02)
         self.pidns = 0
         shutil.rmtree(self.host_socket_dir, ignore_errors=True)
+        self._remove_cgroups()

@@ -192,6 +192,8 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "max_processes": settings.hub.max_processes,
             "max_file_size_mb": settings.hub.max_file_size_mb,
             "max_open_files": settings.hub.max_open_files,
+            "cgroup_memory_mb": settings.hub.sandbox_memory_mb,
+            "cgroup_max_pids": settings.hub.sandbox_max_pids,
         },
     }
     return config

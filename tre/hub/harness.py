@@ -100,12 +100,26 @@ class HubInstance:
         """Stop the hub (and its proxy); sandboxes keep running (cleanup_servers is False)."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        # the hub's managed services (idle culler, airlock) and proxy run in sessions of their
+        # own: remember them, so none is left behind if the hub does not stop them
+        # (sandboxes excepted: they outlive a hub restart by design)
+        children = [pid for pid in _children(self.proc.pid) if not _is_sandbox(pid)]
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            alive = [pid for pid in children if _alive(pid)]
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 5
+            while any(_alive(pid) for pid in alive) and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     # -- REST API -----------------------------------------------------------------------------
 
@@ -160,6 +174,30 @@ class HubInstance:
             if model.status_code == 404 or not model.json().get("pending"):
                 return
             time.sleep(0.1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        text = out
+    return [int(p) for p in text.split()]
+
+
+def _is_sandbox(pid: int) -> bool:
+    try:
+        return b"bwrap" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in {"Z", "X"}
 
 
 class Kernel:
