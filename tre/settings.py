@@ -18,6 +18,23 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def traversable_by_others(path: Path) -> bool:
+    """Whether every directory from ``path`` up to ``/`` lets other users through (o+x)."""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
+
+
+def default_state_dir() -> Path:
+    """``var/`` in the checkout, unless the sandbox user could not reach it there.
+
+    Sandboxes run as an unprivileged user, who must traverse the state directory to reach the
+    sandbox environment, extracts and workspaces. A checkout under a private directory (e.g.
+    /root, mode 0700) would make every sandbox fail, so root then keeps state in /var/lib/tre.
+    """
+    if traversable_by_others(REPO_ROOT) or os.geteuid() != 0:
+        return REPO_ROOT / "var"
+    return Path("/var/lib/tre")
+
+
 class HubSettings(BaseModel):
     """JupyterHub and sandbox settings (``hub:`` in tre.yaml, ``TRE_HUB__<NAME>`` in the env)."""
 
@@ -97,7 +114,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRE_", env_nested_delimiter="__", extra="forbid")
 
     state_dir: Path = Field(
-        default=REPO_ROOT / "var", description="Root of all mutable state of this installation."
+        default_factory=default_state_dir,
+        description="Root of all mutable state of this installation (default: var/ in the "
+        "checkout, or /var/lib/tre when the checkout is not reachable by the sandbox user).",
     )
     policies_dir: Path = Field(
         default=REPO_ROOT / "policies",

@@ -22,9 +22,9 @@ from tre.hub.auth import PasswordFile
 from tre.hub.config import password_file
 from tre.hub.harness import HubInstance, Kernel, free_port
 from tre.hub.sandbox_env import build_sandbox_env, ensure_sandbox_user
-from tre.settings import REPO_ROOT, Settings, load_settings
+from tre.settings import REPO_ROOT, Settings, default_state_dir, load_settings
 
-SANDBOX_ENV = Path(os.environ.get("TRE_TEST_SANDBOX_ENV", REPO_ROOT / "var" / "sandbox-env"))
+SANDBOX_ENV = Path(os.environ.get("TRE_TEST_SANDBOX_ENV", default_state_dir() / "sandbox-env"))
 TEST_AUTH = ""  # the real TRELocalAuthenticator, with the passwords below
 PASSWORDS = {
     u: f"{u}-correct-horse-battery" for u in ("alice", "bob", "carol", "mallory", "checker1")
