@@ -10,7 +10,8 @@
 4. provisioning (``tre project apply``): extracts of the two example projects;
 5. the sandbox environment and JupyterHub with the generated configuration (the hub starts the
    airlock as a managed service); provisioning again, now mirroring groups into the hub;
-6. expiry enforcement every ``Settings.enforce_interval_seconds`` in a background thread.
+6. expiry enforcement every ``Settings.enforce_interval_seconds``: the generated hub
+   configuration runs ``tre project enforce --loop`` as the managed service ``tre-provision``.
 
 ``run_demo(tour=True)`` then runs the whole story through the real HTTP interfaces (see
 ``tre.demo_tour``) and exits 0 only if every step worked.
@@ -61,7 +62,6 @@ class DemoContext:
     passwords: dict[str, str] = field(default_factory=dict)
     hub_proc: subprocess.Popen | None = None
     stop: threading.Event = field(default_factory=threading.Event)
-    enforce_thread: threading.Thread | None = None
 
     @property
     def demo_dir(self) -> Path:
@@ -340,35 +340,12 @@ def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
     raise DemoError(f"JupyterHub or the airlock did not answer within {timeout:.0f}s ({log_path})")
 
 
-def start_enforcement(ctx: DemoContext) -> None:
-    from tre.enforce import EnforceReport, enforce_loop
-    from tre.provision import AirlockAudit, HubClient, TreExtracts
-    from tre.registry import load_registry
-
-    hub = HubClient.from_settings(ctx.settings)
-
-    def report(r: EnforceReport) -> None:
-        for c in r.changes:
-            ctx.console.print(f"[yellow]enforce:[/] {c.project} {c.action.value} {c.detail}")
-        for a in r.archived:
-            ctx.console.print(f"[yellow]enforce:[/] archived workspace {a}")
-        for e in r.errors:
-            ctx.console.print(f"[red]enforce:[/] {e}")
-
-    ctx.enforce_thread = threading.Thread(
-        target=enforce_loop,
-        args=(ctx.settings, lambda: load_registry(ctx.settings.policies_dir)),
-        kwargs={
-            "hub": hub,
-            "extracts": TreExtracts(),
-            "audit": AirlockAudit(ctx.settings),
-            "stop": ctx.stop,
-            "on_report": report,
-        },
-        name="tre-enforce",
-        daemon=True,
+def describe_enforcement(ctx: DemoContext) -> None:
+    """Enforcement runs as the hub-managed service ``tre-provision`` (generated hub config)."""
+    ctx.console.print(
+        f"  `tre project enforce --loop` runs as the hub-managed service {PROVISION_SERVICE!r}, "
+        f"every {ctx.settings.enforce_interval_seconds}s (its output is in the hub log)"
     )
-    ctx.enforce_thread.start()
 
 
 def become_subreaper() -> None:
@@ -447,8 +424,6 @@ def shutdown(ctx: DemoContext) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(ctx.hub_proc.pid, signal.SIGKILL)
         ctx.hub_proc.wait(10)
-    if ctx.enforce_thread is not None:
-        ctx.enforce_thread.join(5)
     stop_descendants()
 
 
@@ -485,7 +460,7 @@ def prepare(ctx: DemoContext) -> None:
         ("Example notebook", seed_workspaces),
         ("Starting JupyterHub and the airlock", start_hub),
         ("Mirroring project groups into the hub", lambda c: provision(c, use_hub=True)),
-        ("Expiry enforcement (background)", start_enforcement),
+        ("Expiry enforcement", describe_enforcement),
     ]
     for title, step in steps:
         ctx.console.print(f"[bold]• {title}[/]")

@@ -218,21 +218,30 @@ def enforce_loop(
     settings: Settings,
     load: Any,
     *,
-    hub: Hub | None,
     extracts: ExtractBuilder,
     audit: AuditSink,
     stop: threading.Event,
     on_report: Any = None,
+    use_hub: bool = True,
 ) -> None:
     """Run ``enforce`` every ``settings.enforce_interval_seconds`` until ``stop`` is set.
 
-    ``load`` returns a fresh registry each pass, so edits to the declarations are picked up.
+    ``load`` returns a fresh registry each pass, so edits to the declarations are picked up;
+    the hub is connected afresh each pass too (it may start after us, or restart).
     """
+    from tre.provision import open_hub
+
     while not stop.is_set():
+        hub, warning = open_hub(settings) if use_hub else (None, None)
         try:
             report = enforce(settings, load(), hub=hub, extracts=extracts, audit=audit)
+            if warning:
+                report.errors.append(f"hub not reachable, sandboxes not checked: {warning}")
         except Exception as exc:  # noqa: BLE001 (a periodic job reports and carries on)
             report = EnforceReport(errors=[f"{type(exc).__name__}: {exc}"])
+        finally:
+            if hub is not None:
+                hub.close()
         if on_report is not None:
             on_report(report)
         stop.wait(settings.enforce_interval_seconds)

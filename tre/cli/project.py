@@ -317,9 +317,6 @@ def enforce(
     from tre.provision import AirlockAudit, TreExtracts, open_hub
 
     settings = load_settings()
-    hub, warning = (None, "--no-hub") if no_hub else open_hub(settings)
-    if warning:
-        err.print(f"[yellow]hub not used:[/] {warning}")
     audit, extracts = AirlockAudit(settings), TreExtracts()
 
     def show(report: EnforceReport) -> None:
@@ -340,15 +337,18 @@ def enforce(
             enforce_loop(
                 settings,
                 lambda: load_registry(settings.policies_dir),
-                hub=hub,
                 extracts=extracts,
                 audit=audit,
                 stop=stop,
                 on_report=show,
+                use_hub=not no_hub,
             )
         except KeyboardInterrupt:
             stop.set()
         return
+    hub, warning = (None, "--no-hub") if no_hub else open_hub(settings)
+    if warning:
+        err.print(f"[yellow]hub not used:[/] {warning}")
     report = enforce(settings, _registry(settings), hub=hub, extracts=extracts, audit=audit)
     show(report)
     raise typer.Exit(0 if report.ok else 1)
