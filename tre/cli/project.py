@@ -191,6 +191,11 @@ def create(
             err.print(f"[red]--grant {g!r}: expected TABLE=col1,col2 or TABLE=*[/]")
             raise typer.Exit(2)
         grants[table.strip()] = [c.strip() for c in cols.split(",") if c.strip()]
+    try:
+        start, end = dt.date.fromisoformat(start_date), dt.date.fromisoformat(end_date)
+    except ValueError as exc:
+        err.print(f"[red]--start-date/--end-date: {exc} (expected YYYY-MM-DD)[/]")
+        raise typer.Exit(2) from None
     fields = {
         "id": project_id,
         "title": title,
@@ -200,8 +205,8 @@ def create(
         "institutions": list(institution),
         "members": [{"username": lead, "role": "lead"}],
         "grants": grants,
-        "start_date": start_date,
-        "end_date": end_date,
+        "start_date": start,
+        "end_date": end,
         "retention_days": retention_days,
     }
 
