@@ -487,7 +487,9 @@ def run_demo(
         interrupted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C and SIGTERM both stop the demo cleanly, also when a script started it in the
+    # background (where SIGINT is ignored by default)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     become_subreaper()
     try:
         try:
@@ -509,5 +511,6 @@ def run_demo(
         return 0
     finally:
         shutdown(ctx)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         console.print("Stopped. `tre demo` again reuses the data and accounts.")
