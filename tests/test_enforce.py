@@ -208,3 +208,26 @@ def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
         (c.project, c.action.value) for c in reports[1].changes
     }
     assert not extracts.path(settings, "wilms-outcomes").exists()
+
+
+def test_without_a_hub_the_workspace_is_not_archived(tmp_path):
+    """Nobody can say whether a sandbox still writes to it: wait, unless told there is no hub."""
+    settings = make_settings(tmp_path)
+    extracts, audit = FileExtracts(), ListAudit()
+    _workspace(settings, "wilms-outcomes")
+    set_status(settings.policies_dir, "wilms-outcomes", "closed")
+    registry = load_registry(settings.policies_dir)
+    report = enforce(settings, registry, hub=None, extracts=extracts, audit=audit, today=TODAY)
+    assert report.archived == [] and any("not archived" in e for e in report.errors)
+    assert (settings.workspaces_dir / "wilms-outcomes" / "notes.md").exists()
+    report = enforce(
+        settings,
+        registry,
+        hub=None,
+        extracts=extracts,
+        audit=audit,
+        today=TODAY,
+        archive_without_hub=True,
+    )
+    assert len(report.archived) == 1 and report.ok
+    assert not (settings.workspaces_dir / "wilms-outcomes").exists()

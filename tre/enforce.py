@@ -152,8 +152,14 @@ def enforce(
     audit: AuditSink,
     today: dt.date | None = None,
     now: dt.datetime | None = None,
+    archive_without_hub: bool = False,
 ) -> EnforceReport:
-    """One enforcement pass; idempotent (a second pass does nothing)."""
+    """One enforcement pass; idempotent (a second pass does nothing).
+
+    A workspace is archived (and removed) only once the hub confirms that no sandbox of the
+    project runs; without a hub that happens only if the caller asserts there is none
+    (``archive_without_hub``, e.g. ``tre project enforce --no-hub`` on a stopped system).
+    """
     now = now or dt.datetime.now(dt.UTC)
     today = today or now.date()
     report = EnforceReport()
@@ -183,6 +189,13 @@ def enforce(
             project = registry.projects.get(pid)
             status = effective_status(project, today) if project else EffectiveStatus.undeclared
             if status not in ENDED:
+                continue
+            if hub is None and not archive_without_hub:
+                if (settings.workspaces_dir / pid).exists():
+                    report.errors.append(
+                        f"{pid}: hub not reachable, cannot rule out a running sandbox; "
+                        "workspace not archived (yet)"
+                    )
                 continue
             if hub is not None and hub.running_servers(pid):
                 report.errors.append(f"{pid}: sandboxes still running; workspace not archived")

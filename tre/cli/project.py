@@ -315,7 +315,12 @@ def extend(
 @app.command()
 def enforce(
     loop: bool = typer.Option(False, "--loop", help="Run every enforce_interval_seconds."),
-    no_hub: bool = typer.Option(False, "--no-hub", help="Do not call the hub."),
+    no_hub: bool = typer.Option(
+        False,
+        "--no-hub",
+        help="There is no hub (or it is stopped): do not call it, and archive workspaces "
+        "without checking for running sandboxes.",
+    ),
 ) -> None:
     """Enforce end dates: stop sandboxes, remove extracts, archive workspaces, purge archives."""
     from tre.enforce import EnforceReport, enforce, enforce_loop
@@ -354,6 +359,13 @@ def enforce(
     hub, warning = (None, "--no-hub") if no_hub else open_hub(settings)
     if warning:
         err.print(f"[yellow]hub not used:[/] {warning}")
-    report = enforce(settings, _registry(settings), hub=hub, extracts=extracts, audit=audit)
+    report = enforce(
+        settings,
+        _registry(settings),
+        hub=hub,
+        extracts=extracts,
+        audit=audit,
+        archive_without_hub=no_hub,
+    )
     show(report)
     raise typer.Exit(0 if report.ok else 1)
