@@ -51,7 +51,7 @@ def _run_tour(root: Path) -> None:
         TRE_HUB__PROXY_API_PORT=str(free_port()),
         TRE_HUB__RUNTIME_DIR=str(runtime),
         TRE_HUB__SANDBOX_ENV_DIR=os.environ.get(
-            "TRE_TEST_SANDBOX_ENV_DIR", str(REPO_ROOT / "var" / "sandbox-env")
+            "TRE_TEST_SANDBOX_ENV", str(REPO_ROOT / "var" / "sandbox-env")
         ),
         TRE_ENFORCE_INTERVAL_SECONDS="5",
     )
