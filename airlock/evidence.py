@@ -145,13 +145,6 @@ def parse_evidence(data: Any, origin: str = "evidence") -> TableEvidence:
         raise EvidenceError(f"{origin}: invalid evidence: {problems}") from exc
 
 
-_ACRO_CHECK_TO_STAT = {
-    "Frequencies": "count",
-    "FrequencyTable": "count",
-    "LinearAggregations": None,
-}
-
-
 def _acro_output_class(record: dict[str, Any]) -> OutputClass:
     out_type = str(record.get("type", ""))
     summary = str(record.get("summary", ""))

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import jsonschema
 import pytest
 import yaml
-from oidc.harness import write_policies
 
+from tests.oidc.harness import write_policies
 from tre.hub.docker import TREDockerSpawner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,10 +123,22 @@ def test_image_requirements_are_the_lockfile():
     )
 
 
+def test_notebook_image_holds_no_declarations_of_other_projects():
+    text = (IMAGES / "notebook" / "Dockerfile").read_text()
+    copies = [ln for ln in text.splitlines() if ln.startswith("COPY")]
+    for ln in copies:
+        sources = ln.split()[1:-1]
+        assert "policies" not in sources and "policies/projects" not in sources, ln
+        assert not any(
+            s.startswith(("policies/projects", "policies/staff", "var")) for s in sources
+        )
+
+
 def test_notebook_image_switches_outbound_fetches_off():
     text = (IMAGES / "notebook" / "Dockerfile").read_text()
     for name in ("overrides.json", "page_config.json", "jupyter_server_config.json"):
         assert f"tre/hub/jupyterlab_settings/{name}" in text
+        assert (REPO / "tre" / "hub" / "jupyterlab_settings" / name).is_file()
 
 
 # ---------------------------------------------------------------- docker-compose.yml
@@ -172,10 +184,11 @@ def _networks(service: dict) -> set[str]:
 def compose_policy_problems(doc: dict) -> list[str]:
     problems = []
     services, networks, volumes = doc["services"], doc.get("networks", {}), doc.get("volumes", {})
-    spawner = TREDockerSpawner.class_traits()
-    sandbox_net_name = spawner["network_name"].default_value or "tre-sandboxes"
+    # the spawner's defaults, as the hub would use them
+    spawner = TREDockerSpawner(image="a@sha256:" + "0" * 64, user=SimpleNamespace(name="x"))
+    sandbox_net_name = spawner.network_name
     # the sandbox network exists under the name the spawner uses, and has no route out
-    sandbox_keys = [k for k, n in networks.items() if (n or {}).get("name") == "tre-sandboxes"]
+    sandbox_keys = [k for k, n in networks.items() if (n or {}).get("name") == sandbox_net_name]
     if not sandbox_keys:
         problems.append(f"no network named {sandbox_net_name!r} for the sandboxes")
     for key in sandbox_keys:
@@ -188,6 +201,16 @@ def compose_policy_problems(doc: dict) -> list[str]:
         members = {s for s, svc in services.items() if key in _networks(svc)}
         if "postgres" in members and (net or {}).get("internal") is not True:
             problems.append(f"PostgreSQL is on network {key}, which has a route out")
+    # the containers the spawner joins to each sandbox's own network exist under those names
+    names = {svc.get("container_name") for svc in services.values()}
+    for peer in spawner.sandbox_network_peers:
+        if peer not in names:
+            problems.append(f"no service has container_name {peer} (a sandbox network peer)")
+    # the proxy listens only on its edge address: nothing of it is reachable from a sandbox
+    proxy = services.get("proxy", {})
+    edge_ip = (proxy.get("networks", {}).get("edge") or {}).get("ipv4_address")
+    if not edge_ip or f"--ip={edge_ip}" not in proxy.get("command", []):
+        problems.append("the proxy must listen only on its fixed edge address")
     # only the proxy publishes ports on the host
     for name, svc in services.items():
         if svc.get("ports") and name != "proxy":
@@ -206,9 +229,10 @@ def compose_policy_problems(doc: dict) -> list[str]:
         for source, _target, read_only in _volume_mounts(svc):
             if source in data_volumes and not read_only and name != "admin":
                 problems.append(f"service {name} mounts the data volume {source} writable")
-    extracts_key = [k for k, v in volumes.items() if (v or {}).get("name") == "tre-extracts"]
-    if spawner["extracts_volume"].default_value not in {"tre-extracts"} or not extracts_key:
-        problems.append("the spawner's extracts volume is not the compose extracts volume")
+    declared = {(v or {}).get("name") for v in volumes.values()}
+    for volume in (spawner.extracts_volume, spawner.workspaces_volume):
+        if volume not in declared:
+            problems.append(f"the spawner mounts volume {volume}, which compose does not declare")
     # every service but the one-shot admin is health-checked
     for name, svc in services.items():
         if name != "admin" and "healthcheck" not in svc:
@@ -250,6 +274,13 @@ def _mutations():
     def privileged_hub(d):
         d["services"]["hub"]["privileged"] = True
 
+    def proxy_listens_everywhere(d):
+        cmd = d["services"]["proxy"]["command"]
+        cmd[:] = ["--ip=0.0.0.0" if c.startswith("--ip=") else c for c in cmd]
+
+    def hub_container_renamed(d):
+        d["services"]["hub"]["container_name"] = "hub"
+
     return [
         sandbox_not_internal,
         hub_publishes_port,
@@ -259,6 +290,8 @@ def _mutations():
         no_healthcheck,
         secret_from_file,
         privileged_hub,
+        proxy_listens_everywhere,
+        hub_container_renamed,
     ]
 
 
@@ -396,6 +429,12 @@ def test_kubespawner_hook_mounts_only_the_project_extract_read_only(tmp_path, mo
 
     policies = write_policies(tmp_path)
     monkeypatch.setenv("TRE_POLICIES_DIR", str(policies))
+    extracts = tmp_path / "extracts"
+    extracts.mkdir()
+    for project in (policies / "projects").glob("*.yaml"):
+        if project.stem != "neuro-survival":  # one active project without an extract
+            (extracts / f"{project.stem}.duckdb").write_bytes(b"")
+    monkeypatch.setenv("TRE_EXTRACTS_DIR", str(extracts))
     code = load_values()["hub"]["extraConfig"]["tre-project-servers"]
     c = SimpleNamespace(KubeSpawner=SimpleNamespace())
     exec(compile(code, "extraConfig", "exec"), {"c": c})  # noqa: S102
@@ -415,10 +454,63 @@ def test_kubespawner_hook_mounts_only_the_project_extract_read_only(tmp_path, mo
     claims = {v["name"]: v for v in ok.volumes}
     assert claims["tre-extracts"]["persistentVolumeClaim"]["readOnly"] is True
     assert ok.environment["TRE_PROJECT"] == "wilms-outcomes"
-    for user, server in [("bob", "neuro-survival"), ("carol", "old-study"), ("alice", "")]:
+    for user, server in [
+        ("bob", "neuro-survival"),
+        ("carol", "old-study"),
+        ("alice", ""),
+        ("alice", "neuro-survival"),  # member, active, but no extract yet
+    ]:
         with pytest.raises(web.HTTPError):
             hook(spawner(user, server))
     chosen = spawner("alice", "wilms-outcomes")
     chosen.user_options = {"image": "evil"}
     with pytest.raises(web.HTTPError):
         hook(chosen)
+
+
+def test_compose_hub_config_loads_and_names_only_real_traits(tmp_path, monkeypatch):
+    """Execute images/hub/jupyterhub_config.py as JupyterHub would, with the variables of
+    .env.example, then load the TRE classes with it: every option must be a real trait and
+    pass the classes' own validation (pinned image etc.)."""
+    from jupyterhub.app import JupyterHub
+    from traitlets.config import Config
+
+    from tre.hub.auth import TREOIDCAuthenticator
+
+    env = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", (REPO / ".env.example").read_text(), re.M))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    for name in load_compose()["services"]["hub"]["secrets"]:
+        (secrets_dir / name).write_text("ab" * 32 + "\n")
+    monkeypatch.setenv("TRE_SECRETS_DIR", str(secrets_dir))
+    # the config sets JUPYTERHUB_CRYPT_KEY from its secret: make monkeypatch restore the original
+    monkeypatch.setenv("JUPYTERHUB_CRYPT_KEY", "placeholder")
+    monkeypatch.delenv("JUPYTERHUB_CRYPT_KEY")
+    cfg = Config()
+    code = (IMAGES / "hub" / "jupyterhub_config.py").read_text()
+    exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: cfg})  # noqa: S102
+
+    classes = {
+        "JupyterHub": JupyterHub,
+        "TREOIDCAuthenticator": TREOIDCAuthenticator,
+        "TREDockerSpawner": TREDockerSpawner,
+    }
+    for section, cls in classes.items():
+        unknown = set(cfg[section]) - set(cls.class_trait_names())
+        assert unknown == set(), f"{section}: not traits: {unknown}"
+    spawner = TREDockerSpawner(config=cfg, user=SimpleNamespace(name="alice"))
+    assert spawner.image == env["TRE_NOTEBOOK_IMAGE"]
+    assert spawner.isolate_sandboxes and spawner.network_name == "tre-sandboxes"
+    auth = TREOIDCAuthenticator(config=cfg)
+    assert auth.client_id == env["OIDC_CLIENT_ID"]
+    assert auth.oauth_callback_url == env["TRE_PUBLIC_URL"] + "/hub/oauth_callback"
+    assert cfg.JupyterHub.authenticator_class == "tre.hub.auth.TREOIDCAuthenticator"
+    assert cfg.JupyterHub.spawner_class == "tre.hub.docker.TREDockerSpawner"
+    # a notebook image without a digest is refused when the hub loads the spawner
+    monkeypatch.setenv("TRE_NOTEBOOK_IMAGE", "registry.example.org/tre/notebook:latest")
+    cfg2 = Config()
+    exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": lambda: cfg2})  # noqa: S102
+    with pytest.raises(Exception, match="pinned by digest"):
+        TREDockerSpawner(config=cfg2, user=SimpleNamespace(name="alice"))

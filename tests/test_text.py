@@ -73,3 +73,17 @@ def test_line_numbers_in_long_text():
     text = "\n".join(["no numbers"] * 50 + ["7 patients"])
     (finding,) = check_text(text, POLICY)
     assert finding.cells[0]["line"] == 51
+
+
+def test_markdown_pipe_tables_are_checked_as_tables(tmp_path):
+    from airlock.checks.engine import check_file
+
+    f = tmp_path / "results.md"
+    f.write_text(
+        "# Results\n\nIncidence by site.\n\n| site | count |\n|---|---:|\n| north | 143 |\n"
+        "| south | 4 |\n\nSee above.\n"
+    )
+    report = check_file(f, POLICY)
+    small = [x for x in report.findings if x.rule == "frequency.min_cell_count"]
+    assert small and small[0].cells[0]["lines"] == "5-8"
+    assert not any(x.rule.startswith("text.") for x in report.findings)

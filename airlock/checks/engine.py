@@ -94,9 +94,8 @@ def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
 
 def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list[Finding]]:
     from airlock.checks.leaks import find_identifiers_in_text
-    from airlock.checks.notebooks import encoded_blobs, tables_from_text
+    from airlock.checks.notebooks import check_prose, encoded_blobs, tables_from_text
     from airlock.checks.spreadsheets import read_delimited
-    from airlock.checks.text import check_text
 
     findings = encoded_blobs(text, {})
     tables = []
@@ -110,7 +109,7 @@ def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list
         output_class, found = check_dataframe(df, ctx, raw=raw)
         findings += found
     if not tables:
-        findings += check_text(text, ctx.policy)
+        findings += check_prose(text, ctx)
     lines = text.count("\n") + 1
     if not tables and lines > ctx.policy.max_rows:
         findings.append(

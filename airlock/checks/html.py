@@ -48,6 +48,7 @@ def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     """Every <table> as (typed frame, all-text frame). Header: <thead> rows, else the first row
     when it is all <th>. Cells spanning several columns are repeated, as a reader sees them."""
     from airlock.checks.context import coerce_numbers
+    from airlock.checks.spreadsheets import unique_names
 
     out = []
     for table in doc.iter("table"):
@@ -86,12 +87,7 @@ def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
             if not header[0]:
                 header[0] = body[0][0]
                 body = body[1:]
-        names: list[str] = []
-        for i, h in enumerate(header):
-            name = h or f"column_{i + 1}"
-            while name in names:
-                name += "_"
-            names.append(name)
+        names = unique_names(header)
         raw = pl.DataFrame(
             {n: [r[i] or None for r in body] for i, n in enumerate(names)},
             schema={n: pl.String for n in names},

@@ -387,11 +387,12 @@ def is_row_level(df: pl.DataFrame, policy: Any) -> bool:
     qis = quasi_identifiers_in(df, policy)
     if not qis:
         return False
-    key = list(dict.fromkeys(qis + [c for c in df.columns if df.schema[c] == pl.String]))
+    schema = df.schema
+    key = list(dict.fromkeys(qis + [c for c, dtype in schema.items() if dtype == pl.String]))
     if df.select(key).n_unique() < df.height:
         return True
     others = [c for c in df.columns if c not in key]
-    numeric_others = [c for c in others if df.schema[c].is_numeric()]
+    numeric_others = [c for c in others if schema[c].is_numeric()]
     return not numeric_others and not any(_STAT_NAME.search(c) for c in df.columns)
 
 

@@ -519,9 +519,9 @@ class AirlockService:
         with self.factory() as session, session.begin():
             req = self._load(session, who, request_id, lock=False)
             perm.check_download(who, req)
+            f = _find_file(req, file_id)
             if req.state != State.RELEASED:
                 raise Conflict("this request has not been released")
-            f = _find_file(req, file_id)
             if f.withdrawn_round is not None:
                 raise NotFound("this file was not released")
             path = released_dir(self.released_root, req.id) / str(f.id) / f.name

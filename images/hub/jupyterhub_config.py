@@ -9,6 +9,8 @@ this file: it generates its configuration with ``tre hub config``.
 import os
 from pathlib import Path
 
+from tre.hub.access import named_server_gate
+
 
 def env(name: str, default: str | None = None) -> str:
     value = os.environ.get(name, default)
@@ -18,7 +20,8 @@ def env(name: str, default: str | None = None) -> str:
 
 
 def secret(name: str) -> str:
-    return Path("/run/secrets", name).read_text().strip()
+    # compose secrets are files under /run/secrets (TRE_SECRETS_DIR overrides it for tests)
+    return Path(os.environ.get("TRE_SECRETS_DIR", "/run/secrets"), name).read_text().strip()
 
 
 c = get_config()
@@ -66,6 +69,7 @@ c.TREDockerSpawner.network_name = "tre-sandboxes"
 c.TREDockerSpawner.extracts_volume = "tre-extracts"
 c.TREDockerSpawner.workspaces_volume = "tre-workspaces"
 c.TREDockerSpawner.workspaces_local_dir = "/srv/tre/var/workspaces"
+c.TREDockerSpawner.extracts_local_dir = "/srv/tre/var/extracts"
 c.TREDockerSpawner.airlock_url = "http://airlock:8100/services/airlock/"
 c.TREDockerSpawner.mem_limit = env("TRE_SANDBOX_MEMORY", "4G")
 c.TREDockerSpawner.cpu_limit = float(env("TRE_SANDBOX_CPUS", "2"))
@@ -80,15 +84,8 @@ c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 60
 
-try:
-    # refuse a project the user may not start before the hub records a server (hub-sandbox area)
-    from tre.hub.access import named_server_gate
-
-    c.JupyterHub.named_server_limit_per_user = named_server_gate(
-        policies_dir, "/srv/tre/var/extracts"
-    )
-except ImportError:  # the spawner refuses it at start either way
-    pass
+# refuse a project the user may not start before the hub records a server (tre.hub.access)
+c.JupyterHub.named_server_limit_per_user = named_server_gate(policies_dir, "/srv/tre/var/extracts")
 
 # --- the airlock, as a JupyterHub service (runs in its own container) ------------------------
 c.JupyterHub.services = [

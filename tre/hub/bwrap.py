@@ -35,12 +35,14 @@ from pathlib import Path
 from subprocess import Popen
 from urllib.parse import quote
 
+import yaml
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from tornado import web
 from traitlets import Integer, List, Unicode, default
 
 from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
-from tre.registry import RegistryError, load_registry
+from tre.hub.sandbox_env import policy_path_in_env
+from tre.registry import Project, RegistryError, load_registry
 
 SANDBOX_HOME = "/home/jovyan"
 SANDBOX_WORK = f"{SANDBOX_HOME}/work"
@@ -220,6 +222,23 @@ class BubblewrapSpawner(LocalProcessSpawner):
             "--ServerApp.open_browser=False",
         ]
 
+    @property
+    def host_policy_path(self) -> Path:
+        return Path(self.runtime_dir) / "policies" / f"{self.sandbox_key}.yaml"
+
+    def _write_project_policy(self, project: Project) -> None:
+        """The project's effective disclosure policy (policies/disclosure.yaml + the project's
+        overrides), so that ``tre.outputs`` in the sandbox judges with the airlock's rules."""
+        base = yaml.safe_load((Path(self.policies_dir) / "disclosure.yaml").read_text()) or {}
+        base.update(project.disclosure or {})
+        path = self.host_policy_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)  # noqa: S103 - read by the sandbox user; no secrets
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(base))
+        os.chmod(tmp, 0o644)  # noqa: S103
+        os.replace(tmp, path)
+
     def bwrap_args(self, extract: Path, workspace: Path) -> list[str]:
         """The bubblewrap command line (without the command run inside)."""
         runtime = Path(self.runtime_dir)
@@ -255,6 +274,8 @@ class BubblewrapSpawner(LocalProcessSpawner):
             "--bind", str(self.host_socket_dir), f"{SANDBOX_RUN}/server",
             "--ro-bind", str(runtime / "hub"), f"{SANDBOX_RUN}/hub",
             "--ro-bind", str(runtime / "airlock"), f"{SANDBOX_RUN}/airlock",
+            "--ro-bind", str(self.host_policy_path),
+            str(policy_path_in_env(Path(self.sandbox_env_dir))),
             "--chdir", SANDBOX_WORK,
             # everything not mounted writable above is read-only, the new root included
             "--remount-ro", "/",
@@ -327,22 +348,25 @@ class BubblewrapSpawner(LocalProcessSpawner):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _check_project(self) -> Path:
+    def _check_project(self) -> Project:
         try:
             registry = load_registry(Path(self.policies_dir))
         except RegistryError as exc:
             raise web.HTTPError(500, f"The project registry is invalid: {exc}") from None
         try:
-            check_can_start_project(registry, self.user.name, self.name, Path(self.extracts_dir))
+            return check_can_start_project(
+                registry, self.user.name, self.name, Path(self.extracts_dir)
+            )
         except ProjectAccessDenied as exc:
             raise web.HTTPError(exc.status, exc.message) from None
-        return extract_path(Path(self.extracts_dir), self.name)
 
     async def start(self) -> str:
-        extract = self._check_project()
+        project = self._check_project()
+        extract = extract_path(Path(self.extracts_dir), self.name)
         uid, gid = self._sandbox_ids()
         workspace = Path(self.workspaces_dir) / self.name
         self._prepare_host_dirs(uid, gid, workspace)
+        self._write_project_policy(project)
         self.port = SERVER_PORT
         env = self.get_env()
         info_read, info_write = os.pipe()

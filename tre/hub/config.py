@@ -33,8 +33,9 @@ AUTHENTICATORS = {
 }
 AIRLOCK_SERVICE = "airlock"
 CULLER_SERVICE = "idle-culler"
-# Provisioning (tre/provision.py, tre/enforce.py): mirrors project groups and stops sandboxes
-# through the hub API; as a managed service it runs `tre project enforce --loop`.
+# `tre project apply/enforce` (tre/provision.py, tre/enforce.py): mirrors project groups and
+# stops sandboxes of ended projects; its token is read from Settings.hub_admin_token_file. As a
+# managed service it runs `tre project enforce --loop`.
 PROVISION_SERVICE = "tre-provision"
 PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 # What a sandbox's own token (JUPYTERHUB_API_TOKEN) may do: report activity, be accessed as
@@ -48,6 +49,11 @@ SERVER_TOKEN_SCOPES = [
 
 def hub_dir(settings: Settings) -> Path:
     return settings.state_dir / "hub"
+
+
+def password_file(settings: Settings) -> Path:
+    """Local demo accounts (scrypt hashes), managed by `tre hub add-user`."""
+    return settings.hmac_key_file.parent / "hub-users.json"
 
 
 def hub_socket(settings: Settings) -> Path:
@@ -103,9 +109,7 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
         )
     if settings.hub.airlock_service == "managed":
         airlock["command"] = [
-            sys.executable,
-            "-m",
-            "airlock.cli",
+            str(Path(sys.executable).parent / "airlock"),  # the console script of this env
             "serve",
             "--port",
             str(settings.airlock_port),
@@ -155,14 +159,14 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
                     "services": [CULLER_SERVICE],
                 },
                 {
-                    "name": "tre-airlock",
-                    "scopes": ["read:users:name"],
-                    "services": [AIRLOCK_SERVICE],
-                },
-                {
                     "name": PROVISION_SERVICE,
                     "scopes": PROVISION_SCOPES,
                     "services": [PROVISION_SERVICE],
+                },
+                {
+                    "name": "tre-airlock",
+                    "scopes": ["read:users:name"],
+                    "services": [AIRLOCK_SERVICE],
                 },
             ],
         },
@@ -174,6 +178,11 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "allowed_users": sorted(allowed),
             "admin_users": sorted(admins),
         },
+        "TRELocalAuthenticator": {
+            "password_file": str(password_file(settings)),
+            "policies_dir": str(settings.policies_dir),
+        },
+        "TREOIDCAuthenticator": {"policies_dir": str(settings.policies_dir)},
         "Spawner": {
             "start_timeout": settings.hub.start_timeout_seconds,
             "http_timeout": settings.hub.start_timeout_seconds,
@@ -247,7 +256,7 @@ def home_projects(policies_dir: str, extracts_dir: str):  # noqa: ANN201 - templ
 
 def _secret_file(path: Path, nbytes: int = 32) -> None:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(nbytes))

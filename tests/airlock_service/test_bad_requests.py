@@ -1,0 +1,159 @@
+"""Bad requests get clear 4xx answers and change nothing (real hub tokens, real proxy)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from hubfixture import HUB_PASSWORD
+
+from airlock.service.core import FileSpec
+from tre.audit import export_events
+
+pytestmark = [pytest.mark.hub]
+
+
+def snapshot_state(service):
+    with service.factory() as s:
+        return service.count_requests(), len(list(export_events(s)))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../leukaemia-incidence/notes.txt",
+        "/etc/passwd",
+        "outputs/../../../etc/passwd",
+        "outputs",
+        "nope.csv",
+        "a\\b.csv",
+        "link.csv",
+        "linkdir/secret.csv",
+    ],
+)
+def test_bad_paths(client, tre_settings, tmp_path, path):
+    ws = tre_settings.workspaces_dir / "wilms-outcomes"
+    (tmp_path / "secret.csv").write_text("id\n1\n")
+    (ws / "link.csv").symlink_to(tmp_path / "secret.csv")
+    (ws / "linkdir").symlink_to(tmp_path)
+    before = snapshot_state(client.service)
+    r = client.call(
+        "alice",
+        "POST",
+        "api/requests",
+        json={"project": "wilms-outcomes", "files": [{"path": path}]},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"]
+    assert snapshot_state(client.service) == before
+
+
+def test_unknown_ids(client):
+    rid = client.service.create_request(
+        client.service.who("alice"), "wilms-outcomes", [FileSpec("notes.txt")]
+    )
+    for path in [
+        "api/requests/" + "0" * 32,
+        "api/requests/short",
+        f"api/requests/{rid}/files/999999/download",
+        "api/requests/..%2F..%2Fetc%2Fpasswd",
+    ]:
+        assert client.call("alice", "GET", path).status_code == 404, path
+    r = client.call("alice", "POST", f"api/requests/{rid}/files/999999/withdraw")
+    assert r.status_code == 404
+    r = client.call("alice", "POST", f"api/requests/{rid}/files/notanint/withdraw")
+    assert r.status_code == 422
+
+
+def test_malformed_and_oversized_bodies(client):
+    before = snapshot_state(client.service)
+    url = "api/requests"
+    headers = {"Content-Type": "application/json"}
+    bad = [
+        b"{not json",
+        b'{"project": 5}',
+        b'{"project": "wilms-outcomes", "files": "x"}',
+        b'{"project": "wilms-outcomes", "unexpected": 1}',
+        b"[]",
+        b'{"project": "wilms-outcomes", "files": [{"path": ""}]}',
+    ]
+    for body in bad:
+        r = client.call("alice", "POST", url, content=body, headers=dict(headers))
+        assert r.status_code == 422, (body, r.status_code, r.text)
+    big = b'{"project": "wilms-outcomes", "context": "' + b"x" * (2 * 1024 * 1024) + b'"}'
+    r = client.call("alice", "POST", url, content=big, headers=dict(headers))
+    assert r.status_code == 413
+
+    # a body streamed without Content-Length is cut off too
+    def chunks():
+        yield b'{"project": "wilms-outcomes", "context": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}'
+
+    r = client.call("alice", "POST", url, content=chunks(), headers=dict(headers))
+    assert r.status_code == 413
+    r = client.call(
+        "checker1",
+        "POST",
+        "api/requests/" + "0" * 32 + "/files/1/votes",
+        json={"decision": "maybe"},
+    )
+    assert r.status_code == 422
+    assert snapshot_state(client.service) == before
+
+
+def test_vote_rules_over_http(client):
+    service = client.service
+    alice = service.who("alice")
+    rid = service.create_request(alice, "wilms-outcomes", [FileSpec("outputs/table.csv")])
+    service.submit(alice, rid)
+    fid = service.view(alice, rid)["files"][0]["id"]
+    path = f"api/requests/{rid}/files/{fid}/votes"
+    r = client.call("checker1", "POST", path, json={"decision": "reject"})
+    assert r.status_code == 400 and "comment" in r.json()["detail"]
+    assert client.call("checker1", "POST", path, json={"decision": "approve"}).status_code == 201
+    r = client.call("checker1", "POST", path, json={"decision": "approve"})
+    assert r.status_code == 409
+
+
+def login(live, user: str) -> httpx.Client:
+    """Log ``user`` in to the airlock pages through the hub's login form and OAuth."""
+    http = httpx.Client(base_url=live.hub.url, follow_redirects=True, timeout=30)
+    r = http.get(live.prefix + "requests")
+    assert "/hub/login" in str(r.url), r.url
+    xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text).group(1)
+    r = http.post(str(r.url), data={"username": user, "password": HUB_PASSWORD, "_xsrf": xsrf})
+    assert r.status_code == 200 and str(r.url).endswith(live.prefix + "requests"), (
+        r.url,
+        r.text[:300],
+    )
+    return http
+
+
+def test_csrf_on_forms(client):
+    service = client.service
+    alice = service.who("alice")
+    rid = service.create_request(alice, "wilms-outcomes", [FileSpec("notes.txt")])
+    http = login(client.live, "alice")
+    page = http.get(f"{client.live.prefix}requests/{rid}")
+    assert page.status_code == 200
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    url = f"{client.live.prefix}requests/{rid}/submit"
+    for data in ({}, {"csrf_token": "forged"}):
+        r = http.post(url, data=data, follow_redirects=False)
+        assert r.status_code == 403, r.text
+        assert service.view(alice, rid)["state"] == "pending"
+    r = http.post(url, data={"csrf_token": token}, follow_redirects=False)
+    assert r.status_code == 303
+    assert service.view(alice, rid)["state"] == "submitted"
+    # the session cookie never authenticates the API (so the API needs no CSRF token)
+    assert http.get(f"{client.live.prefix}api/me").status_code == 401
+    http.close()
+
+
+def test_pages_refuse_anonymous_and_sandbox(client):
+    r = client.http.get("requests", follow_redirects=False)
+    assert r.status_code == 303 and "login" in r.headers["location"]
