@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import subprocess
@@ -46,7 +45,6 @@ ADMINS = ("admin",)
 DEMO_USERS = RESEARCHERS + CHECKERS + ADMINS
 DEMO_SEED = 2026
 PROVISION_SERVICE = "tre-provision"
-PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 
 
 class DemoError(RuntimeError):
@@ -281,36 +279,12 @@ def ensure_sandbox_env(ctx: DemoContext) -> None:
     ctx.console.print(f"  sandbox environment: {result.env_dir}")
 
 
-def _provision_token(settings: Settings) -> str:
-    path = settings.hub_admin_token_file
-    assert path is not None
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return path.read_text(encoding="utf-8").strip()
-
-
-def provision_service_config(settings: Settings) -> str:
-    """Config lines registering the provisioning service (its token is read from its file)."""
-    _provision_token(settings)
-    return (
-        "\n# -- provisioning service (tre project apply / enforce): groups and servers --\n"
-        f"c.JupyterHub.services.append({{'name': {PROVISION_SERVICE!r}, 'api_token': "
-        f"Path({str(settings.hub_admin_token_file)!r}).read_text().strip()}})\n"
-        f"c.JupyterHub.load_roles.append({{'name': {PROVISION_SERVICE!r}, "
-        f"'scopes': {PROVISION_SCOPES!r}, 'services': [{PROVISION_SERVICE!r}]}})\n"
-    )
-
-
 def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
     from tre.hub.config import hub_dir, write_config
 
+    # the generated configuration registers the airlock and the provisioning service
+    # (tre-provision: group mirroring, `tre project enforce --loop`) with their tokens
     path = write_config(ctx.settings)
-    text = path.read_text(encoding="utf-8")
-    if f"'name': {PROVISION_SERVICE!r}" not in text:
-        path.write_text(text + provision_service_config(ctx.settings), encoding="utf-8")
     log_path = ctx.demo_dir / "jupyterhub.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
