@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.provision_hub import free_port
@@ -48,7 +51,7 @@ def _run_tour(root: Path) -> None:
         TRE_HUB__PROXY_API_PORT=str(free_port()),
         TRE_HUB__RUNTIME_DIR=str(runtime),
         TRE_HUB__SANDBOX_ENV_DIR=os.environ.get(
-            "TRE_TEST_SANDBOX_ENV_DIR", str(REPO_ROOT / "var" / "sandbox-env")
+            "TRE_TEST_SANDBOX_ENV", str(REPO_ROOT / "var" / "sandbox-env")
         ),
         TRE_ENFORCE_INTERVAL_SECONDS="5",
     )
@@ -74,8 +77,41 @@ def _run_tour(root: Path) -> None:
     assert "Tour complete" in output
     # the demo stopped everything it started: nothing listens on its port any more
     assert "Stopped." in output
-    with (
-        pytest.raises(OSError),
-        socket.create_connection(("127.0.0.1", int(env["TRE_HUB_PORT"])), timeout=2),
-    ):
+    _assert_port_closed(int(env["TRE_HUB_PORT"]))
+    # `tre demo` again reuses the data, runs until Ctrl-C, then stops everything cleanly
+    _run_until_ctrl_c(env, root)
+
+
+def _assert_port_closed(port: int) -> None:
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def _run_until_ctrl_c(env: dict, root: Path) -> None:
+    log = root / "second-run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "tre"), "demo"],
+            cwd=REPO_ROOT,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "Ctrl-C stops" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the demo did not come up again"
+            time.sleep(0.5)
+        hub = f"http://127.0.0.1:{env['TRE_HUB_PORT']}"
+        assert httpx.get(f"{hub}/hub/login", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert "reusing the pooled store" in text  # no regeneration, no re-ingest
+    assert "Stopping" in text and "Stopped." in text
+    _assert_port_closed(int(env["TRE_HUB_PORT"]))

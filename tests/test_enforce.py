@@ -163,3 +163,71 @@ def test_unreadable_manifest_is_never_purged(tmp_path):
     (d / "x-project-1.json").write_text("{not json")
     assert purge_archives(settings, dt.date(2100, 1, 1)) == []
     assert (d / "x-project-1.tar.gz").exists()
+
+
+def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
+    import threading
+
+    from tre.enforce import enforce_loop
+
+    settings = make_settings(tmp_path, enforce_interval_seconds=1)
+    extracts, audit = FileExtracts(), ListAudit()
+    reconcile(
+        settings,
+        load_registry(settings.policies_dir),
+        actor="admin",
+        use_hub=False,
+        audit=audit,
+        extracts=extracts,
+    )
+    stop, reports = threading.Event(), []
+
+    def on_report(report):
+        reports.append(report)
+        if len(reports) == 1:  # between passes, the project is suspended by hand
+            set_status(settings.policies_dir, "wilms-outcomes", "suspended")
+        else:
+            stop.set()
+
+    loop = threading.Thread(
+        target=enforce_loop,
+        args=(settings, lambda: load_registry(settings.policies_dir)),
+        kwargs={
+            "extracts": extracts,
+            "audit": audit,
+            "stop": stop,
+            "on_report": on_report,
+            "use_hub": False,
+        },
+    )
+    loop.start()
+    loop.join(30)
+    assert not loop.is_alive()
+    assert not reports[0].did_something
+    assert ("wilms-outcomes", "remove_extract") in {
+        (c.project, c.action.value) for c in reports[1].changes
+    }
+    assert not extracts.path(settings, "wilms-outcomes").exists()
+
+
+def test_without_a_hub_the_workspace_is_not_archived(tmp_path):
+    """Nobody can say whether a sandbox still writes to it: wait, unless told there is no hub."""
+    settings = make_settings(tmp_path)
+    extracts, audit = FileExtracts(), ListAudit()
+    _workspace(settings, "wilms-outcomes")
+    set_status(settings.policies_dir, "wilms-outcomes", "closed")
+    registry = load_registry(settings.policies_dir)
+    report = enforce(settings, registry, hub=None, extracts=extracts, audit=audit, today=TODAY)
+    assert report.archived == [] and any("not archived" in e for e in report.errors)
+    assert (settings.workspaces_dir / "wilms-outcomes" / "notes.md").exists()
+    report = enforce(
+        settings,
+        registry,
+        hub=None,
+        extracts=extracts,
+        audit=audit,
+        today=TODAY,
+        archive_without_hub=True,
+    )
+    assert len(report.archived) == 1 and report.ok
+    assert not (settings.workspaces_dir / "wilms-outcomes").exists()

@@ -397,3 +397,40 @@ def test_live_registry_follows_declaration_changes(tmp_path):
     with pytest.raises(RegistryError):
         live()
     assert live().projects["wilms-outcomes"].status.value == "suspended"
+
+
+def test_cli_create_writes_a_declaration_like_a_person_would(tmp_path, monkeypatch):
+    from tre.cli import app
+
+    settings = make_settings(tmp_path)
+    monkeypatch.setenv("TRE_STATE_DIR", str(settings.state_dir))
+    monkeypatch.setenv("TRE_POLICIES_DIR", str(settings.policies_dir))
+    args = ["project", "create", "neuro-staging", "--title", "Neuroblastoma staging"]
+    args += ["--lay-summary", "How neuroblastoma is staged across countries."]
+    args += ["--purpose", "academic", "--jurisdiction", "DE", "--lead", "dave"]
+    args += ["--grant", "tumour=*", "--grant", "patient=patient_id,sex"]
+    args += ["--start-date", "2026-01-01", "--end-date", "2028-01-01", "--no-apply"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = (settings.policies_dir / "projects" / "neuro-staging.yaml").read_text()
+    assert "- {username: dave, role: lead}" in text
+    assert "start_date: 2026-01-01\n" in text and "patient: [patient_id, sex]" in text
+    project = load_registry(settings.policies_dir).projects["neuro-staging"]
+    assert project.grants == {"tumour": ["*"], "patient": ["patient_id", "sex"]}
+    bad = CliRunner().invoke(app, [*args[:-5], "--end-date", "2028-13-01", "--no-apply"])
+    assert bad.exit_code == 2
+
+
+def test_cli_apply_without_data_fails_clearly_and_keeps_what_succeeded(tmp_path, monkeypatch):
+    """The real extract builder with no pooled store: the step fails, exit 1, state kept."""
+    from tre.cli import app
+
+    settings = make_settings(tmp_path)
+    monkeypatch.setenv("TRE_STATE_DIR", str(settings.state_dir))
+    monkeypatch.setenv("TRE_POLICIES_DIR", str(settings.policies_dir))
+    result = CliRunner().invoke(app, ["project", "apply", "--no-hub", "--actor", "admin"])
+    assert result.exit_code == 1
+    assert "FAILED" in result.output and "ingest" in result.output
+    state = AppliedState.load(state_path(settings))
+    assert state.projects  # the steps before the failure are recorded
+    assert all(rec.get("extract_fingerprint") is None for rec in state.projects.values())

@@ -10,7 +10,8 @@
 4. provisioning (``tre project apply``): extracts of the two example projects;
 5. the sandbox environment and JupyterHub with the generated configuration (the hub starts the
    airlock as a managed service); provisioning again, now mirroring groups into the hub;
-6. expiry enforcement every ``Settings.enforce_interval_seconds`` in a background thread.
+6. expiry enforcement every ``Settings.enforce_interval_seconds``: the generated hub
+   configuration runs ``tre project enforce --loop`` as the managed service ``tre-provision``.
 
 ``run_demo(tour=True)`` then runs the whole story through the real HTTP interfaces (see
 ``tre.demo_tour``) and exits 0 only if every step worked.
@@ -22,7 +23,6 @@ import contextlib
 import json
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import subprocess
@@ -45,7 +45,6 @@ ADMINS = ("admin",)
 DEMO_USERS = RESEARCHERS + CHECKERS + ADMINS
 DEMO_SEED = 2026
 PROVISION_SERVICE = "tre-provision"
-PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 
 
 class DemoError(RuntimeError):
@@ -61,7 +60,6 @@ class DemoContext:
     passwords: dict[str, str] = field(default_factory=dict)
     hub_proc: subprocess.Popen | None = None
     stop: threading.Event = field(default_factory=threading.Event)
-    enforce_thread: threading.Thread | None = None
 
     @property
     def demo_dir(self) -> Path:
@@ -281,36 +279,12 @@ def ensure_sandbox_env(ctx: DemoContext) -> None:
     ctx.console.print(f"  sandbox environment: {result.env_dir}")
 
 
-def _provision_token(settings: Settings) -> str:
-    path = settings.hub_admin_token_file
-    assert path is not None
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_hex(32))
-    return path.read_text(encoding="utf-8").strip()
-
-
-def provision_service_config(settings: Settings) -> str:
-    """Config lines registering the provisioning service (its token is read from its file)."""
-    _provision_token(settings)
-    return (
-        "\n# -- provisioning service (tre project apply / enforce): groups and servers --\n"
-        f"c.JupyterHub.services.append({{'name': {PROVISION_SERVICE!r}, 'api_token': "
-        f"Path({str(settings.hub_admin_token_file)!r}).read_text().strip()}})\n"
-        f"c.JupyterHub.load_roles.append({{'name': {PROVISION_SERVICE!r}, "
-        f"'scopes': {PROVISION_SCOPES!r}, 'services': [{PROVISION_SERVICE!r}]}})\n"
-    )
-
-
 def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
     from tre.hub.config import hub_dir, write_config
 
+    # the generated configuration registers the airlock and the provisioning service
+    # (tre-provision: group mirroring, `tre project enforce --loop`) with their tokens
     path = write_config(ctx.settings)
-    text = path.read_text(encoding="utf-8")
-    if f"'name': {PROVISION_SERVICE!r}" not in text:
-        path.write_text(text + provision_service_config(ctx.settings), encoding="utf-8")
     log_path = ctx.demo_dir / "jupyterhub.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
@@ -340,35 +314,12 @@ def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
     raise DemoError(f"JupyterHub or the airlock did not answer within {timeout:.0f}s ({log_path})")
 
 
-def start_enforcement(ctx: DemoContext) -> None:
-    from tre.enforce import EnforceReport, enforce_loop
-    from tre.provision import AirlockAudit, HubClient, TreExtracts
-    from tre.registry import load_registry
-
-    hub = HubClient.from_settings(ctx.settings)
-
-    def report(r: EnforceReport) -> None:
-        for c in r.changes:
-            ctx.console.print(f"[yellow]enforce:[/] {c.project} {c.action.value} {c.detail}")
-        for a in r.archived:
-            ctx.console.print(f"[yellow]enforce:[/] archived workspace {a}")
-        for e in r.errors:
-            ctx.console.print(f"[red]enforce:[/] {e}")
-
-    ctx.enforce_thread = threading.Thread(
-        target=enforce_loop,
-        args=(ctx.settings, lambda: load_registry(ctx.settings.policies_dir)),
-        kwargs={
-            "hub": hub,
-            "extracts": TreExtracts(),
-            "audit": AirlockAudit(ctx.settings),
-            "stop": ctx.stop,
-            "on_report": report,
-        },
-        name="tre-enforce",
-        daemon=True,
+def describe_enforcement(ctx: DemoContext) -> None:
+    """Enforcement runs as the hub-managed service ``tre-provision`` (generated hub config)."""
+    ctx.console.print(
+        f"  `tre project enforce --loop` runs as the hub-managed service {PROVISION_SERVICE!r}, "
+        f"every {ctx.settings.enforce_interval_seconds}s (its output is in the hub log)"
     )
-    ctx.enforce_thread.start()
 
 
 def become_subreaper() -> None:
@@ -447,8 +398,6 @@ def shutdown(ctx: DemoContext) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(ctx.hub_proc.pid, signal.SIGKILL)
         ctx.hub_proc.wait(10)
-    if ctx.enforce_thread is not None:
-        ctx.enforce_thread.join(5)
     stop_descendants()
 
 
@@ -485,7 +434,7 @@ def prepare(ctx: DemoContext) -> None:
         ("Example notebook", seed_workspaces),
         ("Starting JupyterHub and the airlock", start_hub),
         ("Mirroring project groups into the hub", lambda c: provision(c, use_hub=True)),
-        ("Expiry enforcement (background)", start_enforcement),
+        ("Expiry enforcement", describe_enforcement),
     ]
     for title, step in steps:
         ctx.console.print(f"[bold]• {title}[/]")
@@ -512,7 +461,9 @@ def run_demo(
         interrupted.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C and SIGTERM both stop the demo cleanly, also when a script started it in the
+    # background (where SIGINT is ignored by default)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     become_subreaper()
     try:
         try:
@@ -534,5 +485,6 @@ def run_demo(
         return 0
     finally:
         shutdown(ctx)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         console.print("Stopped. `tre demo` again reuses the data and accounts.")

@@ -321,10 +321,16 @@ print(json.dumps({{"status": r.status_code, "body": r.json()}}))
             expect(admin_only.status_code == 403, "a researcher could read the admin API")
             admin = c.get(f"{self.airlock}api/admin/projects", headers=self.auth("admin"))
             expect(admin.status_code == 200, f"admin API: {admin.status_code}")
+            plan = c.get(f"{self.airlock}api/admin/plan", headers=self.auth("admin")).json()
+            expect(plan["hub_warning"] is None, f"the airlock cannot see the hub: {plan}")
+            expect(plan["plan"] == [], f"the system does not match the declarations: {plan}")
         wilms = next(p for p in data if p["id"] == PROJECT)
         expect(wilms["outputs_released"] >= 1, "the register does not count the release")
         expect(wilms["title"] in page.text, "the register page does not show the project")
-        return f"public register (no login): {PROJECT} has {wilms['outputs_released']} release(s)"
+        return (
+            f"public register (no login): {PROJECT} has {wilms['outputs_released']} release(s); "
+            "admin API: the plan is empty (declarations, extracts and hub groups agree)"
+        )
 
     def step_stop_sandbox(self) -> str:
         with self.client() as c:

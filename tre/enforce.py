@@ -152,8 +152,14 @@ def enforce(
     audit: AuditSink,
     today: dt.date | None = None,
     now: dt.datetime | None = None,
+    archive_without_hub: bool = False,
 ) -> EnforceReport:
-    """One enforcement pass; idempotent (a second pass does nothing)."""
+    """One enforcement pass; idempotent (a second pass does nothing).
+
+    A workspace is archived (and removed) only once the hub confirms that no sandbox of the
+    project runs; without a hub that happens only if the caller asserts there is none
+    (``archive_without_hub``, e.g. ``tre project enforce --no-hub`` on a stopped system).
+    """
     now = now or dt.datetime.now(dt.UTC)
     today = today or now.date()
     report = EnforceReport()
@@ -183,6 +189,13 @@ def enforce(
             project = registry.projects.get(pid)
             status = effective_status(project, today) if project else EffectiveStatus.undeclared
             if status not in ENDED:
+                continue
+            if hub is None and not archive_without_hub:
+                if (settings.workspaces_dir / pid).exists():
+                    report.errors.append(
+                        f"{pid}: hub not reachable, cannot rule out a running sandbox; "
+                        "workspace not archived (yet)"
+                    )
                 continue
             if hub is not None and hub.running_servers(pid):
                 report.errors.append(f"{pid}: sandboxes still running; workspace not archived")
@@ -218,21 +231,30 @@ def enforce_loop(
     settings: Settings,
     load: Any,
     *,
-    hub: Hub | None,
     extracts: ExtractBuilder,
     audit: AuditSink,
     stop: threading.Event,
     on_report: Any = None,
+    use_hub: bool = True,
 ) -> None:
     """Run ``enforce`` every ``settings.enforce_interval_seconds`` until ``stop`` is set.
 
-    ``load`` returns a fresh registry each pass, so edits to the declarations are picked up.
+    ``load`` returns a fresh registry each pass, so edits to the declarations are picked up;
+    the hub is connected afresh each pass too (it may start after us, or restart).
     """
+    from tre.provision import open_hub
+
     while not stop.is_set():
+        hub, warning = open_hub(settings) if use_hub else (None, None)
         try:
             report = enforce(settings, load(), hub=hub, extracts=extracts, audit=audit)
+            if warning:
+                report.errors.append(f"hub not reachable, sandboxes not checked: {warning}")
         except Exception as exc:  # noqa: BLE001 (a periodic job reports and carries on)
             report = EnforceReport(errors=[f"{type(exc).__name__}: {exc}"])
+        finally:
+            if hub is not None:
+                hub.close()
         if on_report is not None:
             on_report(report)
         stop.wait(settings.enforce_interval_seconds)

@@ -99,7 +99,16 @@ def create_project(policies_dir: Path, fields: dict[str, Any]) -> Registry:
         raise RegistryError([Problem(path, "id", f"project {pid!r} is already declared")])
     data = CommentedMap()
     for key, value in fields.items():
-        data[key] = _to_yaml(value)
+        if key == "members" and isinstance(value, list):
+            # one line per member, like the hand-written declarations
+            data[key] = CommentedSeq(
+                _member_map(m["username"], m.get("role", "researcher"), m.get("institution"))
+                if isinstance(m, dict) and "username" in m
+                else _to_yaml(m)
+                for m in value
+            )
+        else:
+            data[key] = _to_yaml(value)
     text = _dump(data)
     registry = _validate_with(policies_dir, path, text)
     atomic_write_text(path, text)

@@ -191,6 +191,11 @@ def create(
             err.print(f"[red]--grant {g!r}: expected TABLE=col1,col2 or TABLE=*[/]")
             raise typer.Exit(2)
         grants[table.strip()] = [c.strip() for c in cols.split(",") if c.strip()]
+    try:
+        start, end = dt.date.fromisoformat(start_date), dt.date.fromisoformat(end_date)
+    except ValueError as exc:
+        err.print(f"[red]--start-date/--end-date: {exc} (expected YYYY-MM-DD)[/]")
+        raise typer.Exit(2) from None
     fields = {
         "id": project_id,
         "title": title,
@@ -200,8 +205,8 @@ def create(
         "institutions": list(institution),
         "members": [{"username": lead, "role": "lead"}],
         "grants": grants,
-        "start_date": start_date,
-        "end_date": end_date,
+        "start_date": start,
+        "end_date": end,
         "retention_days": retention_days,
     }
 
@@ -310,16 +315,18 @@ def extend(
 @app.command()
 def enforce(
     loop: bool = typer.Option(False, "--loop", help="Run every enforce_interval_seconds."),
-    no_hub: bool = typer.Option(False, "--no-hub", help="Do not call the hub."),
+    no_hub: bool = typer.Option(
+        False,
+        "--no-hub",
+        help="There is no hub (or it is stopped): do not call it, and archive workspaces "
+        "without checking for running sandboxes.",
+    ),
 ) -> None:
     """Enforce end dates: stop sandboxes, remove extracts, archive workspaces, purge archives."""
     from tre.enforce import EnforceReport, enforce, enforce_loop
     from tre.provision import AirlockAudit, TreExtracts, open_hub
 
     settings = load_settings()
-    hub, warning = (None, "--no-hub") if no_hub else open_hub(settings)
-    if warning:
-        err.print(f"[yellow]hub not used:[/] {warning}")
     audit, extracts = AirlockAudit(settings), TreExtracts()
 
     def show(report: EnforceReport) -> None:
@@ -340,15 +347,25 @@ def enforce(
             enforce_loop(
                 settings,
                 lambda: load_registry(settings.policies_dir),
-                hub=hub,
                 extracts=extracts,
                 audit=audit,
                 stop=stop,
                 on_report=show,
+                use_hub=not no_hub,
             )
         except KeyboardInterrupt:
             stop.set()
         return
-    report = enforce(settings, _registry(settings), hub=hub, extracts=extracts, audit=audit)
+    hub, warning = (None, "--no-hub") if no_hub else open_hub(settings)
+    if warning:
+        err.print(f"[yellow]hub not used:[/] {warning}")
+    report = enforce(
+        settings,
+        _registry(settings),
+        hub=hub,
+        extracts=extracts,
+        audit=audit,
+        archive_without_hub=no_hub,
+    )
     show(report)
     raise typer.Exit(0 if report.ok else 1)

@@ -34,7 +34,8 @@ AUTHENTICATORS = {
 AIRLOCK_SERVICE = "airlock"
 CULLER_SERVICE = "idle-culler"
 # `tre project apply/enforce` (tre/provision.py, tre/enforce.py): mirrors project groups and
-# stops sandboxes of ended projects; its token is read from Settings.hub_admin_token_file.
+# stops sandboxes of ended projects; its token is read from Settings.hub_admin_token_file. As a
+# managed service it runs `tre project enforce --loop`.
 PROVISION_SERVICE = "tre-provision"
 PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 # What a sandbox's own token (JUPYTERHUB_API_TOKEN) may do: report activity, be accessed as
@@ -117,6 +118,13 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
         ]
         airlock["environment"] = {"TRE_CONFIG": str(state / "tre-settings.yaml")}
     services.append(airlock)
+    services.append(
+        {
+            "name": PROVISION_SERVICE,
+            "command": [str(Path(sys.executable).parent / "tre"), "project", "enforce", "--loop"],
+            "environment": {"TRE_CONFIG": str(state / "tre-settings.yaml")},
+        }
+    )
 
     config: dict[str, dict[str, Any]] = {
         "JupyterHub": {
@@ -220,9 +228,11 @@ def render_config(settings: Settings, registry: Registry) -> str:
     # Read at hub start from a file outside every sandbox, never written into this file.
     token_file = hub_dir(settings) / "proxy_auth_token"
     lines.append(f"c.ConfigurableHTTPProxy.auth_token = Path({str(token_file)!r}).read_text()")
+    provision_token = settings.hub_admin_token_file
     lines.append(
-        f"c.JupyterHub.services.append({{'name': {PROVISION_SERVICE!r}, 'api_token': "
-        f"Path({str(settings.hub_admin_token_file)!r}).read_text().strip()}})"
+        f"for _service in c.JupyterHub.services:\n"
+        f"    if _service['name'] == {PROVISION_SERVICE!r}:\n"
+        f"        _service['api_token'] = Path({str(provision_token)!r}).read_text().strip()"
     )
     lines.append(
         "c.JupyterHub.template_vars = {'tre_projects': home_projects("
@@ -264,7 +274,8 @@ def write_config(settings: Settings, path: Path | None = None) -> Path:
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     _secret_file(state / "proxy_auth_token")
-    _secret_file(settings.hub_admin_token_file)
+    assert settings.hub_admin_token_file is not None
+    _secret_file(settings.hub_admin_token_file)  # the provisioning service's API token
     text = render_config(settings, registry)
     target = path or state / "jupyterhub_config.py"
     snapshot = state / "tre-settings.yaml"
