@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.provision_hub import free_port
+from tre.settings import default_state_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +52,7 @@ def _run_tour(root: Path) -> None:
         TRE_HUB__PROXY_API_PORT=str(free_port()),
         TRE_HUB__RUNTIME_DIR=str(runtime),
         TRE_HUB__SANDBOX_ENV_DIR=os.environ.get(
-            "TRE_TEST_SANDBOX_ENV", str(REPO_ROOT / "var" / "sandbox-env")
+            "TRE_TEST_SANDBOX_ENV", str(default_state_dir() / "sandbox-env")
         ),
         TRE_ENFORCE_INTERVAL_SECONDS="5",
     )
