@@ -86,6 +86,14 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> DB:
     return d
 
 
+def postgres_db(request: pytest.FixtureRequest, tmp_path: Path) -> DB:
+    """For end-to-end modules that override ``db``: the production store only (the storage
+    behaviour itself is proven on both backends by the other modules)."""
+    d = _make_db("postgres", tmp_path, request)
+    upgrade(d.engine)
+    return d
+
+
 @pytest.fixture
 def tre_settings(tmp_path: Path, db: DB) -> Settings:
     policies = make_policies(tmp_path)

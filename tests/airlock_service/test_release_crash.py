@@ -17,7 +17,7 @@ from airlock.storage import sha256_file
 from tre.registry import load_registry
 
 WORKER = Path(__file__).with_name("release_worker.py")
-FILES = ["outputs/table.csv", "notes.txt"]
+FILES = ["outputs/table.csv"]
 # copied x3, renamed, commit (inside the transaction), committed
 STEPS = len(FILES) + 3
 
