@@ -19,3 +19,7 @@ service_cli.register(app)  # serve, db, workflow: the review service
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
