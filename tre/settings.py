@@ -12,10 +12,77 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class HubSettings(BaseModel):
+    """JupyterHub and sandbox settings (``hub:`` in tre.yaml, ``TRE_HUB__<NAME>`` in the env)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spawner: str = Field(
+        default="bubblewrap",
+        description="'bubblewrap' (embedded default, no Docker) or 'docker' (TREDockerSpawner).",
+    )
+    authenticator: str = Field(
+        default="local", description="'local' (demo accounts) or 'oidc' (institutional SSO)."
+    )
+    runtime_dir: Path | None = Field(
+        default=None,
+        description="Unix sockets of the hub, the airlock and the sandboxes (keep the path "
+        "short: a socket path is limited to 107 bytes). Default: <state_dir>/run.",
+    )
+    sandbox_env_dir: Path | None = Field(
+        default=None,
+        description="Python environment the sandboxes run (built by `tre hub build-sandbox-env` "
+        "on /usr/bin/python3, readable by the sandbox user). Default: <state_dir>/sandbox-env.",
+    )
+    sandbox_python: Path = Field(
+        default=Path("/usr/bin/python3"),
+        description="System Python the sandbox environment is built on (not one under /root).",
+    )
+    sandbox_user: str = Field(
+        default="tre-sandbox", description="Unprivileged system user every sandbox runs as."
+    )
+    memory_limit_mb: int = Field(
+        default=4096, ge=64, description="Address-space limit per sandbox process (MiB)."
+    )
+    max_processes: int = Field(
+        default=2048,
+        ge=16,
+        description="Process limit (RLIMIT_NPROC) of the sandbox user, over all its sandboxes.",
+    )
+    max_file_size_mb: int = Field(
+        default=2048, ge=1, description="Largest file a sandbox may write (MiB)."
+    )
+    max_open_files: int = Field(default=1024, ge=64, description="Open files per process.")
+    idle_timeout_seconds: int = Field(
+        default=3600, ge=5, description="The idle culler stops sandboxes idle for this long."
+    )
+    cull_interval_seconds: int = Field(
+        default=300, ge=2, description="How often the idle culler looks for idle sandboxes."
+    )
+    airlock_service: str = Field(
+        default="managed",
+        description="'managed': the hub starts `airlock serve` (TCP + unix socket); 'external': "
+        "the airlock runs elsewhere at airlock_port; 'none': registered for OAuth scopes only, "
+        "no URL (hubs without an airlock, tests).",
+    )
+    start_timeout_seconds: int = Field(default=60, ge=5, description="Spawn timeout.")
+    proxy_api_port: int = Field(default=8001, description="Loopback port of the proxy's API.")
+
+    @model_validator(mode="after")
+    def _known_choices(self) -> HubSettings:
+        if self.spawner not in {"bubblewrap", "docker"}:
+            raise ValueError("hub.spawner must be 'bubblewrap' or 'docker'")
+        if self.authenticator not in {"local", "oidc"}:
+            raise ValueError("hub.authenticator must be 'local' or 'oidc'")
+        if self.airlock_service not in {"managed", "external", "none"}:
+            raise ValueError("hub.airlock_service must be 'managed', 'external' or 'none'")
+        return self
 
 
 class Settings(BaseSettings):
@@ -46,6 +113,21 @@ class Settings(BaseSettings):
     hub_ip: str = "127.0.0.1"
     hub_port: int = 8000
     airlock_port: int = 8100
+    hub: HubSettings = Field(default_factory=HubSettings, description="JupyterHub and sandboxes.")
+    # provisioning and expiry enforcement (tre/provision.py, tre/enforce.py)
+    hub_api_url: str | None = Field(
+        default=None,
+        description="JupyterHub REST API used to mirror project groups and stop sandboxes "
+        "(default http://<hub_ip>:<hub_port>/hub/api).",
+    )
+    hub_admin_token_file: Path | None = Field(
+        default=None,
+        description="File holding the API token of the hub service 'tre-provision' "
+        "(scopes: admin:users, admin:groups, admin:servers).",
+    )
+    enforce_interval_seconds: int = Field(
+        default=300, ge=1, description="How often `tre project enforce --loop` runs."
+    )
     ingest_invalid_rows: str = Field(
         default="reject",
         description="Invalid rows in an ingest: 'reject' the batch or 'quarantine' the rows.",
@@ -62,6 +144,12 @@ class Settings(BaseSettings):
         self.airlock_store_dir = self.airlock_store_dir or s / "airlock"
         self.airlock_db_url = self.airlock_db_url or f"sqlite:///{s / 'airlock.sqlite'}"
         self.hub_db_url = self.hub_db_url or f"sqlite:///{s / 'jupyterhub.sqlite'}"
+        self.hub.runtime_dir = self.hub.runtime_dir or s / "run"
+        self.hub.sandbox_env_dir = self.hub.sandbox_env_dir or s / "sandbox-env"
+        self.hub_api_url = self.hub_api_url or f"http://{self.hub_ip}:{self.hub_port}/hub/api"
+        self.hub_admin_token_file = (
+            self.hub_admin_token_file or s / "secrets" / "hub-provision.token"
+        )
         if self.ingest_invalid_rows not in {"reject", "quarantine"}:
             raise ValueError("ingest_invalid_rows must be 'reject' or 'quarantine'")
         return self

@@ -44,6 +44,10 @@ DECISIONS = ("approve", "reject", "request_changes")
 GROUP_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-.")
 
 
+class ProjectInactive(TransitionError):
+    """The request's project has ended or is suspended: nothing about it may change."""
+
+
 class NotFound(LookupError):
     """Unknown id, or one the caller may not see (both answer 404, so ids leak nothing)."""
 
@@ -131,7 +135,17 @@ class AirlockService:
         req = session.execute(stmt).scalar_one_or_none()
         if req is None or not perm.can_view_request(who, req):
             raise NotFound("no such request")
+        if lock:  # every change to a request goes through here
+            self.check_project_active(req.project)
         return req
+
+    def check_project_active(self, project_id: str) -> None:
+        """Requests of a project that is not active (ended, suspended, closed) are frozen."""
+        project = self.registry.projects.get(project_id)
+        if project is None or not project.is_active():
+            raise ProjectInactive(
+                f"project {project_id} is not active: its release requests are frozen"
+            )
 
     def _transition(
         self, session: Session, req: ReleaseRequest, action: Action, actor: str
@@ -461,6 +475,7 @@ class AirlockService:
         with self.factory() as session:
             req = session.get(ReleaseRequest, request_id)
             project = req.project if req else ""
+        self.check_project_active(project)
         return release_request(
             self.factory,
             self.store,

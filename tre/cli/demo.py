@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from tre.settings import REPO_ROOT
 
 
 def demo(
     tour: bool = typer.Option(False, "--tour", help="Run the whole story headlessly and exit."),
+    screenshots: bool = typer.Option(
+        False, "--screenshots", help="Run the tour and photograph the main pages (Chromium)."
+    ),
+    screenshots_dir: Path = typer.Option(
+        REPO_ROOT / "docs" / "screenshots", help="Where --screenshots writes its PNG files."
+    ),
+    patients: int = typer.Option(
+        2000, min=50, help="Synthetic children in total (first run only; the data is reused)."
+    ),
 ) -> None:
-    """Build the demo data (and, as the hub and airlock land, start them)."""
+    """Start the TRE locally (hub, sandboxes, airlock, demo data and accounts); Ctrl-C stops it."""
     from tre.demo import run_demo
 
-    raise typer.Exit(run_demo(tour=tour))
+    raise typer.Exit(
+        run_demo(tour=tour, screenshots=screenshots_dir if screenshots else None, patients=patients)
+    )

@@ -1,0 +1,330 @@
+"""Reading a table's layout: which columns are labels, counts, percentages or statistics.
+
+Tables reach the airlock as polars DataFrames parsed from CSV, spreadsheets, HTML or notebooks,
+so numbers often arrive as text with suppression markers ("<10", "*", "[c]") or as "12 (4.5%)".
+This module turns each column into parsed values and a role, using the column name first (a
+name says what a column is: ``n``, ``mean_age``, ``diagnosis_year``) and the values second
+(integer-valued, years, fractions). Markers and margin labels come from the policy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import polars as pl
+
+from airlock.policy import Policy
+
+NA_TEXTS = {"", "na", "n/a", "nan", "null", "none", "missing", "<na>"}
+_NUMBER = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?([eE][+-]?\d+)?$|^[+-]?\.\d+$")
+_N_PCT = re.compile(r"^\s*(\d[\d,]*)\s*\(\s*[\d.]+\s*%?\s*\)\s*$")
+
+COUNT_WORDS = {
+    "n",
+    "count",
+    "counts",
+    "freq",
+    "frequency",
+    "number",
+    "num",
+    "no",
+    "cases",
+    "patients",
+    "deaths",
+    "events",
+    "persons",
+    "people",
+    "children",
+    "subjects",
+    "total",
+    "obs",
+    "observations",
+    "records",
+    "tumours",
+    "tumors",
+    "individuals",
+    "participants",
+    "diagnoses",
+    "survivors",
+    "births",
+    "size",
+    "registrations",
+    "admissions",
+    "relapses",
+    "nobs",
+}
+PERCENT_WORDS = {
+    "%",
+    "pct",
+    "percent",
+    "percentage",
+    "prop",
+    "proportion",
+    "rate",
+    "share",
+    "ratio",
+    "per",
+    "prevalence",
+    "incidence",
+    "risk",
+    "fraction",
+    "cumulative",
+}
+STAT_WORDS = {
+    "mean": "mean",
+    "avg": "mean",
+    "average": "mean",
+    "median": "median",
+    "sum": "sum",
+    "min": "min",
+    "minimum": "min",
+    "max": "max",
+    "maximum": "max",
+    "sd": "std",
+    "std": "std",
+    "stdev": "std",
+    "stddev": "std",
+    "var": "std",
+    "variance": "std",
+    "mode": "mode",
+    "iqr": "percentile",
+    "q1": "percentile",
+    "q3": "percentile",
+    "quantile": "percentile",
+    "percentile": "percentile",
+    "median_": "median",
+    "lq": "percentile",
+    "uq": "percentile",
+}
+LABEL_WORDS = {
+    "year",
+    "yr",
+    "id",
+    "code",
+    "group",
+    "category",
+    "cat",
+    "class",
+    "stage",
+    "grade",
+    "site",
+    "country",
+    "region",
+    "sex",
+    "gender",
+    "level",
+    "band",
+    "index",
+    "rank",
+    "period",
+    "month",
+    "week",
+    "day",
+    "label",
+    "name",
+    "type",
+    "diagnosis",
+    "iccc",
+    "icd",
+    "morphology",
+    "age",
+    "decade",
+    "quarter",
+    "bin",
+    "interval",
+    "lower",
+    "upper",
+    "left",
+    "right",
+    "from",
+    "to",
+    "edge",
+    "variable",
+    "term",
+    "characteristic",
+}
+
+
+class Role(StrEnum):
+    LABEL = "label"
+    COUNT = "count"
+    PERCENT = "percent"
+    STATISTIC = "statistic"
+
+
+@dataclass
+class Parsed:
+    """One column's values as numbers; ``suppressed[i]`` when the cell holds a marker or NA."""
+
+    values: list[float | None]
+    suppressed: list[bool]
+    numeric: bool  # every non-marker cell parsed as a number
+    any_number: bool
+
+
+@dataclass
+class Layout:
+    roles: dict[str, Role]
+    statistic: dict[str, str]  # statistic kind per STATISTIC column
+    parsed: dict[str, Parsed]
+    total_rows: set[int] = field(default_factory=set)
+    total_columns: set[str] = field(default_factory=set)
+    n_rows: int = 0
+
+    def columns(self, role: Role) -> list[str]:
+        return [c for c, r in self.roles.items() if r == role]
+
+    def labels_of(self, row: int, frame: pl.DataFrame) -> dict[str, str]:
+        return {c: _text(frame[c][row]) for c in self.columns(Role.LABEL)}
+
+
+def words(name: str) -> list[str]:
+    """Lower-case tokens of a column name: 'Mean age (days)' -> ['mean', 'age', 'days']."""
+    name = name.replace("%", " % ")
+    name = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
+    return [w for w in re.split(r"[^0-9a-zA-Z%]+", name.lower()) if w]
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _is_marker(text: str, policy: Policy, patterns: list[re.Pattern[str]]) -> bool:
+    low = text.strip().lower()
+    if low in NA_TEXTS:
+        return True
+    if low in {m.lower() for m in policy.suppression_markers}:
+        return True
+    return any(p.search(low) for p in patterns)
+
+
+def parse_number(text: str) -> float | None:
+    t = text.strip().replace("\u2212", "-")
+    if t.endswith("%"):
+        t = t[:-1].strip()
+    if _NUMBER.match(t):
+        try:
+            return float(t.replace(",", ""))
+        except ValueError:
+            return None
+    m = _N_PCT.match(t)
+    if m:
+        return float(m.group(1).replace(",", ""))
+    return None
+
+
+def parse_column(series: pl.Series, policy: Policy) -> Parsed:
+    patterns = [re.compile(p, re.IGNORECASE) for p in policy.suppression_patterns]
+    values: list[float | None] = []
+    suppressed: list[bool] = []
+    numeric = True
+    any_number = False
+    if series.dtype.is_numeric():
+        for v in series.to_list():
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                values.append(None)
+                suppressed.append(True)
+            else:
+                values.append(float(v))
+                suppressed.append(False)
+                any_number = True
+        return Parsed(values, suppressed, True, any_number)
+    if series.dtype == pl.Boolean:
+        return Parsed([None] * len(series), [False] * len(series), False, False)
+    for v in series.cast(pl.String, strict=False).to_list():
+        text = "" if v is None else str(v)
+        num = parse_number(text)
+        if num is not None:
+            values.append(num)
+            suppressed.append(False)
+            any_number = True
+        elif _is_marker(text, policy, patterns):
+            values.append(None)
+            suppressed.append(True)
+        else:
+            values.append(None)
+            suppressed.append(False)
+            numeric = False
+    # a column holding only suppression markers is a fully suppressed data column
+    all_markers = numeric and not any_number and any(suppressed)
+    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number)
+
+
+def is_total_label(text: str, policy: Policy, ambiguous: bool = True) -> bool:
+    """Whether a label marks a margin; with ``ambiguous`` also labels such as 'All' that need
+    the numbers to confirm them."""
+    low = " ".join(words(text)) if text else ""
+    if low in {" ".join(words(t)) for t in policy.total_labels}:
+        return True
+    return ambiguous and low in {" ".join(words(t)) for t in policy.ambiguous_total_labels}
+
+
+def is_ambiguous_total(text: str, policy: Policy) -> bool:
+    return is_total_label(text, policy) and not is_total_label(text, policy, ambiguous=False)
+
+
+def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
+    """The role of a column from its name, then its values."""
+    tokens = words(name)
+    if not parsed.numeric:
+        return Role.LABEL, None
+    if re.fullmatch(r"[+-]?\d+(\.\d+)?", name.strip()):
+        # a numeric header (a year, a category code) is a category of a wide table: a data column
+        tokens = []
+    nums = [v for v in parsed.values if v is not None]
+    integer_valued = all(float(v).is_integer() for v in nums)
+    if any(t in PERCENT_WORDS for t in tokens):
+        return Role.PERCENT, None
+    for t in tokens:
+        if t in STAT_WORDS or re.fullmatch(r"p\d{1,2}|q\d|\d{1,2}(st|nd|rd|th)", t):
+            kind = STAT_WORDS.get(t, "percentile")
+            return Role.STATISTIC, kind
+    count_hint = any(t in COUNT_WORDS for t in tokens)
+    label_hint = any(t in LABEL_WORDS for t in tokens)
+    if count_hint and integer_valued and not (label_hint and tokens[0] in LABEL_WORDS):
+        return Role.COUNT, None
+    if "total" in tokens and not integer_valued:
+        return Role.STATISTIC, "sum"
+    if label_hint and integer_valued:
+        return Role.LABEL, None  # codes, years, ids: fractional values are never labels
+    if integer_valued:
+        distinct = set(nums)
+        if len(distinct) >= 2 and all(1900 <= v <= 2100 for v in distinct) and not count_hint:
+            return Role.LABEL, None  # calendar years
+        return Role.COUNT, None
+    return Role.STATISTIC, "unknown"
+
+
+def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
+    roles: dict[str, Role] = {}
+    stats: dict[str, str] = {}
+    parsed: dict[str, Parsed] = {}
+    for name in frame.columns:
+        p = parse_column(frame[name], policy)
+        parsed[name] = p
+        role, kind = column_role(name, p)
+        roles[name] = role
+        if kind:
+            stats[name] = kind
+    # a column of nothing but markers ('x', '-') is a suppressed data column only in a table
+    # that has numbers somewhere; in an all-text table it is text
+    if not any(p.any_number for p in parsed.values()):
+        for name in frame.columns:
+            roles[name] = Role.LABEL
+            stats.pop(name, None)
+    layout = Layout(roles, stats, parsed, n_rows=frame.height)
+    labels = layout.columns(Role.LABEL)
+    for row in range(frame.height):
+        if any(is_total_label(_text(frame[c][row]), policy) for c in labels):
+            layout.total_rows.add(row)
+    layout.total_columns = {
+        c for c in frame.columns if roles[c] != Role.LABEL and is_total_label(c, policy)
+    }
+    return layout

@@ -1,0 +1,388 @@
+"""Row-level data and leaks of the pooled data itself.
+
+Four rules, all ``fail`` with the offending rows counted and located (0-based data-row
+indexes, header excluded, as in the table rules):
+
+- ``leak.identifier``: a value equal to a pseudonymous id of the extract (``patient_id``,
+  ``tumour_id``), in any column of a table or any word of a text;
+- ``leak.row_match``: export rows whose values, on the columns they share with an extract table,
+  match fewer than ``policy.k_anonymity`` extract records (one match: the row IS a record);
+- ``leak.qi_match``: the same on the quasi-identifiers alone (``policy.quasi_identifiers``
+  present in both), so that a row is caught even when its other columns were altered;
+- ``leak.k_anonymity``: a row-level table whose quasi-identifier combinations occur fewer than
+  ``policy.k_anonymity`` times in the export itself (no extract needed).
+
+The extract is opened READ-ONLY with DuckDB and the export registered as an Arrow table, so the
+joins run inside DuckDB and stay fast on extracts of tens of millions of rows.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import polars as pl
+
+from airlock.checks.findings import Finding, Status
+
+if TYPE_CHECKING:
+    from airlock.checks.context import CheckContext
+
+# Columns of the pooled data model that hold pseudonymous identifiers.
+ID_COLUMNS = ("patient_id", "tumour_id")
+# Column names that say "this row is one subject/record".
+_ROW_ID_NAMES = {"id", "patient_id", "tumour_id", "subject_id", "person_id", "record_id"}
+_NOT_ROW_IDS = {"site_id", "study_id", "load_batch", "source_dataset"}
+_ROWS_LISTED = 20
+_NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE")
+_NUMERIC_TYPES += ("UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
+_WORD = re.compile(r"[A-Za-z0-9_\-]{6,}")
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class ExtractIndex:
+    """A project's extract (DuckDB file) opened read-only, and what the leak rules need of it."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"extract {self.path} does not exist")
+        self._con = duckdb.connect(str(self.path), read_only=True)
+        self._lock = threading.Lock()
+        rows = self._con.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
+        ).fetchall()
+        self.tables: dict[str, dict[str, str]] = {}
+        for table, column, dtype in rows:
+            self.tables.setdefault(table, {})[column] = dtype.upper()
+        # (table, column, is_text) for every identifier column
+        self.id_columns = [
+            (t, c, not self.tables[t][c].startswith(_NUMERIC_TYPES))
+            for t in self.tables
+            for c in self.tables[t]
+            if c.lower() in ID_COLUMNS
+        ]
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> ExtractIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            return self._con.cursor()
+
+
+def _rows_cells(rows: list[int], columns: list[str]) -> list[dict[str, Any]]:
+    return [{"row": r, "columns": columns} for r in rows[:_ROWS_LISTED]]
+
+
+def _as_text_frame(df: pl.DataFrame) -> pl.DataFrame:
+    return df.select([pl.col(c).cast(pl.String, strict=False) for c in df.columns])
+
+
+def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
+    """Values equal to an extract id. Text ids are looked for in every column; numeric ids only
+    in a column of the same name (else every small count would 'match' patient 12)."""
+    if not extract.id_columns or df.height == 0 or df.width == 0:
+        return None
+    text = _as_text_frame(df).with_row_index("__row", offset=0)
+    long = text.unpivot(index="__row", variable_name="col", value_name="value").drop_nulls()
+    long = long.with_columns(pl.col("value").str.strip_chars())
+    lower_names = {c.lower(): c for c in df.columns}
+    cur = extract.cursor()
+    try:
+        cur.register("__export_values", long.to_arrow())
+        hits: set[tuple[int, str]] = set()
+        for table, column, is_text in extract.id_columns:
+            if is_text:
+                sql = (
+                    f"SELECT DISTINCT v.__row, v.col FROM {_quote(table)} x "
+                    f"JOIN __export_values v ON x.{_quote(column)} = v.value"
+                )
+            elif column.lower() in lower_names:
+                sql = (
+                    f"SELECT DISTINCT v.__row, v.col FROM {_quote(table)} x JOIN "
+                    f"(SELECT __row, col, TRY_CAST(value AS DOUBLE) AS value FROM __export_values"
+                    f" WHERE lower(col) = '{column.lower()}') v ON x.{_quote(column)} = v.value"
+                )
+            else:
+                continue
+            hits.update(cur.execute(sql).fetchall())
+    finally:
+        cur.close()
+    if not hits:
+        return None
+    rows = sorted({r for r, _ in hits})
+    cols = sorted({c for _, c in hits})
+    return Finding(
+        rule="leak.identifier",
+        status=Status.FAIL,
+        message=f"{len(rows)} row(s) contain pseudonymous patient/tumour ids of the extract "
+        f"(columns {', '.join(cols)}): identifiers never leave the TRE",
+        cells=[{"row": r, "column": c} for r, c in sorted(hits)[:_ROWS_LISTED]],
+        evidence={"rows": len(rows), "values": len(hits), "columns": cols},
+    )
+
+
+def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None:
+    """Words of a text (a log, a notebook's source) equal to an extract's text ids."""
+    words = sorted(set(_WORD.findall(text)))
+    if not words or not any(is_text for _, _, is_text in extract.id_columns):
+        return None
+    frame = pl.DataFrame({"word": words})
+    cur = extract.cursor()
+    found: set[str] = set()
+    try:
+        cur.register("__export_words", frame.to_arrow())
+        for table, column, is_text in extract.id_columns:
+            if is_text:
+                sql = (
+                    f"SELECT DISTINCT w.word FROM {_quote(table)} x "
+                    f"JOIN __export_words w ON x.{_quote(column)} = w.word"
+                )
+                found.update(r[0] for r in cur.execute(sql).fetchall())
+    finally:
+        cur.close()
+    if not found:
+        return None
+    cells = []
+    for word in sorted(found)[:_ROWS_LISTED]:
+        pos = text.find(word)
+        line = text.count("\n", 0, pos) + 1
+        cells.append({"line": line, "value": word[:4] + "…"})
+    return Finding(
+        rule="leak.identifier",
+        status=Status.FAIL,
+        message=f"{len(found)} pseudonymous id(s) of the extract appear in the text",
+        cells=cells,
+        evidence={"identifiers": len(found)},
+    )
+
+
+# (export column, extract table alias, extract column)
+_Pair = tuple[str, str, str]
+
+
+def _match_rows(
+    df: pl.DataFrame,
+    extract: ExtractIndex,
+    tables: list[tuple[str, str | None]],
+    pairs: list[_Pair],
+    k: int,
+) -> list[tuple[int, int]]:
+    """(export row, matching extract records) for the rows that match fewer than k records.
+
+    ``tables`` is a chain [(table, None), (table2, id column linking it to the chain), ...];
+    the records are the rows of the chain's join. ``pairs`` name the columns compared. Values are
+    normalised on the export side only (the extract side stays a plain column, so the join
+    probes millions of extract rows cheaply): numbers as numbers, text case-insensitively.
+    """
+    aliases = {table: f"x{i}" for i, (table, _) in enumerate(tables)}
+    sel, conds = [], []
+    for i, (mine, table, theirs) in enumerate(pairs):
+        alias, x = f"c{i}", aliases[table]
+        dtype = extract.tables[table][theirs]
+        if dtype.startswith(_NUMERIC_TYPES):
+            sel.append(f"TRY_CAST(TRIM(CAST({_quote(mine)} AS VARCHAR)) AS DOUBLE) AS {alias}")
+            conds.append(f"{x}.{_quote(theirs)} = m.{alias}")
+        elif dtype == "VARCHAR":
+            sel.append(f"lower(trim(CAST({_quote(mine)} AS VARCHAR))) AS {alias}")
+            conds.append(f"lower({x}.{_quote(theirs)}) = m.{alias}")
+        else:
+            sel.append(f"TRIM(CAST({_quote(mine)} AS VARCHAR)) AS {alias}")
+            conds.append(f"CAST({x}.{_quote(theirs)} AS VARCHAR) = m.{alias}")
+    names = [f"c{i}" for i in range(len(pairs))]
+    not_null = " AND ".join(f"{a} IS NOT NULL" for a in names)
+    first, _ = tables[0]
+    source = f"{_quote(first)} {aliases[first]}"
+    for i, (table, link) in enumerate(tables[1:], start=1):
+        prev = next(t for t, _ in tables[:i] if link in extract.tables[t])
+        source += (
+            f" JOIN {_quote(table)} {aliases[table]} ON "
+            f"{aliases[table]}.{_quote(link)} = {aliases[prev]}.{_quote(link)}"
+        )
+    sql = f"""
+        WITH e AS (SELECT __row, {", ".join(sel)} FROM __export_rows),
+        m AS (SELECT DISTINCT {", ".join(names)} FROM e WHERE {not_null}),
+        hits AS (
+            SELECT {", ".join("m." + a for a in names)}, count(*) AS n
+            FROM {source} JOIN m ON {" AND ".join(conds)}
+            GROUP BY ALL
+        )
+        SELECT e.__row, hits.n FROM e JOIN hits USING ({", ".join(names)})
+        WHERE hits.n < {int(k)} ORDER BY e.__row
+    """
+    cur = extract.cursor()
+    try:
+        cur.register("__export_rows", df.with_row_index("__row", offset=0).to_arrow())
+        return [(int(r), int(n)) for r, n in cur.execute(sql).fetchall()]
+    finally:
+        cur.close()
+
+
+def _comparisons(
+    df: pl.DataFrame, extract: ExtractIndex
+) -> list[tuple[list[tuple[str, str | None]], list[_Pair]]]:
+    """What to compare: each extract table on the columns it shares with the export, and the
+    join of the tables linked by an id column (a patient table and a tumour table, say) on the
+    columns they share together, each export column compared once."""
+    mine = {c.lower(): c for c in df.columns}
+    per_table: dict[str, list[_Pair]] = {}
+    for table, columns in extract.tables.items():
+        pairs = [
+            (mine[c.lower()], table, c)
+            for c in columns
+            if c.lower() in mine and c.lower() not in ID_COLUMNS
+        ]
+        if pairs:
+            per_table[table] = pairs
+    out: list[tuple[list[tuple[str, str | None]], list[_Pair]]] = [
+        ([(t, None)], pairs) for t, pairs in per_table.items()
+    ]
+    ranked = sorted(per_table, key=lambda t: -len(per_table[t]))
+    if len(ranked) >= 2:
+        chain: list[tuple[str, str | None]] = [(ranked[0], None)]
+        used = {p[0] for p in per_table[ranked[0]]}
+        pairs = list(per_table[ranked[0]])
+        for table in ranked[1:4]:
+            new = [p for p in per_table[table] if p[0] not in used]
+            link = next(
+                (
+                    c
+                    for c in extract.tables[table]
+                    if c.lower() in ID_COLUMNS and any(c in extract.tables[t] for t, _ in chain)
+                ),
+                None,
+            )
+            if new and link:
+                chain.append((table, link))
+                pairs += new
+                used.update(p[0] for p in new)
+        if len(chain) >= 2:
+            out.append((chain, pairs))
+    return out
+
+
+def find_row_matches(df: pl.DataFrame, extract: ExtractIndex, policy: Any) -> list[Finding]:
+    """Rows singling out fewer than k extract records, on shared columns and on shared QIs."""
+    if df.height == 0:
+        return []
+    qis = {q.lower() for q in policy.quasi_identifiers}
+    results: dict[str, tuple[set[int], list[str], int]] = {}
+    for tables, shared in _comparisons(df, extract):
+        qi_shared = [p for p in shared if p[2].lower() in qis]
+        for rule, pairs in (("leak.row_match", shared), ("leak.qi_match", qi_shared)):
+            if len(pairs) < 2 or (rule == "leak.qi_match" and len(qi_shared) == len(shared)):
+                continue
+            matched = _match_rows(df, extract, tables, pairs, policy.k_anonymity)
+            if matched:
+                rows, cols, unique = results.get(rule, (set(), [], 0))
+                rows.update(r for r, _ in matched)
+                cols = cols + [f"{t}.{c}" for _, t, c in pairs if f"{t}.{c}" not in cols]
+                unique = max(unique, sum(1 for _, n in matched if n == 1))
+                results[rule] = (rows, cols, unique)
+    findings = []
+    for rule, (rows, cols, unique) in results.items():
+        what = "the columns they share" if rule == "leak.row_match" else "quasi-identifiers"
+        findings.append(
+            Finding(
+                rule=rule,
+                status=Status.FAIL,
+                message=f"{len(rows)} row(s) match fewer than {policy.k_anonymity} records of "
+                f"the project's extract on {what} ({', '.join(cols)}); {unique} match exactly "
+                "one record: this is row-level data from the extract",
+                cells=_rows_cells(sorted(rows), cols),
+                evidence={"rows": len(rows), "unique_matches": unique, "columns": cols},
+            )
+        )
+    return findings
+
+
+_STAT_NAME = re.compile(
+    r"(^|_)(n|count|counts|freq|frequency|total|number|num|sum|mean|avg|average|median|sd|std|"
+    r"se|min|max|pct|percent|percentage|prop|proportion|rate|ratio|hr|or|rr|estimate|coef|"
+    r"p|pvalue|ci|lower|upper|q\d+|iqr|value|n_\w+)($|_)",
+    re.IGNORECASE,
+)
+
+
+def quasi_identifiers_in(df: pl.DataFrame, policy: Any) -> list[str]:
+    qis = {q.lower() for q in policy.quasi_identifiers}
+    return [c for c in df.columns if c.lower() in qis]
+
+
+def is_row_level(df: pl.DataFrame, policy: Any) -> bool:
+    """Whether a table looks like one row per subject rather than an aggregate (heuristic).
+
+    Row-level when: a column is an id with (nearly) distinct values; or the quasi-identifier and
+    text columns do not form a key (a group-by output always does); or they do, but nothing in
+    the table is a number beside them (a list of records, nothing aggregated).
+    """
+    if df.height < 2:
+        return False
+    for c in df.columns:
+        low = c.lower()
+        if low in _ROW_ID_NAMES or (low.endswith("_id") and low not in _NOT_ROW_IDS):
+            if df.get_column(c).n_unique() >= 0.9 * df.height:
+                return True
+    qis = quasi_identifiers_in(df, policy)
+    if not qis:
+        return False
+    key = list(dict.fromkeys(qis + [c for c in df.columns if df.schema[c] == pl.String]))
+    if df.select(key).n_unique() < df.height:
+        return True
+    others = [c for c in df.columns if c not in key]
+    numeric_others = [c for c in others if df.schema[c].is_numeric()]
+    return not numeric_others and not any(_STAT_NAME.search(c) for c in df.columns)
+
+
+def find_small_classes(df: pl.DataFrame, policy: Any) -> Finding | None:
+    """Row-level records whose quasi-identifier combination occurs fewer than k times."""
+    qis = quasi_identifiers_in(df, policy)
+    if not qis or not is_row_level(df, policy):
+        return None
+    sizes = (
+        df.select(qis)
+        .with_row_index("__row", offset=0)
+        .with_columns(pl.len().over(qis).alias("__k"))
+        .filter(pl.col("__k") < policy.k_anonymity)
+    )
+    if sizes.height == 0:
+        return None
+    rows = sizes.get_column("__row").to_list()
+    smallest = int(sizes.get_column("__k").min())
+    return Finding(
+        rule="leak.k_anonymity",
+        status=Status.FAIL,
+        message=f"row-level records: {len(rows)} row(s) have a combination of quasi-identifiers "
+        f"({', '.join(qis)}) shared by fewer than {policy.k_anonymity} rows (smallest: "
+        f"{smallest}); such rows can single out a child",
+        cells=_rows_cells(rows, qis),
+        evidence={"rows": len(rows), "smallest_class": smallest, "quasi_identifiers": qis},
+    )
+
+
+def check_rows(df: pl.DataFrame, ctx: CheckContext) -> list[Finding]:
+    """Every leak rule on one table (the extract rules only when the extract is known)."""
+    findings: list[Finding] = []
+    small = find_small_classes(df, ctx.policy)
+    if small:
+        findings.append(small)
+    if ctx.extract is not None:
+        ident = find_identifiers(df, ctx.extract)
+        if ident:
+            findings.append(ident)
+        findings += find_row_matches(df, ctx.extract, ctx.policy)
+    return findings

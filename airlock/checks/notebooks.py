@@ -1,0 +1,367 @@
+"""Notebooks (.ipynb): every output cell is an output.
+
+Tables printed as text (pandas and polars reprs, a Series such as ``value_counts()``, CSV-like
+printed rows) or as HTML (``<table>``) become DataFrames and go through the table rules with their
+location ``{"cell": i, "output": j}``; images go through the figure rules; other text through the
+text rules; base64 blobs that are not images, in outputs or in source, fail. The notebook is read
+as JSON here (no nbformat validation: its jsonschema pass costs more than the whole check).
+
+``render_notebook_html`` renders a notebook for checkers with nbconvert, scripts stripped.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+import polars as pl
+
+from airlock.checks.findings import Finding, Status
+
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/\-_]{100,}={0,2}")
+_HEX_RUN = re.compile(r"\b[0-9a-fA-F]{128,}\b")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_SERIES_FOOTER = re.compile(r"^(?:Name: (.*?), )?(?:Length: \d+, )?dtype: [\w\[\], ]+$")
+_IMAGE_MIMES = {"image/png": "png", "image/jpeg": "jpeg"}
+_SCRIPT_MIMES = {"application/javascript", "text/javascript", "application/ecmascript"}
+
+
+def _joined(value: Any) -> str:
+    if isinstance(value, list):
+        return "".join(v if isinstance(v, str) else str(v) for v in value)
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+# ---------------------------------------------------------------------------------- base64
+
+
+def _decode_blob(run: str) -> bytes | None:
+    classes = sum(bool(re.search(p, run)) for p in ("[A-Z]", "[a-z]", "[0-9]"))
+    if classes < 2:
+        return None
+    body = run.rstrip("=")
+    try:
+        if "-" in body or "_" in body:
+            return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        return base64.b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def encoded_blobs(text: str, location: dict[str, Any], allow_images: bool = False) -> list[Finding]:
+    """Long base64 (or hex) runs in ``text``: fail unless they decode to an image and images
+    are allowed here (then the image gets the figure rules)."""
+    from airlock.checks import figures
+    from airlock.checks.filetype import detect_bytes
+
+    findings: list[Finding] = []
+    blobs: list[dict[str, Any]] = []
+    for m in _BASE64_RUN.finditer(text):
+        blob = _decode_blob(m.group(0))
+        if blob is None:
+            continue
+        kind = detect_bytes(blob[:65536]).kind
+        if allow_images and kind in {"png", "jpeg"}:
+            findings += figures.check_raster(blob, kind, location)
+            continue
+        blobs.append({**location, "offset": m.start(), "chars": len(m.group(0)), "kind": kind})
+    for m in _HEX_RUN.finditer(text):
+        blobs.append({**location, "offset": m.start(), "chars": len(m.group(0)), "kind": "hex"})
+    if blobs:
+        findings.append(
+            Finding(
+                rule="encoded.blob",
+                status=Status.FAIL,
+                message=f"{len(blobs)} encoded blob(s) (base64/hex, decoding to "
+                f"{', '.join(sorted({b['kind'] for b in blobs}))}) that a checker cannot read: "
+                "encoded data never leaves",
+                cells=blobs[:20],
+                evidence={"blobs": len(blobs), "chars": sum(b["chars"] for b in blobs)},
+            )
+        )
+    return findings
+
+
+# --------------------------------------------------------------------------- text tables
+
+
+def _frame(header: list[str], rows: list[list[str]]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    from airlock.checks.context import coerce_numbers
+
+    names: list[str] = []
+    for i, h in enumerate(header):
+        name = h.strip() or f"column_{i + 1}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    raw = pl.DataFrame(
+        {
+            n: [r[i] if r[i] not in {"", "NaN", "None", "null"} else None for r in rows]
+            for i, n in enumerate(names)
+        },
+        schema={n: pl.String for n in names},
+    )
+    return coerce_numbers(raw), raw
+
+
+def _polars_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    boxed = [ln.strip() for ln in lines if ln.strip()[:1] in "│╞"]
+    if not boxed or not any(ln.startswith("╞") for ln in boxed):
+        return None
+    split = boxed.index(next(ln for ln in boxed if ln.startswith("╞")))
+    head = [[c.strip() for c in re.split("[┆│]", ln)[1:-1]] for ln in boxed[:split]]
+    body = [[c.strip() for c in re.split("[┆│]", ln)[1:-1]] for ln in boxed[split + 1 :]]
+    if not head:
+        return None
+    header = head[0]
+    body = [r for r in body if len(r) == len(header) and not all(c in {"…", "..."} for c in r)]
+    keep = [i for i, h in enumerate(header) if h not in {"…", "..."}]
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in body]
+
+
+def _series_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    m = _SERIES_FOOTER.match(lines[-1].strip())
+    if not m:
+        return None
+    body = lines[:-1]
+    index_name = "index"
+    if body and len(re.split(r"\s{2,}", body[0].strip())) == 1:
+        index_name = body[0].strip()
+        body = body[1:]
+    rows = []
+    for ln in body:
+        parts = re.split(r"\s{2,}", ln.strip())
+        if parts == ["..."]:
+            continue
+        if len(parts) != 2:
+            return None
+        rows.append(parts)
+    if not rows:
+        return None
+    return [index_name, (m.group(1) or "value")], rows
+
+
+def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    if lines and re.match(r"^\[\d+ rows x \d+ columns\]$", lines[-1].strip()):
+        lines = lines[:-1]
+    if len(lines) < 2:
+        return None
+    has_index = lines[0][:1] == " "
+    header = re.split(r"\s{2,}", lines[0].strip())
+    body = lines[1:]
+    index_name = ""
+    if has_index and len(re.split(r"\s{2,}", body[0].strip())) == 1 and body[0][:1] != " ":
+        if len(header) > 1 or body[0].rstrip() != body[0].strip():
+            index_name = body[0].strip()
+            body = body[1:]
+    want = len(header) + (1 if has_index else 0)
+    rows = []
+    for ln in body:
+        parts = re.split(r"\s{2,}", ln.strip())
+        if all(p in {"...", "…"} for p in parts):
+            continue
+        if len(parts) != want:
+            return None
+        rows.append(parts)
+    if not rows or (len(header) == 1 and not has_index):
+        return None
+    if has_index:
+        header = [index_name or "index"] + header
+    keep = [i for i, h in enumerate(header) if h not in {"...", "…"}]
+    return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def _csv_like(text: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
+    from airlock.checks.filetype import _text_kind
+
+    kind = _text_kind(text, "")
+    if kind not in {"csv", "tsv"}:
+        return None
+    from airlock.checks.spreadsheets import read_delimited
+
+    try:
+        return read_delimited(text, "\t" if kind == "tsv" else None)
+    except ValueError:
+        return None
+
+
+def tables_from_text(text: str) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    """A table printed as text (polars/pandas repr, a Series, CSV-like rows), or nothing."""
+    lines = [ln.rstrip() for ln in _ANSI.sub("", text).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not re.match(r"^shape: \(\d+, \d+\)$", ln.strip())]
+    if not lines:
+        return []
+    for parser in (_polars_repr, _series_repr, _pandas_repr):
+        try:
+            parsed = parser(lines)
+        except (IndexError, ValueError):
+            parsed = None
+        if parsed and parsed[0] and parsed[1]:
+            return [_frame(*parsed)]
+    if len(lines) >= 10:
+        csv = _csv_like("\n".join(lines))
+        if csv is not None:
+            return [csv]
+    return []
+
+
+# -------------------------------------------------------------------------------- notebook
+
+
+def _check_plain_text(text: str, ctx: Any, where: dict[str, Any]) -> list[Finding]:
+    from airlock.checks.context import check_dataframe
+    from airlock.checks.text import check_text
+
+    findings: list[Finding] = []
+    tables = tables_from_text(text)
+    for df, raw in tables:
+        findings += check_dataframe(df, ctx, where, raw=raw)[1]
+    if not tables:
+        lines = text.count("\n") + 1
+        if lines > ctx.policy.max_rows:
+            findings.append(
+                Finding(
+                    rule="notebook.long_output",
+                    status=Status.FAIL,
+                    message=f"an output of {lines} lines, more than {ctx.policy.max_rows}: "
+                    "printed data this long is row-level data",
+                    cells=[where],
+                    evidence={"lines": lines},
+                )
+            )
+        findings += check_text(_ANSI.sub("", text), ctx.policy, where)
+    return findings
+
+
+def _check_output(output: dict[str, Any], ctx: Any, where: dict[str, Any]) -> list[Finding]:
+    from airlock.checks import figures
+    from airlock.checks.html import check_html
+
+    kind = output.get("output_type")
+    if kind == "stream":
+        text = _joined(output.get("text"))
+        return encoded_blobs(text, where) + _check_plain_text(text, ctx, where)
+    if kind == "error":
+        text = "\n".join(_joined(t) for t in output.get("traceback") or [])
+        text = _ANSI.sub("", text + "\n" + _joined(output.get("evalue")))
+        return encoded_blobs(text, where) + _check_plain_text(text, ctx, where)
+    data = output.get("data")
+    if not isinstance(data, dict):
+        return []
+    findings: list[Finding] = []
+    if "text/html" in data:
+        html_text = _joined(data["text/html"])
+        findings += check_html(html_text, ctx, where)
+    elif "text/plain" in data and not any(m in data for m in _IMAGE_MIMES):
+        text = _joined(data["text/plain"])
+        findings += encoded_blobs(text, where) + _check_plain_text(text, ctx, where)
+    for mime, value in data.items():
+        if mime in _IMAGE_MIMES:
+            blob = _decode_blob(re.sub(r"\s+", "", _joined(value))) or b""
+            findings += figures.check_raster(blob, _IMAGE_MIMES[mime], where)
+            findings.append(_no_table(where))
+        elif mime == "image/svg+xml":
+            findings += figures.check_svg(_joined(value), where)
+            findings.append(_no_table(where))
+        elif mime in _SCRIPT_MIMES:
+            findings.append(
+                Finding(
+                    rule="notebook.script_output",
+                    status=Status.REVIEW,
+                    message=f"an output of type {mime}: checkers see the notebook with scripts "
+                    "removed, so what the script shows is unreviewed",
+                    cells=[where],
+                )
+            )
+        elif mime not in {"text/plain", "text/html"}:
+            findings += encoded_blobs(_joined(value), where)
+            findings += _check_plain_text(_joined(value), ctx, where)
+    return findings
+
+
+def _no_table(where: dict[str, Any]) -> Finding:
+    return Finding(
+        rule="figure.no_table",
+        status=Status.REVIEW,
+        message="a figure without its underlying table: a checker must judge it from the "
+        "picture (supply the table to have it checked)",
+        cells=[where],
+    )
+
+
+def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
+    """Findings for a notebook already parsed from JSON (a dict with a 'cells' list)."""
+    from airlock.checks import figures, leaks
+    from airlock.checks.html import check_html
+    from airlock.checks.text import check_text
+
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise ValueError("not a Jupyter notebook: no 'cells' list")
+    if nb.get("nbformat") not in (4, None):
+        raise ValueError(f"notebook format {nb.get('nbformat')!r} is not supported (need 4)")
+    findings: list[Finding] = []
+    all_text: list[str] = []
+    for i, cell in enumerate(nb["cells"]):
+        if not isinstance(cell, dict):
+            raise ValueError(f"cell {i} is not an object")
+        where = {"cell": i}
+        source = _joined(cell.get("source"))
+        all_text.append(source)
+        ctype = cell.get("cell_type")
+        findings += encoded_blobs(source, {**where, "source": True})
+        if ctype == "markdown":
+            if "<" in source:
+                findings += check_html(f"<div>{source}</div>", ctx, where)
+            else:
+                findings += check_text(source, ctx.policy, where)
+            for name, bundle in (cell.get("attachments") or {}).items():
+                for mime, value in (bundle or {}).items():
+                    blob = _decode_blob(re.sub(r"\s+", "", _joined(value))) or b""
+                    loc = {**where, "attachment": name}
+                    if mime in _IMAGE_MIMES:
+                        findings += figures.check_raster(blob, _IMAGE_MIMES[mime], loc)
+                        findings.append(_no_table(loc))
+                    else:
+                        findings += encoded_blobs(_joined(value), loc)
+        elif ctype == "raw":
+            findings += check_text(source, ctx.policy, where)
+        outputs = cell.get("outputs") or []
+        if not isinstance(outputs, list):
+            raise ValueError(f"cell {i}: 'outputs' is not a list")
+        for j, output in enumerate(outputs):
+            if not isinstance(output, dict):
+                raise ValueError(f"cell {i} output {j} is not an object")
+            loc = {"cell": i, "output": j}
+            findings += _check_output(output, ctx, loc)
+            if ctx.extract is not None:
+                all_text.append(_joined(output.get("text")))
+                for mime, value in (output.get("data") or {}).items():
+                    if mime.startswith("text/"):
+                        all_text.append(_joined(value))
+    if ctx.extract is not None:
+        ident = leaks.find_identifiers_in_text("\n".join(all_text), ctx.extract)
+        if ident:
+            findings.append(ident)
+    return findings
+
+
+def render_notebook_html(path: Any) -> str:
+    """The notebook as a checker sees it: nbconvert's HTML, in-process, scripts stripped.
+
+    Nothing in the page can run or fetch: scripts (including the MathJax and require.js loaders
+    nbconvert adds from a CDN), event handlers and external resources are removed after
+    rendering, and outputs are sanitised by nbconvert itself first.
+    """
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from airlock.checks.html import sanitize_html
+
+    nb = nbformat.read(str(path), as_version=4)
+    exporter = HTMLExporter(sanitize_html=True, embed_images=True)
+    exporter.mathjax_url = ""
+    exporter.require_js_url = ""
+    body, _ = exporter.from_notebook_node(nb)
+    return sanitize_html(body)

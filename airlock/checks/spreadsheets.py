@@ -1,0 +1,210 @@
+"""Delimited text (CSV/TSV) and XLSX workbooks, read into DataFrames for the table rules.
+
+XLSX: what a checker would not see in a spreadsheet is what fails: hidden sheets, macros, external
+links and embedded objects; formulas and hidden rows/columns give ``review``. The ZIP container
+is measured before openpyxl opens it, so a zip bomb is refused without being inflated (openpyxl
+itself parses the XML through defusedxml when it is installed, as it is here).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+from typing import Any
+
+import polars as pl
+
+from airlock.checks.findings import Finding, Status
+
+MAX_INFLATED_BYTES = 256 * 1024 * 1024  # a workbook inflating beyond this is a zip bomb
+MAX_RATIO = 200  # compression ratio of a single part beyond which it is a zip bomb
+_EXTERNAL_FORMULA = re.compile(
+    r"\[[^\]]+\]|\b(?:WEBSERVICE|FILTERXML|HYPERLINK|RTD|CALL|REGISTER|EXEC|DDE)\s*\(|"
+    r"(?:https?|file|ftp)://|\w+\|'",
+    re.IGNORECASE,
+)
+
+
+def _unique_names(header: list[Any]) -> list[str]:
+    names: list[str] = []
+    for i, h in enumerate(header):
+        name = ("" if h is None else str(h)).strip() or f"column_{i + 1}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(typed frame, all-text frame) of CSV/TSV text; ValueError with a clear message if the
+    rows do not parse (ragged rows, unbalanced quotes)."""
+    from airlock.checks.context import coerce_numbers
+
+    if separator is None:
+        first = next((ln for ln in text.splitlines() if ln.strip()), "")
+        counts = {sep: first.count(sep) for sep in (",", "\t", ";", "|")}
+        separator = max(counts, key=lambda s: counts[s]) if any(counts.values()) else ","
+    try:
+        raw = pl.read_csv(
+            io.StringIO(text),
+            separator=separator,
+            infer_schema=False,
+            has_header=True,
+            truncate_ragged_lines=False,
+            raise_if_empty=True,
+        )
+    except Exception as exc:  # noqa: BLE001 (polars raises ComputeError, NoDataError, ...)
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"the rows cannot be read as a table: {message}") from None
+    raw = raw.rename(dict(zip(raw.columns, _unique_names(raw.columns), strict=True)))
+    return coerce_numbers(raw), raw
+
+
+def _zip_findings(data: bytes) -> tuple[list[Finding], set[str]]:
+    findings: list[Finding] = []
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+    names = {i.filename for i in infos}
+    inflated = sum(i.file_size for i in infos)
+    worst_ratio = max((i.file_size / max(i.compress_size, 1) for i in infos), default=0)
+    if inflated > MAX_INFLATED_BYTES or worst_ratio > MAX_RATIO:
+        raise ValueError(
+            f"the workbook inflates to {inflated} bytes (ratio up to {worst_ratio:.0f}:1): "
+            "refused as a zip bomb"
+        )
+
+    def fail(rule: str, message: str, parts: list[str]) -> None:
+        findings.append(
+            Finding(
+                rule=rule,
+                status=Status.FAIL,
+                message=message,
+                cells=[{"part": p} for p in parts[:20]],
+                evidence={"parts": len(parts)},
+            )
+        )
+
+    macros = [n for n in names if n.lower().endswith("vbaproject.bin") or "macrosheets/" in n]
+    if macros:
+        fail("spreadsheet.macros", "the workbook contains macros (VBA/XLM)", macros)
+    links = [n for n in names if n.startswith("xl/externalLinks/") or n == "xl/connections.xml"]
+    if links:
+        fail(
+            "spreadsheet.external_links",
+            "the workbook links to external workbooks or data connections",
+            links,
+        )
+    embedded = [n for n in names if n.startswith(("xl/embeddings/", "xl/activeX/"))]
+    if embedded:
+        fail(
+            "spreadsheet.embedded_objects",
+            "the workbook embeds objects (OLE/ActiveX) a checker cannot review",
+            embedded,
+        )
+    return findings, names
+
+
+def check_xlsx(data: bytes, ctx: Any) -> tuple[list[Finding], list[str]]:
+    """Findings for a workbook, and the classes of the tables found on its visible sheets."""
+    import openpyxl
+
+    from airlock.checks.context import MAX_CELLS_LISTED, check_dataframe, coerce_numbers
+    from airlock.checks.text import check_text
+
+    findings, _ = _zip_findings(data)
+    try:
+        wb = openpyxl.load_workbook(io.BytesIO(data), data_only=False, keep_links=True)
+    except Exception as exc:  # noqa: BLE001 (openpyxl raises many types on corrupt parts)
+        raise ValueError(f"the workbook cannot be opened: {exc}") from None
+    classes: list[str] = []
+    formulas: list[dict[str, Any]] = []
+    external: list[dict[str, Any]] = []
+    hidden_lines: list[dict[str, Any]] = []
+    comments: list[dict[str, Any]] = []
+    for ws in wb.worksheets:
+        if ws.sheet_state != "visible":
+            findings.append(
+                Finding(
+                    rule="spreadsheet.hidden_sheet",
+                    status=Status.FAIL,
+                    message=f"sheet {ws.title!r} is {ws.sheet_state}: a checker would not see it",
+                    cells=[{"sheet": ws.title}],
+                )
+            )
+        for key, dim in ws.row_dimensions.items():
+            if dim.hidden:
+                hidden_lines.append({"sheet": ws.title, "row": key})
+        for key, dim in ws.column_dimensions.items():
+            if dim.hidden:
+                hidden_lines.append({"sheet": ws.title, "column": key})
+        rows: list[list[Any]] = []
+        for row in ws.iter_rows():
+            values = []
+            for cell in row:
+                value = cell.value
+                if cell.data_type == "f" or (isinstance(value, str) and value.startswith("=")):
+                    where = {"sheet": ws.title, "cell": cell.coordinate, "value": str(value)[:80]}
+                    (external if _EXTERNAL_FORMULA.search(str(value)) else formulas).append(where)
+                    value = None  # the stored formula is not the value a reader would see
+                if cell.comment is not None:
+                    comments.append({"sheet": ws.title, "cell": cell.coordinate})
+                    findings += check_text(cell.comment.text or "", ctx.policy, {"sheet": ws.title})
+                values.append(value)
+            rows.append(values)
+        while rows and all(v is None for v in rows[-1]):
+            rows.pop()
+        rows = [r for r in rows if any(v is not None for v in r)]
+        if not rows:
+            continue
+        header, body = _unique_names(rows[0]), rows[1:]
+        raw = pl.DataFrame(
+            {n: [None if r[i] is None else str(r[i]) for r in body] for i, n in enumerate(header)},
+            schema={n: pl.String for n in header},
+        )
+        output_class, found = check_dataframe(
+            coerce_numbers(raw), ctx, {"sheet": ws.title}, raw=raw
+        )
+        classes.append(output_class)
+        findings += found
+    if external:
+        findings.append(
+            Finding(
+                rule="spreadsheet.external_links",
+                status=Status.FAIL,
+                message=f"{len(external)} formula(s) refer to other files, URLs or programs",
+                cells=external[:MAX_CELLS_LISTED],
+                evidence={"formulas": len(external)},
+            )
+        )
+    if formulas:
+        findings.append(
+            Finding(
+                rule="spreadsheet.formula",
+                status=Status.REVIEW,
+                message=f"{len(formulas)} formula cell(s): their values are computed when opened, "
+                "not stored; replace formulas with values",
+                cells=formulas[:MAX_CELLS_LISTED],
+                evidence={"formulas": len(formulas)},
+            )
+        )
+    if hidden_lines:
+        findings.append(
+            Finding(
+                rule="spreadsheet.hidden_cells",
+                status=Status.REVIEW,
+                message=f"{len(hidden_lines)} hidden row(s)/column(s): unhide them so a checker "
+                "sees every cell",
+                cells=hidden_lines[:MAX_CELLS_LISTED],
+            )
+        )
+    if comments:
+        findings.append(
+            Finding(
+                rule="spreadsheet.comments",
+                status=Status.REVIEW,
+                message=f"{len(comments)} cell comment(s) a checker may not see",
+                cells=comments[:MAX_CELLS_LISTED],
+            )
+        )
+    return findings, classes

@@ -1,0 +1,166 @@
+"""Survival outputs: life tables and Kaplan-Meier tables.
+
+A step where fewer than ``survival_min_step`` people leave the risk set (events plus
+censored), or a row with a small positive number of events or censorings, identifies them.
+Stratified tables (a group label column) are checked within each group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import polars as pl
+
+from airlock.checks import rules
+from airlock.checks.findings import Finding, Status
+from airlock.checks.layout import Layout, Role, words
+
+TIME_WORDS = {
+    "time",
+    "timeline",
+    "t",
+    "days",
+    "months",
+    "years",
+    "interval",
+    "start",
+    "tstart",
+    "event_at",
+    "followup",
+    "follow",
+}
+AT_RISK = {"at risk", "at_risk", "n risk", "n_risk", "number at risk", "risk set", "nrisk"}
+EVENTS = {
+    "events",
+    "observed",
+    "event",
+    "deaths",
+    "d",
+    "n event",
+    "died",
+    "failures",
+    "n events",
+    "number of events",
+    "dead",
+    "relapses",
+}
+CENSORED = {
+    "censored",
+    "n censor",
+    "censor",
+    "lost",
+    "withdrawn",
+    "censorings",
+    "number censored",
+    "n censored",
+}
+REMOVED = {"removed", "left", "leaving"}
+ESTIMATE = {
+    "survival",
+    "surv",
+    "km estimate",
+    "km_estimate",
+    "survival function",
+    "s t",
+    "survival probability",
+    "estimate",
+    "cumulative survival",
+}
+
+
+def _kind(column: str) -> str | None:
+    key = " ".join(words(column))
+    for name, keys in (
+        ("at_risk", AT_RISK),
+        ("events", EVENTS),
+        ("censored", CENSORED),
+        ("removed", REMOVED),
+        ("estimate", ESTIMATE),
+    ):
+        if key in keys or key.replace(" ", "_") in keys:
+            return name
+    if key.startswith("km") or key.startswith("survival"):
+        return "estimate"
+    if set(words(column)) & TIME_WORDS:
+        return "time"
+    return None
+
+
+def survival_columns(frame: pl.DataFrame) -> dict[str, str]:
+    kinds: dict[str, str] = {}
+    for column in frame.columns:
+        kind = _kind(column)
+        if kind and kind not in kinds:
+            kinds[kind] = column
+    return kinds
+
+
+def looks_like_survival(frame: pl.DataFrame) -> bool:
+    kinds = survival_columns(frame)
+    return "time" in kinds and (
+        "at_risk" in kinds or "estimate" in kinds or ("events" in kinds and "censored" in kinds)
+    )
+
+
+def check_survival(
+    frame: pl.DataFrame, layout: Layout, policy: Any, location: dict | None = None
+) -> list[Finding]:
+    kinds = survival_columns(frame)
+    groups_by = [c for c in layout.columns(Role.LABEL) if c not in kinds.values()]
+    hits: list[dict[str, Any]] = []
+    first_breach: rules.Breach | None = None
+
+    def values(kind: str) -> list[float | None] | None:
+        column = kinds.get(kind)
+        return layout.parsed[column].values if column else None
+
+    at_risk, events, censored, removed = (
+        values(k) for k in ("at_risk", "events", "censored", "removed")
+    )
+    if at_risk is None and events is None and removed is None:
+        return [
+            Finding(
+                rule=rules.SURVIVAL_EVIDENCE_MISSING,
+                status=Status.REVIEW,
+                message="survival estimates without numbers at risk or events: the size "
+                "of each step cannot be checked; add the number at risk and events",
+                policy_version=policy.label,
+            )
+        ]
+    previous: dict[tuple, float] = {}
+    for row in range(frame.height):
+        group = tuple(str(frame[c][row]) for c in groups_by)
+        checks = []
+        for what, series in (("events", events), ("censored", censored), ("removed", removed)):
+            if series is not None and series[row] is not None:
+                checks.append((f"{what} in one row", series[row], kinds[what]))
+        if at_risk is not None and at_risk[row] is not None:
+            prior = previous.get(group)
+            if prior is not None:
+                checks.append(
+                    ("drop in the number at risk", prior - at_risk[row], kinds["at_risk"])
+                )
+            previous[group] = at_risk[row]
+        for what, amount, column in checks:
+            breach = rules.survival_step(amount, what, policy)
+            if breach:
+                first_breach = first_breach or breach
+                cell: dict[str, Any] = {"row": row, "column": column, "step": amount}
+                if groups_by:
+                    cell["labels"] = dict(zip(groups_by, group, strict=True))
+                cell.update(location or {})
+                hits.append(cell)
+    if not hits or first_breach is None:
+        return []
+    return [
+        Finding(
+            rule=rules.SURVIVAL_STEP,
+            status=Status.FAIL,
+            message=f"{len(hits)} step(s) below the survival minimum "
+            f"{policy.survival_min_step}; e.g. {first_breach.message}. Group the times "
+            "(life table intervals) so that each step holds enough people",
+            cells=hits,
+            evidence={"survival_min_step": policy.survival_min_step},
+            policy_version=policy.label,
+        )
+    ]

@@ -1,0 +1,165 @@
+"""Text, markdown and logs: every number that could be a count is shown to the checker in context.
+
+Numbers that are obviously not counts are set aside with the reason: years in a date context
+("diagnosed in 2015", "2010-2014"), dates and times, version strings, section and figure numbers,
+and p-values. A four-digit number without a year context stays a possible count. A count next to
+a word for people ("3 children", "n = 4") below ``policy.min_cell_count`` fails; every other
+possible count, percentage or decimal gives ``review`` with a snippet around it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from airlock.checks.findings import Finding, Status
+from airlock.policy import Policy
+
+SNIPPET = 40  # characters each side of a number in a finding
+_LISTED = 50
+
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?%?(?![\w])")
+_DATE = re.compile(
+    r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+    r"|\b\d{1,2}[/.]\d{1,2}[/.]\d{2,4}\b|\b\d{1,2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\b"
+)
+_VERSION = re.compile(r"\bv?\d+\.\d+\.\d+(?:[.\-+\w]*)?|\bv\d+(?:\.\d+)?\b", re.IGNORECASE)
+_REFERENCE = re.compile(
+    r"\b(?:table|figure|fig\.?|section|chapter|step|page|line|cell|model|version|appendix|"
+    r"supplementary|item|question|icd-?o-?3?|iccc-?3?|group)\s*$",
+    re.IGNORECASE,
+)
+_YEAR_BEFORE = re.compile(
+    r"\b(?:in|since|from|until|till|to|by|during|year|years|between|and|of|before|after|"
+    r"circa|c\.|jan\w*|feb\w*|mar\w*|apr\w*|may|jun\w*|jul\w*|aug\w*|sep\w*|oct\w*|nov\w*|"
+    r"dec\w*|–|-)\s*$",
+    re.IGNORECASE,
+)
+_PVALUE = re.compile(r"\bp\s*(?:-value)?\s*[=<>≤≥]\s*$", re.IGNORECASE)
+_PEOPLE = re.compile(
+    r"^\s*(?:children|child|patients?|cases?|subjects?|people|persons?|individuals?|girls?|"
+    r"boys?|deaths?|relapses?|events?|survivors?|participants?|records?|tumou?rs?|infants?|"
+    r"adolescents?|families|siblings?|died|deceased|were|had)\b",
+    re.IGNORECASE,
+)
+_N_EQUALS = re.compile(r"\b[nN]\s*[=:]\s*$")
+_SECTION = re.compile(r"^\s*(?:#+\s*)?$")
+
+
+@dataclass(frozen=True)
+class NumberInText:
+    value: str
+    start: int
+    line: int
+    kind: str  # count | small_count | zero_count | percentage | decimal
+    snippet: str
+
+
+def _snippet(text: str, start: int, end: int) -> str:
+    a, b = max(0, start - SNIPPET), min(len(text), end + SNIPPET)
+    return ("…" if a else "") + text[a:b].replace("\n", " ") + ("…" if b < len(text) else "")
+
+
+def numbers_in_text(text: str, policy: Policy) -> list[NumberInText]:
+    """Every number in ``text`` that could disclose something, classified."""
+    masked = list(text)
+    for pattern in (_DATE, _VERSION):
+        for m in pattern.finditer(text):
+            masked[m.start() : m.end()] = " " * (m.end() - m.start())
+    plain = "".join(masked)
+    found: list[NumberInText] = []
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    for m in _NUMBER.finditer(plain):
+        raw = m.group(0)
+        start, end = m.start(), m.end()
+        line = bisect.bisect_right(line_starts, start) - 1
+        before = plain[max(0, start - 30) : start]
+        after = plain[end : end + 30]
+        line_before = plain[line_starts[line] : start]
+        number = raw.rstrip("%").replace(",", "").lstrip("+")
+        if _REFERENCE.search(before) or _PVALUE.search(before):
+            continue
+        if _SECTION.match(line_before) and re.match(r"^[.)]\s", after):
+            continue  # "1. Introduction", a numbered list item
+        is_int = re.fullmatch(r"-?\d+", number) is not None
+        if is_int and len(number) == 4 and 1900 <= int(number) <= 2100:
+            # a year when the words around say so; "2015 children" stays a count
+            if _YEAR_BEFORE.search(before) and not _PEOPLE.match(after):
+                continue
+            if re.match(r"^\s*[-–/]\s*\d{2,4}\b", after):
+                continue  # a range of years: 2010-2014, 2010/11
+        if raw.endswith("%"):
+            kind = "percentage"
+        elif not is_int:
+            kind = "decimal"
+        else:
+            kind = "count"
+            n = abs(int(number))
+            about_people = _PEOPLE.match(after) or _N_EQUALS.search(before)
+            if about_people and 0 < n < policy.min_cell_count:
+                kind = "small_count"
+            elif about_people and n == 0 and policy.zeros_disclosive:
+                kind = "zero_count"
+        found.append(
+            NumberInText(raw, start, line + 1, kind, _snippet(text, start, end)),
+        )
+    return found
+
+
+def check_text(text: str, policy: Policy, location: dict[str, Any] | None = None) -> list[Finding]:
+    """Findings for the numbers in a text: small counts fail, other possible counts review."""
+    location = location or {}
+    numbers = numbers_in_text(text, policy)
+    findings: list[Finding] = []
+
+    def cells(items: list[NumberInText]) -> list[dict[str, Any]]:
+        return [
+            {**location, "line": n.line, "value": n.value, "context": n.snippet}
+            for n in items[:_LISTED]
+        ]
+
+    small = [n for n in numbers if n.kind == "small_count"]
+    if small:
+        findings.append(
+            Finding(
+                rule="text.small_count",
+                status=Status.FAIL,
+                message=f"{len(small)} count(s) of people below {policy.min_cell_count} in the "
+                "text",
+                cells=cells(small),
+                evidence={"numbers": len(small), "min_cell_count": policy.min_cell_count},
+            )
+        )
+    zeros = [n for n in numbers if n.kind == "zero_count"]
+    rest = [n for n in numbers if n.kind not in {"small_count"}]
+    if zeros:
+        rest = [n for n in rest if n.kind != "zero_count"]
+        findings.append(
+            Finding(
+                rule="text.zero_count",
+                status=Status.REVIEW,
+                message=f"{len(zeros)} zero count(s) of people in the text: structural or not?",
+                cells=cells(zeros),
+                evidence={"numbers": len(zeros)},
+            )
+        )
+    if rest:
+        findings.append(
+            Finding(
+                rule="text.numbers",
+                status=Status.REVIEW,
+                message=f"{len(rest)} number(s) in the text could be counts or statistics; "
+                "check each in its context",
+                cells=cells(rest),
+                evidence={
+                    "numbers": len(rest),
+                    "by_kind": {
+                        k: sum(1 for n in rest if n.kind == k)
+                        for k in sorted({n.kind for n in rest})
+                    },
+                },
+            )
+        )
+    return findings

@@ -1,0 +1,82 @@
+"""Which servers a user may start: only active projects they are a member of, with an extract.
+
+Driven through the real hub REST API (POST /hub/api/users/<u>/servers/<project>) and the real
+home page (logged in through the hub's login form)."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
+
+
+@pytest.mark.parametrize(
+    ("user", "project", "status", "message"),
+    [
+        ("mallory", "wilms-outcomes", 403, "not a member"),
+        ("alice", "leukaemia-incidence", 403, "not a member"),
+        ("alice", "no-such-project", 403, "not a member"),
+        ("alice", "paused-study", 403, "suspended"),
+        ("alice", "ended-study", 403, "expired"),
+        ("alice", "no-extract", 409, "no data extract"),
+        ("alice", "", 400, "named after a project"),
+    ],
+)
+def test_refused_spawns_answer_4xx_with_a_message_and_leave_nothing(
+    hub, user, project, status, message
+):
+    before = hub.api("GET", f"/users/{user}").json()["servers"]
+    r = hub.api("POST", f"/users/{user}/servers/{project}")
+    assert r.status_code == status, r.text
+    assert message in r.json()["message"]
+    after = hub.api("GET", f"/users/{user}").json()["servers"]
+    # no server record was created and nothing runs
+    assert set(after) - {""} == set(before) - {""}
+    assert not any(s.get("ready") or s.get("pending") for s in after.values())
+    sockets = hub.settings.hub.runtime_dir / "sandboxes" / f"{user}.{project}"
+    assert not sockets.exists()
+
+
+def test_suspending_a_project_takes_effect_without_restarting_the_hub(hub):
+    """The registry is read at each spawn: a project suspended now cannot start now."""
+    path = hub.settings.policies_dir / "projects" / "wilms-outcomes.yaml"
+    original = path.read_text()
+    try:
+        path.write_text(original + "status: suspended\n")
+        r = hub.api("POST", "/users/bob/servers/wilms-outcomes")
+        assert r.status_code == 403 and "suspended" in r.json()["message"]
+    finally:
+        path.write_text(original)
+
+
+def login(hub, username: str) -> httpx.Client:
+    client = httpx.Client(base_url=hub.url, follow_redirects=True, timeout=30)
+    page = client.get("/hub/login")
+    xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
+    data = {"username": username, "password": "any"}
+    if xsrf:
+        data["_xsrf"] = xsrf.group(1)
+    r = client.post("/hub/login?next=/hub/home", data=data)
+    assert r.status_code == 200, r.text[:500]
+    return client
+
+
+def test_home_page_lists_only_the_users_active_projects(hub):
+    html = login(hub, "alice").get("/hub/home").text
+    listed = set(re.findall(r'data-project="([^"]+)"', html))
+    assert listed == {"wilms-outcomes", "no-extract"}
+    assert "no data extract yet" in html  # no-extract cannot be started from the page
+    html = login(hub, "carol").get("/hub/home").text
+    assert set(re.findall(r'data-project="([^"]+)"', html)) == {"leukaemia-incidence"}
+    html = login(hub, "mallory").get("/hub/home").text
+    assert not re.findall(r'data-project="([^"]+)"', html)
+    assert "not a member of any active project" in html
+
+
+def test_the_spawn_page_refuses_a_project_of_someone_else(hub):
+    r = login(hub, "mallory").get("/hub/spawn/mallory/wilms-outcomes")
+    assert r.status_code == 403
+    assert "not a member" in r.text

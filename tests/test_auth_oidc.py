@@ -1,0 +1,203 @@
+"""TREOIDCAuthenticator end to end: a real OpenID Connect provider (npm oidc-provider, on
+loopback), a real JupyterHub 6 and configurable-http-proxy, and the real authorization-code flow
+(PKCE, client secret, userinfo) driven over HTTP like a browser."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import shutil
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from oidc.harness import free_port, start_hub, start_provider, write_policies
+
+from tests.conftest import REPO_ROOT, require_component
+from tre.hub.auth import TREOIDCAuthenticator
+
+ACCOUNTS = [
+    # registered, and the IdP agrees for one project only (not for neuro-survival)
+    {
+        "sub": "alice",
+        "password": "alice-idp-pass",
+        "groups": ["tre-project-wilms-outcomes", "staff"],
+    },
+    # registered in wilms-outcomes; the IdP also claims a project the registry does not grant
+    {
+        "sub": "bob",
+        "password": "bob-idp-pass",
+        "groups": ["tre-project-wilms-outcomes", "tre-project-neuro-survival"],
+    },
+    # the IdP says project member, the registry has never heard of him
+    {
+        "sub": "dave",
+        "password": "dave-idp-pass",
+        "groups": ["tre-project-wilms-outcomes", "tre-admins"],
+    },
+    # member of a project that has ended
+    {"sub": "carol", "password": "carol-idp-pass", "groups": ["tre-project-old-study"]},
+    # staff, through a custom mapping and the default checker group
+    {"sub": "checker1", "password": "checker-idp-pass", "groups": ["tre-output-checkers"]},
+    {"sub": "admin", "password": "admin-idp-pass", "groups": ["IT-TRE-Administrators"]},
+]
+PASSWORD = {a["sub"]: a["password"] for a in ACCOUNTS}
+
+
+@pytest.fixture(scope="module")
+def oidc_hub(tmp_path_factory):
+    # module-scoped (one hub for all flows), so the proxy check is done here, not by the fixture
+    proxy = REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
+    require_component(proxy.exists(), "configurable-http-proxy (npm ci)")
+    require_component(shutil.which("node") is not None, "node (for the OIDC provider)")
+    oidc_provider = REPO_ROOT / "node_modules" / "oidc-provider"
+    require_component(oidc_provider.exists(), "oidc-provider (npm ci)")
+    tmp = tmp_path_factory.mktemp("oidc")
+    policies = write_policies(tmp)
+    hub_port = free_port()
+    hub_url = f"http://127.0.0.1:{hub_port}"
+    secret = secrets.token_urlsafe(24)
+    provider, issuer = start_provider(
+        tmp,
+        clients=[
+            {
+                "client_id": "tre-hub",
+                "client_secret": secret,
+                "redirect_uris": [f"{hub_url}/hub/oauth_callback"],
+            }
+        ],
+        accounts=ACCOUNTS,
+    )
+    try:
+        hub = start_hub(
+            tmp,
+            str(proxy),
+            f"""
+            c.JupyterHub.authenticator_class = "tre.hub.auth.TREOIDCAuthenticator"
+            a = c.TREOIDCAuthenticator
+            a.policies_dir = "{policies}"
+            a.client_id = "tre-hub"
+            a.client_secret = "{secret}"
+            a.oauth_callback_url = "{hub_url}/hub/oauth_callback"
+            a.authorize_url = "{issuer}/auth"
+            a.token_url = "{issuer}/token"
+            a.userdata_url = "{issuer}/me"
+            a.group_mapping = {{"IT-TRE-Administrators": "admin"}}
+            """,
+            port=hub_port,
+        )
+    except Exception:
+        provider.stop()
+        raise
+    yield hub, issuer, provider
+    hub.process.stop()
+    provider.stop()
+
+
+def oidc_login(hub, username: str, password: str) -> httpx.Response:
+    """Start at the hub, get sent to the IdP, sign in there, come back to the hub."""
+    with httpx.Client(timeout=30, follow_redirects=True) as client:
+        form = client.get(f"{hub.url}/hub/oauth_login")
+        assert form.status_code == 200, form.text
+        assert "Institutional login" in form.text, form.text
+        action = re.search(r'action="([^"]+)"', form.text).group(1)
+        return client.post(
+            str(form.url.join(action)), data={"login": username, "password": password}
+        )
+
+
+@pytest.mark.hub
+def test_registered_user_logs_in_and_lands_in_the_hub(oidc_hub):
+    hub, issuer, _ = oidc_hub
+    final = oidc_login(hub, "alice", PASSWORD["alice"])
+    assert final.status_code == 200, final.text
+    assert urlparse(str(final.url)).path == "/hub/home"
+    assert str(final.url).startswith(hub.url)
+    user = hub.api("/users/alice").json()
+    # IdP and registry must agree: neuro-survival is in the registry but not in the IdP groups
+    assert user["groups"] == ["project-wilms-outcomes"]
+    assert user["admin"] is False
+
+
+@pytest.mark.hub
+def test_idp_groups_are_checked_against_the_registry(oidc_hub):
+    hub, _, _ = oidc_hub
+    assert oidc_login(hub, "bob", PASSWORD["bob"]).status_code == 200
+    # the IdP also claims neuro-survival; the registry does not list bob there
+    assert hub.api("/users/bob").json()["groups"] == ["project-wilms-outcomes"]
+
+
+@pytest.mark.hub
+@pytest.mark.parametrize("username", ["dave", "carol"])
+def test_user_not_in_the_registry_is_refused(oidc_hub, username):
+    hub, _, _ = oidc_hub
+    final = oidc_login(hub, username, PASSWORD[username])
+    assert final.status_code == 403
+    assert "not registered in this trusted research environment" in final.text
+    assert hub.api(f"/users/{username}").status_code == 404  # no hub user was created
+
+
+@pytest.mark.hub
+def test_staff_groups_become_hub_groups(oidc_hub):
+    hub, _, _ = oidc_hub
+    assert oidc_login(hub, "checker1", PASSWORD["checker1"]).status_code == 200
+    checker = hub.api("/users/checker1").json()
+    assert checker["groups"] == ["output-checkers"] and checker["admin"] is False
+    assert oidc_login(hub, "admin", PASSWORD["admin"]).status_code == 200
+    admin = hub.api("/users/admin").json()
+    assert admin["groups"] == ["tre-admins"] and admin["admin"] is True
+    assert oidc_login(hub, "alice", PASSWORD["alice"]).status_code == 200
+    groups = {g["name"]: g for g in hub.api("/groups").json()}
+    assert groups["output-checkers"]["users"] == ["checker1"]
+    assert groups["tre-admins"]["users"] == ["admin"]
+    assert "alice" in groups["project-wilms-outcomes"]["users"]
+    assert not {"dave", "carol"} & set(groups["project-wilms-outcomes"]["users"])
+    # raw IdP group names never become hub groups
+    assert not {"staff", "tre-project-wilms-outcomes", "IT-TRE-Administrators"} & set(groups)
+
+
+@pytest.mark.hub
+def test_wrong_idp_password_never_reaches_the_hub(oidc_hub):
+    hub, issuer, _ = oidc_hub
+    final = oidc_login(hub, "alice", "not-alice-password")
+    assert final.status_code == 401
+    assert str(final.url).startswith(issuer)
+    assert "Wrong user name or password" in final.text
+
+
+# ---------------------------------------------------------------- the mapping rule, unit level
+
+
+def grants(groups, **config):
+    return TREOIDCAuthenticator(**config).idp_grants(groups)
+
+
+def test_idp_group_mapping():
+    assert grants(["tre-project-a1b", "x", "tre-output-checkers"]) == ({"a1b"}, True, False)
+    assert grants(["Admins"], group_mapping={"Admins": "admin"}) == (set(), False, True)
+    assert grants(["Grp"], group_mapping={"Grp": "project:wilms-outcomes"}) == (
+        {"wilms-outcomes"},
+        False,
+        False,
+    )
+    assert grants(["lab-x-"], project_group_prefix="lab-x-") == ({""}, False, False)
+
+
+def test_bad_group_mapping_is_refused():
+    with pytest.raises(Exception, match="expected 'project:<id>'"):
+        TREOIDCAuthenticator(group_mapping={"G": "superuser"})
+
+
+def test_update_auth_model_without_idp_groups_refuses(tmp_path):
+    policies = write_policies(tmp_path)
+    auth = TREOIDCAuthenticator(policies_dir=str(policies))
+    model = {"name": "alice", "admin": None, "auth_state": {"oauth_user": {"sub": "alice"}}}
+    model = asyncio.run(auth.update_auth_model(model))
+    assert model["auth_state"]["tre_groups"] == []
+    with pytest.raises(Exception, match="not registered"):
+        asyncio.run(auth.check_allowed("alice", model))
+    relaxed = TREOIDCAuthenticator(policies_dir=str(policies), require_idp_groups=False)
+    model = {"name": "alice", "admin": None, "auth_state": {"oauth_user": {"sub": "alice"}}}
+    model = asyncio.run(relaxed.update_auth_model(model))
+    assert model["auth_state"]["tre_groups"] == ["project-neuro-survival", "project-wilms-outcomes"]

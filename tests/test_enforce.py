@@ -1,0 +1,165 @@
+"""The end date enforces itself: a project whose end date is in the past, on a real hub."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tarfile
+
+import pytest
+
+from tests.provision_hub import RunningHub, proxy_or_skip, start_hub
+from tests.provision_support import FileExtracts, ListAudit, make_settings
+from tre.enforce import archive_dir, enforce, manifest_path, purge_archives
+from tre.project_edit import set_end_date, set_status
+from tre.provision import AppliedState, HubClient, group_name, reconcile, state_path
+from tre.registry import load_registry
+
+TODAY = dt.date(2026, 11, 29)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory) -> RunningHub:
+    running = start_hub(tmp_path_factory.mktemp("hub"), proxy_or_skip())
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def env(tmp_path, hub):
+    token_file = tmp_path / "hub.token"
+    token_file.write_text(hub.token)
+    settings = make_settings(tmp_path, hub_api_url=hub.api_url, hub_admin_token_file=token_file)
+    client = HubClient(hub.api_url, hub.token)
+    for name in client.list_groups():
+        client._request("DELETE", f"/groups/{name}")
+    extracts, audit = FileExtracts(), ListAudit()
+    # provisioned while active
+    rec = reconcile(
+        settings,
+        load_registry(settings.policies_dir),
+        actor="admin",
+        audit=audit,
+        extracts=extracts,
+        today=TODAY,
+    )
+    assert rec.result is not None and rec.result.ok and rec.hub_warning is None
+    yield settings, client, extracts, audit
+    client.close()
+
+
+def _workspace(settings, pid: str) -> dict[str, bytes]:
+    ws = settings.workspaces_dir / pid
+    (ws / "analysis").mkdir(parents=True)
+    files = {"analysis/table.csv": b"group,n\nA,12\n", "notes.md": b"# notes\n"}
+    for name, data in files.items():
+        (ws / name).write_bytes(data)
+    return files
+
+
+def test_expired_project_is_stopped_emptied_removed_and_archived(env, hub):
+    settings, client, extracts, audit = env
+    files = _workspace(settings, "wilms-outcomes")
+    hub.start_server("alice", "wilms-outcomes")
+    hub.start_server("carol", "leukaemia-incidence")
+    # the end date passes: the declaration now ends before today
+    set_end_date(settings.policies_dir, "wilms-outcomes", dt.date(2026, 3, 31))
+    registry = load_registry(settings.policies_dir)
+
+    report = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    assert report.ok, report.errors
+    # running sandbox stopped, access revoked, extract removed
+    assert client.running_servers("wilms-outcomes") == []
+    assert client.group_members(group_name("wilms-outcomes")) == set()
+    assert not extracts.path(settings, "wilms-outcomes").exists()
+    state = AppliedState.load(state_path(settings))
+    assert state.projects["wilms-outcomes"]["status"] == "expired"
+    # workspace archived with its files and a deletion date of end + retention_days (365)
+    assert not (settings.workspaces_dir / "wilms-outcomes").exists()
+    [archive] = report.archived
+    assert archive.parent == archive_dir(settings) / "wilms-outcomes"
+    with tarfile.open(archive) as tar:
+        for name, data in files.items():
+            assert tar.extractfile(f"wilms-outcomes/{name}").read() == data
+    manifest = json.loads(manifest_path(archive).read_text())
+    assert manifest["delete_after"] == "2027-03-31"
+    # the other, active project is untouched
+    assert client.running_servers("leukaemia-incidence") == ["carol"]
+    assert extracts.path(settings, "leukaemia-incidence").exists()
+    assert client.group_members(group_name("leukaemia-incidence")) == {"carol"}
+    # audited
+    assert {"project.stop_servers", "project.remove_extract", "project.archive_workspace"} <= set(
+        audit.actions()
+    )
+    # idempotent: a second pass does nothing
+    again = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    assert again.ok and not again.did_something
+    client.stop_server("carol", "leukaemia-incidence")
+
+
+def test_enforce_does_not_apply_other_declared_changes(env):
+    """Enforcement only takes access away; new grants wait for an admin's `apply`."""
+    settings, client, extracts, audit = env
+    path = settings.policies_dir / "projects" / "leukaemia-incidence.yaml"
+    path.write_text(path.read_text().replace("iccc3_groups: [I]", "iccc3_groups: [I, II]"))
+    builds = list(extracts.builds)
+    report = enforce(
+        settings,
+        load_registry(settings.policies_dir),
+        hub=client,
+        extracts=extracts,
+        audit=audit,
+        today=TODAY,
+    )
+    assert report.ok and not report.did_something
+    assert extracts.builds == builds
+
+
+def test_suspended_project_loses_access_but_keeps_workspace(env):
+    settings, client, extracts, audit = env
+    _workspace(settings, "leukaemia-incidence")
+    set_status(settings.policies_dir, "leukaemia-incidence", "suspended")
+    report = enforce(
+        settings,
+        load_registry(settings.policies_dir),
+        hub=client,
+        extracts=extracts,
+        audit=audit,
+        today=TODAY,
+    )
+    assert report.ok
+    assert not extracts.path(settings, "leukaemia-incidence").exists()
+    assert client.group_members(group_name("leukaemia-incidence")) == set()
+    assert (settings.workspaces_dir / "leukaemia-incidence" / "notes.md").exists()
+    assert report.archived == []
+
+
+def test_archives_past_their_date_are_deleted(env):
+    settings, client, extracts, audit = env
+    _workspace(settings, "wilms-outcomes")
+    set_status(settings.policies_dir, "wilms-outcomes", "closed")
+    registry = load_registry(settings.policies_dir)
+    report = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    [archive] = report.archived
+    manifest = json.loads(manifest_path(archive).read_text())
+    # closed before its end date: retention counts from the day it was closed
+    assert manifest["ended_on"] == TODAY.isoformat()
+    delete_after = dt.date.fromisoformat(manifest["delete_after"])
+    assert delete_after == TODAY + dt.timedelta(days=365)
+    assert purge_archives(settings, delete_after) == []  # kept through its last day
+    assert archive.exists()
+    later = delete_after + dt.timedelta(days=1)
+    report = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=later)
+    assert report.deleted == [archive]
+    assert not archive.exists() and not manifest_path(archive).exists()
+    assert "project.delete_archive" in audit.actions()
+
+
+def test_unreadable_manifest_is_never_purged(tmp_path):
+    settings = make_settings(tmp_path)
+    d = archive_dir(settings) / "x-project"
+    d.mkdir(parents=True)
+    (d / "x-project-1.tar.gz").write_bytes(b"data")
+    (d / "x-project-1.json").write_text("{not json")
+    assert purge_archives(settings, dt.date(2100, 1, 1)) == []
+    assert (d / "x-project-1.tar.gz").exists()

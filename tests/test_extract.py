@@ -1,0 +1,354 @@
+import datetime as dt
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import duckdb
+import pytest
+from pooled_synth import build_pooled, pooled_rows
+
+from tre.extract import (
+    ExtractError,
+    build_all,
+    build_extract,
+    extract_info,
+    extract_path,
+)
+from tre.pooled import PooledStore
+from tre.registry import Project, Registry, RowFilters, Site, Staff
+from tre.settings import Settings
+
+TODAY = dt.date(2026, 6, 1)
+SITES = {"uk-ccr": "GB", "fr-rnce": "FR", "us-nwts": "US", "de-gpoh": "DE"}
+
+
+def site(id_, purposes=("academic",), jurisdictions=("*",), embargo=None):
+    return Site(
+        id=id_,
+        name=id_,
+        country=SITES[id_],
+        source_type="registry",
+        source_dataset=f"ds-{id_}",
+        allowed_purposes=list(purposes),
+        allowed_jurisdictions=list(jurisdictions),
+        embargo_until=embargo,
+    )
+
+
+def project(id_="wilms", **kw):
+    base = dict(
+        id=id_,
+        title="A test project",
+        lay_summary="A project used by the extract tests.",
+        purpose="academic",
+        jurisdiction="GB",
+        members=[{"username": "alice"}],
+        grants={"patient": ["patient_id", "sex", "site_id"], "tumour": ["*"]},
+        start_date=dt.date(2026, 1, 1),
+        end_date=dt.date(2027, 1, 1),
+    )
+    base.update(kw)
+    return Project(**base)
+
+
+def registry(projects, sites=None):
+    sites = sites or [
+        site("uk-ccr", jurisdictions=["GB", "FR"]),
+        site("fr-rnce", purposes=["academic", "public_health"], jurisdictions=["FR"]),
+        site("us-nwts"),
+        site("de-gpoh", purposes=["commercial"]),
+    ]
+    return Registry(
+        sites={s.id: s for s in sites}, projects={p.id: p for p in projects}, staff=Staff()
+    )
+
+
+@pytest.fixture(scope="module")
+def pooled_state(tmp_path_factory):
+    """A pooled store built once; each test copies it (extract building never writes it)."""
+    root = tmp_path_factory.mktemp("pooled")
+    store = PooledStore(root / "pooled")
+    counts = build_pooled(store, SITES, 300, seed=7)
+    return store, counts
+
+
+@pytest.fixture
+def settings(tmp_path, pooled_state):
+    store, _ = pooled_state
+    shutil.copytree(store.dir, tmp_path / "state" / "pooled")
+    return Settings(state_dir=tmp_path / "state")
+
+
+def rows(path, sql):
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def table_names(path):
+    return {r[0] for r in rows(path, "SELECT table_name FROM duckdb_tables()")}
+
+
+def test_only_granted_tables_and_columns(settings):
+    reg = registry([project()])
+    path = build_extract(settings, reg, "wilms", TODAY)
+    assert path == extract_path(settings, "wilms") and path.exists()
+    assert table_names(path) == {"patient", "tumour", "_extract"}
+    cols = rows(path, "SELECT column_name FROM duckdb_columns() WHERE table_name='patient'")
+    assert [c for (c,) in cols] == ["patient_id", "sex", "site_id"]
+    pooled_cols = pooled_rows(
+        PooledStore(settings.pooled_dir),
+        "SELECT column_name FROM duckdb_columns() WHERE table_name='tumour' ORDER BY column_index",
+    )
+    tumour_cols = rows(
+        path,
+        "SELECT column_name FROM duckdb_columns() WHERE table_name='tumour' ORDER BY column_index",
+    )
+    assert tumour_cols == pooled_cols  # '*' grants every pooled column, in order
+
+
+def test_only_rows_from_sites_allowing_purpose_and_jurisdiction(settings):
+    reg = registry([project()])  # academic, GB: uk-ccr and us-nwts allow it; fr-rnce (FR only)
+    path = build_extract(settings, reg, "wilms", TODAY)  # and de-gpoh (commercial) do not
+    got = {s for (s,) in rows(path, "SELECT DISTINCT site_id FROM patient")}
+    assert got == {"uk-ccr", "us-nwts"}
+    assert {s for (s,) in rows(path, "SELECT DISTINCT site_id FROM tumour")} == got
+    [(sites,)] = rows(path, "SELECT sites FROM _extract")
+    assert sorted(sites) == ["uk-ccr", "us-nwts"]
+    # every pooled row of those sites is there (no tumour filter)
+    store = PooledStore(settings.pooled_dir)
+    [(n,)] = pooled_rows(
+        store, "SELECT count(*) FROM patient WHERE site_id IN ('uk-ccr','us-nwts')"
+    )
+    assert rows(path, "SELECT count(*) FROM patient")[0][0] == n
+
+
+def test_site_filter_and_other_jurisdiction(settings):
+    p = project(jurisdiction="FR", row_filters=RowFilters(sites=["fr-rnce", "us-nwts"]))
+    path = build_extract(settings, registry([p]), "wilms", TODAY)
+    got = {s for (s,) in rows(path, "SELECT DISTINCT site_id FROM patient")}
+    assert got == {"fr-rnce", "us-nwts"}  # uk-ccr allows FR too, but the filter excludes it
+
+
+def test_embargo_excludes_site_until_its_date(settings):
+    sites = [site("uk-ccr", embargo=dt.date(2026, 9, 1)), site("us-nwts")]
+    reg = registry([project()], sites)
+    path = build_extract(settings, reg, "wilms", TODAY)
+    assert {s for (s,) in rows(path, "SELECT DISTINCT site_id FROM patient")} == {"us-nwts"}
+    path = build_extract(settings, reg, "wilms", dt.date(2026, 9, 1))
+    got = {s for (s,) in rows(path, "SELECT DISTINCT site_id FROM patient")}
+    assert got == {"uk-ccr", "us-nwts"}
+
+
+def test_iccc3_filter_restricts_tumours_and_dependent_tables(settings):
+    grants = {t: ["*"] for t in ("patient", "tumour", "treatment", "event", "followup")}
+    p = project(grants=grants, row_filters=RowFilters(iccc3_groups=["VI", "I"]))
+    path = build_extract(settings, registry([p]), "wilms", TODAY)
+    assert {g for (g,) in rows(path, "SELECT DISTINCT iccc3_group FROM tumour")} == {"I", "VI"}
+    store = PooledStore(settings.pooled_dir)
+    sites = "('uk-ccr','us-nwts')"
+    expected_tumours = pooled_rows(
+        store,
+        f"SELECT count(*) FROM tumour WHERE iccc3_group IN ('I','VI') AND site_id IN {sites}",
+    )[0][0]
+    assert rows(path, "SELECT count(*) FROM tumour")[0][0] == expected_tumours > 0
+    # patients: exactly those with a qualifying tumour
+    pat = set(rows(path, "SELECT patient_id FROM patient"))
+    assert pat == set(rows(path, "SELECT DISTINCT patient_id FROM tumour"))
+    expected_pat = set(
+        pooled_rows(
+            store,
+            f"SELECT DISTINCT patient_id FROM tumour WHERE iccc3_group IN ('I','VI') "
+            f"AND site_id IN {sites}",
+        )
+    )
+    assert pat == expected_pat
+    # a patient with a group-I tumour and another tumour: the other tumour is NOT exported
+    other = pooled_rows(
+        store,
+        f"SELECT count(*) FROM tumour WHERE iccc3_group NOT IN ('I','VI') AND site_id IN {sites} "
+        f"AND patient_id IN (SELECT patient_id FROM tumour WHERE iccc3_group IN ('I','VI'))",
+    )[0][0]
+    assert other > 0  # the generated data has such patients
+    # treatments/events only of qualifying tumours, all of them
+    for table in ("treatment", "event"):
+        tids = rows(path, f"SELECT DISTINCT tumour_id FROM {table}")
+        assert set(tids) <= set(rows(path, "SELECT tumour_id FROM tumour"))
+        expected = pooled_rows(
+            store,
+            f"SELECT count(*) FROM {table} WHERE tumour_id IN (SELECT tumour_id FROM tumour "
+            f"WHERE iccc3_group IN ('I','VI') AND site_id IN {sites})",
+        )[0][0]
+        assert rows(path, f"SELECT count(*) FROM {table}")[0][0] == expected > 0
+    assert set(rows(path, "SELECT patient_id FROM followup")) == pat
+
+
+def test_diagnosis_year_filter(settings):
+    p = project(row_filters=RowFilters(diagnosis_year_min=2005, diagnosis_year_max=2010))
+    path = build_extract(settings, registry([p]), "wilms", TODAY)
+    [(lo, hi, n)] = rows(
+        path, "SELECT min(diagnosis_year), max(diagnosis_year), count(*) FROM tumour"
+    )
+    assert n > 0 and lo >= 2005 and hi <= 2010
+    expected = pooled_rows(
+        PooledStore(settings.pooled_dir),
+        "SELECT count(*) FROM tumour WHERE diagnosis_year BETWEEN 2005 AND 2010 "
+        "AND site_id IN ('uk-ccr','us-nwts')",
+    )[0][0]
+    assert n == expected
+
+
+def test_metadata_names_pooled_version_sites_project_and_time(settings):
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    info = extract_info(settings, "wilms")
+    assert info["project_id"] == "wilms"
+    assert info["pooled_version"] == len(SITES)  # one version per generated batch
+    assert sorted(info["sites"]) == ["uk-ccr", "us-nwts"]
+    age = dt.datetime.now(dt.UTC) - info["built_at"]
+    assert dt.timedelta(0) <= age < dt.timedelta(minutes=5)
+    assert info["tables"]["patient"]["columns"] == ["patient_id", "sex", "site_id"]
+    assert info["tables"]["patient"]["rows"] == rows(path, "SELECT count(*) FROM patient")[0][0]
+    assert info["mode"] == "0o444"
+
+
+def test_extract_is_read_only_file(settings):
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert not any(p.name.endswith((".tmp", ".wal")) for p in settings.extracts_dir.iterdir())
+
+
+def _try_write(path, as_nobody: bool):
+    code = (
+        "import duckdb,sys\n"
+        "try:\n"
+        f"    c = duckdb.connect({str(path)!r})\n"
+        "    c.execute('CREATE TABLE hacked AS SELECT 1')\n"
+        "    c.close()\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e); sys.exit(3)\n"
+        "sys.exit(0)\n"
+    )
+    cmd = [sys.executable, "-c", code]
+    if as_nobody:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_opening_the_extract_for_writing_fails_for_a_non_owner(settings, tmp_path):
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    if os.geteuid() == 0:
+        # root ignores 0444; the sandbox user is not root: prove it as `nobody`
+        for p in [path.parent, *path.parents]:
+            if p == p.parent:
+                break
+            os.chmod(p, os.stat(p).st_mode | 0o005)
+        res = _try_write(path, as_nobody=True)
+    else:
+        res = _try_write(path, as_nobody=False)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "Permission denied" in res.stdout
+    assert "hacked" not in {t for t in table_names(path)}
+    # and reading works for that user
+    assert rows(path, "SELECT count(*) FROM patient")[0][0] > 0
+
+
+def test_opening_for_writing_fails_on_a_read_only_mount(settings, require_bwrap):
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    code = (
+        "import duckdb,sys\n"
+        "try:\n"
+        "    c = duckdb.connect('/data/x.duckdb')\n"
+        "    c.execute('CREATE TABLE hacked AS SELECT 1'); c.close()\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e); sys.exit(3)\n"
+        "c = duckdb.connect('/data/x.duckdb', read_only=True)\n"
+        "print(c.execute('SELECT count(*) FROM patient').fetchone()[0]); sys.exit(0)\n"
+    )
+    res = subprocess.run(
+        [require_bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--tmpfs", "/mnt",
+         "--ro-bind", str(path.parent), "/mnt/data", "--tmpfs", "/tmp",
+         "--unshare-net", sys.executable, "-c", code.replace("/data/x", f"/mnt/data/{path.stem}")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "Read-only file system" in res.stdout
+    assert "hacked" not in table_names(path)
+
+
+def test_rebuild_swaps_atomically_and_old_readers_keep_working(settings):
+    reg = registry([project()])
+    path = build_extract(settings, reg, "wilms", TODAY)
+    old_reader = duckdb.connect(str(path), read_only=True)
+    before = old_reader.execute("SELECT count(*) FROM patient").fetchone()[0]
+    old_inode = path.stat().st_ino
+    # more pooled data, then rebuild while the old reader holds the file open
+    build_pooled(PooledStore(settings.pooled_dir), {"uk-ccr": "GB"}, 50, seed=99)
+    build_extract(settings, reg, "wilms", TODAY)
+    assert path.stat().st_ino != old_inode
+    assert old_reader.execute("SELECT count(*) FROM patient").fetchone()[0] == before
+    old_reader.close()
+    assert rows(path, "SELECT count(*) FROM patient")[0][0] == before + 50
+    assert extract_info(settings, "wilms")["pooled_version"] == len(SITES) + 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"end_date": dt.date(2026, 5, 31)},
+        {"status": "suspended"},
+        {"status": "closed"},
+        {"start_date": dt.date(2026, 7, 1), "end_date": dt.date(2027, 7, 1)},
+    ],
+)
+def test_inactive_project_gets_no_extract_and_loses_the_old_one(settings, change):
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    assert path.exists()
+    inactive = project(**change)
+    assert build_extract(settings, registry([inactive]), "wilms", TODAY) is None
+    assert not extract_path(settings, "wilms").exists()
+
+
+def test_unknown_column_is_a_clear_error_and_keeps_the_old_extract(settings):
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    before = path.read_bytes()
+    bad = project(grants={"patient": ["patient_id", "name_of_child"]})
+    with pytest.raises(ExtractError, match="name_of_child"):
+        build_extract(settings, registry([bad]), "wilms", TODAY)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in settings.extracts_dir.iterdir()) == ["wilms.duckdb"]
+
+
+def test_unknown_project_and_missing_pooled_store(settings, tmp_path):
+    with pytest.raises(ExtractError, match="unknown project"):
+        build_extract(settings, registry([project()]), "nope", TODAY)
+    from tre.pooled import PooledStoreError
+
+    empty = Settings(state_dir=tmp_path / "empty")
+    with pytest.raises(PooledStoreError, match="ingest data first"):
+        build_extract(empty, registry([project()]), "wilms", TODAY)
+
+
+def test_build_all_builds_active_removes_inactive_and_undeclared(settings):
+    a = project("alpha")
+    b = project("beta", status="suspended")
+    c = project("gamma", grants={"patient": ["nope"]})
+    build_extract(settings, registry([project("beta"), project("zeta")]), "beta", TODAY)
+    build_extract(settings, registry([project("zeta")]), "zeta", TODAY)
+    outcomes = {o.project_id: o for o in build_all(settings, registry([a, b, c]), TODAY)}
+    assert outcomes["alpha"].path == extract_path(settings, "alpha")
+    assert outcomes["beta"].path is None and outcomes["beta"].removed
+    assert "nope" in outcomes["gamma"].error
+    assert outcomes["zeta"].removed
+    assert sorted(p.name for p in settings.extracts_dir.iterdir()) == ["alpha.duckdb"]
+
+
+def test_no_allowed_site_gives_empty_tables(settings):
+    p = project(purpose="commercial", jurisdiction="JP")
+    sites = [site("uk-ccr"), site("us-nwts")]  # academic only
+    path = build_extract(settings, registry([p], sites), "wilms", TODAY)
+    assert rows(path, "SELECT count(*) FROM patient")[0][0] == 0
+    assert rows(path, "SELECT sites FROM _extract")[0][0] == []

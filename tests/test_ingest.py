@@ -1,0 +1,311 @@
+import json
+import os
+import shutil
+
+import duckdb
+import polars as pl
+import pytest
+import site_files
+
+from tre.ingest import IngestError, batch_identity, ingest_files, table_of
+from tre.pooled import PooledStore
+from tre.pseudonymise import Pseudonymiser, PseudonymKeyError, init_key, load_key
+from tre.settings import Settings
+
+TABLES = ("patient", "tumour", "treatment", "event", "followup")
+
+
+@pytest.fixture
+def settings(tmp_path):
+    s = Settings(state_dir=tmp_path / "state")
+    init_key(s.hmac_key_file)
+    return s
+
+
+@pytest.fixture(scope="module")
+def delivery():
+    return site_files.generate(400, seed=3)
+
+
+def ingest(settings, site, files, **kw):
+    kw.setdefault("quality_report", False)
+    return ingest_files(settings, site, files, **kw)
+
+
+def q(settings, sql, params=None):
+    con = duckdb.connect(str(PooledStore(settings.pooled_dir).db_path), read_only=True)
+    try:
+        return con.execute(sql, params or {}).fetchall()
+    finally:
+        con.close()
+
+
+def state(settings):
+    """A fingerprint of everything the pooled store holds (order-independent)."""
+    path = PooledStore(settings.pooled_dir).db_path
+    if not path.exists():
+        return None
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        out = {}
+        for (t,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() ORDER BY table_name"
+        ).fetchall():
+            cols = [
+                c
+                for (c,) in con.execute(
+                    "SELECT column_name FROM duckdb_columns() WHERE table_name = $t", {"t": t}
+                ).fetchall()
+                if c not in ("recorded_at", "created_at")
+            ]
+            sel = ", ".join(f'"{c}"' for c in cols)
+            out[t] = con.execute(
+                f"SELECT count(*), coalesce(sum(hash({sel})), 0) FROM (SELECT {sel} FROM {t})"
+            ).fetchone()
+        return out
+    finally:
+        con.close()
+
+
+def data_state(st):
+    """Only the pooled data tables and versions (rejections are recorded in _batches)."""
+    if st is None:
+        return {}
+    return {k: v for k, v in st.items() if k != "_batches" and v[0] > 0}
+
+
+def test_valid_batch_loads_pseudonymised_harmonised_with_provenance(settings, tmp_path, delivery):
+    files = site_files.write(delivery, tmp_path / "in")
+    r = ingest(settings, "uk-ccr", files, source_version="2026-06")
+    assert r.status == "loaded" and r.pooled_version == 1 and r.invalid_rows == 0
+    assert r.rows_added == {t: delivery[t].height for t in TABLES}
+    # provenance on every row of every table
+    for t in TABLES:
+        [(n, sites, ds, sv, lb)] = q(
+            settings,
+            f"SELECT count(*), list(DISTINCT site_id), list(DISTINCT source_dataset), "
+            f"list(DISTINCT source_version), list(DISTINCT load_batch) FROM {t}",
+        )
+        assert n == delivery[t].height
+        assert (sites, ds, sv, lb) == (["uk-ccr"], ["ukccr-national"], ["2026-06"], [r.batch_id])
+    # pseudonyms: keyed HMAC of the local id; no local id is left anywhere in the store
+    p = Pseudonymiser(load_key(settings.hmac_key_file))
+    local = delivery["patient"]["patient_id"][5]
+    [(sex, by)] = q(
+        settings,
+        "SELECT sex, birth_year FROM patient WHERE patient_id = $p",
+        {"p": p.pseudonym("patient", "uk-ccr", local)},
+    )
+    assert by == int(delivery["patient"]["birth_year"][5])
+    assert sex in {"Female", "Male"}  # harmonised from f / M / 1 / 2 ...
+    raw = PooledStore(settings.pooled_dir).db_path.read_bytes()
+    assert local.encode() not in raw and b"P00000" not in raw
+    # the key is not stored with the data
+    assert load_key(settings.hmac_key_file).hex().encode() not in raw
+    # ICCC-3 derived, country/source type from the site declaration
+    expected = {m + c: g for m, _, c, g in site_files.TUMOURS}
+    got = q(
+        settings,
+        "SELECT icdo3_morphology::VARCHAR || icdo3_topography, iccc3_group FROM tumour",
+    )
+    assert got and all(expected[k] == g for k, g in got)
+    assert q(settings, "SELECT DISTINCT country, source_type FROM patient") == [("GB", "registry")]
+    # tumour.patient_id points at patient.patient_id after pseudonymisation
+    [(orphans,)] = q(
+        settings,
+        "SELECT count(*) FROM tumour WHERE patient_id NOT IN (SELECT patient_id FROM patient)",
+    )
+    assert orphans == 0
+    # batch record next to the store
+    record = json.loads((r.batch_dir / "batch.json").read_text())
+    assert record["status"] == "loaded" and record["pooled_version"] == 1
+    assert {f["table"] for f in record["files"]} == set(TABLES)
+    assert (r.batch_dir / "errors.csv").exists()
+
+
+def test_same_id_two_sites_never_collide_and_same_site_is_stable(settings, tmp_path):
+    a = site_files.generate(50, seed=1)
+    ingest(settings, "uk-ccr", site_files.write(a, tmp_path / "a"))
+    ingest(settings, "de-gpoh", site_files.write(a, tmp_path / "b"))  # same local ids
+    [(n, distinct)] = q(settings, "SELECT count(*), count(DISTINCT patient_id) FROM patient")
+    assert n == distinct == 100
+    # a later batch from uk-ccr adds events for tumours loaded earlier: same pseudonyms
+    events = a["tumour"].select("tumour_id").head(5)
+    events = events.with_columns(
+        pl.lit("Death").alias("event_type"), pl.lit("7000").alias("age_at_event_days")
+    )
+    later = {"event": events}
+    r = ingest(settings, "uk-ccr", site_files.write(later, tmp_path / "c"))
+    assert r.status == "loaded", r.errors
+    [(joined,)] = q(
+        settings,
+        "SELECT count(*) FROM event e JOIN tumour t USING (tumour_id) "
+        "WHERE e.event_type = 'Death' AND t.site_id = 'uk-ccr' AND e.site_id = 'uk-ccr'",
+    )
+    assert joined == 5
+    # ... but the same events delivered as de-gpoh point at de-gpoh's tumours, not uk-ccr's
+    r = ingest(settings, "de-gpoh", site_files.write(later, tmp_path / "d"))
+    [(cross,)] = q(
+        settings,
+        "SELECT count(*) FROM event e JOIN tumour t USING (tumour_id) WHERE e.site_id <> t.site_id",
+    )
+    assert cross == 0
+
+
+def _defective(delivery):
+    d = dict(delivery)
+    d["patient"] = site_files.set_cell(d["patient"], 3, "sex", "banana")  # row 4
+    d["tumour"] = site_files.set_cell(d["tumour"], 0, "icdo3_morphology", "1234")  # row 1
+    d["tumour"] = site_files.set_cell(d["tumour"], 7, "patient_id", "NOBODY")  # row 8
+    d["followup"] = site_files.set_cell(d["followup"], 9, "age_at_last_contact_days", "-5")
+    return d
+
+
+def test_defective_batch_is_rejected_with_a_per_row_report(settings, tmp_path, delivery):
+    good = ingest(
+        settings, "uk-ccr", site_files.write(site_files.generate(20, 9, "Q"), tmp_path / "g")
+    )
+    before = data_state(state(settings))
+    r = ingest(settings, "uk-ccr", site_files.write(_defective(delivery), tmp_path / "in"))
+    assert r.status == "rejected" and r.pooled_version is None and not r.ok
+    assert data_state(state(settings)) == before  # nothing of the batch was loaded
+    assert q(settings, "SELECT max(version) FROM _versions") == [(good.pooled_version,)]
+    report = pl.read_csv(r.errors_csv)
+    assert report.columns == ["table", "row", "column", "value", "rule", "message"]
+    got = {(t, row, col) for t, row, col in report.select("table", "row", "column").iter_rows()}
+    assert ("patient", 4, "sex") in got
+    assert ("tumour", 1, "icdo3_morphology") in got
+    assert ("tumour", 8, "patient_id") in got
+    assert ("followup", 10, "age_at_last_contact_days") in got
+    # the invalid patient's tumours, treatments and follow-up are reported too (cascade)
+    bad_patient = delivery["patient"]["patient_id"][3]
+    tumour_rows = (
+        delivery["tumour"].with_row_index("r", 1).filter(pl.col("patient_id") == bad_patient)
+    )
+    assert {("tumour", int(x)) for x in tumour_rows["r"]} <= {(t, row) for t, row, _ in got}
+    # values: the offending value, identifiers only as pseudonyms
+    sex_err = report.filter((pl.col("table") == "patient") & (pl.col("column") == "sex"))
+    assert sex_err["value"][0] == "banana"
+    assert "NOBODY" not in r.errors_csv.read_text()
+    # the rejection is recorded, the rows are not
+    assert q(settings, "SELECT status FROM _batches WHERE batch_id = $b", {"b": r.batch_id}) == [
+        ("rejected",)
+    ]
+
+
+def test_quarantine_policy_loads_valid_rows_and_keeps_invalid_apart(settings, tmp_path, delivery):
+    r = ingest(
+        settings, "uk-ccr", site_files.write(_defective(delivery), tmp_path / "in"),
+        on_invalid="quarantine",
+    )  # fmt: skip
+    assert r.status == "loaded"
+    report = pl.read_csv(r.errors_csv)
+    bad = report.select("table", "row").unique()
+    assert r.quarantined_rows == bad.height > 4
+    for t in TABLES:
+        n_bad = bad.filter(pl.col("table") == t).height
+        assert q(settings, f"SELECT count(*) FROM {t}")[0][0] == delivery[t].height - n_bad
+    quarantined = q(settings, "SELECT table_name, source_row, errors, data FROM _quarantine")
+    assert {(t, row) for t, row, _, _ in quarantined} == set(bad.iter_rows())
+    by_key = {(t, row): (json.loads(e), json.loads(d)) for t, row, e, d in quarantined}
+    errs, data = by_key[("patient", 4)]
+    assert data["sex"] == "banana" and errs[0]["column"] == "sex"
+    p = Pseudonymiser(load_key(settings.hmac_key_file))
+    assert data["patient_id"] == p.pseudonym(
+        "patient", "uk-ccr", delivery["patient"]["patient_id"][3]
+    )
+    # the bad patient is not pooled, nor any row that depends on it
+    pid = data["patient_id"]
+    assert q(settings, "SELECT count(*) FROM patient WHERE patient_id = $p", {"p": pid}) == [(0,)]
+    assert q(settings, "SELECT count(*) FROM tumour WHERE patient_id = $p", {"p": pid}) == [(0,)]
+    [(orphans,)] = q(
+        settings,
+        "SELECT count(*) FROM treatment WHERE tumour_id NOT IN (SELECT tumour_id FROM tumour)",
+    )
+    assert orphans == 0
+
+
+def test_identical_batch_is_a_no_op_whatever_the_file_names(settings, tmp_path, delivery):
+    files = site_files.write(delivery, tmp_path / "a")
+    first = ingest(settings, "uk-ccr", files)
+    after = state(settings)
+    again = ingest(settings, "uk-ccr", list(reversed(files)))
+    assert again.status == "unchanged" and again.batch_id == first.batch_id
+    assert again.pooled_version == first.pooled_version
+    renamed = tmp_path / "b"
+    renamed.mkdir()
+    for f in files:
+        shutil.copy(f, renamed / f"uk-ccr_{f.name}")
+    third = ingest(settings, "uk-ccr", sorted(renamed.iterdir()))
+    assert third.status == "unchanged"
+    assert state(settings) == after
+    # a different site is a different batch even for the same bytes
+    assert batch_identity("de-gpoh", {}) != batch_identity("uk-ccr", {})
+
+
+def test_overlapping_batch_rows_already_pooled_are_errors(settings, tmp_path, delivery):
+    ingest(settings, "uk-ccr", site_files.write(delivery, tmp_path / "a"))
+    before = state(settings)
+    changed = dict(delivery)
+    changed["patient"] = site_files.set_cell(delivery["patient"], 0, "study_id", "NEW")
+    r = ingest(settings, "uk-ccr", site_files.write(changed, tmp_path / "b"))
+    assert r.status == "rejected"
+    assert "already_pooled" in set(r.errors["rule"])
+    assert data_state(state(settings)) == data_state(before)
+
+
+def test_parquet_delivery_gives_the_same_rows_as_csv(tmp_path, delivery):
+    results = {}
+    for fmt in ("csv", "parquet"):
+        s = Settings(state_dir=tmp_path / fmt)
+        init_key(s.hmac_key_file)
+        if fmt == "parquet":
+            shutil.copy(tmp_path / "csv" / "secrets" / "hmac.key", s.hmac_key_file)
+        r = ingest(s, "fr-rnce", site_files.write(delivery, tmp_path / f"in-{fmt}", fmt))
+        assert r.status == "loaded"
+        results[fmt] = q(s, "SELECT * EXCLUDE (load_batch) FROM tumour ORDER BY tumour_id")
+    assert results["csv"] == results["parquet"]
+
+
+def test_bad_input_is_a_clear_error_and_changes_nothing(settings, tmp_path, delivery):
+    files = site_files.write(delivery, tmp_path / "in")
+    with pytest.raises(IngestError, match="unknown site"):
+        ingest(settings, "xx-nowhere", files)
+    with pytest.raises(IngestError, match="no such file"):
+        ingest(settings, "uk-ccr", [tmp_path / "missing.csv"])
+    odd = tmp_path / "hospital.csv"
+    odd.write_text("a,b\n1,2\n")
+    with pytest.raises(IngestError, match="which table"):
+        ingest(settings, "uk-ccr", [odd])
+    with pytest.raises(IngestError, match="unsupported file type"):
+        table_of(tmp_path / "patient.xlsx")
+    extra = delivery["patient"].with_columns(pl.lit("Alice").alias("child_name"))
+    (tmp_path / "x").mkdir()
+    extra.write_csv(tmp_path / "x" / "patient.csv")
+    with pytest.raises(IngestError, match="child_name"):
+        ingest(settings, "uk-ccr", [tmp_path / "x" / "patient.csv"])
+    (tmp_path / "y").mkdir()
+    delivery["patient"].drop("sex").write_csv(tmp_path / "y" / "patient.csv")
+    with pytest.raises(IngestError, match="sex"):
+        ingest(settings, "uk-ccr", [tmp_path / "y" / "patient.csv"])
+    garbage = tmp_path / "z" / "patient.parquet"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(IngestError, match="cannot be read"):
+        ingest(settings, "uk-ccr", [garbage])
+    with pytest.raises(IngestError, match="on-invalid"):
+        ingest(settings, "uk-ccr", files, on_invalid="ignore")
+    assert not PooledStore(settings.pooled_dir).db_path.exists()  # nothing was created
+
+
+def test_missing_or_misplaced_key_stops_ingest(tmp_path, delivery):
+    files = site_files.write(delivery, tmp_path / "in")
+    s = Settings(state_dir=tmp_path / "s")
+    with pytest.raises(PseudonymKeyError, match="init-key"):
+        ingest(s, "uk-ccr", files)
+    inside = Settings(state_dir=tmp_path / "t", hmac_key_file=tmp_path / "t" / "pooled" / "k")
+    init_key(inside.hmac_key_file)
+    with pytest.raises(PseudonymKeyError, match="never be stored with the data"):
+        ingest(inside, "uk-ccr", files)
+    os.chmod(s.hmac_key_file.parent, 0o700) if s.hmac_key_file.parent.exists() else None
+    assert not PooledStore(s.pooled_dir).db_path.exists()

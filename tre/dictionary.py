@@ -1,0 +1,694 @@
+"""The core data dictionary (``policies/dictionary.yaml``) and vectorised validation against it.
+
+``load_dictionary`` parses and cross-checks the YAML (pydantic), ``harmonise_and_validate``
+maps one delivered table onto the dictionary (site spellings -> code lists, ICD-O-3 forms ->
+morphology/behaviour/topography, text -> typed values) and checks every row, and
+``validate_batch`` adds the cross-table rules. Everything is polars expressions over whole
+columns: no per-row Python, so a million rows validate in about a second.
+
+Bad input never raises half-way: a table-level problem (a missing required column, an unknown
+column) raises ``DeliveryError`` before anything is done; row-level problems come back as an
+``errors`` frame (row, column, value, rule, message) next to the ``valid`` rows.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tre import iccc3
+
+DICTIONARY_FILE = Path(__file__).resolve().parent.parent / "policies" / "dictionary.yaml"
+ROW = "_row"
+ERROR_SCHEMA = {
+    "row": pl.Int64,
+    "column": pl.String,
+    "value": pl.String,
+    "rule": pl.String,
+    "message": pl.String,
+}
+
+ColumnType = Literal["string", "int", "code", "icdo3_morphology", "icdo3_topography"]
+
+
+class DictionaryError(ValueError):
+    """The dictionary file is invalid; the message names each problem."""
+
+
+class DeliveryError(ValueError):
+    """A delivered table cannot be validated at all (e.g. a required column is missing)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Harmonise(_Strict):
+    regex: str
+    behaviour_column: str | None = None
+    template: str | None = None
+
+
+class ColumnSpec(_Strict):
+    name: str = ""
+    type: ColumnType
+    required: bool = False
+    delivered: bool = True
+    identifier: bool = False
+    unique: bool = False
+    codes: list[str] | None = None
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    min: int | None = None
+    max: int | None = None
+    harmonise: Harmonise | None = None
+    source: str | None = None
+    description: str = ""
+    store_as: Literal["string", "int"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ColumnSpec:
+        if self.type == "code" and not self.codes:
+            raise ValueError("a code column needs a non-empty 'codes' list")
+        for target in self.synonyms:
+            if target not in (self.codes or []):
+                raise ValueError(f"synonyms target {target!r} is not one of the codes")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is greater than max")
+        return self
+
+    def code_map(self) -> dict[str, str]:
+        """Lower-cased spelling -> canonical code, for every code and synonym."""
+        mapping = {c.lower(): c for c in self.codes or []}
+        for target, spellings in self.synonyms.items():
+            for s in spellings:
+                key = str(s).strip().lower()
+                if key in mapping and mapping[key] != target:
+                    raise ValueError(f"spelling {s!r} maps to both {mapping[key]!r} and {target!r}")
+                mapping[key] = target
+        return mapping
+
+
+class TableSpec(_Strict):
+    name: str = ""
+    description: str = ""
+    columns: dict[str, ColumnSpec]
+    unique_together: list[str] | None = None
+    stage_values: dict[str, list[str]] | None = None
+
+
+class RuleSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    id: str
+    kind: Literal[
+        "iccc3_classifiable",
+        "stage_in_system",
+        "only_if",
+        "foreign_key",
+        "not_before",
+        "year_matches_age",
+    ]
+    table: str
+
+    def get(self, key: str, default: Any = None) -> Any:  # noqa: ANN401 - YAML scalar
+        return (self.model_extra or {}).get(key, default)
+
+
+class DataDictionary(_Strict):
+    version: str
+    max_age_days: int
+    provenance: list[str]
+    tables: dict[str, TableSpec]
+    rules: list[RuleSpec] = Field(default_factory=list)
+
+    def table(self, table: str) -> TableSpec:
+        try:
+            return self.tables[table]
+        except KeyError:
+            raise KeyError(
+                f"unknown table {table!r}; tables are {', '.join(self.tables)}"
+            ) from None
+
+    def delivered_columns(self, table: str) -> list[str]:
+        """Columns a site delivers for this table (with its local ids)."""
+        return [n for n, c in self.table(table).columns.items() if c.delivered]
+
+    def required_columns(self, table: str) -> list[str]:
+        """Delivered columns that must be present and non-empty."""
+        return [n for n, c in self.table(table).columns.items() if c.delivered and c.required]
+
+    def identifier_columns(self, table: str) -> list[str]:
+        """Columns holding site-local ids, which the pooled store holds pseudonymised."""
+        return [n for n, c in self.table(table).columns.items() if c.identifier]
+
+    def pooled_columns(self, table: str) -> list[str]:
+        """Columns of the pooled table: dictionary columns, then provenance."""
+        cols = list(self.table(table).columns)
+        return cols + [p for p in self.provenance if p not in cols]
+
+    def rules_for(self, table: str) -> list[RuleSpec]:
+        return [r for r in self.rules if r.table == table]
+
+
+def _cross_check(d: DataDictionary) -> list[str]:
+    problems = []
+    for r in d.rules:
+        if r.table not in d.tables:
+            problems.append(f"rule {r.id}: unknown table {r.table!r}")
+            continue
+        cols = d.tables[r.table].columns
+        for key in ("column", "when_column", "key", "age_column"):
+            name = r.get(key)
+            if name is not None and name not in cols:
+                problems.append(f"rule {r.id}: {key} {name!r} is not a column of {r.table}")
+        ref = r.get("ref_table")
+        if ref is not None:
+            if ref not in d.tables:
+                problems.append(f"rule {r.id}: unknown ref_table {ref!r}")
+            else:
+                for key in ("ref_column", "ref_key"):
+                    name = r.get(key)
+                    if name is not None and name not in d.tables[ref].columns:
+                        problems.append(f"rule {r.id}: {key} {name!r} is not a column of {ref}")
+    for t in d.tables.values():
+        for c in t.unique_together or []:
+            if c not in t.columns:
+                problems.append(f"table {t.name}: unique_together column {c!r} is unknown")
+        for c in t.columns.values():
+            try:
+                c.code_map()
+            except ValueError as exc:
+                problems.append(f"{t.name}.{c.name}: {exc}")
+            if c.harmonise and c.harmonise.behaviour_column:
+                if c.harmonise.behaviour_column not in t.columns:
+                    problems.append(f"{t.name}.{c.name}: unknown behaviour_column")
+    return problems
+
+
+def load_dictionary(path: Path = DICTIONARY_FILE) -> DataDictionary:
+    """Load and check the data dictionary; raise DictionaryError naming each problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DictionaryError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("tables"), dict):
+        raise DictionaryError(f"{path}: must be a mapping with a 'tables' mapping")
+    for tname, t in raw["tables"].items():
+        if isinstance(t, dict):
+            t["name"] = tname
+            for cname, c in (t.get("columns") or {}).items():
+                if isinstance(c, dict):
+                    c["name"] = cname
+    try:
+        d = DataDictionary.model_validate(raw)
+    except ValidationError as exc:
+        msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise DictionaryError(f"{path}:\n" + "\n".join(msgs)) from exc
+    problems = _cross_check(d)
+    if problems:
+        raise DictionaryError(f"{path}:\n" + "\n".join(problems))
+    return d
+
+
+@dataclass
+class ValidationResult:
+    """``valid``: harmonised, typed rows without any error, with ``_row`` (1-based source row).
+
+    ``errors``: one row per problem (row, column, value, rule, message).
+    ``harmonised``: every row, harmonised (invalid values null), with ``_row``; used by the
+    cross-table rules.
+    """
+
+    table: str
+    valid: pl.DataFrame
+    errors: pl.DataFrame
+    harmonised: pl.DataFrame = field(repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.errors.height == 0
+
+    @property
+    def error_rows(self) -> set[int]:
+        return set(self.errors["row"].to_list())
+
+
+def _orig(name: str) -> str:
+    return f"__orig_{name}"
+
+
+def _as_text(name: str) -> pl.Expr:
+    """The delivered value as stripped text, empty -> null."""
+    s = pl.col(_orig(name)).cast(pl.String).str.strip_chars()
+    return pl.when(s == "").then(None).otherwise(s)
+
+
+def _as_int(name: str, dtype: pl.DataType) -> pl.Expr:
+    if dtype.is_integer():
+        return pl.col(_orig(name)).cast(pl.Int64)
+    # text or float: accept '12', ' 12 ', '12.0'; reject '12.5', 'abc'
+    f = (
+        _as_text(name).cast(pl.Float64, strict=False)
+        if not dtype.is_float()
+        else pl.col(_orig(name))
+    )
+    return pl.when(f == f.floor()).then(f).otherwise(None).cast(pl.Int64, strict=False)
+
+
+@dataclass
+class _Check:
+    column: str
+    rule: str
+    mask: pl.Expr  # true = this row breaks the rule
+    message: str
+    value: pl.Expr | None = None  # what to report; default: the delivered value
+
+
+def _column_checks(
+    spec: ColumnSpec, dtype: pl.DataType
+) -> tuple[list[tuple[str, pl.Expr]], list[_Check]]:
+    """Harmonising expressions (name, expr) and the checks for one delivered column."""
+    n = spec.name
+    present = _as_text(n).is_not_null()
+    exprs: list[tuple[str, pl.Expr]] = []
+    checks: list[_Check] = []
+    if spec.type == "string":
+        exprs.append((n, _as_text(n)))
+    elif spec.type == "int":
+        exprs.append((n, _as_int(n, dtype)))
+        checks.append(
+            _Check(n, "type", present & pl.col(n).is_null(), f"{n} must be a whole number")
+        )
+    elif spec.type == "code":
+        mapping = spec.code_map()
+        h = (
+            _as_text(n)
+            .str.to_lowercase()
+            .replace_strict(mapping, default=None, return_dtype=pl.String)
+        )
+        exprs.append((n, h))
+        shown = ", ".join(spec.codes or [])
+        checks.append(
+            _Check(n, "code_list", present & pl.col(n).is_null(), f"{n} must be one of: {shown}")
+        )
+    elif spec.type == "icdo3_morphology":
+        assert spec.harmonise is not None
+        parts = _as_text(n).str.to_uppercase().str.extract_groups(spec.harmonise.regex)
+        exprs.append((n, parts.struct.field("1").cast(pl.Int64, strict=False)))
+        exprs.append((f"__beh_from_{n}", parts.struct.field("2")))
+        checks.append(
+            _Check(
+                n,
+                "format",
+                present & pl.col(n).is_null(),
+                f"{n} must be an ICD-O-3 morphology such as 8960 or 8960/3",
+            )
+        )
+    elif spec.type == "icdo3_topography":
+        assert spec.harmonise is not None and spec.harmonise.template is not None
+        parts = _as_text(n).str.to_uppercase().str.extract_groups(spec.harmonise.regex)
+        pieces: list[pl.Expr] = []
+        template = spec.harmonise.template
+        # template like 'C{1}.{2}': literal text and numbered regex groups
+        for lit, grp in re.findall(r"([^{]*)(?:\{(\d+)\})?", template):
+            if lit:
+                pieces.append(pl.lit(lit))
+            if grp:
+                pieces.append(parts.struct.field(grp))
+        exprs.append((n, pl.concat_str(pieces)))
+        checks.append(
+            _Check(
+                n,
+                "format",
+                present & pl.col(n).is_null(),
+                f"{n} must be an ICD-O-3 topography such as C64.9",
+            )
+        )
+    if spec.required:
+        checks.append(_Check(n, "required", ~present, f"{n} is required"))
+    if spec.min is not None or spec.max is not None:
+        v = pl.col(n)
+        if spec.type == "icdo3_topography":
+            v = iccc3.topography_to_int(pl.col(n))
+        lo = spec.min if spec.min is not None else -(2**62)
+        hi = spec.max if spec.max is not None else 2**62
+        checks.append(
+            _Check(
+                n,
+                "range",
+                v.is_not_null() & ~v.is_between(lo, hi),
+                f"{n} must be between {spec.min} and {spec.max}",
+            )
+        )
+    if spec.unique:
+        checks.append(
+            _Check(
+                n,
+                "duplicate",
+                pl.col(n).is_not_null() & ~pl.col(n).is_first_distinct(),
+                f"{n} appears more than once (the first occurrence is kept)",
+            )
+        )
+    return exprs, checks
+
+
+def _empty_errors() -> pl.DataFrame:
+    return pl.DataFrame(schema=ERROR_SCHEMA)
+
+
+def _collect_errors(frame: pl.DataFrame, checks: list[_Check]) -> pl.DataFrame:
+    """Evaluate all masks in one pass, then gather only the offending rows of each check."""
+    if not checks or frame.height == 0:
+        return _empty_errors()
+    flags = [f"__err{i}" for i in range(len(checks))]
+    # one pass computes every mask; only rows with some error go on to the per-check gathers
+    masked = frame.with_columns(
+        [c.mask.fill_null(False).alias(f) for f, c in zip(flags, checks, strict=True)]
+    ).filter(pl.any_horizontal(flags))
+    parts = []
+    for i, c in enumerate(checks):
+        hit = masked.filter(pl.col(f"__err{i}"))
+        if hit.height == 0:
+            continue
+        value = (
+            c.value
+            if c.value is not None
+            else (
+                pl.col(_orig(c.column)).cast(pl.String)
+                if _orig(c.column) in hit.columns
+                else pl.col(c.column).cast(pl.String)
+            )
+        )
+        parts.append(
+            hit.select(
+                pl.col(ROW).cast(pl.Int64).alias("row"),
+                pl.lit(c.column).alias("column"),
+                value.alias("value"),
+                pl.lit(c.rule).alias("rule"),
+                pl.lit(c.message).alias("message"),
+            )
+        )
+    return pl.concat(parts) if parts else _empty_errors()
+
+
+def _finish(
+    table: str, spec: TableSpec, harmonised: pl.DataFrame, errors: pl.DataFrame
+) -> ValidationResult:
+    errors = errors.sort(["row", "column", "rule"])
+    bad = errors.select(pl.col("row").unique())
+    valid = harmonised.join(bad, left_on=ROW, right_on="row", how="anti", maintain_order="left")
+    return ValidationResult(table=table, valid=valid, errors=errors, harmonised=harmonised)
+
+
+def harmonise_and_validate(
+    dictionary: DataDictionary, table: str, df: pl.DataFrame
+) -> ValidationResult:
+    """Harmonise one delivered table and check its per-table rules (see module docstring).
+
+    Raises DeliveryError when a required column is missing or an unknown column is delivered
+    (an unexpected column may hold identifying data that must not enter the pool).
+    """
+    spec = dictionary.table(table)
+    delivered = dictionary.delivered_columns(table)
+    given = [c for c in df.columns if c != ROW]
+    # a behaviour column may be left out when the morphology carries it ('8960/3')
+    derivable = {
+        c.harmonise.behaviour_column
+        for c in spec.columns.values()
+        if c.harmonise and c.harmonise.behaviour_column and c.name in given
+    }
+    missing = [
+        c for c in dictionary.required_columns(table) if c not in given and c not in derivable
+    ]
+    unknown = [c for c in given if c not in delivered]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing required column(s): {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown column(s): {', '.join(unknown)}")
+        raise DeliveryError(f"{table}: " + "; ".join(parts))
+
+    row = pl.col(ROW) if ROW in df.columns else pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
+    work = df.select(
+        [row.cast(pl.Int64).alias(ROW)]
+        + [
+            (pl.col(c) if c in df.columns else pl.lit(None, dtype=pl.String)).alias(_orig(c))
+            for c in delivered
+        ]
+    )
+    exprs: list[pl.Expr] = []
+    checks: list[_Check] = []
+    for name in delivered:
+        col = spec.columns[name]
+        e, c = _column_checks(col, work.schema[_orig(name)])
+        exprs += [x.alias(alias) for alias, x in e]
+        checks += c
+    work = work.with_columns(exprs)
+    # Behaviour given inside the morphology ('8960/3') fills or must agree with the column.
+    for name in delivered:
+        col = spec.columns[name]
+        if col.harmonise and col.harmonise.behaviour_column:
+            beh = col.harmonise.behaviour_column
+            from_morph = pl.col(f"__beh_from_{name}")
+            checks.append(
+                _Check(
+                    beh,
+                    "behaviour_conflict",
+                    from_morph.is_not_null()
+                    & pl.col(beh).is_not_null()
+                    & (pl.col(beh).cast(pl.String) != from_morph),
+                    f"{beh} disagrees with the behaviour written in {name}",
+                )
+            )
+    work = _harmonise_behaviour(spec, work)
+    work = work.with_columns(
+        pl.col(n).cast(pl.Int64)
+        for n in delivered
+        if spec.columns[n].store_as == "int" and spec.columns[n].type == "code"
+    )
+    # unique keys over several columns
+    if spec.unique_together:
+        key = spec.unique_together
+        checks.append(
+            _Check(
+                key[0],
+                "duplicate",
+                pl.all_horizontal([pl.col(k).is_not_null() for k in key])
+                & ~pl.struct(key).is_first_distinct(),
+                f"({', '.join(key)}) appears more than once (the first occurrence is kept)",
+            )
+        )
+    work, rule_checks = _table_rules(dictionary, table, work)
+    errors = _collect_errors(work, checks + rule_checks)
+    out_cols = [ROW] + [c for c in spec.columns if c in work.columns]
+    return _finish(table, spec, work.select(out_cols), errors)
+
+
+def _harmonise_behaviour(spec: TableSpec, work: pl.DataFrame) -> pl.DataFrame:
+    for name, col in spec.columns.items():
+        if (
+            col.harmonise
+            and col.harmonise.behaviour_column
+            and f"__beh_from_{name}" in work.columns
+        ):
+            beh = col.harmonise.behaviour_column
+            bspec = spec.columns[beh]
+            from_morph = pl.col(f"__beh_from_{name}")
+            codes = set(bspec.codes or [])
+            fill = pl.when(from_morph.is_in(list(codes))).then(from_morph).otherwise(None)
+            work = work.with_columns(
+                pl.coalesce(pl.col(beh).cast(pl.String), fill).alias(beh),
+                # a behaviour only given inside the morphology satisfies 'required'
+                pl.coalesce(_as_text(beh), from_morph).alias(_orig(beh)),
+            )
+    return work
+
+
+def _table_rules(
+    dictionary: DataDictionary, table: str, work: pl.DataFrame
+) -> tuple[pl.DataFrame, list[_Check]]:
+    spec = dictionary.table(table)
+    checks: list[_Check] = []
+    for r in dictionary.rules_for(table):
+        if r.kind == "iccc3_classifiable":
+            work = iccc3.recode(work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+            known = (
+                pl.col("icdo3_morphology").is_between(
+                    spec.columns["icdo3_morphology"].min or 0,
+                    spec.columns["icdo3_morphology"].max or 9999,
+                )
+                & pl.col("icdo3_behaviour").is_not_null()
+                & pl.col("icdo3_topography").is_not_null()
+            )
+            checks.append(
+                _Check(
+                    "icdo3_morphology",
+                    r.id,
+                    known & pl.col("iccc3_subgroup").is_null(),
+                    "morphology/behaviour/topography has no ICCC-3 group (not a childhood "
+                    "cancer the pool accepts, or a miscoded site)",
+                    value=pl.concat_str(
+                        [
+                            pl.col("icdo3_morphology").cast(pl.String),
+                            pl.lit("/"),
+                            pl.col("icdo3_behaviour").cast(pl.String),
+                            pl.lit(" "),
+                            pl.col("icdo3_topography"),
+                        ]
+                    ),
+                )
+            )
+        elif r.kind == "stage_in_system":
+            values = spec.stage_values or {}
+            pairs = pl.DataFrame(
+                [(s, v.upper()) for s, vs in values.items() for v in vs],
+                schema={"stage_system": pl.String, "__stage_ok": pl.String},
+                orient="row",
+            )
+            work = work.with_columns(pl.col("stage").str.to_uppercase().alias("__stage_up"))
+            ok = work.select("stage_system", "__stage_up").join(
+                pairs,
+                left_on=["stage_system", "__stage_up"],
+                right_on=["stage_system", "__stage_ok"],
+                how="left",
+                maintain_order="left",
+                coalesce=False,
+            )
+            work = work.with_columns(ok["__stage_ok"].is_not_null().alias("__stage_valid"))
+            checks.append(
+                _Check(
+                    "stage",
+                    r.id,
+                    pl.col("stage").is_not_null()
+                    & pl.col("stage_system").is_not_null()
+                    & ~pl.col("__stage_valid"),
+                    "stage is not a value of the given stage_system",
+                )
+            )
+            checks.append(
+                _Check(
+                    "stage",
+                    r.id,
+                    pl.col("stage").is_not_null() & pl.col("stage_system").is_null(),
+                    "stage given without stage_system",
+                )
+            )
+        elif r.kind == "only_if":
+            c, w = r.get("column"), r.get("when_column")
+            checks.append(
+                _Check(
+                    c,
+                    r.id,
+                    pl.col(c).is_not_null()
+                    & ~pl.col(w).is_in(r.get("when_values")).fill_null(False),
+                    f"{c} is only allowed when {w} is {', '.join(r.get('when_values'))}",
+                )
+            )
+    return work, checks
+
+
+def validate_batch(
+    dictionary: DataDictionary, tables: dict[str, pl.DataFrame]
+) -> dict[str, ValidationResult]:
+    """Per-table and cross-table checks for one site's delivery; a table not delivered is empty.
+
+    Cross-table rules compare against reference rows that passed their own checks, so one bad
+    row is reported once, where it is, and not again in every row that refers to it.
+    """
+    unknown = [t for t in tables if t not in dictionary.tables]
+    if unknown:
+        raise DeliveryError(f"unknown table(s): {', '.join(unknown)}")
+    results: dict[str, ValidationResult] = {}
+    for name in dictionary.tables:
+        df = tables.get(name)
+        if df is None:
+            df = pl.DataFrame(schema={c: pl.String for c in dictionary.delivered_columns(name)})
+        results[name] = harmonise_and_validate(dictionary, name, df)
+    valid_rows = {
+        n: r.harmonised.join(
+            r.errors.select(pl.col("row").unique()), left_on=ROW, right_on="row", how="anti"
+        )
+        for n, r in results.items()
+    }
+    extra: dict[str, list[pl.DataFrame]] = {n: [] for n in dictionary.tables}
+    # foreign keys first: a row without its parent is no reference for the rules after it
+    cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
+        r for r in dictionary.rules if r.kind in ("not_before", "year_matches_age")
+    ]
+    for i, r in enumerate(cross):
+        if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
+            for n, parts in extra.items():
+                if parts:
+                    bad = pl.concat(parts).select(pl.col("row").unique())
+                    valid_rows[n] = valid_rows[n].join(bad, left_on=ROW, right_on="row", how="anti")
+        child = results[r.table].harmonised
+        ref_table = r.get("ref_table")
+        if r.kind == "foreign_key":
+            c, rc = r.get("column"), r.get("ref_column")
+            keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls().unique()
+            hit = child.filter(pl.col(c).is_not_null()).join(keys, on=c, how="anti")
+            msg = f"{c} does not exist in {ref_table}.{rc}"
+            value = pl.col(c)
+        else:
+            key, ref_key, rc = r.get("key"), r.get("ref_key"), r.get("ref_column")
+            c = r.get("column")
+            agg = {"min": pl.min, "max": pl.max}[r.get("aggregate", "min")]
+            ref = (
+                valid_rows[ref_table]
+                .filter(pl.col(ref_key).is_not_null() & pl.col(rc).is_not_null())
+                .group_by(ref_key)
+                .agg(agg(rc).alias("__ref"))
+                .rename({ref_key: key})
+            )
+            joined = child.join(ref, on=key, how="inner")
+            if r.kind == "not_before":
+                tol = int(r.get("tolerance_days", 0))
+                hit = joined.filter(pl.col(c) < pl.col("__ref") - tol)
+                msg = f"{c} is before {ref_table}.{rc}"
+                if tol:
+                    msg += f" by more than {tol} days"
+                value = pl.concat_str(
+                    [pl.col(c).cast(pl.String), pl.lit(" < "), pl.col("__ref").cast(pl.String)]
+                )
+            else:  # year_matches_age: ref_column is a year, column a year, age_column days
+                age = pl.col(r.get("age_column")) / 365.25
+                diff = pl.col(c) - pl.col("__ref")
+                hit = joined.filter(
+                    pl.col(c).is_not_null()
+                    & pl.col(r.get("age_column")).is_not_null()
+                    & ((diff < age - 1) | (diff > age + 1))
+                )
+                msg = f"{c} minus {ref_table}.{rc} does not agree with {r.get('age_column')}"
+                value = pl.concat_str(
+                    [pl.col(c).cast(pl.String), pl.lit(" - "), pl.col("__ref").cast(pl.String)]
+                )
+        if hit.height:
+            extra[r.table].append(
+                hit.select(
+                    pl.col(ROW).cast(pl.Int64).alias("row"),
+                    pl.lit(c).alias("column"),
+                    value.cast(pl.String).alias("value"),
+                    pl.lit(r.id).alias("rule"),
+                    pl.lit(msg).alias("message"),
+                )
+            )
+    for name, parts in extra.items():
+        if parts:
+            res = results[name]
+            errors = pl.concat([res.errors, *parts])
+            results[name] = _finish(name, dictionary.table(name), res.harmonised, errors)
+    return results
+
+
+def errors_of(results: dict[str, ValidationResult]) -> pl.DataFrame:
+    """All errors of a batch in one frame, with a ``table`` column first."""
+    parts = [r.errors.select(pl.lit(t).alias("table"), pl.all()) for t, r in results.items()]
+    return (
+        pl.concat(parts) if parts else _empty_errors().select(pl.lit("").alias("table"), pl.all())
+    )

@@ -1,0 +1,275 @@
+"""Per-project extracts: a read-only DuckDB file with only what the project may see.
+
+An extract holds only the granted tables and columns, only rows from sites whose sharing
+conditions allow the project today (``Registry.sites_for``: purpose, jurisdiction, embargo, the
+project's site filter), and only rows within the project's row filters. ICCC-3 group and
+diagnosis-year filters select tumours; patients, treatments, events and follow-ups are then
+restricted to the patients and tumours that qualify.
+
+The file is built under a temporary name next to the final one, made read-only (0444) and
+swapped in with ``os.replace``: a sandbox that holds the old file keeps reading the old inode,
+new openers get the new file, and nobody ever sees a half-written extract. DuckDB's file lock
+forbids writing a file that readers hold open, which is why the extract is never updated in
+place. A metadata table ``_extract`` records the project, the pooled version, the sites, the
+build time and what was granted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+from tre.pooled import PooledStore
+from tre.registry import Project, Registry
+from tre.settings import Settings
+
+EXTRACT_SUFFIX = ".duckdb"
+METADATA_TABLE = "_extract"
+
+
+class ExtractError(RuntimeError):
+    """The extract cannot be built as declared (unknown project, table or column...)."""
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    project_id: str
+    path: Path | None
+    removed: bool = False
+    error: str | None = None
+
+
+def extract_path(settings: Settings, project_id: str) -> Path:
+    """Where the project's extract lives (whether or not it exists)."""
+    assert settings.extracts_dir is not None
+    return settings.extracts_dir / f"{project_id}{EXTRACT_SUFFIX}"
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal_list(values: list[str]) -> str:
+    return "(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
+
+
+def _pooled_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    rows = con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE database_name = 'pooled' "
+        "AND schema_name = 'main' AND table_name = $t ORDER BY column_index",
+        {"t": table},
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _granted_columns(project: Project, table: str, available: list[str]) -> list[str]:
+    requested = project.grants[table]
+    if "*" in requested:
+        return list(available)
+    missing = [c for c in requested if c not in available]
+    if missing:
+        raise ExtractError(
+            f"project {project.id!r} is granted column(s) {', '.join(missing)} of table "
+            f"{table!r}, which the pooled store does not have (it has: {', '.join(available)})"
+        )
+    return list(dict.fromkeys(requested))  # keep declared order, drop repeats
+
+
+def _row_conditions(
+    project: Project, table: str, columns: list[str], sites: list[str], tumour_filtered: bool
+) -> str:
+    """SQL WHERE clause of ``table`` (alias ``t``) for this project."""
+    conds = [f"t.site_id IN {_literal_list(sites)}" if sites else "FALSE"]
+    if tumour_filtered:
+        if table == "tumour":
+            conds.append("t.tumour_id IN (SELECT tumour_id FROM _qualifying_tumours)")
+        elif "tumour_id" in columns and "patient_id" in columns:
+            # a row about a tumour follows that tumour; a row with no tumour follows its patient
+            conds.append(
+                "(t.tumour_id IN (SELECT tumour_id FROM _qualifying_tumours) OR "
+                "(t.tumour_id IS NULL AND t.patient_id IN "
+                "(SELECT patient_id FROM _qualifying_patients)))"
+            )
+        elif "tumour_id" in columns:
+            conds.append("t.tumour_id IN (SELECT tumour_id FROM _qualifying_tumours)")
+        elif "patient_id" in columns:
+            conds.append("t.patient_id IN (SELECT patient_id FROM _qualifying_patients)")
+        else:
+            raise ExtractError(
+                f"table {table!r} has neither tumour_id nor patient_id, so the project's "
+                "tumour filters cannot be applied to it"
+            )
+    return " AND ".join(conds)
+
+
+def _tumour_filter_sql(project: Project) -> list[str]:
+    f = project.row_filters
+    conds = []
+    if f.iccc3_groups is not None:
+        conds.append(f"iccc3_group IN {_literal_list(list(f.iccc3_groups))}")
+    if f.diagnosis_year_min is not None:
+        conds.append(f"diagnosis_year >= {int(f.diagnosis_year_min)}")
+    if f.diagnosis_year_max is not None:
+        conds.append(f"diagnosis_year <= {int(f.diagnosis_year_max)}")
+    return conds
+
+
+def _remove(path: Path) -> bool:
+    removed = False
+    for p in (path, path.with_name(path.name + ".wal")):
+        try:
+            p.unlink()
+            removed = True
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def build_extract(
+    settings: Settings, registry: Registry, project_id: str, on: dt.date | None = None
+) -> Path | None:
+    """Build (or rebuild) the project's extract; return its path.
+
+    A project that is not active on ``on`` (expired, suspended, closed, not started) gets no
+    extract: an existing one is removed and ``None`` is returned.
+    """
+    on = on or dt.date.today()
+    project = registry.projects.get(project_id)
+    if project is None:
+        raise ExtractError(f"unknown project {project_id!r}")
+    final = extract_path(settings, project_id)
+    if not project.is_active(on):
+        _remove(final)
+        return None
+    sites = sorted(s.id for s in registry.sites_for(project, on))
+    assert settings.extracts_dir is not None and settings.pooled_dir is not None
+    settings.extracts_dir.mkdir(parents=True, exist_ok=True)
+    tmp = settings.extracts_dir / f".{project_id}.{uuid.uuid4().hex}.tmp"
+    store = PooledStore(settings.pooled_dir)
+    try:
+        with store.reader() as con:
+            pooled_tables = set(store.data_tables(con, "pooled"))
+            version = store.current_version(con, "pooled")
+            con.execute("ATTACH $p AS ext", {"p": str(tmp)})
+            tumour_conds = _tumour_filter_sql(project)
+            tumour_filtered = bool(tumour_conds)
+            if tumour_filtered:
+                if "tumour" not in pooled_tables:
+                    raise ExtractError("the pooled store has no tumour table to filter on")
+                site_cond = f"site_id IN {_literal_list(sites)}" if sites else "FALSE"
+                where = " AND ".join([site_cond, *tumour_conds])
+                con.execute(
+                    "CREATE TEMP TABLE _qualifying_tumours AS "
+                    f"SELECT tumour_id, patient_id FROM pooled.tumour WHERE {where}"
+                )
+                con.execute(
+                    "CREATE TEMP TABLE _qualifying_patients AS "
+                    "SELECT DISTINCT patient_id FROM _qualifying_tumours"
+                )
+            table_meta: dict[str, dict] = {}
+            for table in project.grants:
+                if table not in pooled_tables:
+                    raise ExtractError(
+                        f"the pooled store has no table {table!r} yet; ingest data first"
+                    )
+                available = _pooled_columns(con, table)
+                columns = _granted_columns(project, table, available)
+                where = _row_conditions(project, table, available, sites, tumour_filtered)
+                select = ", ".join(f"t.{_quote(c)}" for c in columns)
+                con.execute(
+                    f"CREATE TABLE ext.{_quote(table)} AS "
+                    f"SELECT {select} FROM pooled.{_quote(table)} AS t WHERE {where}"
+                )
+                rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchall()[0][0]
+                table_meta[table] = {"columns": columns, "rows": int(rows)}
+            con.execute(
+                f"CREATE TABLE ext.{METADATA_TABLE} (project_id VARCHAR, pooled_version BIGINT, "
+                "sites VARCHAR[], built_at TIMESTAMPTZ, built_for_date DATE, purpose VARCHAR, "
+                "jurisdiction VARCHAR, end_date DATE, row_filters VARCHAR, tables VARCHAR)"
+            )
+            con.execute(
+                f"INSERT INTO ext.{METADATA_TABLE} VALUES "
+                "($pid, $v, $sites, $built, $on, $purpose, $jur, $end, $filters, $tables)",
+                {
+                    "pid": project.id,
+                    "v": version,
+                    "sites": sites,
+                    "built": dt.datetime.now(dt.UTC),
+                    "on": on,
+                    "purpose": str(project.purpose),
+                    "jur": project.jurisdiction,
+                    "end": project.end_date,
+                    "filters": project.row_filters.model_dump_json(),
+                    "tables": json.dumps(table_meta),
+                },
+            )
+            con.execute("DETACH ext")  # checkpoints and closes the new file
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return final
+    finally:
+        _remove(tmp)
+
+
+def build_all(
+    settings: Settings, registry: Registry, on: dt.date | None = None
+) -> list[BuildOutcome]:
+    """Build every project's extract; remove extracts of inactive or undeclared projects.
+
+    One project's problem does not stop the others: each outcome says what happened.
+    """
+    outcomes: list[BuildOutcome] = []
+    for project_id in sorted(registry.projects):
+        try:
+            path = build_extract(settings, registry, project_id, on)
+            outcomes.append(BuildOutcome(project_id, path, removed=path is None))
+        except (ExtractError, duckdb.Error, OSError) as exc:
+            outcomes.append(BuildOutcome(project_id, None, error=str(exc)))
+    assert settings.extracts_dir is not None
+    if settings.extracts_dir.exists():
+        for p in sorted(settings.extracts_dir.glob(f"*{EXTRACT_SUFFIX}")):
+            if p.stem not in registry.projects:
+                _remove(p)
+                outcomes.append(BuildOutcome(p.stem, None, removed=True))
+    return outcomes
+
+
+def extract_info(settings: Settings, project_id: str) -> dict:
+    """The ``_extract`` metadata and table sizes of an existing extract (opened read-only)."""
+    path = extract_path(settings, project_id)
+    if not path.exists():
+        raise ExtractError(f"project {project_id!r} has no extract at {path}")
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        cur = con.execute(f"SELECT * FROM {METADATA_TABLE}")
+        row = cur.fetchall()[0]
+        cols = [d[0] for d in cur.description]
+    finally:
+        con.close()
+    info = dict(zip(cols, row, strict=True))
+    info["tables"] = json.loads(info["tables"])
+    info["row_filters"] = json.loads(info["row_filters"])
+    info["path"] = str(path)
+    info["size_bytes"] = path.stat().st_size
+    info["mode"] = oct(path.stat().st_mode & 0o777)
+    return info

@@ -1,0 +1,481 @@
+"""Login for the TRE hub: who may log in, and which hub groups they get.
+
+Two authenticators share one rule, checked against the TRE registry (``policies/``):
+a person may log in only while they are a member of an *active* project, an output checker
+or an admin. Their hub groups follow from the registry:
+
+- ``project-<id>`` for every active project they are a member of,
+- ``output-checkers`` if they are listed in ``policies/staff.yaml`` as an output checker,
+- ``tre-admins`` (and hub admin rights) if they are listed there as an admin.
+
+``TREOIDCAuthenticator`` (production) additionally requires the identity provider to agree:
+a project group is granted only when the IdP also puts the user in ``tre-project-<id>`` (or a
+group mapped to it), and likewise for the checker and admin roles. ``TRELocalAuthenticator``
+(the embedded default) checks a password against a scrypt hash in a file under the state dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyterhub.auth import Authenticator
+from oauthenticator.generic import GenericOAuthenticator
+from tornado import web
+from traitlets import Bool, Dict, TraitError, Unicode, default, validate
+
+from tre.registry import USERNAME, Registry, load_registry
+
+PROJECT_GROUP_PREFIX = "project-"
+CHECKERS_GROUP = "output-checkers"
+ADMINS_GROUP = "tre-admins"
+
+
+# --------------------------------------------------------------------------------------------
+# The registry rule shared by both authenticators
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """What the registry (optionally narrowed by the identity provider) grants one person."""
+
+    username: str
+    projects: frozenset[str] = field(default_factory=frozenset)
+    checker: bool = False
+    admin: bool = False
+
+    @property
+    def registered(self) -> bool:
+        return bool(self.projects) or self.checker or self.admin
+
+    def hub_groups(self) -> list[str]:
+        groups = {PROJECT_GROUP_PREFIX + p for p in self.projects}
+        if self.checker:
+            groups.add(CHECKERS_GROUP)
+        if self.admin:
+            groups.add(ADMINS_GROUP)
+        return sorted(groups)
+
+    def narrowed_to(self, projects: Iterable[str], checker: bool, admin: bool) -> Access:
+        """Only what both the registry and the identity provider grant."""
+        return Access(
+            username=self.username,
+            projects=self.projects & frozenset(projects),
+            checker=self.checker and checker,
+            admin=self.admin and admin,
+        )
+
+
+def registry_access(registry: Registry, username: str, on: dt.date | None = None) -> Access:
+    """What the registry grants ``username`` today (or ``on``)."""
+    return Access(
+        username=username,
+        projects=frozenset(p.id for p in registry.projects_of(username, on)),
+        checker=username in registry.staff.output_checkers,
+        admin=username in registry.staff.admins,
+    )
+
+
+def refusal_message(username: str) -> str:
+    return (
+        f"{username!r} is not registered in this trusted research environment: only members of "
+        "an active project, output checkers and administrators may log in. If you were recently "
+        "approved, ask the TRE administrators to add you to the project declaration."
+    )
+
+
+def _default_policies_dir() -> str:
+    from tre.settings import get_settings
+
+    return str(get_settings().policies_dir)
+
+
+def _default_state_dir() -> Path:
+    from tre.settings import get_settings
+
+    return get_settings().state_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Password file (local demo accounts)
+# --------------------------------------------------------------------------------------------
+
+# scrypt parameters: N=2**15, r=8 costs 32 MiB and ~0.1 s per check on the demo machine, enough to
+# make offline guessing expensive without making login slow. Stored per hash, so they can grow.
+SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+_SCRYPT_MAXMEM = 128 * 1024 * 1024
+
+
+class PasswordError(ValueError):
+    """A password or user name that may not be stored; nothing was changed."""
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=32
+    )
+    b64 = base64.b64encode
+    return f"scrypt${n}${r}${p}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = base64.b64decode(digest)
+        actual = hashlib.scrypt(
+            password.encode("utf-8"),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=_SCRYPT_MAXMEM,
+            dklen=len(expected),
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+# A hash of a random password, checked when the user is unknown so that a wrong name costs the
+# same time as a wrong password (no user enumeration by timing).
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+class PasswordFile:
+    """Local accounts: ``{"users": {name: scrypt-hash}}`` in a 0600 JSON file.
+
+    Writes take an exclusive lock and replace the file atomically, so a crash leaves either the
+    old or the new file, never a torn one.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PasswordError(f"{self.path}: not a valid password file: {exc}") from exc
+        users = data.get("users") if isinstance(data, dict) else None
+        if not isinstance(users, dict):
+            raise PasswordError(f"{self.path}: not a valid password file (no 'users' mapping)")
+        return {str(k): str(v) for k, v in users.items()}
+
+    def usernames(self) -> list[str]:
+        return sorted(self._read())
+
+    def verify(self, username: str, password: str) -> bool:
+        """True only for a known user with the right, non-empty password."""
+        try:
+            stored = self._read().get(username)
+        except PasswordError:
+            stored = None
+        if not password or stored is None:
+            verify_password(password or "x", _DUMMY_HASH)  # same cost either way
+            return False
+        return verify_password(password, stored)
+
+    def _write(self, users: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=".users-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump({"users": dict(sorted(users.items()))}, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _locked(self) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return lock
+
+    def set_password(self, username: str, password: str, *, min_length: int = 12) -> None:
+        if not re.fullmatch(USERNAME, username):
+            raise PasswordError(
+                f"{username!r} is not a valid user name (lower-case letters, digits, '.', '_', '-')"
+            )
+        if len(password) < min_length:
+            raise PasswordError(f"the password must have at least {min_length} characters")
+        new_hash = hash_password(password)
+        with self._locked():
+            users = self._read()
+            users[username] = new_hash
+            self._write(users)
+
+    def remove(self, username: str) -> bool:
+        with self._locked():
+            users = self._read()
+            if users.pop(username, None) is None:
+                return False
+            self._write(users)
+            return True
+
+
+def generate_password() -> str:
+    """A random password for a demo account (about 96 bits)."""
+    return secrets.token_urlsafe(12)
+
+
+# --------------------------------------------------------------------------------------------
+# Authenticators
+# --------------------------------------------------------------------------------------------
+
+
+class _RegistryMixin:
+    """Registry loading and the refusal rule; used by both authenticators."""
+
+    log: Any
+    policies_dir: str
+
+    def load_registry(self) -> Registry:
+        # Loaded per login: the declarations are small, and a closed project takes effect at once.
+        return load_registry(Path(self.policies_dir))
+
+    def refuse_unregistered(self, access: Access) -> None:
+        if not access.registered:
+            self.log.warning("Login refused: %r is not registered in the TRE", access.username)
+            raise web.HTTPError(403, refusal_message(access.username))
+
+
+class TRELocalAuthenticator(_RegistryMixin, Authenticator):
+    """Local accounts with scrypt-hashed passwords (the embedded default, for demos).
+
+    Accounts are created with ``tre hub add-user NAME`` (or by the demo, which prints the
+    generated passwords). A correct password is necessary but not sufficient: the user must also
+    be registered in ``policies/``.
+    """
+
+    password_file = Unicode(
+        config=True,
+        help="JSON file of scrypt password hashes (default: <state_dir>/secrets/hub-users.json).",
+    )
+    policies_dir = Unicode(
+        config=True, help="Directory of the TRE registry (sites, projects, staff.yaml)."
+    )
+    manage_groups = Bool(
+        True, config=True, help="Hub groups follow the registry (always on in the TRE)."
+    )
+    allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
+
+    @default("password_file")
+    def _default_password_file(self) -> str:
+        return str(_default_state_dir() / "secrets" / "hub-users.json")
+
+    @default("policies_dir")
+    def _default_policies_dir(self) -> str:
+        return _default_policies_dir()
+
+    @validate("allow_all")
+    def _no_allow_all(self, proposal: Any) -> bool:
+        if proposal["value"]:
+            raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
+        return False
+
+    @validate("manage_groups")
+    def _always_manage_groups(self, proposal: Any) -> bool:
+        if not proposal["value"]:
+            raise TraitError("manage_groups must be True in the TRE: groups follow the registry")
+        return True
+
+    async def authenticate(self, handler: Any, data: dict) -> dict | None:
+        username = self.normalize_username((data or {}).get("username") or "")
+        password = (data or {}).get("password") or ""
+        if not username or not password:
+            return None
+        if not PasswordFile(self.password_file).verify(username, password):
+            return None
+        access = registry_access(self.load_registry(), username)
+        self.refuse_unregistered(access)
+        return {"name": username, "groups": access.hub_groups(), "admin": access.admin}
+
+    async def check_allowed(self, username: str, authentication: dict | None = None) -> bool:
+        access = registry_access(self.load_registry(), username)
+        self.refuse_unregistered(access)
+        return True
+
+    async def refresh_user(self, user: Any, handler: Any = None) -> bool | dict:
+        """Re-read the registry: a removed member is logged out, groups follow changes."""
+        access = registry_access(self.load_registry(), user.name)
+        if not access.registered:
+            return False
+        return {"name": user.name, "groups": access.hub_groups(), "admin": access.admin}
+
+
+class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
+    """OpenID Connect login, with the identity provider's groups checked against the registry.
+
+    The IdP must put the user in ``<project_group_prefix><project-id>`` (or a group mapped to a
+    project with ``group_mapping``) *and* the registry must list them as a member of that active
+    project; the same two-key rule applies to the checker and admin roles. Anyone left with no
+    role is refused with a message saying so.
+    """
+
+    policies_dir = Unicode(
+        config=True, help="Directory of the TRE registry (sites, projects, staff.yaml)."
+    )
+    project_group_prefix = Unicode(
+        "tre-project-",
+        config=True,
+        help="IdP groups named <prefix><project-id> grant membership of that project.",
+    )
+    checkers_idp_group = Unicode(
+        "tre-output-checkers", config=True, help="IdP group of the output checkers."
+    )
+    admins_idp_group = Unicode("tre-admins", config=True, help="IdP group of the TRE admins.")
+    group_mapping = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        config=True,
+        help=(
+            "Extra IdP group names and what they grant: 'project:<id>', 'checker' or 'admin'. "
+            "For identity providers whose group names cannot follow the prefix convention."
+        ),
+    )
+    require_idp_groups = Bool(
+        True,
+        config=True,
+        help=(
+            "Grant a role only if the IdP groups also grant it. Turn off only for an IdP that "
+            "sends no group claim; the registry then decides alone."
+        ),
+    )
+    idp_groups_key = Unicode(
+        "oauth_user.groups",
+        config=True,
+        help="Dotted path of the IdP's group list in the auth state (userinfo by default).",
+    )
+    manage_groups = Bool(
+        True, config=True, help="Hub groups follow the registry (always on in the TRE)."
+    )
+    allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
+
+    @default("policies_dir")
+    def _default_policies_dir(self) -> str:
+        return _default_policies_dir()
+
+    @default("login_service")
+    def _default_login_service(self) -> str:
+        return "institutional login"
+
+    @default("scope")
+    def _default_scope(self) -> list[str]:
+        return ["openid", "profile", "groups"]
+
+    @default("username_claim")
+    def _default_username_claim(self) -> str:
+        return "preferred_username"
+
+    @validate("allow_all")
+    def _no_allow_all(self, proposal: Any) -> bool:
+        if proposal["value"]:
+            raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
+        return False
+
+    @validate("manage_groups")
+    def _always_manage_groups(self, proposal: Any) -> bool:
+        if not proposal["value"]:
+            raise TraitError("manage_groups must be True in the TRE: groups follow the registry")
+        return True
+
+    @validate("group_mapping")
+    def _check_mapping(self, proposal: Any) -> dict[str, str]:
+        for idp_group, grant in proposal["value"].items():
+            if grant not in {"checker", "admin"} and not re.fullmatch(
+                r"project:[a-z][a-z0-9-]{1,38}[a-z0-9]", grant
+            ):
+                raise TraitError(
+                    f"group_mapping[{idp_group!r}] = {grant!r}: "
+                    "expected 'project:<id>', 'checker' or 'admin'"
+                )
+        return proposal["value"]
+
+    def idp_grants(self, idp_groups: Iterable[str]) -> tuple[set[str], bool, bool]:
+        """(projects, checker, admin) that the IdP's groups grant."""
+        projects: set[str] = set()
+        checker = admin = False
+        for group in idp_groups:
+            grant = self.group_mapping.get(group)
+            if grant is None and group.startswith(self.project_group_prefix):
+                grant = "project:" + group[len(self.project_group_prefix) :]
+            if grant is None and group == self.checkers_idp_group:
+                grant = "checker"
+            if grant is None and group == self.admins_idp_group:
+                grant = "admin"
+            if grant == "checker":
+                checker = True
+            elif grant == "admin":
+                admin = True
+            elif grant is not None:
+                projects.add(grant.split(":", 1)[1])
+        return projects, checker, admin
+
+    def raw_idp_groups(self, auth_state: dict) -> list[str]:
+        node: Any = auth_state
+        for key in self.idp_groups_key.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, str):
+            return [node]
+        if not isinstance(node, list):
+            return []
+        return [str(g) for g in node]
+
+    async def update_auth_model(self, auth_model: dict) -> dict:
+        auth_model = await super().update_auth_model(auth_model)
+        access = registry_access(self.load_registry(), auth_model["name"])
+        if self.require_idp_groups:
+            idp_groups = self.raw_idp_groups(auth_model.get("auth_state") or {})
+            access = access.narrowed_to(*self.idp_grants(idp_groups))
+        auth_model["auth_state"]["tre_groups"] = access.hub_groups()
+        auth_model["admin"] = access.admin
+        return auth_model
+
+    async def get_user_groups(self, auth_state: dict) -> set[str]:
+        # Hub groups are the registry-checked TRE groups, never the raw IdP groups.
+        return set(auth_state.get("tre_groups", []))
+
+    async def check_allowed(self, username: str, auth_model: dict | None) -> bool:
+        if auth_model is None:  # JupyterHub < 5 calls this without a model for existing users
+            return True
+        groups = auth_model.get("auth_state", {}).get("tre_groups", [])
+        if not groups:
+            self.refuse_unregistered(Access(username=username))
+        return True
+
+    async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> bool | dict:
+        refreshed = await super().refresh_user(user, handler, **kwargs)
+        if isinstance(refreshed, dict):
+            return refreshed if refreshed["auth_state"].get("tre_groups") else False
+        if refreshed is True:
+            # no auth state to re-ask the IdP: at least re-check the registry
+            access = registry_access(self.load_registry(), user.name)
+            if not access.registered:
+                return False
+            current = {g.name for g in user.groups}
+            return {"name": user.name, "groups": sorted(current & set(access.hub_groups()))}
+        return refreshed

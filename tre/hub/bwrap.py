@@ -1,0 +1,427 @@
+"""BubblewrapSpawner: each (user, project) server in its own bubblewrap sandbox, no Docker.
+
+What a sandbox is (the embedded default of the TRE):
+
+- its own network namespace with only loopback; the single-user server listens on a unix socket
+  (``/run/tre/server/jupyter.sock`` inside) that configurable-http-proxy routes to, and it
+  reaches the hub and the airlock only through their unix sockets bind-mounted in;
+- its own pid, ipc, uts (and, bwrap being run unprivileged, user) namespaces, a new session,
+  every capability dropped, and no way to gain privileges (bwrap sets no_new_privs);
+- a root filesystem built from nothing: read-only ``/usr`` and a few files of ``/etc``, the
+  read-only sandbox Python environment, the project's extract read-only at
+  ``/data/<project>.duckdb``, the project workspace writable at ``/home/jovyan/work``, a private
+  ``/tmp``. Nothing else of the host: no other extract or workspace, no state dir, no /root,
+  no hub database, no secrets;
+- an unprivileged host uid (``sandbox_user``, default ``tre-sandbox``) and resource limits
+  (address space, processes, file size, open files) set before bwrap starts;
+- ``--die-with-parent`` on bwrap's monitor process, which is itself in its own session: stopping
+  kills the monitor, which kills the sandbox's pid 1 and with it every process in the pid
+  namespace; a hub restart leaves the monitor running, and the state (pid, pid namespace, socket
+  path) lets the restarted hub find and route to it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import resource
+import shutil
+import signal
+from pathlib import Path
+from subprocess import Popen
+from urllib.parse import quote
+
+from jupyterhub.spawner import LocalProcessSpawner, Spawner
+from tornado import web
+from traitlets import Integer, List, Unicode, default
+
+from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
+from tre.registry import RegistryError, load_registry
+
+SANDBOX_HOME = "/home/jovyan"
+SANDBOX_WORK = f"{SANDBOX_HOME}/work"
+SANDBOX_RUN = "/run/tre"
+SANDBOX_SERVER_SOCKET = f"{SANDBOX_RUN}/server/jupyter.sock"
+SANDBOX_HUB_SOCKET = f"{SANDBOX_RUN}/hub/hub.sock"
+SANDBOX_AIRLOCK_SOCKET = f"{SANDBOX_RUN}/airlock/airlock.sock"
+# jupyter_server refuses --sock together with a non-default port; the port is never bound.
+SERVER_PORT = 8888
+MiB = 1024 * 1024
+
+
+def unix_url(path: str | Path) -> str:
+    """``http+unix://`` URL of a socket (path percent-encoded, as the hub and proxy expect)."""
+    return "http+unix://" + quote(str(path), safe="")
+
+
+class BubblewrapSpawner(LocalProcessSpawner):
+    """Run each single-user server inside a bubblewrap sandbox (see the module docstring)."""
+
+    bwrap_path = Unicode("/usr/bin/bwrap", config=True, help="Path of the bubblewrap executable.")
+    sandbox_user = Unicode(
+        "tre-sandbox",
+        config=True,
+        help="Unprivileged host user every sandbox runs as (create it with useradd --system).",
+    )
+    sandbox_env_dir = Unicode(
+        config=True,
+        help="Python environment (built by `tre hub build-sandbox-env`) bind-mounted read-only "
+        "at its own path; its bin/jupyterhub-singleuser is the server command.",
+    )
+    runtime_dir = Unicode(
+        config=True,
+        help="Host directory of unix sockets: hub/hub.sock, airlock/airlock.sock and "
+        "sandboxes/<user>.<project>/jupyter.sock.",
+    )
+    policies_dir = Unicode(config=True, help="TRE policies directory (the project registry).")
+    extracts_dir = Unicode(config=True, help="Directory of per-project extracts.")
+    workspaces_dir = Unicode(config=True, help="Directory of per-project workspaces.")
+    system_ro_binds = List(
+        Unicode(),
+        default_value=[
+            "/usr",
+            "/etc/alternatives",
+            "/etc/ld.so.cache",
+            "/etc/ld.so.conf",
+            "/etc/ld.so.conf.d",
+            "/etc/localtime",
+            "/etc/fonts",
+            "/etc/mime.types",
+        ],
+        config=True,
+        help="Host paths mounted read-only at the same place (missing ones are skipped).",
+    )
+    memory_limit_mb = Integer(
+        4096, config=True, help="Address-space limit (RLIMIT_AS) of each sandbox process, MiB."
+    )
+    max_processes = Integer(
+        2048,
+        config=True,
+        help="RLIMIT_NPROC of the sandbox user: processes of that uid over all sandboxes.",
+    )
+    max_file_size_mb = Integer(
+        2048, config=True, help="Largest file a sandbox process may write (RLIMIT_FSIZE), MiB."
+    )
+    max_open_files = Integer(1024, config=True, help="RLIMIT_NOFILE of sandbox processes.")
+    tmp_size_mb = Integer(1024, config=True, help="Size of the sandbox's private /tmp, MiB.")
+    pidns = Integer(0, help="Inode of the sandbox's pid namespace (to find every process).")
+
+    @default("cmd")
+    def _default_cmd(self) -> list[str]:
+        return [str(Path(self.sandbox_env_dir) / "bin" / "jupyterhub-singleuser")]
+
+    @default("env_keep")
+    def _default_env_keep(self) -> list[str]:
+        # Nothing of the hub's environment leaks into a sandbox (no PATH into /root, no secrets).
+        return ["LANG", "LC_ALL"]
+
+    # -- paths ------------------------------------------------------------------------------
+
+    @property
+    def sandbox_key(self) -> str:
+        # user names match [a-z0-9._-] and project ids [a-z0-9-]: "." cannot occur in a project
+        # id, so "<user>.<project>" is unambiguous.
+        return f"{self.user.name}.{self.name}"
+
+    @property
+    def host_socket_dir(self) -> Path:
+        return Path(self.runtime_dir) / "sandboxes" / self.sandbox_key
+
+    @property
+    def host_socket_path(self) -> Path:
+        return self.host_socket_dir / "jupyter.sock"
+
+    @property
+    def server_url(self) -> str:
+        return unix_url(self.host_socket_path)
+
+    # -- the hub forgets connect_url on restart: derive it from our own state ---------------
+
+    @property
+    def server(self):  # noqa: ANN201 - same type as Spawner.server
+        server = Spawner.server.fget(self)
+        if server is not None and self.pid and not server.connect_url:
+            server.connect_url = self.server_url
+        return server
+
+    @server.setter
+    def server(self, server) -> None:  # noqa: ANN001
+        Spawner.server.fset(self, server)
+
+    # -- state -------------------------------------------------------------------------------
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.pidns = int(state.get("pidns", 0))
+
+    def get_state(self) -> dict:
+        state = super().get_state()
+        if self.pid:
+            state["pidns"] = self.pidns
+            state["socket"] = str(self.host_socket_path)
+        return state
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.pidns = 0
+
+    # -- environment and command -------------------------------------------------------------
+
+    def user_env(self, env: dict) -> dict:
+        env["USER"] = "jovyan"
+        env["HOME"] = SANDBOX_HOME
+        env["SHELL"] = "/bin/bash"
+        return env
+
+    def get_env(self) -> dict:
+        env = super().get_env()
+        # The hub is reached through its socket mounted in the sandbox, whatever its host path.
+        hub_api = self.hub.api_url
+        inside_api = unix_url(SANDBOX_HUB_SOCKET) + "/hub/api"
+        for key, value in list(env.items()):
+            if isinstance(value, str) and value.startswith(hub_api):
+                env[key] = inside_api + value[len(hub_api) :]
+        env_bin = str(Path(self.sandbox_env_dir) / "bin")
+        env.update(
+            PATH=f"{env_bin}:/usr/local/bin:/usr/bin:/bin",
+            VIRTUAL_ENV=str(self.sandbox_env_dir),
+            TRE_PROJECT=self.name,
+            TRE_EXTRACT=f"/data/{self.name}.duckdb",
+            TRE_WORKSPACE=SANDBOX_WORK,
+            TRE_AIRLOCK_SOCKET=SANDBOX_AIRLOCK_SOCKET,
+            TRE_AIRLOCK_URL=unix_url(SANDBOX_AIRLOCK_SOCKET),
+            # No package index: the sandbox has no network, and pip/uv must not even try.
+            PIP_NO_INDEX="1",
+            PIP_DISABLE_PIP_VERSION_CHECK="1",
+            UV_OFFLINE="1",
+            MPLCONFIGDIR="/tmp/matplotlib",  # noqa: S108 - the sandbox's private /tmp
+            JUPYTER_CONFIG_DIR=f"{SANDBOX_HOME}/.jupyter",
+            PYTHONNOUSERSITE="1",
+        )
+        return env
+
+    def get_args(self) -> list[str]:
+        args = super().get_args()
+        return args + [
+            f"--ServerApp.sock={SANDBOX_SERVER_SOCKET}",
+            "--ServerApp.sock_mode=0600",
+            f"--ServerApp.root_dir={SANDBOX_WORK}",
+            "--ServerApp.open_browser=False",
+        ]
+
+    def bwrap_args(self, extract: Path, workspace: Path) -> list[str]:
+        """The bubblewrap command line (without the command run inside)."""
+        runtime = Path(self.runtime_dir)
+        args = [
+            self.bwrap_path,
+            "--unshare-all",  # user, ipc, pid, net, uts, cgroup namespaces
+            "--die-with-parent",
+            "--new-session",
+            "--cap-drop",
+            "ALL",
+            "--hostname",
+            "sandbox",
+        ]
+        for path in self.system_ro_binds:
+            if os.path.exists(path):
+                args += ["--ro-bind", path, path]
+        args += [
+            "--symlink", "usr/bin", "/bin",
+            "--symlink", "usr/sbin", "/sbin",
+            "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64",
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", str(self.tmp_size_mb * MiB), "--tmpfs", "/tmp",  # noqa: S108 - private
+            "--ro-bind", str(self.sandbox_env_dir), str(self.sandbox_env_dir),
+            "--ro-bind", str(runtime / "etc" / "passwd"), "/etc/passwd",
+            "--ro-bind", str(runtime / "etc" / "group"), "/etc/group",
+            "--ro-bind", str(extract), f"/data/{self.name}.duckdb",
+            "--tmpfs", SANDBOX_HOME,
+            "--bind", str(workspace), SANDBOX_WORK,
+            "--bind", str(self.host_socket_dir), f"{SANDBOX_RUN}/server",
+            "--ro-bind", str(runtime / "hub"), f"{SANDBOX_RUN}/hub",
+            "--ro-bind", str(runtime / "airlock"), f"{SANDBOX_RUN}/airlock",
+            "--chdir", SANDBOX_WORK,
+            # everything not mounted writable above is read-only, the new root included
+            "--remount-ro", "/",
+        ]  # fmt: skip
+        return args
+
+    # -- preparation (as root, before dropping to the sandbox user) ---------------------------
+
+    def _sandbox_ids(self) -> tuple[int, int]:
+        try:
+            entry = pwd.getpwnam(self.sandbox_user)
+        except KeyError:
+            raise web.HTTPError(
+                500,
+                f"The sandbox user {self.sandbox_user!r} does not exist; as root run: "
+                f"useradd --system --no-create-home --shell /usr/sbin/nologin {self.sandbox_user}",
+            ) from None
+        if entry.pw_uid == 0:
+            raise web.HTTPError(500, "The sandbox user must not be root.")
+        return entry.pw_uid, entry.pw_gid
+
+    def _prepare_host_dirs(self, uid: int, gid: int, workspace: Path) -> None:
+        runtime = Path(self.runtime_dir)
+        for sub in ("hub", "airlock", "sandboxes", "etc"):
+            (runtime / sub).mkdir(parents=True, exist_ok=True)
+        # The sandbox user must traverse these to bind-mount the sockets (bwrap resolves the
+        # paths with its credentials); it cannot list the per-sandbox socket directories.
+        os.chmod(runtime, 0o755)  # noqa: S103
+        for sub in ("hub", "airlock", "etc"):
+            os.chmod(runtime / sub, 0o755)  # noqa: S103
+        os.chmod(runtime / "sandboxes", 0o711)  # noqa: S103
+        (runtime / "etc" / "passwd").write_text(
+            f"root:x:0:0::/:/usr/sbin/nologin\njovyan:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/bash\n"
+            "nobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+        )
+        (runtime / "etc" / "group").write_text(f"root:x:0:\njovyan:x:{gid}:\n")
+        sock_dir = self.host_socket_dir
+        if sock_dir.exists():
+            shutil.rmtree(sock_dir)
+        sock_dir.mkdir(mode=0o700)
+        os.chown(sock_dir, uid, gid)
+        if len(str(self.host_socket_path).encode()) > 107:
+            raise web.HTTPError(
+                500,
+                f"Socket path too long (>107 bytes): {self.host_socket_path}; "
+                "set hub.runtime_dir to a shorter path.",
+            )
+        if not workspace.exists():
+            workspace.mkdir(parents=True, mode=0o770)
+            os.chown(workspace, uid, gid)
+
+    def make_preexec_fn(self, name: str):  # noqa: ANN201 - a callable for Popen
+        uid, gid = self._sandbox_ids()
+        limits = [
+            (resource.RLIMIT_AS, self.memory_limit_mb * MiB),
+            (resource.RLIMIT_NPROC, self.max_processes),
+            (resource.RLIMIT_FSIZE, self.max_file_size_mb * MiB),
+            (resource.RLIMIT_NOFILE, self.max_open_files),
+            (resource.RLIMIT_CORE, 0),
+        ]
+
+        def preexec() -> None:
+            for which, value in limits:
+                resource.setrlimit(which, (value, value))
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+
+        return preexec
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _check_project(self) -> Path:
+        try:
+            registry = load_registry(Path(self.policies_dir))
+        except RegistryError as exc:
+            raise web.HTTPError(500, f"The project registry is invalid: {exc}") from None
+        try:
+            check_can_start_project(registry, self.user.name, self.name, Path(self.extracts_dir))
+        except ProjectAccessDenied as exc:
+            raise web.HTTPError(exc.status, exc.message) from None
+        return extract_path(Path(self.extracts_dir), self.name)
+
+    async def start(self) -> str:
+        extract = self._check_project()
+        uid, gid = self._sandbox_ids()
+        workspace = Path(self.workspaces_dir) / self.name
+        self._prepare_host_dirs(uid, gid, workspace)
+        self.port = SERVER_PORT
+        env = self.get_env()
+        info_read, info_write = os.pipe()
+        cmd = self.bwrap_args(extract, workspace)
+        cmd += ["--info-fd", str(info_write), "--", *self.cmd, *self.get_args()]
+        self.log.info("Starting sandbox %s: %s", self.sandbox_key, " ".join(cmd))
+        try:
+            self.proc = Popen(
+                cmd,
+                env=env,
+                preexec_fn=self.make_preexec_fn(self.user.name),
+                start_new_session=True,
+                pass_fds=(info_write,),
+                cwd="/",
+            )
+        finally:
+            os.close(info_write)
+        self.pid = self.proc.pid
+        self.pidns = self._read_pidns(info_read)
+        if self.server is not None:
+            self.server.connect_url = self.server_url
+        return self.server_url
+
+    def _read_pidns(self, info_read: int) -> int:
+        """bwrap writes {"child-pid": N} once the sandbox runs; remember its pid namespace."""
+        with os.fdopen(info_read, "rb") as fh:
+            data = fh.read()
+        try:
+            child = int(json.loads(data)["child-pid"])
+            return os.stat(f"/proc/{child}/ns/pid").st_ino
+        except (ValueError, KeyError, OSError):
+            self.log.warning("Sandbox %s gave no usable info: %r", self.sandbox_key, data[:200])
+            return 0
+
+    def _is_our_bwrap(self) -> bool:
+        """The stored pid is still this sandbox's bwrap (not a recycled pid)."""
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return (
+            bool(cmdline)
+            and cmdline[0] == self.bwrap_path.encode()
+            and (str(self.host_socket_dir).encode() in cmdline)
+        )
+
+    async def poll(self) -> int | None:
+        if self.proc is None and self.pid and not self._is_our_bwrap():
+            self.clear_state()
+            return 0
+        return await super().poll()
+
+    def sandbox_pids(self) -> list[int]:
+        """Every process in this sandbox's pid namespace (seen from the host)."""
+        if not self.pidns:
+            return []
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}/ns/pid").st_ino == self.pidns:
+                        found.append(int(entry))
+                except OSError:
+                    continue
+        return found
+
+    async def _signal(self, sig: int) -> bool:
+        # Signal bwrap's whole process group (it leads its own session), not only bwrap.
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            os.kill(self.pid, sig)
+        return True
+
+    async def stop(self, now: bool = False) -> None:
+        pidns = self.pidns
+        await super().stop(now=True)
+        # bwrap's death kills the sandbox's pid 1 and so the namespace; make sure of it.
+        self.pidns = pidns
+        for _ in range(100):
+            left = self.sandbox_pids()
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            await asyncio.sleep(0.02)
+        self.pidns = 0
+        shutil.rmtree(self.host_socket_dir, ignore_errors=True)

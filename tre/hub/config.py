@@ -1,0 +1,255 @@
+"""Generate the JupyterHub configuration from the TRE's settings and project registry.
+
+``tre hub config`` writes ``<state_dir>/hub/jupyterhub_config.py``; ``tre hub run`` regenerates
+it and starts JupyterHub with it. The file is never edited by hand: change ``tre.yaml`` or the
+declarations under ``policies/`` and regenerate. Values are computed here (``hub_config``, a
+plain mapping that tests inspect) and written as ``c.<Class>.<trait> = <literal>`` lines;
+secrets are never written into it, only the paths of the files that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tre.hub.access import projects_for_home
+from tre.hub.bwrap import unix_url
+from tre.registry import Registry, load_registry
+from tre.settings import REPO_ROOT, Settings
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+SPAWNERS = {
+    "bubblewrap": "tre.hub.bwrap.BubblewrapSpawner",
+    "docker": "tre.hub.docker.TREDockerSpawner",
+}
+AUTHENTICATORS = {
+    "local": "tre.hub.auth.TRELocalAuthenticator",
+    "oidc": "tre.hub.auth.TREOIDCAuthenticator",
+}
+AIRLOCK_SERVICE = "airlock"
+CULLER_SERVICE = "idle-culler"
+# What a sandbox's own token (JUPYTERHUB_API_TOKEN) may do: report activity, be accessed as
+# its own server, and call the airlock service. Nothing else (no listing users, no admin).
+SERVER_TOKEN_SCOPES = [
+    "users:activity!user",
+    "access:servers!server",
+    f"access:services!service={AIRLOCK_SERVICE}",
+]
+
+
+def hub_dir(settings: Settings) -> Path:
+    return settings.state_dir / "hub"
+
+
+def hub_socket(settings: Settings) -> Path:
+    return settings.hub.runtime_dir / "hub" / "hub.sock"
+
+
+def airlock_socket(settings: Settings) -> Path:
+    return settings.hub.runtime_dir / "airlock" / "airlock.sock"
+
+
+def proxy_command() -> list[str]:
+    return [str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
+
+
+def _loopback_hub_api(settings: Settings) -> str:
+    """The hub API as TCP clients on this machine reach it: through the proxy on loopback.
+
+    The hub itself listens only on a unix socket (so that sandboxes, which have no network, can
+    reach it); clients that speak only TCP (the idle culler) go through the proxy."""
+    ip = settings.hub_ip if settings.hub_ip not in {"0.0.0.0", "", "::"} else "127.0.0.1"  # noqa: S104
+    return f"http://{ip}:{settings.hub_port}/hub/api"
+
+
+def users_of(registry: Registry) -> tuple[set[str], set[str]]:
+    """(allowed users, admin users) from the registry: project members, checkers and admins."""
+    members = {m for p in registry.projects.values() for m in p.member_names()}
+    staff = set(registry.staff.output_checkers) | set(registry.staff.admins)
+    return members | staff, set(registry.staff.admins)
+
+
+def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, Any]]:
+    """Every configured trait, by class name: the content of the generated config file."""
+    state = hub_dir(settings)
+    allowed, admins = users_of(registry)
+    hub_url = unix_url(hub_socket(settings))
+    services: list[dict[str, Any]] = [
+        {
+            "name": CULLER_SERVICE,
+            "command": [
+                sys.executable,
+                "-m",
+                "jupyterhub_idle_culler",
+                f"--timeout={settings.hub.idle_timeout_seconds}",
+                f"--cull-every={settings.hub.cull_interval_seconds}",
+                f"--url={_loopback_hub_api(settings)}",
+            ],
+        }
+    ]
+    airlock: dict[str, Any] = {"name": AIRLOCK_SERVICE}
+    if settings.hub.airlock_service != "none":
+        airlock.update(
+            url=f"http://127.0.0.1:{settings.airlock_port}", oauth_no_confirm=True, display=True
+        )
+    if settings.hub.airlock_service == "managed":
+        airlock["command"] = [
+            sys.executable,
+            "-m",
+            "airlock.cli",
+            "serve",
+            "--port",
+            str(settings.airlock_port),
+            "--uds",
+            str(airlock_socket(settings)),
+        ]
+        airlock["environment"] = {"TRE_CONFIG": str(state / "tre-settings.yaml")}
+    services.append(airlock)
+
+    config: dict[str, dict[str, Any]] = {
+        "JupyterHub": {
+            "bind_url": f"http://{settings.hub_ip}:{settings.hub_port}",
+            "hub_bind_url": hub_url,
+            "hub_connect_url": hub_url,
+            "hub_socket_mode": 0o666,
+            "db_url": settings.hub_db_url,
+            "cookie_secret_file": str(state / "jupyterhub_cookie_secret"),
+            "pid_file": str(state / "jupyterhub.pid"),
+            "spawner_class": SPAWNERS[settings.hub.spawner],
+            "authenticator_class": AUTHENTICATORS[settings.hub.authenticator],
+            "allow_named_servers": True,
+            "default_url": "/hub/home",
+            "template_paths": [str(TEMPLATES_DIR)],
+            # Sandboxes outlive a hub restart; the idle culler and users stop them.
+            "cleanup_servers": False,
+            "services": services,
+            "load_roles": [
+                {
+                    "name": "user",
+                    "scopes": ["self", f"access:services!service={AIRLOCK_SERVICE}"],
+                },
+                {
+                    "name": "tre-idle-culler",
+                    "scopes": [
+                        "list:users",
+                        "read:users:activity",
+                        "read:servers",
+                        "delete:servers",
+                    ],
+                    "services": [CULLER_SERVICE],
+                },
+                {
+                    "name": "tre-airlock",
+                    "scopes": ["read:users:name"],
+                    "services": [AIRLOCK_SERVICE],
+                },
+            ],
+        },
+        "ConfigurableHTTPProxy": {
+            "command": proxy_command(),
+            "api_url": f"http://127.0.0.1:{settings.hub.proxy_api_port}",
+        },
+        "Authenticator": {
+            "allowed_users": sorted(allowed),
+            "admin_users": sorted(admins),
+        },
+        "Spawner": {
+            "start_timeout": settings.hub.start_timeout_seconds,
+            "http_timeout": settings.hub.start_timeout_seconds,
+            "server_token_scopes": SERVER_TOKEN_SCOPES,
+            "default_url": "/lab",
+        },
+        "BubblewrapSpawner": {
+            "sandbox_user": settings.hub.sandbox_user,
+            "sandbox_env_dir": str(settings.hub.sandbox_env_dir),
+            "runtime_dir": str(settings.hub.runtime_dir),
+            "policies_dir": str(settings.policies_dir),
+            "extracts_dir": str(settings.extracts_dir),
+            "workspaces_dir": str(settings.workspaces_dir),
+            "memory_limit_mb": settings.hub.memory_limit_mb,
+            "max_processes": settings.hub.max_processes,
+            "max_file_size_mb": settings.hub.max_file_size_mb,
+            "max_open_files": settings.hub.max_open_files,
+        },
+    }
+    return config
+
+
+HEADER = '''"""JupyterHub configuration GENERATED by `tre hub config` from the TRE settings and the
+project registry. Do not edit: change tre.yaml or policies/ and regenerate."""
+# ruff: noqa
+from pathlib import Path
+
+from tre.hub.access import named_server_gate
+from tre.hub.config import home_projects
+
+c = get_config()  # noqa: F821 - provided by JupyterHub when it loads this file
+'''
+
+
+def render_config(settings: Settings, registry: Registry) -> str:
+    lines = [HEADER]
+    for cls, traits in hub_config(settings, registry).items():
+        for name, value in traits.items():
+            lines.append(f"c.{cls}.{name} = {value!r}")
+        lines.append("")
+    # Read at hub start from a file outside every sandbox, never written into this file.
+    token_file = hub_dir(settings) / "proxy_auth_token"
+    lines.append(f"c.ConfigurableHTTPProxy.auth_token = Path({str(token_file)!r}).read_text()")
+    lines.append(
+        "c.JupyterHub.template_vars = {'tre_projects': home_projects("
+        f"{str(settings.policies_dir)!r}, {str(settings.extracts_dir)!r})}}"
+    )
+    lines.append(
+        "c.JupyterHub.named_server_limit_per_user = named_server_gate("
+        f"{str(settings.policies_dir)!r}, {str(settings.extracts_dir)!r})"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def home_projects(policies_dir: str, extracts_dir: str):  # noqa: ANN201 - template callable
+    """A template variable: JupyterHub calls it with the current user for each page."""
+
+    def for_user(user: Any) -> list:
+        if user is None:
+            return []
+        return projects_for_home(Path(policies_dir), Path(extracts_dir), user.name)
+
+    return for_user
+
+
+def _secret_file(path: Path, nbytes: int = 32) -> None:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(nbytes))
+
+
+def write_config(settings: Settings, path: Path | None = None) -> Path:
+    """Validate the registry, write the hub config (and the settings snapshot the hub's
+    services read), create the secrets it refers to; return the config path.
+
+    Raises RegistryError (and writes nothing) when a declaration is invalid."""
+    registry = load_registry(settings.policies_dir)
+    state = hub_dir(settings)
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    _secret_file(state / "proxy_auth_token")
+    text = render_config(settings, registry)
+    target = path or state / "jupyterhub_config.py"
+    snapshot = state / "tre-settings.yaml"
+    tmp_snapshot = snapshot.with_suffix(".tmp")
+    tmp_snapshot.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    os.replace(tmp_snapshot, snapshot)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    for sub in ("hub", "airlock", "sandboxes"):
+        (settings.hub.runtime_dir / sub).mkdir(parents=True, exist_ok=True)
+    return target

@@ -1,0 +1,230 @@
+"""Run a real JupyterHub (generated config, real proxy, real sandboxes) in a directory of its own.
+
+Used by the tests, the benchmark and the demo: ``HubInstance.start()`` writes the config with
+``tre.hub.config.write_config`` for the given settings, appends the caller's extra lines (tests
+add an admin service token and a test authenticator there), starts ``jupyterhub`` as a child
+process and waits until the hub answers through the proxy. ``Kernel`` runs code in a live
+sandbox kernel through the proxy (REST + websocket), as a browser would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tre.hub.config import write_config
+from tre.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class HubInstance:
+    settings: Settings
+    extra_config: str = ""
+    admin_token: str = field(default_factory=lambda: secrets.token_hex(24))
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.hub_port}"
+
+    def write(self) -> Path:
+        path = write_config(self.settings)
+        admin = (
+            "\n# -- added by tre.hub.harness (tests/benchmarks only) --\n"
+            "c.JupyterHub.services.append({'name': 'tre-harness-admin', "
+            f"'api_token': {self.admin_token!r}}})\n"
+            "c.JupyterHub.load_roles.append({'name': 'tre-harness-admin', "
+            "'scopes': ['admin:users', "
+            "'admin:servers', 'tokens', 'admin-ui', 'list:users', 'read:users', "
+            "'access:servers', 'read:servers', 'delete:servers', 'servers', "
+            "'admin:server_state'], "
+            "'services': ['tre-harness-admin']})\n"
+        )
+        with path.open("a") as fh:
+            fh.write(admin + self.extra_config + "\n")
+        return path
+
+    def start(self, timeout: float = 60) -> HubInstance:
+        path = self.write()
+        hub_dir = path.parent
+        self.log_path = hub_dir / "jupyterhub.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRE_", "JUPYTERHUB_"))}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jupyterhub", "-f", str(path)],
+                cwd=hub_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the hub exited ({self.proc.returncode}):\n{self.log()}")
+            try:
+                r = httpx.get(f"{self.url}/hub/api/", timeout=2)
+                if r.status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the hub did not answer in {timeout}s:\n{self.log()}")
+
+    def log(self, tail: int = 6000) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[-tail:]
+        return ""
+
+    def stop(self) -> None:
+        """Stop the hub (and its proxy); sandboxes keep running (cleanup_servers is False)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    # -- REST API -----------------------------------------------------------------------------
+
+    def api(
+        self, method: str, path: str, token: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        headers = {"Authorization": f"token {token or self.admin_token}"}
+        return httpx.request(
+            method, f"{self.url}/hub/api{path}", headers=headers, timeout=60, **kwargs
+        )
+
+    def create_user(self, name: str) -> None:
+        r = self.api("POST", f"/users/{name}")
+        if r.status_code not in (201, 409):
+            raise RuntimeError(f"creating {name}: {r.status_code} {r.text}")
+
+    def user_token(self, name: str) -> str:
+        r = self.api("POST", f"/users/{name}/tokens", json={"note": "harness"})
+        r.raise_for_status()
+        return r.json()["token"]
+
+    def start_server(self, user: str, project: str, timeout: float = 90) -> httpx.Response:
+        """Start (user, project) and wait until it is ready; return the POST response."""
+        r = self.api("POST", f"/users/{user}/servers/{project}")
+        if r.status_code >= 400:
+            return r
+        self.wait_ready(user, project, timeout)
+        return r
+
+    def wait_ready(self, user: str, project: str, timeout: float = 90) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            model = self.api("GET", f"/users/{user}/servers/{project}")
+            if model.status_code == 200:
+                data = model.json()
+                if data.get("ready"):
+                    return data
+                if not data.get("pending") and not data.get("ready") and data.get("stopped"):
+                    raise RuntimeError(f"{user}/{project} stopped while starting:\n{self.log()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{user}/{project} not ready after {timeout}s:\n{self.log()}")
+
+    def stop_server(self, user: str, project: str, timeout: float = 30) -> None:
+        r = self.api("DELETE", f"/users/{user}/servers/{project}")
+        if r.status_code not in (202, 204, 404):
+            raise RuntimeError(f"stopping {user}/{project}: {r.status_code} {r.text}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            model = self.api("GET", f"/users/{user}/servers/{project}")
+            if model.status_code == 404 or not model.json().get("pending"):
+                return
+            time.sleep(0.1)
+
+
+class Kernel:
+    """A kernel in a live sandbox, driven through the proxy like JupyterLab drives it."""
+
+    def __init__(self, hub: HubInstance, user: str, project: str, token: str) -> None:
+        self.base = f"{hub.url}/user/{user}/{project}"
+        self.token = token
+        self.headers = {"Authorization": f"token {token}"}
+        r = httpx.post(
+            f"{self.base}/api/kernels", headers=self.headers, json={"name": "python3"}, timeout=60
+        )
+        r.raise_for_status()
+        self.kernel_id = r.json()["id"]
+
+    def run(self, code: str, timeout: float = 60) -> dict[str, Any]:
+        """Execute ``code``; return {"stdout", "stderr", "error", "result"}."""
+        return asyncio.run(self._run(code, timeout))
+
+    async def _run(self, code: str, timeout: float) -> dict[str, Any]:
+        from tornado.httpclient import HTTPRequest
+        from tornado.websocket import websocket_connect
+
+        ws_url = self.base.replace("http://", "ws://") + f"/api/kernels/{self.kernel_id}/channels"
+        conn = await websocket_connect(HTTPRequest(ws_url, headers=self.headers))
+        msg_id = uuid.uuid4().hex
+        conn.write_message(
+            json.dumps(
+                {
+                    "header": {
+                        "msg_id": msg_id,
+                        "username": "harness",
+                        "session": uuid.uuid4().hex,
+                        "msg_type": "execute_request",
+                        "version": "5.3",
+                    },
+                    "parent_header": {},
+                    "metadata": {},
+                    "content": {"code": code, "silent": False, "allow_stdin": False},
+                    "channel": "shell",
+                }
+            )
+        )
+        out: dict[str, Any] = {"stdout": "", "stderr": "", "error": None, "result": None}
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no answer from the kernel in {timeout}s: {out}")
+                raw = await asyncio.wait_for(conn.read_message(), remaining)
+                if raw is None:
+                    raise RuntimeError(f"kernel websocket closed: {out}")
+                msg = json.loads(raw)
+                if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                    continue
+                kind, content = msg["msg_type"], msg["content"]
+                if kind == "stream":
+                    out[content["name"]] += content["text"]
+                elif kind == "execute_result":
+                    out["result"] = content["data"].get("text/plain")
+                elif kind == "error":
+                    out["error"] = f"{content['ename']}: {content['evalue']}"
+                elif kind == "status" and content["execution_state"] == "idle":
+                    return out
+        finally:
+            conn.close()
+
+    def shutdown(self) -> None:
+        httpx.delete(f"{self.base}/api/kernels/{self.kernel_id}", headers=self.headers, timeout=30)

@@ -1,0 +1,773 @@
+"""Ingest a site's files into the pooled store: validate, harmonise, recode, pseudonymise, load.
+
+One call of :func:`ingest_files` is one *batch*, identified by the content hash of its files and
+the site. A batch loads completely or not at all:
+
+1. read every file (CSV or Parquet; the table is named by the file name, e.g. ``tumour.csv``);
+2. validate and harmonise every row against the data dictionary (``tre.dictionary``), derive
+   ICCC-3 (``tre.iccc3``), then check keys across the batch and the pooled store (duplicate
+   ids, rows whose patient or tumour is unknown);
+3. pseudonymise local ids with the keyed HMAC (``tre.pseudonymise``) and stamp provenance
+   (``site_id``, ``source_dataset``, ``source_version``, ``load_batch``);
+4. in ONE DuckDB transaction: insert the rows, the quarantined rows, the batch record and the
+   next pooled version; commit. A crash before the commit leaves the store as it was.
+
+Invalid rows go to a per-row error report (``errors.csv`` next to the batch record, and a rich
+summary table in the CLI). By policy (``Settings.ingest_invalid_rows`` / ``--on-invalid``) they
+either reject the whole batch or are quarantined, and the valid rows load. Re-ingesting a loaded
+batch changes nothing. After a load, a data-quality report is written under
+``Settings.reports_dir``. The work is vectorised (polars, DuckDB): no per-row Python.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import structlog
+
+from tre.dictionary import (
+    ROW,
+    DataDictionary,
+    DeliveryError,
+    DictionaryError,
+    load_dictionary,
+    validate_batch,
+)
+from tre.iccc3 import recode
+from tre.pooled import PooledStore
+from tre.pseudonymise import Pseudonymiser, load_key
+from tre.registry import CORE_TABLES, Registry, load_registry
+from tre.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+PROVENANCE_COLUMNS = ("site_id", "source_dataset", "source_version", "load_batch")
+SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class IngestError(RuntimeError):
+    """The batch cannot be ingested at all (unknown site, unreadable file...); nothing changed."""
+
+
+@dataclass
+class BatchResult:
+    batch_id: str
+    site_id: str
+    status: str  # loaded | rejected | unchanged
+    pooled_version: int | None
+    rows_added: dict[str, int] = field(default_factory=dict)
+    invalid_rows: int = 0
+    quarantined_rows: int = 0
+    batch_dir: Path | None = None
+    errors_csv: Path | None = None
+    report_html: Path | None = None
+    report_error: str | None = None
+    errors: pl.DataFrame | None = None  # the per-row error report
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def ok(self) -> bool:
+        return self.status in {"loaded", "unchanged"}
+
+
+# ---------------------------------------------------------------------------------------------
+# test hook: fault injection at named points, to prove atomicity under kill -9
+def _crash_point(name: str) -> None:
+    if os.environ.get("TRE_INGEST_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+def table_of(path: Path) -> str:
+    """Which core table a delivered file holds, from its name (``tumour.csv``,
+    ``uk-ccr_tumour.parquet``, ``2026-tumour.csv``)."""
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise IngestError(
+            f"{path.name}: unsupported file type {suffix!r}; deliver CSV or Parquet files"
+        )
+    stem = path.stem.lower()
+    for table in CORE_TABLES:
+        if stem == table or any(stem.endswith(sep + table) for sep in ("_", "-", ".")):
+            return table
+    raise IngestError(
+        f"{path.name}: cannot tell which table this file holds; name it after one of "
+        f"{', '.join(CORE_TABLES)} (e.g. tumour.csv or {CORE_TABLES[0]}.parquet)"
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def batch_identity(site_id: str, files: dict[str, tuple[Path, str]]) -> str:
+    """Content hash of the site and (table, file sha256) pairs: names and order do not matter."""
+    h = hashlib.sha256(f"site={site_id}\n".encode())
+    for table in sorted(files):
+        h.update(f"{table}={files[table][1]}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _read(path: Path) -> pl.DataFrame:
+    """Read a delivered file as text columns: the dictionary does the typing and says why a
+    value is wrong, instead of the reader guessing types."""
+    try:
+        if SUPPORTED_SUFFIXES[path.suffix.lower()] == "csv":
+            return pl.read_csv(path, infer_schema=False, raise_if_empty=False)
+        df = pl.read_parquet(path)
+        return df.with_columns(pl.all().cast(pl.String))
+    except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        raise IngestError(f"{path.name}: cannot be read: {exc}") from exc
+
+
+class _Steps:
+    """Records how long each stage took (``BatchResult.timings``) and, for the CLI, advances a
+    rich progress bar: long ingests show where they are."""
+
+    def __init__(self, bar: object | None = None, task: object | None = None) -> None:
+        self.bar, self.task = bar, task
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, description: str) -> None:
+        now = time.perf_counter()
+        self.timings[description] = round(now - self._last, 3)
+        self._last = now
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=description)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[_Steps]:
+    if not enabled:
+        yield _Steps()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("ingest", total=total)
+        yield _Steps(bar, task)
+
+
+def identifier_kind(column: str) -> str:
+    """What an identifier column identifies (``tumour.patient_id`` -> ``patient``): part of the
+    HMAC message, so ``patient_id`` means the same child in every table and never equals a
+    tumour's pseudonym."""
+    return column[:-3] if column.endswith("_id") else column
+
+
+def _empty_errors() -> pl.DataFrame:
+    return pl.DataFrame(schema=ERROR_SCHEMA)
+
+
+ERROR_SCHEMA = {
+    "table": pl.String,
+    "row": pl.Int64,
+    "column": pl.String,
+    "value": pl.String,
+    "rule": pl.String,
+    "message": pl.String,
+}
+
+
+def _conform_errors(df: pl.DataFrame, table: str) -> pl.DataFrame:
+    return df.with_columns(pl.lit(table).alias("table")).select(
+        [pl.col(c).cast(t) for c, t in ERROR_SCHEMA.items()]
+    )
+
+
+def load_order(dictionary: DataDictionary) -> list[str]:
+    """Tables with every foreign-key parent before its children (dictionary order otherwise)."""
+    parents = {t: set() for t in dictionary.tables}
+    for r in dictionary.rules:
+        if r.kind == "foreign_key" and r.get("ref_table") != r.table:
+            parents[r.table].add(r.get("ref_table"))
+    order: list[str] = []
+    while len(order) < len(parents):
+        ready = [t for t in parents if t not in order and parents[t] <= set(order)]
+        if not ready:
+            raise IngestError("the dictionary's foreign keys form a cycle")
+        order.append(ready[0])
+    return order
+
+
+def _pool_errors(
+    con: duckdb.DuckDBPyConnection,
+    dictionary: DataDictionary,
+    table: str,
+    staged: str,
+    pooled_tables: set[str],
+    site_id: str,
+) -> pl.DataFrame:
+    """Errors only visible against the pooled store, computed on pseudonymised ids (SQL):
+
+    * foreign keys: a row must point at a VALID parent row of this batch or at a pooled row of
+      the same site (so a later batch may add follow-up to patients loaded earlier, and a child
+      of an invalid, quarantined parent is quarantined too instead of loading as an orphan);
+    * unique keys: a key already pooled for this site (an earlier batch loaded it).
+    """
+    spec = dictionary.table(table)
+    parts: list[str] = []
+    for rule in dictionary.rules_for(table):
+        if rule.kind != "foreign_key":
+            continue
+        col, ref_table, ref_col = rule.get("column"), rule.get("ref_table"), rule.get("ref_column")
+        known = [f'SELECT "{ref_col}" AS k FROM _ok_{ref_table}']
+        if ref_table in pooled_tables:
+            known.append(f'SELECT "{ref_col}" FROM main."{ref_table}" WHERE site_id = $site')
+        parts.append(
+            f"SELECT _row, '{col}', \"{col}\", '{rule.id}', "
+            f"'{col} does not match a valid {ref_table} row of this batch or of the pooled store' "
+            f'FROM {staged} WHERE "{col}" IS NOT NULL AND "{col}" NOT IN '
+            f"(SELECT k FROM ({' UNION ALL '.join(known)}) WHERE k IS NOT NULL)"
+        )
+    if table in pooled_tables:
+        keys = [[c] for c, spec_c in spec.columns.items() if spec_c.unique]
+        if spec.unique_together:
+            keys.append(list(spec.unique_together))
+        for key in keys:
+            cols = ", ".join(f'"{c}"' for c in key)
+            parts.append(
+                f"SELECT _row, '{key[0]}', \"{key[0]}\", 'already_pooled', "
+                f"'({', '.join(key)}) is already in the pooled store (an earlier batch of this "
+                f"site loaded it)' FROM {staged} WHERE ({cols}) IN "
+                f'(SELECT ({cols}) FROM main."{table}" WHERE site_id = $site)'
+            )
+    if not parts:
+        return _empty_errors()
+    sql = " UNION ALL ".join(parts)
+    df = con.sql(sql, params={"site": site_id} if "$site" in sql else None).pl()
+    df.columns = ["row", "column", "value", "rule", "message"]
+    return _conform_errors(df, table)
+
+
+def _pseudonymise_error_values(
+    con: duckdb.DuckDBPyConnection,
+    errors: pl.DataFrame,
+    identifiers: dict[str, list[str]],
+    pseudonymiser: Pseudonymiser,
+    site_id: str,
+    pads: str,
+) -> pl.DataFrame:
+    """Error reports are kept with the batch record, inside the TRE: an identifier value in
+    them is shown as its pseudonym (the row number locates the row for the site)."""
+    if not errors.height:
+        return errors
+    cases = []
+    for table, cols in identifiers.items():
+        for c in cols:
+            expr = pseudonymiser.sql(identifier_kind(c), site_id, "value", pads)
+            cases.append(f"WHEN \"table\" = '{table}' AND \"column\" = '{c}' THEN {expr}")
+    if not cases:
+        return errors
+    con.register("_errs", errors.to_arrow())
+    out = con.sql(
+        f"SELECT * REPLACE (CASE {' '.join(cases)} ELSE value END AS value) FROM _errs"
+    ).pl()
+    con.unregister("_errs")
+    return out.select(list(ERROR_SCHEMA)).sort(["table", "row", "column", "rule"])
+
+
+def _errors_from_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str) -> pl.DataFrame:
+    """The error report of a loaded batch, rebuilt from its quarantined rows (a loaded batch's
+    only invalid rows are the quarantined ones), to repair a record lost in a crash."""
+    df = con.sql(
+        'SELECT table_name AS "table", source_row AS row, e.column, e.value, e.rule, e.message '
+        "FROM (SELECT table_name, source_row, unnest(from_json(errors, "
+        '\'[{"column":"VARCHAR","value":"VARCHAR","rule":"VARCHAR",'
+        '"message":"VARCHAR"}]\')) AS e FROM _quarantine WHERE batch_id = $b)',
+        params={"b": batch_id},
+    ).pl()
+    if not df.height:
+        return _empty_errors()
+    return df.select([pl.col(c).cast(t) for c, t in ERROR_SCHEMA.items()]).sort(
+        ["table", "row", "column", "rule"]
+    )
+
+
+def _write_batch_record(
+    directory: Path, record: dict, errors: pl.DataFrame, quarantine: pl.DataFrame | None
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    errors.write_csv(directory / "errors.csv")
+    if quarantine is not None and quarantine.height:
+        quarantine.write_csv(directory / "quarantine.csv")
+    (directory / "batch.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    for p in directory.iterdir():
+        fd = os.open(p, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Move the staged batch record into place (replacing one from an earlier attempt)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(staging, final)
+        for p in old.iterdir():
+            p.unlink()
+        old.rmdir()
+    else:
+        os.replace(staging, final)
+
+
+def _quality_report(settings: Settings, store: PooledStore, batch_id: str) -> tuple[Path, str]:
+    assert settings.reports_dir is not None
+    settings.reports_dir.mkdir(parents=True, exist_ok=True)
+    out = settings.reports_dir / f"{batch_id}.html"
+    try:
+        from tre.quality import build_quality_report
+
+        with store._locked(exclusive=False, timeout=120):
+            build_quality_report(store.db_path, batch_id, out)
+        return out, ""
+    except Exception as exc:  # noqa: BLE001 - a report failure must not undo a committed batch
+        log.warning("quality report failed", batch=batch_id, error=str(exc))
+        return out, f"{type(exc).__name__}: {exc}"
+
+
+def ingest_files(
+    settings: Settings,
+    site_id: str,
+    files: Sequence[Path | str],
+    *,
+    source_version: str | None = None,
+    on_invalid: str | None = None,
+    registry: Registry | None = None,
+    progress: bool = False,
+    quality_report: bool = True,
+) -> BatchResult:
+    """Ingest one batch of a site's files; see the module docstring for the guarantees."""
+    on_invalid = on_invalid or settings.ingest_invalid_rows
+    if on_invalid not in {"reject", "quarantine"}:
+        raise IngestError(f"--on-invalid must be 'reject' or 'quarantine', not {on_invalid!r}")
+    registry = registry or load_registry(settings.policies_dir)
+    site = registry.sites.get(site_id)
+    if site is None:
+        raise IngestError(f"unknown site {site_id!r}; declared sites: {', '.join(registry.sites)}")
+    if not files:
+        raise IngestError("no files given")
+    by_table: dict[str, tuple[Path, str]] = {}
+    for f in map(Path, files):
+        if not f.is_file():
+            raise IngestError(f"{f}: no such file")
+        table = table_of(f)
+        if table in by_table:
+            raise IngestError(f"{f.name} and {by_table[table][0].name} both hold table {table!r}")
+        by_table[table] = (f, _sha256_file(f))
+    batch_id = batch_identity(site_id, by_table)
+    version_label = source_version or "unversioned"
+    assert settings.pooled_dir is not None and settings.extracts_dir is not None
+    key = load_key(
+        settings.hmac_key_file,  # type: ignore[arg-type]
+        forbidden_dirs=(settings.pooled_dir, settings.extracts_dir),
+    )
+    pseudonymiser = Pseudonymiser(key)
+    store = PooledStore(settings.pooled_dir)
+    order = [t for t in CORE_TABLES if t in by_table]
+
+    with _progress(progress, 4 + 3 * len(order) + int(quality_report)) as step:
+        previous = _loaded_record(store, batch_id)
+        prepared = None
+        if previous is None:
+            # the expensive part (read, validate, harmonise) runs without holding the store
+            prepared = _prepare(settings, site, by_table, order, batch_id, version_label, step)
+        with store.writer() as con:
+            previous = store.batch_record(con, batch_id)
+            if previous is not None and previous["status"] == "loaded":
+                result = _unchanged(con, store, previous)
+                step("already loaded: nothing to do")
+            else:
+                if prepared is None:  # loaded by nobody after all (rare race): prepare now
+                    prepared = _prepare(
+                        settings, site, by_table, order, batch_id, version_label, step
+                    )
+                result = _ingest_new(
+                    con, store, pseudonymiser, prepared, site, by_table, order, batch_id,
+                    version_label, on_invalid, step,
+                )  # fmt: skip
+        step("checkpointed")
+        if result.status in {"loaded", "unchanged"} and quality_report:
+            out = (settings.reports_dir or Path()) / f"{batch_id}.html"
+            if result.status == "loaded" or not out.exists():
+                result.report_html, err = _quality_report(settings, store, batch_id)
+                result.report_error = err or None
+            else:
+                result.report_html = out
+            step("quality report")
+    result.timings = step.timings
+    return result
+
+
+def _loaded_record(store: PooledStore, batch_id: str) -> dict | None:
+    """The record of this batch if it is already loaded (a shared, read-only look)."""
+    if not store.db_path.exists():
+        return None
+    with store.reader() as con:
+        has_batches = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'pooled' "
+            "AND table_name = '_batches'"
+        ).fetchall()[0][0]
+        if not has_batches:
+            return None
+        rec = store.batch_record(con, batch_id, schema="pooled")
+    return rec if rec is not None and rec["status"] == "loaded" else None
+
+
+def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dict) -> BatchResult:
+    batch_id = previous["batch_id"]
+    final_dir = store.batches_dir / batch_id
+    if not (final_dir / "batch.json").exists():  # crashed after the commit: repair the record
+        errs = _errors_from_quarantine(con, batch_id)
+        staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
+        _write_batch_record(staging, previous, errs, None)
+        _publish(staging, final_dir)
+    return BatchResult(
+        batch_id,
+        previous["site_id"],
+        "unchanged",
+        previous["pooled_version"],
+        batch_dir=final_dir,
+        errors_csv=final_dir / "errors.csv",
+    )
+
+
+@dataclass
+class _Prepared:
+    dictionary: DataDictionary
+    raw: dict[str, pl.DataFrame]
+    incoming: dict[str, pl.DataFrame]  # harmonised rows + site columns + provenance, pooled order
+    errors: dict[str, pl.DataFrame]  # per-table errors, foreign keys excluded (checked later)
+
+
+def _prepare(
+    settings: Settings,
+    site,  # noqa: ANN001 - tre.registry.Site
+    by_table: dict[str, tuple[Path, str]],
+    order: list[str],
+    batch_id: str,
+    source_version: str,
+    step,  # noqa: ANN001
+) -> _Prepared:
+    """Read, validate and harmonise the batch, and add site columns and provenance."""
+    raw = {}
+    for table in order:
+        raw[table] = _read(by_table[table][0])
+        step(f"read {table}")
+    try:
+        dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
+        results = validate_batch(dictionary, raw)
+    except (DeliveryError, DictionaryError) as exc:
+        raise IngestError(str(exc)) from exc
+    step("validated and harmonised")
+    fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
+    provenance = {
+        "site_id": site.id,
+        "source_dataset": site.source_dataset,
+        "source_version": source_version,
+        "load_batch": batch_id,
+    }
+    incoming: dict[str, pl.DataFrame] = {}
+    errors: dict[str, pl.DataFrame] = {}
+    for table in dictionary.tables:
+        res = results[table]
+        spec = dictionary.table(table)
+        errors[table] = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
+        rows = res.harmonised
+        if "iccc3_classifiable" not in {r.kind for r in dictionary.rules_for(table)} and {
+            "iccc3_group",
+            "icdo3_morphology",
+        } <= set(spec.columns):
+            rows = recode(rows, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+        from_site = {
+            c: getattr(site, c)
+            for c, cs in spec.columns.items()
+            if cs.source == "site" and c not in rows.columns
+        }
+        rows = rows.with_columns(
+            [pl.lit(str(v), pl.String).alias(k) for k, v in (from_site | provenance).items()]
+        )
+        pooled_cols = dictionary.pooled_columns(table)
+        absent = [c for c in pooled_cols if c not in rows.columns]
+        if absent:
+            raise IngestError(f"{table}: cannot derive pooled column(s) {', '.join(absent)}")
+        incoming[table] = rows.select([ROW, *pooled_cols])
+    return _Prepared(dictionary, raw, incoming, errors)
+
+
+def _ingest_new(
+    con: duckdb.DuckDBPyConnection,
+    store: PooledStore,
+    pseudonymiser: Pseudonymiser,
+    prepared: _Prepared,
+    site,  # noqa: ANN001 - tre.registry.Site
+    by_table: dict[str, tuple[Path, str]],
+    order: list[str],
+    batch_id: str,
+    source_version: str,
+    on_invalid: str,
+    step,  # noqa: ANN001
+) -> BatchResult:
+    site_id = site.id
+    dictionary, raw = prepared.dictionary, prepared.raw
+    pooled_tables = set(store.data_tables(con))
+    pads = pseudonymiser.register(con)
+    error_frames: list[pl.DataFrame] = []
+    identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
+    table_errors = prepared.errors
+    for table, frame in prepared.incoming.items():
+        con.register(f"_in_{table}", frame.to_arrow())
+    # One HMAC per DISTINCT local id of each kind (a patient id recurs in patient, tumour and
+    # followup rows), then hash joins: far fewer HMACs than rows. Python's hmac on the distinct
+    # ids costs about 1 us each, less CPU than the same HMAC composed of DuckDB sha256 calls.
+    kinds: dict[str, list[pl.Series]] = {}
+    for table, cols in identifiers.items():
+        for c in cols:
+            kinds.setdefault(identifier_kind(c), []).append(
+                prepared.incoming[table][c].cast(pl.String)
+            )
+    for kind, series in kinds.items():
+        local = pl.concat(series).drop_nulls().unique()
+        idmap = pl.DataFrame(
+            {"local": local, "pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
+        )
+        con.register("_idmap", idmap.to_arrow())
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _idmap_{kind} AS SELECT * FROM _idmap")
+        con.unregister("_idmap")
+    step("pseudonymised identifiers")
+    # Stage every dictionary table (parents first), also the ones not delivered (empty), so
+    # the pooled store always has every table with its dictionary schema.
+    for table in load_order(dictionary):
+        pooled_cols = dictionary.pooled_columns(table)
+        id_cols = identifiers[table]
+        select, joins = [], []
+        for c in pooled_cols:
+            if c in id_cols:
+                alias = f"_m_{c}"
+                select.append(f'{alias}.pseudonym AS "{c}"')
+                joins.append(
+                    f"LEFT JOIN _idmap_{identifier_kind(c)} AS {alias} "
+                    f'ON {alias}.local = i."{c}"::VARCHAR'
+                )
+            else:
+                select.append(f'i."{c}"')
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _stage_{table} AS "
+            f"SELECT i.{ROW}, {', '.join(select)} FROM _in_{table} AS i {' '.join(joins)}"
+        )
+        con.unregister(f"_in_{table}")
+        pool_errors = _pool_errors(
+            con, dictionary, table, f"_stage_{table}", pooled_tables, site_id
+        )
+        errs = pl.concat([_conform_errors(table_errors[table], table), pool_errors])
+        error_frames.append(errs)
+        con.register("_bad", errs.select(pl.col("row").unique()).to_arrow())
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_{table} AS SELECT row FROM _bad")
+        con.unregister("_bad")
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW _ok_{table} AS SELECT * FROM _stage_{table} "
+            f"WHERE {ROW} NOT IN (SELECT row FROM _bad_{table})"
+        )
+        if table in by_table:
+            step(f"checked keys of {table}")
+
+    errors = pl.concat(error_frames).sort(["table", "row", "column", "rule"])
+    invalid_rows = errors.select(["table", "row"]).unique().height
+    errors = _pseudonymise_error_values(con, errors, identifiers, pseudonymiser, site_id, pads)
+    files_meta = [
+        {"table": t, "name": by_table[t][0].name, "sha256": by_table[t][1], "rows": raw[t].height}
+        for t in order
+    ]
+    staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
+    final_dir = store.batches_dir / batch_id
+    now = dt.datetime.now(dt.UTC)
+    record = {
+        "batch_id": batch_id,
+        "site_id": site_id,
+        "source_dataset": site.source_dataset,
+        "source_version": source_version,
+        "files": files_meta,
+        "invalid_rows": invalid_rows,
+        "on_invalid": on_invalid,
+        "dictionary_version": dictionary.version,
+        "recorded_at": now.isoformat(),
+    }
+    if invalid_rows and on_invalid == "reject":
+        record |= {"status": "rejected", "pooled_version": None, "row_counts": {}}
+        _write_batch_record(staging, record, errors, None)
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM _batches WHERE batch_id = $b", {"b": batch_id})
+        _insert_batch_row(con, record, quarantined=0)
+        con.execute("COMMIT")
+        _publish(staging, final_dir)
+        step("rejected")
+        return BatchResult(
+            batch_id,
+            site_id,
+            "rejected",
+            None,
+            invalid_rows=invalid_rows,
+            batch_dir=final_dir,
+            errors_csv=final_dir / "errors.csv",
+            errors=errors,
+        )
+
+    quarantine = _quarantine_rows(con, raw, errors, identifiers, pseudonymiser, site_id, pads)
+    version = store.current_version(con) + 1
+    rows_added: dict[str, int] = {}
+    _crash_point("before-transaction")
+    con.execute("BEGIN TRANSACTION")
+    for table in dictionary.tables:
+        cols = ", ".join(f'"{c}"' for c in dictionary.pooled_columns(table))
+        if table not in pooled_tables:
+            con.execute(f'CREATE TABLE main."{table}" AS SELECT {cols} FROM _ok_{table} LIMIT 0')
+        else:
+            _add_new_columns(con, table, dictionary.pooled_columns(table))
+        if table not in by_table:
+            continue
+        inserted = con.execute(
+            f'INSERT INTO main."{table}" ({cols}) SELECT {cols} FROM _ok_{table}'
+        ).fetchall()
+        rows_added[table] = int(inserted[0][0])
+        step(f"wrote {table}")
+        _crash_point(f"after-insert-{table}")
+    if quarantine.height:
+        con.register("_q", quarantine.to_arrow())
+        con.execute(
+            "INSERT INTO _quarantine SELECT $b, table_name, source_row, errors, data FROM _q",
+            {"b": batch_id},
+        )
+        con.unregister("_q")
+    totals = {
+        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchall()[0][0]
+        for t in dictionary.tables
+    }
+    record |= {"status": "loaded", "pooled_version": version, "row_counts": rows_added}
+    con.execute("DELETE FROM _batches WHERE batch_id = $b", {"b": batch_id})
+    _insert_batch_row(con, record, quarantined=invalid_rows)
+    con.execute(
+        "INSERT INTO _versions VALUES ($v, $b, $t, $c)",
+        {"v": version, "b": batch_id, "t": now, "c": json.dumps(totals)},
+    )
+    _write_batch_record(staging, record | {"quarantined_rows": invalid_rows}, errors, quarantine)
+    _crash_point("before-commit")
+    con.execute("COMMIT")
+    _crash_point("after-commit")
+    _publish(staging, final_dir)
+    step("committed")
+    return BatchResult(
+        batch_id,
+        site_id,
+        "loaded",
+        version,
+        rows_added=rows_added,
+        invalid_rows=invalid_rows,
+        quarantined_rows=invalid_rows,
+        batch_dir=final_dir,
+        errors_csv=final_dir / "errors.csv",
+        errors=errors,
+    )
+
+
+def _add_new_columns(con: duckdb.DuckDBPyConnection, table: str, pooled_cols: list[str]) -> None:
+    """A dictionary that gained a column: add it to the pooled table (null for older rows).
+    Columns are only ever added, so every earlier pooled version stays readable."""
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND schema_name = 'main' AND table_name = $t",
+            {"t": table},
+        ).fetchall()
+    }
+    types = dict(
+        con.execute(f"SELECT column_name, column_type FROM (DESCRIBE _stage_{table})").fetchall()
+    )
+    for c in pooled_cols:
+        if c not in have:
+            con.execute(f'ALTER TABLE main."{table}" ADD COLUMN "{c}" {types[c]}')
+
+
+def _insert_batch_row(con: duckdb.DuckDBPyConnection, record: dict, quarantined: int) -> None:
+    con.execute(
+        "INSERT INTO _batches VALUES ($id, $site, $ds, $sv, $status, $v, $files, $rows, "
+        "$invalid, $quarantined, $on_invalid, $at)",
+        {
+            "id": record["batch_id"],
+            "site": record["site_id"],
+            "ds": record["source_dataset"],
+            "sv": record["source_version"],
+            "status": record["status"],
+            "v": record["pooled_version"],
+            "files": json.dumps(record["files"]),
+            "rows": json.dumps(record["row_counts"]),
+            "invalid": record["invalid_rows"],
+            "quarantined": quarantined,
+            "on_invalid": record["on_invalid"],
+            "at": record["recorded_at"],
+        },
+    )
+
+
+def _quarantine_rows(
+    con: duckdb.DuckDBPyConnection,
+    raw: dict[str, pl.DataFrame],
+    errors: pl.DataFrame,
+    identifiers: dict[str, list[str]],
+    pseudonymiser: Pseudonymiser,
+    site_id: str,
+    pads: str,
+) -> pl.DataFrame:
+    """The invalid rows as delivered (identifiers pseudonymised) with their errors, as JSON."""
+    schema = {
+        "table_name": pl.String,
+        "source_row": pl.Int64,
+        "errors": pl.String,
+        "data": pl.String,
+    }
+    if not errors.height:
+        return pl.DataFrame(schema=schema)
+    out = []
+    for (table,), errs in errors.group_by("table", maintain_order=True):
+        grouped = errs.group_by("row").agg(
+            pl.struct(["column", "value", "rule", "message"]).alias("_errs")
+        )
+        delivered = raw[table]
+        rows = (
+            delivered.with_row_index(ROW, offset=1)
+            .with_columns(pl.col(ROW).cast(pl.Int64))
+            .join(grouped, left_on=ROW, right_on="row", how="inner")
+        )
+        ids = [c for c in delivered.columns if c in identifiers.get(str(table), [])]
+        replace = ", ".join(
+            pseudonymiser.sql(identifier_kind(c), site_id, f'"{c}"::VARCHAR', pads) + f' AS "{c}"'
+            for c in ids
+        )
+        fields = ", ".join(f'"{c}" := "{c}"' for c in delivered.columns)
+        con.register("_qin", rows.to_arrow())
+        inner = f"SELECT * REPLACE ({replace}) FROM _qin" if ids else "SELECT * FROM _qin"
+        q = con.sql(
+            f"SELECT '{table}' AS table_name, {ROW} AS source_row, "
+            f"to_json(_errs)::VARCHAR AS errors, to_json(struct_pack({fields}))::VARCHAR AS data "
+            f"FROM ({inner})"
+        ).pl()
+        con.unregister("_qin")
+        out.append(q)
+    return pl.concat(out).sort(["table_name", "source_row"])
