@@ -654,13 +654,26 @@ class AirlockService:
         with self.factory() as session:
             stmt = (
                 select(ReleaseRequest)
-                .options(selectinload(ReleaseRequest.files))
+                .options(selectinload(ReleaseRequest.files), selectinload(ReleaseRequest.comments))
                 .order_by(ReleaseRequest.created_at.desc())
             )
             if not (who.is_admin or who.is_checker) or who.in_sandbox:
                 stmt = stmt.where(ReleaseRequest.project.in_(sorted(who.projects) or [""]))
             rows = session.execute(stmt).scalars().all()
-            return [_request_summary(r) for r in rows if perm.can_view_request(who, r)]
+            out = []
+            for r in rows:
+                if perm.can_view_request(who, r):
+                    public = [c for c in r.comments if c.visibility == "public"]
+                    latest = public[-1] if public else None
+                    out.append(
+                        {
+                            **_request_summary(r),
+                            "latest_comment": (
+                                {"author": latest.author, "body": latest.body} if latest else None
+                            ),
+                        }
+                    )
+            return out
 
     def queue(self, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
         """A checker's queue: waiting for me, in progress (I voted, others not yet), done."""
