@@ -35,7 +35,7 @@ def run_checks(
     but a file that does not exist is an error (nothing was checked).
     """
     from airlock.checks.engine import check_files, extract_for_project
-    from airlock.policy import load_policy
+    from airlock.policy import policy_for_project
     from tre.settings import get_settings
 
     missing = [str(f) for f in files if not Path(f).exists()]
@@ -45,7 +45,7 @@ def run_checks(
         raise CheckSetupError(f"no such evidence file: {evidence}")
     settings = get_settings()
     policies_dir = policies_dir or settings.policies_dir
-    overrides: dict[str, object] = {}
+    chosen = None
     extract = None
     if project is not None:
         from tre.registry import RegistryError, load_registry
@@ -57,10 +57,10 @@ def run_checks(
         if project not in registry.projects:
             known = ", ".join(sorted(registry.projects)) or "none"
             raise CheckSetupError(f"unknown project {project!r} (known: {known})")
-        overrides = dict(registry.projects[project].disclosure)
+        chosen = registry.projects[project]
         extract = extract_for_project(project, extracts_dir or settings.extracts_dir)
     try:
-        policy = load_policy(policies_dir / "disclosure.yaml", overrides)
+        policy = policy_for_project(chosen, policies_dir / "disclosure.yaml")
     except Exception as exc:  # noqa: BLE001 (pydantic/yaml errors: the policy is unusable)
         raise CheckSetupError(f"the disclosure policy cannot be loaded: {exc}") from None
     return check_files(files, policy, evidence_path=evidence, extract_path=extract)
@@ -130,5 +130,5 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the hub starts the service as `python -m airlock.cli serve`
     main()

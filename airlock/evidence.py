@@ -100,6 +100,11 @@ class TableEvidence(_Model):
     policy_version: str | None = None
     suppression_applied: bool = False
     rounding_base: int | None = Field(default=None, ge=1)
+    margins: Literal["true_totals", "visible_only"] | None = Field(
+        default=None,
+        description="How the producer computed totals: from all the data (true_totals), or "
+        "from the visible cells after suppression (visible_only, as ACRO does).",
+    )
     notes: list[str] = Field(default_factory=list)
     cells: list[CellEvidence] = Field(default_factory=list)
     model: ModelEvidence | None = None
@@ -138,13 +143,6 @@ def parse_evidence(data: Any, origin: str = "evidence") -> TableEvidence:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
         )
         raise EvidenceError(f"{origin}: invalid evidence: {problems}") from exc
-
-
-_ACRO_CHECK_TO_STAT = {
-    "Frequencies": "count",
-    "FrequencyTable": "count",
-    "LinearAggregations": None,
-}
 
 
 def _acro_output_class(record: dict[str, Any]) -> OutputClass:
@@ -239,6 +237,8 @@ def acro_bundle_evidence(
                 producer=f"acro {data.get('version', '?')}",
                 suppression_applied=properties.get("mitigation", "none") not in (None, "none")
                 or bool((config or {}).get("suppress")),
+                # ACRO recomputes margins from the table after suppression
+                margins="visible_only",
                 cells=cells,
                 model=model,
                 acro=source,

@@ -8,18 +8,20 @@ import asyncio
 import json
 import os
 import stat
+import threading
 
 import httpx
 import pytest
-from oidc.harness import start_hub, write_policies, xsrf_from
 from tornado import web
 
+from tests.oidc.harness import start_hub, write_policies, xsrf_from
 from tre.hub.auth import (
     ADMINS_GROUP,
     CHECKERS_GROUP,
     PasswordError,
     PasswordFile,
     TRELocalAuthenticator,
+    ensure_accounts,
     verify_password,
 )
 
@@ -85,7 +87,12 @@ def test_password_file_stores_salted_scrypt_hashes_only(accounts):
 
 @pytest.mark.parametrize(
     "name,password",
-    [("Alice Smith", "long-enough-password"), ("../etc", "long-enough-password"), ("eve", "short")],
+    [
+        ("Alice Smith", "long-enough-password"),
+        ("../etc", "long-enough-password"),
+        ("eve", "short"),
+        ("eve", "x" * 2000),
+    ],
 )
 def test_bad_account_input_is_refused_and_changes_nothing(accounts, name, password):
     _, pw = accounts
@@ -103,6 +110,7 @@ def test_verify_rejects_wrong_unknown_empty(accounts):
     assert not pw.verify("alice", "")
     assert not pw.verify("nobody", PASSWORDS["alice"])
     assert not pw.verify("", "")
+    assert not pw.verify("alice", PASSWORDS["alice"] + "x" * 5_000_000)  # refused without hashing
     assert not verify_password("x", "md5$abc")  # unknown scheme never matches
     assert not verify_password("x", "garbage")
 
@@ -115,6 +123,16 @@ def test_corrupt_password_file_refuses_everyone_and_add_user_fails_cleanly(tmp_p
     with pytest.raises(PasswordError):
         pw.set_password("alice", "a-new-long-password")
     assert path.read_text() == "{not json"
+
+
+def test_ensure_accounts_creates_only_missing_accounts(tmp_path):
+    path = tmp_path / "users.json"
+    first = ensure_accounts(path, ["alice", "bob"])
+    assert set(first) == {"alice", "bob"}
+    assert all(PasswordFile(path).verify(n, p) for n, p in first.items())
+    second = ensure_accounts(path, ["alice", "bob", "checker1"])
+    assert set(second) == {"checker1"}  # alice and bob keep their passwords
+    assert PasswordFile(path).verify("alice", first["alice"])
 
 
 def test_remove_user(accounts):
@@ -181,6 +199,22 @@ def test_right_password_but_not_registered_is_refused_with_a_clear_message(authe
         login(authenticator, username, PASSWORDS[username])
     assert err.value.status_code == 403
     assert "not registered" in err.value.log_message
+
+
+def test_password_check_does_not_block_the_hub_event_loop(authenticator, monkeypatch):
+    """scrypt runs in a worker thread, not in the hub's event loop thread."""
+    threads: list[str] = []
+    real_verify = PasswordFile.verify
+
+    def recording_verify(self, username, password):
+        threads.append(threading.current_thread().name)
+        return real_verify(self, username, password)
+
+    monkeypatch.setattr(PasswordFile, "verify", recording_verify)
+    loop_thread = threading.current_thread().name  # asyncio.run runs the loop in this thread
+    assert login(authenticator, "alice", PASSWORDS["alice"])["name"] == "alice"
+    assert login(authenticator, "alice", "a-wrong-password") is None
+    assert len(threads) == 2 and loop_thread not in threads
 
 
 def test_staff_get_their_groups_and_admin_rights(authenticator):

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from oidc.harness import free_port, start_hub, start_provider, write_policies
 
 from tests.conftest import REPO_ROOT, require_component
+from tests.oidc.harness import free_port, start_hub, start_provider, write_policies
 from tre.hub.auth import TREOIDCAuthenticator
 
 ACCOUNTS = [
@@ -38,6 +38,8 @@ ACCOUNTS = [
     },
     # member of a project that has ended
     {"sub": "carol", "password": "carol-idp-pass", "groups": ["tre-project-old-study"]},
+    # in the registry (neuro-survival), but the IdP puts him in no TRE group
+    {"sub": "frank", "password": "frank-idp-pass", "groups": ["staff"]},
     # staff, through a custom mapping and the default checker group
     {"sub": "checker1", "password": "checker-idp-pass", "groups": ["tre-output-checkers"]},
     {"sub": "admin", "password": "admin-idp-pass", "groups": ["IT-TRE-Administrators"]},
@@ -139,6 +141,15 @@ def test_user_not_in_the_registry_is_refused(oidc_hub, username):
 
 
 @pytest.mark.hub
+def test_registered_user_whom_the_idp_does_not_confirm_is_refused(oidc_hub):
+    hub, _, _ = oidc_hub
+    final = oidc_login(hub, "frank", PASSWORD["frank"])
+    assert final.status_code == 403
+    assert "does not confirm any of your TRE roles" in final.text
+    assert hub.api("/users/frank").status_code == 404
+
+
+@pytest.mark.hub
 def test_staff_groups_become_hub_groups(oidc_hub):
     hub, _, _ = oidc_hub
     assert oidc_login(hub, "checker1", PASSWORD["checker1"]).status_code == 200
@@ -195,9 +206,97 @@ def test_update_auth_model_without_idp_groups_refuses(tmp_path):
     model = {"name": "alice", "admin": None, "auth_state": {"oauth_user": {"sub": "alice"}}}
     model = asyncio.run(auth.update_auth_model(model))
     assert model["auth_state"]["tre_groups"] == []
-    with pytest.raises(Exception, match="not registered"):
+    with pytest.raises(Exception, match="does not confirm any of your TRE roles"):
         asyncio.run(auth.check_allowed("alice", model))
+    stranger = {"name": "dave", "admin": None, "auth_state": {"oauth_user": {"groups": []}}}
+    stranger = asyncio.run(auth.update_auth_model(stranger))
+    with pytest.raises(Exception, match="not registered"):
+        asyncio.run(auth.check_allowed("dave", stranger))
     relaxed = TREOIDCAuthenticator(policies_dir=str(policies), require_idp_groups=False)
     model = {"name": "alice", "admin": None, "auth_state": {"oauth_user": {"sub": "alice"}}}
     model = asyncio.run(relaxed.update_auth_model(model))
     assert model["auth_state"]["tre_groups"] == ["project-neuro-survival", "project-wilms-outcomes"]
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.hub
+@pytest.mark.browser
+def test_login_in_a_real_browser(oidc_hub, require_chromium):
+    """The same flow in headless Chromium: real cookies, redirects and form posts."""
+    from playwright.sync_api import sync_playwright
+
+    hub, issuer, _ = oidc_hub
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=require_chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{hub.url}/hub/login")
+            page.click("a#login-main, a[href*='oauth_login']")
+            page.wait_for_url(f"{issuer}/interaction/**")
+            page.fill("input[name=login]", "bob")
+            page.fill("input[name=password]", PASSWORD["bob"])
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{hub.url}/hub/home")
+            assert "bob" in page.content()
+            # a refused user sees the registry message, in the browser too
+            other = browser.new_page()
+            other.context.clear_cookies()
+            other.goto(f"{hub.url}/hub/oauth_login")
+            other.fill("input[name=login]", "dave")
+            other.fill("input[name=password]", PASSWORD["dave"])
+            other.click("button[type=submit]")
+            other.wait_for_url(f"{hub.url}/hub/oauth_callback**")
+            assert "not registered in this trusted research environment" in other.content()
+        finally:
+            browser.close()
+
+
+def test_idp_settings_from_the_environment():
+    """What docs/login.md tells operators of the generated hub configuration to set (in a fresh
+    process: oauthenticator reads some of these variables when it is imported)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        "OAUTH_CLIENT_ID": "tre-hub",
+        "OAUTH_CLIENT_SECRET": "s3cret",
+        "OAUTH_CALLBACK_URL": "https://tre.example.org/hub/oauth_callback",
+        "OAUTH2_AUTHORIZE_URL": "https://idp.example.org/auth",
+        "OAUTH2_TOKEN_URL": "https://idp.example.org/token",
+        "OAUTH2_USERDATA_URL": "https://idp.example.org/me",
+        "OAUTH2_BASIC_AUTH": "true",
+    }
+    code = (
+        "import json; from tre.hub.auth import TREOIDCAuthenticator as A; a = A(); "
+        "print(json.dumps([a.client_id, a.client_secret, a.oauth_callback_url, "
+        "a.authorize_url, a.token_url, a.userdata_url, a.basic_auth]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [
+        "tre-hub",
+        "s3cret",
+        env["OAUTH_CALLBACK_URL"],
+        env["OAUTH2_AUTHORIZE_URL"],
+        env["OAUTH2_TOKEN_URL"],
+        env["OAUTH2_USERDATA_URL"],
+        True,
+    ]

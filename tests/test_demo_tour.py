@@ -9,6 +9,7 @@ verifies. The sandbox's Python environment is shared with the demo (built once, 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,8 +27,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.hub
 @pytest.mark.sandbox
 @pytest.mark.timeout(900)
-def test_tour_runs_the_whole_story(tmp_path, require_proxy, require_bwrap):
-    runtime = Path(tempfile.mkdtemp(prefix="tre-", dir="/tmp"))  # unix socket paths stay short
+def test_tour_runs_the_whole_story(require_proxy, require_bwrap):
+    # The sandbox user must be able to traverse to the extract and the workspace (pytest's own
+    # tmp_path lives under a 0700 directory), and unix socket paths must stay short.
+    root = Path(tempfile.mkdtemp(prefix="tre-tour-", dir="/tmp"))
+    root.chmod(0o755)
+    try:
+        _run_tour(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_tour(root: Path) -> None:
+    tmp_path, runtime = root, root / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRE_", "JUPYTERHUB_"))}
     env.update(
         TRE_STATE_DIR=str(tmp_path / "state"),
@@ -41,7 +53,14 @@ def test_tour_runs_the_whole_story(tmp_path, require_proxy, require_bwrap):
         TRE_ENFORCE_INTERVAL_SECONDS="5",
     )
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "tre"), "demo", "--tour", "--patients", "300"],
+        [
+            str(Path(sys.executable).parent / "tre"),
+            "demo",
+            "--tour",
+            "--patients",
+            "300",
+            "--skip-quality-reports",
+        ],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -105,6 +105,7 @@ def test_icdo3_forms(d):
     assert r.valid["icdo3_behaviour"].to_list() == [3] * 4
     assert r.valid["icdo3_topography"].to_list() == ["C64.9"] * 4
     assert r.valid["iccc3_subgroup"].to_list() == ["VIa"] * 4
+    assert r.valid["iccc3_division"].to_list() == ["VIa.1"] * 4
 
 
 def test_behaviour_column_may_be_omitted_when_the_morphology_carries_it(d):
@@ -185,6 +186,7 @@ def test_unclassifiable_tumour_and_stage_rules(d):
     assert rules_of(r, 4) == {"stage_in_system"}
     assert rules_of(r, 5) == {"stage_in_system"}  # stage without a system
     assert r.valid["stage_system"].to_list() == [None, "COG/NWTS"]
+    assert r.valid["stage"].to_list() == [None, "III"]  # stored as the dictionary spells it
 
 
 def test_duplicates_flag_the_later_occurrence(d):
@@ -220,6 +222,10 @@ def test_delivery_errors_change_nothing(d):
         hv(d, "tumour", tumour().drop("icdo3_topography"))
     with pytest.raises(DeliveryError, match="unknown column.*name"):
         hv(d, "patient", patient().with_columns(pl.lit("Alice").alias("name")))
+    with pytest.raises(DeliveryError, match="iccc3_group are set by the pool"):
+        hv(d, "tumour", tumour().with_columns(pl.lit("VI").alias("iccc3_group")))
+    with pytest.raises(DeliveryError, match="_row"):
+        hv(d, "patient", patient().with_columns(pl.lit("x").alias("_row")))
     with pytest.raises(DeliveryError, match="unknown table"):
         validate_batch(d, {"patients": patient()})
     with pytest.raises(KeyError):
@@ -356,8 +362,108 @@ def _broken(tmp_path, edit):
             "maps to both",
         ),
         (lambda r: r.pop("tables"), "tables"),
+        (
+            lambda r: r["rules"].append(
+                {
+                    "id": "y",
+                    "kind": "foreign_key",
+                    "table": "tumour",
+                    "colum": "patient_id",
+                    "ref_table": "patient",
+                    "ref_column": "patient_id",
+                }
+            ),
+            "needs column",
+        ),
+        (lambda r: r["rules"].append(dict(r["rules"][0])), "more than once"),
+        (
+            lambda r: r["rules"].append(
+                {
+                    "id": "z",
+                    "kind": "not_before",
+                    "table": "event",
+                    "column": "age_at_event_days",
+                    "key": "tumour_id",
+                    "ref_table": "tumour",
+                    "ref_key": "tumour_id",
+                    "ref_column": "age_at_diagnosis_days",
+                    "aggregate": "mean",
+                }
+            ),
+            "aggregate",
+        ),
     ],
 )
 def test_bad_dictionary_is_refused(tmp_path, edit, match):
     with pytest.raises(DictionaryError, match=match):
         load_dictionary(_broken(tmp_path, edit))
+
+
+def test_nested_columns_are_refused(d):
+    df = patient().with_columns(pl.Series("sex", [["M"], ["F"]]))
+    with pytest.raises(DeliveryError, match="nested"):
+        hv(d, "patient", df)
+
+
+_cell = st.one_of(
+    st.none(),
+    st.text(max_size=8),
+    st.sampled_from(["8960/3", "C64.9", "M", "Dead", "1", "-3", "2010", "1e9", "NaN", " "]),
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_any_text_delivery_is_validated_without_crashing(d, data):
+    """Hostile cell values never crash validation; every row is either valid or has an error."""
+    n = data.draw(st.integers(0, 6))
+    tables = {
+        t: pl.DataFrame(
+            {c: data.draw(st.lists(_cell, min_size=n, max_size=n)) for c in d.delivered_columns(t)},
+            schema={c: pl.String for c in d.delivered_columns(t)},
+        )
+        for t in d.tables
+    }
+    res = validate_batch(d, tables)
+    for r in res.values():
+        valid = set(r.valid["_row"].to_list())
+        assert valid.isdisjoint(r.error_rows)
+        assert valid | r.error_rows == set(range(1, n + 1))
+        assert r.errors.columns == ["row", "column", "value", "rule", "message"]
+
+
+def test_nothing_after_the_last_contact(d):
+    pat = patient()
+    tum = tumour()
+    fu = pl.DataFrame(
+        {
+            "patient_id": ["P1", "P2"],
+            "vital_status": ["Dead", "Alive"],
+            "age_at_last_contact_days": ["2000", "1000"],  # P2's is before diagnosis: no bound
+            "cause_of_death": ["Disease", None],
+        }
+    )
+    ev = pl.DataFrame(
+        {
+            "tumour_id": ["T1", "T1", "T2"],
+            "event_type": ["Relapse", "Death", "Relapse"],
+            "age_at_event_days": ["1800", "2001", "5000"],
+        }
+    )
+    trt = pl.DataFrame(
+        {
+            "tumour_id": ["T1", "T1"],
+            "modality": ["Surgery", "Radiotherapy"],
+            "age_at_start_days": ["2000", "2100"],
+        }
+    )
+    res = validate_batch(
+        d, {"patient": pat, "tumour": tum, "treatment": trt, "event": ev, "followup": fu}
+    )
+    assert res["event"].errors.select("row", "rule").rows() == [(2, "event_not_after_last_contact")]
+    assert res["treatment"].errors.select("row", "rule").rows() == [
+        (2, "treatment_not_after_last_contact")
+    ]
+    assert res["followup"].errors.select("row", "rule").rows() == [
+        (2, "last_contact_after_diagnosis")
+    ]

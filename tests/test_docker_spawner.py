@@ -24,11 +24,12 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from jupyterhub import orm
 from jupyterhub.objects import Hub
-from oidc.harness import write_policies
 from tornado import web
 from traitlets import TraitError
 
-from tre.hub.docker import TREDockerSpawner, can_start_project_server, project_for_server
+from tests.oidc.harness import write_policies
+from tre.hub.access import can_start_project
+from tre.hub.docker import TREDockerSpawner
 from tre.registry import load_registry
 
 IMAGE = "registry.example.org/tre/notebook@sha256:" + "ab" * 32
@@ -43,6 +44,7 @@ class FakeEngine:
         self.requests: list[tuple[str, str, dict, object]] = []
         self.images: set[str] = set()
         self.containers: dict[str, dict] = {}  # id -> {"name", "body", "running"}
+        self.networks: dict[str, dict] = {}  # name -> {"body", "connected": {container: aliases}}
         engine = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -111,6 +113,33 @@ class FakeEngine:
         if method == "POST" and path == "/images/create":
             self.images.add(f"{query['fromImage']}@{query['tag']}")
             return 200, {"status": "Downloaded newer image"}
+        if method == "POST" and path == "/networks/create":
+            if body["Name"] in self.networks:
+                return 409, {"message": f"network with name {body['Name']} already exists"}
+            self.networks[body["Name"]] = {"body": body, "connected": {}}
+            return 201, {"Id": body["Name"], "Warning": ""}
+        n = re.fullmatch(r"/networks/([^/]+)(/connect|/disconnect)?", path)
+        if n:
+            net = self.networks.get(n.group(1))
+            if net is None:
+                return 404, {"message": f"network {n.group(1)} not found"}
+            if n.group(2) == "/connect":
+                if body["Container"] in net["connected"]:
+                    return 403, {"message": "endpoint with name x already exists in network"}
+                net["connected"][body["Container"]] = body.get("EndpointConfig", {}).get("Aliases")
+                return 200, None
+            if n.group(2) == "/disconnect":
+                net["connected"].pop(body["Container"], None)
+                return 200, None
+            if method == "DELETE":
+                if net["connected"] or any(
+                    c["body"]["HostConfig"]["NetworkMode"] == n.group(1)
+                    for c in self.containers.values()
+                ):
+                    return 403, {"message": "error while removing network: has active endpoints"}
+                del self.networks[n.group(1)]
+                return 204, None
+            return 200, {"Name": n.group(1), "Internal": net["body"].get("Internal", False)}
         if method == "POST" and path == "/containers/create":
             cid = secrets.token_hex(32)
             self.containers[cid] = {"name": query["name"], "body": body, "running": False}
@@ -165,7 +194,13 @@ def engine(tmp_path, monkeypatch):
 
 @pytest.fixture
 def policies(tmp_path):
-    return write_policies(tmp_path)
+    policies = write_policies(tmp_path)
+    # the hub's view of the extracts volume: every declared project has its extract
+    extracts = tmp_path / "hub-extracts"
+    extracts.mkdir()
+    for project in (policies / "projects").glob("*.yaml"):
+        (extracts / f"{project.stem}.duckdb").write_bytes(b"")
+    return policies
 
 
 @functools.cache
@@ -194,6 +229,7 @@ def make_spawner(policies: Path, username: str, server: str, **config) -> TREDoc
     hub = Hub(ip="hub", port=8081, base_url="/hub/")
     hub.connect_url = "http://hub:8081/hub/"
     config.setdefault("image", IMAGE)
+    config.setdefault("extracts_local_dir", str(policies.parent / "hub-extracts"))
     spawner = TREDockerSpawner(
         user=user,
         orm_spawner=orm_spawner,
@@ -229,12 +265,21 @@ def test_start_sends_the_sandbox_policy_and_stop_removes(engine, policies):
     assert hc["SecurityOpt"] == ["no-new-privileges:true"]
     assert hc["ReadonlyRootfs"] is True
     assert not hc.get("Privileged")
-    assert set(hc["Tmpfs"]) == {"/tmp", "/home/jovyan/.cache"}
+    assert set(hc["Tmpfs"]) == {"/tmp", "/home/jovyan"}  # the workspace is mounted inside home
+    assert "uid=1000" in hc["Tmpfs"]["/home/jovyan"]
     assert "noexec" in hc["Tmpfs"]["/tmp"] and "size=" in hc["Tmpfs"]["/tmp"]
     assert hc["PidsLimit"] == 512
     assert hc["Memory"] == 2 * 1024**3 and hc["MemorySwap"] == 2 * 1024**3
     assert hc["CpuQuota"] == int(1.5 * hc["CpuPeriod"])
-    assert hc["NetworkMode"] == "tre-sandboxes"
+    # its own internal network, joined only by the hub, the airlock and the proxy
+    network = "tre-sandboxes-alice--wilms-2doutcomes"
+    assert hc["NetworkMode"] == network
+    assert engine.networks[network]["body"]["Internal"] is True
+    assert engine.networks[network]["connected"] == {
+        "tre-hub": ["hub"],
+        "tre-airlock": ["airlock"],
+        "tre-proxy": None,
+    }
     assert hc["Dns"] == ["127.0.0.1"] and hc["DnsSearch"] == ["."]
     assert hc["AutoRemove"] is True
     assert hc["Init"] is True
@@ -266,7 +311,29 @@ def test_start_sends_the_sandbox_policy_and_stop_removes(engine, policies):
     assert ("POST", f"/containers/{cid}/stop") in [(m, p) for (m, p, _, _) in engine.requests]
     assert ("DELETE", f"/containers/{cid}") in [(m, p) for (m, p, _, _) in engine.requests]
     assert engine.containers == {}
+    assert engine.networks == {}  # the sandbox's network is gone with it
     assert spawner.object_id == ""
+
+
+def test_two_sandboxes_never_share_a_network(engine, policies):
+    alice = make_spawner(policies, "alice", "wilms-outcomes")
+    bob = make_spawner(policies, "bob", "wilms-outcomes")
+    asyncio.run(alice.start())
+    asyncio.run(bob.start())
+    modes = [b["HostConfig"]["NetworkMode"] for b in engine.bodies("POST", "/containers/create")]
+    assert len(set(modes)) == 2 and set(modes) == set(engine.networks)
+    asyncio.run(alice.stop())
+    asyncio.run(bob.stop())
+    assert engine.networks == {}
+
+
+def test_shared_network_mode(engine, policies):
+    spawner = make_spawner(policies, "alice", "wilms-outcomes", isolate_sandboxes=False)
+    assert asyncio.run(spawner.start()) == (SANDBOX_IP, 8888)
+    hc = engine.bodies("POST", "/containers/create")[0]["HostConfig"]
+    assert hc["NetworkMode"] == "tre-sandboxes"
+    assert engine.networks == {}
+    asyncio.run(spawner.stop())
 
 
 def test_policy_wins_over_extra_config_and_a_restart_rechecks(engine, policies):
@@ -310,7 +377,7 @@ def test_extra_config_that_weakens_the_policy_is_refused(engine, policies, extra
     "username,server,status",
     [
         ("alice", "", 400),  # the default server: sandboxes are per project
-        ("alice", "no-such-project", 404),
+        ("alice", "no-such-project", 403),  # same answer as "not a member": no name disclosed
         ("bob", "neuro-survival", 403),  # not a member
         ("carol", "old-study", 403),  # project ended
         ("erin", "paused-study", 403),  # project suspended
@@ -342,6 +409,9 @@ def test_user_chosen_image_or_options_are_refused(engine, policies):
         {"allowed_images": ["a@sha256:" + "0" * 64]},
         {"remove": False},
         {"volumes": {"/srv/all-extracts": "/data"}},
+        {"read_only_volumes": {"/srv/all-extracts": "/data"}},
+        {"links": {"tre-postgres": "db"}},
+        {"use_internal_ip": False},
     ],
 )
 def test_unsafe_configuration_is_refused_at_load(policies, config):
@@ -349,14 +419,43 @@ def test_unsafe_configuration_is_refused_at_load(policies, config):
         make_spawner(policies, "alice", "wilms-outcomes", **config)
 
 
-def test_project_rule_shared_with_other_spawners(policies):
+def test_project_rule_is_the_shared_one(policies, monkeypatch):
+    """The spawner applies tre.hub.access, the rule of the bubblewrap spawner and home page."""
+    import tre.hub.docker as docker_module
+
     registry = load_registry(policies)
-    assert project_for_server(registry, "alice", "neuro-survival").id == "neuro-survival"
-    assert can_start_project_server(registry, "alice", "wilms-outcomes")
-    assert not can_start_project_server(registry, "alice", "old-study")
-    # on the last day the project is still active, the day after it is not
+    extracts = policies.parent / "hub-extracts"
+    assert can_start_project(registry, "alice", "wilms-outcomes", extracts)
+    assert not can_start_project(registry, "alice", "old-study", extracts)
     end = registry.projects["wilms-outcomes"].end_date
-    assert can_start_project_server(registry, "bob", "wilms-outcomes", on=end)
-    assert not can_start_project_server(
-        registry, "bob", "wilms-outcomes", on=end + dt.timedelta(days=1)
+    day_after = end + dt.timedelta(days=1)
+    assert not can_start_project(registry, "bob", "wilms-outcomes", extracts, on=day_after)
+    spawner = make_spawner(policies, "bob", "wilms-outcomes")
+    assert spawner.can_start()
+    # the same spawner, evaluated on the day after the project ends, is refused
+    shared_rule = docker_module.check_can_start_project
+    monkeypatch.setattr(
+        docker_module,
+        "check_can_start_project",
+        lambda *args, **kwargs: shared_rule(*args, **kwargs, on=day_after),
     )
+    assert not spawner.can_start()
+
+
+def test_project_without_an_extract_is_refused_and_workspace_is_prepared(
+    engine, policies, tmp_path
+):
+    extracts = tmp_path / "extracts"
+    workspaces = tmp_path / "workspaces"
+    extracts.mkdir()
+    workspaces.mkdir()
+    config = {"extracts_local_dir": str(extracts), "workspaces_local_dir": str(workspaces)}
+    spawner = make_spawner(policies, "alice", "wilms-outcomes", **config)
+    with pytest.raises(web.HTTPError) as err:
+        asyncio.run(spawner.start())
+    assert err.value.status_code == 409
+    assert engine.bodies("POST", "/containers/create") == [] and engine.networks == {}
+    (extracts / "wilms-outcomes.duckdb").write_bytes(b"")
+    asyncio.run(spawner.start())
+    assert (workspaces / "wilms-outcomes").is_dir()
+    asyncio.run(spawner.stop())

@@ -163,3 +163,84 @@ def test_evidence_matched_by_labels_when_rows_move():
     _, findings = check_table(table, P, ev)
     cls = [f for f in findings if f.rule == rules.CLASS_DISCLOSURE]
     assert [c["labels"]["grp"] for c in cls[0].cells] == ["b"]
+
+
+def test_totals_declared_visible_only_reveal_nothing_but_must_add_up():
+    table = pl.DataFrame(
+        {
+            "sex": ["F", "M", "Total"],
+            "a": ["*", "30", "30"],
+            "b": ["40", "50", "90"],
+            "Total": ["40", "80", "120"],
+        }
+    )
+    _, plain = check_table(table, P)
+    assert any(f.rule == rules.SECONDARY_DISCLOSURE for f in plain)  # read as true totals
+    declared = parse_evidence(
+        {
+            "schema": "tre.evidence/1",
+            "name": "t.csv",
+            "margins": "visible_only",
+            "suppression_applied": True,
+        }
+    )
+    _, findings = check_table(table, P, declared)
+    assert not any(f.rule == rules.SECONDARY_DISCLOSURE for f in findings)
+    assert worst([f.status for f in findings]) == Status.REVIEW
+    wrong = table.with_columns(pl.Series("Total", ["41", "80", "121"]))
+    _, findings = check_table(wrong, P, declared)
+    assert any(f.rule == rules.MARGIN_INCONSISTENT for f in findings)
+
+
+def test_evidence_cannot_turn_a_count_column_into_a_statistic():
+    table = pl.DataFrame({"grp": ["a", "b"], "n": [3, 40]})
+    ev = parse_evidence(
+        {
+            "schema": "tre.evidence/1",
+            "name": "t.csv",
+            "output_class": "magnitude_table",
+            "cells": [
+                {
+                    "column": "n",
+                    "row": i,
+                    "statistic": "sum",
+                    "value": v,
+                    "n": 50,
+                    "largest": [0.1, 0.1],
+                    "total": 1.0,
+                    "n_distinct": 40,
+                }
+                for i, v in enumerate([3, 40])
+            ],
+        }
+    )
+    _, findings = check_table(table, P, ev)
+    assert any(f.rule == rules.MIN_CELL_COUNT and f.status == Status.FAIL for f in findings)
+    # an integer column without a count name may be a statistic (e.g. a sum of days)
+    days = table.rename({"n": "days_in_hospital"})
+    ev2 = parse_evidence(
+        {
+            **ev.model_dump(by_alias=True, exclude_none=True),
+            "cells": [
+                {**c.model_dump(exclude_none=True), "column": "days_in_hospital"} for c in ev.cells
+            ],
+        }
+    )
+    output_class, findings = check_table(days, P, ev2)
+    assert output_class == "magnitude_table"
+    assert worst([f.status for f in findings]) == Status.PASS
+
+
+def test_evidence_claiming_a_model_cannot_hide_counts():
+    table = pl.DataFrame({"grp": ["a", "b"], "n": [3, 40]})
+    ev = parse_evidence(
+        {
+            "schema": "tre.evidence/1",
+            "name": "t.csv",
+            "output_class": "model_summary",
+            "model": {"nobs": 5000, "df_resid": 4990, "n_params": 10},
+        }
+    )
+    output_class, findings = check_table(table, P, ev)
+    assert output_class == "frequency_table"
+    assert worst([f.status for f in findings]) == Status.FAIL

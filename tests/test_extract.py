@@ -330,6 +330,8 @@ def test_unknown_project_and_missing_pooled_store(settings, tmp_path):
     empty = Settings(state_dir=tmp_path / "empty")
     with pytest.raises(PooledStoreError, match="ingest data first"):
         build_extract(empty, registry([project()]), "wilms", TODAY)
+    [outcome] = build_all(empty, registry([project()]), TODAY)  # reported, not raised
+    assert outcome.path is None and "ingest data first" in outcome.error
 
 
 def test_build_all_builds_active_removes_inactive_and_undeclared(settings):
@@ -352,3 +354,263 @@ def test_no_allowed_site_gives_empty_tables(settings):
     path = build_extract(settings, registry([p], sites), "wilms", TODAY)
     assert rows(path, "SELECT count(*) FROM patient")[0][0] == 0
     assert rows(path, "SELECT sites FROM _extract")[0][0] == []
+
+
+def test_cli_extract_build_and_info(settings, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.settings import get_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(settings.state_dir))
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        # the shipped policies: wilms-outcomes is active until 2028 (academic, GB)
+        res = runner.invoke(app, ["extract", "build", "wilms-outcomes", "--on", "2026-06-01"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["extract", "info", "wilms-outcomes"])
+        assert res.exit_code == 0 and "pooled_version" in res.output and "0o444" in res.output
+        res = runner.invoke(app, ["extract", "build", "--all", "--on", "2029-01-01"])
+        assert res.exit_code == 0 and "no extract" in res.output  # both projects ended
+        assert not extract_path(settings, "wilms-outcomes").exists()
+        assert runner.invoke(app, ["extract", "build", "nope"]).exit_code == 1
+        assert runner.invoke(app, ["extract", "info", "wilms-outcomes"]).exit_code == 1
+        assert runner.invoke(app, ["extract", "build"]).exit_code != 0
+    finally:
+        get_settings.cache_clear()
+
+
+def test_empty_group_list_selects_nothing(settings):
+    grants = {"patient": ["*"], "tumour": ["*"], "event": ["*"]}
+    p = project(grants=grants, row_filters=RowFilters(iccc3_groups=[]))
+    path = build_extract(settings, registry([p]), "wilms", TODAY)
+    assert [rows(path, f"SELECT count(*) FROM {t}")[0][0] for t in grants] == [0, 0, 0]
+
+
+def test_end_to_end_from_ingested_sites_with_the_shipped_projects(tmp_path, policies_dir):
+    """Real pipeline: generated deliveries and the NWTS-like site ingested through
+    tre.ingest, then the shipped projects' extracts built as declared in policies/."""
+    import site_files
+
+    from tre.ingest import ingest_files
+    from tre.pseudonymise import init_key
+    from tre.registry import load_registry
+
+    s = Settings(state_dir=tmp_path / "e2e")
+    init_key(s.hmac_key_file)
+    for n, site_id in enumerate(("uk-ccr", "fr-rnce", "us-nwts", "de-gpoh")):
+        files = site_files.write(site_files.generate(150, seed=n), tmp_path / site_id)
+        assert ingest_files(s, site_id, files, quality_report=False).status == "loaded"
+    reg = load_registry(policies_dir)
+    on = dt.date(2026, 6, 1)
+    for project in reg.projects.values():
+        path = build_extract(s, reg, project.id, on)
+        allowed = {x.id for x in reg.sites_for(project, on)}
+        info = extract_info(s, project.id)
+        assert set(info["sites"]) == allowed and info["pooled_version"] == 4
+        for table, cols in project.grants.items():
+            sql = (
+                "SELECT column_name FROM duckdb_columns() "
+                f"WHERE table_name = '{table}' ORDER BY column_index"
+            )
+            got = [c for (c,) in rows(path, sql)]
+            if cols != ["*"]:
+                assert got == cols
+        tumour_sites = {x for (x,) in rows(path, "SELECT DISTINCT site_id FROM tumour")}
+        assert tumour_sites == allowed  # every allowed site has qualifying tumours here
+        groups = {g for (g,) in rows(path, "SELECT DISTINCT iccc3_group FROM tumour")}
+        assert groups == set(project.row_filters.iccc3_groups)
+    # leukaemia-incidence (public health, FR) never sees the academic-only us-nwts rows
+    assert "us-nwts" not in extract_info(s, "leukaemia-incidence")["sites"]
+
+
+def test_rebuild_from_an_earlier_pooled_version(settings):
+    """The pool is append-only: an extract can be rebuilt exactly as of an earlier version."""
+    grants = {t: ["*"] for t in ("patient", "tumour", "treatment", "event", "followup")}
+    p = project(grants=grants, row_filters=RowFilters(iccc3_groups=["I", "VI"]))
+    reg = registry([p], [site(s) for s in SITES])
+    now = build_extract(settings, reg, "wilms", TODAY)
+    full = {t: rows(now, f"SELECT count(*) FROM {t}")[0][0] for t in grants}
+    older = build_extract(settings, reg, "wilms", TODAY, pooled_version=2)
+    assert extract_info(settings, "wilms")["pooled_version"] == 2
+    store = PooledStore(settings.pooled_dir)
+    first_two = pooled_rows(
+        store, "SELECT batch_id FROM _batches WHERE pooled_version <= 2 ORDER BY pooled_version"
+    )
+    batches = {b for (b,) in first_two}
+    for t in grants:
+        got = {b for (b,) in rows(older, f"SELECT DISTINCT load_batch FROM {t}")}
+        assert got == batches  # exactly the first two batches' rows
+        assert 0 < rows(older, f"SELECT count(*) FROM {t}")[0][0] < full[t]
+    # patients still follow the ICCC-3 filter as of that version
+    assert set(rows(older, "SELECT patient_id FROM patient")) == set(
+        rows(older, "SELECT DISTINCT patient_id FROM tumour")
+    )
+    again = build_extract(settings, reg, "wilms", TODAY, pooled_version=len(SITES))
+    assert {t: rows(again, f"SELECT count(*) FROM {t}")[0][0] for t in grants} == full
+    with pytest.raises(ExtractError, match="does not exist"):
+        build_extract(settings, reg, "wilms", TODAY, pooled_version=99)
+
+
+GROUP_NAMES = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"]
+
+
+@pytest.fixture(scope="module")
+def pooled_frames(pooled_state):
+    store, _ = pooled_state
+    con = duckdb.connect(str(store.db_path), read_only=True)
+    try:
+        return {
+            t: con.sql(f"SELECT * FROM {t}").pl()
+            for t in ("patient", "tumour", "treatment", "event", "followup")
+        }
+    finally:
+        con.close()
+
+
+def test_extract_rows_equal_an_independent_reference_for_random_projects(settings, pooled_frames):
+    """Random purposes, jurisdictions, embargoes, groups, years and site filters: the extract
+    holds exactly the rows a plain polars reading of the rules selects."""
+    import polars as pl
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+
+    @hsettings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        purpose=st.sampled_from(["academic", "public_health", "commercial"]),
+        jurisdiction=st.sampled_from(["GB", "FR", "US", "JP"]),
+        groups=st.none() | st.lists(st.sampled_from(GROUP_NAMES), max_size=4, unique=True),
+        years=st.none() | st.tuples(st.integers(1995, 2030), st.integers(0, 15)),
+        site_filter=st.none() | st.lists(st.sampled_from(sorted(SITES)), min_size=1, unique=True),
+        embargoed=st.sets(st.sampled_from(sorted(SITES))),
+    )
+    def check(purpose, jurisdiction, groups, years, site_filter, embargoed):
+        sites = [
+            site("uk-ccr", purposes=["academic", "public_health"], jurisdictions=["GB", "FR"]),
+            site("fr-rnce", purposes=["academic", "public_health"], jurisdictions=["FR"]),
+            site("us-nwts", purposes=["academic"]),
+            site("de-gpoh", purposes=["academic", "public_health", "commercial"]),
+        ]
+        sites = [
+            s.model_copy(update={"embargo_until": dt.date(2027, 1, 1)}) if s.id in embargoed else s
+            for s in sites
+        ]
+        filters = RowFilters(
+            iccc3_groups=groups,
+            sites=site_filter,
+            diagnosis_year_min=years[0] if years else None,
+            diagnosis_year_max=years[0] + years[1] if years else None,
+        )
+        grants = {t: ["*"] for t in pooled_frames}
+        p = project(purpose=purpose, jurisdiction=jurisdiction, grants=grants, row_filters=filters)
+        reg = registry([p], sites)
+        path = build_extract(settings, reg, "wilms", TODAY)
+        # the reference: the rules read literally, in polars
+        allowed = [
+            s.id
+            for s in sites
+            if s.embargo_until is None
+            and purpose in s.allowed_purposes
+            and ("*" in s.allowed_jurisdictions or jurisdiction in s.allowed_jurisdictions)
+            and (site_filter is None or s.id in site_filter)
+        ]
+        f = pooled_frames
+        tum = f["tumour"].filter(pl.col("site_id").is_in(allowed))
+        tumour_filtered = groups is not None or years is not None
+        if groups is not None:
+            tum = tum.filter(pl.col("iccc3_group").is_in(groups))
+        if years is not None:
+            tum = tum.filter(pl.col("diagnosis_year").is_between(years[0], years[0] + years[1]))
+        pats = set(tum["patient_id"])
+        tids = set(tum["tumour_id"])
+
+        def expected(table):
+            df = f[table].filter(pl.col("site_id").is_in(allowed))
+            if tumour_filtered:
+                if "tumour_id" in df.columns:
+                    df = df.filter(pl.col("tumour_id").is_in(tids))
+                else:
+                    df = df.filter(pl.col("patient_id").is_in(pats))
+            return df.height
+
+        for table in grants:
+            assert rows(path, f"SELECT count(*) FROM {table}")[0][0] == expected(table), table
+        assert sorted(rows(path, "SELECT sites FROM _extract")[0][0]) == sorted(allowed)
+
+    check()
+
+
+BUILD_SCRIPT = """
+import datetime as dt, sys
+from pathlib import Path
+from tre.extract import build_extract
+from tre.registry import Project, Registry, Site, Staff
+from tre.settings import Settings
+sites = {s: Site(id=s, name=s, country="GB", source_type="registry", source_dataset=s,
+                 allowed_purposes=["academic"], allowed_jurisdictions=["*"])
+         for s in ("uk-ccr", "fr-rnce", "us-nwts", "de-gpoh")}
+p = Project(id="wilms", title="Kill test", lay_summary="A project for the kill test.",
+            purpose="academic", jurisdiction="GB", members=[{"username": "alice"}],
+            grants={t: ["*"] for t in ("patient", "tumour", "treatment", "event", "followup")},
+            start_date=dt.date(2026, 1, 1), end_date=dt.date(2027, 1, 1))
+print("ready", flush=True)
+build_extract(Settings(state_dir=Path(sys.argv[1])), Registry(sites, {"wilms": p}, Staff()),
+              "wilms", dt.date(2026, 6, 1))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_build_never_exposes_a_partial_extract(settings):
+    import random
+    import signal
+    import time
+
+    path = build_extract(settings, registry([project()]), "wilms", TODAY)
+    old = path.read_bytes()
+    build_pooled(PooledStore(settings.pooled_dir), {"uk-ccr": "GB"}, 20000, seed=5)
+    rng = random.Random()
+    outcomes = set()
+    for i in range(3):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", BUILD_SCRIPT, str(settings.state_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0, 0.4 * (i + 1)))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+        # the visible extract is the old file or a complete new one, never a partial one
+        data = path.read_bytes()
+        if data == old:
+            outcomes.add("old")
+        else:
+            info = extract_info(settings, "wilms")
+            assert (
+                info["tables"]["patient"]["rows"]
+                == rows(path, "SELECT count(*) FROM patient")[0][0]
+            )
+            outcomes.add("new")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    # a later build cleans up (stale temporaries are removed by build_all after an hour)
+    build_extract(settings, registry([project()]), "wilms", TODAY)
+    temporaries = [p for p in settings.extracts_dir.iterdir() if p.name.startswith(".")]
+    for p in temporaries:
+        os.utime(p, (0, 0))  # pretend they are old
+    build_all(settings, registry([project()]), TODAY)
+    assert [p.name for p in settings.extracts_dir.iterdir()] == ["wilms.duckdb"]
+    assert outcomes
+
+
+def test_metadata_separates_allowed_from_contributing_sites(settings):
+    quiet = Site(
+        id="nl-skion", name="NL", country="NL", source_type="trial", source_dataset="skion",
+        allowed_purposes=["academic"], allowed_jurisdictions=["*"],
+    )  # fmt: skip
+    p = project(grants={"patient": ["sex"]})  # site_id is not even granted
+    reg = registry([p], [site("us-nwts"), site("uk-ccr"), quiet])
+    build_extract(settings, reg, "wilms", TODAY)
+    info = extract_info(settings, "wilms")
+    assert sorted(info["sites"]) == ["nl-skion", "uk-ccr", "us-nwts"]  # allowed
+    assert sorted(info["contributing_sites"]) == ["uk-ccr", "us-nwts"]  # rows actually present

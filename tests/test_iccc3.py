@@ -277,3 +277,81 @@ def test_vectorised_recode_agrees_with_a_row_by_row_reading(rows):
         }
         assert len(hits) <= 1
         assert sub == (hits.pop() if hits else None)
+
+
+@pytest.mark.parametrize(
+    "m, b, t, division",
+    [
+        (9836, 3, "C42.1", "Ia.1"),
+        (9823, 3, "C42.1", "Ia.2"),
+        (9727, 3, "C77.1", "IIb.1"),
+        (9470, 3, "C71.6", "IIIc.1"),
+        (9473, 3, "C71.9", "IIIc.2"),
+        (9501, 3, "C71.6", "IIIc.3"),
+        (9508, 3, "C71.6", "IIIc.4"),
+        (9380, 3, "C71.7", "IIId.2"),
+        (9350, 1, "C75.2", "IIIe.2"),
+        (9500, 3, "C74.9", "IVa.1"),
+        (8960, 3, "C64.9", "VIa.1"),
+        (8963, 3, "C64.9", "VIa.2"),
+        (8963, 3, "C49.4", "IXd.3"),
+        (9260, 3, "C41.4", "VIIIc.1"),
+        (9260, 3, "C49.1", "IXd.1"),
+        (9040, 3, "C49.2", "IXd.7"),
+        (9064, 3, "C75.3", "Xa.1"),
+        (9071, 3, "C62.9", "Xc.4"),
+        (8140, 3, "C18.7", "XIf.2"),
+        (8140, 3, "C18.1", "XIf.3"),
+        (8070, 3, "C34.1", "XIf.4"),
+        (8070, 3, "C80.9", "XIf.11"),
+        (8973, 3, "C34.9", "XIIa.3"),
+        (9687, 3, "C18.0", "IIc"),  # no divisions: the subgroup itself
+        (9510, 3, "C69.2", "V"),
+        (9380, 3, "C34.1", None),
+    ],
+)
+def test_extended_divisions(m, b, t, division):
+    out = recode(pl.DataFrame({"m": [m], "b": [b], "t": [t]}), "m", "b", "t", extended=True)
+    assert out["iccc3_division"].to_list() == [division]
+
+
+def test_every_divided_subgroup_is_fully_and_consistently_divided():
+    """Each code combination the main table puts in a divided subgroup gets one division of it."""
+    from tre.iccc3 import load_extended_table
+
+    divided = set(load_extended_table()["subgroup"])
+    rules = load_recode_table().rules.filter(pl.col("subgroup").is_in(divided))
+    probes = pl.concat(
+        [
+            rules.select("morphology", "behaviour", pl.col(c).alias("topo"), "subgroup")
+            for c in ("topo_lo", "topo_hi")
+        ]
+    ).with_columns(
+        pl.format(
+            "C{}.{}", (pl.col("topo") // 10).cast(pl.String).str.zfill(2), pl.col("topo") % 10
+        ).alias("t")
+    )
+    out = recode(probes, "morphology", "behaviour", "t", extended=True)
+    assert (out["iccc3_subgroup"] == out["subgroup"]).all()
+    missing = out.filter(pl.col("iccc3_division").is_null())
+    assert missing.height == 0, missing.head()
+    assert out.select(
+        pl.col("iccc3_division").str.starts_with(pl.col("iccc3_subgroup") + ".").all()
+    ).item()
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ("VIa,VIa.9,clash,8960,C000-C809", "overlap"),
+        ("VIa,VIb.1,wrong parent,8961,C000-C809", "division"),
+        ("XIII,XIII.1,unknown,8961,C000-C809", "unknown subgroup"),
+    ],
+)
+def test_extended_loader_refuses_bad_rows(tmp_path, row, match):
+    from tre.iccc3 import EXTENDED_FILE, load_extended_table
+
+    bad = tmp_path / "ext.csv"
+    bad.write_text(EXTENDED_FILE.read_text().rstrip("\n") + "\n" + row + "\n")
+    with pytest.raises(RecodeTableError, match=match):
+        load_extended_table(bad)

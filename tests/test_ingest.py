@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import stat
 
 import duckdb
 import polars as pl
@@ -116,6 +117,9 @@ def test_valid_batch_loads_pseudonymised_harmonised_with_provenance(settings, tm
         "SELECT count(*) FROM tumour WHERE patient_id NOT IN (SELECT patient_id FROM patient)",
     )
     assert orphans == 0
+    # the store and its batch records are for the TRE's services only
+    assert stat.S_IMODE(settings.pooled_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(r.batch_dir.parent.stat().st_mode) == 0o700
     # batch record next to the store
     record = json.loads((r.batch_dir / "batch.json").read_text())
     assert record["status"] == "loaded" and record["pooled_version"] == 1
@@ -238,6 +242,8 @@ def test_identical_batch_is_a_no_op_whatever_the_file_names(settings, tmp_path, 
         shutil.copy(f, renamed / f"uk-ccr_{f.name}")
     third = ingest(settings, "uk-ccr", sorted(renamed.iterdir()))
     assert third.status == "unchanged"
+    (renamed / "README.txt").write_text("not data")
+    assert ingest(settings, "uk-ccr", [renamed]).status == "unchanged"  # a directory
     assert state(settings) == after
     # a different site is a different batch even for the same bytes
     assert batch_identity("de-gpoh", {}) != batch_identity("uk-ccr", {})
@@ -271,6 +277,9 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(settings, tmp_path, deli
     files = site_files.write(delivery, tmp_path / "in")
     with pytest.raises(IngestError, match="unknown site"):
         ingest(settings, "xx-nowhere", files)
+    (tmp_path / "empty-dir").mkdir()
+    with pytest.raises(IngestError, match="no CSV or Parquet"):
+        ingest(settings, "uk-ccr", [tmp_path / "empty-dir"])
     with pytest.raises(IngestError, match="no such file"):
         ingest(settings, "uk-ccr", [tmp_path / "missing.csv"])
     odd = tmp_path / "hospital.csv"
@@ -309,3 +318,136 @@ def test_missing_or_misplaced_key_stops_ingest(tmp_path, delivery):
         ingest(inside, "uk-ccr", files)
     os.chmod(s.hmac_key_file.parent, 0o700) if s.hmac_key_file.parent.exists() else None
     assert not PooledStore(s.pooled_dir).db_path.exists()
+
+
+@pytest.mark.slow
+def test_each_loaded_batch_gets_a_quality_report(settings, tmp_path):
+    files = site_files.write(site_files.generate(60, seed=5), tmp_path / "in")
+    r = ingest_files(settings, "uk-ccr", files)
+    assert r.status == "loaded" and r.report_error is None, r.report_error
+    assert r.report_html == settings.reports_dir / f"{r.batch_id}.html"
+    html = r.report_html.read_text()
+    assert r.batch_id in html and "<html" in html.lower()
+    # a re-ingest changes nothing, not even the report (one report build keeps this test short)
+    mtime = r.report_html.stat().st_mtime_ns
+    again = ingest_files(settings, "uk-ccr", files)
+    assert again.status == "unchanged" and again.report_html.stat().st_mtime_ns == mtime
+
+
+def test_cli_init_key_ingest_and_status(tmp_path, monkeypatch, delivery):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.settings import get_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(tmp_path / "cli"))
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        res = runner.invoke(app, ["data", "init-key"])
+        assert res.exit_code == 0 and "0600" in res.output
+        assert runner.invoke(app, ["data", "init-key"]).exit_code == 1  # never silently replaced
+        bad = site_files.write(_defective(delivery), tmp_path / "bad")
+        res = runner.invoke(app, ["data", "ingest", "--site", "uk-ccr", *map(str, bad),
+                                  "--no-report"])  # fmt: skip
+        assert res.exit_code == 1 and "rejected" in res.output and "code_list" in res.output
+        assert "errors.csv" in res.output
+        good = site_files.write(delivery, tmp_path / "good")
+        args = ["data", "ingest", "--site", "uk-ccr", *map(str, good), "--no-report"]
+        res = runner.invoke(app, [*args, "--rebuild-extracts"])
+        assert res.exit_code == 0 and "pooled version 1" in res.output, res.output
+        from tre.registry import load_registry
+
+        for project in load_registry(get_settings().policies_dir).projects.values():
+            assert f"extract {project.id}" in res.output
+            extract = tmp_path / "cli" / "extracts" / f"{project.id}.duckdb"
+            assert extract.exists() == project.is_active()
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0 and "already loaded" in res.output
+        res = runner.invoke(app, ["data", "ingest", "--site", "nowhere", *map(str, good)])
+        assert res.exit_code == 2 and "unknown site" in res.output
+        res = runner.invoke(app, ["data", "status"])
+        assert res.exit_code == 0 and "pooled version 1" in res.output
+    finally:
+        get_settings.cache_clear()
+
+
+def test_generated_multi_site_deliveries_with_planted_defects(settings, tmp_path):
+    """The project's generator (site dialects, CSV and Parquet, a manifest of planted defects):
+    every planted defect is reported with its rule, the pool holds exactly the rest, and
+    nothing in the pool points at a missing row."""
+    from tre.synth import generate
+
+    summary = generate(tmp_path / "d", 3, 3000, seed=11, defects_rate=0.02)
+    manifest = pl.read_csv(tmp_path / "d" / "defects.csv")
+    for site in summary.sites:
+        files = sorted((tmp_path / "d" / site["id"]).iterdir())
+        r = ingest(settings, site["id"], files, on_invalid="quarantine")
+        assert r.status == "loaded"
+        planted = manifest.filter(pl.col("site") == site["id"]).select("table", "row", "rule")
+        missed = planted.join(r.errors, on=["table", "row", "rule"], how="anti")
+        assert missed.height == 0, missed.head()
+        bad = r.errors.select("table", "row").unique()
+        for t, delivered in site["rows"].items():
+            n_bad = bad.filter(pl.col("table") == t).height
+            assert r.rows_added.get(t, 0) == delivered - n_bad
+    for child, parent, key in [
+        ("tumour", "patient", "patient_id"),
+        ("followup", "patient", "patient_id"),
+        ("treatment", "tumour", "tumour_id"),
+        ("event", "tumour", "tumour_id"),
+    ]:
+        [(orphans,)] = q(
+            settings,
+            f"SELECT count(*) FROM {child} WHERE {key} NOT IN (SELECT {key} FROM {parent})",
+        )
+        assert orphans == 0
+    sites = {s for (s,) in q(settings, "SELECT DISTINCT site_id FROM patient")}
+    assert sites == {s["id"] for s in summary.sites}
+
+
+def test_hostile_values_and_column_names_are_data_not_code(settings, tmp_path):
+    hostile = [
+        "x'); DROP TABLE patient; --",
+        '"; DELETE FROM _batches; --',
+        '=HYPERLINK("http://127.0.0.1/")',
+        "line\nbreak, comma",
+        "ünïcødé ✓ 病",
+        "A" * 100_000,
+    ]
+    d = site_files.generate(len(hostile) + 2, seed=4)
+    d["patient"] = d["patient"].with_columns(
+        pl.Series("study_id", [*hostile, None, None], dtype=pl.String)
+    )
+    r = ingest(settings, "uk-ccr", site_files.write(d, tmp_path / "in"))
+    assert r.status == "loaded", r.errors
+    got = {v for (v,) in q(settings, "SELECT study_id FROM patient WHERE study_id IS NOT NULL")}
+    assert got == set(hostile)  # stored verbatim
+    assert q(settings, "SELECT count(*) FROM _batches") == [(1,)]
+    # a hostile column NAME is an unknown column: the batch is refused before any SQL
+    bad = d["patient"].rename({"study_id": 'study_id"; DROP TABLE patient; --'})
+    (tmp_path / "bad").mkdir()
+    bad.write_csv(tmp_path / "bad" / "patient.csv")
+    with pytest.raises(IngestError, match="unknown column"):
+        ingest(settings, "uk-ccr", [tmp_path / "bad" / "patient.csv"])
+    assert q(settings, "SELECT count(*) FROM patient") == [(len(hostile) + 2,)]
+
+
+def test_a_damaged_pooled_store_is_a_clear_cli_error(settings, tmp_path, monkeypatch, delivery):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.settings import get_settings
+
+    files = site_files.write(delivery, tmp_path / "in")
+    settings.pooled_dir.mkdir(parents=True)
+    db = PooledStore(settings.pooled_dir).db_path
+    db.write_bytes(b"this is not a duckdb file" * 100)
+    monkeypatch.setenv("TRE_STATE_DIR", str(settings.state_dir))
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["data", "ingest", "--site", "uk-ccr", *map(str, files)])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 3 and "pooled store error" in res.output
+    assert db.read_bytes() == b"this is not a duckdb file" * 100  # left for the admin to inspect

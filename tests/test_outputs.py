@@ -260,6 +260,7 @@ def test_magnitude_negative_values_are_review():
     out = outputs.magnitude_table(data, rows="grp", values="change", statistics="mean")
     assert out.status == Status.REVIEW
     assert any(f.rule == rules.NEGATIVE_VALUES for f in out.findings)
+    assert all(cell.largest == [] for cell in out.evidence.cells)  # no raw values recorded
 
 
 def test_magnitude_small_group_fails_and_values_are_correct():
@@ -350,7 +351,7 @@ def test_histogram_counts_the_maximum_and_matches_numpy():
     assert sum(counts) == len(values) and edges[-1] >= 10.0 and edges[0] <= 0.0
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200), st.integers(1, 30)
 )
@@ -373,3 +374,87 @@ def test_histogram_png_and_table(tmp_path):
     assert small.status == Status.FAIL  # bins below 10
     hidden = outputs.histogram(data.head(40), "age", bins=8, suppress=True)
     assert hidden.status == Status.REVIEW
+
+
+def test_survival_truncate_drops_the_small_tail():
+    rng = np.random.default_rng(9)
+    n = 600
+    data = pl.DataFrame({"time": rng.exponential(150, n), "event": rng.integers(0, 2, n)})
+    full = outputs.survival_table(data, "time", "event", interval=100)
+    assert full.table["at_risk"].min() < 10
+    assert any(f.rule == rules.SURVIVAL_AT_RISK for f in full.findings)
+    cut = outputs.survival_table(data, "time", "event", interval=100, truncate=True)
+    assert cut.table["at_risk"].min() >= 10
+    assert not any(f.rule == rules.SURVIVAL_AT_RISK for f in cut.findings)
+    assert any("truncated" in note for note in cut.evidence.notes)
+
+
+def _oracle_long(table: pl.DataFrame, dims: list[str]) -> list[tuple]:
+    """Integer-programming oracle for a long table with 'Total' levels in every dimension."""
+    keys = [tuple(r[d] for d in dims) for r in table.iter_rows(named=True)]
+    shown = dict(zip(keys, table["n"].to_list(), strict=True))
+    hidden = [k for k, v in shown.items() if v == outputs.SUPPRESSED]
+    if not hidden:
+        return []
+    index = {k: i for i, k in enumerate(hidden)}
+    a_rows, b = [], []
+    for key in keys:
+        for d in range(len(dims)):
+            if key[d] != outputs.TOTAL:
+                continue
+            parts = [
+                k
+                for k in keys
+                if k[d] != outputs.TOTAL and all(k[o] == key[o] for o in range(len(dims)) if o != d)
+            ]
+            coeffs = np.zeros(len(hidden))
+            rhs = 0.0
+            for cell, sign in [(key, 1.0)] + [(p, -1.0) for p in parts]:
+                if cell in index:
+                    coeffs[index[cell]] += sign
+                else:
+                    rhs -= sign * float(shown[cell])
+            if coeffs.any():
+                a_rows.append(coeffs)
+                b.append(rhs)
+    a = np.array(a_rows)
+    return [cell for cell, j in index.items() if len(set(_milp_range(a, np.array(b), j))) == 1]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(count, min_size=8, max_size=8))
+def test_three_way_suppressed_table_is_not_recoverable(values):
+    levels = [(a, b, c) for a in ("a1", "a2") for b in ("b1", "b2") for c in ("c1", "c2")]
+    rows = [lv for lv, n in zip(levels, values, strict=True) for _ in range(n)]
+    if not rows:
+        return
+    data = pl.DataFrame(rows, schema=["x", "y", "z"], orient="row")
+    out = outputs.frequency_table(data, rows=["x", "y", "z"], suppress=True)
+    table = reread(out).with_columns(pl.col("n").cast(pl.String))
+    table = table.with_columns([pl.col(c).cast(pl.String) for c in ("x", "y", "z")])
+    for value in table["n"].to_list():
+        if value != outputs.SUPPRESSED:
+            assert rules.count_cell(float(value), P) is None
+    assert _oracle_long(table, ["x", "y", "z"]) == [], (values, table)
+
+
+def test_sandbox_policy_comes_from_the_environment(tmp_path, monkeypatch):
+    data = people({("F", "a"): 30, ("F", "b"): 7, ("M", "a"): 25, ("M", "b"): 40})
+    assert outputs.frequency_table(data, rows="sex", columns="grp").status == Status.FAIL
+    monkeypatch.setenv("TRE_DISCLOSURE_OVERRIDES", '{"min_cell_count": 5}')
+    relaxed = outputs.frequency_table(data, rows="sex", columns="grp")
+    assert relaxed.status == Status.PASS
+    assert relaxed.evidence.policy_version == outputs.default_policy().label != P.label
+    monkeypatch.setenv("TRE_DISCLOSURE_OVERRIDES", "[1]")
+    with pytest.raises(outputs.OutputError, match="JSON object"):
+        outputs.frequency_table(data, rows="sex", columns="grp")
+    monkeypatch.delenv("TRE_DISCLOSURE_OVERRIDES")
+    strict = tmp_path / "disclosure.yaml"
+    import yaml
+
+    body = yaml.safe_load(open(outputs.load_policy.__defaults__[0]).read())
+    body["min_cell_count"] = 50
+    strict.write_text(yaml.safe_dump(body))
+    monkeypatch.setenv("TRE_DISCLOSURE_POLICY", str(strict))
+    assert outputs.frequency_table(data, rows="sex", columns="grp").status == Status.FAIL
+    assert outputs.default_policy().min_cell_count == 50

@@ -380,3 +380,20 @@ def test_apply_is_recorded_in_the_hash_chained_audit_log(tmp_path):
         ("admin", "project.create", "project:wilms-outcomes"),
         ("admin", "project.build_extract", "project:leukaemia-incidence"),
     }
+
+
+def test_live_registry_follows_declaration_changes(tmp_path):
+    from tre.provision import LiveRegistry
+
+    settings = make_settings(tmp_path)
+    live = LiveRegistry(settings.policies_dir)
+    first = live()
+    assert live() is first  # unchanged files: no re-parse
+    set_status(settings.policies_dir, "wilms-outcomes", "suspended")
+    assert live().projects["wilms-outcomes"].status.value == "suspended"
+    # an invalid edit by hand: reported once, then the last valid registry stays in use
+    path = settings.policies_dir / "projects" / "wilms-outcomes.yaml"
+    path.write_text(path.read_text().replace("purpose: academic", "purpose: curiosity"))
+    with pytest.raises(RegistryError):
+        live()
+    assert live().projects["wilms-outcomes"].status.value == "suspended"

@@ -123,3 +123,12 @@ def test_bulk_python_pseudonyms_equal_reference_and_keep_nulls(ids):
     p = Pseudonymiser(bytes(range(1, 33)))
     got = p.pseudonyms("patient", "uk-ccr", pl.Series("id", ids, dtype=pl.String)).to_list()
     assert got == [None if i is None else p.pseudonym("patient", "uk-ccr", i) for i in ids]
+
+
+def test_ensure_key_creates_once(tmp_path):
+    from tre.pseudonymise import ensure_key
+
+    path = tmp_path / "k" / "hmac.key"
+    assert ensure_key(path) is True
+    key = load_key(path)
+    assert ensure_key(path) is False and load_key(path) == key

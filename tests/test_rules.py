@@ -181,3 +181,32 @@ def test_policy_for_registry_project(policies_dir):
     policy = policy_for_project(stricter)
     assert (policy.min_cell_count, policy.nk_k) == (20, 0.8)
     assert rules.min_cell_count(15, policy) is not None
+
+
+def test_survival_at_risk_boundary():
+    assert rules.survival_at_risk(9, P).status == Status.FAIL
+    assert rules.survival_at_risk(10, P) is None
+    assert rules.survival_at_risk(0, P) is None
+
+
+def test_marker_bounds_pin_cells_at_their_largest_value():
+    # row: 120 + x + y = 138 with x, y shown as '<10': both must be 9
+    values = [120.0, None, None, 138.0]
+    eqs = [MarginEquation(3, [0, 1, 2])]
+    hidden = [False, True, True, False]
+    recovered, _ = recoverable_cells(values, hidden, eqs, P, upper=[None, 9.0, 9.0, None])
+    assert {r.cell: r.value for r in recovered} == {1: 9.0, 2: 9.0}
+    # without the bound, or with room to spare, nothing is pinned
+    assert recoverable_cells(values, hidden, eqs, P)[0] == []
+    values[3] = 135.0
+    assert recoverable_cells(values, hidden, eqs, P, upper=[None, 9.0, 9.0, None])[0] == []
+
+
+def test_marker_upper_bounds_are_read():
+    from airlock.checks.layout import marker_upper_bound
+
+    assert marker_upper_bound("<10") == 9
+    assert marker_upper_bound("< 5") == 4
+    assert marker_upper_bound("<=5") == 5
+    assert marker_upper_bound("≤7") == 7
+    assert marker_upper_bound("*") is None

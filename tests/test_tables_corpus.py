@@ -56,3 +56,28 @@ def test_corpus_table(entry):
     if "rule" in entry:
         assert any(f.rule == entry["rule"] and f.status == status for f in findings), summary
     assert all(f.policy_version == policy.label for f in findings)
+
+
+@pytest.mark.parametrize("entry", MANIFEST, ids=_id)
+def test_corpus_table_through_the_file_layer(entry):
+    """The same verdicts when the airlock's file dispatcher reads the file and the evidence
+    (row-level leak rules belong to the file layer and are set aside here)."""
+    from airlock.checks.engine import check_file
+
+    path = CORPUS / entry["file"]
+    ev_path = (
+        CORPUS / entry["evidence"]
+        if "evidence" in entry
+        else path.with_name(f"{path.stem}.evidence.json")
+    )
+    report = check_file(
+        path,
+        policy_for_project(entry.get("policy")),
+        evidence_path=ev_path if ev_path.exists() else None,
+    )
+    findings = [f for f in report.findings if not f.rule.startswith("leak.")]
+    status = worst([f.status for f in findings])
+    summary = [(f.rule, f.status.value, f.message) for f in findings]
+    assert status == Status(entry["status"]), summary
+    if "rule" in entry:
+        assert any(f.rule == entry["rule"] and f.status == status for f in findings), summary

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from airlock.checks import rules
 from airlock.checks.findings import Status, worst
-from airlock.checks.layout import read_layout
+from airlock.checks.layout import Role, read_layout
 from airlock.checks.tables import check_table
 from airlock.policy import load_policy
 
@@ -115,3 +117,120 @@ def test_large_tables_are_refused_clearly():
     big = pl.DataFrame({f"c{i}": [1] * 100_000 for i in range(21)})
     output_class, findings = check_table(big, P)
     assert output_class == "unknown_table" and findings[0].status == Status.FAIL
+
+
+cell_text = st.one_of(
+    st.integers(-5, 300).map(str),
+    st.sampled_from(
+        ["*", "<10", "", "NA", "Total", "All", "x", "12 (4%)", "1,234", "3.5", "-", "[c]"]
+    ),
+    st.text(max_size=4),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 5).flatmap(
+        lambda w: st.lists(st.lists(cell_text, min_size=w, max_size=w), min_size=0, max_size=8)
+    ),
+    st.lists(
+        st.sampled_from(
+            [
+                "n",
+                "count",
+                "group",
+                "Total",
+                "mean_x",
+                "max_y",
+                "pct",
+                "year",
+                "time",
+                "at_risk",
+                "coef",
+                "se",
+                "2019",
+                "ALL",
+                "",
+            ]
+        ),
+        min_size=5,
+        max_size=5,
+        unique=True,
+    ),
+)
+def test_check_table_never_crashes_and_never_passes_a_small_visible_count(rows, names):
+    width = len(rows[0]) if rows else 1
+    columns = names[:width]
+    frame = (
+        pl.DataFrame(rows, schema=columns, orient="row")
+        if rows
+        else pl.DataFrame(schema={c: pl.String for c in columns})
+    )
+    output_class, findings = check_table(frame, P)
+    status = worst([f.status for f in findings])
+    assert output_class in {
+        "frequency_table",
+        "magnitude_table",
+        "model_summary",
+        "correlation_matrix",
+        "survival_table",
+        "unknown_table",
+    }
+    if output_class == "frequency_table":
+        layout = read_layout(frame, P)
+        small = [
+            v
+            for c in layout.columns(Role.COUNT)
+            for v in layout.parsed[c].values
+            if v is not None and 0 < v < P.min_cell_count
+        ]
+        if small:
+            assert status == Status.FAIL
+
+
+def test_counts_beside_statistics_are_checked_for_margins_too():
+    table = pl.DataFrame(
+        {
+            "group": ["a", "b", "c", "Total"],
+            "n": ["40", "*", "35", "82"],
+            "mean_age": ["5.1", "*", "6.0", "5.5"],
+        }
+    )
+    _, findings = check_table(table, P)
+    hit = [f for f in findings if f.rule == rules.SECONDARY_DISCLOSURE]
+    assert hit and hit[0].cells[0]["recovered_value"] == 7
+
+
+def test_a_column_that_adds_up_is_a_margin_whatever_its_name():
+    table = pl.DataFrame(
+        {
+            "sex": ["F", "M", "X"],
+            "ALL": ["120", "140", "30"],
+            "AML": ["35", "<10", "20"],
+            "CML": ["11", "22", "12"],
+            "N": ["166", "169", "62"],
+        }
+    )
+    _, findings = check_table(table, P)
+    hit = [f for f in findings if f.rule == rules.SECONDARY_DISCLOSURE]
+    assert hit and hit[0].cells[0]["recovered_value"] == 7
+    # a column that merely holds counts is not taken for a margin
+    other = table.with_columns(pl.Series("N", ["160", "169", "62"]))
+    _, findings = check_table(other, P)
+    assert not any(f.rule == rules.SECONDARY_DISCLOSURE for f in findings)
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pl.Series("d", [None, None], dtype=pl.Date),
+        pl.Series("l", [[1, 2], [3]]),
+        pl.Series("s", [{"a": 1}, {"a": 2}]),
+        pl.Series("b", [True, False]),
+        pl.Series("c", ["a", "b"], dtype=pl.Categorical),
+    ],
+)
+def test_any_column_type_is_read_without_error(column):
+    frame = pl.DataFrame([column, pl.Series("n", [12, 3])])
+    output_class, findings = check_table(frame, P)
+    assert worst([f.status for f in findings]) in (Status.FAIL, Status.REVIEW)

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -56,6 +57,7 @@ class DemoContext:
     settings: Settings
     console: Console
     patients: int = 2000
+    quality_reports: bool = True
     passwords: dict[str, str] = field(default_factory=dict)
     hub_proc: subprocess.Popen | None = None
     stop: threading.Event = field(default_factory=threading.Event)
@@ -84,7 +86,10 @@ def check_prerequisites(ctx: DemoContext) -> None:
     missing = []
     if not proxy.exists():
         missing.append(f"configurable-http-proxy ({proxy}; run `npm ci`)")
-    if ctx.settings.hub.spawner == "bubblewrap" and shutil.which("bwrap") is None:
+    hub = getattr(ctx.settings, "hub", None)
+    if hub is None:
+        missing.append("the hub integration (tre.settings has no hub settings yet)")
+    elif hub.spawner == "bubblewrap" and shutil.which("bwrap") is None:
         missing.append("bubblewrap (apt-get install bubblewrap)")
     if missing:
         raise DemoError("missing prerequisites: " + "; ".join(missing))
@@ -134,7 +139,13 @@ def ensure_data(ctx: DemoContext) -> None:
         files = sorted(
             f for f in site_dir.iterdir() if f.suffix in (".csv", ".parquet") and f.is_file()
         )
-        result = ingest_files(settings, site_dir.name, files, source_version=f"demo-{DEMO_SEED}")
+        result = ingest_files(
+            settings,
+            site_dir.name,
+            files,
+            source_version=f"demo-{DEMO_SEED}",
+            quality_report=ctx.quality_reports,
+        )
         if not result.ok:
             raise DemoError(
                 f"ingest of {site_dir.name} was {result.status}: {result.invalid_rows} invalid "
@@ -154,8 +165,19 @@ def ensure_accounts(ctx: DemoContext) -> None:
     known: dict[str, str] = {}
     if store.exists():
         known = json.loads(store.read_text(encoding="utf-8"))
-    passwords = PasswordFile(ctx.settings.state_dir / "secrets" / "hub-users.json")
+    password_path = ctx.settings.state_dir / "secrets" / "hub-users.json"
+    passwords = PasswordFile(password_path)
+    # scrypt makes each check slow on purpose: verify only if the password file changed since
+    # the demo last wrote its accounts (e.g. an admin reset a password with `tre hub add-user`)
+    unchanged = (
+        store.exists()
+        and password_path.exists()
+        and password_path.stat().st_mtime_ns <= store.stat().st_mtime_ns
+    )
+    listed = set(passwords.usernames()) if password_path.exists() else set()
     for user in DEMO_USERS:
+        if user in known and user in listed and unchanged:
+            continue
         if user not in known or not passwords.verify(user, known[user]):
             known[user] = known.get(user) or generate_password()
             passwords.set_password(user, known[user])
@@ -188,6 +210,15 @@ def provision(ctx: DemoContext, use_hub: bool) -> None:
 EXAMPLE_NOTEBOOK = "wilms_relapse_by_stage.ipynb"
 
 
+RELAPSE_BY_STAGE_SQL = """
+SELECT t.stage,
+       CASE WHEN r.tumour_id IS NULL THEN 'no relapse' ELSE 'relapse' END AS relapse
+FROM tumour t
+LEFT JOIN (SELECT DISTINCT tumour_id FROM event WHERE event_type = 'Relapse') r USING (tumour_id)
+WHERE t.stage IN ('I', 'II', 'III', 'IV')
+"""
+
+
 def example_notebook() -> dict[str, Any]:
     """A short example analysis for the Wilms tumour project (what the screenshots show)."""
     import nbformat
@@ -195,7 +226,7 @@ def example_notebook() -> dict[str, Any]:
     nb = nbformat.v4.new_notebook()
     nb.cells = [
         nbformat.v4.new_markdown_cell(
-            "# Wilms tumour: tumours by contributing site and sex\n"
+            "# Wilms tumour: relapse by stage\n"
             "The project's extract is mounted read-only at `$TRE_EXTRACT`. `tre.outputs` "
             "checks every table with the airlock's own rules before you request its release."
         ),
@@ -205,13 +236,11 @@ def example_notebook() -> dict[str, Any]:
             'con.sql("SELECT table_name FROM information_schema.tables ORDER BY 1")'
         ),
         nbformat.v4.new_code_cell(
-            "df = con.sql(\n"
-            '    "SELECT t.site_id, p.sex FROM tumour t JOIN patient p USING (patient_id)"\n'
-            ").pl()\n"
-            't = outputs.frequency_table(df, rows="site_id", columns="sex", suppress=True)\n'
+            f'df = con.sql("""{RELAPSE_BY_STAGE_SQL}""").pl()\n'
+            't = outputs.frequency_table(df, rows="stage", columns="relapse", suppress=True)\n'
             "t.status, t.table"
         ),
-        nbformat.v4.new_code_cell('t.save("outputs/tumours_by_site_and_sex.csv")'),
+        nbformat.v4.new_code_cell('t.save("outputs/relapse_by_stage.csv")'),
     ]
     nb.metadata["kernelspec"] = {
         "name": "python3",
@@ -342,10 +371,64 @@ def start_enforcement(ctx: DemoContext) -> None:
     ctx.enforce_thread.start()
 
 
+def become_subreaper() -> None:
+    """Adopt our orphaned descendants (Linux PR_SET_CHILD_SUBREAPER).
+
+    The hub starts the proxy and its services in sessions of their own; if the hub dies they
+    would live on. As their subreaper the demo finds them again and stops them on exit.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def _children() -> list[int]:
+    me, found = os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command name may hold spaces and parentheses: the ppid follows the last ')'
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def stop_descendants(timeout: float = 10) -> None:
+    """SIGTERM every remaining child (adopted orphans included), then SIGKILL after timeout."""
+    pids = _children()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        for pid in list(pids):
+            with contextlib.suppress(ChildProcessError):
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done == 0:
+                    continue
+            pids.remove(pid)
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 def shutdown(ctx: DemoContext) -> None:
-    """Stop the sandboxes, then the hub (which stops the proxy and the airlock)."""
+    """Stop the sandboxes, then the hub (which stops the proxy and the airlock), then
+    anything of ours still running (e.g. a proxy left behind by a hub that crashed)."""
     ctx.stop.set()
     if ctx.hub_proc is None or ctx.hub_proc.poll() is not None:
+        stop_descendants()
         return
     try:
         from tre.provision import HubClient
@@ -366,6 +449,7 @@ def shutdown(ctx: DemoContext) -> None:
         ctx.hub_proc.wait(10)
     if ctx.enforce_thread is not None:
         ctx.enforce_thread.join(5)
+    stop_descendants()
 
 
 def print_welcome(ctx: DemoContext) -> None:
@@ -415,10 +499,13 @@ def run_demo(
     screenshots: Path | None = None,
     patients: int = 2000,
     settings: Settings | None = None,
+    quality_reports: bool = True,
 ) -> int:
     """Start the demo; with ``tour`` run the headless story and return its exit status."""
     console = Console()
-    ctx = DemoContext(settings or load_settings(), console, patients=patients)
+    ctx = DemoContext(
+        settings or load_settings(), console, patients=patients, quality_reports=quality_reports
+    )
     interrupted = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -426,6 +513,7 @@ def run_demo(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_signal)
+    become_subreaper()
     try:
         try:
             prepare(ctx)

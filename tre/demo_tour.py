@@ -24,11 +24,11 @@ from typing import Any
 
 import httpx
 
-from tre.demo import EXAMPLE_NOTEBOOK, DemoContext
+from tre.demo import EXAMPLE_NOTEBOOK, RELAPSE_BY_STAGE_SQL, DemoContext
 
 PROJECT = "wilms-outcomes"
 OTHER_PROJECT = "leukaemia-incidence"
-OUTPUT = "outputs/tumours_by_site_and_sex.csv"
+OUTPUT = "outputs/relapse_by_stage.csv"
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -212,9 +212,9 @@ from tre import outputs
 con = duckdb.connect(os.environ["TRE_EXTRACT"], read_only=True)
 names = con.sql("SELECT table_name FROM information_schema.tables").fetchall()
 tables = sorted(r[0] for r in names)
-df = con.sql("SELECT t.site_id, p.sex FROM tumour t JOIN patient p USING (patient_id)").pl()
+df = con.sql({RELAPSE_BY_STAGE_SQL!r}).pl()
 assert isinstance(df, pl.DataFrame)
-t = outputs.frequency_table(df, rows="site_id", columns="sex", suppress=True)
+t = outputs.frequency_table(df, rows="stage", columns="relapse", suppress=True)
 os.makedirs("outputs", exist_ok=True)
 t.save({OUTPUT!r})
 print(json.dumps({{"tables": tables, "rows": df.height, "status": str(t.status)}}))
@@ -222,11 +222,11 @@ print(json.dumps({{"tables": tables, "rows": df.height, "status": str(t.status)}
         out = self.run_in_kernel(code)
         expect(out["error"] is None, f"the analysis failed in the sandbox: {out['error']}")
         result = json.loads(out["stdout"].strip().splitlines()[-1])
-        expect(result["rows"] > 0, "the extract holds no tumours")
+        expect(result["rows"] > 0, "the extract holds no staged Wilms tumours")
         expect("treatment" not in result["tables"], "the extract holds an ungranted table")
         return (
-            f"DuckDB + polars on the read-only extract: {result['rows']} tumours; table saved "
-            f"({result['status']})"
+            f"DuckDB + polars on the read-only extract: relapse by stage over {result['rows']} "
+            f"tumours, checked by tre.outputs ({result['status']}) and saved"
         )
 
     def step_request_release(self) -> str:
@@ -239,9 +239,9 @@ with httpx.Client(transport=transport, base_url="http://airlock", timeout=60) as
         headers={{"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]}},
         json={{
             "project": {PROJECT!r},
-            "title": "Tumours by site and sex",
-            "context": "Counts of Wilms tumours by contributing site and sex.",
-            "controls": "Small cells suppressed with tre.outputs (secondary suppression).",
+            "title": "Relapse by stage",
+            "context": "Wilms tumours (stages I-IV) with and without a relapse, all sites.",
+            "controls": "tre.outputs frequency table; small cells would be suppressed.",
             "files": [{{"path": {OUTPUT!r}, "group": "tables"}}],
             "submit": True,
         }},
@@ -351,15 +351,15 @@ print(json.dumps({{"status": r.status_code, "body": r.json()}}))
             try:
                 page = self._browser_login(browser, "alice")
                 page.goto(f"{self.base}/hub/home")
-                page.screenshot(path=str(out / "hub-home.png"))
+                page.screenshot(path=str(out / "demo-hub-home.png"))
                 page.goto(f"{self.base}/user/alice/{PROJECT}/lab/tree/{EXAMPLE_NOTEBOOK}")
                 page.wait_for_selector(".jp-Notebook", timeout=60000)
                 page.wait_for_timeout(2500)
-                page.screenshot(path=str(out / "jupyterlab-notebook.png"))
+                page.screenshot(path=str(out / "demo-jupyterlab-notebook.png"))
                 page = self._browser_login(browser, "checker1")
                 page.goto(f"{self.airlock}requests/{self.state.request_id}")
                 page.wait_for_load_state("networkidle")
-                page.screenshot(path=str(out / "airlock-review.png"), full_page=True)
+                page.screenshot(path=str(out / "demo-airlock-review.png"), full_page=True)
             finally:
                 browser.close()
         return "hub home, JupyterLab with the example notebook, airlock review page"
@@ -374,13 +374,13 @@ print(json.dumps({{"status": r.status_code, "body": r.json()}}))
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
                 page.goto(f"{self.airlock}transparency")
-                page.screenshot(path=str(out / "transparency.png"), full_page=True)
+                page.screenshot(path=str(out / "demo-transparency.png"), full_page=True)
                 page = self._browser_login(browser, "admin")
                 page.goto(f"{self.airlock}admin")
                 page.wait_for_load_state("networkidle")
-                page.screenshot(path=str(out / "admin-projects.png"), full_page=True)
+                page.screenshot(path=str(out / "demo-admin-projects.png"), full_page=True)
                 page.goto(f"{self.airlock}admin/stats")
-                page.screenshot(path=str(out / "admin-stats.png"), full_page=True)
+                page.screenshot(path=str(out / "demo-admin-stats.png"), full_page=True)
             finally:
                 browser.close()
         return "transparency register, admin projects and statistics"
@@ -390,7 +390,7 @@ print(json.dumps({{"status": r.status_code, "body": r.json()}}))
         page = context.new_page()
         page.goto(f"{self.base}/hub/login")
         if user == "alice" and self.screenshots is not None:
-            page.screenshot(path=str(self.screenshots / "hub-login.png"))
+            page.screenshot(path=str(self.screenshots / "demo-hub-login.png"))
         page.fill("input[name=username]", user)
         page.fill("input[name=password]", self.ctx.passwords[user])
         page.click("input[type=submit], button[type=submit]")

@@ -112,6 +112,7 @@ class RuleSpec(BaseModel):
         "foreign_key",
         "not_before",
         "year_matches_age",
+        "not_after",
     ]
     table: str
 
@@ -155,9 +156,43 @@ class DataDictionary(_Strict):
         return [r for r in self.rules if r.table == table]
 
 
+# fields each rule kind needs, and may have
+RULE_FIELDS: dict[str, tuple[set[str], set[str]]] = {
+    "iccc3_classifiable": (set(), set()),
+    "stage_in_system": (set(), set()),
+    "only_if": ({"column", "when_column", "when_values"}, set()),
+    "foreign_key": ({"column", "ref_table", "ref_column"}, set()),
+    "not_before": (
+        {"column", "key", "ref_table", "ref_key", "ref_column"},
+        {"aggregate", "tolerance_days"},
+    ),
+    "year_matches_age": (
+        {"column", "age_column", "key", "ref_table", "ref_key", "ref_column"},
+        set(),
+    ),
+    "not_after": (
+        {"column", "key", "ref_table", "ref_key", "ref_column"},
+        {"aggregate", "tolerance_days", "via_table", "via_key", "via_to"},
+    ),
+}
+
+
 def _cross_check(d: DataDictionary) -> list[str]:
     problems = []
+    ids = [r.id for r in d.rules]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        problems.append(f"rule {dup}: declared more than once")
     for r in d.rules:
+        needed, optional = RULE_FIELDS[r.kind]
+        given = set(r.model_extra or {})
+        if needed - given:
+            problems.append(f"rule {r.id}: {r.kind} needs {', '.join(sorted(needed - given))}")
+        if given - needed - optional:
+            problems.append(
+                f"rule {r.id}: unknown field(s) {', '.join(sorted(given - needed - optional))}"
+            )
+        if r.get("aggregate", "min") not in ("min", "max"):
+            problems.append(f"rule {r.id}: aggregate must be min or max")
         if r.table not in d.tables:
             problems.append(f"rule {r.id}: unknown table {r.table!r}")
             continue
@@ -166,6 +201,14 @@ def _cross_check(d: DataDictionary) -> list[str]:
             name = r.get(key)
             if name is not None and name not in cols:
                 problems.append(f"rule {r.id}: {key} {name!r} is not a column of {r.table}")
+        via = r.get("via_table")
+        if via is not None:
+            if via not in d.tables:
+                problems.append(f"rule {r.id}: unknown via_table {via!r}")
+            else:
+                for key in ("via_key", "via_to"):
+                    if r.get(key) not in d.tables[via].columns:
+                        problems.append(f"rule {r.id}: {key} is not a column of {via}")
         ref = r.get("ref_table")
         if ref is not None:
             if ref not in d.tables:
@@ -242,6 +285,14 @@ def _orig(name: str) -> str:
     return f"__orig_{name}"
 
 
+def _present(name: str) -> str:
+    return f"__present_{name}"
+
+
+def _int(name: str) -> str:
+    return f"__int_{name}"
+
+
 def _as_text(name: str) -> pl.Expr:
     """The delivered value as stripped text, empty -> null."""
     s = pl.col(_orig(name)).cast(pl.String).str.strip_chars()
@@ -274,8 +325,8 @@ def _column_checks(
 ) -> tuple[list[tuple[str, pl.Expr]], list[_Check]]:
     """Harmonising expressions (name, expr) and the checks for one delivered column."""
     n = spec.name
-    present = _as_text(n).is_not_null()
-    exprs: list[tuple[str, pl.Expr]] = []
+    present = pl.col(_present(n))
+    exprs: list[tuple[str, pl.Expr]] = [(_present(n), _as_text(n).is_not_null())]
     checks: list[_Check] = []
     if spec.type == "string":
         exprs.append((n, _as_text(n)))
@@ -321,6 +372,7 @@ def _column_checks(
             if grp:
                 pieces.append(parts.struct.field(grp))
         exprs.append((n, pl.concat_str(pieces)))
+        exprs.append((_int(n), iccc3.topography_to_int(pl.concat_str(pieces))))
         checks.append(
             _Check(
                 n,
@@ -334,7 +386,7 @@ def _column_checks(
     if spec.min is not None or spec.max is not None:
         v = pl.col(n)
         if spec.type == "icdo3_topography":
-            v = iccc3.topography_to_int(pl.col(n))
+            v = pl.col(_int(n))
         lo = spec.min if spec.min is not None else -(2**62)
         hi = spec.max if spec.max is not None else 2**62
         checks.append(
@@ -399,6 +451,8 @@ def _collect_errors(frame: pl.DataFrame, checks: list[_Check]) -> pl.DataFrame:
 def _finish(
     table: str, spec: TableSpec, harmonised: pl.DataFrame, errors: pl.DataFrame
 ) -> ValidationResult:
+    if errors.height == 0:
+        return ValidationResult(table=table, valid=harmonised, errors=errors, harmonised=harmonised)
     errors = errors.sort(["row", "column", "rule"])
     bad = errors.select(pl.col("row").unique())
     valid = harmonised.join(bad, left_on=ROW, right_on="row", how="anti", maintain_order="left")
@@ -425,15 +479,29 @@ def harmonise_and_validate(
     missing = [
         c for c in dictionary.required_columns(table) if c not in given and c not in derivable
     ]
-    unknown = [c for c in given if c not in delivered]
-    if missing or unknown:
+    pooled = set(dictionary.pooled_columns(table))
+    derived = [c for c in given if c not in delivered and c in pooled]
+    unknown = [c for c in given if c not in delivered and c not in pooled]
+    if missing or unknown or derived:
         parts = []
         if missing:
             parts.append(f"missing required column(s): {', '.join(missing)}")
         if unknown:
             parts.append(f"unknown column(s): {', '.join(unknown)}")
+        if derived:
+            parts.append(f"column(s) {', '.join(derived)} are set by the pool, not delivered")
         raise DeliveryError(f"{table}: " + "; ".join(parts))
+    if ROW in df.columns and not df.schema[ROW].is_integer():
+        raise DeliveryError(f"{table}: column {ROW} must hold integer source row numbers")
 
+    nested = [
+        c for c in given if df.schema[c].is_nested() or df.schema[c] in (pl.Binary, pl.Object)
+    ]
+    if nested:
+        raise DeliveryError(
+            f"{table}: column(s) {', '.join(nested)} hold nested or binary values, "
+            "not text or numbers"
+        )
     row = pl.col(ROW) if ROW in df.columns else pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
     work = df.select(
         [row.cast(pl.Int64).alias(ROW)]
@@ -447,8 +515,15 @@ def harmonise_and_validate(
     for name in delivered:
         col = spec.columns[name]
         e, c = _column_checks(col, work.schema[_orig(name)])
-        exprs += [x.alias(alias) for alias, x in e]
         checks += c
+        if not col.identifier and work.schema[_orig(name)] == pl.String:
+            # Text columns other than ids repeat few distinct values: harmonise each distinct
+            # value once (regexes, code maps) and join the answers back onto the rows.
+            o = _orig(name)
+            lookup = work.select(pl.col(o).unique()).with_columns(x.alias(a) for a, x in e)
+            work = work.join(lookup, on=o, how="left", maintain_order="left", nulls_equal=True)
+        else:
+            exprs += [x.alias(alias) for alias, x in e]
     work = work.with_columns(exprs)
     # Behaviour given inside the morphology ('8960/3') fills or must agree with the column.
     for name in delivered:
@@ -506,6 +581,7 @@ def _harmonise_behaviour(spec: TableSpec, work: pl.DataFrame) -> pl.DataFrame:
                 pl.coalesce(pl.col(beh).cast(pl.String), fill).alias(beh),
                 # a behaviour only given inside the morphology satisfies 'required'
                 pl.coalesce(_as_text(beh), from_morph).alias(_orig(beh)),
+                (pl.col(_present(beh)) | from_morph.is_not_null()).alias(_present(beh)),
             )
     return work
 
@@ -517,7 +593,9 @@ def _table_rules(
     checks: list[_Check] = []
     for r in dictionary.rules_for(table):
         if r.kind == "iccc3_classifiable":
-            work = iccc3.recode(work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography")
+            work = iccc3.recode(
+                work, "icdo3_morphology", "icdo3_behaviour", "icdo3_topography", extended=True
+            )
             known = (
                 pl.col("icdo3_morphology").is_between(
                     spec.columns["icdo3_morphology"].min or 0,
@@ -547,8 +625,12 @@ def _table_rules(
         elif r.kind == "stage_in_system":
             values = spec.stage_values or {}
             pairs = pl.DataFrame(
-                [(s, v.upper()) for s, vs in values.items() for v in vs],
-                schema={"stage_system": pl.String, "__stage_ok": pl.String},
+                [(s, v.upper(), v) for s, vs in values.items() for v in vs],
+                schema={
+                    "stage_system": pl.String,
+                    "__stage_ok": pl.String,
+                    "__stage_canonical": pl.String,
+                },
                 orient="row",
             )
             work = work.with_columns(pl.col("stage").str.to_uppercase().alias("__stage_up"))
@@ -560,7 +642,11 @@ def _table_rules(
                 maintain_order="left",
                 coalesce=False,
             )
-            work = work.with_columns(ok["__stage_ok"].is_not_null().alias("__stage_valid"))
+            # a valid stage is stored as the dictionary spells it ('iii' -> 'III', '4s' -> '4S')
+            work = work.with_columns(
+                ok["__stage_ok"].is_not_null().alias("__stage_valid"),
+                pl.coalesce(ok["__stage_canonical"], pl.col("stage")).alias("stage"),
+            )
             checks.append(
                 _Check(
                     "stage",
@@ -610,42 +696,54 @@ def validate_batch(
         if df is None:
             df = pl.DataFrame(schema={c: pl.String for c in dictionary.delivered_columns(name)})
         results[name] = harmonise_and_validate(dictionary, name, df)
-    valid_rows = {
-        n: r.harmonised.join(
-            r.errors.select(pl.col("row").unique()), left_on=ROW, right_on="row", how="anti"
-        )
-        for n, r in results.items()
-    }
+    # rows already known bad, per table (narrow frames: joins below carry only what they need)
+    bad_rows = {n: r.errors.select(pl.col("row").unique()) for n, r in results.items()}
     extra: dict[str, list[pl.DataFrame]] = {n: [] for n in dictionary.tables}
     # foreign keys first: a row without its parent is no reference for the rules after it
-    cross = [r for r in dictionary.rules if r.kind == "foreign_key"] + [
-        r for r in dictionary.rules if r.kind in ("not_before", "year_matches_age")
-    ]
-    for i, r in enumerate(cross):
-        if i > 0 and r.kind != "foreign_key" and cross[i - 1].kind == "foreign_key":
+    # phases: rows found bad in one phase are no reference for the next (an orphan tumour is
+    # no diagnosis to compare events with; a last contact before diagnosis is no bound)
+    phases = [("foreign_key",), ("not_before", "year_matches_age"), ("not_after",)]
+    cross = [(k, r) for k, kinds in enumerate(phases) for r in dictionary.rules if r.kind in kinds]
+    ref_cache: dict[tuple, pl.DataFrame] = {}
+    for i, (phase, r) in enumerate(cross):
+        if i > 0 and phase != cross[i - 1][0]:
+            ref_cache.clear()
             for n, parts in extra.items():
                 if parts:
-                    bad = pl.concat(parts).select(pl.col("row").unique())
-                    valid_rows[n] = valid_rows[n].join(bad, left_on=ROW, right_on="row", how="anti")
-        child = results[r.table].harmonised
+                    bad_rows[n] = pl.concat(
+                        [bad_rows[n], *[p.select("row") for p in parts]]
+                    ).unique()
         ref_table = r.get("ref_table")
-        if r.kind == "foreign_key":
+        if r.kind == "not_after":
+            hit, c, value, msg = _not_after(dictionary, r, results, bad_rows, ref_cache)
+        elif r.kind == "foreign_key":
             c, rc = r.get("column"), r.get("ref_column")
-            keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls().unique()
+            keys = results[ref_table].harmonised.select(pl.col(rc).alias(c)).drop_nulls()
+            child = results[r.table].harmonised.select(ROW, c)
             hit = child.filter(pl.col(c).is_not_null()).join(keys, on=c, how="anti")
             msg = f"{c} does not exist in {ref_table}.{rc}"
             value = pl.col(c)
         else:
             key, ref_key, rc = r.get("key"), r.get("ref_key"), r.get("ref_column")
             c = r.get("column")
-            agg = {"min": pl.min, "max": pl.max}[r.get("aggregate", "min")]
-            ref = (
-                valid_rows[ref_table]
-                .filter(pl.col(ref_key).is_not_null() & pl.col(rc).is_not_null())
-                .group_by(ref_key)
-                .agg(agg(rc).alias("__ref"))
-                .rename({ref_key: key})
-            )
+            aggregate = r.get("aggregate", "min")
+            agg = {"min": pl.min, "max": pl.max}[aggregate]
+            cache_key = (ref_table, ref_key, rc, aggregate)
+            if cache_key not in ref_cache:  # treatment and event share the tumour reference
+                ref = (
+                    results[ref_table]
+                    .harmonised.select(ROW, ref_key, rc)
+                    .join(bad_rows[ref_table], left_on=ROW, right_on="row", how="anti")
+                    .filter(pl.col(ref_key).is_not_null() & pl.col(rc).is_not_null())
+                )
+                if dictionary.table(ref_table).columns[ref_key].unique:
+                    # duplicates are already bad rows: one reference row per key, no grouping
+                    ref_cache[cache_key] = ref.select(ref_key, pl.col(rc).alias("__ref"))
+                else:
+                    ref_cache[cache_key] = ref.group_by(ref_key).agg(agg(rc).alias("__ref"))
+            ref = ref_cache[cache_key].rename({ref_key: key})
+            needed = [ROW, key, c] + ([r.get("age_column")] if r.get("age_column") else [])
+            child = results[r.table].harmonised.select(list(dict.fromkeys(needed)))
             joined = child.join(ref, on=key, how="inner")
             if r.kind == "not_before":
                 tol = int(r.get("tolerance_days", 0))
@@ -684,6 +782,53 @@ def validate_batch(
             errors = pl.concat([res.errors, *parts])
             results[name] = _finish(name, dictionary.table(name), res.harmonised, errors)
     return results
+
+
+def _valid_part(
+    results: dict[str, ValidationResult], bad_rows: dict[str, pl.DataFrame], table: str, cols: list
+) -> pl.DataFrame:
+    return (
+        results[table]
+        .harmonised.select(ROW, *cols)
+        .join(bad_rows[table], left_on=ROW, right_on="row", how="anti")
+        .drop_nulls(cols)
+    )
+
+
+def _not_after(
+    dictionary: DataDictionary,
+    r: RuleSpec,
+    results: dict[str, ValidationResult],
+    bad_rows: dict[str, pl.DataFrame],
+    cache: dict[tuple, pl.DataFrame],
+) -> tuple[pl.DataFrame, str, pl.Expr, str]:
+    """Rows whose value is after the reference (e.g. an event after the last contact), with an
+    optional hop through a ``via_table`` (event -> tumour -> patient)."""
+    c, key, tol = r.get("column"), r.get("key"), int(r.get("tolerance_days", 0))
+    ref_table, ref_key, rc = r.get("ref_table"), r.get("ref_key"), r.get("ref_column")
+    aggregate = r.get("aggregate", "max")
+    via_table, via_key, via_to = r.get("via_table"), r.get("via_key"), r.get("via_to")
+    cache_key = ("not_after", ref_table, ref_key, rc, aggregate, via_table, via_key, via_to)
+    if cache_key not in cache:  # the event and treatment rules share one bound per tumour
+        ref = _valid_part(results, bad_rows, ref_table, [ref_key, rc])
+        if dictionary.table(ref_table).columns[ref_key].unique:
+            ref = ref.select(ref_key, pl.col(rc).alias("__ref"))
+        else:
+            agg = {"min": pl.min, "max": pl.max}[aggregate]
+            ref = ref.group_by(ref_key).agg(agg(rc).alias("__ref"))
+        if via_table:
+            via = _valid_part(results, bad_rows, via_table, [via_key, via_to])
+            ref = via.select(via_key, pl.col(via_to).alias(ref_key)).join(ref, on=ref_key)
+            ref = ref.select(pl.col(via_key).alias("__link"), "__ref")
+        else:
+            ref = ref.select(pl.col(ref_key).alias("__link"), "__ref")
+        cache[cache_key] = ref
+    child = results[r.table].harmonised.select(ROW, pl.col(key).alias("__link"), c)
+    hit = child.join(cache[cache_key], on="__link").filter(pl.col(c) > pl.col("__ref") + tol)
+    value = pl.concat_str(
+        [pl.col(c).cast(pl.String), pl.lit(" > "), pl.col("__ref").cast(pl.String)]
+    )
+    return hit, c, value, f"{c} is after {ref_table}.{rc}"
 
 
 def errors_of(results: dict[str, ValidationResult]) -> pl.DataFrame:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
-from tre.pooled import PooledStore
+from tre.pooled import PooledStore, PooledStoreError
 from tre.registry import Project, Registry
 from tre.settings import Settings
 
@@ -82,10 +83,17 @@ def _granted_columns(project: Project, table: str, available: list[str]) -> list
 
 
 def _row_conditions(
-    project: Project, table: str, columns: list[str], sites: list[str], tumour_filtered: bool
+    project: Project,
+    table: str,
+    columns: list[str],
+    sites: list[str],
+    tumour_filtered: bool,
+    as_of: bool = False,
 ) -> str:
     """SQL WHERE clause of ``table`` (alias ``t``) for this project."""
     conds = [f"t.site_id IN {_literal_list(sites)}" if sites else "FALSE"]
+    if as_of:
+        conds.append("t.load_batch IN (SELECT batch_id FROM _batches_as_of)")
     if tumour_filtered:
         if table == "tumour":
             conds.append("t.tumour_id IN (SELECT tumour_id FROM _qualifying_tumours)")
@@ -111,8 +119,9 @@ def _row_conditions(
 def _tumour_filter_sql(project: Project) -> list[str]:
     f = project.row_filters
     conds = []
-    if f.iccc3_groups is not None:
-        conds.append(f"iccc3_group IN {_literal_list(list(f.iccc3_groups))}")
+    if f.iccc3_groups is not None:  # an empty list selects no tumour at all
+        groups = list(f.iccc3_groups)
+        conds.append(f"iccc3_group IN {_literal_list(groups)}" if groups else "FALSE")
     if f.diagnosis_year_min is not None:
         conds.append(f"diagnosis_year >= {int(f.diagnosis_year_min)}")
     if f.diagnosis_year_max is not None:
@@ -140,12 +149,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 def build_extract(
-    settings: Settings, registry: Registry, project_id: str, on: dt.date | None = None
+    settings: Settings,
+    registry: Registry,
+    project_id: str,
+    on: dt.date | None = None,
+    pooled_version: int | None = None,
 ) -> Path | None:
     """Build (or rebuild) the project's extract; return its path.
 
     A project that is not active on ``on`` (expired, suspended, closed, not started) gets no
-    extract: an existing one is removed and ``None`` is returned.
+    extract: an existing one is removed and ``None`` is returned. ``pooled_version`` rebuilds
+    from an earlier version of the pooled store (the pool is append-only, so version N is
+    exactly the rows of the batches loaded up to N); by default the current version.
     """
     on = on or dt.date.today()
     project = registry.projects.get(project_id)
@@ -164,9 +179,28 @@ def build_extract(
         with store.reader() as con:
             pooled_tables = set(store.data_tables(con, "pooled"))
             version = store.current_version(con, "pooled")
+            if pooled_version is not None and not 0 <= pooled_version <= version:
+                raise ExtractError(
+                    f"pooled version {pooled_version} does not exist "
+                    f"(the current version is {version})"
+                )
+            # rows of the batches that make up the version: needed for an earlier version, or
+            # when a batch was replaced by a corrected re-delivery (its rows stay in the file)
+            as_of = (pooled_version is not None and pooled_version != version) or store.has_retired(
+                con, "pooled"
+            )
+            if pooled_version is not None:
+                version = pooled_version
+            if as_of:
+                con.execute(
+                    "CREATE TEMP TABLE _batches_as_of AS "
+                    + store.live_batches_sql(version, "pooled")
+                )
             con.execute("ATTACH $p AS ext", {"p": str(tmp)})
             tumour_conds = _tumour_filter_sql(project)
-            tumour_filtered = bool(tumour_conds)
+            tumour_filtered = bool(tumour_conds)  # the project's own filters, not as_of
+            if as_of:
+                tumour_conds.append("load_batch IN (SELECT batch_id FROM _batches_as_of)")
             if tumour_filtered:
                 if "tumour" not in pooled_tables:
                     raise ExtractError("the pooled store has no tumour table to filter on")
@@ -181,6 +215,7 @@ def build_extract(
                     "SELECT DISTINCT patient_id FROM _qualifying_tumours"
                 )
             table_meta: dict[str, dict] = {}
+            contributing: set[str] = set()
             for table in project.grants:
                 if table not in pooled_tables:
                     raise ExtractError(
@@ -188,7 +223,7 @@ def build_extract(
                     )
                 available = _pooled_columns(con, table)
                 columns = _granted_columns(project, table, available)
-                where = _row_conditions(project, table, available, sites, tumour_filtered)
+                where = _row_conditions(project, table, available, sites, tumour_filtered, as_of)
                 select = ", ".join(f"t.{_quote(c)}" for c in columns)
                 con.execute(
                     f"CREATE TABLE ext.{_quote(table)} AS "
@@ -196,18 +231,28 @@ def build_extract(
                 )
                 rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchall()[0][0]
                 table_meta[table] = {"columns": columns, "rows": int(rows)}
+                # which sites' rows are actually in it (site_id may not be a granted column)
+                contributing |= {
+                    r[0]
+                    for r in con.execute(
+                        f"SELECT DISTINCT t.site_id FROM pooled.{_quote(table)} AS t WHERE {where}"
+                    ).fetchall()
+                }
             con.execute(
                 f"CREATE TABLE ext.{METADATA_TABLE} (project_id VARCHAR, pooled_version BIGINT, "
-                "sites VARCHAR[], built_at TIMESTAMPTZ, built_for_date DATE, purpose VARCHAR, "
+                "sites VARCHAR[], contributing_sites VARCHAR[], built_at TIMESTAMPTZ, "
+                "built_for_date DATE, purpose VARCHAR, "
                 "jurisdiction VARCHAR, end_date DATE, row_filters VARCHAR, tables VARCHAR)"
             )
             con.execute(
                 f"INSERT INTO ext.{METADATA_TABLE} VALUES "
-                "($pid, $v, $sites, $built, $on, $purpose, $jur, $end, $filters, $tables)",
+                "($pid, $v, $sites, $contributing, $built, $on, $purpose, $jur, $end, $filters, "
+                "$tables)",
                 {
                     "pid": project.id,
                     "v": version,
                     "sites": sites,
+                    "contributing": sorted(contributing),
                     "built": dt.datetime.now(dt.UTC),
                     "on": on,
                     "purpose": str(project.purpose),
@@ -231,6 +276,23 @@ def build_extract(
         _remove(tmp)
 
 
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Half-written extracts of a build that was killed (never visible under a project's name).
+    Only old ones: a build running right now owns its fresh temporary file."""
+    if not directory.exists():
+        return
+    now = time.time()
+    for p in directory.glob(".*.tmp*"):
+        try:
+            if now - p.stat().st_mtime > STALE_TEMPORARY_SECONDS:
+                p.unlink()
+        except FileNotFoundError:
+            pass
+
+
 def build_all(
     settings: Settings, registry: Registry, on: dt.date | None = None
 ) -> list[BuildOutcome]:
@@ -238,12 +300,14 @@ def build_all(
 
     One project's problem does not stop the others: each outcome says what happened.
     """
+    assert settings.extracts_dir is not None
+    _remove_stale_temporaries(settings.extracts_dir)
     outcomes: list[BuildOutcome] = []
     for project_id in sorted(registry.projects):
         try:
             path = build_extract(settings, registry, project_id, on)
             outcomes.append(BuildOutcome(project_id, path, removed=path is None))
-        except (ExtractError, duckdb.Error, OSError) as exc:
+        except (ExtractError, PooledStoreError, duckdb.Error, OSError) as exc:
             outcomes.append(BuildOutcome(project_id, None, error=str(exc)))
     assert settings.extracts_dir is not None
     if settings.extracts_dir.exists():

@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 RECODE_FILE = Path(__file__).resolve().parent.parent / "policies" / "iccc3" / "recode.csv"
+EXTENDED_FILE = RECODE_FILE.with_name("extended.csv")
 MAIN_GROUPS = ("I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII")
 
 _MORPH_ITEM = re.compile(r"^(\d{4})(?:-(\d{4}))?$")
@@ -135,9 +136,61 @@ def load_recode_table(path: Path = RECODE_FILE) -> RecodeTable:
     return RecodeTable(rules=rules.drop("line"), subgroups=subgroups)
 
 
+def load_extended_table(path: Path = EXTENDED_FILE, main: Path = RECODE_FILE) -> pl.DataFrame:
+    """Divisions of the Extended Classification within main subgroups (e.g. IIIc.1).
+
+    A division applies to tumours the main table puts in its subgroup, by morphology and
+    topography. Refuses unknown subgroups, divisions not named after their subgroup and
+    overlapping divisions.
+    """
+    raw = pl.read_csv(path, infer_schema=False)
+    expected = ["subgroup", "division", "label", "morphology", "topography"]
+    if raw.columns != expected:
+        raise RecodeTableError(f"{path}: columns must be {expected}, found {raw.columns}")
+    known = set(_cached_table(Path(main)).subgroups["subgroup"])
+    rows = []
+    for line, rec in enumerate(raw.iter_rows(named=True), start=2):  # small table
+        if rec["subgroup"] not in known:
+            raise RecodeTableError(f"line {line}: unknown subgroup {rec['subgroup']!r}")
+        if not str(rec["division"]).startswith(rec["subgroup"] + "."):
+            raise RecodeTableError(f"line {line}: division must be <subgroup>.<n>")
+        for mlo, mhi in _parse_items(rec["morphology"], _MORPH_ITEM, "morphology", line):
+            for tlo, thi in _parse_items(rec["topography"], _TOPO_ITEM, "topography", line):
+                rows.append((rec["subgroup"], mlo, mhi, tlo, thi, rec["division"], line))
+    rules = pl.DataFrame(
+        rows,
+        schema={
+            "subgroup": pl.String,
+            "m_lo": pl.Int32,
+            "m_hi": pl.Int32,
+            "topo_lo": pl.Int32,
+            "topo_hi": pl.Int32,
+            "division": pl.String,
+            "line": pl.Int32,
+        },
+        orient="row",
+    )
+    pairs = rules.join(rules, on="subgroup", suffix="_b").filter(
+        (pl.col("line") < pl.col("line_b"))
+        & (pl.col("m_lo") <= pl.col("m_hi_b"))
+        & (pl.col("m_lo_b") <= pl.col("m_hi"))
+        & (pl.col("topo_lo") <= pl.col("topo_hi_b"))
+        & (pl.col("topo_lo_b") <= pl.col("topo_hi"))
+    )
+    if pairs.height:
+        p = pairs.row(0, named=True)
+        raise RecodeTableError(f"lines {p['line']} and {p['line_b']} overlap in {p['subgroup']}")
+    return rules.drop("line")
+
+
 @lru_cache(maxsize=4)
 def _cached_table(path: Path) -> RecodeTable:
     return load_recode_table(path)
+
+
+@lru_cache(maxsize=4)
+def _cached_extended(path: Path, main: Path) -> pl.DataFrame:
+    return load_extended_table(path, main)
 
 
 def recode(
@@ -146,12 +199,16 @@ def recode(
     behaviour_col: str = "icdo3_behaviour",
     topography_col: str = "icdo3_topography",
     *,
+    extended: bool = False,
     table_path: Path = RECODE_FILE,
+    extended_path: Path = EXTENDED_FILE,
 ) -> pl.DataFrame:
     """Return ``df`` with ``iccc3_group`` and ``iccc3_subgroup`` added (null if unclassifiable).
 
     Morphology is the 4-digit histology (int or string), behaviour the ICD-O-3 behaviour digit,
-    topography 'C64.9' or 'C649'. Row order and all other columns are preserved.
+    topography 'C64.9' or 'C649'. Row order and all other columns are preserved. With
+    ``extended=True`` also ``iccc3_division`` (Extended Classification; a subgroup without
+    divisions is its own division).
     """
     rules = _cached_table(Path(table_path)).rules
     m, b, t = "_iccc3_m", "_iccc3_b", "_iccc3_t"
@@ -171,13 +228,35 @@ def recode(
             m,
             b,
             t,
+            "_topo",
             pl.col("group").alias("iccc3_group"),
             pl.col("subgroup").alias("iccc3_subgroup"),
         )
     )
-    out = df.drop(["iccc3_group", "iccc3_subgroup"], strict=False)
-    joined = keys.join(classified, on=[m, b, t], how="left", maintain_order="left")
-    return out.with_columns(joined["iccc3_group"], joined["iccc3_subgroup"])
+    added = ["iccc3_group", "iccc3_subgroup"]
+    if extended:
+        ext = _cached_extended(Path(extended_path), Path(table_path))
+        divided = classified.join(
+            ext, left_on="iccc3_subgroup", right_on="subgroup", how="inner"
+        ).filter(
+            pl.col(m).is_between(pl.col("m_lo"), pl.col("m_hi"))
+            & pl.col("_topo").is_between(pl.col("topo_lo"), pl.col("topo_hi"))
+        )
+        has_divisions = ext["subgroup"].unique().to_list()
+        classified = classified.join(
+            divided.select(m, b, t, "division"), on=[m, b, t], how="left"
+        ).with_columns(
+            pl.when(pl.col("iccc3_subgroup").is_in(has_divisions))
+            .then(pl.col("division"))
+            .otherwise(pl.col("iccc3_subgroup"))
+            .alias("iccc3_division")
+        )
+        added.append("iccc3_division")
+    out = df.drop(["iccc3_group", "iccc3_subgroup", "iccc3_division"], strict=False)
+    joined = keys.join(
+        classified.select(m, b, t, *added), on=[m, b, t], how="left", maintain_order="left"
+    )
+    return out.with_columns(joined[c] for c in added)
 
 
 def subgroup_labels(table_path: Path = RECODE_FILE) -> dict[str, str]:

@@ -15,8 +15,13 @@ the site. A batch loads completely or not at all:
 Invalid rows go to a per-row error report (``errors.csv`` next to the batch record, and a rich
 summary table in the CLI). By policy (``Settings.ingest_invalid_rows`` / ``--on-invalid``) they
 either reject the whole batch or are quarantined, and the valid rows load. Re-ingesting a loaded
-batch changes nothing. After a load, a data-quality report is written under
-``Settings.reports_dir``. The work is vectorised (polars, DuckDB): no per-row Python.
+batch changes nothing. ``replace=True`` (``--replace``) makes the batch a corrected, complete
+re-delivery that supersedes the site's earlier batches (see ``tre.pooled``). After a load, a
+data-quality report is written under ``Settings.reports_dir``. The work is vectorised (polars,
+DuckDB): no per-row Python, except one HMAC call per distinct identifier.
+
+``TRE_INGEST_CRASH_AT=<stage>`` makes the process kill itself (SIGKILL) at that stage: a test
+hook that proves the all-or-nothing guarantee at each stage (``tests/test_pooled.py``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,6 @@ from tre.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-PROVENANCE_COLUMNS = ("site_id", "source_dataset", "source_version", "load_batch")
 SUPPORTED_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -75,6 +79,7 @@ class BatchResult:
     report_error: str | None = None
     errors: pl.DataFrame | None = None  # the per-row error report
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    replaced_batches: list[str] = field(default_factory=list)  # retired by this batch
 
     @property
     def ok(self) -> bool:
@@ -230,7 +235,10 @@ def _pool_errors(
         col, ref_table, ref_col = rule.get("column"), rule.get("ref_table"), rule.get("ref_column")
         known = [f'SELECT "{ref_col}" AS k FROM _ok_{ref_table}']
         if ref_table in pooled_tables:
-            known.append(f'SELECT "{ref_col}" FROM main."{ref_table}" WHERE site_id = $site')
+            known.append(
+                f'SELECT "{ref_col}" FROM main."{ref_table}" WHERE site_id = $site '
+                "AND load_batch NOT IN (SELECT batch_id FROM _dead_batches)"
+            )
         parts.append(
             f"SELECT _row, '{col}', \"{col}\", '{rule.id}', "
             f"'{col} does not match a valid {ref_table} row of this batch or of the pooled store' "
@@ -247,7 +255,8 @@ def _pool_errors(
                 f"SELECT _row, '{key[0]}', \"{key[0]}\", 'already_pooled', "
                 f"'({', '.join(key)}) is already in the pooled store (an earlier batch of this "
                 f"site loaded it)' FROM {staged} WHERE ({cols}) IN "
-                f'(SELECT ({cols}) FROM main."{table}" WHERE site_id = $site)'
+                f'(SELECT ({cols}) FROM main."{table}" WHERE site_id = $site '
+                "AND load_batch NOT IN (SELECT batch_id FROM _dead_batches))"
             )
     if not parts:
         return _empty_errors()
@@ -304,7 +313,8 @@ def _errors_from_quarantine(con: duckdb.DuckDBPyConnection, batch_id: str) -> pl
 def _write_batch_record(
     directory: Path, record: dict, errors: pl.DataFrame, quarantine: pl.DataFrame | None
 ) -> None:
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory.mkdir(exist_ok=True, mode=0o700)
     errors.write_csv(directory / "errors.csv")
     if quarantine is not None and quarantine.height:
         quarantine.write_csv(directory / "quarantine.csv")
@@ -336,7 +346,12 @@ def _quality_report(settings: Settings, store: PooledStore, batch_id: str) -> tu
         from tre.quality import build_quality_report
 
         with store._locked(exclusive=False, timeout=120):
-            build_quality_report(store.db_path, batch_id, out)
+            build_quality_report(
+                store.db_path,
+                batch_id,
+                out,
+                dictionary_path=settings.policies_dir / "dictionary.yaml",
+            )
         return out, ""
     except Exception as exc:  # noqa: BLE001 - a report failure must not undo a committed batch
         log.warning("quality report failed", batch=batch_id, error=str(exc))
@@ -353,8 +368,14 @@ def ingest_files(
     registry: Registry | None = None,
     progress: bool = False,
     quality_report: bool = True,
+    replace: bool = False,
 ) -> BatchResult:
-    """Ingest one batch of a site's files; see the module docstring for the guarantees."""
+    """Ingest one batch of a site's files; see the module docstring for the guarantees.
+
+    ``replace``: the batch is a complete, corrected re-delivery: it supersedes every batch the
+    site loaded before (their rows leave the pool from this batch's version on, and stay in the
+    version history).
+    """
     on_invalid = on_invalid or settings.ingest_invalid_rows
     if on_invalid not in {"reject", "quarantine"}:
         raise IngestError(f"--on-invalid must be 'reject' or 'quarantine', not {on_invalid!r}")
@@ -364,8 +385,18 @@ def ingest_files(
         raise IngestError(f"unknown site {site_id!r}; declared sites: {', '.join(registry.sites)}")
     if not files:
         raise IngestError("no files given")
+    expanded: list[Path] = []
+    for f in map(Path, files):  # a directory stands for the CSV/Parquet files in it
+        if f.is_dir():
+            expanded += sorted(
+                p for p in f.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
+            )
+        else:
+            expanded.append(f)
+    if not expanded:
+        raise IngestError("no CSV or Parquet files given")
     by_table: dict[str, tuple[Path, str]] = {}
-    for f in map(Path, files):
+    for f in expanded:
         if not f.is_file():
             raise IngestError(f"{f}: no such file")
         table = table_of(f)
@@ -392,6 +423,7 @@ def ingest_files(
         with store.writer() as con:
             previous = store.batch_record(con, batch_id)
             if previous is not None and previous["status"] == "loaded":
+                _refuse_if_retired(con, batch_id)
                 result = _unchanged(con, store, previous)
                 step("already loaded: nothing to do")
             else:
@@ -401,7 +433,7 @@ def ingest_files(
                     )
                 result = _ingest_new(
                     con, store, pseudonymiser, prepared, site, by_table, order, batch_id,
-                    version_label, on_invalid, step,
+                    version_label, on_invalid, step, replace,
                 )  # fmt: skip
         step("checkpointed")
         if result.status in {"loaded", "unchanged"} and quality_report:
@@ -429,6 +461,21 @@ def _loaded_record(store: PooledStore, batch_id: str) -> dict | None:
             return None
         rec = store.batch_record(con, batch_id, schema="pooled")
     return rec if rec is not None and rec["status"] == "loaded" else None
+
+
+def _refuse_if_retired(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    """The same bytes as a batch that a later delivery replaced: loading them again under the
+    same batch id would blur the version history, so say so instead of pretending it is live."""
+    rows = con.execute(
+        "SELECT retired_by, retired_in_version FROM _retired WHERE batch_id = $b", {"b": batch_id}
+    ).fetchall()
+    if rows:
+        by, version = rows[0]
+        raise IngestError(
+            f"batch {batch_id} was loaded before and replaced by batch {by} at pooled version "
+            f"{version}; to bring its rows back, deliver them as a new batch (e.g. a new file "
+            "export) with --replace"
+        )
 
 
 def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dict) -> BatchResult:
@@ -524,10 +571,30 @@ def _ingest_new(
     source_version: str,
     on_invalid: str,
     step,  # noqa: ANN001
+    replace: bool = False,
 ) -> BatchResult:
     site_id = site.id
     dictionary, raw = prepared.dictionary, prepared.raw
     pooled_tables = set(store.data_tables(con))
+    # --replace: this batch supersedes every live batch of the site (a corrected re-delivery);
+    # their rows no longer count for key checks and leave the pool at this batch's version
+    retiring = (
+        [
+            b
+            for (b,) in con.execute(
+                "SELECT batch_id FROM _batches WHERE site_id = $s AND status = 'loaded' "
+                "AND batch_id NOT IN (SELECT batch_id FROM _retired) ORDER BY pooled_version",
+                {"s": site_id},
+            ).fetchall()
+        ]
+        if replace
+        else []
+    )
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _dead_batches AS SELECT batch_id FROM _retired "
+        "UNION SELECT unnest($r::VARCHAR[])",
+        {"r": retiring},
+    )
     pads = pseudonymiser.register(con)
     error_frames: list[pl.DataFrame] = []
     identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
@@ -548,9 +615,7 @@ def _ingest_new(
         idmap = pl.DataFrame(
             {"local": local, "pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
         )
-        con.register("_idmap", idmap.to_arrow())
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _idmap_{kind} AS SELECT * FROM _idmap")
-        con.unregister("_idmap")
+        con.register(f"_idmap_{kind}", idmap.to_arrow())  # zero-copy: no temp table needed
     step("pseudonymised identifiers")
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.
@@ -655,11 +720,24 @@ def _ingest_new(
             {"b": batch_id},
         )
         con.unregister("_q")
+    for old in retiring:
+        con.execute(
+            "INSERT INTO _retired VALUES ($old, $new, $v)",
+            {"old": old, "new": batch_id, "v": version},
+        )
+    live = "SELECT batch_id FROM _retired"
     totals = {
-        t: con.execute(f'SELECT count(*) FROM main."{t}"').fetchall()[0][0]
+        t: con.execute(
+            f'SELECT count(*) FROM main."{t}" WHERE load_batch NOT IN ({live})'
+        ).fetchall()[0][0]
         for t in dictionary.tables
     }
-    record |= {"status": "loaded", "pooled_version": version, "row_counts": rows_added}
+    record |= {
+        "status": "loaded",
+        "pooled_version": version,
+        "row_counts": rows_added,
+        "replaces": retiring,
+    }
     con.execute("DELETE FROM _batches WHERE batch_id = $b", {"b": batch_id})
     _insert_batch_row(con, record, quarantined=invalid_rows)
     con.execute(
@@ -683,6 +761,7 @@ def _ingest_new(
         batch_dir=final_dir,
         errors_csv=final_dir / "errors.csv",
         errors=errors,
+        replaced_batches=retiring,
     )
 
 

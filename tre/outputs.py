@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import itertools
+import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +130,23 @@ def _columns(value: str | list[str] | None, frame: pl.DataFrame, what: str) -> l
     return names
 
 
+def default_policy() -> Policy:
+    """The policy a helper uses when none is passed: the file named by
+    ``TRE_DISCLOSURE_POLICY`` (the sandbox's effective project policy) or the repository's
+    ``policies/disclosure.yaml``, plus the JSON overrides in ``TRE_DISCLOSURE_OVERRIDES``."""
+    path = os.environ.get("TRE_DISCLOSURE_POLICY")
+    overrides_text = os.environ.get("TRE_DISCLOSURE_OVERRIDES", "")
+    try:
+        overrides = json.loads(overrides_text) if overrides_text else {}
+    except json.JSONDecodeError as exc:
+        raise OutputError(f"TRE_DISCLOSURE_OVERRIDES is not JSON: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise OutputError("TRE_DISCLOSURE_OVERRIDES must be a JSON object")
+    return load_policy(Path(path), overrides) if path else load_policy(overrides=overrides)
+
+
 def _policy(policy: Policy | None) -> Policy:
-    return policy or load_policy()
+    return policy or default_policy()
 
 
 def _labels(frame: pl.DataFrame, dims: list[str], policy: Policy) -> pl.DataFrame:
@@ -284,6 +301,7 @@ def frequency_table(
         suppression_applied=bool(suppress and any(suppressed)),
         rounding_base=round_to,
         notes=notes,
+        margins="true_totals" if margins else None,
     )
     output_class, findings = _check(name, table, evidence, pol)
     return TableOutput(
@@ -385,6 +403,10 @@ def magnitude_table(
             if total > 0 and not r["__negative"]:
                 largest = [x / total for x in largest]
                 total = 1.0
+            else:
+                # no share can be formed (negative or all-zero contributions): record nothing
+                # rather than a person's raw value; the negative/class rules decide the cell
+                largest, total = [], 0.0
             cell = CellEvidence(
                 column=column,
                 row=i,
@@ -535,6 +557,7 @@ def survival_table(
     *,
     group: str | None = None,
     interval: float | None = None,
+    truncate: bool = False,
     name: str = "survival_table",
     policy: Policy | None = None,
 ) -> TableOutput:
@@ -543,7 +566,8 @@ def survival_table(
     ``floor(time / interval)``, so each row pools everyone leaving in the interval).
 
     Columns: [group], time, at_risk, events, censored, survival. ``event`` is 1/True for an
-    event and 0/False for censoring.
+    event and 0/False for censoring. ``truncate`` drops the tail where fewer than
+    ``survival_min_step`` people remain at risk (noted in the evidence).
     """
     pol = _policy(policy)
     frame = _frame(data)
@@ -593,12 +617,16 @@ def survival_table(
         pl.col("censored").cast(pl.Int64),
         "survival",
     )
-    evidence = _evidence(
-        name,
-        "survival_table",
-        pol,
-        notes=[f"life table, interval {interval:g}"] if interval else [],
-    )
+    notes = [f"life table, interval {interval:g}"] if interval else []
+    if truncate:
+        kept = table.filter(pl.col("at_risk") >= pol.survival_min_step)
+        if kept.height < table.height:
+            notes.append(
+                f"truncated: {table.height - kept.height} row(s) with fewer than "
+                f"{pol.survival_min_step} at risk removed"
+            )
+        table = kept
+    evidence = _evidence(name, "survival_table", pol, notes=notes)
     output_class, findings = _check(name, table, evidence, pol)
     return TableOutput(name, output_class, table, evidence, findings)
 
@@ -606,9 +634,12 @@ def survival_table(
 # ---------------------------------------------------------------- histogram
 
 
-def _nice_width(span: float, bins: int) -> float:
-    raw = span / bins if span > 0 else 1.0
-    magnitude = 10 ** math.floor(math.log10(raw))
+def _nice_width(span: float, bins: int, scale: float) -> float:
+    """A 1/2/2.5/5 x 10^k bin width covering ``span`` in ``bins`` bins; spans too small to
+    matter next to the values' ``scale`` (or zero) get a width from the scale instead."""
+    floor = max(abs(scale), 1.0) * 1e-9
+    raw = span / bins if span > floor else max(abs(scale), 1.0) / bins
+    magnitude = 10.0 ** math.floor(math.log10(raw))
     for step in (1, 2, 2.5, 5, 10):
         if raw <= step * magnitude:
             return step * magnitude
@@ -624,29 +655,32 @@ def histogram_bins(
     exact minimum and maximum (each one person's value)."""
     if bins < 1:
         raise OutputError("bins must be at least 1")
-    data = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    data = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not data:
-        raise OutputError("no values to bin")
+        raise OutputError("no finite values to bin")
+    explicit = value_range is not None
     if value_range is not None:
         lo, hi = float(value_range[0]), float(value_range[1])
-        if not hi > lo:
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
             raise OutputError("range must be (low, high) with high > low")
         width = (hi - lo) / bins
         edges = [lo + i * width for i in range(bins)] + [hi]
     else:
         lo_v, hi_v = min(data), max(data)
-        width = _nice_width(hi_v - lo_v, bins)
+        width = _nice_width(hi_v - lo_v, bins, max(abs(lo_v), abs(hi_v)))
         lo = math.floor(lo_v / width) * width
+        if lo > lo_v:  # float rounding
+            lo -= width
         n = max(1, math.ceil((hi_v - lo) / width))
-        if lo + n * width < hi_v:  # float safety
+        while lo + n * width < hi_v:  # float rounding
             n += 1
         edges = [lo + i * width for i in range(n + 1)]
     counts = [0] * (len(edges) - 1)
     last = len(counts) - 1
     for x in data:
-        if x < edges[0] or x > edges[-1]:
-            continue  # outside an explicit range
-        # bisect on edges: index of the bin whose lower edge <= x
+        if explicit and (x < edges[0] or x > edges[-1]):
+            continue  # outside the range the researcher asked for
+        # bisect on edges: index of the bin whose lower edge <= x (the last bin is closed)
         lo_i, hi_i = 0, len(edges) - 1
         while hi_i - lo_i > 1:
             mid = (lo_i + hi_i) // 2

@@ -13,8 +13,11 @@ Bookkeeping tables (names start with ``_`` and are never copied into extracts):
   (content hash of the files and the site).
 * ``_versions``: the pooled store is VERSIONED: each loaded batch creates the next version in
   the same transaction as its rows. Version N is exactly the rows whose ``load_batch`` belongs to
-  a batch with ``pooled_version <= N`` (batches are append-only), so an extract that names its
-  pooled version names a reproducible state.
+  a batch with ``pooled_version <= N`` that was not retired at or before N (rows are never
+  updated or deleted), so an extract that names its pooled version names a reproducible state.
+* ``_retired``: batches replaced by a later batch of the same site (``--replace``, a corrected
+  re-delivery). Their rows stay in the file, so earlier versions stay reproducible, but they
+  belong to no version from ``retired_in_version`` on.
 * ``_quarantine``: invalid rows kept aside with their errors (policy ``quarantine``); their
   identifiers are pseudonymised like pooled rows, and they are never in pooled tables.
 
@@ -61,6 +64,11 @@ CREATE TABLE IF NOT EXISTS _versions (
     created_at TIMESTAMPTZ NOT NULL,
     row_counts VARCHAR NOT NULL         -- JSON: {table: total rows at this version}
 );
+CREATE TABLE IF NOT EXISTS _retired (
+    batch_id VARCHAR PRIMARY KEY,       -- a loaded batch replaced by a later one of its site
+    retired_by VARCHAR NOT NULL,
+    retired_in_version BIGINT NOT NULL  -- its rows belong to versions before this one only
+);
 CREATE TABLE IF NOT EXISTS _quarantine (
     batch_id VARCHAR NOT NULL,
     table_name VARCHAR NOT NULL,
@@ -87,7 +95,10 @@ class PooledStore:
     # -- locking -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self, exclusive: bool, timeout: float) -> Iterator[None]:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.exists():
+            # the pooled store is for the TRE's own services only: owner-only from the start
+            self.dir.mkdir(parents=True, mode=0o700)
+            os.chmod(self.dir, 0o700)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = time.monotonic() + timeout
@@ -132,7 +143,7 @@ class PooledStore:
                     f"there is no pooled store at {self.db_path}; ingest data first "
                     "(`tre data ingest --site SITE FILES...`)"
                 )
-            con = duckdb.connect()
+            con = duckdb.connect(config={"preserve_insertion_order": False})
             try:
                 con.execute("ATTACH $p AS pooled (READ_ONLY)", {"p": str(self.db_path)})
                 yield con
@@ -176,6 +187,32 @@ class PooledStore:
         for k in ("files", "row_counts"):
             rec[k] = json.loads(rec[k])
         return rec
+
+    @staticmethod
+    def live_batches_sql(version: int | None = None, schema: str = "main") -> str:
+        """SQL selecting the batch ids whose rows make up ``version`` (default: current)."""
+        at = "" if version is None else f" AND pooled_version <= {int(version)}"
+        retired_at = "" if version is None else f" WHERE retired_in_version <= {int(version)}"
+        return (
+            f"SELECT batch_id FROM {schema}._batches WHERE status = 'loaded'{at} "
+            f"AND batch_id NOT IN (SELECT batch_id FROM {schema}._retired{retired_at})"
+        )
+
+    @staticmethod
+    def has_retired(con: duckdb.DuckDBPyConnection, schema: str = "main") -> bool:
+        """Whether any batch was ever replaced (stores from before ``_retired`` have none)."""
+        exists = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = '_retired' "
+            "AND database_name = $d",
+            {
+                "d": "pooled"
+                if schema == "pooled"
+                else con.execute("SELECT current_database()").fetchall()[0][0]
+            },
+        ).fetchall()[0][0]
+        if not exists:
+            return False
+        return bool(con.execute(f"SELECT count(*) FROM {schema}._retired").fetchall()[0][0])
 
     def status(self) -> dict:
         """Version, batches and row counts (for `tre data status` and tests)."""

@@ -690,3 +690,33 @@ def reconcile(
     finally:
         if hub is not None:
             hub.close()
+
+
+class LiveRegistry:
+    """The registry, re-read whenever a declaration file changes (a callable for services).
+
+    Long-running services (the airlock) must see what ``apply`` and the admin commands change
+    (a suspended project, a removed member) without a restart. Reloading costs a stat of each
+    file per call; the parse happens only after a change. If the new declarations are invalid,
+    the last valid registry stays in use (and the error is raised once to the caller).
+    """
+
+    def __init__(self, policies_dir: Path) -> None:
+        self.policies_dir = policies_dir
+        self._stamp: tuple | None = None
+        self._registry: Registry | None = None
+
+    def _current_stamp(self) -> tuple:
+        files = sorted(self.policies_dir.rglob("*.yaml"))
+        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+
+    def __call__(self) -> Registry:
+        from tre.registry import load_registry
+
+        stamp = self._current_stamp()
+        if stamp != self._stamp or self._registry is None:
+            try:
+                self._registry = load_registry(self.policies_dir)
+            finally:
+                self._stamp = stamp
+        return self._registry

@@ -62,6 +62,14 @@ def init_key(path: Path, *, overwrite: bool = False) -> Path:
     return path
 
 
+def ensure_key(path: Path) -> bool:
+    """Create the key if there is none (the demo's first run); True if it was created."""
+    if Path(path).exists():
+        return False
+    init_key(path)
+    return True
+
+
 def load_key(path: Path, *, forbidden_dirs: tuple[Path, ...] = ()) -> bytes:
     """Read the key; refuse one that others can read or that sits inside ``forbidden_dirs``."""
     path = Path(path)

@@ -17,6 +17,9 @@ exactly the manifest.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +35,6 @@ PROFILE_FILE = REPO_ROOT / "policies" / "iccc3" / "synthetic_profile.yaml"
 SHARES_FILE = REPO_ROOT / "policies" / "iccc3" / "expected_shares.csv"
 REAL_SITES = frozenset({"us-nwts"})  # delivered from real data (tre.nwtco), never synthesised
 TABLES = ("patient", "tumour", "treatment", "event", "followup")
-AGE_BANDS_DAYS = np.array([[0, 365], [365, 1826], [1826, 3652], [3652, 5479]])  # <1,1-4,5-9,10-14
 MODALITIES = ("Chemotherapy", "Surgery", "Radiotherapy", "Stem-cell transplant", "Immunotherapy")
 # days from diagnosis to the start of each modality: uniform [lo, hi)
 MODALITY_START = {
@@ -145,6 +147,10 @@ class Profile:
     stage_system: list[str | None]
     stage_values: list[list[str]]
     stage_cum: np.ndarray  # [S, V]
+    stage_risk: np.ndarray  # [S, V] relative risk of each stage value (1 where not given)
+    stage_mean_risk: np.ndarray  # [S] expected relative risk, to keep survival calibrated
+    unfav_share: float
+    unfav_risk: float
     treat_p: np.ndarray  # [S, len(MODALITIES)]
     protocols: list[list[str]]
     progression_event: list[str]
@@ -188,13 +194,17 @@ def load_profile(path: Path = PROFILE_FILE, shares_path: Path = SHARES_FILE) -> 
     for sg in names:
         offsets.append(sum(len(subs[x]["diagnoses"]) for x in names[: names.index(sg)]))
         cums.append([float(w) for *_, w in subs[sg]["diagnoses"]])
-    stage_sys, stage_vals, stage_w = [], [], []
+    stage_sys, stage_vals, stage_w, stage_r = [], [], [], []
     treat = np.zeros((len(names), len(MODALITIES)))
     for i, sg in enumerate(names):
         st = subs[sg].get("stage")
         stage_sys.append(st["system"] if st else None)
         stage_vals.append(list(st["values"]) if st else [])
         stage_w.append([float(v) for v in st["values"].values()] if st else [])
+        risk = [float(x) for x in st.get("risk", [])] if st else []
+        if st and risk and len(risk) != len(st["values"]):
+            raise ValueError(f"{path}: {sg}: stage risk needs one value per stage value")
+        stage_r.append(risk or [1.0] * len(stage_w[-1]))
         for m, p in (subs[sg].get("treatment") or defaults["treatment"]).items():
             treat[i, MODALITIES.index(m)] = p
     return Profile(
@@ -212,6 +222,15 @@ def load_profile(path: Path = PROFILE_FILE, shares_path: Path = SHARES_FILE) -> 
         stage_system=stage_sys,
         stage_values=stage_vals,
         stage_cum=_cum(stage_w),
+        stage_risk=_pad(stage_r),
+        stage_mean_risk=np.array(
+            [
+                float(np.dot(w, r) / sum(w)) if w else 1.0
+                for w, r in zip(stage_w, stage_r, strict=True)
+            ]
+        ),
+        unfav_share=float(raw.get("unfavourable_histology_share", 0.0)),
+        unfav_risk=float(raw.get("unfavourable_histology_risk", 1.0)),
         treat_p=treat,
         protocols=[subs[sg].get("protocols", []) for sg in names],
         progression_event=[
@@ -220,11 +239,39 @@ def load_profile(path: Path = PROFILE_FILE, shares_path: Path = SHARES_FILE) -> 
     )
 
 
+def _pad(rows: list[list[float]]) -> np.ndarray:
+    width = max(1, max(len(r) for r in rows))
+    out = np.ones((len(rows), width))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
 def _pick(rng: np.random.Generator, cum: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """For each row, draw a category from the row's cumulative distribution ``cum[idx]``."""
     u = rng.random(len(idx))
     k = (u[:, None] >= cum[idx]).sum(axis=1)
     return np.minimum(k, cum.shape[1] - 1)
+
+
+def _single_year_cum(ages: np.ndarray) -> np.ndarray:
+    """Cumulative weights of each single year of age 0-14, per subgroup.
+
+    The profile gives shares of the bands <1, 1-4, 5-9, 10-14. Densities are interpolated
+    linearly between band midpoints (so incidence changes smoothly across band edges, e.g. ALL
+    peaks at 2-4 rather than being flat over 1-4), then rescaled so every band keeps its share.
+    """
+    edges = [(0, 1), (1, 5), (5, 10), (10, 15)]
+    mids = np.array([(a + b) / 2 for a, b in edges])
+    years = np.arange(15) + 0.5
+    shares = ages / ages.sum(axis=1, keepdims=True)
+    dens = shares / np.array([b - a for a, b in edges])
+    w = np.stack([np.interp(years, mids, d) for d in dens])
+    for k, (a, b) in enumerate(edges):
+        total = w[:, a:b].sum(axis=1, keepdims=True)
+        w[:, a:b] = np.where(total > 0, w[:, a:b] / np.maximum(total, 1e-12), 0) * shares[:, [k]]
+    cum = np.cumsum(w, axis=1)
+    return cum / cum[:, -1:]
 
 
 def _years(days: np.ndarray) -> np.ndarray:
@@ -251,15 +298,15 @@ class SiteTables:
     treatment_tumour: np.ndarray  # tumour row index of each treatment row
     event_tumour: np.ndarray
     followup_patient: np.ndarray  # = arange: followup row i is patient i
+    last_contact_age: np.ndarray  # per patient
 
 
 def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) -> SiteTables:
     """The clean delivery of one site (canonical codes, before the dialect is applied)."""
     n = site.patients
     sg = rng.choice(len(profile.subgroups), size=n, p=profile.probs)
-    band = _pick(rng, np.cumsum(profile.ages, axis=1) / profile.ages.sum(1, keepdims=True), sg)
-    lo, hi = AGE_BANDS_DAYS[band, 0], AGE_BANDS_DAYS[band, 1]
-    age_dx = lo + np.floor(rng.random(n) * (hi - lo)).astype(np.int64)
+    year_of_age = _pick(rng, _single_year_cum(profile.ages), sg)
+    age_dx = np.floor((year_of_age + rng.random(n)) * YEAR).astype(np.int64)
     male = rng.random(n) < profile.male[sg]
     d = profile.diag_offset[sg] + _pick(rng, profile.diag_cum, sg)
     y0 = np.datetime64(f"{DIAGNOSIS_YEARS[0]}-01-01").astype(np.int64)
@@ -267,9 +314,19 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
     dx_day = y0 + np.floor(rng.random(n) * (y1 - y0)).astype(np.int64)
     birth_day = dx_day - age_dx
 
-    # outcome: death within 5 years with probability 1 - surv5, a few late deaths after
+    # stage and (for Wilms tumours) histology come first: they modify the risk of dying
+    has_stage = np.array([s is not None for s in profile.stage_system])[sg]
+    stage_k = _pick(rng, profile.stage_cum, sg)
+    wilms = profile.diag_morph[d] == 8960
+    unfavourable = wilms & (rng.random(n) < profile.unfav_share)
+    hist_mean = 1 - profile.unfav_share + profile.unfav_share * profile.unfav_risk
+    risk = np.where(has_stage, profile.stage_risk[sg, stage_k] / profile.stage_mean_risk[sg], 1.0)
+    risk *= np.where(wilms, np.where(unfavourable, profile.unfav_risk, 1.0) / hist_mean, 1.0)
+
+    # outcome: death within 5 years with probability (1 - surv5) x relative risk, a few late
+    # deaths after; the rescaled risks keep each subgroup's 5-year survival as declared
     u = rng.random(n)
-    early = u < (1 - profile.surv5[sg])
+    early = u < np.minimum((1 - profile.surv5[sg]) * risk, 0.97)
     late = (~early) & (rng.random(n) < LATE_DEATH_AFTER_5Y)
     death_t = np.full(n, np.inf)
     death_t[early] = 5 * YEAR * rng.beta(1.3, 2.6, early.sum())
@@ -284,7 +341,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
 
     # relapse / progression: most deaths follow one, some survivors are salvaged after one
     rel_dead = dead & (rng.random(n) < 0.75)
-    rel_surv = (~dead) & (rng.random(n) < 0.5 * (1 - profile.surv5[sg]))
+    rel_surv = (~dead) & (rng.random(n) < np.minimum(0.5 * (1 - profile.surv5[sg]) * risk, 0.9))
     rel_t = np.full(n, -1.0)
     rel_t[rel_dead] = follow[rel_dead] * (0.3 + 0.55 * rng.random(rel_dead.sum()))
     rel_t[rel_surv] = YEAR * (0.2 + 2.8 * rng.random(rel_surv.sum()))
@@ -297,9 +354,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
     pat_ids = _id_series(f"{prefix}-P", rng.permutation(n) + 1, 8)
     tum_ids = _id_series(f"{prefix}-T", rng.permutation(n) + 1, 8)
 
-    # stage
-    has_stage = np.array([s is not None for s in profile.stage_system])[sg]
-    stage_k = _pick(rng, profile.stage_cum, sg)
+    # stage values as text
     all_vals = sorted({v for vs in profile.stage_values for v in vs})
     val_idx = np.array(
         [
@@ -403,6 +458,9 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
                 "icdo3_topography": topo,
                 "laterality": laterality,
                 "basis_of_diagnosis": basis,
+                "histology_group": pl.Series(
+                    np.where(unfavourable, "Unfavourable", "Favourable")
+                ).set(pl.Series(~wilms), None),
                 "stage_system": stage_system,
                 "stage": stage,
             }
@@ -437,6 +495,7 @@ def simulate_site(rng: np.random.Generator, site: SitePlan, profile: Profile) ->
         treatment_tumour=t_pat,
         event_tumour=e_pat,
         followup_patient=np.arange(n),
+        last_contact_age=last_age,
     )
 
 
@@ -484,6 +543,7 @@ DEFECT_KINDS: dict[str, tuple[str, str, str]] = {
     "treatment_before_diagnosis": ("treatment", "age_at_start_days", "treatment_after_diagnosis"),
     "bad_event_type": ("event", "event_type", "code_list"),
     "event_before_diagnosis": ("event", "age_at_event_days", "event_after_diagnosis"),
+    "event_after_last_contact": ("event", "age_at_event_days", "event_not_after_last_contact"),
     "bad_vital_status": ("followup", "vital_status", "code_list"),
     "cause_of_death_when_alive": ("followup", "cause_of_death", "cause_of_death_only_if_dead"),
     "missing_last_contact": ("followup", "age_at_last_contact_days", "required"),
@@ -498,6 +558,7 @@ _NEEDS_CLEAN_TUMOUR = {
     "treatment_before_diagnosis",
     "event_before_diagnosis",
     "contact_before_diagnosis",
+    "event_after_last_contact",
 }
 
 
@@ -521,6 +582,8 @@ def inject_defects(
     records: list[tuple[str, int, str, str, str]] = []  # table, 0-based row (pre-dup), kind...
     dup_sources: dict[str, np.ndarray] = {}
     corrupted_tumour = np.zeros(frames["tumour"].height, dtype=bool)
+    # children whose follow-up row must stay clean (it is the reference of an event defect)
+    protected_followup = np.zeros(frames["followup"].height, dtype=bool)
     ref_of = {
         "treatment": st.treatment_tumour,
         "event": st.event_tumour,
@@ -539,6 +602,8 @@ def inject_defects(
             r = np.sort(rows[assigned == ki])
             if kind in _NEEDS_CLEAN_TUMOUR:
                 r = r[~corrupted_tumour[ref_of[table][r]]]
+            if table == "followup":
+                r = r[~protected_followup[r]]
             if kind == "cause_of_death_when_alive":
                 alive = (frames[table]["cause_of_death"].is_null()).to_numpy()
                 r = r[alive[r]]
@@ -577,6 +642,11 @@ def inject_defects(
                 df = _set(df, col, r, "Zombie")
             elif kind == "cause_of_death_when_alive":
                 df = _set(df, col, r, "Disease")
+            elif kind == "event_after_last_contact":
+                patient = ref_of[table][r]
+                after = st.last_contact_age[patient] + rng.integers(1, 300, len(r))
+                df = _set(df, col, r, after)
+                protected_followup[patient] = True
             elif kind in _NEEDS_CLEAN_TUMOUR:
                 dx = st.tumour_dx_age[ref_of[table][r]]
                 df = _set(df, col, r, dx - 40 - rng.integers(1, 300, len(r)))
@@ -656,12 +726,49 @@ def generate(
     defects_rate: float = 0.0,
     policies_dir: Path = REPO_ROOT / "policies",
 ) -> GenerateSummary:
-    """Write one delivery per site under ``out_dir`` (see module docstring)."""
+    """Write one delivery per site under ``out_dir`` (see module docstring).
+
+    Everything is written into a staging directory beside ``out_dir`` and swapped in at the
+    end: a crash leaves no half-written delivery, and a rerun leaves no stale file of an
+    earlier one. An existing ``out_dir`` is only replaced if it is empty or an earlier output
+    of this command (it has ``manifest.json``).
+    """
     if not 0 <= defects_rate <= 0.5:
         raise ValueError("--defects must be between 0 and 0.5")
     plans = plan_sites(n_sites, n_patients, policies_dir)
     profile = load_profile()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (
+        not out_dir.is_dir()
+        or (any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file())
+    ):
+        raise ValueError(f"{out_dir} exists and is not an earlier output of tre data generate")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        summary = _write_all(staging, plans, profile, seed, defects_rate, policies_dir)
+        if out_dir.exists():
+            old = staging.with_name(staging.name.replace(".staging-", ".old-"))
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    summary.out_dir = str(out_dir)
+    return summary
+
+
+def _write_all(
+    out_dir: Path,
+    plans: list[SitePlan],
+    profile: Profile,
+    seed: int,
+    defects_rate: float,
+    policies_dir: Path,
+) -> GenerateSummary:
     manifests = []
     sites = []
     for i, plan in enumerate(plans):
@@ -680,11 +787,25 @@ def generate(
         sites.append({**asdict(plan), "rows": {t: f.height for t, f in frames.items()}})
     if defects_rate > 0:
         pl.concat(manifests).write_csv(out_dir / "defects.csv")
-    summary = GenerateSummary(str(out_dir), seed, defects_rate, sites)
+    _declare_extra_sites(out_dir, plans, policies_dir)
     (out_dir / "manifest.json").write_text(
         json.dumps({"seed": seed, "defects_rate": defects_rate, "sites": sites}, indent=2) + "\n"
     )
-    return summary
+    return GenerateSummary(str(out_dir), seed, defects_rate, sites)
+
+
+def _declare_extra_sites(out_dir: Path, plans: list[SitePlan], policies_dir: Path) -> None:
+    """Sites beyond the declared ones need a declaration before ingest: write one per extra site
+    (a copy of its template's sharing conditions) under ``out_dir/site-declarations/``."""
+    extra = [p for p in plans if p.id != p.template]
+    if not extra:
+        return
+    decl_dir = out_dir / "site-declarations"
+    decl_dir.mkdir(exist_ok=True)
+    for p in extra:
+        body = yaml.safe_load((policies_dir / "sites" / f"{p.template}.yaml").read_text())
+        body.update(id=p.id, name=f"{body['name']} (synthetic copy {p.id})")
+        (decl_dir / f"{p.id}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
 
 
 def read_delivery(site_dir: Path) -> dict[str, pl.DataFrame]:

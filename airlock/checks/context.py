@@ -22,6 +22,7 @@ from airlock.policy import Policy
 if TYPE_CHECKING:
     from airlock.checks.leaks import ExtractIndex
 
+MAX_TABLE_COLUMNS = 1000  # a resource guard, not a disclosure threshold
 MAX_CELLS_LISTED = 20  # findings list at most this many cells; counts are always complete
 _FORMULA_START = re.compile(r"^[\t\r\n ]*[=+\-@\t\r]")
 _NUMBER = re.compile(r"^[+-]?(\d[\d,]*\.?\d*|\.\d+)([eE][+-]?\d+)?%?$")
@@ -73,28 +74,29 @@ def formula_injection(df: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 def coerce_numbers(df: pl.DataFrame) -> pl.DataFrame:
-    """String columns whose every non-empty value is a number become numeric (1,234 and 5%)."""
-    out = []
-    for name in df.columns:
-        col = df.get_column(name)
-        if col.dtype != pl.String:
-            out.append(col)
-            continue
-        stripped = col.str.strip_chars().str.replace_all(",", "")
-        stripped = stripped.replace("", None)
-        if stripped.null_count() == len(stripped):
-            out.append(col)
-            continue
-        as_int = stripped.cast(pl.Int64, strict=False)
-        if as_int.null_count() == stripped.null_count():
-            out.append(as_int)
-            continue
-        as_float = stripped.cast(pl.Float64, strict=False)
-        if as_float.null_count() == stripped.null_count():
-            out.append(as_float)
-            continue
-        out.append(col)
-    return pl.DataFrame(out)
+    """String columns whose every non-empty value is a number become numeric (1,234 and 5%
+    stay text: a percent sign says it is not a count). Vectorised over all columns at once."""
+    schema = df.schema  # built on each access: fetch once
+    text_cols = [c for c, dtype in schema.items() if dtype == pl.String]
+    if not text_cols or df.height == 0 or df.width > MAX_TABLE_COLUMNS:
+        return df  # too wide to be an aggregate: check_dataframe refuses it as it is
+    stripped = df.select(
+        pl.col(c).str.strip_chars().str.replace_all(",", "").replace("", None) for c in text_cols
+    )
+    as_int = stripped.select(pl.all().cast(pl.Int64, strict=False))
+    as_float = stripped.select(pl.all().cast(pl.Float64, strict=False))
+    nulls = stripped.null_count().row(0)
+    int_nulls = as_int.null_count().row(0)
+    float_nulls = as_float.null_count().row(0)
+    replace = {}
+    for i, name in enumerate(text_cols):
+        if nulls[i] == df.height:
+            continue  # all empty: leave as text
+        if int_nulls[i] == nulls[i]:
+            replace[name] = as_int.get_column(name)
+        elif float_nulls[i] == nulls[i]:
+            replace[name] = as_float.get_column(name)
+    return df.with_columns(**replace) if replace else df
 
 
 def check_dataframe(
@@ -106,6 +108,19 @@ def check_dataframe(
     """Every table rule on one table; ``raw`` is the all-text version (for formula injection)."""
     location = location or {}
     policy = ctx.policy
+    if df.width > MAX_TABLE_COLUMNS:
+        return "unknown_table", with_location(
+            [
+                Finding(
+                    rule="table.too_wide",
+                    status=Status.FAIL,
+                    message=f"{df.width} columns: a table wider than {MAX_TABLE_COLUMNS} columns "
+                    "is not an aggregate output and is not checked further",
+                    evidence={"columns": df.width, "max_columns": MAX_TABLE_COLUMNS},
+                )
+            ],
+            location,
+        )
     findings: list[Finding] = []
     injected = formula_injection(raw if raw is not None else df)
     if injected:

@@ -94,9 +94,8 @@ def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
 
 def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list[Finding]]:
     from airlock.checks.leaks import find_identifiers_in_text
-    from airlock.checks.notebooks import encoded_blobs, tables_from_text
+    from airlock.checks.notebooks import check_prose, encoded_blobs, tables_from_text
     from airlock.checks.spreadsheets import read_delimited
-    from airlock.checks.text import check_text
 
     findings = encoded_blobs(text, {})
     tables = []
@@ -110,7 +109,7 @@ def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list
         output_class, found = check_dataframe(df, ctx, raw=raw)
         findings += found
     if not tables:
-        findings += check_text(text, ctx.policy)
+        findings += check_prose(text, ctx)
     lines = text.count("\n") + 1
     if not tables and lines > ctx.policy.max_rows:
         findings.append(
@@ -344,12 +343,14 @@ def _check_path(
         )
         return "unknown", findings, sha256
     if detected.mismatch or detected.declared is None:
-        binary = not detected.is_text or (detected.declared not in ft.TEXT_KINDS | {None})
+        # a plain-text name holding other text is a naming slip a checker can see through;
+        # anything else (a .ipynb that is not a notebook, a picture named .csv) is a disguise
+        benign = detected.is_text and detected.declared in {None, "text", "csv", "tsv"}
         said = f".{detected.extension}" if detected.extension else "no extension"
         findings.append(
             _finding(
                 "file.type_mismatch",
-                Status.FAIL if binary else Status.REVIEW,
+                Status.REVIEW if benign else Status.FAIL,
                 f"the name says {said} but the content is {detected.kind.upper()}: "
                 "rename the file to what it is",
                 detected=detected.kind,

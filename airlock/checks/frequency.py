@@ -15,7 +15,7 @@ import polars as pl
 
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
-from airlock.checks.layout import Layout, Role, _text, is_ambiguous_total, is_total_label
+from airlock.checks.layout import Layout, Role, is_ambiguous_total, is_total_label
 from airlock.policy import Policy
 
 COLUMN_DIM = "__column__"
@@ -28,6 +28,7 @@ class CountCell:
     value: float | None
     suppressed: bool
     labels: dict[str, str]
+    upper: float | None = None  # what a marker such as '<10' says about the hidden value
 
 
 def count_cells(frame: pl.DataFrame, layout: Layout) -> list[CountCell]:
@@ -42,6 +43,7 @@ def count_cells(frame: pl.DataFrame, layout: Layout) -> list[CountCell]:
                     parsed.values[row],
                     parsed.suppressed[row],
                     layout.labels_of(row, frame),
+                    parsed.upper.get(row),
                 )
             )
     return cells
@@ -68,13 +70,42 @@ def margin_equations(
     """
     dims = layout.columns(Role.LABEL)
     multi_column = len(layout.columns(Role.COUNT)) > 1
+    implicit = implicit_total_columns(cells, layout, policy) if multi_column else set()
     keys = [
-        tuple(c.labels.get(d, "") for d in dims) + ((c.column,) if multi_column else ())
+        tuple(c.labels.get(d, "") for d in dims)
+        + ((policy.total_labels[0] if c.column in implicit else c.column,) if multi_column else ())
         for c in cells
     ]
     return confirmed_equations(
         keys, [c.value for c in cells], [c.suppressed for c in cells], policy
     )
+
+
+def implicit_total_columns(cells: list[CountCell], layout: Layout, policy: Policy) -> set[str]:
+    """A count column that is not labelled as a total but equals the sum of the other count
+    columns in every fully visible row (at least two rows), e.g. an 'N' column: a margin."""
+    columns = layout.columns(Role.COUNT)
+    if any(is_total_label(c, policy, ambiguous=False) for c in columns) or len(columns) < 3:
+        return set()
+    by_row: dict[int, dict[str, CountCell]] = {}
+    for c in cells:
+        by_row.setdefault(c.row, {})[c.column] = c
+    found = set()
+    for candidate in columns:
+        others = [c for c in columns if c != candidate]
+        checked = 0
+        holds = True
+        for row in by_row.values():
+            line = [row[c] for c in columns if c in row]
+            if len(line) != len(columns) or any(x.suppressed or x.value is None for x in line):
+                continue
+            checked += 1
+            if row[candidate].value != sum(row[c].value or 0 for c in others):
+                holds = False
+                break
+        if holds and checked >= 2:
+            found.add(candidate)
+    return found if len(found) == 1 else set()
 
 
 def confirmed_equations(
@@ -174,9 +205,18 @@ def check_frequency(
     policy: Policy,
     location: dict | None = None,
     suppression_declared: bool = False,
+    margins_visible_only: bool = False,
 ) -> list[Finding]:
     cells = count_cells(frame, layout)
-    return check_count_cells(frame, layout, cells, policy, location, suppression_declared)
+    return check_count_cells(
+        frame,
+        layout,
+        cells,
+        policy,
+        location,
+        suppression_declared,
+        margins_visible_only=margins_visible_only,
+    )
 
 
 def check_count_cells(
@@ -187,6 +227,7 @@ def check_count_cells(
     location: dict | None = None,
     suppression_declared: bool = False,
     with_margins: bool = True,
+    margins_visible_only: bool = False,
 ) -> list[Finding]:
     found: dict[str, list[tuple[rules.Breach, dict]]] = {}
     visible = [c for c in cells if not c.suppressed and c.value is not None]
@@ -221,7 +262,7 @@ def check_count_cells(
         )
 
     if with_margins:
-        findings += _margin_findings(cells, layout, policy, location, rounded)
+        findings += _margin_findings(cells, layout, policy, location, rounded, margins_visible_only)
         findings += _percent_findings(frame, layout, cells, policy, location)
     note = rules.rounding_note([c.value for c in visible if c.value is not None], policy)
     if note:
@@ -252,12 +293,25 @@ def _margin_findings(
     policy: Policy,
     location: dict | None,
     rounded: bool,
+    visible_only: bool = False,
 ) -> list[Finding]:
     equations = margin_equations(cells, layout, policy)
     if not equations:
         return []
+    if visible_only:
+        # declared: totals were computed from the visible cells after suppression, so they
+        # carry nothing about the suppressed ones; only their consistency is checked
+        equations = [
+            rules.MarginEquation(e.total, [p for p in e.parts if not cells[p].suppressed], e.margin)
+            for e in equations
+            if not cells[e.total].suppressed
+        ]
     recovered, inconsistent = rules.recoverable_cells(
-        [c.value for c in cells], [c.suppressed for c in cells], equations, policy
+        [c.value for c in cells],
+        [c.suppressed for c in cells],
+        equations,
+        policy,
+        upper=[c.upper for c in cells],
     )
     findings: list[Finding] = []
     if recovered:
@@ -352,7 +406,3 @@ def _grouped(rule: str, items: list[tuple[rules.Breach, dict]], policy: Policy) 
         evidence={k: v for k, v in first.evidence.items() if k not in {"count"}},
         policy_version=policy.label,
     )
-
-
-def labels_text(frame: pl.DataFrame, row: int, columns: list[str]) -> dict[str, str]:
-    return {c: _text(frame[c][row]) for c in columns}

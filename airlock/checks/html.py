@@ -18,6 +18,8 @@ from lxml import etree
 from airlock.checks.findings import Finding, Status
 
 _DATA_URI = re.compile(r"^data:([\w/+.-]+)?((?:;[\w=.-]+)*);base64,(.*)$", re.DOTALL)
+# CSS url() to anything but an in-page #fragment or an embedded data: URI
+_CSS_EXTERNAL = re.compile(r"url\(\s*['\"]?\s*(?!data:|#)[^)]*\)", re.IGNORECASE)
 _EXTERNAL_ATTRS = ("src", "href", "action", "formaction", "data", "poster", "background")
 
 
@@ -25,10 +27,17 @@ def parse_html(text: str) -> Any:
     """An lxml document for ``text``; raises ValueError for what cannot be parsed."""
     if not text.strip():
         raise ValueError("empty HTML document")
+    parser = lxml.html.HTMLParser()
     try:
-        return lxml.html.document_fromstring(text)
+        doc = lxml.html.document_fromstring(text, parser=parser)
     except (etree.ParserError, ValueError) as exc:
         raise ValueError(f"HTML cannot be parsed: {exc}") from None
+    # libxml2 stops reading at its limits (nesting depth 256...) and drops the rest silently:
+    # what it did not read was not checked, so the page is refused
+    for error in parser.error_log:
+        if error.type_name == "ERR_RESOURCE_LIMIT" or "depth" in error.message.lower():
+            raise ValueError(f"HTML too deeply nested to be checked ({error.message})")
+    return doc
 
 
 def _cell_text(el: Any) -> str:
@@ -39,6 +48,7 @@ def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     """Every <table> as (typed frame, all-text frame). Header: <thead> rows, else the first row
     when it is all <th>. Cells spanning several columns are repeated, as a reader sees them."""
     from airlock.checks.context import coerce_numbers
+    from airlock.checks.spreadsheets import unique_names
 
     out = []
     for table in doc.iter("table"):
@@ -77,12 +87,7 @@ def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
             if not header[0]:
                 header[0] = body[0][0]
                 body = body[1:]
-        names: list[str] = []
-        for i, h in enumerate(header):
-            name = h or f"column_{i + 1}"
-            while name in names:
-                name += "_"
-            names.append(name)
+        names = unique_names(header)
         raw = pl.DataFrame(
             {n: [r[i] or None for r in body] for i, n in enumerate(names)},
             schema={n: pl.String for n in names},
@@ -220,11 +225,12 @@ def sanitize_html(text: str) -> str:
             value = el.get(attr) or ""
             if attr.lower().startswith("on") or "javascript:" in value.lower().replace(" ", ""):
                 del el.attrib[attr]
+            elif attr == "style":
+                el.set(attr, _CSS_EXTERNAL.sub("none", value))
             elif attr in _EXTERNAL_ATTRS and not value.startswith(("data:image/", "#")):
                 if re.match(r"^\s*(https?:|//|file:|ftp:)", value) or attr != "href":
                     del el.attrib[attr]
     for style in doc.iter("style"):
         if style.text:
-            style.text = re.sub(r"@import[^;]*;?", "", style.text)
-            style.text = re.sub(r"url\(\s*['\"]?(?!data:)[^)]*\)", "none", style.text)
+            style.text = _CSS_EXTERNAL.sub("none", re.sub(r"@import[^;]*;?", "", style.text))
     return lxml.html.tostring(doc, encoding="unicode", doctype="<!DOCTYPE html>")

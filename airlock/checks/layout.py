@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import lru_cache
 
 import polars as pl
 
@@ -163,6 +164,19 @@ class Parsed:
     suppressed: list[bool]
     numeric: bool  # every non-marker cell parsed as a number
     any_number: bool
+    upper: dict[int, float] = field(default_factory=dict)  # '<10' says: at most 9
+
+
+_UPPER = re.compile(r"^\s*(<=|<|≤)\s*=?\s*(\d+)\s*$")
+
+
+def marker_upper_bound(text: str) -> float | None:
+    """The largest value a marker such as '<10' (9) or '<=5' / '≤5' (5) allows."""
+    m = _UPPER.match(text)
+    if not m:
+        return None
+    bound = float(m.group(2))
+    return bound if m.group(1) in {"<=", "≤"} else bound - 1
 
 
 @dataclass
@@ -173,12 +187,19 @@ class Layout:
     total_rows: set[int] = field(default_factory=set)
     total_columns: set[str] = field(default_factory=set)
     n_rows: int = 0
+    row_statistic: dict[int, str] = field(default_factory=dict)  # stats in rows (describe())
+    _labels: list[dict[str, str]] | None = None
 
     def columns(self, role: Role) -> list[str]:
         return [c for c, r in self.roles.items() if r == role]
 
     def labels_of(self, row: int, frame: pl.DataFrame) -> dict[str, str]:
-        return {c: _text(frame[c][row]) for c in self.columns(Role.LABEL)}
+        if self._labels is None or len(self._labels) != frame.height:
+            columns = {c: frame[c].to_list() for c in self.columns(Role.LABEL)}
+            self._labels = [
+                {c: _text(v[r]) for c, v in columns.items()} for r in range(frame.height)
+            ]
+        return dict(self._labels[row])
 
 
 def words(name: str) -> list[str]:
@@ -238,7 +259,12 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
         return Parsed(values, suppressed, True, any_number)
     if series.dtype == pl.Boolean:
         return Parsed([None] * len(series), [False] * len(series), False, False)
-    for v in series.cast(pl.String, strict=False).to_list():
+    if series.dtype == pl.String:
+        texts = series.to_list()
+    else:  # dates, categoricals, lists, structs...: their text form
+        texts = [None if v is None else str(v) for v in series.to_list()]
+    upper: dict[int, float] = {}
+    for v in texts:
         text = "" if v is None else str(v)
         num = parse_number(text)
         if num is not None:
@@ -246,6 +272,9 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
             suppressed.append(False)
             any_number = True
         elif _is_marker(text, policy, patterns):
+            bound = marker_upper_bound(text)
+            if bound is not None:
+                upper[len(values)] = bound
             values.append(None)
             suppressed.append(True)
         else:
@@ -254,16 +283,25 @@ def parse_column(series: pl.Series, policy: Policy) -> Parsed:
             numeric = False
     # a column holding only suppression markers is a fully suppressed data column
     all_markers = numeric and not any_number and any(suppressed)
-    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number)
+    return Parsed(values, suppressed, numeric and (any_number or all_markers), any_number, upper)
+
+
+@lru_cache(maxsize=64)
+def _total_sets(plain: tuple[str, ...], ambiguous: tuple[str, ...]) -> tuple[set, set]:
+    return {" ".join(words(t)) for t in plain}, {" ".join(words(t)) for t in ambiguous}
+
+
+@lru_cache(maxsize=65536)
+def _normalised(text: str) -> str:
+    return " ".join(words(text)) if text else ""
 
 
 def is_total_label(text: str, policy: Policy, ambiguous: bool = True) -> bool:
     """Whether a label marks a margin; with ``ambiguous`` also labels such as 'All' that need
     the numbers to confirm them."""
-    low = " ".join(words(text)) if text else ""
-    if low in {" ".join(words(t)) for t in policy.total_labels}:
-        return True
-    return ambiguous and low in {" ".join(words(t)) for t in policy.ambiguous_total_labels}
+    plain, maybe = _total_sets(tuple(policy.total_labels), tuple(policy.ambiguous_total_labels))
+    low = _normalised(text)
+    return low in plain or (ambiguous and low in maybe)
 
 
 def is_ambiguous_total(text: str, policy: Policy) -> bool:
@@ -302,6 +340,25 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
     return Role.STATISTIC, "unknown"
 
 
+def row_statistic(label: str) -> str | None:
+    """The statistic a row label names ('mean', 'max', '25%', 'count'), as in pandas'
+    ``describe()``, where statistics are rows and variables are columns."""
+    text = label.strip().lower()
+    if re.fullmatch(r"\d{1,2}(\.\d+)?\s*%", text):
+        return "percentile"
+    tokens = words(text)
+    if len(tokens) != 1:
+        return None
+    token = tokens[0]
+    if token in {"count", "n", "nobs", "freq"}:
+        return "count"
+    if token in STAT_WORDS:
+        return STAT_WORDS[token]
+    if re.fullmatch(r"p\d{1,2}|q\d", token):
+        return "percentile"
+    return None
+
+
 def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
     roles: dict[str, Role] = {}
     stats: dict[str, str] = {}
@@ -320,10 +377,15 @@ def read_layout(frame: pl.DataFrame, policy: Policy) -> Layout:
             roles[name] = Role.LABEL
             stats.pop(name, None)
     layout = Layout(roles, stats, parsed, n_rows=frame.height)
-    labels = layout.columns(Role.LABEL)
     for row in range(frame.height):
-        if any(is_total_label(_text(frame[c][row]), policy) for c in labels):
+        if any(is_total_label(v, policy) for v in layout.labels_of(row, frame).values()):
             layout.total_rows.add(row)
+    for row in range(frame.height):
+        for text in layout.labels_of(row, frame).values():
+            kind = row_statistic(text)
+            if kind:
+                layout.row_statistic[row] = kind
+                break
     layout.total_columns = {
         c for c in frame.columns if roles[c] != Role.LABEL and is_total_label(c, policy)
     }

@@ -39,7 +39,10 @@ _NOT_ROW_IDS = {"site_id", "study_id", "load_batch", "source_dataset"}
 _ROWS_LISTED = 20
 _NUMERIC_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE")
 _NUMERIC_TYPES += ("UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT")
+_MIN_ID_CHARS = 6  # a pseudonym shorter than this would not be a pseudonym
 _WORD = re.compile(r"[A-Za-z0-9_\-]{6,}")
+# Comparing the join of several tables costs a join of the tables: only below this many rows.
+CHAIN_MAX_ROWS = 2_000_000
 
 
 def _quote(name: str) -> str:
@@ -49,12 +52,15 @@ def _quote(name: str) -> str:
 class ExtractIndex:
     """A project's extract (DuckDB file) opened read-only, and what the leak rules need of it."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, memory_limit: str = "1GB") -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"extract {self.path} does not exist")
-        self._con = duckdb.connect(str(self.path), read_only=True)
+        self._con = duckdb.connect(
+            str(self.path), read_only=True, config={"memory_limit": memory_limit}
+        )
         self._lock = threading.Lock()
+        self._few: dict[tuple[str, tuple[str, ...]], bool] = {}
         rows = self._con.execute(
             "SELECT table_name, column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
@@ -62,13 +68,22 @@ class ExtractIndex:
         self.tables: dict[str, dict[str, str]] = {}
         for table, column, dtype in rows:
             self.tables.setdefault(table, {})[column] = dtype.upper()
-        # (table, column, is_text) for every identifier column
-        self.id_columns = [
-            (t, c, not self.tables[t][c].startswith(_NUMERIC_TYPES))
-            for t in self.tables
-            for c in self.tables[t]
-            if c.lower() in ID_COLUMNS
-        ]
+        # (table, column, is_text) for every identifier, read from one table only: the table
+        # named after it when there is one (patient_id from patient), as the others repeat it
+        self.id_columns = []
+        for name in ID_COLUMNS:
+            holders = [(t, c) for t in self.tables for c in self.tables[t] if c.lower() == name]
+            if holders:
+                stem = name.removesuffix("_id")
+                table, column = next((h for h in holders if h[0].lower() == stem), holders[0])
+                is_text = not self.tables[table][column].startswith(_NUMERIC_TYPES)
+                self.id_columns.append((table, column, is_text))
+        self.rows = {
+            t: int(n)
+            for t, n in self._con.execute(
+                "SELECT table_name, estimated_size FROM duckdb_tables() WHERE schema_name = 'main'"
+            ).fetchall()
+        }
 
     def close(self) -> None:
         self._con.close()
@@ -107,9 +122,14 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
         hits: set[tuple[int, str]] = set()
         for table, column, is_text in extract.id_columns:
             if is_text:
+                # the semi-join hashes the export's distinct values and streams the id column
                 sql = (
-                    f"SELECT DISTINCT v.__row, v.col FROM {_quote(table)} x "
-                    f"JOIN __export_values v ON x.{_quote(column)} = v.value"
+                    f"WITH vals AS (SELECT DISTINCT value FROM __export_values "
+                    f"WHERE length(value) >= {_MIN_ID_CHARS}), "
+                    f"found AS (SELECT x.{_quote(column)} AS value FROM {_quote(table)} x "
+                    f"SEMI JOIN vals ON x.{_quote(column)} = vals.value) "
+                    f"SELECT DISTINCT v.__row, v.col FROM __export_values v "
+                    f"JOIN found ON v.value = found.value"
                 )
             elif column.lower() in lower_names:
                 sql = (
@@ -171,6 +191,23 @@ def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None
     )
 
 
+def _few_groups(extract: ExtractIndex, table: str, columns: list[str]) -> bool:
+    """Whether these columns take few distinct combinations in the table (judged on a sample)."""
+    key = (table, tuple(columns))
+    if key not in extract._few:
+        cols = ", ".join(_quote(c) for c in columns)
+        cur = extract.cursor()
+        try:
+            (distinct,) = cur.execute(
+                f"SELECT count(*) FROM (SELECT DISTINCT {cols} FROM "
+                f"(SELECT {cols} FROM {_quote(table)} USING SAMPLE 20000 ROWS))"
+            ).fetchall()[0]
+        finally:
+            cur.close()
+        extract._few[key] = distinct <= 2000
+    return extract._few[key]
+
+
 # (export column, extract table alias, extract column)
 _Pair = tuple[str, str, str]
 
@@ -190,19 +227,21 @@ def _match_rows(
     probes millions of extract rows cheaply): numbers as numbers, text case-insensitively.
     """
     aliases = {table: f"x{i}" for i, (table, _) in enumerate(tables)}
-    sel, conds = [], []
+    sel, conds, agg_conds = [], [], []
     for i, (mine, table, theirs) in enumerate(pairs):
-        alias, x = f"c{i}", aliases[table]
+        alias, ref, agg_ref = f"c{i}", f"{aliases[table]}.{_quote(theirs)}", f"a.k{i}"
         dtype = extract.tables[table][theirs]
         if dtype.startswith(_NUMERIC_TYPES):
             sel.append(f"TRY_CAST(TRIM(CAST({_quote(mine)} AS VARCHAR)) AS DOUBLE) AS {alias}")
-            conds.append(f"{x}.{_quote(theirs)} = m.{alias}")
+            compare = "{} = m.{}"
         elif dtype == "VARCHAR":
             sel.append(f"lower(trim(CAST({_quote(mine)} AS VARCHAR))) AS {alias}")
-            conds.append(f"lower({x}.{_quote(theirs)}) = m.{alias}")
+            compare = "lower({}) = m.{}"
         else:
             sel.append(f"TRIM(CAST({_quote(mine)} AS VARCHAR)) AS {alias}")
-            conds.append(f"CAST({x}.{_quote(theirs)} AS VARCHAR) = m.{alias}")
+            compare = "CAST({} AS VARCHAR) = m.{}"
+        conds.append(compare.format(ref, alias))
+        agg_conds.append(compare.format(agg_ref, alias))
     names = [f"c{i}" for i in range(len(pairs))]
     not_null = " AND ".join(f"{a} IS NOT NULL" for a in names)
     first, _ = tables[0]
@@ -213,16 +252,24 @@ def _match_rows(
             f" JOIN {_quote(table)} {aliases[table]} ON "
             f"{aliases[table]}.{_quote(link)} = {aliases[prev]}.{_quote(link)}"
         )
+    m_cols = ", ".join("m." + a for a in names)
+    if len(tables) == 1 and _few_groups(extract, first, [p[2] for p in pairs]):
+        # few distinct combinations in the extract: counting them all first is cheaper than
+        # joining every extract row to the export
+        keys = ", ".join(f"x0.{_quote(p[2])} AS k{i}" for i, p in enumerate(pairs))
+        hits = (
+            f"SELECT {m_cols}, a.n FROM (SELECT {keys}, count(*) AS n FROM {source} "
+            f"GROUP BY ALL) a JOIN m ON {' AND '.join(agg_conds)}"
+        )
+    else:
+        hits = f"SELECT {m_cols}, count(*) AS n FROM {source} JOIN m ON {' AND '.join(conds)} "
+        hits += "GROUP BY ALL"
     sql = f"""
         WITH e AS (SELECT __row, {", ".join(sel)} FROM __export_rows),
         m AS (SELECT DISTINCT {", ".join(names)} FROM e WHERE {not_null}),
-        hits AS (
-            SELECT {", ".join("m." + a for a in names)}, count(*) AS n
-            FROM {source} JOIN m ON {" AND ".join(conds)}
-            GROUP BY ALL
-        )
-        SELECT e.__row, hits.n FROM e JOIN hits USING ({", ".join(names)})
-        WHERE hits.n < {int(k)} ORDER BY e.__row
+        hits AS ({hits})
+        SELECT e.__row, sum(hits.n) AS n FROM e JOIN hits USING ({", ".join(names)})
+        GROUP BY e.__row HAVING sum(hits.n) < {int(k)} ORDER BY e.__row
     """
     cur = extract.cursor()
     try:
@@ -270,7 +317,7 @@ def _comparisons(
                 chain.append((table, link))
                 pairs += new
                 used.update(p[0] for p in new)
-        if len(chain) >= 2:
+        if len(chain) >= 2 and sum(extract.rows.get(t, 0) for t, _ in chain) <= CHAIN_MAX_ROWS:
             out.append((chain, pairs))
     return out
 
@@ -340,11 +387,12 @@ def is_row_level(df: pl.DataFrame, policy: Any) -> bool:
     qis = quasi_identifiers_in(df, policy)
     if not qis:
         return False
-    key = list(dict.fromkeys(qis + [c for c in df.columns if df.schema[c] == pl.String]))
+    schema = df.schema
+    key = list(dict.fromkeys(qis + [c for c, dtype in schema.items() if dtype == pl.String]))
     if df.select(key).n_unique() < df.height:
         return True
     others = [c for c in df.columns if c not in key]
-    numeric_others = [c for c in others if df.schema[c].is_numeric()]
+    numeric_others = [c for c in others if schema[c].is_numeric()]
     return not numeric_others and not any(_STAT_NAME.search(c) for c in df.columns)
 
 

@@ -141,17 +141,25 @@ def check_magnitude(
         grouped.setdefault((breach.rule, breach.status), []).append((breach, ref))
 
     for column in stat_columns:
-        statistic = layout.statistic.get(column, "unknown")
+        column_statistic = layout.statistic.get(column, "unknown")
         parsed = layout.parsed[column]
         for row in range(frame.height):
             value = parsed.values[row]
             if value is None:
                 continue
+            statistic = column_statistic
+            if statistic == "unknown" and row in layout.row_statistic:
+                statistic = layout.row_statistic[row]  # statistics in rows: describe()
             labels = layout.labels_of(row, frame)
             ref: dict[str, Any] = {"row": row, "column": column, "value": value}
             if labels:
                 ref["labels"] = labels
             ref.update(location or {})
+            if statistic == "count":
+                breach = rules.count_cell(value, policy)
+                if breach:
+                    add(breach, ref)
+                continue
             cell = find_evidence(index, row, column, labels)
             if cell is None and from_acro:
                 cell = find_evidence(index, row, str(acro_value_columns.index(column)), {})
@@ -240,7 +248,7 @@ def check_magnitude(
     # the table's own count columns (e.g. n per row) are frequency cells
     counts = count_cells(frame, layout)
     if counts:
-        findings += check_count_cells(frame, layout, counts, policy, location, with_margins=False)
+        findings += check_count_cells(frame, layout, counts, policy, location)
     if not stat_columns:
         findings.append(
             Finding(

@@ -13,7 +13,7 @@ import polars as pl
 
 from airlock.checks import rules
 from airlock.checks.findings import Finding, Status
-from airlock.checks.layout import Layout, Role, _text, parse_number, words
+from airlock.checks.layout import Layout, Role, _normalised, _text, parse_number, words
 from airlock.evidence import TableEvidence
 from airlock.policy import Policy
 
@@ -104,7 +104,7 @@ def _key_values(frame: pl.DataFrame) -> dict[str, float]:
     columns = frame.columns
     for row in frame.iter_rows():
         for i, cell in enumerate(row[:-1]):
-            key = " ".join(words(_text(cell)))
+            key = _normalised(_text(cell))
             if key in DOF_KEYS | NOBS_KEYS:
                 value = parse_number(_text(row[i + 1]))
                 if value is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import warnings
 from typing import Any
 
 import polars as pl
@@ -89,13 +90,9 @@ def encoded_blobs(text: str, location: dict[str, Any], allow_images: bool = Fals
 
 def _frame(header: list[str], rows: list[list[str]]) -> tuple[pl.DataFrame, pl.DataFrame]:
     from airlock.checks.context import coerce_numbers
+    from airlock.checks.spreadsheets import unique_names
 
-    names: list[str] = []
-    for i, h in enumerate(header):
-        name = h.strip() or f"column_{i + 1}"
-        while name in names:
-            name += "_"
-        names.append(name)
+    names = unique_names(header)
     raw = pl.DataFrame(
         {
             n: [r[i] if r[i] not in {"", "NaN", "None", "null"} else None for r in rows]
@@ -152,15 +149,21 @@ def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     header = re.split(r"\s{2,}", lines[0].strip())
     body = lines[1:]
     index_name = ""
-    if has_index and len(re.split(r"\s{2,}", body[0].strip())) == 1 and body[0][:1] != " ":
-        if len(header) > 1 or body[0].rstrip() != body[0].strip():
-            index_name = body[0].strip()
-            body = body[1:]
     want = len(header) + (1 if has_index else 0)
+    if (
+        has_index
+        and len(body) > 1
+        and len(re.split(r"\s{2,}", body[0].strip())) == 1
+        and body[0][:1] != " "
+        and len(re.split(r"\s{2,}", body[1].strip())) == want
+        and want > 1
+    ):
+        index_name = body[0].strip()  # pandas prints the index name on a line of its own
+        body = body[1:]
     rows = []
     for ln in body:
-        parts = re.split(r"\s{2,}", ln.strip())
-        if all(p in {"...", "…"} for p in parts):
+        parts = re.split(r"\s{2,}|(?<=\.\.)\s+(?=\.\.)", ln.strip())
+        if all(p in {"...", "…", ".."} for p in parts):
             continue
         if len(parts) != want:
             return None
@@ -185,6 +188,54 @@ def _csv_like(text: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
         return read_delimited(text, "\t" if kind == "tsv" else None)
     except ValueError:
         return None
+
+
+_PIPE_SEPARATOR = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")
+
+
+def _pipe_cells(line: str) -> list[str]:
+    inner = line.strip()
+    inner = inner[1:] if inner.startswith("|") else inner
+    inner = inner[:-1] if inner.endswith("|") else inner
+    return [c.strip() for c in inner.split("|")]
+
+
+def markdown_tables(text: str) -> list[tuple[tuple[int, int], pl.DataFrame, pl.DataFrame]]:
+    """Pipe tables of a markdown text: ((first line, last line) 0-based, typed, all-text)."""
+    lines = text.splitlines()
+    found = []
+    i = 0
+    while i + 1 < len(lines):
+        if "|" in lines[i] and _PIPE_SEPARATOR.match(lines[i + 1].strip()):
+            header = _pipe_cells(lines[i])
+            j = i + 2
+            rows = []
+            while j < len(lines) and "|" in lines[j] and lines[j].strip():
+                cells = _pipe_cells(lines[j])
+                rows.append((cells + [""] * len(header))[: len(header)])
+                j += 1
+            if rows:
+                typed, raw = _frame(header, rows)
+                found.append(((i, j - 1), typed, raw))
+            i = j
+        else:
+            i += 1
+    return found
+
+
+def check_prose(text: str, ctx: Any, location: dict[str, Any] | None = None) -> list[Finding]:
+    """Markdown/plain text: its pipe tables go to the table rules, the rest to the text rules."""
+    from airlock.checks.context import check_dataframe
+    from airlock.checks.text import check_text
+
+    location = location or {}
+    findings: list[Finding] = []
+    lines = text.splitlines()
+    for (first, last), df, raw in markdown_tables(text):
+        where = {**location, "lines": f"{first + 1}-{last + 1}"}
+        findings += check_dataframe(df, ctx, where, raw=raw)[1]
+        lines[first : last + 1] = [""] * (last + 1 - first)
+    return findings + check_text("\n".join(lines), ctx.policy, location)
 
 
 def tables_from_text(text: str) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
@@ -295,7 +346,6 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
     """Findings for a notebook already parsed from JSON (a dict with a 'cells' list)."""
     from airlock.checks import figures, leaks
     from airlock.checks.html import check_html
-    from airlock.checks.text import check_text
 
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
         raise ValueError("not a Jupyter notebook: no 'cells' list")
@@ -315,7 +365,7 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
             if "<" in source:
                 findings += check_html(f"<div>{source}</div>", ctx, where)
             else:
-                findings += check_text(source, ctx.policy, where)
+                findings += check_prose(source, ctx, where)
             for name, bundle in (cell.get("attachments") or {}).items():
                 for mime, value in (bundle or {}).items():
                     blob = _decode_blob(re.sub(r"\s+", "", _joined(value))) or b""
@@ -326,7 +376,7 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
                     else:
                         findings += encoded_blobs(_joined(value), loc)
         elif ctype == "raw":
-            findings += check_text(source, ctx.policy, where)
+            findings += check_prose(source, ctx, where)
         outputs = cell.get("outputs") or []
         if not isinstance(outputs, list):
             raise ValueError(f"cell {i}: 'outputs' is not a list")
@@ -359,7 +409,9 @@ def render_notebook_html(path: Any) -> str:
 
     from airlock.checks.html import sanitize_html
 
-    nb = nbformat.read(str(path), as_version=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # old notebooks without cell ids: render them anyway
+        nb = nbformat.read(str(path), as_version=4)
     exporter = HTMLExporter(sanitize_html=True, embed_images=True)
     exporter.mathjax_url = ""
     exporter.require_js_url = ""

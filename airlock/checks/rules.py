@@ -50,6 +50,7 @@ CORRELATION_PERFECT = "correlation.perfect"
 CORRELATION_MIN_N = "correlation.min_n"
 CORRELATION_EVIDENCE_MISSING = "correlation.evidence_missing"
 SURVIVAL_STEP = "survival.step"
+SURVIVAL_AT_RISK = "survival.at_risk"
 SURVIVAL_EVIDENCE_MISSING = "survival.evidence_missing"
 EVIDENCE_MISMATCH = "evidence.mismatch"
 MITIGATION_APPLIED = "evidence.mitigation_applied"
@@ -149,6 +150,7 @@ def recoverable_cells(
     suppressed: Sequence[bool],
     equations: Sequence[MarginEquation],
     policy: Policy,
+    upper: Sequence[float | None] | None = None,
 ) -> tuple[list[Recovery], list[int]]:
     """Secondary disclosure: which suppressed cells the margins reveal, and which equations are
     inconsistent with the visible cells.
@@ -196,54 +198,93 @@ def recoverable_cells(
     if rows and unknown:
         a = np.array(rows)
         b = np.array(rhs)
-        # x_j is determined iff every solution agrees on it, i.e. the null space of A has a zero
-        # in coordinate j: one SVD for the whole table.
-        _, singular, vt = np.linalg.svd(a)
-        tol = max(a.shape) * np.finfo(float).eps * (singular[0] if singular.size else 0.0)
-        rank = int((singular > max(tol, 1e-9)).sum())
-        null_space = vt[rank:].T  # columns span the null space
-        solution, *_ = np.linalg.lstsq(a, b, rcond=None)
-        for j, cell in enumerate(unknown):
-            if cell in recovered:
-                continue
-            if null_space.size == 0 or np.abs(null_space[j]).max() < 1e-9:
-                recovered[cell] = Recovery(
-                    cell, round(float(solution[j]), 6), "total minus the visible cells"
-                )
-        # bounds: counts are >= 0, so a cell can be pinned even when the system leaves a free
-        # direction (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). Linear programming (HiGHS via
-        # scipy) gives each cell's range; a range holding a single integer reveals the cell.
-        open_cells = [j for j, cell in enumerate(unknown) if cell not in recovered]
-        if open_cells and len(unknown) <= LP_MAX_UNKNOWNS:
-            for j, low, high in _count_ranges(a, b, open_cells):
-                if math.floor(high + 1e-7) <= math.ceil(low - 1e-7):
-                    cell = unknown[j]
-                    recovered[cell] = Recovery(
-                        cell, float(round(low)), "the margins and non-negative counts pin it"
-                    )
+        n = len(unknown)
+        # a marker such as '<10' bounds its cell: x_j + z_j = 9 with a slack z_j >= 0
+        bounded = [
+            (j, float(upper[cell]))
+            for j, cell in enumerate(unknown)
+            if upper is not None and upper[cell] is not None
+        ]
+        if bounded:
+            extra = np.zeros((len(bounded), n + len(bounded)))
+            for k, (j, _bound) in enumerate(bounded):
+                extra[k, j] = extra[k, n + k] = 1.0
+            a = np.vstack([np.hstack([a, np.zeros((a.shape[0], len(bounded)))]), extra])
+            b = np.concatenate([b, [bound for _, bound in bounded]])
+        determined = {j: v for j, v in _determined(a, b).items() if j < n}
+        free = [j for j in range(n) if j not in determined]
+        # counts are >= 0 (and slacks too): variables that are 0 in every solution are pinned
+        # (a cell at 0, or at its marker's bound), and pinning them can determine others
+        # (x1 + x2 = 3 and x1 = 3 + x3 force x1 = 3). One LP finds them.
+        if free:
+            zero = _always_zero(a, b)
+            if zero:
+                pin = np.zeros((len(zero), a.shape[1]))
+                for i, j in enumerate(sorted(zero)):
+                    pin[i, j] = 1.0
+                more = _determined(np.vstack([a, pin]), np.concatenate([b, np.zeros(len(zero))]))
+                for j, (value, _how) in more.items():
+                    if j < n and j not in determined:
+                        determined[j] = (value, "the margins and non-negative counts pin it")
+        for j, (value, how) in determined.items():
+            cell = unknown[j]
+            recovered.setdefault(cell, Recovery(cell, round(value, 6), how))
     return sorted(recovered.values(), key=lambda r: r.cell), inconsistent
 
 
-LP_MAX_UNKNOWNS = 400
+def _determined(a: np.ndarray, b: np.ndarray) -> dict[int, tuple[float, str]]:
+    """Unknowns of ``a x = b`` that every solution agrees on: x_j is determined iff the unit
+    vector e_j lies in the row space of ``a``, i.e. its projection onto the row space has
+    length 1. The row space comes from a rank-revealing (pivoted) QR of ``a.T``, much cheaper
+    than an SVD for the wide systems of large suppressed tables."""
+    from scipy.linalg import lstsq, qr  # lazily: only tables with suppressed cells need it
+
+    q, r, _ = qr(a.T, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(r))
+    tol = max(a.shape) * np.finfo(float).eps * (diag[0] if diag.size else 0.0)
+    rank = int((diag > max(tol, 1e-9)).sum())
+    in_row_space = (q[:, :rank] ** 2).sum(axis=1)
+    solution = lstsq(a, b, lapack_driver="gelsy")[0]
+    return {
+        j: (float(solution[j]), "total minus the visible cells")
+        for j in range(a.shape[1])
+        if in_row_space[j] > 1 - 1e-9
+    }
 
 
-def _count_ranges(a: np.ndarray, b: np.ndarray, cells: list[int]) -> list[tuple[int, float, float]]:
-    """Smallest and largest value of each unknown over non-negative solutions of ``a x = b``."""
-    from scipy.optimize import linprog  # imported lazily: only tables with suppression need it
+def _always_zero(a: np.ndarray, b: np.ndarray) -> set[int]:
+    """Unknowns that are 0 in every non-negative solution of ``a x = b``.
 
-    n = a.shape[1]
-    out = []
-    for j in cells:
-        c = np.zeros(n)
-        c[j] = 1.0
-        low = linprog(c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
-        if low.status != 0:  # infeasible (inconsistent margins) or failed: no claim
-            continue
-        high = linprog(-c, A_eq=a, b_eq=b, bounds=(0, None), method="highs")
-        if high.status != 0:  # unbounded above: not determined
-            continue
-        out.append((j, float(low.fun), float(-high.fun)))
-    return out
+    One linear programme (HiGHS via scipy), homogenised so that every unknown that can be
+    positive reaches 1 at once: maximise sum(y) with y <= x, y <= 1, a x = s b, s >= 1, x >= 0.
+    (A convex combination of solutions, scaled up, makes all possibly-positive unknowns >= 1.)
+    """
+    # imported lazily: only tables with suppressed cells need them
+    from scipy import sparse
+    from scipy.optimize import linprog
+
+    m, n = a.shape
+    # variables: x (n), y (n), s (1); sparse, since a suppressed table may have 1000s of cells
+    c = np.concatenate([np.zeros(n), -np.ones(n), [0.0]])
+    a_eq = sparse.hstack(
+        [sparse.csr_matrix(a), sparse.csr_matrix((m, n)), sparse.csr_matrix(-b.reshape(-1, 1))]
+    )
+    identity = sparse.identity(n, format="csr")
+    a_ub = sparse.hstack([-identity, identity, sparse.csr_matrix((n, 1))])  # y - x <= 0
+    bounds = [(0, None)] * n + [(0, 1)] * n + [(1, None)]
+    res = linprog(
+        c,
+        A_ub=a_ub.tocsr(),
+        b_ub=np.zeros(n),
+        A_eq=a_eq.tocsr(),
+        b_eq=np.zeros(m),
+        bounds=bounds,
+        method="highs",
+    )
+    if res.status != 0:  # infeasible margins: reported as inconsistent elsewhere
+        return set()
+    y = res.x[n : 2 * n]
+    return {j for j in range(n) if y[j] < 0.5}
 
 
 # ---------------------------------------------------------------- magnitude
@@ -434,6 +475,20 @@ def survival_step(leaving: float, what: str, policy: Policy) -> Breach | None:
             Status.FAIL,
             f"{what}: {_fmt(leaving)} is below the survival minimum {policy.survival_min_step}",
             {"step": leaving, "what": what, "survival_min_step": policy.survival_min_step},
+        )
+    return None
+
+
+def survival_at_risk(at_risk: float, policy: Policy) -> Breach | None:
+    """Fewer than ``survival_min_step`` people still at risk: the tail of the curve is about
+    a handful of identifiable children. ``0 < n < minimum`` fails (truncate the table)."""
+    if 0 < at_risk < policy.survival_min_step:
+        return Breach(
+            SURVIVAL_AT_RISK,
+            Status.FAIL,
+            f"only {_fmt(at_risk)} at risk (minimum {policy.survival_min_step}): truncate the "
+            "table or curve where fewer remain",
+            {"at_risk": at_risk, "survival_min_step": policy.survival_min_step},
         )
     return None
 

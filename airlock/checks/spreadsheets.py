@@ -26,13 +26,15 @@ _EXTERNAL_FORMULA = re.compile(
 )
 
 
-def _unique_names(header: list[Any]) -> list[str]:
+def unique_names(header: list[Any]) -> list[str]:
     names: list[str] = []
+    seen: set[str] = set()
     for i, h in enumerate(header):
         name = ("" if h is None else str(h)).strip() or f"column_{i + 1}"
-        while name in names:
+        while name in seen:
             name += "_"
         names.append(name)
+        seen.add(name)
     return names
 
 
@@ -57,7 +59,7 @@ def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFram
     except Exception as exc:  # noqa: BLE001 (polars raises ComputeError, NoDataError, ...)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"the rows cannot be read as a table: {message}") from None
-    raw = raw.rename(dict(zip(raw.columns, _unique_names(raw.columns), strict=True)))
+    raw = raw.rename(dict(zip(raw.columns, unique_names(raw.columns), strict=True)))
     return coerce_numbers(raw), raw
 
 
@@ -157,7 +159,7 @@ def check_xlsx(data: bytes, ctx: Any) -> tuple[list[Finding], list[str]]:
         rows = [r for r in rows if any(v is not None for v in r)]
         if not rows:
             continue
-        header, body = _unique_names(rows[0]), rows[1:]
+        header, body = unique_names(rows[0]), rows[1:]
         raw = pl.DataFrame(
             {n: [None if r[i] is None else str(r[i]) for r in body] for i, n in enumerate(header)},
             schema={n: pl.String for n in header},

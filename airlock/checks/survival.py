@@ -81,7 +81,7 @@ def _kind(column: str) -> str | None:
             return name
     if key.startswith("km") or key.startswith("survival"):
         return "estimate"
-    if set(words(column)) & TIME_WORDS:
+    if set(words(column)) & TIME_WORDS or key in {"event at", "time at", "timeline"}:
         return "time"
     return None
 
@@ -92,6 +92,14 @@ def survival_columns(frame: pl.DataFrame) -> dict[str, str]:
         kind = _kind(column)
         if kind and kind not in kinds:
             kinds[kind] = column
+    if "time" not in kinds and ("estimate" in kinds or "at_risk" in kinds) and frame.width:
+        # an unnamed time axis (a pandas index written as 'index' or ''): the first column,
+        # when it is numeric and never decreases
+        first = frame.columns[0]
+        series = frame[first]
+        if series.dtype.is_numeric() and series.null_count() == 0 and frame.height > 1:
+            if bool((series.diff().drop_nulls() >= 0).all()) and first not in kinds.values():
+                kinds["time"] = first
     return kinds
 
 
@@ -150,9 +158,30 @@ def check_survival(
                     cell["labels"] = dict(zip(groups_by, group, strict=True))
                 cell.update(location or {})
                 hits.append(cell)
+    findings: list[Finding] = []
+    tail = []
+    for row, value in enumerate(at_risk or []):
+        if value is not None and rules.survival_at_risk(value, policy):
+            cell = {"row": row, "column": kinds["at_risk"], "value": value}
+            cell.update(location or {})
+            tail.append(cell)
+    if tail:
+        example = rules.survival_at_risk(tail[0]["value"], policy)
+        assert example is not None
+        findings.append(
+            Finding(
+                rule=example.rule,
+                status=example.status,
+                message=f"{len(tail)} row(s) with fewer than {policy.survival_min_step} at "
+                f"risk; e.g. {example.message}",
+                cells=tail,
+                evidence=example.evidence,
+                policy_version=policy.label,
+            )
+        )
     if not hits or first_breach is None:
-        return []
-    return [
+        return findings
+    return findings + [
         Finding(
             rule=rules.SURVIVAL_STEP,
             status=Status.FAIL,

@@ -7,14 +7,12 @@ and the findings. A table that cannot be recognised is ``review``, never a silen
 
 from __future__ import annotations
 
-from typing import Any
-
 import polars as pl
 
 from airlock.checks import rules
-from airlock.checks.findings import Finding, Status, worst
+from airlock.checks.findings import Finding, Status
 from airlock.checks.frequency import check_frequency
-from airlock.checks.layout import Layout, Role, read_layout
+from airlock.checks.layout import COUNT_WORDS, Layout, Role, read_layout, words
 from airlock.checks.magnitude import check_magnitude
 from airlock.checks.models import (
     check_correlation,
@@ -45,7 +43,12 @@ def classify(frame: pl.DataFrame, layout: Layout, evidence: TableEvidence | None
     if looks_like_survival(frame):
         return "survival_table"
     if looks_like_model(frame) or (
-        evidence is not None and evidence.output_class == "model_summary" and evidence.model
+        # a claim of the evidence counts only for a table without count columns, so that it
+        # cannot switch the count rules off
+        evidence is not None
+        and evidence.output_class == "model_summary"
+        and evidence.model
+        and not layout.columns(Role.COUNT)
     ):
         return "model_summary"
     if looks_like_correlation(frame, layout):
@@ -60,13 +63,17 @@ def classify(frame: pl.DataFrame, layout: Layout, evidence: TableEvidence | None
 
 
 def _as_statistics(layout: Layout, evidence: TableEvidence) -> None:
-    """Columns the evidence describes as statistics are statistics even if integer-valued."""
+    """Columns the evidence describes as statistics are statistics even if integer-valued
+    (a sum of whole days). A column whose name says it is a count (n, count, cases...) stays a
+    count whatever the evidence claims: evidence must not switch the count rules off."""
     described = {
         c.column: (c.statistic or "unknown")
         for c in evidence.cells
         if c.statistic not in (None, "count")
     }
     for column, statistic in described.items():
+        if set(words(column)) & COUNT_WORDS:
+            continue
         if column in layout.roles and layout.roles[column] == Role.COUNT:
             layout.roles[column] = Role.STATISTIC
             layout.statistic[column] = statistic
@@ -115,7 +122,11 @@ def check_table(
     findings: list[Finding]
     if output_class == "frequency_table":
         findings = check_frequency(
-            df, layout, policy, suppression_declared=bool(evidence and evidence.suppression_applied)
+            df,
+            layout,
+            policy,
+            suppression_declared=bool(evidence and evidence.suppression_applied),
+            margins_visible_only=bool(evidence and evidence.margins == "visible_only"),
         )
     elif output_class == "magnitude_table":
         findings = check_magnitude(df, layout, policy, evidence)
@@ -164,14 +175,3 @@ def _mitigation_notes(evidence: TableEvidence, policy: Policy) -> list[Finding]:
             policy_version=policy.label,
         )
     ]
-
-
-def table_status(findings: list[Finding]) -> Status:
-    return worst([f.status for f in findings])
-
-
-def summarise(findings: list[Finding]) -> dict[str, Any]:
-    return {
-        "status": table_status(findings).value,
-        "rules": sorted({f.rule for f in findings if f.status != Status.PASS}),
-    }

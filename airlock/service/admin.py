@@ -14,7 +14,7 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -225,7 +225,6 @@ def _change_dict(c: Any) -> dict[str, str]:
 
 def make_router(
     service: Any,
-    *,
     prefix: str,
     api_user: Callable[..., Any],
     page_user: Callable[..., Any],
@@ -237,8 +236,10 @@ def make_router(
     CLI, both of which audit and show the plan.
     """
     router = APIRouter()
-    ApiUser = Annotated[perm.Who, Depends(api_user)]
-    PageUser = Annotated[perm.Who, Depends(page_user)]
+    # defaults, not Annotated aliases: this module's annotations are strings (PEP 563), and
+    # FastAPI resolves string annotations in module scope, where local aliases do not exist
+    api_who = Depends(api_user)
+    page_who = Depends(page_user)
     public_templates = Jinja2Templates(directory=HERE / "templates")
     public_templates.env.globals["prefix"] = prefix
 
@@ -247,10 +248,11 @@ def make_router(
 
     def reconcile_now(actor: str, dry_run: bool = False) -> dict[str, Any]:
         from tre.provision import reconcile
+        from tre.registry import load_registry
 
         rec = reconcile(
             settings(),
-            service.registry,
+            load_registry(settings().policies_dir),  # the declarations as they are on disk now
             actor=actor,
             dry_run=dry_run,
             audit=ServiceAudit(service),
@@ -313,23 +315,23 @@ def make_router(
     api = f"{prefix}api/admin"
 
     @router.get(f"{api}/projects", tags=["admin"])
-    def admin_projects(who: ApiUser) -> list[dict[str, Any]]:
+    def admin_projects(who: perm.Who = api_who) -> list[dict[str, Any]]:
         check_administer(who)
         return _projects_overview(service)
 
     @router.get(f"{api}/plan", tags=["admin"])
-    def admin_plan(who: ApiUser) -> dict[str, Any]:
+    def admin_plan(who: perm.Who = api_who) -> dict[str, Any]:
         check_administer(who)
         return reconcile_now(who.name, dry_run=True)
 
     @router.post(f"{api}/apply", tags=["admin"])
-    def admin_apply(who: ApiUser) -> JSONResponse:
+    def admin_apply(who: perm.Who = api_who) -> JSONResponse:
         check_administer(who)
         result = reconcile_now(who.name)
         return JSONResponse(result, status_code=200 if result["error"] is None else 500)
 
     @router.post(f"{api}/projects", tags=["admin"])
-    def admin_create(body: ProjectIn, who: ApiUser) -> JSONResponse:
+    def admin_create(body: ProjectIn, who: perm.Who = api_who) -> JSONResponse:
         from tre.project_edit import create_project
 
         fields = body.model_dump(mode="json", exclude={"lead"})
@@ -343,7 +345,7 @@ def make_router(
         )
 
     @router.post(f"{api}/projects/{{project_id}}/members", tags=["admin"])
-    def admin_add_member(project_id: str, body: MemberIn, who: ApiUser) -> JSONResponse:
+    def admin_add_member(project_id: str, body: MemberIn, who: perm.Who = api_who) -> JSONResponse:
         from tre.project_edit import add_member
 
         return edit_then_apply(
@@ -357,7 +359,9 @@ def make_router(
         )
 
     @router.delete(f"{api}/projects/{{project_id}}/members/{{username}}", tags=["admin"])
-    def admin_remove_member(project_id: str, username: str, who: ApiUser) -> JSONResponse:
+    def admin_remove_member(
+        project_id: str, username: str, who: perm.Who = api_who
+    ) -> JSONResponse:
         from tre.project_edit import remove_member
 
         return edit_then_apply(
@@ -369,7 +373,7 @@ def make_router(
         )
 
     @router.post(f"{api}/projects/{{project_id}}/grants", tags=["admin"])
-    def admin_grant(project_id: str, body: GrantIn, who: ApiUser) -> JSONResponse:
+    def admin_grant(project_id: str, body: GrantIn, who: perm.Who = api_who) -> JSONResponse:
         from tre.project_edit import grant
 
         return edit_then_apply(
@@ -383,7 +387,7 @@ def make_router(
         )
 
     @router.post(f"{api}/projects/{{project_id}}/status", tags=["admin"])
-    def admin_status(project_id: str, body: StatusIn, who: ApiUser) -> JSONResponse:
+    def admin_status(project_id: str, body: StatusIn, who: perm.Who = api_who) -> JSONResponse:
         from tre.project_edit import set_status
 
         return edit_then_apply(
@@ -395,7 +399,7 @@ def make_router(
         )
 
     @router.get(f"{api}/stats", tags=["admin"])
-    def admin_stats(who: ApiUser) -> dict[str, Any]:
+    def admin_stats(who: perm.Who = api_who) -> dict[str, Any]:
         check_administer(who)
         with service.factory() as session:
             return release_statistics(session)
@@ -403,7 +407,7 @@ def make_router(
     # --- admin pages --------------------------------------------------------------------------
 
     @router.get(f"{prefix}admin", include_in_schema=False)
-    def admin_page(request: Request, who: PageUser) -> HTMLResponse:
+    def admin_page(request: Request, who: perm.Who = page_who) -> HTMLResponse:
         check_administer(who)
         plan = reconcile_now(who.name, dry_run=True)
         return render(
@@ -416,13 +420,13 @@ def make_router(
         )
 
     @router.get(f"{prefix}admin/members", include_in_schema=False)
-    def admin_members_page(request: Request, who: PageUser) -> HTMLResponse:
+    def admin_members_page(request: Request, who: perm.Who = page_who) -> HTMLResponse:
         check_administer(who)
         users = members_overview(service.registry, dt.date.today())
         return render(request, "admin_members.html", who, section="members", users=users)
 
     @router.get(f"{prefix}admin/sites", include_in_schema=False)
-    def admin_sites_page(request: Request, who: PageUser) -> HTMLResponse:
+    def admin_sites_page(request: Request, who: perm.Who = page_who) -> HTMLResponse:
         check_administer(who)
         registry = service.registry
         today = dt.date.today()
@@ -435,13 +439,13 @@ def make_router(
         return render(request, "admin_sites.html", who, section="sites", sites=sites)
 
     @router.get(f"{prefix}admin/events", include_in_schema=False)
-    def admin_events_page(request: Request, who: PageUser) -> HTMLResponse:
+    def admin_events_page(request: Request, who: perm.Who = page_who) -> HTMLResponse:
         check_administer(who)
         events = service.audit_events(who, limit=100)
         return render(request, "admin_events.html", who, section="events", events=events)
 
     @router.get(f"{prefix}admin/stats", include_in_schema=False)
-    def admin_stats_page(request: Request, who: PageUser) -> HTMLResponse:
+    def admin_stats_page(request: Request, who: perm.Who = page_who) -> HTMLResponse:
         check_administer(who)
         with service.factory() as session:
             stats = release_statistics(session)

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airlock import permissions as perm
 from airlock.release import ReleaseError
-from airlock.service import preview
+from airlock.service import admin, preview
 from airlock.service.auth import HubIdentityProvider, Identity, IdentityProvider, TokenRefused
 from airlock.service.core import (
     AirlockService,
@@ -577,6 +577,7 @@ def create_app(
             problems = [str(p) for p in verify_chain(session)]
         return render(request, "audit.html", who, events=events, problems=problems)
 
+    app.include_router(admin.make_router(service, prefix, api_user, page_user, render))
     return app
 
 

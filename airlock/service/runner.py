@@ -18,6 +18,7 @@ from airlock.service.app import create_app
 from airlock.service.auth import HubConfig, HubIdentityProvider
 from airlock.service.core import AirlockService
 from airlock.service.db import make_engine, upgrade
+from tre.provision import LiveRegistry
 from tre.registry import load_registry
 from tre.settings import Settings
 
@@ -39,7 +40,8 @@ def build_app(settings: Settings, hub: HubConfig, *, pool_size: int = 10) -> Fas
     """Migrate the database, finish interrupted releases, and return the ASGI app."""
     engine = make_engine(settings.airlock_db_url or "", pool_size=pool_size)
     upgrade(engine)
-    registry = load_registry(settings.policies_dir)
+    load_registry(settings.policies_dir)  # invalid declarations stop the start, clearly
+    registry = LiveRegistry(settings.policies_dir)  # re-read when a declaration changes
     service = AirlockService(settings, engine, registry)
     service.complete_pending_releases()
     return create_app(

@@ -145,10 +145,10 @@ def live(tmp_path_factory, request) -> Live:
     import time
 
     import uvicorn
-    from conftest import require_component  # tests/conftest.py (skips locally, fails in CI)
-    from hubfixture import free_port, start_hub
 
     from airlock.service.auth import HubConfig, HubIdentityProvider
+    from tests.conftest import require_component  # tests/conftest.py (skips locally, fails in CI)
+    from tests.hubfixture import free_port, start_hub
 
     proxy = str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")
     require_component(Path(proxy).exists(), "configurable-http-proxy (npm ci)")

@@ -18,15 +18,15 @@ import duckdb
 import pytest
 import yaml
 
+from tre.hub.auth import PasswordFile
+from tre.hub.config import password_file
 from tre.hub.harness import HubInstance, Kernel, free_port
 from tre.hub.sandbox_env import build_sandbox_env, ensure_sandbox_user
 from tre.settings import REPO_ROOT, Settings, load_settings
 
 SANDBOX_ENV = Path(os.environ.get("TRE_TEST_SANDBOX_ENV", REPO_ROOT / "var" / "sandbox-env"))
-TEST_AUTH = """
-c.JupyterHub.authenticator_class = 'dummy'
-c.DummyAuthenticator.allowed_users = set(c.Authenticator.allowed_users) | {'mallory'}
-"""
+TEST_AUTH = ""  # the real TRELocalAuthenticator, with the passwords below
+PASSWORDS = {u: f"{u}-correct-horse-battery" for u in ("alice", "bob", "carol", "mallory")}
 TODAY = dt.date.today()
 
 
@@ -48,6 +48,13 @@ def _project(pid: str, members: list[str], **extra: object) -> dict:
 
 PROJECTS = [
     _project("wilms-outcomes", ["alice", "bob"]),
+    # mallory is registered (so she can log in) but only in a project that has ended
+    _project(
+        "old-study",
+        ["mallory"],
+        start_date=(TODAY - dt.timedelta(days=400)).isoformat(),
+        end_date=(TODAY - dt.timedelta(days=2)).isoformat(),
+    ),
     _project("leukaemia-incidence", ["carol"]),
     _project("paused-study", ["alice"], status="suspended"),
     _project(
@@ -94,7 +101,7 @@ def make_state(root: Path, **hub: object) -> Settings:
             "proxy_api_port": free_port(),
             "sandbox_env_dir": str(SANDBOX_ENV),
             "runtime_dir": str(root / "run"),
-            "airlock_service": "none",
+            "airlock_service": "managed",
             "max_file_size_mb": 64,
             **hub,
         },
@@ -108,6 +115,9 @@ def make_state(root: Path, **hub: object) -> Settings:
     settings.hmac_key_file.parent.mkdir(mode=0o700)
     settings.hmac_key_file.write_text("HMAC-SECRET-DO-NOT-LEAK")
     os.chmod(settings.hmac_key_file, 0o600)
+    accounts = PasswordFile(password_file(settings))
+    for user, password in PASSWORDS.items():
+        accounts.set_password(user, password)
     return settings
 
 

@@ -9,6 +9,7 @@ import re
 
 import httpx
 import pytest
+from conftest import PASSWORDS
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
 
@@ -35,7 +36,8 @@ def test_refused_spawns_answer_4xx_with_a_message_and_leave_nothing(
     after = hub.api("GET", f"/users/{user}").json()["servers"]
     # no server record was created and nothing runs
     assert set(after) - {""} == set(before) - {""}
-    assert not any(s.get("ready") or s.get("pending") for s in after.values())
+    refused = after.get(project, {})
+    assert not refused.get("ready") and not refused.get("pending")
     sockets = hub.settings.hub.runtime_dir / "sandboxes" / f"{user}.{project}"
     assert not sockets.exists()
 
@@ -56,12 +58,24 @@ def login(hub, username: str) -> httpx.Client:
     client = httpx.Client(base_url=hub.url, follow_redirects=True, timeout=30)
     page = client.get("/hub/login")
     xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
-    data = {"username": username, "password": "any"}
+    data = {"username": username, "password": PASSWORDS[username]}
     if xsrf:
         data["_xsrf"] = xsrf.group(1)
     r = client.post("/hub/login?next=/hub/home", data=data)
     assert r.status_code == 200, r.text[:500]
+    assert client.cookies.get("jupyterhub-session-id") or "jupyterhub-hub-login" in client.cookies
     return client
+
+
+def test_wrong_password_is_refused(hub):
+    client = httpx.Client(base_url=hub.url, timeout=30)
+    page = client.get("/hub/login")
+    xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
+    r = client.post(
+        "/hub/login", data={"username": "alice", "password": "wrong", "_xsrf": xsrf.group(1)}
+    )
+    assert r.status_code == 403
+    assert "jupyterhub-hub-login" not in client.cookies
 
 
 def test_home_page_lists_only_the_users_active_projects(hub):

@@ -66,7 +66,10 @@ def write_policies(root: Path) -> Path:
         today + dt.timedelta(days=300),
     )
     project(
-        "neuro-survival", ["alice"], today - dt.timedelta(days=30), today + dt.timedelta(days=300)
+        "neuro-survival",
+        ["alice", "frank"],
+        today - dt.timedelta(days=30),
+        today + dt.timedelta(days=300),
     )
     project("old-study", ["carol"], today - dt.timedelta(days=400), today - dt.timedelta(days=1))
     project(
@@ -183,7 +186,7 @@ def start_hub(tmp: Path, proxy_path: str, auth_config: str, port: int | None = N
         env=env,
     )
     hub = Hub(Process(proc, log), f"http://127.0.0.1:{port}", token)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120  # generous: CI machines can be busy
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"JupyterHub exited:\n{log.read_text()}")

@@ -9,6 +9,7 @@ from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
+TABLE_NAMES = ("patient", "tumour", "treatment", "event", "followup")
 
 
 @app.command("generate")
@@ -40,6 +41,57 @@ def generate_cmd(
         console.print(f"{s['id']} ({s['file_format']}, {s['dialect']}): {rows}")
     if defects:
         console.print(f"defects manifest: {out / 'defects.csv'}")
+
+
+@app.command("check")
+def check_cmd(
+    site_dir: Path = typer.Argument(..., help="A delivery: DIR/<table>.csv or .parquet"),
+    errors_out: Path = typer.Option(
+        None, "--errors-out", help="Also write every error (table, row, column, value, rule)."
+    ),
+) -> None:
+    """Validate a delivery against the data dictionary without ingesting it (exit 1 on errors)."""
+    import polars as pl
+    from rich.table import Table
+
+    from tre.dictionary import DeliveryError, errors_of, load_dictionary, validate_batch
+    from tre.synth import read_delivery
+
+    if not site_dir.is_dir():
+        console.print(f"[red]error:[/red] {site_dir} is not a directory")
+        raise typer.Exit(2)
+    try:
+        tables = read_delivery(site_dir)
+        if not tables:
+            raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(TABLE_NAMES)}")
+        results = validate_batch(load_dictionary(), tables)
+    except (DeliveryError, pl.exceptions.PolarsError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    errors = errors_of(results)
+    summary = Table("table", "rows", "valid", "rule", "rows with errors")
+    for name, res in results.items():
+        counts = res.errors.group_by("rule").agg(pl.col("row").n_unique()).sort("rule")
+        rows = tables[name].height if name in tables else 0
+        if counts.height == 0:
+            summary.add_row(name, str(rows), str(res.valid.height), "", "")
+        for i, (rule, n) in enumerate(counts.iter_rows()):
+            first = i == 0
+            summary.add_row(
+                name if first else "",
+                str(rows) if first else "",
+                str(res.valid.height) if first else "",
+                rule,
+                str(n),
+            )
+    console.print(summary)
+    if errors_out is not None:
+        errors.write_csv(errors_out)
+        console.print(f"errors written to {errors_out}")
+    if errors.height:
+        console.print(f"[red]{errors.height} error(s)[/red]")
+        raise typer.Exit(1)
+    console.print("[green]no errors[/green]")
 
 
 @app.command("import-nwtco")
@@ -88,7 +140,9 @@ def init_key_cmd(
 @app.command("ingest")
 def ingest_cmd(
     site: str = typer.Option(..., "--site", help="Contributing site id (policies/sites/)."),
-    files: list[Path] = typer.Argument(..., help="The site's files: <table>.csv / .parquet"),
+    files: list[Path] = typer.Argument(
+        ..., help="The site's files (<table>.csv / .parquet), or a directory holding them."
+    ),
     on_invalid: str | None = typer.Option(
         None,
         "--on-invalid",
@@ -100,8 +154,18 @@ def ingest_cmd(
     ),
     report: bool = typer.Option(True, "--report/--no-report", help="Data-quality report."),
     show: int = typer.Option(20, "--show", min=0, help="Error rows to print (all go to CSV)."),
+    rebuild_extracts: bool = typer.Option(
+        False, "--rebuild-extracts", help="After a load, rebuild every project's extract."
+    ),
+    replace: bool = typer.Option(
+        False,
+        "--replace",
+        help="A complete, corrected re-delivery: supersede everything the site loaded before "
+        "(earlier rows leave the pool from this version on; earlier versions keep them).",
+    ),
 ) -> None:
     """Validate, harmonise, pseudonymise and load one batch of a site's files (all or nothing)."""
+    import duckdb
     from rich.table import Table
 
     from tre.ingest import IngestError, ingest_files
@@ -119,11 +183,16 @@ def ingest_cmd(
             on_invalid=on_invalid,
             progress=True,
             quality_report=report,
+            replace=replace,
         )
     except (IngestError, PseudonymKeyError, PooledStoreError, RegistryError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         console.print("nothing was changed")
         raise typer.Exit(2) from None
+    except duckdb.Error as exc:  # e.g. a damaged store file: the transaction was not committed
+        console.print(f"[red]pooled store error:[/red] {exc}")
+        console.print("the batch was not loaded")
+        raise typer.Exit(3) from None
     if result.status == "unchanged":
         console.print(
             f"batch {result.batch_id} was already loaded (pooled version "
@@ -160,6 +229,8 @@ def ingest_cmd(
         )
         if result.quarantined_rows:
             console.print(f"{result.quarantined_rows} invalid row(s) quarantined")
+        if result.replaced_batches:
+            console.print(f"replaced earlier batch(es): {', '.join(result.replaced_batches)}")
     if result.report_html is not None:
         if result.report_error:
             console.print(f"[yellow]quality report failed:[/yellow] {result.report_error}")
@@ -171,6 +242,14 @@ def ingest_cmd(
             "(fix the rows above, or use --on-invalid quarantine)"
         )
         raise typer.Exit(1)
+    if rebuild_extracts and result.status == "loaded":
+        from tre.extract import build_all
+        from tre.registry import load_registry
+
+        settings = get_settings()
+        for o in build_all(settings, load_registry(settings.policies_dir)):
+            what = o.error or (f"built {o.path}" if o.path else "no extract (inactive)")
+            console.print(f"extract {o.project_id}: {what}")
 
 
 @app.command("status")

@@ -20,10 +20,18 @@ def demo(
     patients: int = typer.Option(
         2000, min=50, help="Synthetic children in total (first run only; the data is reused)."
     ),
+    skip_quality_reports: bool = typer.Option(
+        False, help="Ingest without the per-batch data-quality reports (a faster first start)."
+    ),
 ) -> None:
     """Start the TRE locally (hub, sandboxes, airlock, demo data and accounts); Ctrl-C stops it."""
     from tre.demo import run_demo
 
     raise typer.Exit(
-        run_demo(tour=tour, screenshots=screenshots_dir if screenshots else None, patients=patients)
+        run_demo(
+            tour=tour,
+            screenshots=screenshots_dir if screenshots else None,
+            patients=patients,
+            quality_reports=not skip_quality_reports,
+        )
     )

@@ -28,8 +28,13 @@ def build(
     on: str | None = typer.Option(
         None, "--on", help="Evaluate end dates and embargoes on this date (default: today)."
     ),
+    pooled_version: int | None = typer.Option(
+        None, "--pooled-version", help="Rebuild from this earlier pooled version (one project)."
+    ),
 ) -> None:
     """Build a project's extract (or all of them) from the current pooled version."""
+    import duckdb
+
     from tre.extract import ExtractError, build_all, build_extract
     from tre.pooled import PooledStoreError
     from tre.registry import RegistryError, load_registry
@@ -37,6 +42,8 @@ def build(
 
     if (project is None) == (not all_projects):
         raise typer.BadParameter("name one PROJECT or pass --all")
+    if all_projects and pooled_version is not None:
+        raise typer.BadParameter("--pooled-version needs one PROJECT")
     settings = get_settings()
     try:
         registry = load_registry(settings.policies_dir)
@@ -46,8 +53,8 @@ def build(
     date = _on(on)
     if project is not None:
         try:
-            path = build_extract(settings, registry, project, date)
-        except (ExtractError, PooledStoreError) as exc:
+            path = build_extract(settings, registry, project, date, pooled_version)
+        except (ExtractError, PooledStoreError, duckdb.Error) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
         if path is None:
@@ -81,7 +88,8 @@ def info(project: str = typer.Argument(..., help="Project id.")) -> None:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
     head = Table(show_header=False)
-    for k in ("project_id", "path", "mode", "size_bytes", "pooled_version", "sites", "built_at"):
+    for k in ("project_id", "path", "mode", "size_bytes", "pooled_version", "sites",
+              "contributing_sites", "built_at"):  # fmt: skip
         head.add_row(k, str(meta[k]))
     head.add_row("row_filters", str({k: v for k, v in meta["row_filters"].items() if v}))
     console.print(head)

@@ -36,6 +36,25 @@ def add_user(
         typer.echo(f"password set for {name}")
     else:
         typer.echo(f"{name}\t{password}")
+    _warn_if_unregistered(name)
+
+
+def _warn_if_unregistered(name: str) -> None:
+    """A password alone does not let anyone in: say so if the registry does not know the user."""
+    from tre.hub.auth import registry_access
+    from tre.registry import RegistryError, load_registry
+    from tre.settings import get_settings
+
+    try:
+        registry = load_registry(get_settings().policies_dir)
+    except (RegistryError, OSError):
+        return
+    if not registry_access(registry, name).registered:
+        typer.echo(
+            f"warning: {name} is in no active project and is not staff: login will be refused "
+            "until policies/ declares them",
+            err=True,
+        )
 
 
 def remove_user(

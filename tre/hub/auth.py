@@ -16,6 +16,7 @@ group mapped to it), and likewise for the checker and admin roles. ``TRELocalAut
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import fcntl
@@ -27,6 +28,7 @@ import re
 import secrets
 import tempfile
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +38,9 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from traitlets import Bool, Dict, TraitError, Unicode, default, validate
 
+from tre.provision import GROUP_PREFIX as PROJECT_GROUP_PREFIX  # the one naming rule
 from tre.registry import USERNAME, Registry, load_registry
 
-PROJECT_GROUP_PREFIX = "project-"
 CHECKERS_GROUP = "output-checkers"
 ADMINS_GROUP = "tre-admins"
 
@@ -119,6 +121,7 @@ SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 _SCRYPT_MAXMEM = 128 * 1024 * 1024
+MAX_PASSWORD_LENGTH = 1024
 
 
 class PasswordError(ValueError):
@@ -154,6 +157,11 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
+# Password checks run in two worker threads: scrypt costs ~0.1 s and 32 MiB, so checking in the
+# hub's event loop would stall every user's request during each login attempt, and unbounded
+# concurrency would let a burst of attempts exhaust memory.
+_SCRYPT_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tre-scrypt")
+
 # A hash of a random password, checked when the user is unknown so that a wrong name costs the
 # same time as a wrong password (no user enumeration by timing).
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
@@ -186,6 +194,8 @@ class PasswordFile:
 
     def verify(self, username: str, password: str) -> bool:
         """True only for a known user with the right, non-empty password."""
+        if len(password) > MAX_PASSWORD_LENGTH:
+            return False  # never hash megabytes on behalf of an anonymous client
         try:
             stored = self._read().get(username)
         except PasswordError:
@@ -222,6 +232,8 @@ class PasswordFile:
             )
         if len(password) < min_length:
             raise PasswordError(f"the password must have at least {min_length} characters")
+        if len(password) > MAX_PASSWORD_LENGTH:
+            raise PasswordError(f"the password must have at most {MAX_PASSWORD_LENGTH} characters")
         new_hash = hash_password(password)
         with self._locked():
             users = self._read()
@@ -240,6 +252,22 @@ class PasswordFile:
 def generate_password() -> str:
     """A random password for a demo account (about 96 bits)."""
     return secrets.token_urlsafe(12)
+
+
+def ensure_accounts(path: Path | str, usernames: Iterable[str]) -> dict[str, str]:
+    """Create a local account with a generated password for each user that has none.
+
+    Returns ``{name: password}`` for the accounts created now (for the demo to print once);
+    existing accounts keep their passwords and are not returned.
+    """
+    password_file = PasswordFile(path)
+    existing = set(password_file.usernames())
+    created: dict[str, str] = {}
+    for name in sorted(set(usernames) - existing):
+        password = generate_password()
+        password_file.set_password(name, password)
+        created[name] = password
+    return created
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +311,10 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
     )
     allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
 
+    @default("refresh_pre_spawn")
+    def _default_refresh_pre_spawn(self) -> bool:
+        return True  # re-check the registry before every spawn
+
     @default("password_file")
     def _default_password_file(self) -> str:
         return str(_default_state_dir() / "secrets" / "hub-users.json")
@@ -308,7 +340,9 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         password = (data or {}).get("password") or ""
         if not username or not password:
             return None
-        if not PasswordFile(self.password_file).verify(username, password):
+        verify = PasswordFile(self.password_file).verify
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(_SCRYPT_WORKERS, verify, username, password):
             return None
         access = registry_access(self.load_registry(), username)
         self.refuse_unregistered(access)
@@ -379,6 +413,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     def _default_policies_dir(self) -> str:
         return _default_policies_dir()
 
+    @default("refresh_pre_spawn")
+    def _default_refresh_pre_spawn(self) -> bool:
+        return True  # re-check the registry (and the IdP, with auth state) before every spawn
+
     @default("login_service")
     def _default_login_service(self) -> str:
         return "institutional login"
@@ -447,11 +485,13 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
 
     async def update_auth_model(self, auth_model: dict) -> dict:
         auth_model = await super().update_auth_model(auth_model)
-        access = registry_access(self.load_registry(), auth_model["name"])
+        registered = registry_access(self.load_registry(), auth_model["name"])
+        access = registered
         if self.require_idp_groups:
             idp_groups = self.raw_idp_groups(auth_model.get("auth_state") or {})
-            access = access.narrowed_to(*self.idp_grants(idp_groups))
+            access = registered.narrowed_to(*self.idp_grants(idp_groups))
         auth_model["auth_state"]["tre_groups"] = access.hub_groups()
+        auth_model["auth_state"]["tre_registered"] = registered.registered
         auth_model["admin"] = access.admin
         return auth_model
 
@@ -462,9 +502,19 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
     async def check_allowed(self, username: str, auth_model: dict | None) -> bool:
         if auth_model is None:  # JupyterHub < 5 calls this without a model for existing users
             return True
-        groups = auth_model.get("auth_state", {}).get("tre_groups", [])
-        if not groups:
-            self.refuse_unregistered(Access(username=username))
+        state = auth_model.get("auth_state", {})
+        if state.get("tre_groups"):
+            return True
+        if state.get("tre_registered"):
+            # the registry knows them, but the IdP confirms none of their roles
+            self.log.warning("Login refused: the IdP confirms no TRE role of %r", username)
+            raise web.HTTPError(
+                403,
+                f"Your identity provider does not confirm any of your TRE roles, {username!r}: "
+                f"ask your institution to add you to the group of your project (named "
+                f"{self.project_group_prefix}<project-id>).",
+            )
+        self.refuse_unregistered(Access(username=username))
         return True
 
     async def refresh_user(self, user: Any, handler: Any = None, **kwargs: Any) -> bool | dict:

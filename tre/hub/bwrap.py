@@ -14,10 +14,12 @@ What a sandbox is (the embedded default of the TRE):
   no hub database, no secrets;
 - an unprivileged host uid (``sandbox_user``, default ``tre-sandbox``) and resource limits
   (address space, processes, file size, open files) set before bwrap starts;
-- ``--die-with-parent`` on bwrap's monitor process, which is itself in its own session: stopping
-  kills the monitor, which kills the sandbox's pid 1 and with it every process in the pid
-  namespace; a hub restart leaves the monitor running, and the state (pid, pid namespace, socket
-  path) lets the restarted hub find and route to it again.
+- ``--die-with-parent``: bwrap's parent is a small keeper process (``setsid --wait``) in a
+  session of its own, not the hub. Stopping kills the keeper's process group; bwrap dies with
+  its parent, the sandbox's pid 1 with bwrap, and every process in the pid namespace with its
+  pid 1 (the spawner then checks that none is left). A hub restart leaves the keeper running,
+  and the persisted state (pid, pid namespace, socket path) lets the restarted hub find the
+  sandbox and route to it again.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ from pathlib import Path
 from subprocess import Popen
 from urllib.parse import quote
 
+import yaml
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from tornado import web
 from traitlets import Integer, List, Unicode, default
 
 from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
-from tre.registry import RegistryError, load_registry
+from tre.hub.sandbox_env import policy_path_in_env
+from tre.registry import Project, RegistryError, load_registry
 
 SANDBOX_HOME = "/home/jovyan"
 SANDBOX_WORK = f"{SANDBOX_HOME}/work"
@@ -60,6 +64,13 @@ class BubblewrapSpawner(LocalProcessSpawner):
     """Run each single-user server inside a bubblewrap sandbox (see the module docstring)."""
 
     bwrap_path = Unicode("/usr/bin/bwrap", config=True, help="Path of the bubblewrap executable.")
+    keeper_cmd = List(
+        Unicode(),
+        default_value=["/usr/bin/setsid", "--wait"],
+        config=True,
+        help="Small process that starts bwrap and waits for it. bwrap runs --die-with-parent, "
+        "and its parent must outlive a hub restart, so it cannot be the hub itself.",
+    )
     sandbox_user = Unicode(
         "tre-sandbox",
         config=True,
@@ -211,12 +222,31 @@ class BubblewrapSpawner(LocalProcessSpawner):
             "--ServerApp.open_browser=False",
         ]
 
+    @property
+    def host_policy_path(self) -> Path:
+        return Path(self.runtime_dir) / "policies" / f"{self.sandbox_key}.yaml"
+
+    def _write_project_policy(self, project: Project) -> None:
+        """The project's effective disclosure policy (policies/disclosure.yaml + the project's
+        overrides), so that ``tre.outputs`` in the sandbox judges with the airlock's rules."""
+        base = yaml.safe_load((Path(self.policies_dir) / "disclosure.yaml").read_text()) or {}
+        base.update(project.disclosure or {})
+        path = self.host_policy_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o755)  # noqa: S103 - read by the sandbox user; no secrets
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(base))
+        os.chmod(tmp, 0o644)  # noqa: S103
+        os.replace(tmp, path)
+
     def bwrap_args(self, extract: Path, workspace: Path) -> list[str]:
         """The bubblewrap command line (without the command run inside)."""
         runtime = Path(self.runtime_dir)
         args = [
             self.bwrap_path,
-            "--unshare-all",  # user, ipc, pid, net, uts, cgroup namespaces
+            "--unshare-all",  # ipc, pid, net, uts, cgroup namespaces
+            "--unshare-user",
+            "--disable-userns",  # no nested user namespace (kernel attack surface)
             "--die-with-parent",
             "--new-session",
             "--cap-drop",
@@ -244,6 +274,8 @@ class BubblewrapSpawner(LocalProcessSpawner):
             "--bind", str(self.host_socket_dir), f"{SANDBOX_RUN}/server",
             "--ro-bind", str(runtime / "hub"), f"{SANDBOX_RUN}/hub",
             "--ro-bind", str(runtime / "airlock"), f"{SANDBOX_RUN}/airlock",
+            "--ro-bind", str(self.host_policy_path),
+            str(policy_path_in_env(Path(self.sandbox_env_dir))),
             "--chdir", SANDBOX_WORK,
             # everything not mounted writable above is read-only, the new root included
             "--remount-ro", "/",
@@ -316,26 +348,29 @@ class BubblewrapSpawner(LocalProcessSpawner):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def _check_project(self) -> Path:
+    def _check_project(self) -> Project:
         try:
             registry = load_registry(Path(self.policies_dir))
         except RegistryError as exc:
             raise web.HTTPError(500, f"The project registry is invalid: {exc}") from None
         try:
-            check_can_start_project(registry, self.user.name, self.name, Path(self.extracts_dir))
+            return check_can_start_project(
+                registry, self.user.name, self.name, Path(self.extracts_dir)
+            )
         except ProjectAccessDenied as exc:
             raise web.HTTPError(exc.status, exc.message) from None
-        return extract_path(Path(self.extracts_dir), self.name)
 
     async def start(self) -> str:
-        extract = self._check_project()
+        project = self._check_project()
+        extract = extract_path(Path(self.extracts_dir), self.name)
         uid, gid = self._sandbox_ids()
         workspace = Path(self.workspaces_dir) / self.name
         self._prepare_host_dirs(uid, gid, workspace)
+        self._write_project_policy(project)
         self.port = SERVER_PORT
         env = self.get_env()
         info_read, info_write = os.pipe()
-        cmd = self.bwrap_args(extract, workspace)
+        cmd = [*self.keeper_cmd, *self.bwrap_args(extract, workspace)]
         cmd += ["--info-fd", str(info_write), "--", *self.cmd, *self.get_args()]
         self.log.info("Starting sandbox %s: %s", self.sandbox_key, " ".join(cmd))
         try:
@@ -350,36 +385,59 @@ class BubblewrapSpawner(LocalProcessSpawner):
         finally:
             os.close(info_write)
         self.pid = self.proc.pid
-        self.pidns = self._read_pidns(info_read)
+        self.pidns = await self._read_pidns(info_read)
         if self.server is not None:
             self.server.connect_url = self.server_url
         return self.server_url
 
-    def _read_pidns(self, info_read: int) -> int:
-        """bwrap writes {"child-pid": N} once the sandbox runs; remember its pid namespace."""
-        with os.fdopen(info_read, "rb") as fh:
-            data = fh.read()
-        try:
-            child = int(json.loads(data)["child-pid"])
-            return os.stat(f"/proc/{child}/ns/pid").st_ino
-        except (ValueError, KeyError, OSError):
-            self.log.warning("Sandbox %s gave no usable info: %r", self.sandbox_key, data[:200])
-            return 0
+    async def _read_pidns(self, info_read: int, timeout: float = 30) -> int:
+        """bwrap writes {"child-pid": N} once the sandbox runs; remember its pid namespace.
 
-    def _is_our_bwrap(self) -> bool:
-        """The stored pid is still this sandbox's bwrap (not a recycled pid)."""
+        The keeper process also holds the pipe's write end, so read until the JSON document is
+        complete (not until EOF), without blocking the hub's event loop."""
+        loop = asyncio.get_running_loop()
+        os.set_blocking(info_read, False)
+        data = b""
+        deadline = loop.time() + timeout
         try:
+            while loop.time() < deadline:
+                try:
+                    chunk = os.read(info_read, 4096)
+                except BlockingIOError:
+                    chunk = None
+                if chunk == b"":
+                    break  # EOF: bwrap failed before the sandbox ran
+                if chunk:
+                    data += chunk
+                    try:
+                        child = int(json.loads(data)["child-pid"])
+                    except (ValueError, KeyError):
+                        continue
+                    return os.stat(f"/proc/{child}/ns/pid").st_ino
+                await asyncio.sleep(0.01)
+        except OSError:
+            pass
+        finally:
+            os.close(info_read)
+        self.log.warning("Sandbox %s gave no usable info: %r", self.sandbox_key, data[:200])
+        return 0
+
+    def _is_our_sandbox(self) -> bool:
+        """The stored pid is still this sandbox's keeper, alive (not a zombie, not recycled)."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
             cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
+        state = stat.rsplit(")", 1)[1].split()[0]
         return (
-            bool(cmdline)
-            and cmdline[0] == self.bwrap_path.encode()
-            and (str(self.host_socket_dir).encode() in cmdline)
+            state not in {"Z", "X"}
+            and self.bwrap_path.encode() in cmdline
+            and str(self.host_socket_dir).encode() in cmdline
         )
 
     async def poll(self) -> int | None:
-        if self.proc is None and self.pid and not self._is_our_bwrap():
+        if self.proc is None and self.pid and not self._is_our_sandbox():
             self.clear_state()
             return 0
         return await super().poll()

@@ -33,6 +33,10 @@ AUTHENTICATORS = {
 }
 AIRLOCK_SERVICE = "airlock"
 CULLER_SERVICE = "idle-culler"
+# `tre project apply/enforce` (tre/provision.py, tre/enforce.py): mirrors project groups and
+# stops sandboxes of ended projects; its token is read from Settings.hub_admin_token_file.
+PROVISION_SERVICE = "tre-provision"
+PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 # What a sandbox's own token (JUPYTERHUB_API_TOKEN) may do: report activity, be accessed as
 # its own server, and call the airlock service. Nothing else (no listing users, no admin).
 SERVER_TOKEN_SCOPES = [
@@ -44,6 +48,11 @@ SERVER_TOKEN_SCOPES = [
 
 def hub_dir(settings: Settings) -> Path:
     return settings.state_dir / "hub"
+
+
+def password_file(settings: Settings) -> Path:
+    """Local demo accounts (scrypt hashes), managed by `tre hub add-user`."""
+    return settings.hmac_key_file.parent / "hub-users.json"
 
 
 def hub_socket(settings: Settings) -> Path:
@@ -99,9 +108,7 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
         )
     if settings.hub.airlock_service == "managed":
         airlock["command"] = [
-            sys.executable,
-            "-m",
-            "airlock.cli",
+            str(Path(sys.executable).parent / "airlock"),  # the console script of this env
             "serve",
             "--port",
             str(settings.airlock_port),
@@ -144,6 +151,11 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
                     "services": [CULLER_SERVICE],
                 },
                 {
+                    "name": PROVISION_SERVICE,
+                    "scopes": PROVISION_SCOPES,
+                    "services": [PROVISION_SERVICE],
+                },
+                {
                     "name": "tre-airlock",
                     "scopes": ["read:users:name"],
                     "services": [AIRLOCK_SERVICE],
@@ -158,6 +170,11 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "allowed_users": sorted(allowed),
             "admin_users": sorted(admins),
         },
+        "TRELocalAuthenticator": {
+            "password_file": str(password_file(settings)),
+            "policies_dir": str(settings.policies_dir),
+        },
+        "TREOIDCAuthenticator": {"policies_dir": str(settings.policies_dir)},
         "Spawner": {
             "start_timeout": settings.hub.start_timeout_seconds,
             "http_timeout": settings.hub.start_timeout_seconds,
@@ -202,6 +219,10 @@ def render_config(settings: Settings, registry: Registry) -> str:
     token_file = hub_dir(settings) / "proxy_auth_token"
     lines.append(f"c.ConfigurableHTTPProxy.auth_token = Path({str(token_file)!r}).read_text()")
     lines.append(
+        f"c.JupyterHub.services.append({{'name': {PROVISION_SERVICE!r}, 'api_token': "
+        f"Path({str(settings.hub_admin_token_file)!r}).read_text().strip()}})"
+    )
+    lines.append(
         "c.JupyterHub.template_vars = {'tre_projects': home_projects("
         f"{str(settings.policies_dir)!r}, {str(settings.extracts_dir)!r})}}"
     )
@@ -225,7 +246,7 @@ def home_projects(policies_dir: str, extracts_dir: str):  # noqa: ANN201 - templ
 
 def _secret_file(path: Path, nbytes: int = 32) -> None:
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(nbytes))
@@ -241,6 +262,7 @@ def write_config(settings: Settings, path: Path | None = None) -> Path:
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     _secret_file(state / "proxy_auth_token")
+    _secret_file(settings.hub_admin_token_file)
     text = render_config(settings, registry)
     target = path or state / "jupyterhub_config.py"
     snapshot = state / "tre-settings.yaml"

@@ -4,12 +4,15 @@
 
 - one *named* server per project: the server name is the project id, and only a member of that
   active project may start it;
-- networking: only the ``internal: true`` sandbox network (which reaches the hub and the airlock,
-  nothing else), and DNS pointed at nothing outside the container;
+- networking: an ``internal: true`` network (no route out) that only the hub, the airlock and the
+  proxy share. By default each sandbox gets its *own* such network, created at start and removed
+  at stop (``isolate_sandboxes``), so sandboxes cannot reach each other either; otherwise all
+  sandboxes share ``network_name``. DNS points at nothing outside the container;
 - the project's extract alone, read-only, at ``/data/<project>.duckdb``; the project's workspace
   (one per project, shared by its members) read-write at ``/home/jovyan/work``;
 - ``cap_drop=ALL``, ``no-new-privileges``, a read-only root filesystem with tmpfs for ``/tmp``
-  and the home cache, pids/memory/CPU limits, an init process, a non-root user;
+  and the home directory (caches, Jupyter runtime files), pids/memory/CPU limits, an init
+  process, a non-root user;
 - the image from configuration only, pinned by digest; users cannot choose one;
 - containers are removed when they stop.
 
@@ -20,7 +23,6 @@ are refused when the server starts.
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from dockerspawner import DockerSpawner
 from tornado import web
 from traitlets import Bool, Dict, Integer, List, TraitError, Unicode, default, validate
 
+from tre.hub.access import ProjectAccessDenied, check_can_start_project, extract_path
 from tre.registry import Project, Registry, load_registry
 
 PINNED_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
@@ -66,43 +69,6 @@ FORBIDDEN_HOST_CONFIG = frozenset(
 FORBIDDEN_CREATE_KWARGS = frozenset({"user", "volumes", "host_config", "image", "ports"})
 
 
-def project_for_server(
-    registry: Registry, username: str, server_name: str, on: dt.date | None = None
-) -> Project:
-    """The project a named server stands for; raise ``HTTPError`` if this user may not start it.
-
-    Shared by the Docker spawner and (through a pre-spawn hook) KubeSpawner deployments.
-    """
-    if not server_name:
-        raise web.HTTPError(
-            400,
-            "Sandboxes are per project: start a named server whose name is the project id "
-            f"(one of: {', '.join(sorted(p.id for p in registry.projects_of(username, on)))})",
-        )
-    project = registry.projects.get(server_name)
-    if project is None:
-        raise web.HTTPError(404, f"There is no project {server_name!r} in this TRE")
-    if not project.is_active(on):
-        raise web.HTTPError(
-            403,
-            f"Project {project.id!r} is not active (status {project.status.value}, "
-            f"{project.start_date} to {project.end_date}): its sandbox cannot be started",
-        )
-    if username not in project.member_names():
-        raise web.HTTPError(403, f"{username!r} is not a member of project {project.id!r}")
-    return project
-
-
-def can_start_project_server(
-    registry: Registry, username: str, server_name: str, on: dt.date | None = None
-) -> bool:
-    try:
-        project_for_server(registry, username, server_name, on)
-    except web.HTTPError:
-        return False
-    return True
-
-
 class TREDockerSpawner(DockerSpawner):
     """DockerSpawner with the TRE sandbox policy; see the module docstring."""
 
@@ -115,11 +81,6 @@ class TREDockerSpawner(DockerSpawner):
         "tre-extracts",
         config=True,
         help="Docker volume holding the per-project extracts, one <project>.duckdb file each.",
-    )
-    extract_subpath = Unicode(
-        "{project}.duckdb",
-        config=True,
-        help="Path of a project's extract inside extracts_volume ({project} is the project id).",
     )
     data_dir = Unicode("/data", config=True, help="Where the extract appears in the sandbox.")
     workspaces_volume = Unicode(
@@ -139,11 +100,19 @@ class TREDockerSpawner(DockerSpawner):
             "exist. Empty: provisioning creates it."
         ),
     )
+    extracts_local_dir = Unicode(
+        config=True,
+        help=(
+            "Where the hub sees the extracts (the extracts volume, mounted read-only in the hub "
+            "container): a project without <project>.duckdb there is refused before the engine "
+            "is called. Default: settings.extracts_dir."
+        ),
+    )
     sandbox_user = Unicode(
         "1000:100", config=True, help="uid:gid of the notebook user (never root)."
     )
     pids_limit = Integer(512, config=True, help="Maximum number of processes in a sandbox.")
-    tmpfs_size = Unicode("512m", config=True, help="Size of each tmpfs (/tmp, the home cache).")
+    tmpfs_size = Unicode("512m", config=True, help="Size of each tmpfs (/tmp, the home directory).")
     dns_servers = List(
         Unicode(),
         default_value=["127.0.0.1"],
@@ -160,6 +129,25 @@ class TREDockerSpawner(DockerSpawner):
     sandbox_environment = Dict(
         config=True, help="Extra environment for every sandbox (no secrets: users can read it)."
     )
+    isolate_sandboxes = Bool(
+        True,
+        config=True,
+        help=(
+            "Give each sandbox its own internal network (created at start, removed at stop) "
+            "joined only by the containers in sandbox_network_peers, so that sandboxes cannot "
+            "reach one another. If False, every sandbox joins the shared network_name."
+        ),
+    )
+    sandbox_network_peers = Dict(
+        key_trait=Unicode(),
+        value_trait=List(Unicode()),
+        default_value={"tre-hub": ["hub"], "tre-airlock": ["airlock"], "tre-proxy": []},
+        config=True,
+        help=(
+            "Containers connected to each sandbox's own network, with the DNS aliases the "
+            "sandbox knows them by (the hub and the airlock; the proxy routes to the sandbox)."
+        ),
+    )
     refuse_user_options = Bool(
         True, config=True, help="Refuse any user options (image, etc.); always on in the TRE."
     )
@@ -169,6 +157,12 @@ class TREDockerSpawner(DockerSpawner):
         from tre.settings import get_settings
 
         return str(get_settings().policies_dir)
+
+    @default("extracts_local_dir")
+    def _default_extracts_local_dir(self) -> str:
+        from tre.settings import get_settings
+
+        return str(get_settings().extracts_dir)
 
     # ---- DockerSpawner defaults that the policy fixes --------------------------------------
 
@@ -225,11 +219,18 @@ class TREDockerSpawner(DockerSpawner):
             raise TraitError("remove must stay True: sandboxes are removed when they stop")
         return True
 
-    @validate("volumes")
+    @validate("volumes", "read_only_volumes", "links")
     def _no_extra_volumes(self, proposal: Any) -> dict:
         if proposal["value"]:
-            raise TraitError("volumes must stay empty: the spawner mounts the project's data")
+            name = proposal["trait"].name
+            raise TraitError(f"{name} must stay empty: the spawner mounts the project's data")
         return {}
+
+    @validate("use_internal_ip")
+    def _no_published_ports(self, proposal: Any) -> bool:
+        if not proposal["value"]:
+            raise TraitError("use_internal_ip must stay True: sandboxes publish no host ports")
+        return True
 
     # ---- the policy ------------------------------------------------------------------------
 
@@ -240,7 +241,13 @@ class TREDockerSpawner(DockerSpawner):
         """The project of this server; raises HTTPError if it may not be started."""
         if self.refuse_user_options and self.user_options:
             raise web.HTTPError(400, "Sandbox options cannot be chosen: the project decides")
-        return project_for_server(self.load_registry(), self.user.name, self.name)
+        # the one rule shared with the bubblewrap spawner and the home page (tre.hub.access)
+        try:
+            return check_can_start_project(
+                self.load_registry(), self.user.name, self.name, Path(self.extracts_local_dir)
+            )
+        except ProjectAccessDenied as exc:
+            raise web.HTTPError(exc.status, exc.message) from None
 
     def can_start(self) -> bool:
         try:
@@ -257,7 +264,7 @@ class TREDockerSpawner(DockerSpawner):
             {
                 "type": "volume",
                 "source": self.extracts_volume,
-                "subpath": self.extract_subpath.format(project=project_id),
+                "subpath": extract_path(Path(), project_id).name,  # the layout of tre.hub.access
                 "target": self.data_path(project_id),
                 "read_only": True,
                 "no_copy": True,
@@ -272,17 +279,77 @@ class TREDockerSpawner(DockerSpawner):
             },
         ]
 
+    def sandbox_network(self) -> str:
+        """The network this sandbox joins: its own (isolated) or the shared one."""
+        if not self.isolate_sandboxes:
+            return self.network_name
+        ns = self.template_namespace()
+        return f"{self.network_name}-{ns['username']}--{ns['servername']}"
+
+    def get_network_ip(self, network_settings: dict) -> str:
+        networks = network_settings["Networks"]
+        name = self.sandbox_network()
+        if name not in networks:
+            raise RuntimeError(f"sandbox container is not on its network {name!r}")
+        return networks[name]["IPAddress"]
+
+    async def _create_sandbox_network(self, project_id: str) -> None:
+        import docker.errors
+
+        name = self.sandbox_network()
+        try:
+            await self.docker("inspect_network", name)
+        except docker.errors.NotFound:
+            await self.docker(
+                "create_network",
+                name,
+                driver="bridge",
+                internal=True,  # no route out of the host
+                labels={
+                    "org.tre.project": project_id,
+                    "org.tre.user": self.user.name,
+                    "org.tre.component": "sandbox-network",
+                },
+            )
+        for container, aliases in self.sandbox_network_peers.items():
+            try:
+                await self.docker(
+                    "connect_container_to_network", container, name, aliases=aliases or None
+                )
+            except docker.errors.APIError as exc:
+                # already connected (a restart after a crash) is fine; anything else is not
+                if "already exists" not in str(exc):
+                    raise
+
+    async def _remove_sandbox_network(self) -> None:
+        import docker.errors
+
+        name = self.sandbox_network()
+        for container in self.sandbox_network_peers:
+            try:
+                await self.docker("disconnect_container_from_network", container, name, force=True)
+            except docker.errors.APIError as exc:
+                self.log.debug("disconnect %s from %s: %s", container, name, exc)
+        try:
+            await self.docker("remove_network", name)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            self.log.warning("Could not remove sandbox network %s: %s", name, exc)
+
     def policy_host_config(self) -> dict:
         tmpfs_opts = f"rw,nosuid,nodev,noexec,size={self.tmpfs_size}"
         uid, _, gid = self.sandbox_user.partition(":")
-        home_cache_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},uid={uid},gid={gid or uid}"
+        home_opts = f"rw,nosuid,nodev,size={self.tmpfs_size},uid={uid},gid={gid or uid}"
         config = {
-            "network_mode": self.network_name,
+            "network_mode": self.sandbox_network(),
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges:true"],
             "read_only": True,
-            # paths inside the container: a private tmpfs each
-            "tmpfs": {"/tmp": tmpfs_opts, "/home/jovyan/.cache": home_cache_opts},  # noqa: S108
+            # paths inside the container, a private tmpfs each: the home directory (caches,
+            # Jupyter runtime and settings) is ephemeral; only the workspace mounted inside it
+            # persists
+            "tmpfs": {"/tmp": tmpfs_opts, "/home/jovyan": home_opts},  # noqa: S108
             "pids_limit": self.pids_limit,
             "dns": list(self.dns_servers),
             "dns_search": ["."],  # "." = no search domain
@@ -338,7 +405,19 @@ class TREDockerSpawner(DockerSpawner):
             workspace = Path(self.workspaces_local_dir) / project.id
             workspace.mkdir(mode=0o770, exist_ok=True)
         self._tre_project = project.id
-        return await super().start()
+        if self.isolate_sandboxes:
+            await self._create_sandbox_network(project.id)
+        try:
+            return await super().start()
+        except Exception:
+            if self.isolate_sandboxes:
+                await self._remove_sandbox_network()
+            raise
+
+    async def stop(self, now: bool = False) -> None:
+        await super().stop(now=now)
+        if self.isolate_sandboxes and self.name:
+            await self._remove_sandbox_network()
 
     async def create_object(self) -> dict:
         """Create the container with the policy applied last, so that it wins.

@@ -130,6 +130,8 @@ class HubInstance:
     def start_server(self, user: str, project: str, timeout: float = 90) -> httpx.Response:
         """Start (user, project) and wait until it is ready; return the POST response."""
         r = self.api("POST", f"/users/{user}/servers/{project}")
+        if r.status_code >= 500:
+            raise RuntimeError(f"starting {user}/{project}: {r.text}\n{self.log()}")
         if r.status_code >= 400:
             return r
         self.wait_ready(user, project, timeout)

@@ -98,6 +98,7 @@ def project_source_digest(project_root: Path = REPO_ROOT) -> str:
                 digest.update(str(path.relative_to(project_root)).encode())
                 digest.update(path.read_bytes())
     digest.update((project_root / "pyproject.toml").read_bytes())
+    digest.update((project_root / "policies" / "disclosure.yaml").read_bytes())
     return digest.hexdigest()
 
 
@@ -110,6 +111,26 @@ def _readable_by_all(path: Path) -> None:
                 f"{parent} is not traversable by other users (mode {oct(mode & 0o777)}); "
                 "choose hub.sandbox_env_dir elsewhere (e.g. under /opt or /srv)"
             )
+
+
+def site_packages(env_dir: Path) -> Path:
+    found = sorted(env_dir.glob("lib/python3*/site-packages"))
+    if not found:
+        raise SandboxEnvError(f"{env_dir} has no lib/python3*/site-packages")
+    return found[0]
+
+
+def policy_path_in_env(env_dir: Path) -> Path:
+    """Where ``airlock.policy`` looks for the disclosure policy in the installed package (the
+    spawner binds each project's effective policy over this file)."""
+    return site_packages(env_dir) / "policies" / "disclosure.yaml"
+
+
+def install_policy(env_dir: Path, project_root: Path = REPO_ROOT) -> None:
+    dest = policy_path_in_env(env_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(project_root / "policies" / "disclosure.yaml", dest)
+    os.chmod(dest, 0o644)
 
 
 def install_lab_settings(env_dir: Path) -> None:
@@ -179,6 +200,7 @@ def build_sandbox_env(
             + ["--no-deps", "--reinstall-package", "childhood-cancer-tre", str(project_root)]
         )
         install_lab_settings(env_dir)
+        install_policy(env_dir, project_root)
         stamp["project"] = project_key
         project_installed = True
     # Write the stamp last: an interrupted build is redone, never taken as complete.

@@ -132,6 +132,14 @@ z,130,150,160,170
 """,
     )
     csv(
+        "freq_marker_bounds.csv",
+        """
+sex,ALL,AML,CML,Total
+F,120,<10,<10,138
+M,140,41,22,203
+""",
+    )
+    csv(
         "freq_margin_inconsistent.csv",
         """
 sex,ALL,AML,Total
@@ -296,6 +304,20 @@ F,2950.4,8
 M,3120.8,181
 """,
     )
+    csv(
+        "mag_pandas_describe.csv",
+        """
+,age_days,dose_mg
+count,300.0,300.0
+mean,2012.4,98.7
+std,498.1,70.2
+min,512.0,3.1
+25%,1688.2,47.5
+50%,2004.9,83.0
+75%,2350.6,131.9
+max,3460.0,402.8
+""",
+    )
     # ---------------------------------------------------------------- models
     coefs = """
 term,coef,std_err,t,p_value
@@ -410,6 +432,25 @@ M,0,120,15,11,0.875
 M,365,94,10,4,0.78
 """,
     )
+    csv(
+        "surv_tail_small.csv",
+        """
+time,at_risk,events,censored,survival
+0,60,20,10,0.67
+365,30,12,0,0.40
+730,18,10,0,0.19
+1095,8,0,0,0.19
+""",
+    )
+    csv(
+        "surv_lifelines_event_table.csv",
+        """
+event_at,removed,observed,censored,entrance,at_risk
+0.0,0,0,0,300,300
+1.0,3,2,1,0,300
+2.0,12,10,2,0,297
+""",
+    )
     # ---------------------------------------------------------------- other
     csv(
         "unknown_text.csv",
@@ -454,6 +495,39 @@ def acro_bundle() -> None:
             session.finalise("bundle", "json")
             out.mkdir()
             for name in ("results.json", "config.json", "output_0_0.csv", "output_1_0.csv"):
+                shutil.copy(Path(tmp) / "bundle" / name, out / name)
+        finally:
+            os.chdir(cwd)
+    acro_regression()
+
+
+def acro_regression() -> None:
+    """ACRO's OLS on 11 rows and 2 predictors (no constant): residual dof 9."""
+    import os
+    import shutil
+    import tempfile
+
+    import pandas as pd
+    from acro import ACRO
+
+    data = pd.DataFrame(
+        {
+            "y": [float(i % 4) + 0.1 * i for i in range(11)],
+            "x": [float(i) for i in range(11)],
+            "z": [float((i * 7) % 5) for i in range(11)],
+        }
+    )
+    out = HERE / "acro_ols"
+    shutil.rmtree(out, ignore_errors=True)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            session = ACRO(suppress=False)
+            session.ols(data.y, data[["x", "z"]])
+            session.finalise("bundle", "json")
+            out.mkdir()
+            for name in ("results.json", "config.json", "output_0_1.csv"):
                 shutil.copy(Path(tmp) / "bundle" / name, out / name)
         finally:
             os.chdir(cwd)

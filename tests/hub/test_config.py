@@ -1,0 +1,159 @@
+"""The hub configuration is generated from the TRE settings and the registry (no hub needed)."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from traitlets.config.loader import PyFileConfigLoader
+from typer.testing import CliRunner
+
+from tre.cli import app
+from tre.hub.config import SERVER_TOKEN_SCOPES, hub_config, write_config
+from tre.registry import RegistryError, load_registry
+from tre.settings import REPO_ROOT, load_settings
+
+
+@pytest.fixture
+def installation(tmp_path):
+    policies = tmp_path / "policies"
+    shutil.copytree(REPO_ROOT / "policies", policies)
+    settings = load_settings(
+        state_dir=tmp_path / "state",
+        policies_dir=policies,
+        hub_port=18000,
+        airlock_port=18100,
+        hub={"idle_timeout_seconds": 1234, "cull_interval_seconds": 56, "memory_limit_mb": 777},
+    )
+    return settings
+
+
+def load_generated(path: Path):
+    loader = PyFileConfigLoader(path.name, path=str(path.parent))
+    return loader.load_config()
+
+
+def test_config_follows_settings_and_registry(installation):
+    s = installation
+    path = write_config(s)
+    c = load_generated(path)
+    registry = load_registry(s.policies_dir)
+    members = {m for p in registry.projects.values() for m in p.member_names()}
+    assert set(c.Authenticator.allowed_users) == (
+        members | set(registry.staff.output_checkers) | set(registry.staff.admins)
+    )
+    assert set(c.Authenticator.admin_users) == set(registry.staff.admins)
+    assert c.JupyterHub.db_url == s.hub_db_url
+    assert c.JupyterHub.bind_url == "http://127.0.0.1:18000"
+    assert c.JupyterHub.hub_bind_url.startswith("http+unix://")
+    assert c.JupyterHub.hub_connect_url == c.JupyterHub.hub_bind_url
+    assert c.JupyterHub.allow_named_servers is True
+    assert c.JupyterHub.spawner_class == "tre.hub.bwrap.BubblewrapSpawner"
+    assert c.JupyterHub.authenticator_class == "tre.hub.auth.TRELocalAuthenticator"
+    assert c.BubblewrapSpawner.memory_limit_mb == 777
+    assert c.BubblewrapSpawner.extracts_dir == str(s.extracts_dir)
+    assert c.Spawner.server_token_scopes == SERVER_TOKEN_SCOPES
+    services = {svc["name"]: svc for svc in c.JupyterHub.services}
+    culler = services["idle-culler"]["command"]
+    assert "--timeout=1234" in culler and "--cull-every=56" in culler
+    airlock = services["airlock"]
+    assert airlock["url"] == "http://127.0.0.1:18100"
+    assert "--uds" in airlock["command"] and "serve" in airlock["command"]
+    roles = {r["name"]: r for r in c.JupyterHub.load_roles}
+    assert roles["tre-idle-culler"]["services"] == ["idle-culler"]
+    assert "admin:users" not in roles["tre-idle-culler"]["scopes"]
+    assert "tre-provision" in services and services["tre-provision"]["api_token"] == (
+        s.hub_admin_token_file.read_text().strip()
+    )
+    # callables the hub calls: the project gate and the home page's project list
+    assert callable(c.JupyterHub.named_server_limit_per_user)
+    assert callable(c.JupyterHub.template_vars["tre_projects"])
+
+
+def test_class_names_in_the_config_resolve():
+    for dotted in ("tre.hub.bwrap.BubblewrapSpawner", "tre.hub.auth.TRELocalAuthenticator"):
+        module, name = dotted.rsplit(".", 1)
+        assert hasattr(importlib.import_module(module), name)
+
+
+def test_registry_changes_change_the_config(installation):
+    s = installation
+    path = s.policies_dir / "projects" / "wilms-outcomes.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["members"].append({"username": "dave"})
+    path.write_text(yaml.safe_dump(data))
+    c = load_generated(write_config(s))
+    assert "dave" in c.Authenticator.allowed_users
+
+
+def test_no_secret_is_written_into_the_config(installation):
+    s = installation
+    path = write_config(s)
+    text = path.read_text()
+    token = (path.parent / "proxy_auth_token").read_text()
+    assert len(token) >= 32 and token not in text
+    assert s.hub_admin_token_file.read_text().strip() not in text
+    assert (path.parent / "proxy_auth_token").stat().st_mode & 0o077 == 0
+    assert load_generated(path).ConfigurableHTTPProxy.auth_token == token
+
+
+def test_airlock_service_modes(installation):
+    s = installation
+    registry = load_registry(s.policies_dir)
+    for mode, has_url, has_command in [
+        ("managed", True, True),
+        ("external", True, False),
+        ("none", False, False),
+    ]:
+        s.hub.airlock_service = mode
+        svc = {x["name"]: x for x in hub_config(s, registry)["JupyterHub"]["services"]}["airlock"]
+        assert ("url" in svc) is has_url and ("command" in svc) is has_command, mode
+
+
+def test_invalid_registry_writes_nothing(installation, monkeypatch, tmp_path):
+    s = installation
+    path = write_config(s)
+    before = path.read_text()
+    bad = s.policies_dir / "projects" / "wilms-outcomes.yaml"
+    bad.write_text(bad.read_text().replace("end_date: 2028-12-31", "end_date: 2020-01-01"))
+    with pytest.raises(RegistryError):
+        write_config(s)
+    assert path.read_text() == before
+    # and through the command line: a clear error, exit 1
+    cfg = tmp_path / "tre.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"state_dir": str(s.state_dir), "policies_dir": str(s.policies_dir)})
+    )
+    monkeypatch.setenv("TRE_CONFIG", str(cfg))
+    result = CliRunner().invoke(app, ["hub", "config"])
+    assert result.exit_code == 1
+    assert "end_date" in result.output
+    assert path.read_text() == before
+
+
+def test_hub_settings_from_file_and_environment(tmp_path, monkeypatch):
+    cfg = tmp_path / "tre.yaml"
+    cfg.write_text(yaml.safe_dump({"state_dir": str(tmp_path), "hub": {"max_processes": 99}}))
+    monkeypatch.setenv("TRE_HUB__IDLE_TIMEOUT_SECONDS", "77")
+    s = load_settings(cfg)
+    assert s.hub.max_processes == 99
+    assert s.hub.idle_timeout_seconds == 77
+    assert s.hub.runtime_dir == tmp_path / "run"
+    with pytest.raises(ValueError, match="spawner"):
+        load_settings(state_dir=tmp_path, hub={"spawner": "kubernetes"})
+
+
+def test_cli_writes_the_config(installation, monkeypatch, tmp_path):
+    s = installation
+    cfg = tmp_path / "tre.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"state_dir": str(s.state_dir), "policies_dir": str(s.policies_dir)})
+    )
+    monkeypatch.setenv("TRE_CONFIG", str(cfg))
+    result = CliRunner().invoke(app, ["hub", "config"])
+    assert result.exit_code == 0, result.output
+    written = Path(result.output.strip())
+    assert written.exists() and "GENERATED" in written.read_text()

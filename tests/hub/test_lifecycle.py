@@ -1,0 +1,146 @@
+"""Stop, hub restart, idle culling, and the hub on PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TEST_AUTH, make_state
+
+from tre.hub.harness import HubInstance, Kernel
+
+pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
+
+
+def pids_in_namespace(inode: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/pid").st_ino == inode:
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def server_state(hub: HubInstance, user: str, name: str) -> dict:
+    model = hub.api("GET", f"/users/{user}?include_stopped_servers=1").json()
+    return model["servers"][name]["state"]
+
+
+def test_stop_kills_every_process_of_the_sandbox(hub):
+    r = hub.start_server("bob", "wilms-outcomes")
+    assert r.status_code in (201, 202), r.text
+    kernel = Kernel(hub, "bob", "wilms-outcomes", hub.user_token("bob"))
+    # a process that leaves its session and process group, as a daemon would
+    out = kernel.run(
+        "import subprocess; p = subprocess.Popen(['sleep', '1000'], start_new_session=True); "
+        "print(p.pid)"
+    )
+    assert out["error"] is None, out
+    state = server_state(hub, "bob", "wilms-outcomes")
+    inode = state["pidns"]
+    assert inode and len(pids_in_namespace(inode)) >= 4  # init, server, kernel, sleep
+    socket_dir = Path(state["socket"]).parent
+    assert socket_dir.exists()
+    hub.stop_server("bob", "wilms-outcomes")
+    deadline = time.monotonic() + 10
+    while pids_in_namespace(inode) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids_in_namespace(inode) == []
+    assert not socket_dir.exists()
+
+
+@pytest.fixture
+def own_hub(sandbox_env):
+    """A hub of its own (restarted or reconfigured by the test)."""
+    roots = []
+
+    def make(**hub_settings) -> HubInstance:
+        root = Path(tempfile.mkdtemp(prefix="trehub-", dir="/tmp"))
+        roots.append(root)
+        return HubInstance(make_state(root, **hub_settings), extra_config=TEST_AUTH)
+
+    instances: list[HubInstance] = []
+
+    def start(**hub_settings) -> HubInstance:
+        instance = make(**hub_settings).start()
+        instances.append(instance)
+        return instance
+
+    yield start
+    from conftest import stop_everything
+
+    for instance in instances:
+        if instance.proc and instance.proc.poll() is None:
+            stop_everything(instance)
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_sandboxes_survive_a_hub_restart_and_stay_reachable(own_hub):
+    hub = own_hub()
+    hub.create_user("alice")
+    hub.start_server("alice", "wilms-outcomes")
+    token = hub.user_token("alice")
+    kernel = Kernel(hub, "alice", "wilms-outcomes", token)
+    assert kernel.run("x = 41; print('set')")["stdout"].strip() == "set"
+    state = server_state(hub, "alice", "wilms-outcomes")
+
+    hub.stop()
+    os.kill(state["pid"], 0)  # the sandbox outlived the hub (and its proxy)
+    assert pids_in_namespace(state["pidns"])
+
+    hub.start()
+    servers = hub.api("GET", "/users/alice").json()["servers"]
+    assert servers.get("wilms-outcomes", {}).get("ready") is True, hub.log(20000)
+    # the same kernel, with its state, through the new proxy's route to the unix socket
+    assert kernel.run("print(x + 1)")["stdout"].strip() == "42"
+    assert server_state(hub, "alice", "wilms-outcomes")["pid"] == state["pid"]
+    hub.stop_server("alice", "wilms-outcomes")
+    assert pids_in_namespace(state["pidns"]) == []
+
+
+def test_idle_culler_stops_idle_sandboxes_on_a_postgresql_hub(own_hub, require_postgres):
+    """The hub runs on PostgreSQL (its own database), and the idle culler service, configured
+    from the TRE settings, stops a sandbox nobody uses."""
+    import psycopg
+
+    admin_url = require_postgres.replace("postgresql+psycopg://", "postgresql://")
+    dbname = f"tre_hub_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{dbname}"')
+    db_url = require_postgres.rsplit("/", 1)[0] + f"/{dbname}"
+    try:
+        hub = own_hub(db_url=db_url, idle_timeout_seconds=8, cull_interval_seconds=3)
+        assert hub.settings.hub_db_url == db_url
+        hub.create_user("alice")
+        hub.start_server("alice", "wilms-outcomes")
+        with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            users = {r[0] for r in conn.execute("SELECT name FROM users")}
+            spawners = {r[0] for r in conn.execute("SELECT name FROM spawners")}
+        assert "alice" in users and "wilms-outcomes" in spawners
+        state = server_state(hub, "alice", "wilms-outcomes")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            model = hub.api("GET", "/users/alice").json()["servers"]
+            if "wilms-outcomes" not in model or not model["wilms-outcomes"]["ready"]:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"the idle sandbox was not culled:\n{hub.log()}")
+        deadline = time.monotonic() + 10
+        while pids_in_namespace(state["pidns"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pids_in_namespace(state["pidns"]) == []
+        assert "idle-culler" in hub.log()
+        hub.stop()
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')

@@ -1,0 +1,438 @@
+# ruff: noqa: E501 - the kernel code in strings reads better unwrapped
+"""Attacks run as code in a LIVE sandbox kernel (started through the hub, driven through the
+proxy like JupyterLab does). Every attack must fail; each test also checks, where it can, that
+the target really exists and is reachable from outside the sandbox, so a test cannot pass just
+because the target was missing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import socketserver
+import threading
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
+SECRET = "HMAC-SECRET-DO-NOT-LEAK"  # the content of the test installation's HMAC key
+
+
+def run_json(kernel, code: str) -> object:
+    """Run ``code`` (which must print one JSON document last) and return the document."""
+    out = kernel.run(code)
+    assert out["error"] is None, out
+    return json.loads(out["stdout"].strip().splitlines()[-1])
+
+
+# -- network -----------------------------------------------------------------------------------
+
+
+class _Canary(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+@pytest.fixture
+def canary():
+    """TCP and UDP servers on the host's loopback that record every contact."""
+    hits: list[str] = []
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            hits.append("tcp")
+            self.request.sendall(b"CANARY")
+
+    tcp = _Canary(("127.0.0.1", 0), Handler)
+    port = tcp.server_address[1]
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", port))
+    udp.settimeout(0.2)
+    stop = threading.Event()
+
+    def udp_loop():
+        while not stop.is_set():
+            try:
+                udp.recvfrom(100)
+                hits.append("udp")
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    threads = [
+        threading.Thread(target=tcp.serve_forever, daemon=True),
+        threading.Thread(target=udp_loop, daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    # the canary answers from the host: the attack below can only fail because of the sandbox
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert s.recv(6) == b"CANARY"
+    hits.clear()
+    yield port, hits
+    stop.set()
+    tcp.shutdown()
+    tcp.server_close()
+    udp.close()
+
+
+def test_no_tcp_or_udp_to_the_hosts_loopback(alice_kernel, canary, hub):
+    port, hits = canary
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, socket
+res = {{}}
+for name, addr in [("canary", ("127.0.0.1", {port})), ("hub", ("127.0.0.1", {hub.settings.hub_port})),
+                   ("proxy_api", ("127.0.0.1", {hub.settings.hub.proxy_api_port}))]:
+    try:
+        socket.create_connection(addr, timeout=3).close(); res[name] = "connected"
+    except OSError as e:
+        res[name] = type(e).__name__
+try:
+    socket.create_connection(("::1", {port}), timeout=3).close(); res["ipv6"] = "connected"
+except OSError as e:
+    res["ipv6"] = type(e).__name__
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b"x" * 10, ("127.0.0.1", {port})); res["udp_sent"] = True
+except OSError as e:
+    res["udp_sent"] = type(e).__name__
+print(json.dumps(res))
+""",
+    )
+    assert result["canary"] != "connected"
+    assert result["hub"] != "connected"
+    assert result["proxy_api"] != "connected"
+    assert result["ipv6"] != "connected"
+    # a UDP datagram may be "sent" into the sandbox's own loopback, but never arrives here
+    import time
+
+    time.sleep(0.5)
+    assert hits == []
+
+
+def test_only_loopback_no_routes_no_dns(alice_kernel):
+    result = run_json(
+        alice_kernel,
+        """
+import json, socket, os
+res = {"interfaces": [n for _, n in socket.if_nameindex()]}
+res["routes"] = open("/proc/net/route").read().strip().splitlines()[1:]
+res["resolv_conf"] = os.path.exists("/etc/resolv.conf")
+try:
+    socket.getaddrinfo("example.org", 443); res["dns"] = "resolved"
+except OSError as e:
+    res["dns"] = type(e).__name__
+try:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(("192.0.2.1", 53)); res["route_out"] = "yes"
+except OSError as e:
+    res["route_out"] = type(e).__name__
+print(json.dumps(res))
+""",
+    )
+    assert result["interfaces"] == ["lo"]
+    assert result["routes"] == []
+    assert result["dns"] != "resolved"
+    assert result["route_out"] != "yes"  # connect() on UDP only picks a route: there is none
+    assert result["resolv_conf"] is False
+
+
+# -- the data ------------------------------------------------------------------------------------
+
+
+def test_extract_is_readable_but_cannot_be_written(alice_kernel, hub):
+    host_extract = hub.settings.extracts_dir / "wilms-outcomes.duckdb"
+    before = hashlib.sha256(host_extract.read_bytes()).hexdigest()
+    result = run_json(
+        alice_kernel,
+        """
+import json, os, subprocess, duckdb
+p = "/data/wilms-outcomes.duckdb"
+res = {}
+con = duckdb.connect(p, read_only=True)
+res["rows"] = con.sql("select count(*) from patient").fetchall()[0][0]
+con.close()
+for name, fn in [
+    ("append", lambda: open(p, "ab").write(b"x")),
+    ("truncate", lambda: os.truncate(p, 0)),
+    ("unlink", lambda: os.unlink(p)),
+    ("rename", lambda: os.rename(p, "/data/moved")),
+    ("chmod", lambda: os.chmod(p, 0o777)),
+    ("new_file", lambda: open("/data/new.duckdb", "w")),
+]:
+    try:
+        fn(); res[name] = "done"
+    except OSError as e:
+        res[name] = e.strerror
+try:
+    c = duckdb.connect(p); c.execute("create table evil(x int)"); c.close(); res["duckdb_rw"] = "done"
+except Exception as e:
+    res["duckdb_rw"] = type(e).__name__
+r = subprocess.run(["mount", "-o", "remount,rw", p], capture_output=True, text=True)
+res["remount"] = r.returncode
+r = subprocess.run(["mount", "-o", "remount,rw", "/"], capture_output=True, text=True)
+res["remount_root"] = r.returncode
+print(json.dumps(res))
+""",
+    )
+    assert result["rows"] == 200
+    for attack in ("append", "truncate", "unlink", "rename", "chmod", "new_file", "duckdb_rw"):
+        assert result[attack] != "done", attack
+    assert result["remount"] != 0 and result["remount_root"] != 0
+    assert hashlib.sha256(host_extract.read_bytes()).hexdigest() == before
+
+
+def test_nothing_of_other_projects_or_the_hub_is_visible(alice_kernel, hub, carol_server):
+    s = hub.settings
+    # carol's project has an extract and (now that her server ran) a workspace on the host
+    carol_ws = s.workspaces_dir / "leukaemia-incidence"
+    (carol_ws / "carol-secret.csv").write_text("carol's results\n")
+    hidden = [
+        s.extracts_dir,
+        s.extracts_dir / "leukaemia-incidence.duckdb",
+        s.workspaces_dir,
+        carol_ws,
+        s.state_dir,
+        s.hmac_key_file,
+        s.state_dir / "jupyterhub.sqlite",
+        s.state_dir / "hub" / "jupyterhub_cookie_secret",
+        s.state_dir / "hub" / "proxy_auth_token",
+        s.policies_dir,
+        "/root",
+        hub.settings.hub.runtime_dir / "sandboxes",
+    ]
+    for path in hidden[:-2]:
+        assert os.path.exists(path), path  # they exist on the host
+    assert s.hmac_key_file.read_text() == SECRET
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, os
+hidden = {json.dumps([str(p) for p in hidden])}
+needle = {json.dumps(SECRET[::-1])}[::-1].encode()  # not literally in the kernel's history
+res = {{"visible": [p for p in hidden if os.path.exists(p)]}}
+# walk every file the sandbox can see (but the read-only system and environment)
+found_keys, found_extracts, found_carol = [], [], []
+for top in ["/data", "/home", "/tmp", "/run", "/etc", "/dev/shm"]:
+    for root, dirs, files in os.walk(top):
+        for f in files:
+            full = os.path.join(root, f)
+            if f.endswith(".duckdb"):
+                found_extracts.append(full)
+            if "carol" in f:
+                found_carol.append(full)
+            try:
+                if needle in open(full, "rb").read(1 << 20):
+                    found_keys.append(full)
+            except OSError:
+                pass
+res.update(keys=found_keys, extracts=found_extracts, carol=found_carol)
+res["data"] = os.listdir("/data")
+res["home"] = sorted(os.listdir("/home"))
+print(json.dumps(res))
+""",
+    )
+    assert result["visible"] == []
+    assert result["keys"] == []
+    assert result["extracts"] == ["/data/wilms-outcomes.duckdb"]
+    assert result["carol"] == []
+    assert result["data"] == ["wilms-outcomes.duckdb"]
+    assert result["home"] == ["jovyan"]
+
+
+def test_workspace_is_writable_and_lands_in_the_projects_workspace(alice_kernel, hub):
+    result = run_json(
+        alice_kernel,
+        """
+import json, os
+open("/home/jovyan/work/note.txt", "w").write("hello from the sandbox")
+res = {"cwd": os.getcwd()}
+try:
+    open("/etc/evil", "w"); res["etc"] = "written"
+except OSError as e:
+    res["etc"] = e.strerror
+try:
+    open("/usr/evil", "w"); res["usr"] = "written"
+except OSError as e:
+    res["usr"] = e.strerror
+try:
+    open("/evil", "w"); res["root"] = "written"
+except OSError as e:
+    res["root"] = e.strerror
+print(json.dumps(res))
+""",
+    )
+    assert result["cwd"] == "/home/jovyan/work"
+    for where in ("etc", "usr", "root"):
+        assert result[where] != "written", where
+    host = hub.settings.workspaces_dir / "wilms-outcomes" / "note.txt"
+    assert host.read_text() == "hello from the sandbox"
+    assert host.stat().st_uid != 0  # written as the unprivileged sandbox user
+
+
+# -- processes and privileges -----------------------------------------------------------------
+
+
+def test_no_host_processes_no_privileges_no_setuid(alice_kernel, hub):
+    hub_pid = hub.proc.pid
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, os, ctypes, subprocess
+res = {{"uid": os.getuid(), "euid": os.geteuid()}}
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+res["npids"] = len(pids)
+cmdlines = []
+for p in pids:
+    try:
+        cmdlines.append(open(f"/proc/{{p}}/cmdline", "rb").read().replace(b"\\0", b" ").decode())
+    except OSError:
+        pass
+res["hub_visible"] = any("jupyterhub -f" in c or "configurable-http-proxy" in c for c in cmdlines)
+try:
+    os.kill({hub_pid}, 0); res["kill_hub"] = "sent"
+except OSError as e:
+    res["kill_hub"] = type(e).__name__
+libc = ctypes.CDLL(None, use_errno=True)
+PTRACE_ATTACH = 16
+res["ptrace_hub"] = libc.ptrace(PTRACE_ATTACH, {hub_pid}, 0, 0), ctypes.get_errno()
+try:
+    os.setuid(0); res["setuid"] = "root"
+except OSError as e:
+    res["setuid"] = e.strerror
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+res["capeff"] = status["CapEff"].strip()
+res["capbnd"] = status["CapBnd"].strip()
+res["nonewprivs"] = status["NoNewPrivs"].strip()
+# setuid-root binaries of the host: present, but they cannot raise privileges here
+setuid = []
+for d in ("/usr/bin", "/usr/sbin", "/usr/lib"):
+    for root, dirs, files in os.walk(d):
+        for f in files:
+            full = os.path.join(root, f)
+            try:
+                st = os.lstat(full)
+            except OSError:
+                continue
+            if st.st_mode & 0o4000 and not os.path.islink(full):
+                setuid.append(full)
+res["setuid_binaries"] = setuid
+res["su"] = subprocess.run(["su", "-c", "id -u", "root"], capture_output=True, text=True, input="").returncode if os.path.exists("/usr/bin/su") else "absent"
+r = subprocess.run(["mount", "-t", "tmpfs", "none", "/tmp"], capture_output=True, text=True)
+res["mount"] = r.returncode
+r = subprocess.run(["unshare", "--user", "--map-root-user", "id", "-u"], capture_output=True, text=True)
+res["unshare_root"] = r.stdout.strip()
+print(json.dumps(res))
+""",
+    )
+    assert result["uid"] != 0 and result["euid"] != 0
+    assert result["npids"] < 20  # only the sandbox's own processes
+    assert result["hub_visible"] is False
+    assert result["kill_hub"] == "ProcessLookupError"
+    assert result["ptrace_hub"][0] == -1
+    assert result["setuid"] != "root"
+    assert int(result["capeff"], 16) == 0 and int(result["capbnd"], 16) == 0
+    assert result["nonewprivs"] == "1"
+    assert result["setuid_binaries"], "the test needs a setuid binary to attack"
+    assert result["su"] != 0
+    assert result["mount"] != 0
+    assert result["unshare_root"] != "0"  # no nested user namespace to be "root" in
+
+
+def test_resource_limits_apply(alice_kernel, hub):
+    limit = hub.settings.hub.max_file_size_mb
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, resource
+res = {{"as": resource.getrlimit(resource.RLIMIT_AS)[0],
+       "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+       "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)[0]}}
+try:
+    with open("/home/jovyan/work/big.bin", "wb") as f:
+        chunk = b"x" * (1 << 20)
+        for _ in range({limit} + 2):
+            f.write(chunk)
+    res["big_file"] = "written"
+except OSError as e:
+    res["big_file"] = e.strerror
+try:
+    blob = bytearray({hub.settings.hub.memory_limit_mb} * 1024 * 1024 + 1); res["alloc"] = "done"
+except MemoryError:
+    res["alloc"] = "MemoryError"
+print(json.dumps(res))
+""",
+    )
+    s = hub.settings.hub
+    assert result["as"] == s.memory_limit_mb * 1024 * 1024
+    assert result["nproc"] == s.max_processes
+    assert result["fsize"] == s.max_file_size_mb * 1024 * 1024
+    assert result["big_file"] != "written"
+    assert result["alloc"] == "MemoryError"
+    big = hub.settings.workspaces_dir / "wilms-outcomes" / "big.bin"
+    assert big.stat().st_size <= limit * 1024 * 1024
+    big.unlink()
+
+
+# -- the sandbox's hub token -------------------------------------------------------------------
+
+
+def test_sandbox_token_has_only_its_own_scopes(alice_kernel):
+    """From inside the sandbox, through the hub's unix socket, with JUPYTERHUB_API_TOKEN."""
+    result = run_json(
+        alice_kernel,
+        """
+import json, os, httpx
+c = httpx.Client(transport=httpx.HTTPTransport(uds="/run/tre/hub/hub.sock"), base_url="http://hub",
+                 headers={"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]})
+res = {"me": c.get("/hub/api/user").json()}
+res["list_users"] = c.get("/hub/api/users").status_code
+res["bob"] = c.get("/hub/api/users/bob").status_code
+res["make_admin"] = c.patch("/hub/api/users/alice", json={"admin": True}).status_code
+res["create_user"] = c.post("/hub/api/users/eve").status_code
+res["new_token"] = c.post("/hub/api/users/alice/tokens", json={}).status_code
+res["start_other"] = c.post("/hub/api/users/alice/servers/no-extract").status_code
+res["stop_carol"] = c.delete("/hub/api/users/carol/servers/leukaemia-incidence").status_code
+res["proxy"] = c.get("/hub/api/proxy").status_code
+res["services"] = c.get("/hub/api/services").status_code
+res["shutdown"] = c.post("/hub/api/shutdown").status_code
+print(json.dumps(res))
+""",
+    )
+    assert set(result["me"]["scopes"]) == {
+        "access:servers!server=alice/wilms-outcomes",
+        "access:services!service=airlock",
+        "users:activity!user=alice",
+        "read:users:activity!user=alice",
+        "read:users:groups!user=alice",
+        "read:users:name!user=alice",
+    }
+    assert result["me"]["admin"] is False
+    for call in (
+        "list_users",
+        "bob",
+        "make_admin",
+        "create_user",
+        "new_token",
+        "start_other",
+        "stop_carol",
+        "proxy",
+        "services",
+        "shutdown",
+    ):
+        assert result[call] in (403, 404), (call, result[call])
+
+
+def test_sandbox_token_cannot_reach_another_users_server(hub, alice_kernel, carol_server):
+    token = alice_kernel.run("import os; print(os.environ['JUPYTERHUB_API_TOKEN'])")["stdout"]
+    token = token.strip()
+    headers = {"Authorization": f"token {token}"}
+    own = httpx.get(f"{hub.url}/user/alice/wilms-outcomes/api/status", headers=headers)
+    assert own.status_code == 200  # the token works for its own server...
+    other = httpx.get(f"{hub.url}/user/carol/{carol_server}/api/kernels", headers=headers)
+    assert other.status_code in (302, 403), other.status_code  # ...and nowhere else
+    assert "api/kernels" not in other.headers.get("location", "")

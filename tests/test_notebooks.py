@@ -1,0 +1,230 @@
+"""Notebooks and HTML: every output is checked where it is; checkers see a script-free render."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import sys
+from pathlib import Path
+
+import lxml.html
+import polars as pl
+import pytest
+
+from airlock.checks.context import CheckContext
+from airlock.checks.engine import check_file
+from airlock.checks.findings import Status
+from airlock.checks.html import sanitize_html, tables_from_html
+from airlock.checks.notebooks import check_notebook, render_notebook_html, tables_from_text
+from airlock.policy import load_policy
+
+sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
+import corpus  # noqa: E402
+from corpus import code_cell, notebook, result, stream  # noqa: E402
+
+POLICY = load_policy()
+CTX = CheckContext(policy=POLICY)
+
+
+def test_polars_repr_is_parsed():
+    df = pl.DataFrame({"site": ["north", "south"], "count": [140, 5]})
+    ((parsed, _),) = tables_from_text(repr(df))
+    assert parsed.columns == ["site", "count"]
+    assert parsed.get_column("count").to_list() == [140, 5]
+
+
+def test_series_repr_is_parsed():
+    text = "site\nnorth    140\nsouth      3\nName: count, dtype: int64"
+    ((parsed, _),) = tables_from_text(text)
+    assert parsed.columns == ["site", "count"]
+    assert parsed.get_column("count").to_list() == [140, 3]
+
+
+@pytest.mark.parametrize(
+    ("text", "columns", "rows"),
+    [
+        ("   site  count\n0  north    140\n1  south      3", ["index", "site", "count"], 2),
+        ("       count\nsite       \nnorth    140\nsouth      3", ["site", "count"], 2),
+        ("site  count\nnorth    140\nsouth      3", ["site", "count"], 2),
+        (
+            "   site  count\n0  north    140\n..    ...    ...\n9  south      3\n\n"
+            "[10 rows x 2 columns]",
+            ["index", "site", "count"],
+            2,
+        ),
+    ],
+)
+def test_pandas_reprs_are_parsed(text, columns, rows):
+    ((parsed, _),) = tables_from_text(text)
+    assert parsed.columns == columns
+    assert parsed.height == rows
+
+
+def test_prose_is_not_a_table():
+    assert tables_from_text("Model converged after 12 iterations.\nDone.") == []
+
+
+def test_printed_csv_rows_are_a_table():
+    text = "site,age,sex\n" + "".join(f"s{i},{i % 15},F\n" for i in range(30))
+    ((parsed, _),) = tables_from_text(text)
+    assert parsed.shape == (30, 3)
+
+
+def test_findings_are_located_by_cell_and_output():
+    nb = json.loads(
+        notebook(
+            [
+                {"cell_type": "markdown", "metadata": {}, "source": "# Title"},
+                code_cell("print('ok')", [stream("ok\n")]),
+                code_cell(
+                    "df",
+                    [
+                        stream("computing\n"),
+                        result({"text/html": corpus.HTML_SMALL_TABLE, "text/plain": "x"}),
+                    ],
+                ),
+            ]
+        )
+    )
+    findings = check_notebook(nb, CTX)
+    small = [f for f in findings if f.rule == "frequency.min_cell_count"]
+    assert small and all(c["cell"] == 2 and c["output"] == 1 for c in small[0].cells)
+
+
+def test_markdown_data_uri_that_is_not_an_image_fails():
+    blob = base64.b64encode(b"id,age\n" * 30).decode()
+    nb = json.loads(
+        notebook(
+            [
+                {
+                    "cell_type": "markdown",
+                    "metadata": {},
+                    "source": f'<a href="data:text/csv;base64,{blob}">data</a>',
+                }
+            ]
+        )
+    )
+    assert "encoded.blob" in {f.rule for f in check_notebook(nb, CTX)}
+
+
+def test_markdown_attachment_image_is_a_figure():
+    png64 = base64.b64encode(corpus.png_bytes() + b"tail").decode()
+    nb = json.loads(
+        notebook(
+            [
+                {
+                    "cell_type": "markdown",
+                    "metadata": {},
+                    "source": "![x](attachment:x.png)",
+                    "attachments": {"x.png": {"image/png": png64}},
+                }
+            ]
+        )
+    )
+    rules = {f.rule for f in check_notebook(nb, CTX)}
+    assert {"figure.appended_data", "figure.no_table"} <= rules
+
+
+def test_error_output_and_javascript_output():
+    nb = json.loads(
+        notebook(
+            [
+                code_cell(
+                    "x",
+                    [
+                        {
+                            "output_type": "error",
+                            "ename": "KeyError",
+                            "evalue": "'P1'",
+                            "traceback": ["\x1b[0;31mKeyError\x1b[0m: 4 patients"],
+                        },
+                        {
+                            "output_type": "display_data",
+                            "metadata": {},
+                            "data": {"application/javascript": "fetch('/x')"},
+                        },
+                    ],
+                )
+            ]
+        )
+    )
+    rules = {f.rule for f in check_notebook(nb, CTX)}
+    assert "text.small_count" in rules and "notebook.script_output" in rules
+
+
+def test_a_malformed_notebook_is_unreadable(tmp_path):
+    for text in ['{"cells": [1], "nbformat": 4}', '{"cells": [], "nbformat": 3}', "[]"]:
+        f = tmp_path / "bad.ipynb"
+        f.write_text(text)
+        report = check_file(f, POLICY)
+        assert report.status == Status.FAIL, text
+
+
+def test_render_notebook_html_has_no_scripts_and_no_remote_resources(tmp_path):
+    png64 = base64.b64encode(corpus.png_bytes()).decode()
+    f = tmp_path / "nb.ipynb"
+    f.write_text(
+        notebook(
+            [
+                {"cell_type": "markdown", "metadata": {}, "source": "# Incidence $x^2$"},
+                code_cell(
+                    "df",
+                    [
+                        result(
+                            {
+                                "text/html": "<table><tr><td>MARKER-42</td></tr></table>"
+                                "<script>alert('x')</script><img src=x onerror=alert(1)>",
+                                "text/plain": "x",
+                            }
+                        ),
+                        {
+                            "output_type": "display_data",
+                            "metadata": {},
+                            "data": {"image/png": png64, "text/plain": "<Figure>"},
+                        },
+                    ],
+                ),
+            ]
+        )
+    )
+    html = render_notebook_html(f)
+    assert "MARKER-42" in html and "Incidence" in html
+    doc = lxml.html.document_fromstring(html)
+    assert not doc.xpath("//script|//iframe|//object|//embed|//link[@href]")
+    for el in doc.iter():
+        if not isinstance(el.tag, str):
+            continue
+        for attr, value in el.attrib.items():
+            assert not attr.lower().startswith("on"), (el.tag, attr)
+            if attr in {"src", "href"}:
+                assert not value.startswith(("http:", "https:", "//")), value
+    for style in doc.iter("style"):
+        assert "@import" not in (style.text or "")
+        assert not re.search(r"url\(\s*['\"]?(https?:|//)", style.text or "")
+    assert "data:image/png;base64" in html
+
+
+def test_sanitize_html_removes_active_content():
+    page = (
+        '<html><head><link rel="stylesheet" href="https://cdn.example/x.css">'
+        '<meta http-equiv="refresh" content="0;url=http://x"></head><body>'
+        '<iframe src="http://x"></iframe><a href="javascript:x()">a</a>'
+        '<img src="http://x.example/t.png"><p style="background:url(http://x)">t</p>'
+        "<style>@import 'http://x/y.css'; p { background: url(http://x/b.png) }</style>"
+        "</body></html>"
+    )
+    clean = sanitize_html(page).lower()
+    for bad in ("<link", "refresh", "<iframe", "javascript:", "x.example", "@import", "url(http"):
+        assert bad not in clean, bad
+
+
+def test_html_tables_with_header_spans_and_index():
+    doc = __import__("lxml.html").html.document_fromstring(
+        "<table><thead><tr><th></th><th>count</th></tr><tr><th>site</th><th></th></tr></thead>"
+        "<tbody><tr><th>north</th><td>1,234</td></tr><tr><th>south</th><td>12</td></tr></tbody>"
+        "</table>"
+    )
+    ((df, raw),) = tables_from_html(doc)
+    assert df.get_column("count").to_list() == [1234, 12]
+    assert df.columns[0] == "site"
