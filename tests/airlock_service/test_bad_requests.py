@@ -6,9 +6,9 @@ import re
 
 import httpx
 import pytest
-from hubfixture import HUB_PASSWORD
 
 from airlock.service.core import FileSpec
+from tests.hubfixture import HUB_PASSWORD
 from tre.audit import export_events
 
 pytestmark = [pytest.mark.hub]

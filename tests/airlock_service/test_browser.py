@@ -12,8 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from hubfixture import HUB_PASSWORD
 from PIL import Image
+
+from tests.hubfixture import HUB_PASSWORD
 
 from .conftest import postgres_db
 

@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 import yaml
-from hubfixture import free_port
+
+from tests.hubfixture import free_port
 
 from .conftest import postgres_db
 
