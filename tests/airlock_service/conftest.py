@@ -135,6 +135,7 @@ class Live:
     prefix: str
     base: str  # airlock through the hub's proxy, e.g. http://127.0.0.1:PORT/services/airlock/
     tokens: dict  # role or user -> token (None = anonymous)
+    direct: str = ""  # the airlock's own uvicorn, not through the proxy
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +192,15 @@ def live(tmp_path_factory, request) -> Live:
             tokens[user] = hub.user_token(user)
         for project in SANDBOX_PROJECTS:
             tokens[f"sandbox:alice/{project}"] = hub.start_server("alice", project)
-        yield Live(hub, holder, identity, config.prefix, f"{hub.url}{config.prefix}", tokens)
+        yield Live(
+            hub,
+            holder,
+            identity,
+            config.prefix,
+            f"{hub.url}{config.prefix}",
+            tokens,
+            direct=f"http://127.0.0.1:{airlock_port}{config.prefix}",
+        )
     finally:
         hub.stop()
         server.should_exit = True
