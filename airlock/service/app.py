@@ -118,11 +118,17 @@ class BodyLimit:
                 return  # client went away
             chunk = message.get("body", b"")
             seen += len(chunk)
+            more = message.get("more_body", False)
             if seen > self.limit:
+                # drain (bounded) what the client is still sending, so that it reads our 413
+                # instead of a connection reset; then refuse without running the app
+                while more and seen < 16 * self.limit:
+                    message = await receive()
+                    seen += len(message.get("body", b""))
+                    more = message.get("type") == "http.request" and message.get("more_body")
                 await _too_large(send, self.limit)
                 return
             chunks.append(chunk)
-            more = message.get("more_body", False)
         body = b"".join(chunks)
         delivered = False
 

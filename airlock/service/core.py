@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from airlock import permissions as perm
 from airlock.policy import Policy, load_policy
@@ -129,7 +129,7 @@ class AirlockService:
     def _load(self, session: Session, who: perm.Who, request_id: str, lock: bool) -> ReleaseRequest:
         if not isinstance(request_id, str) or len(request_id) != 32:
             raise NotFound("no such request")
-        stmt = select(ReleaseRequest).where(ReleaseRequest.id == request_id)
+        stmt = select(ReleaseRequest).where(ReleaseRequest.id == request_id).options(*_EAGER)
         if lock:
             stmt = stmt.with_for_update()
         req = session.execute(stmt).scalar_one_or_none()
@@ -652,11 +652,28 @@ class AirlockService:
 
     def list_requests(self, who: perm.Who) -> list[dict[str, Any]]:
         with self.factory() as session:
-            stmt = select(ReleaseRequest).order_by(ReleaseRequest.created_at.desc())
+            stmt = (
+                select(ReleaseRequest)
+                .options(selectinload(ReleaseRequest.files), selectinload(ReleaseRequest.comments))
+                .order_by(ReleaseRequest.created_at.desc())
+            )
             if not (who.is_admin or who.is_checker) or who.in_sandbox:
                 stmt = stmt.where(ReleaseRequest.project.in_(sorted(who.projects) or [""]))
             rows = session.execute(stmt).scalars().all()
-            return [_request_summary(r) for r in rows if perm.can_view_request(who, r)]
+            out = []
+            for r in rows:
+                if perm.can_view_request(who, r):
+                    public = [c for c in r.comments if c.visibility == "public"]
+                    latest = public[-1] if public else None
+                    out.append(
+                        {
+                            **_request_summary(r),
+                            "latest_comment": (
+                                {"author": latest.author, "body": latest.body} if latest else None
+                            ),
+                        }
+                    )
+            return out
 
     def queue(self, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
         """A checker's queue: waiting for me, in progress (I voted, others not yet), done."""
@@ -664,6 +681,7 @@ class AirlockService:
         with self.factory() as session:
             rows = session.execute(
                 select(ReleaseRequest)
+                .options(*_EAGER)
                 .where(ReleaseRequest.state != State.PENDING)
                 .order_by(ReleaseRequest.updated_at.desc())
             ).scalars()
@@ -716,6 +734,14 @@ def _now():  # noqa: ANN202
     from airlock.service.models import utcnow
 
     return utcnow()
+
+
+# one query per relationship instead of one per request (the queue lists every request)
+_EAGER = (
+    selectinload(ReleaseRequest.files),
+    selectinload(ReleaseRequest.votes),
+    selectinload(ReleaseRequest.comments),
+)
 
 
 def _find_file(req: ReleaseRequest, file_id: int) -> RequestFile:

@@ -86,6 +86,14 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> DB:
     return d
 
 
+def postgres_db(request: pytest.FixtureRequest, tmp_path: Path) -> DB:
+    """For end-to-end modules that override ``db``: the production store only (the storage
+    behaviour itself is proven on both backends by the other modules)."""
+    d = _make_db("postgres", tmp_path, request)
+    upgrade(d.engine)
+    return d
+
+
 @pytest.fixture
 def tre_settings(tmp_path: Path, db: DB) -> Settings:
     policies = make_policies(tmp_path)
@@ -127,6 +135,7 @@ class Live:
     prefix: str
     base: str  # airlock through the hub's proxy, e.g. http://127.0.0.1:PORT/services/airlock/
     tokens: dict  # role or user -> token (None = anonymous)
+    direct: str = ""  # the airlock's own uvicorn, not through the proxy
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +192,15 @@ def live(tmp_path_factory, request) -> Live:
             tokens[user] = hub.user_token(user)
         for project in SANDBOX_PROJECTS:
             tokens[f"sandbox:alice/{project}"] = hub.start_server("alice", project)
-        yield Live(hub, holder, identity, config.prefix, f"{hub.url}{config.prefix}", tokens)
+        yield Live(
+            hub,
+            holder,
+            identity,
+            config.prefix,
+            f"{hub.url}{config.prefix}",
+            tokens,
+            direct=f"http://127.0.0.1:{airlock_port}{config.prefix}",
+        )
     finally:
         hub.stop()
         server.should_exit = True

@@ -12,10 +12,19 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from hubfixture import HUB_PASSWORD
 from PIL import Image
 
-pytestmark = [pytest.mark.browser, pytest.mark.hub]
+from tests.hubfixture import HUB_PASSWORD
+
+from .conftest import postgres_db
+
+
+@pytest.fixture
+def db(request, tmp_path):
+    return postgres_db(request, tmp_path)
+
+
+pytestmark = [pytest.mark.postgres, pytest.mark.browser, pytest.mark.hub]
 
 DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 FLAGS = [

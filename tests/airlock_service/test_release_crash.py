@@ -17,7 +17,7 @@ from airlock.storage import sha256_file
 from tre.registry import load_registry
 
 WORKER = Path(__file__).with_name("release_worker.py")
-FILES = ["outputs/table.csv", "notes.txt"]
+FILES = ["outputs/table.csv"]
 # copied x3, renamed, commit (inside the transaction), committed
 STEPS = len(FILES) + 3
 
@@ -118,3 +118,11 @@ def test_corrupt_snapshot_is_never_released(tre_settings, db):
     assert not released_dir(service.released_root, rid).exists()
     with pytest.raises(Conflict):
         service.download(service.who("alice"), rid, fid)
+
+
+def test_service_start_completes_interrupted_releases(tre_settings, db):
+    service, rid, expected = approved_request(tre_settings, db)
+    service.release_hook = None
+    assert service.complete_pending_releases() == [rid]  # what `airlock serve` runs on start
+    assert assert_all_or_nothing(service, rid, expected) == "released"
+    assert service.complete_pending_releases() == []

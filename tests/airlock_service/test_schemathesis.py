@@ -12,7 +12,15 @@ from schemathesis.checks import not_a_server_error
 from airlock.service.app import create_app
 from tre.audit import verify_chain
 
-pytestmark = [pytest.mark.hub]
+from .conftest import postgres_db
+
+
+@pytest.fixture
+def db(request, tmp_path):
+    return postgres_db(request, tmp_path)
+
+
+pytestmark = [pytest.mark.postgres, pytest.mark.hub]
 
 
 # the document the live service publishes at <prefix>openapi.json (compared in the test)
@@ -22,7 +30,7 @@ schema = schemathesis.openapi.from_dict(SPEC)
 
 @schema.parametrize()
 @settings(
-    max_examples=6,
+    max_examples=5,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     derandomize=True,

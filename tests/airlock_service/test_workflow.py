@@ -192,3 +192,17 @@ def test_non_members_cannot_create_or_see(service):
         service.view(service.who("carol"), rid)
     with pytest.raises(NotFound):
         service.view(service.who("dave"), "0" * 32)
+
+
+def test_researchers_see_status_and_latest_public_comment(service):
+    rid = submit_one(service)
+    fid = only_file(service, rid)
+    c1, c2 = service.who("checker1"), service.who("checker2")
+    service.comment(c1, rid, "checker-only remark", "private")
+    service.vote(c1, rid, fid, "request_changes", comment="round to 5")
+    service.vote(c2, rid, fid, "approve")
+    service.decide(c2, rid, "return", "please round the counts")
+    for who in ("alice", "bob"):
+        (row,) = [r for r in service.list_requests(service.who(who)) if r["id"] == rid]
+        assert row["state"] == "returned"
+        assert row["latest_comment"] == {"author": "checker2", "body": "please round the counts"}

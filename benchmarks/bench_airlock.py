@@ -1,0 +1,234 @@
+"""Load benchmark of the airlock service: 50 concurrent clients (httpx async) mixing submissions,
+votes and page views against `airlock serve` (real uvicorn on loopback) backed by PostgreSQL,
+with identities from a real JupyterHub (tokens validated against the hub, cached 30 s).
+
+Run: ``uv run python -m benchmarks airlock``. Environment: BENCH_CLIENTS (50), BENCH_OPS (12 per
+client), TRE_TEST_POSTGRES_URL. Everything runs on 127.0.0.1 and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import yaml
+from sqlalchemy import text
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from hubfixture import HUB_PASSWORD, free_port, start_hub  # noqa: E402
+
+from airlock.service.db import make_engine  # noqa: E402
+
+PG = os.environ.get("TRE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PREFIX = "/services/airlock/"
+USERS = ["alice", "bob", "checker1", "checker2", "checker3", "admin"]
+
+
+def _prepare(root: Path) -> Path:
+    policies = root / "policies"
+    shutil.copytree(REPO / "policies", policies)
+    staff = {"output_checkers": ["checker1", "checker2", "checker3"], "admins": ["admin"]}
+    (policies / "staff.yaml").write_text(yaml.safe_dump(staff))
+    ws = root / "state" / "workspaces" / "wilms-outcomes" / "outputs"
+    ws.mkdir(parents=True)
+    for i in range(20):
+        (ws / f"table{i}.csv").write_text(
+            "group,count\n" + "\n".join(f"g{j},{10 + (i * j) % 90}" for j in range(30)) + "\n"
+        )
+    return policies
+
+
+def _login(base: str, user: str) -> httpx.Cookies:
+    with httpx.Client(base_url=base, follow_redirects=True, timeout=30) as http:
+        r = http.get(PREFIX + "requests")
+        xsrf = re.search(r'name="_xsrf" value="([^"]+)"', r.text).group(1)
+        r = http.post(str(r.url), data={"username": user, "password": HUB_PASSWORD, "_xsrf": xsrf})
+        r.raise_for_status()
+        return http.cookies
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000
+
+
+async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int, ops: int):
+    lat: dict[str, list[float]] = {"page_view": [], "vote": [], "submit": []}
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=airlock, timeout=60, limits=limits) as http:
+        # requests waiting for review: every vote op finds a file to vote on
+        slots: list[tuple[str, int, str]] = []
+        n_req = (clients * ops) // 4 // 2 + 5
+        auth = {"Authorization": f"token {tokens['alice']}"}
+        for i in range(n_req):
+            r = await http.post(
+                PREFIX + "api/requests",
+                headers=auth,
+                json={
+                    "project": "wilms-outcomes",
+                    "files": [{"path": f"outputs/table{i % 20}.csv"}],
+                    "submit": True,
+                    "context": "benchmark",
+                },
+            )
+            r.raise_for_status()
+            fid = r.json()["files"][0]["id"]
+            slots += [(r.json()["id"], fid, "checker1"), (r.json()["id"], fid, "checker2")]
+        page_ids = [s[0] for s in slots[::2]]
+        rng = random.Random(7)
+
+        async def one(kind: str) -> None:
+            t0 = time.perf_counter()
+            if kind == "page_view":
+                if rng.random() < 0.5:
+                    r = await http.get(PREFIX + f"requests/{rng.choice(page_ids)}", cookies=cookies)
+                else:
+                    r = await http.get(PREFIX + "queue", cookies=cookies)
+            elif kind == "vote":
+                rid, fid, who = slots.pop(0)
+                r = await http.post(
+                    PREFIX + f"api/requests/{rid}/files/{fid}/votes",
+                    headers={"Authorization": f"token {tokens[who]}"},
+                    json={"decision": "approve"},
+                )
+            else:
+                who = rng.choice(["alice", "bob"])
+                r = await http.post(
+                    PREFIX + "api/requests",
+                    headers={"Authorization": f"token {tokens[who]}"},
+                    json={
+                        "project": "wilms-outcomes",
+                        "submit": True,
+                        "files": [{"path": f"outputs/table{rng.randrange(20)}.csv"}],
+                    },
+                )
+            lat[kind].append(time.perf_counter() - t0)
+            if r.status_code >= 400:
+                errors[f"{kind} {r.status_code}"] = errors.get(f"{kind} {r.status_code}", 0) + 1
+
+        async def client(i: int) -> None:
+            kinds = ["page_view", "page_view", "vote", "submit"]
+            for j in range(ops):
+                await one(kinds[(i + j) % 4])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(clients)))
+        elapsed = time.perf_counter() - t0
+    return lat, errors, elapsed
+
+
+def main() -> None:
+    clients = int(os.environ.get("BENCH_CLIENTS", "50"))
+    ops = int(os.environ.get("BENCH_OPS", "12"))
+    root = Path(tempfile.mkdtemp(prefix="bench-airlock-"))
+    schema = f"bench_airlock_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    proc = hub = None
+    try:
+        policies = _prepare(root)
+        port, hub_port = free_port(), free_port()
+        service_token = uuid.uuid4().hex + uuid.uuid4().hex
+        config = root / "tre.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "state_dir": str(root / "state"),
+                    "policies_dir": str(policies),
+                    "airlock_db_url": PG,
+                }
+            )
+        )
+        env = {
+            **os.environ,
+            "TRE_CONFIG": str(config),
+            "PGOPTIONS": f"-csearch_path={schema}",
+            "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub_port}/hub/api",
+            "JUPYTERHUB_API_TOKEN": service_token,
+            "JUPYTERHUB_SERVICE_NAME": "airlock",
+            "JUPYTERHUB_SERVICE_PREFIX": PREFIX,
+        }
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "airlock.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+        )
+        airlock = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{airlock}{PREFIX}api/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        hub = start_hub(
+            root / "hub",
+            str(REPO / "node_modules" / ".bin" / "configurable-http-proxy"),
+            services=[
+                {
+                    "name": "airlock",
+                    "url": airlock,
+                    "api_token": service_token,
+                    "oauth_no_confirm": True,
+                }
+            ],
+            hub_port=hub_port,
+            user_scopes=("self", "access:services!service=airlock"),
+        )
+        tokens = {}
+        for u in USERS:
+            hub.create_user(u)
+            tokens[u] = hub.user_token(u)
+        cookies = _login(hub.url, "checker3")
+        lat, errors, elapsed = asyncio.run(_run(airlock, tokens, cookies, clients, ops))
+        total = sum(len(v) for v in lat.values())
+        print(
+            f"{clients} clients x {ops} ops = {total} requests in {elapsed:.1f} s: "
+            f"{total / elapsed:.1f} req/s; errors: {errors or 'none'}"
+        )
+        print("| operation | n | p50 ms | p99 ms | mean ms |")
+        print("|---|---|---|---|---|")
+        for kind, values in lat.items():
+            print(
+                f"| {kind} | {len(values)} | {_pct(values, 0.5):.0f} | {_pct(values, 0.99):.0f}"
+                f" | {statistics.mean(values) * 1000:.0f} |"
+            )
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        if hub is not None:
+            hub.stop()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
