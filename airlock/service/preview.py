@@ -88,20 +88,11 @@ def text_preview(path: Path) -> str:
 
 
 def notebook_html(path: Path) -> str:
-    """The notebook as static HTML: nbconvert's 'basic' template (no scripts, no CDN links),
-    HTML outputs sanitised, images embedded as data: URIs."""
-    import nbformat
-    from nbconvert import HTMLExporter
+    """The notebook as checkers see it: the checks engine's nbconvert rendering (one renderer
+    for the whole airlock), with scripts, event handlers and remote references stripped."""
+    from airlock.checks.notebooks import render_notebook_html
 
     try:
-        nb = nbformat.read(str(path), as_version=4)
+        return render_notebook_html(path)
     except Exception as exc:  # noqa: BLE001 - any parse failure is shown, never executed
         return f"<p>This notebook cannot be rendered: {type(exc).__name__}</p>"
-    exporter = HTMLExporter(template_name="basic", sanitize_html=True, embed_images=True)
-    body, _ = exporter.from_notebook_node(nb)
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        "<style>body{font-family:sans-serif;margin:1em}pre{white-space:pre-wrap}"
-        ".jp-InputPrompt,.jp-OutputPrompt{color:#888}</style></head><body>"
-        f"{body}</body></html>"
-    )
