@@ -12,11 +12,9 @@ the example notebook, the airlock review page, the transparency register and the
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,55 +114,18 @@ class Tour:
             return (r.json().get("servers") or {}).get(name) or {}
 
     def run_in_kernel(self, code: str, timeout: float = 120) -> dict[str, Any]:
-        return asyncio.run(self._run_in_kernel(code, timeout))
+        from tre.hub.harness import execute_in_kernel
 
-    async def _run_in_kernel(self, code: str, timeout: float) -> dict[str, Any]:
-        from tornado.httpclient import HTTPRequest
-        from tornado.websocket import websocket_connect
-
-        base = f"{self.base}/user/alice/{PROJECT}"
-        ws_url = base.replace("http://", "ws://") + f"/api/kernels/{self.state.kernel_id}/channels"
-        conn = await websocket_connect(HTTPRequest(ws_url, headers=self.auth("alice")))
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "username": "alice",
-                        "session": uuid.uuid4().hex,
-                        "msg_type": "execute_request",
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {"code": code, "silent": False, "allow_stdin": False},
-                    "channel": "shell",
-                }
-            )
-        )
-        out: dict[str, Any] = {"stdout": "", "stderr": "", "error": None}
-        deadline = time.monotonic() + timeout
         try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TourFailure(f"the kernel did not finish within {timeout:.0f}s: {out}")
-                raw = await asyncio.wait_for(conn.read_message(), remaining)
-                if raw is None:
-                    raise TourFailure(f"the kernel websocket closed: {out}")
-                msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if kind == "stream":
-                    out[content["name"]] += content["text"]
-                elif kind == "error":
-                    out["error"] = f"{content['ename']}: {content['evalue']}"
-                elif kind == "status" and content["execution_state"] == "idle":
-                    return out
-        finally:
-            conn.close()
+            return execute_in_kernel(
+                f"{self.base}/user/alice/{PROJECT}",
+                self.state.kernel_id,
+                self.auth("alice"),
+                code,
+                timeout,
+            )
+        except (TimeoutError, RuntimeError) as exc:
+            raise TourFailure(f"the kernel did not answer: {exc}") from None
 
     # -- the story ----------------------------------------------------------------------------
 

@@ -215,56 +215,67 @@ class Kernel:
 
     def run(self, code: str, timeout: float = 60) -> dict[str, Any]:
         """Execute ``code``; return {"stdout", "stderr", "error", "result"}."""
-        return asyncio.run(self._run(code, timeout))
-
-    async def _run(self, code: str, timeout: float) -> dict[str, Any]:
-        from tornado.httpclient import HTTPRequest
-        from tornado.websocket import websocket_connect
-
-        ws_url = self.base.replace("http://", "ws://") + f"/api/kernels/{self.kernel_id}/channels"
-        conn = await websocket_connect(HTTPRequest(ws_url, headers=self.headers))
-        msg_id = uuid.uuid4().hex
-        conn.write_message(
-            json.dumps(
-                {
-                    "header": {
-                        "msg_id": msg_id,
-                        "username": "harness",
-                        "session": uuid.uuid4().hex,
-                        "msg_type": "execute_request",
-                        "version": "5.3",
-                    },
-                    "parent_header": {},
-                    "metadata": {},
-                    "content": {"code": code, "silent": False, "allow_stdin": False},
-                    "channel": "shell",
-                }
-            )
-        )
-        out: dict[str, Any] = {"stdout": "", "stderr": "", "error": None, "result": None}
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"no answer from the kernel in {timeout}s: {out}")
-                raw = await asyncio.wait_for(conn.read_message(), remaining)
-                if raw is None:
-                    raise RuntimeError(f"kernel websocket closed: {out}")
-                msg = json.loads(raw)
-                if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                    continue
-                kind, content = msg["msg_type"], msg["content"]
-                if kind == "stream":
-                    out[content["name"]] += content["text"]
-                elif kind == "execute_result":
-                    out["result"] = content["data"].get("text/plain")
-                elif kind == "error":
-                    out["error"] = f"{content['ename']}: {content['evalue']}"
-                elif kind == "status" and content["execution_state"] == "idle":
-                    return out
-        finally:
-            conn.close()
+        return execute_in_kernel(self.base, self.kernel_id, self.headers, code, timeout)
 
     def shutdown(self) -> None:
         httpx.delete(f"{self.base}/api/kernels/{self.kernel_id}", headers=self.headers, timeout=30)
+
+
+def execute_in_kernel(
+    server_url: str, kernel_id: str, headers: dict[str, str], code: str, timeout: float = 60
+) -> dict[str, Any]:
+    """Execute ``code`` in a running kernel over its websocket, as JupyterLab does; return
+    {"stdout", "stderr", "error", "result"}. Raises TimeoutError or RuntimeError."""
+    return asyncio.run(_execute_in_kernel(server_url, kernel_id, headers, code, timeout))
+
+
+async def _execute_in_kernel(
+    server_url: str, kernel_id: str, headers: dict[str, str], code: str, timeout: float
+) -> dict[str, Any]:
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    ws_url = server_url.replace("http://", "ws://") + f"/api/kernels/{kernel_id}/channels"
+    conn = await websocket_connect(HTTPRequest(ws_url, headers=headers))
+    msg_id = uuid.uuid4().hex
+    conn.write_message(
+        json.dumps(
+            {
+                "header": {
+                    "msg_id": msg_id,
+                    "username": "tre",
+                    "session": uuid.uuid4().hex,
+                    "msg_type": "execute_request",
+                    "version": "5.3",
+                },
+                "parent_header": {},
+                "metadata": {},
+                "content": {"code": code, "silent": False, "allow_stdin": False},
+                "channel": "shell",
+            }
+        )
+    )
+    out: dict[str, Any] = {"stdout": "", "stderr": "", "error": None, "result": None}
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer from the kernel in {timeout:.0f}s: {out}")
+            raw = await asyncio.wait_for(conn.read_message(), remaining)
+            if raw is None:
+                raise RuntimeError(f"kernel websocket closed: {out}")
+            msg = json.loads(raw)
+            if msg.get("parent_header", {}).get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":
+                out[content["name"]] += content["text"]
+            elif kind == "execute_result":
+                out["result"] = content["data"].get("text/plain")
+            elif kind == "error":
+                out["error"] = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                return out
+    finally:
+        conn.close()
