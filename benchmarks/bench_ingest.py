@@ -41,7 +41,7 @@ for site_dir in sorted(p for p in data.iterdir() if p.is_dir()):
     assert r.status == "loaded", (r.status, r.errors)
     out.append({"site": site_dir.name, "rows": sum(r.rows_added.values()),
                 "wall": time.perf_counter() - t, "cpu": time.process_time() - c,
-                "stages": r.timings})
+                "stages": r.timings, "cpu_stages": r.cpu_timings})
 print(json.dumps({"batches": out, "wall": time.perf_counter() - t0,
                   "cpu": time.process_time() - c0,
                   "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -98,13 +98,15 @@ def main() -> None:
     print(f"machine: {machine()}")
     for b in res["batches"]:
         print(f"  {b['site']}: {b['rows']:,} rows, {b['wall']:.2f} s wall, {b['cpu']:.2f} s CPU")
-        print("    stages: " + ", ".join(f"{k} {v:.2f}" for k, v in b["stages"].items()))
+        print("    wall s: " + ", ".join(f"{k} {v:.2f}" for k, v in b["stages"].items()))
+        print("    CPU s:  " + ", ".join(f"{k} {v:.2f}" for k, v in b["cpu_stages"].items()))
     ingest_wall = sum(b["wall"] for b in res["batches"])
     ingest_cpu = sum(b["cpu"] for b in res["batches"])
     print(f"ingested {loaded:,} rows in {ingest_wall:.2f} s wall, {ingest_cpu:.2f} s CPU")
     print(f"  throughput: {loaded / ingest_wall:,.0f} rows/s wall = "
           f"{loaded / ingest_wall / cores:,.0f} rows/s per core ({cores} cores); "
-          f"{loaded / ingest_cpu:,.0f} rows per CPU-second")  # fmt: skip
+          f"{loaded / ingest_cpu:,.0f} rows per CPU-second "
+          f"({ingest_cpu / loaded * 1e6:.2f} CPU-us per row)")  # fmt: skip
     print(f"  peak RSS: {peak:,.0f} MiB sampled, {res['ru_maxrss_mb']:,.0f} MiB ru_maxrss "
           f"(target: under 2048 MiB)")  # fmt: skip
 

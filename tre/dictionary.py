@@ -233,10 +233,14 @@ def _cross_check(d: DataDictionary) -> list[str]:
     return problems
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_dictionary(path: Path = DICTIONARY_FILE) -> DataDictionary:
     """Load and check the data dictionary; raise DictionaryError naming each problem."""
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        # libyaml's safe loader when present: same safe subset, ~10x less CPU per ingest
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_YAML_LOADER)  # noqa: S506
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DictionaryError(f"{path}: cannot read: {exc}") from exc
     if not isinstance(raw, dict) or not isinstance(raw.get("tables"), dict):

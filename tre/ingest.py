@@ -78,7 +78,8 @@ class BatchResult:
     report_html: Path | None = None
     report_error: str | None = None
     errors: pl.DataFrame | None = None  # the per-row error report
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+    cpu_timings: dict[str, float] = field(default_factory=dict)  # process CPU seconds per stage
     replaced_batches: list[str] = field(default_factory=list)  # retired by this batch
 
     @property
@@ -147,12 +148,16 @@ class _Steps:
     def __init__(self, bar: object | None = None, task: object | None = None) -> None:
         self.bar, self.task = bar, task
         self.timings: dict[str, float] = {}
+        self.cpu_timings: dict[str, float] = {}  # all threads: the figure a busy machine keeps
         self._last = time.perf_counter()
+        self._last_cpu = time.process_time()
 
     def __call__(self, description: str) -> None:
         now = time.perf_counter()
+        cpu = time.process_time()
         self.timings[description] = round(now - self._last, 3)
-        self._last = now
+        self.cpu_timings[description] = round(cpu - self._last_cpu, 3)
+        self._last, self._last_cpu = now, cpu
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=description)  # type: ignore[attr-defined]
 
@@ -242,8 +247,8 @@ def _pool_errors(
         parts.append(
             f"SELECT _row, '{col}', \"{col}\", '{rule.id}', "
             f"'{col} does not match a valid {ref_table} row of this batch or of the pooled store' "
-            f'FROM {staged} WHERE "{col}" IS NOT NULL AND "{col}" NOT IN '
-            f"(SELECT k FROM ({' UNION ALL '.join(known)}) WHERE k IS NOT NULL)"
+            f'FROM {staged} AS s WHERE "{col}" IS NOT NULL AND NOT EXISTS '
+            f'(SELECT 1 FROM ({" UNION ALL ".join(known)}) AS r WHERE r.k = s."{col}")'
         )
     if table in pooled_tables:
         keys = [[c] for c, spec_c in spec.columns.items() if spec_c.unique]
@@ -445,6 +450,7 @@ def ingest_files(
                 result.report_html = out
             step("quality report")
     result.timings = step.timings
+    result.cpu_timings = step.cpu_timings
     return result
 
 
@@ -599,56 +605,55 @@ def _ingest_new(
     error_frames: list[pl.DataFrame] = []
     identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
     table_errors = prepared.errors
-    for table, frame in prepared.incoming.items():
-        con.register(f"_in_{table}", frame.to_arrow())
     # One HMAC per DISTINCT local id of each kind (a patient id recurs in patient, tumour and
-    # followup rows), then hash joins: far fewer HMACs than rows. Python's hmac on the distinct
-    # ids costs about 1 us each, less CPU than the same HMAC composed of DuckDB sha256 calls.
+    # followup rows), then one hash lookup per row: far fewer HMACs than rows. Python's hmac on
+    # the distinct ids costs about 1 us each, less CPU than the same HMAC composed of DuckDB
+    # sha256 calls (measured: 0.57 vs 0.81 CPU-s for 500,000 ids).
     kinds: dict[str, list[pl.Series]] = {}
     for table, cols in identifiers.items():
         for c in cols:
             kinds.setdefault(identifier_kind(c), []).append(
                 prepared.incoming[table][c].cast(pl.String)
             )
+    idmaps: dict[str, pl.DataFrame] = {}
     for kind, series in kinds.items():
         local = pl.concat(series).drop_nulls().unique()
-        idmap = pl.DataFrame(
-            {"local": local, "pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
+        idmaps[kind] = pl.DataFrame(
+            {"__local": local, "__pseudonym": pseudonymiser.pseudonyms(kind, site_id, local)}
         )
-        con.register(f"_idmap_{kind}", idmap.to_arrow())  # zero-copy: no temp table needed
+    # The staged rows stay in polars and reach DuckDB as zero-copy Arrow views: no DuckDB temp
+    # table copy of the whole batch (that copy cost about as much CPU as the pool write).
+    staged: dict[str, pl.DataFrame] = {}
+    for table, frame in prepared.incoming.items():
+        # a left hash join per id column (measured ~20% less CPU than replace_strict)
+        for c in identifiers[table]:
+            frame = (
+                frame.with_columns(pl.col(c).cast(pl.String))
+                .join(idmaps[identifier_kind(c)], left_on=c, right_on="__local", how="left")
+                .with_columns(pl.col("__pseudonym").alias(c))
+                .drop("__pseudonym")
+            )
+        staged[table] = frame
     step("pseudonymised identifiers")
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.
     for table in load_order(dictionary):
-        pooled_cols = dictionary.pooled_columns(table)
-        id_cols = identifiers[table]
-        select, joins = [], []
-        for c in pooled_cols:
-            if c in id_cols:
-                alias = f"_m_{c}"
-                select.append(f'{alias}.pseudonym AS "{c}"')
-                joins.append(
-                    f"LEFT JOIN _idmap_{identifier_kind(c)} AS {alias} "
-                    f'ON {alias}.local = i."{c}"::VARCHAR'
-                )
-            else:
-                select.append(f'i."{c}"')
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _stage_{table} AS "
-            f"SELECT i.{ROW}, {', '.join(select)} FROM _in_{table} AS i {' '.join(joins)}"
-        )
-        con.unregister(f"_in_{table}")
+        con.register(f"_stage_{table}", staged[table].to_arrow())
         pool_errors = _pool_errors(
             con, dictionary, table, f"_stage_{table}", pooled_tables, site_id
         )
         errs = pl.concat([_conform_errors(table_errors[table], table), pool_errors])
         error_frames.append(errs)
-        con.register("_bad", errs.select(pl.col("row").unique()).to_arrow())
-        con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_{table} AS SELECT row FROM _bad")
-        con.unregister("_bad")
+        if errs.height:
+            con.register("_bad", errs.select(pl.col("row").unique()).to_arrow())
+            con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_{table} AS SELECT row FROM _bad")
+            con.unregister("_bad")
+            ok_rows = f"WHERE NOT EXISTS (SELECT 1 FROM _bad_{table} AS b WHERE b.row = s.{ROW})"
+        else:  # the usual clean table: no anti join in every later read of it
+            ok_rows = ""
         con.execute(
-            f"CREATE OR REPLACE TEMP VIEW _ok_{table} AS SELECT * FROM _stage_{table} "
-            f"WHERE {ROW} NOT IN (SELECT row FROM _bad_{table})"
+            f"CREATE OR REPLACE TEMP VIEW _ok_{table} AS "
+            f"SELECT * FROM _stage_{table} AS s {ok_rows}"
         )
         if table in by_table:
             step(f"checked keys of {table}")
