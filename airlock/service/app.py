@@ -105,6 +105,8 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            if declared.isdigit() and int(declared) <= 16 * self.limit:
+                await _drain(receive, 16 * self.limit)  # so the client reads our 413, not a reset
             await _too_large(send, self.limit)
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -122,10 +124,8 @@ class BodyLimit:
             if seen > self.limit:
                 # drain (bounded) what the client is still sending, so that it reads our 413
                 # instead of a connection reset; then refuse without running the app
-                while more and seen < 16 * self.limit:
-                    message = await receive()
-                    seen += len(message.get("body", b""))
-                    more = message.get("type") == "http.request" and message.get("more_body")
+                if more:
+                    await _drain(receive, 16 * self.limit - seen)
                 await _too_large(send, self.limit)
                 return
             chunks.append(chunk)
@@ -140,6 +140,17 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read and drop up to ``budget`` bytes the client is still sending."""
+    seen, more = 0, True
+    while more and seen < budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        more = message.get("more_body", False)
 
 
 async def _too_large(send: Send, limit: int) -> None:
