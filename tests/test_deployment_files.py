@@ -219,7 +219,8 @@ def compose_policy_problems(doc: dict) -> list[str]:
             problems.append(f"service {name} uses host networking, pid or privileges")
         if svc.get("cap_add"):
             problems.append(f"service {name} adds capabilities")
-    # data: only the admin service may write the pooled store and the extracts
+    # data: only the admin service may write the pooled store and the extracts; the enforcer
+    # may also write the extracts (it removes those of ended projects), never the pooled store
     data_volumes = {
         k for k, v in volumes.items() if (v or {}).get("name") in {"tre-extracts", "tre-pooled"}
     }
@@ -227,7 +228,12 @@ def compose_policy_problems(doc: dict) -> list[str]:
         problems.append("volumes tre-extracts and tre-pooled must be declared with fixed names")
     for name, svc in services.items():
         for source, _target, read_only in _volume_mounts(svc):
-            if source in data_volumes and not read_only and name != "admin":
+            if source not in data_volumes or read_only:
+                continue
+            writers = {"admin"} | (
+                {"enforcer"} if (volumes[source] or {}).get("name") == "tre-extracts" else set()
+            )
+            if name not in writers:
                 problems.append(f"service {name} mounts the data volume {source} writable")
     declared = {(v or {}).get("name") for v in volumes.values()}
     for volume in (spawner.extracts_volume, spawner.workspaces_volume):
@@ -281,6 +287,12 @@ def _mutations():
     def hub_container_renamed(d):
         d["services"]["hub"]["container_name"] = "hub"
 
+    def enforcer_writes_pooled(d):
+        d["services"]["enforcer"]["volumes"].append("pooled:/srv/tre/var/pooled")
+
+    def enforcer_on_sandbox_net(d):
+        d["services"]["enforcer"]["networks"] = ["backend", "sandboxes"]
+
     return [
         sandbox_not_internal,
         hub_publishes_port,
@@ -292,6 +304,8 @@ def _mutations():
         privileged_hub,
         proxy_listens_everywhere,
         hub_container_renamed,
+        enforcer_writes_pooled,
+        enforcer_on_sandbox_net,
     ]
 
 

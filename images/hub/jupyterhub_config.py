@@ -100,6 +100,8 @@ c.JupyterHub.services = [
         "name": "idle-culler",
         "command": ["python3", "-m", "jupyterhub_idle_culler", "--timeout=3600"],
     },
+    # the `enforcer` container (tre project enforce --loop) and `tre project apply` in `admin`
+    {"name": "tre-provision", "api_token": secret("provision_api_token")},
 ]
 c.JupyterHub.load_roles = [
     {"name": "user", "scopes": ["self", "access:services!service=airlock"]},
@@ -108,5 +110,10 @@ c.JupyterHub.load_roles = [
         "name": "tre-idle-culler",
         "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"],
         "services": ["idle-culler"],
+    },
+    {
+        "name": "tre-provision",
+        "scopes": ["admin:users", "admin:groups", "admin:servers"],
+        "services": ["tre-provision"],
     },
 ]
