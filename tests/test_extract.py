@@ -270,7 +270,7 @@ def test_opening_for_writing_fails_on_a_read_only_mount(settings, require_bwrap)
     )
     res = subprocess.run(
         [require_bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--tmpfs", "/mnt",
-         "--ro-bind", str(path.parent), "/mnt/data", "--tmpfs", "/tmp",
+         "--ro-bind", str(path.parent), "/mnt/data",
          "--unshare-net", sys.executable, "-c", code.replace("/data/x", f"/mnt/data/{path.stem}")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

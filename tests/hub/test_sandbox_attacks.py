@@ -216,10 +216,14 @@ import json, os
 hidden = {json.dumps([str(p) for p in hidden])}
 needle = {json.dumps(SECRET[::-1])}[::-1].encode()  # not literally in the kernel's history
 res = {{"visible": [p for p in hidden if os.path.exists(p)]}}
-# walk every file the sandbox can see (but the read-only system and environment)
+# walk every file the sandbox can see (but the read-only system and environment, which sits
+# at its host path: under /tmp when the checkout does)
+env_dir = {json.dumps(str(s.hub.sandbox_env_dir.resolve()))}
 found_keys, found_extracts, found_carol = [], [], []
 for top in ["/data", "/home", "/tmp", "/run", "/etc", "/dev/shm"]:
     for root, dirs, files in os.walk(top):
+        if root == env_dir or root.startswith(env_dir + "/"):
+            continue
         for f in files:
             full = os.path.join(root, f)
             if f.endswith(".duckdb"):
