@@ -208,44 +208,15 @@ def provision(ctx: DemoContext, use_hub: bool) -> None:
 EXAMPLE_NOTEBOOK = "wilms_relapse_by_stage.ipynb"
 
 
-RELAPSE_BY_STAGE_SQL = """
-SELECT t.stage,
-       CASE WHEN r.tumour_id IS NULL THEN 'no relapse' ELSE 'relapse' END AS relapse
-FROM tumour t
-LEFT JOIN (SELECT DISTINCT tumour_id FROM event WHERE event_type = 'Relapse') r USING (tumour_id)
-WHERE t.stage IN ('I', 'II', 'III', 'IV')
-"""
+EXAMPLE_NOTEBOOK_PATH = REPO_ROOT / "notebooks" / EXAMPLE_NOTEBOOK
 
 
-def example_notebook() -> dict[str, Any]:
-    """A short example analysis for the Wilms tumour project (what the screenshots show)."""
+def example_notebook() -> Any:
+    """The example analysis of the Wilms tumour project, from ``notebooks/`` (what the
+    screenshots show and what the tour runs)."""
     import nbformat
 
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_markdown_cell(
-            "# Wilms tumour: relapse by stage\n"
-            "The project's extract is mounted read-only at `$TRE_EXTRACT`. `tre.outputs` "
-            "checks every table with the airlock's own rules before you request its release."
-        ),
-        nbformat.v4.new_code_cell(
-            "import os\nimport duckdb\nfrom tre import outputs\n\n"
-            'con = duckdb.connect(os.environ["TRE_EXTRACT"], read_only=True)\n'
-            'con.sql("SELECT table_name FROM information_schema.tables ORDER BY 1")'
-        ),
-        nbformat.v4.new_code_cell(
-            f'df = con.sql("""{RELAPSE_BY_STAGE_SQL}""").pl()\n'
-            't = outputs.frequency_table(df, rows="stage", columns="relapse", suppress=True)\n'
-            "t.status, t.table"
-        ),
-        nbformat.v4.new_code_cell('t.save("outputs/relapse_by_stage.csv")'),
-    ]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    return nb
+    return nbformat.read(str(EXAMPLE_NOTEBOOK_PATH), as_version=4)
 
 
 def seed_workspaces(ctx: DemoContext) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from tre.demo import EXAMPLE_NOTEBOOK, RELAPSE_BY_STAGE_SQL, DemoContext
+from tre.demo import EXAMPLE_NOTEBOOK, DemoContext, example_notebook
 
 PROJECT = "wilms-outcomes"
 OTHER_PROJECT = "leukaemia-incidence"
@@ -166,24 +166,30 @@ class Tour:
                 r.status_code in (200, 201), f"starting a kernel: {r.status_code} {r.text[:200]}"
             )
             self.state.kernel_id = r.json()["id"]
+        # the example analysis from notebooks/, cell by cell, as JupyterLab would run it
+        for i, cell in enumerate(example_notebook().cells):
+            if cell.cell_type != "code":
+                continue
+            out = self.run_in_kernel(cell.source)
+            expect(
+                out["error"] is None,
+                f"cell {i} of notebooks/{EXAMPLE_NOTEBOOK} failed in the sandbox: {out['error']}",
+            )
         code = f"""
 import json, os
-import duckdb, polars as pl
-from tre import outputs
-con = duckdb.connect(os.environ["TRE_EXTRACT"], read_only=True)
+import polars as pl
 names = con.sql("SELECT table_name FROM information_schema.tables").fetchall()
-tables = sorted(r[0] for r in names)
-df = con.sql({RELAPSE_BY_STAGE_SQL!r}).pl()
-assert isinstance(df, pl.DataFrame)
-t = outputs.frequency_table(df, rows="stage", columns="relapse", suppress=True)
-os.makedirs("outputs", exist_ok=True)
-t.save({OUTPUT!r})
-print(json.dumps({{"tables": tables, "rows": df.height, "status": str(t.status)}}))
+print(json.dumps({{
+    "tables": sorted(r[0] for r in names), "rows": df.height, "status": str(t.status),
+    "polars": isinstance(df, pl.DataFrame), "saved": os.path.isfile({OUTPUT!r}),
+}}))
 """
         out = self.run_in_kernel(code)
         expect(out["error"] is None, f"the analysis failed in the sandbox: {out['error']}")
         result = json.loads(out["stdout"].strip().splitlines()[-1])
         expect(result["rows"] > 0, "the extract holds no staged Wilms tumours")
+        expect(result["polars"], "the query did not give a polars DataFrame")
+        expect(result["saved"], f"the notebook did not save {OUTPUT}")
         expect("treatment" not in result["tables"], "the extract holds an ungranted table")
         return (
             f"DuckDB + polars on the read-only extract: relapse by stage over {result['rows']} "
