@@ -4,6 +4,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -232,10 +233,23 @@ def _try_write(path, as_nobody: bool):
         "    print(type(e).__name__, e); sys.exit(3)\n"
         "sys.exit(0)\n"
     )
-    cmd = [sys.executable, "-c", code]
+    cmd, env = [sys.executable, "-c", code], None
     if as_nobody:
+        # `nobody` may not reach this checkout's environment (e.g. a checkout under /root):
+        # give it the base interpreter and a world-readable copy of the duckdb package
+        lib = path.parent / "nobody-pylib"
+        site = Path(duckdb.__file__).resolve().parent.parent
+        for item in [site / "duckdb", *site.glob("_duckdb*"), *site.glob("duckdb-*.dist-info")]:
+            copy = shutil.copytree if item.is_dir() else shutil.copy2
+            copy(item, lib / item.name)
+        for root, _dirs, files in os.walk(lib):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        cmd = [os.path.realpath(sys.executable), "-c", code]
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(lib)}
         cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_opening_the_extract_for_writing_fails_for_a_non_owner(settings, tmp_path):
