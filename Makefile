@@ -3,17 +3,23 @@
 # environment, the proxy from npm), so they work on a fresh Debian machine.
 SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
-APT_PACKAGES := bubblewrap chromium nodejs npm git make python3 python3-venv python3-pip ca-certificates fonts-dejavu-core
 
 .PHONY: setup demo test lint bench
 
 setup: .setup-apt .venv/.synced node_modules/.installed
 
 .setup-apt:
-	@missing=""; for c in bwrap chromium node npm; do command -v $$c >/dev/null || missing=1; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
-	  else echo "missing system packages; as root run: apt-get install $(APT_PACKAGES)" >&2; exit 1; fi; \
+	@# Install only what is missing: a machine may already have Node.js from elsewhere (e.g.
+	@# NodeSource, whose nodejs conflicts with Debian's npm package).
+	@pkgs=""; \
+	for pair in bwrap:bubblewrap chromium:chromium node:nodejs npm:npm git:git make:make; do \
+	  command -v $${pair%%:*} >/dev/null || pkgs="$$pkgs $${pair#*:}"; \
+	done; \
+	python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs="$$pkgs python3-venv python3-pip"; \
+	[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || pkgs="$$pkgs fonts-dejavu-core"; \
+	if [ -n "$$pkgs" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ca-certificates $$pkgs; \
+	  else echo "missing system packages; as root run: apt-get install$$pkgs" >&2; exit 1; fi; \
 	fi
 	@touch $@
 
