@@ -60,6 +60,67 @@ def test_semicolon_and_tab_separators():
     assert df.columns == ["a", "b"]
 
 
+def test_semicolon_files_read_decimal_commas_as_decimals():
+    df, raw = read_delimited("group;mean;share\nI;7,61;12,5 %\nII;1.234,5;3,0 %\nIII;8;4 %\n")
+    assert df.get_column("mean").to_list() == [7.61, 1234.5, 8.0]
+    assert raw.get_column("share").to_list() == ["12.5 %", "3.0 %", "4 %"]
+    # with commas as separators, a comma inside a quoted number is a thousands separator
+    df, _ = read_delimited('group,n\nI,"1,234"\nII,12\n')
+    assert df.get_column("n").to_list() == [1234, 12]
+
+
+def test_pandas_multi_level_column_headers_become_one_name_per_column():
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "g": ["I", "I", "II", "II", "I"],
+            "y": [2001, 2002, 2001, 2002, 2001],
+            "sex": ["F", "M", "F", "M", "M"],
+            "dead": [0, 1, 1, 0, 0],
+        }
+    )
+    text = pd.crosstab([frame.g, frame.y], [frame.sex, frame.dead]).to_csv()
+    assert text.splitlines()[2].startswith("g,y,,")  # the layout this reader must undo
+    df, _ = read_delimited(text)
+    assert df.columns == ["g", "y", "F / 0", "F / 1", "M / 0", "M / 1"]
+    assert df.height == 4 and df.get_column("F / 0").to_list() == [1, 0, 0, 0]
+    assert df.get_column("F / 1").to_list() == [0, 0, 1, 0]
+    # unnamed upper level (groupby().agg().unstack())
+    text = frame.groupby(["g", "sex"]).y.agg(["count", "mean"]).unstack().to_csv()
+    df, _ = read_delimited(text)
+    assert df.columns == ["g", "count / F", "count / M", "mean / F", "mean / M"]
+    assert df.get_column("g").to_list() == ["I", "II"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "group,n\nBoys,\nI,12\nII,15\n",  # a section label row is data, not a header level
+        "a,b,c\nx,1,2\ny,,\nz,3,4\n",  # a row with gaps further down
+        "a,b\n1,2\n",
+    ],
+)
+def test_ordinary_tables_keep_their_first_row_as_the_header(text):
+    df, raw = read_delimited(text)
+    assert df.columns == text.splitlines()[0].split(",")
+    assert raw.height == len(text.splitlines()) - 1
+
+
+def test_multi_level_header_table_is_checked_on_its_real_cells(tmp_path):
+    from airlock.checks.engine import check_file
+    from airlock.policy import load_policy
+
+    text = "sex,F,F,M,M\ndead,0,1,0,1\ngroup,,,,\nI,38,50,35,47\nII,17,17,25,18\nIV,7,10,11,9\n"
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    result = check_file(path, load_policy())
+    rules_hit = {f.rule: f for f in result.findings}
+    assert set(rules_hit) == {"frequency.min_cell_count"}
+    cells = rules_hit["frequency.min_cell_count"].cells
+    assert {(c["column"], c["value"]) for c in cells} == {("F / 0", 7), ("M / 1", 9)}
+
+
 def test_duplicate_and_empty_headers_get_names():
     df, _ = read_delimited("a,a,\n1,2,3\n")
     assert len(set(df.columns)) == 3

@@ -49,6 +49,57 @@ def split_preamble(text: str) -> tuple[str, str]:
     return "".join(lines[:n]), "".join(lines[n:])
 
 
+# A number written with a decimal comma (and optional thousands dots): "7,61", "1.234,5", "12,5 %".
+_DECIMAL_COMMA = r"^\s*[+-]?(?:\d+|\d{1,3}(?:\.\d{3})+),\d+\s*%?\s*$"
+_MAX_HEADER_ROWS = 4
+
+
+def _decimal_commas(raw: pl.DataFrame) -> pl.DataFrame:
+    """Semicolon-separated files come from locales whose decimal mark is the comma (Excel in
+    France or Germany writes "7,61"): read those numbers as 7.61, not as 761."""
+    return raw.with_columns(
+        pl.when(pl.col(c).str.contains(_DECIMAL_COMMA))
+        .then(pl.col(c).str.replace_all(".", "", literal=True).str.replace(",", ".", literal=True))
+        .otherwise(pl.col(c))
+        for c in raw.columns
+    )
+
+
+def _header_levels(rows: list[tuple[Any, ...]]) -> tuple[list[str], int]:
+    """(column names, rows they take) for a table with several header rows, as pandas writes a
+    table whose columns have several levels (``crosstab(a, [b, c]).to_csv()``):
+
+        sex,,F,F,M,M        <- one row per column level: level name, then the labels
+        dead,,0,1,0,1
+        g,y,,,,             <- the row-index names, the rest empty
+        I,2001,27,26,26,27
+
+    Read naively, the level rows become data ("0" and "1" look like counts). Here they are
+    joined into one name per column ("F / 0"). pandas writes the row of index names only when
+    the columns have two levels or more, so one level row followed by a mostly empty row (a
+    section label) stays data. Anything else: the first row is the header."""
+    if len(rows) < 4:
+        return list(rows[0]), 1
+    width = len(rows[0])
+    filled = [[v is not None and str(v).strip() != "" for v in row] for row in rows]
+    for k in range(2, min(_MAX_HEADER_ROWS, len(rows) - 1)):
+        names = filled[k]
+        m = names.index(False) if False in names else width
+        if not 1 <= m < width or any(names[m:]) or not all(names[:m]):
+            continue
+        if not all(all(filled[j][m:]) for j in range(k)):
+            continue  # every level row labels every data column
+        if not any(filled[k + 1][m:]):
+            continue  # the row after the names must hold data
+        top = [str(v).strip() for v in rows[0][m:]]
+        if len(set(top)) == len(top):
+            continue  # an upper level spans several columns: its labels repeat
+        header = [str(rows[k][i]).strip() for i in range(m)]
+        header += [" / ".join(str(rows[j][i]).strip() for j in range(k)) for i in range(m, width)]
+        return header, k + 1
+    return list(rows[0]), 1
+
+
 def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(typed frame, all-text frame) of CSV/TSV text; ValueError with a clear message if the
     rows do not parse (ragged rows, unbalanced quotes)."""
@@ -59,18 +110,22 @@ def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFram
         counts = {sep: first.count(sep) for sep in (",", "\t", ";", "|")}
         separator = max(counts, key=lambda s: counts[s]) if any(counts.values()) else ","
     try:
-        raw = pl.read_csv(
+        cells = pl.read_csv(
             io.StringIO(text),
             separator=separator,
             infer_schema=False,
-            has_header=True,
+            has_header=False,
             truncate_ragged_lines=False,
             raise_if_empty=True,
         )
     except Exception as exc:  # noqa: BLE001 (polars raises ComputeError, NoDataError, ...)
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"the rows cannot be read as a table: {message}") from None
-    raw = raw.rename(dict(zip(raw.columns, unique_names(raw.columns), strict=True)))
+    header, taken = _header_levels(cells.head(_MAX_HEADER_ROWS + 1).rows())
+    raw = cells.slice(taken)
+    raw.columns = unique_names(header)
+    if separator == ";":
+        raw = _decimal_commas(raw)
     return coerce_numbers(raw), raw
 
 
