@@ -62,6 +62,80 @@ def test_pandas_reprs_are_parsed(text, columns, rows):
     assert parsed.height == rows
 
 
+def _cohort():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    n = 400
+    return pd.DataFrame(
+        {
+            "sex": rng.choice(["F", "M"], n),
+            "g": rng.choice(["I", "II", "IV"], n, p=[0.6, 0.35, 0.05]),
+            "y": rng.choice([2001, 2002], n),
+            "dead": rng.integers(0, 2, n),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda pd, d: pd.crosstab(d.g, d.sex),
+        lambda pd, d: pd.crosstab(d.g, d.sex, margins=True),
+        lambda pd, d: pd.crosstab(d.g, [d.sex, d.dead]),
+        lambda pd, d: pd.crosstab([d.g, d.y], d.sex),
+        lambda pd, d: pd.crosstab([d.g, d.y], [d.sex, d.dead]),
+        lambda pd, d: d.groupby(["g", "sex"]).y.agg(["count", "mean"]),
+        lambda pd, d: d.groupby(["g", "sex"]).y.agg(["count", "mean"]).unstack(),
+    ],
+)
+def test_printed_pandas_frames_with_named_axes_are_read_cell_for_cell(make):
+    """``print(pd.crosstab(...))``: every cell parsed, index labels carried down, column
+    levels joined, compared with what pandas itself holds."""
+    import pandas as pd
+
+    frame = make(pd, _cohort())
+    ((parsed, _),) = tables_from_text(str(frame))
+    flat = frame.reset_index()
+    assert parsed.height == len(flat)
+    names = [" / ".join(map(str, c)) if isinstance(c, tuple) else str(c) for c in frame.columns]
+    assert parsed.columns[-len(names) :] == names
+    for i, name in enumerate(names):
+        got = parsed.get_column(name).to_list()
+        want = frame.iloc[:, i].tolist()
+        assert got == pytest.approx(want, rel=1e-6), name
+    index_names = [n for n in frame.index.names]
+    assert parsed.columns[: len(index_names)] == index_names
+    for level, name in enumerate(index_names):
+        want = [str(v) for v in frame.index.get_level_values(level)]
+        assert [str(v) for v in parsed.get_column(name).to_list()] == want
+
+
+def test_printed_crosstab_with_a_small_cell_fails_in_a_notebook():
+    import pandas as pd
+
+    d = _cohort()
+    text = str(pd.crosstab([d.g, d.y], [d.sex, d.dead]))
+    nb = json.loads(notebook([code_cell("print(ct)", [stream(text + "\n")])]))
+    small = [f for f in check_notebook(nb, CTX) if f.rule == "frequency.min_cell_count"]
+    assert small and small[0].status.value == "fail"
+    assert {c.get("labels", {}).get("g") for c in small[0].cells} >= {"IV"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sex    F    M\ng\nI    122  125\nII    73   60  999\n",  # a value under no label
+        "Results\nModel  fit\nthe fit converged after 12 iterations",
+    ],
+)
+def test_text_that_only_resembles_a_named_axis_frame_is_not_read_as_one(text):
+    from airlock.checks.notebooks import _pandas_axis_repr
+
+    assert _pandas_axis_repr(text.splitlines()) is None
+
+
 def test_prose_is_not_a_table():
     assert tables_from_text("Model converged after 12 iterations.\nDone.") == []
 

@@ -185,6 +185,84 @@ def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     return drop_range_index([header[i] for i in keep], [[r[i] for i in keep] for r in rows])
 
 
+_FIELD = re.compile(r"\S+(?: \S+)*")  # a printed field: words joined by single spaces
+
+
+def _fields(line: str) -> list[tuple[int, int, str]]:
+    return [(m.start(), m.end(), m.group()) for m in _FIELD.finditer(line)]
+
+
+def _pandas_axis_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """A pandas frame printed with named axes, as ``print(pd.crosstab(...))`` gives::
+
+        sex    F       M            <- one line per column level: level name, labels
+        dead   0   1   0   1           (an upper level printed once over the columns it spans)
+        g  y                        <- the index names, nothing else
+        I  2001  27  26  26  27
+           2002  34  27  19  31     <- an outer index label printed once for its rows
+
+    Read by position: pandas right-aligns every value under the right edge of its column
+    label, and left-aligns index labels under their names. Returns None for anything else."""
+    for p in range(1, min(4, len(lines) - 1)):
+        levels, names_line = lines[:p], lines[p]
+        if names_line[:1] == " ":
+            continue
+        names = _fields(names_line)
+        # the column-axis name opens each level line; an unnamed axis leaves it blank
+        named_axis = levels[-1][:1] != " "
+        last = _fields(levels[-1])
+        labels_last = last[1:] if named_axis else last
+        if not labels_last or not names:
+            continue
+        ends = [end for _, end, _ in labels_last]
+        first_label = labels_last[0][0]
+        if names[-1][1] >= first_label:
+            continue  # the index names must sit left of the first column label
+        rows: list[list[str]] = []
+        previous = [""] * len(names)
+        cuts = [n[0] for n in names]
+        for line in lines[p + 1 :]:
+            values = [""] * len(ends)
+            first_value = len(line)
+            for start, end, text in _fields(line):
+                if end in ends:
+                    values[ends.index(end)] = text
+                    first_value = min(first_value, start)
+                elif start >= first_label:
+                    return None  # a field under no column label
+            if not any(values) or any(
+                e not in ends and s >= first_value for s, e, _ in _fields(line)
+            ):
+                return None
+            head = line[:first_value]
+            index = [
+                head[cut : (cuts[i + 1] if i + 1 < len(cuts) else len(head))].strip()
+                for i, cut in enumerate(cuts)
+            ]
+            if not any(index):
+                index = list(previous)  # every level sparsified: same labels as above
+            else:
+                # outer levels printed once for their group of rows: carry them down
+                given = next(i for i, label in enumerate(index) if label)
+                index[:given] = previous[:given]
+            rows.append(index + values)
+            previous = index
+        if not rows or any("" in r[: len(names)] for r in rows):
+            return None
+        columns: list[list[str]] = [[] for _ in ends]
+        span_start = last[0][1] if named_axis else names[-1][1]
+        for level_line in levels:
+            fields = _fields(level_line)
+            labels = fields[1:] if level_line[:1] != " " else fields
+            for j, end in enumerate(ends):
+                start = ends[j - 1] if j else span_start
+                label = [t for s, _, t in labels if start <= s < end]
+                columns[j].append(label[0] if label else (columns[j - 1][-1] if j else ""))
+        header = [n[2] for n in names] + [" / ".join(c) for c in columns]
+        return header, rows
+    return None
+
+
 def _csv_like(text: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
     from airlock.checks.filetype import _text_kind
 
@@ -253,7 +331,7 @@ def tables_from_text(text: str) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     lines = [ln for ln in lines if not re.match(r"^shape: \(\d+, \d+\)$", ln.strip())]
     if not lines:
         return []
-    for parser in (_polars_repr, _series_repr, _pandas_repr):
+    for parser in (_polars_repr, _series_repr, _pandas_repr, _pandas_axis_repr):
         try:
             parsed = parser(lines)
         except (IndexError, ValueError):
