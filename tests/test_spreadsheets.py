@@ -207,3 +207,24 @@ def test_comment_lines_above_the_header_are_prose(tmp_path):
     report = check_file(f, POLICY)
     rules = {x.rule for x in report.findings}
     assert "text.small_count" in rules and "file.unreadable" not in rules
+
+
+def test_xlsx_with_merged_multi_level_headers_is_checked_on_its_real_cells(tmp_path):
+    """pandas ``to_excel`` of multi-level columns merges the upper labels across columns."""
+    import pandas as pd
+
+    from airlock.checks.engine import check_file
+    from airlock.policy import load_policy
+
+    frame = pd.DataFrame(
+        [[32, 5, 26, 17], [39, 16, 21, 14]],
+        index=pd.Index(["I", "II"], name="stage"),
+        columns=pd.MultiIndex.from_product([["F", "M"], [0, 1]], names=["sex", "dead"]),
+    )
+    path = tmp_path / "t.xlsx"
+    frame.to_excel(path)
+    report = check_file(path, load_policy())
+    by_rule = {f.rule: f for f in report.findings}
+    assert set(by_rule) == {"frequency.min_cell_count"}, report.findings
+    cells = by_rule["frequency.min_cell_count"].cells
+    assert [(c["column"], c["value"]) for c in cells] == [("F / 1", 5)]

@@ -100,11 +100,11 @@ def _header_levels(rows: list[tuple[Any, ...]]) -> tuple[list[str], int]:
     return list(rows[0]), 1
 
 
-def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(typed frame, all-text frame) of CSV/TSV text; ValueError with a clear message if the
-    rows do not parse (ragged rows, unbalanced quotes)."""
-    from airlock.checks.context import coerce_numbers
-
+def delimited_cells(text: str, separator: str | None = None) -> tuple[pl.DataFrame, str]:
+    """(all-text frame as the rules see it, separator): the separator sniffed when not given,
+    header levels resolved; values exactly as written. ValueError with a clear message if the
+    rows do not parse (ragged rows, unbalanced quotes). The checker's preview uses this too, so
+    that a flagged (row, column) points at the cell the rule saw."""
     if separator is None:
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         counts = {sep: first.count(sep) for sep in (",", "\t", ";", "|")}
@@ -124,6 +124,14 @@ def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFram
     header, taken = _header_levels(cells.head(_MAX_HEADER_ROWS + 1).rows())
     raw = cells.slice(taken)
     raw.columns = unique_names(header)
+    return raw, separator
+
+
+def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(typed frame, all-text frame) of CSV/TSV text (see ``delimited_cells``)."""
+    from airlock.checks.context import coerce_numbers
+
+    raw, separator = delimited_cells(text, separator)
     if separator == ";":
         raw = _decimal_commas(raw)
     return coerce_numbers(raw), raw
@@ -171,6 +179,21 @@ def _zip_findings(data: bytes) -> tuple[list[Finding], set[str]]:
             embedded,
         )
     return findings, names
+
+
+def _spread_merged_headers(ws: Any, rows: list[list[Any]]) -> None:
+    """A label merged across columns in the top rows (pandas ``to_excel`` of multi-level
+    columns) belongs to every column under it: copy it into each, for reading the header."""
+    for merged in ws.merged_cells.ranges:
+        top, left = merged.min_row - 1, merged.min_col - 1
+        if top > _MAX_HEADER_ROWS or top >= len(rows) or merged.min_row != merged.max_row:
+            continue
+        row = rows[top]
+        if left >= len(row):
+            continue
+        for col in range(left + 1, min(merged.max_col, len(row))):
+            if row[col] is None:
+                row[col] = row[left]
 
 
 def check_xlsx(data: bytes, ctx: Any) -> tuple[list[Finding], list[str]]:
@@ -225,7 +248,9 @@ def check_xlsx(data: bytes, ctx: Any) -> tuple[list[Finding], list[str]]:
         rows = [r for r in rows if any(v is not None for v in r)]
         if not rows:
             continue
-        header, body = unique_names(rows[0]), rows[1:]
+        _spread_merged_headers(ws, rows)
+        names, taken = _header_levels([tuple(r) for r in rows[: _MAX_HEADER_ROWS + 1]])
+        header, body = unique_names(names), rows[taken:]
         raw = pl.DataFrame(
             {n: [None if r[i] is None else str(r[i]) for r in body] for i, n in enumerate(header)},
             schema={n: pl.String for n in header},

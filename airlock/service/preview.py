@@ -55,13 +55,24 @@ def flagged_cells(findings: list[dict[str, Any]]) -> dict[tuple[int | None, str]
 
 
 def table_preview(path: Path, name: str, findings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The table as the checks read it (same reader: sniffed separator, comment lines above the
+    header set aside, several header rows joined), so flagged cells land where the rule saw
+    them; a file the reader refuses is shown row by row as plain CSV."""
+    from airlock.checks.spreadsheets import delimited_cells, split_preamble
+
     delimiter = TABLE_SUFFIXES[_suffix(name)]
     text = path.read_bytes()[: 4 * 1024 * 1024].decode("utf-8", errors="replace")
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    header = [h for h in next(reader, [])][:MAX_COLS]
+    try:
+        frame, _ = delimited_cells(split_preamble(text)[1], "\t" if delimiter == "\t" else None)
+        header = frame.columns[:MAX_COLS]
+        records = (["" if v is None else v for v in row] for row in frame.iter_rows())
+    except ValueError:
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+        header = next(reader, [])[:MAX_COLS]
+        records = reader
     marks = flagged_cells(findings)
     rows, truncated = [], False
-    for i, raw in enumerate(reader):
+    for i, raw in enumerate(records):
         if i >= MAX_ROWS:
             truncated = True
             break

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import nbformat
+import pytest
 
 from airlock.policy import load_policy
 from airlock.service import preview
@@ -19,12 +20,44 @@ def test_failing_cell_is_highlighted_from_real_findings(tmp_path):
     findings = [f.model_dump(mode="json") for f in report.findings]
     table = preview.table_preview(path, path.name, findings)
     statuses = [[c["status"] for c in row] for row in table["rows"]]
-    if report.status.value == "fail":  # the real engine flags the cell of 3
-        assert statuses == [["", "fail"], ["", ""]]
+    assert report.status.value == "fail"  # the real engine flags the cell of 3
+    assert statuses == [["", "fail"], ["", ""]]
     flagged = preview.table_preview(
         path, path.name, [{"status": "fail", "cells": [{"row": 1, "column": "count"}]}]
     )
     assert [[c["status"] for c in row] for row in flagged["rows"]] == [["", ""], ["", "fail"]]
+
+
+@pytest.mark.parametrize(
+    ("text", "header", "flagged_value"),
+    [
+        # several header rows (pandas multi-level columns): the rule names "F / 1", data row 0
+        (
+            "sex,F,F,M,M\ndead,0,1,0,1\nstage,,,,\nI,32,5,26,17\nII,39,16,21,14\n",
+            ["stage", "F / 0", "F / 1", "M / 0", "M / 1"],
+            "5",
+        ),
+        # comment lines above the header, semicolons: values shown as written
+        ("# source: extract v3\ngroup;n\nI;4\nII;40\n", ["group", "n"], "4"),
+    ],
+)
+def test_preview_reads_the_table_as_the_rules_do(tmp_path, text, header, flagged_value):
+    path = tmp_path / "t.csv"
+    path.write_text(text)
+    report = run_checks(path, load_policy())
+    findings = [f.model_dump(mode="json") for f in report.findings]
+    table = preview.table_preview(path, path.name, findings)
+    assert [h["value"] for h in table["header"]] == header
+    failing = [c["value"] for row in table["rows"] for c in row if c["status"] == "fail"]
+    assert failing == [flagged_value]
+
+
+def test_preview_of_an_unparseable_table_still_shows_its_rows(tmp_path):
+    path = tmp_path / "ragged.csv"
+    path.write_text('a,b\n1,2,3,4\n"open quote\n')
+    table = preview.table_preview(path, path.name, [])
+    assert [h["value"] for h in table["header"]] == ["a", "b"]
+    assert table["rows"][0][0]["value"] == "1"
 
 
 def test_notebook_renders_without_scripts(tmp_path):
