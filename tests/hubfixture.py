@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +26,10 @@ from typing import Any
 
 import httpx
 
+from tre.hub.harness import free_port, launch_hub, stop_hub_process
+
 HUB_PASSWORD = "tre-test-password"  # noqa: S105 (DummyAuthenticator in tests only)
 FAKE_SERVER = Path(__file__).resolve().parent / "hub_fake_server.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -89,13 +82,7 @@ class Hub:
         self.api("DELETE", f"/users/{user}/servers/{server_name}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
+        stop_hub_process(self.process)
 
 
 def start_hub(
@@ -158,16 +145,14 @@ c.JupyterHub.log_level = "INFO"
 """
     (workdir / "jupyterhub_config.py").write_text(config)
     log_path = workdir / "hub.log"
-    log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the hub)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterhub", "-f", str(workdir / "jupyterhub_config.py")],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    proc = launch_hub(
+        workdir / "jupyterhub_config.py",
+        log_path=log_path,
+        ready_url=f"http://127.0.0.1:{port}/hub/api/",
         env={**os.environ, "PATH": f"{Path(proxy_path).parent}:{os.environ.get('PATH', '')}"},
+        timeout=timeout,
     )
-    hub = Hub(
+    return Hub(
         workdir=workdir,
         url=f"http://127.0.0.1:{port}",
         api_url=f"http://127.0.0.1:{hub_port}/hub/api",
@@ -177,15 +162,3 @@ c.JupyterHub.log_level = "INFO"
         log_path=log_path,
         services=all_services,
     )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"JupyterHub exited: {log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{hub.url}/hub/api/", timeout=2).status_code == 200:
-                return hub
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    hub.stop()
-    raise TimeoutError(f"JupyterHub did not start: {log_path.read_text()[-3000:]}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tre.hub.harness import free_port, launch_hub, stop_hub_process
 
 PROVISION_SCOPES = ["admin:users", "admin:groups", "admin:servers"]
 
@@ -30,12 +30,6 @@ def proxy_or_skip() -> str:
     path = REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy"
     require_component(path.exists(), "configurable-http-proxy (npm ci)")
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -68,13 +62,7 @@ class RunningHub:
         raise TimeoutError(f"server {user}/{name} did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_hub_process(self.proc)
 
 
 def start_hub(workdir: Path, proxy: str) -> RunningHub:
@@ -113,26 +101,17 @@ c.JupyterHub.load_roles = [
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "JPY_"))}
     env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
-    log = open(workdir / "hub.log", "wb")  # noqa: SIM115 (lives as long as the hub)
-    proc = subprocess.Popen(
-        [str(bindir / "jupyterhub"), "-f", str(config)],
-        cwd=workdir,
+    api_url = f"http://127.0.0.1:{public}/hub/api"
+
+    def groups_api_ready() -> bool:
+        with RunningHub(api_url, token, None, workdir).client() as c:  # type: ignore[arg-type]
+            return c.get("/groups").status_code == 200
+
+    proc = launch_hub(
+        config,
+        log_path=workdir / "hub.log",
+        ready_url=f"{api_url}/",
         env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        ready=groups_api_ready,
     )
-    hub = RunningHub(f"http://127.0.0.1:{public}/hub/api", token, proc, workdir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("hub exited:\n" + (workdir / "hub.log").read_text()[-3000:])
-        try:
-            with hub.client() as c:
-                if c.get("/").status_code == 200 and c.get("/groups").status_code == 200:
-                    return hub
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    hub.stop()
-    raise RuntimeError("hub did not start:\n" + (workdir / "hub.log").read_text()[-3000:])
+    return RunningHub(api_url, token, proc, workdir)

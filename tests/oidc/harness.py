@@ -11,25 +11,18 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
-import sys
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import yaml
 
+from tre.hub.harness import free_port, launch_hub, stop_hub_process
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_JS = Path(__file__).with_name("provider.js")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_policies(root: Path) -> Path:
@@ -89,9 +82,12 @@ def write_policies(root: Path) -> Path:
 class Process:
     proc: subprocess.Popen
     log: Path
+    session: bool = False  # the hub leads a session of its own (with its proxy)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.session:
+            stop_hub_process(self.proc)
+        elif self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)
@@ -178,27 +174,15 @@ def start_hub(tmp: Path, proxy_path: str, auth_config: str, port: int | None = N
     log = tmp / "jupyterhub.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("JUPYTERHUB_CRYPT_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterhub", "-f", str(config)],
-        cwd=hub_dir,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
+    proc = launch_hub(
+        config,
+        log_path=log,
+        # through the proxy: proves the proxy routes to the hub
+        ready_url=f"http://127.0.0.1:{port}/hub/health",
         env=env,
+        timeout=120,  # generous: CI machines can be busy
     )
-    hub = Hub(Process(proc, log), f"http://127.0.0.1:{port}", token)
-    deadline = time.monotonic() + 120  # generous: CI machines can be busy
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"JupyterHub exited:\n{log.read_text()}")
-        try:
-            # through the proxy: proves the proxy routes to the hub
-            if httpx.get(f"{hub.url}/hub/health", timeout=2).status_code == 200:
-                return hub
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    hub.process.stop()
-    raise RuntimeError(f"JupyterHub did not become healthy:\n{log.read_text()}")
+    return Hub(Process(proc, log, session=True), f"http://127.0.0.1:{port}", token)
 
 
 def xsrf_from(html: str) -> str:

@@ -1,5 +1,8 @@
 """Run a real JupyterHub (generated config, real proxy, real sandboxes) in a directory of its own.
 
+``launch_hub``/``stop_hub_process`` start and stop any hub configuration (the test hubs with
+their own small configs use them too); ``HubInstance`` runs the generated one.
+
 Used by the tests, the benchmark and the demo: ``HubInstance.start()`` writes the config with
 ``tre.hub.config.write_config`` for the given settings, appends the caller's extra lines (tests
 add an admin service token and a test authenticator there), starts ``jupyterhub`` as a child
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,59 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_hub(
+    config: Path,
+    *,
+    log_path: Path,
+    ready_url: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    ready: Callable[[], bool] | None = None,
+) -> subprocess.Popen:
+    """Start ``python -m jupyterhub -f config`` in a session of its own (so that stopping it
+    takes its proxy too), logging to ``log_path``; return once ``ready_url`` answers 200 and
+    ``ready()`` (if given) holds. RuntimeError with the log's tail if it exits or times out."""
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyterhub", "-f", str(config)],
+            cwd=config.parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env if env is not None else dict(os.environ),
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the hub exited ({proc.returncode}):\n{_tail(log_path)}")
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200 and (ready is None or ready()):
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_hub_process(proc)
+    raise RuntimeError(f"the hub did not answer in {timeout}s:\n{_tail(log_path)}")
+
+
+def stop_hub_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM to the hub's session (hub, proxy, spawned local processes), SIGKILL if needed."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    except ProcessLookupError:
+        proc.wait(5)
+
+
+def _tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
 @dataclass
@@ -66,35 +123,15 @@ class HubInstance:
 
     def start(self, timeout: float = 60) -> HubInstance:
         path = self.write()
-        hub_dir = path.parent
-        self.log_path = hub_dir / "jupyterhub.log"
+        self.log_path = path.parent / "jupyterhub.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TRE_", "JUPYTERHUB_"))}
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "jupyterhub", "-f", str(path)],
-                cwd=hub_dir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the hub exited ({self.proc.returncode}):\n{self.log()}")
-            try:
-                r = httpx.get(f"{self.url}/hub/api/", timeout=2)
-                if r.status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the hub did not answer in {timeout}s:\n{self.log()}")
+        self.proc = launch_hub(
+            path, log_path=self.log_path, ready_url=f"{self.url}/hub/api/", env=env, timeout=timeout
+        )
+        return self
 
     def log(self, tail: int = 6000) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-tail:]
-        return ""
+        return _tail(self.log_path, tail) if self.log_path else ""
 
     def stop(self) -> None:
         """Stop the hub (and its proxy); sandboxes keep running (cleanup_servers is False)."""
