@@ -368,3 +368,53 @@ def test_a_default_pandas_index_is_not_a_count_column():
         notebook([code_cell("df", [result({"text/html": "<small>shape: (2, 2)</small>" + html})])])
     )
     assert check_notebook(nb, CTX) == []
+
+
+def _summary(kind: str, n: int) -> str:
+    import numpy as np
+    import pandas as pd
+    import statsmodels.formula.api as smf
+
+    rng = np.random.default_rng(5)
+    d = pd.DataFrame(
+        {
+            "age": rng.integers(0, 15, n),
+            "sex": rng.choice(["F", "M"], n),
+            "y": rng.normal(size=n),
+            "dead": np.tile([0, 1], n // 2 + 1)[:n],
+        }
+    )
+    if kind == "ols":
+        return str(smf.ols("y ~ age + sex", d).fit().summary())
+    if kind == "glm":
+        return str(smf.glm("y ~ age + sex", d).fit().summary())
+    return str(smf.logit("dead ~ age + sex", d).fit(disp=0).summary())
+
+
+@pytest.mark.parametrize("kind", ["ols", "glm", "logit"])
+@pytest.mark.parametrize(("n", "verdict"), [(60, "pass"), (12, "fail")])
+def test_printed_statsmodels_summary_is_checked_as_a_model(tmp_path, kind, n, verdict):
+    """The residual degrees of freedom come from the summary itself (3 parameters: n - 3)."""
+    from airlock.checks.engine import check_file
+
+    text = _summary(kind, n)
+    path = tmp_path / "model.txt"
+    path.write_text(text)
+    report = check_file(path, POLICY)
+    assert report.output_class == "model_summary"
+    assert report.status.value == verdict, report.findings
+    if verdict == "fail":
+        assert [f.rule for f in report.findings] == ["model.residual_dof"]
+    nb = json.loads(notebook([code_cell("print(m.summary())", [stream(text)])]))
+    statuses = {f.status.value for f in check_notebook(nb, CTX)}
+    assert statuses == ({"fail"} if verdict == "fail" else set())
+
+
+def test_prose_about_a_model_is_still_prose(tmp_path):
+    from airlock.checks.engine import check_file
+
+    path = tmp_path / "notes.txt"
+    path.write_text("The coef of age was small.\nNo. Observations: 7 children in the pilot.\n")
+    report = check_file(path, POLICY)
+    assert report.output_class == "text"
+    assert "text.small_count" in {f.rule for f in report.findings}

@@ -94,6 +94,7 @@ def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
 
 def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list[Finding]]:
     from airlock.checks.leaks import find_identifiers_in_text
+    from airlock.checks.models import looks_like_model
     from airlock.checks.notebooks import check_prose, encoded_blobs, tables_from_text
     from airlock.checks.spreadsheets import read_delimited
 
@@ -104,6 +105,8 @@ def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list
             tables = [read_delimited(text, "\t" if kind == "tsv" else None)]
         except ValueError:
             tables = tables_from_text(text)
+    elif "coef" in text and ("Df Residuals" in text or "No. Observations" in text):
+        tables = [t for t in tables_from_text(text) if looks_like_model(t[0])]
     output_class = "text"
     for df, raw in tables:
         output_class, found = check_dataframe(df, ctx, raw=raw)

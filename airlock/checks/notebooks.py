@@ -263,6 +263,54 @@ def _pandas_axis_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | N
     return None
 
 
+_RULE_LINE = re.compile(r"^\s*(={10,}|-{10,})\s*$")
+
+
+def _statsmodels_summary(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """``print(result.summary())`` of statsmodels (OLS, GLM, Logit...): the coefficient rows,
+    then the model information as key/value rows ("Df Residuals:", "294"), so the model rules
+    read the residual degrees of freedom and observations from the summary itself::
+
+        Dep. Variable:        dead   No. Observations:       300
+        Model:               Logit   Df Residuals:           294
+        ======================================================
+                   coef    std err      z    P>|z|   [0.025   0.975]
+        ------------------------------------------------------
+        Intercept -1.2865    0.403  -3.190   0.001   -2.077   -0.496
+    """
+    header_at = next(
+        (
+            i
+            for i, ln in enumerate(lines[:-2])
+            if re.match(r"^\s+coef\s{2,}std err\b", ln) and _RULE_LINE.match(lines[i + 1])
+        ),
+        None,
+    )
+    if header_at is None:
+        return None
+    info: list[list[str]] = []
+    for line in lines[:header_at]:
+        parts = re.split(r"\s{2,}", line.strip())
+        info += [[k, v] for k, v in zip(parts[::2], parts[1::2], strict=False) if k.endswith(":")]
+    keys = {re.sub(r"[^a-z]+", " ", k.lower()).strip() for k, _ in info}
+    if not keys & {"df residuals", "no observations"}:
+        return None
+    columns = re.split(r"\s{2,}", lines[header_at].strip())
+    rows = []
+    for line in lines[header_at + 2 :]:
+        if _RULE_LINE.match(line):
+            break
+        parts = re.split(r"\s{2,}", line.strip())
+        if len(parts) != len(columns) + 1:
+            return None
+        rows.append(parts)
+    if not rows:
+        return None
+    width = len(columns) + 1
+    rows += [[k, v] + [""] * (width - 2) for k, v in info]
+    return ["variable", *columns], rows
+
+
 def _csv_like(text: str) -> tuple[pl.DataFrame, pl.DataFrame] | None:
     from airlock.checks.filetype import _text_kind
 
@@ -331,7 +379,13 @@ def tables_from_text(text: str) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     lines = [ln for ln in lines if not re.match(r"^shape: \(\d+, \d+\)$", ln.strip())]
     if not lines:
         return []
-    for parser in (_polars_repr, _series_repr, _pandas_repr, _pandas_axis_repr):
+    for parser in (
+        _statsmodels_summary,
+        _polars_repr,
+        _series_repr,
+        _pandas_repr,
+        _pandas_axis_repr,
+    ):
         try:
             parsed = parser(lines)
         except (IndexError, ValueError):
