@@ -418,3 +418,33 @@ def test_prose_about_a_model_is_still_prose(tmp_path):
     report = check_file(path, POLICY)
     assert report.output_class == "text"
     assert "text.small_count" in {f.rule for f in report.findings}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: d[["g", "sex"]].value_counts(),
+        lambda d: d.groupby(["g", "sex"]).size(),
+        lambda d: d.groupby(["g", "sex", "y"]).size(),
+        lambda d: d.groupby(["g", "sex"]).y.mean(),
+    ],
+)
+def test_printed_series_with_several_index_levels_is_read_cell_for_cell(make):
+    series = make(_cohort())
+    ((parsed, _),) = tables_from_text(str(series))
+    names = list(series.index.names)
+    assert parsed.columns[: len(names)] == names
+    assert parsed.height == len(series)
+    values = parsed.get_column(parsed.columns[-1]).to_list()
+    assert values == pytest.approx(series.tolist(), rel=1e-5)
+    for level, name in enumerate(names):
+        want = [str(v) for v in series.index.get_level_values(level)]
+        assert [str(v) for v in parsed.get_column(name).to_list()] == want
+
+
+def test_small_group_in_a_printed_groupby_size_fails():
+    d = _cohort()
+    text = str(d.groupby(["g", "sex", "y"]).size()) + "\n"
+    nb = json.loads(notebook([code_cell("print(sizes)", [stream(text)])]))
+    rules_hit = {f.rule: f.status.value for f in check_notebook(nb, CTX)}
+    assert rules_hit.get("frequency.min_cell_count") == "fail"

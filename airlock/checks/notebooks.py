@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from airlock.checks.findings import Finding, Status
+from airlock.checks.layout import parse_number
 
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/\-_]{100,}={0,2}")
 _HEX_RUN = re.compile(r"\b[0-9a-fA-F]{128,}\b")
@@ -130,6 +131,9 @@ def _series_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     if not m:
         return None
     body = lines[:-1]
+    value_name = m.group(1) or "value"
+    if len(body) > 1 and len(_fields(body[0])) > 1 and body[0][:1] != " ":
+        return _multi_index_series(body, value_name)
     index_name = "index"
     if body and len(re.split(r"\s{2,}", body[0].strip())) == 1:
         index_name = body[0].strip()
@@ -144,7 +148,46 @@ def _series_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
         rows.append(parts)
     if not rows:
         return None
-    return [index_name, (m.group(1) or "value")], rows
+    return [index_name, value_name], rows
+
+
+def _multi_index_series(
+    body: list[str], value_name: str
+) -> tuple[list[str], list[list[str]]] | None:
+    """A Series with several index levels (``groupby([a, b]).size()``, ``value_counts()`` of
+    two columns): the level names on the first line, outer labels printed once per group::
+
+        g   sex
+        I   F      122
+            M      125
+    """
+    names = _fields(body[0])
+    cuts = [start for start, _, _ in names]
+    rows: list[list[str]] = []
+    previous = [""] * len(names)
+    for line in body[1:]:
+        fields = _fields(line)
+        if not fields or fields[-1][2] in {"...", "…"}:
+            continue
+        value_start, _, value = fields[-1]
+        if parse_number(value) is None and value not in {"NaN", "<NA>"}:
+            return None
+        head = line[:value_start]
+        index = [
+            head[cut : (cuts[i + 1] if i + 1 < len(cuts) else len(head))].strip()
+            for i, cut in enumerate(cuts)
+        ]
+        given = next((i for i, label in enumerate(index) if label), None)
+        if given is None:
+            return None
+        index[:given] = previous[:given]
+        if "" in index:
+            return None
+        rows.append([*index, value])
+        previous = index
+    if not rows:
+        return None
+    return [n for _, _, n in names] + [value_name], rows
 
 
 def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
