@@ -606,6 +606,50 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
     return findings
 
 
+# What a checker must see of markdown and HTML outputs: text structure, tables (pandas puts its
+# column labels in <thead>/<th>) and inline images. nbconvert's own clean_html allows only a
+# dozen inline tags and escapes the rest, so headings, paragraphs and table headers arrived as
+# literal markup. Anything else is still escaped (shown, never rendered) by bleach.
+_NOTEBOOK_TAGS = frozenset(
+    {
+        *("a", "abbr", "b", "blockquote", "br", "caption", "code", "col", "colgroup", "dd"),
+        *("del", "details", "div", "dl", "dt", "em", "figcaption", "figure", "h1", "h2", "h3"),
+        *("h4", "h5", "h6", "hr", "i", "img", "ins", "kbd", "li", "mark", "ol", "p", "pre", "q"),
+        *("s", "samp", "small", "span", "strong", "sub", "summary", "sup", "table", "tbody"),
+        *("td", "tfoot", "th", "thead", "tr", "u", "ul", "var"),
+    }
+)
+_NOTEBOOK_ATTRIBUTES = {
+    "*": ["class", "id", "title", "style"],
+    "a": ["href"],
+    "img": ["src", "alt", "width", "height"],
+    "td": ["colspan", "rowspan", "align"],
+    "th": ["colspan", "rowspan", "align", "scope"],
+    "col": ["span"],
+    "colgroup": ["span"],
+    "ol": ["start"],
+}
+
+
+def clean_notebook_html(element: Any) -> str:
+    """nbconvert's ``clean_html`` filter with an allowlist fit for reviewing outputs: links
+    only to anchors in the page, images only as data: URIs (embedded), styles through bleach's
+    CSS sanitizer; every other tag escaped, every other attribute dropped."""
+    import bleach
+    from bleach.css_sanitizer import CSSSanitizer
+
+    text = element.decode() if isinstance(element, bytes) else str(element)
+    cleaned = bleach.clean(
+        text,
+        tags=_NOTEBOOK_TAGS,
+        attributes=_NOTEBOOK_ATTRIBUTES,
+        protocols=["data"],
+        css_sanitizer=CSSSanitizer(),
+    )
+    # bleach keeps a relative href (no protocol): only in-page anchors may stay
+    return re.sub(r'\shref="(?!#)[^"]*"', "", cleaned)
+
+
 def render_notebook_html(path: Any) -> str:
     """The notebook as a checker sees it: nbconvert's HTML, in-process, scripts stripped.
 
@@ -621,7 +665,9 @@ def render_notebook_html(path: Any) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # old notebooks without cell ids: render them anyway
         nb = nbformat.read(str(path), as_version=4)
-    exporter = HTMLExporter(sanitize_html=True, embed_images=True)
+    exporter = HTMLExporter(
+        sanitize_html=True, embed_images=True, filters={"clean_html": clean_notebook_html}
+    )
     exporter.mathjax_url = ""
     exporter.require_js_url = ""
     body, _ = exporter.from_notebook_node(nb)

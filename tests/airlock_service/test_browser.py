@@ -43,8 +43,25 @@ def make_outputs(ws: Path) -> dict[str, bytes]:
     (ws / "outputs" / "figure.png").parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (120, 60), (40, 90, 160)).save(ws / "outputs" / "figure.png")
     nb = nbformat.v4.new_notebook()
+    counts = (
+        '<table class="dataframe"><thead><tr><th>era</th><th>relapses</th><th>children</th>'
+        "</tr></thead><tbody><tr><td>1990-1999</td><td>45</td><td>310</td></tr>"
+        "<tr><td>2000-2009</td><td>40</td><td>355</td></tr>"
+        "<tr><td>2010-2020</td><td>35</td><td>390</td></tr></tbody></table>"
+    )
     nb.cells = [
-        nbformat.v4.new_markdown_cell("# Relapse by study era"),
+        nbformat.v4.new_markdown_cell(
+            "# Relapse by study era\n\nWilms tumour, all contributing sites; counts rounded "
+            "to 5, cells below 10 suppressed."
+        ),
+        nbformat.v4.new_code_cell(
+            "relapses_by_era",
+            outputs=[
+                nbformat.v4.new_output(
+                    "execute_result", data={"text/html": counts}, execution_count=1
+                )
+            ],
+        ),
         nbformat.v4.new_code_cell(
             "print('counts rounded to 5')",
             outputs=[nbformat.v4.new_output("stream", name="stdout", text="counts rounded to 5\n")],
@@ -117,6 +134,7 @@ def test_submit_two_approvals_download(client, tre_settings, require_chromium, t
             html = nb_frame.content()
             assert "Relapse by study era" in html and "counts rounded to 5" in html
             assert "<script" not in html  # sanitised, and scripts could not run anyway
+            assert "<th>relapses</th>" in html  # a table output keeps its column labels
             if checker == "checker1":
                 page.screenshot(path=str(shots / "request-checker.png"), full_page=True)
                 card = page.locator("div.file", has=page.locator("iframe.notebook"))

@@ -83,6 +83,50 @@ def test_notebook_renders_without_scripts(tmp_path):
     assert "cannot be rendered" in preview.notebook_html(bad)
 
 
+def test_notebook_preview_keeps_what_a_checker_must_see_and_nothing_active(tmp_path):
+    """Headings, paragraphs, pandas tables (<thead>/<th>) and embedded images render; links
+    out, remote images, handlers, styles that fetch, scripts and forms do not."""
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 0, 0)).save(png, format="PNG")
+    hostile = (
+        '<a href="https://example.org/x">out</a><img src="https://example.org/p.png">'
+        '<img src=x onerror="alert(1)"><script>alert(2)</script>'
+        '<p style="background:url(https://example.org/y)">styled</p>'
+        '<form action="https://example.org"><input name=a></form>'
+    )
+    cell = nbformat.v4.new_code_cell("df")
+    cell.outputs = [
+        nbformat.v4.new_output(
+            "execute_result",
+            data={"text/html": pd.DataFrame({"n": [12, 30]}, index=["a", "b"]).to_html()},
+            execution_count=1,
+        ),
+        nbformat.v4.new_output(
+            "display_data", data={"image/png": base64.b64encode(png.getvalue()).decode()}
+        ),
+        nbformat.v4.new_output("display_data", data={"text/html": hostile}),
+    ]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Relapse by era\n\nSome *text*."), cell]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    html = preview.notebook_html(path)
+    body = html[html.index("<main") :]
+    assert re.search(r'<h1 id="Relapse-by-era">Relapse by era', body)
+    assert "<p>Some <em>text</em>.</p>" in body
+    assert "<thead>" in body and "<th>n</th>" in body and "<td>12</td>" in body
+    assert re.search(r'<img [^>]*src="data:image/png;base64,', body)
+    assert "example.org" not in body.replace('&lt;form action="https://example.org"', "")
+    assert "<script" not in body and "onerror" not in body and "<form" not in body
+    assert "&lt;script&gt;" in body  # shown to the checker as text, never run
+
+
 def test_markup_is_shown_as_text_never_rendered():
     assert preview.kind_for("report.html") == "text"
     assert preview.kind_for("figure.svg") == "text"
