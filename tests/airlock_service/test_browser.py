@@ -156,6 +156,8 @@ def test_submit_two_approvals_download(client, tre_settings, require_chromium, t
 
         alice.goto(request_url)
         alice.wait_for_selector("#request-state:text('released')")
+        released_nb = alice.locator("iframe.notebook").element_handle().content_frame()
+        released_nb.wait_for_selector("text=counts rounded to 5")
         alice.screenshot(path=str(shots / "request-released.png"), full_page=True)
         links = alice.locator("a.download")
         assert links.count() == len(originals)
