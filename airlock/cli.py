@@ -73,6 +73,8 @@ def _print_reports(reports: list) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from airlock.checks.findings import describe_places
+
     console = Console()
     for report in reports:
         status = report.status.value
@@ -88,11 +90,7 @@ def _print_reports(reports: list) -> None:
         table.add_column("message", overflow="fold")
         table.add_column("where", overflow="fold")
         for f in report.findings:
-            where = "; ".join(
-                ", ".join(f"{k}={v}" for k, v in c.items() if k != "context") for c in f.cells[:3]
-            )
-            if len(f.cells) > 3:
-                where += f"; … ({len(f.cells)} places)"
+            where = describe_places(f.cells)
             table.add_row(
                 f"[{_STYLE[f.status.value]}]{f.status.value}[/]", f.rule, f.message, where
             )

@@ -96,3 +96,20 @@ def test_a_data_dump_of_numbers_fails_without_classifying_everything():
     findings = check_text(text, POLICY)
     dump = next(f for f in findings if f.rule == "text.too_many_numbers")
     assert dump.status == Status.FAIL and dump.evidence["numbers"] == MAX_NUMBERS + 20
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("counts rounded to 5, cells below 10 suppressed.", ["5", "10"]),  # no trailing comma
+        ("we saw 1,234 children", ["1,234"]),  # thousands separators stay one number
+        ("deaths by year 2,3,4 children", ["2", "3", "4"]),  # a list is several numbers
+    ],
+)
+def test_numbers_are_split_where_people_would_split_them(text, values):
+    assert [n.value for n in numbers_in_text(text, POLICY)] == values
+
+
+def test_a_small_count_at_the_end_of_a_comma_list_fails():
+    findings = check_text("deaths by year 12,3,4 children", POLICY)
+    assert any(f.rule == "text.small_count" and f.status == Status.FAIL for f in findings)

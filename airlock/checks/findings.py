@@ -60,3 +60,16 @@ class FileReport(BaseModel):
                 for f in self.findings
             ],
         }
+
+
+def describe_places(cells: list[dict[str, Any]], limit: int = 3) -> str:
+    """Where a finding applies, for people: 'row=2, column=F / 0, value=4; ... (7 places)'."""
+    shown = [
+        ", ".join(f"{k}={v}" for k, v in cell.items() if k != "context")
+        for cell in cells[:limit]
+        if isinstance(cell, dict)
+    ]
+    text = "; ".join(s for s in shown if s)
+    if len(cells) > limit:
+        text += f"; … ({len(cells)} places)"
+    return text

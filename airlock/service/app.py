@@ -21,6 +21,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from airlock import permissions as perm
+from airlock.checks.findings import describe_places
 from airlock.release import ReleaseError
 from airlock.service import admin, preview
 from airlock.service.auth import HubIdentityProvider, Identity, IdentityProvider, TokenRefused
@@ -212,6 +213,7 @@ def create_app(
     app.state.prefix = prefix
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals["prefix"] = prefix
+    templates.env.filters["places"] = describe_places
     app.mount(f"{prefix}static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(
         SessionMiddleware,
