@@ -13,8 +13,8 @@
 6. expiry enforcement every ``Settings.enforce_interval_seconds``: the generated hub
    configuration runs ``tre project enforce --loop`` as the managed service ``tre-provision``.
 
-``run_demo(tour=True)`` then runs the whole story through the real HTTP interfaces (see
-``tre.demo_tour``) and exits 0 only if every step worked.
+``tre demo --tour`` passes ``tre.demo_tour.run_tour`` as ``run_demo(then=...)``: the whole
+story through the real HTTP interfaces, exiting 0 only if every step worked.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,13 +416,13 @@ def prepare(ctx: DemoContext) -> None:
 
 
 def run_demo(
-    tour: bool = False,
-    screenshots: Path | None = None,
+    then: Callable[[DemoContext], int] | None = None,
     patients: int = 2000,
     settings: Settings | None = None,
     quality_reports: bool = True,
 ) -> int:
-    """Start the demo; with ``tour`` run the headless story and return its exit status."""
+    """Start the demo and keep it up until Ctrl-C; or, with ``then`` (the headless tour of
+    ``tre.demo_tour``), run that once everything is up and return its exit status."""
     console = Console()
     ctx = DemoContext(
         settings or load_settings(), console, patients=patients, quality_reports=quality_reports
@@ -442,10 +443,8 @@ def run_demo(
         except DemoError as exc:
             console.print(f"[bold red]The demo could not start:[/] {exc}")
             return 1
-        if tour or screenshots is not None:
-            from tre.demo_tour import run_tour
-
-            return run_tour(ctx, screenshots=screenshots)
+        if then is not None:
+            return then(ctx)
         print_welcome(ctx)
         while ctx.hub_proc is not None and ctx.hub_proc.poll() is None:
             time.sleep(0.5)

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from airlock.checks.cells import MAX_TABLE_COLUMNS
 from airlock.checks.findings import Finding, Status
 from airlock.policy import Policy
 
 if TYPE_CHECKING:
     from airlock.checks.leaks import ExtractIndex
 
-MAX_TABLE_COLUMNS = 1000  # a resource guard, not a disclosure threshold
 MAX_CELLS_LISTED = 20  # findings list at most this many cells; counts are always complete
 _FORMULA_START = re.compile(r"^[\t\r\n ]*[=+\-@\t\r]")
 # what makes a cell starting with + or - executable: a function call, a DDE pipe, a sheet
@@ -75,35 +75,9 @@ def formula_injection(df: pl.DataFrame) -> list[dict[str, Any]]:
     return hits
 
 
-def coerce_numbers(df: pl.DataFrame) -> pl.DataFrame:
-    """String columns whose every non-empty value is a number become numeric (1,234 and 5%
-    stay text: a percent sign says it is not a count). Vectorised over all columns at once."""
-    schema = df.schema  # built on each access: fetch once
-    text_cols = [c for c, dtype in schema.items() if dtype == pl.String]
-    if not text_cols or df.height == 0 or df.width > MAX_TABLE_COLUMNS:
-        return df  # too wide to be an aggregate: check_dataframe refuses it as it is
-    stripped = df.select(
-        pl.col(c).str.strip_chars().str.replace_all(",", "").replace("", None) for c in text_cols
-    )
-    as_int = stripped.select(pl.all().cast(pl.Int64, strict=False))
-    as_float = stripped.select(pl.all().cast(pl.Float64, strict=False))
-    nulls = stripped.null_count().row(0)
-    int_nulls = as_int.null_count().row(0)
-    float_nulls = as_float.null_count().row(0)
-    replace = {}
-    for i, name in enumerate(text_cols):
-        if nulls[i] == df.height:
-            continue  # all empty: leave as text
-        if int_nulls[i] == nulls[i]:
-            replace[name] = as_int.get_column(name)
-        elif float_nulls[i] == nulls[i]:
-            replace[name] = as_float.get_column(name)
-    return df.with_columns(**replace) if replace else df
-
-
 def _blobs_in_cells(df: pl.DataFrame) -> list[Finding]:
     """Base64/hex blobs hidden in text cells (polars finds the candidate cells, vectorised)."""
-    from airlock.checks.notebooks import encoded_blobs
+    from airlock.checks.blobs import encoded_blobs
 
     findings: list[Finding] = []
     for name, dtype in df.schema.items():

@@ -62,8 +62,7 @@ def _cell_text(el: Any) -> str:
 def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     """Every <table> as (typed frame, all-text frame). Header: <thead> rows, else the first row
     when it is all <th>. Cells spanning several columns are repeated, as a reader sees them."""
-    from airlock.checks.context import coerce_numbers
-    from airlock.checks.spreadsheets import unique_names
+    from airlock.checks.cells import coerce_numbers, drop_range_index, unique_names
 
     out = []
     for table in doc.iter("table"):
@@ -112,15 +111,6 @@ def tables_from_html(doc: Any) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
         )
         out.append((coerce_numbers(raw), raw))
     return out
-
-
-def drop_range_index(header: list[str], body: list[list[str]]) -> tuple[list[str], list[list[str]]]:
-    """Drop a pandas default index (an unnamed first column holding 0, 1, 2...): row numbers
-    are not counts."""
-    if header and body and header[0] in {"", "index"}:
-        if [r[0] for r in body] == [str(i) for i in range(len(body))]:
-            return header[1:], [r[1:] for r in body]
-    return header, body
 
 
 def data_uris(doc: Any) -> list[tuple[str, bytes, str]]:
@@ -232,7 +222,7 @@ def check_html(text: str, ctx: Any, location: dict[str, Any] | None = None) -> l
 
 
 def _blobs_in(text: str, location: dict[str, Any]) -> list[Finding]:
-    from airlock.checks.notebooks import encoded_blobs
+    from airlock.checks.blobs import encoded_blobs
 
     return encoded_blobs(text, location)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import duckdb
 import polars as pl
@@ -29,7 +29,16 @@ import polars as pl
 from airlock.checks.findings import Finding, Status
 
 if TYPE_CHECKING:
-    from airlock.checks.context import CheckContext
+    from airlock.policy import Policy
+
+
+class LeakContext(Protocol):
+    """What the leak rules need of a check's context (``airlock.checks.context.CheckContext``
+    has it): the policy, and the project's extract when it is known."""
+
+    policy: Policy
+    extract: ExtractIndex | None
+
 
 # Columns of the pooled data model that hold pseudonymous identifiers.
 ID_COLUMNS = ("patient_id", "tumour_id")
@@ -452,7 +461,7 @@ def find_small_classes(df: pl.DataFrame, policy: Any) -> Finding | None:
     )
 
 
-def check_rows(df: pl.DataFrame, ctx: CheckContext) -> list[Finding]:
+def check_rows(df: pl.DataFrame, ctx: LeakContext) -> list[Finding]:
     """Every leak rule on one table (the extract rules only when the extract is known)."""
     findings: list[Finding] = []
     small = find_small_classes(df, ctx.policy)

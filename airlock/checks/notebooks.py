@@ -11,19 +11,16 @@ as JSON here (no nbformat validation: its jsonschema pass costs more than the wh
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import warnings
 from typing import Any
 
 import polars as pl
 
+from airlock.checks.blobs import decode_base64, encoded_blobs
 from airlock.checks.findings import Finding, Status
 from airlock.checks.layout import parse_number
 
-_BASE64_RUN = re.compile(r"[A-Za-z0-9+/\-_]{100,}={0,2}")
-_HEX_RUN = re.compile(r"\b[0-9a-fA-F]{128,}\b")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _SERIES_FOOTER = re.compile(r"^(?:Name: (.*?), )?(?:Length: \d+, )?dtype: [\w\[\], ]+$")
 _IMAGE_MIMES = {"image/png": "png", "image/jpeg": "jpeg"}
@@ -39,59 +36,11 @@ def _joined(value: Any) -> str:
 # ---------------------------------------------------------------------------------- base64
 
 
-def _decode_blob(run: str) -> bytes | None:
-    classes = sum(bool(re.search(p, run)) for p in ("[A-Z]", "[a-z]", "[0-9]"))
-    if classes < 2:
-        return None
-    body = run.rstrip("=")
-    try:
-        if "-" in body or "_" in body:
-            return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-        return base64.b64decode(body + "=" * (-len(body) % 4))
-    except (binascii.Error, ValueError):
-        return None
-
-
-def encoded_blobs(text: str, location: dict[str, Any], allow_images: bool = False) -> list[Finding]:
-    """Long base64 (or hex) runs in ``text``: fail unless they decode to an image and images
-    are allowed here (then the image gets the figure rules)."""
-    from airlock.checks import figures
-    from airlock.checks.filetype import detect_bytes
-
-    findings: list[Finding] = []
-    blobs: list[dict[str, Any]] = []
-    for m in _BASE64_RUN.finditer(text):
-        blob = _decode_blob(m.group(0))
-        if blob is None:
-            continue
-        kind = detect_bytes(blob[:65536]).kind
-        if allow_images and kind in {"png", "jpeg"}:
-            findings += figures.check_raster(blob, kind, location)
-            continue
-        blobs.append({**location, "offset": m.start(), "chars": len(m.group(0)), "kind": kind})
-    for m in _HEX_RUN.finditer(text):
-        blobs.append({**location, "offset": m.start(), "chars": len(m.group(0)), "kind": "hex"})
-    if blobs:
-        findings.append(
-            Finding(
-                rule="encoded.blob",
-                status=Status.FAIL,
-                message=f"{len(blobs)} encoded blob(s) (base64/hex, decoding to "
-                f"{', '.join(sorted({b['kind'] for b in blobs}))}) that a checker cannot read: "
-                "encoded data never leaves",
-                cells=blobs[:20],
-                evidence={"blobs": len(blobs), "chars": sum(b["chars"] for b in blobs)},
-            )
-        )
-    return findings
-
-
 # --------------------------------------------------------------------------- text tables
 
 
 def _frame(header: list[str], rows: list[list[str]]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    from airlock.checks.context import coerce_numbers
-    from airlock.checks.spreadsheets import unique_names
+    from airlock.checks.cells import coerce_numbers, unique_names
 
     names = unique_names(header)
     raw = pl.DataFrame(
@@ -223,7 +172,7 @@ def _pandas_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     if has_index:
         header = [index_name or "index"] + header
     keep = [i for i, h in enumerate(header) if h not in {"...", "…"}]
-    from airlock.checks.html import drop_range_index
+    from airlock.checks.cells import drop_range_index
 
     return drop_range_index([header[i] for i in keep], [[r[i] for i in keep] for r in rows])
 
@@ -509,7 +458,7 @@ def _check_output(output: dict[str, Any], ctx: Any, where: dict[str, Any]) -> li
         findings += encoded_blobs(text, where) + _check_plain_text(text, ctx, where)
     for mime, value in data.items():
         if mime in _IMAGE_MIMES:
-            blob = _decode_blob(re.sub(r"\s+", "", _joined(value))) or b""
+            blob = decode_base64(re.sub(r"\s+", "", _joined(value))) or b""
             findings += figures.check_raster(blob, _IMAGE_MIMES[mime], where)
             findings.append(_no_table(where))
         elif mime == "image/svg+xml":
@@ -567,7 +516,7 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
                 findings += check_prose(source, ctx, where)
             for name, bundle in (cell.get("attachments") or {}).items():
                 for mime, value in (bundle or {}).items():
-                    blob = _decode_blob(re.sub(r"\s+", "", _joined(value))) or b""
+                    blob = decode_base64(re.sub(r"\s+", "", _joined(value))) or b""
                     loc = {**where, "attachment": name}
                     if mime in _IMAGE_MIMES:
                         findings += figures.check_raster(blob, _IMAGE_MIMES[mime], loc)

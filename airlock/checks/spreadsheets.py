@@ -15,6 +15,7 @@ from typing import Any
 
 import polars as pl
 
+from airlock.checks.cells import unique_names
 from airlock.checks.findings import Finding, Status
 
 MAX_INFLATED_BYTES = 256 * 1024 * 1024  # a workbook inflating beyond this is a zip bomb
@@ -24,18 +25,6 @@ _EXTERNAL_FORMULA = re.compile(
     r"(?:https?|file|ftp)://|\w+\|'",
     re.IGNORECASE,
 )
-
-
-def unique_names(header: list[Any]) -> list[str]:
-    names: list[str] = []
-    seen: set[str] = set()
-    for i, h in enumerate(header):
-        name = ("" if h is None else str(h)).strip() or f"column_{i + 1}"
-        while name in seen:
-            name += "_"
-        names.append(name)
-        seen.add(name)
-    return names
 
 
 def split_preamble(text: str) -> tuple[str, str]:
@@ -129,7 +118,7 @@ def delimited_cells(text: str, separator: str | None = None) -> tuple[pl.DataFra
 
 def read_delimited(text: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(typed frame, all-text frame) of CSV/TSV text (see ``delimited_cells``)."""
-    from airlock.checks.context import coerce_numbers
+    from airlock.checks.cells import coerce_numbers
 
     raw, separator = delimited_cells(text, separator)
     if separator == ";":
@@ -200,7 +189,8 @@ def check_xlsx(data: bytes, ctx: Any) -> tuple[list[Finding], list[str]]:
     """Findings for a workbook, and the classes of the tables found on its visible sheets."""
     import openpyxl
 
-    from airlock.checks.context import MAX_CELLS_LISTED, check_dataframe, coerce_numbers
+    from airlock.checks.cells import coerce_numbers
+    from airlock.checks.context import MAX_CELLS_LISTED, check_dataframe
     from airlock.checks.text import check_text
 
     findings, _ = _zip_findings(data)

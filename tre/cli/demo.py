@@ -27,11 +27,15 @@ def demo(
     """Start the TRE locally (hub, sandboxes, airlock, demo data and accounts); Ctrl-C stops it."""
     from tre.demo import run_demo
 
+    then = None
+    if tour or screenshots:
+        from tre.demo_tour import run_tour
+
+        shots = screenshots_dir if screenshots else None
+
+        def then(ctx):  # noqa: ANN001, ANN202 (a DemoContext; the tour's exit status)
+            return run_tour(ctx, screenshots=shots)
+
     raise typer.Exit(
-        run_demo(
-            tour=tour,
-            screenshots=screenshots_dir if screenshots else None,
-            patients=patients,
-            quality_reports=not skip_quality_reports,
-        )
+        run_demo(then=then, patients=patients, quality_reports=not skip_quality_reports)
     )
