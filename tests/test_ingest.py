@@ -451,3 +451,34 @@ def test_a_damaged_pooled_store_is_a_clear_cli_error(settings, tmp_path, monkeyp
         get_settings.cache_clear()
     assert res.exit_code == 3 and "pooled store error" in res.output
     assert db.read_bytes() == b"this is not a duckdb file" * 100  # left for the admin to inspect
+
+
+@pytest.mark.parametrize("force_collisions", [False, True])
+def test_every_row_gets_its_own_ids_pseudonym_even_when_join_hashes_collide(
+    monkeypatch, force_collisions
+):
+    """The id -> pseudonym join is keyed by a 64-bit hash of the id; a hash shared by two ids
+    must never hand one id the other's pseudonym (forced here: hash = id length)."""
+    import tre.ingest as ingest_mod
+
+    if force_collisions:
+        monkeypatch.setattr(ingest_mod, "_id_hash", lambda ids: ids.str.len_bytes().cast(pl.UInt64))
+    p = Pseudonymiser(bytes(range(32)))
+    ids = [f"P{i}" for i in range(300)] + ["é", "中", "", None]
+    frames = {
+        "patient": pl.DataFrame({"patient_id": ids, "x": range(len(ids))}),
+        "tumour": pl.DataFrame(
+            {"tumour_id": [f"T{i}" for i in range(len(ids))], "patient_id": ids[::-1]}
+        ),
+        "followup": pl.DataFrame({"patient_id": [None, "P7", "never-in-patient"]}),
+    }
+    idcols = {"patient": ["patient_id"], "tumour": ["tumour_id", "patient_id"],
+              "followup": ["patient_id"]}  # fmt: skip
+    out = ingest_mod.pseudonymise_frames(frames, idcols, p, "uk-ccr")
+    for table, cols in idcols.items():
+        assert out[table].height == frames[table].height
+        for c in cols:
+            kind = c.removesuffix("_id")
+            want = [None if v is None else p.pseudonym(kind, "uk-ccr", v) for v in frames[table][c]]
+            assert out[table][c].to_list() == want, (table, c)
+    assert out["patient"]["x"].to_list() == list(range(len(ids)))  # other columns untouched
