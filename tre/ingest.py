@@ -745,7 +745,7 @@ def _ingest_new(
     for table in dictionary.tables:
         cols = ", ".join(f'"{c}"' for c in dictionary.pooled_columns(table))
         if table not in pooled_tables:
-            con.execute(f'CREATE TABLE main."{table}" AS SELECT {cols} FROM _ok_{table} LIMIT 0')
+            _create_pooled_table(con, table, dictionary.pooled_columns(table), identifiers[table])
         else:
             _add_new_columns(con, table, dictionary.pooled_columns(table))
         if table not in by_table:
@@ -806,6 +806,29 @@ def _ingest_new(
         errors=errors,
         replaced_batches=retiring,
     )
+
+
+def _create_pooled_table(
+    con: duckdb.DuckDBPyConnection, table: str, pooled_cols: list[str], identifiers: list[str]
+) -> None:
+    """Create a pooled table with the staged rows' column types.
+
+    Pseudonym columns are stored uncompressed: they are random hex, which DuckDB's automatic
+    choice compresses only about 2x (FSST), and that compression was a quarter of the CPU of
+    writing a batch (measured on 1.66 M rows: 1.3 vs 1.8 CPU-s for the five inserts; the store
+    file grows from about 40 to 79 MiB). Every other column keeps DuckDB's automatic choice.
+    """
+    cols = ", ".join(f'"{c}"' for c in pooled_cols)
+    types = dict(
+        con.execute(
+            f"SELECT column_name, column_type FROM (DESCRIBE SELECT {cols} FROM _ok_{table})"
+        ).fetchall()
+    )
+    defs = ", ".join(
+        f'"{c}" {types[c]}' + (" USING COMPRESSION uncompressed" if c in identifiers else "")
+        for c in pooled_cols
+    )
+    con.execute(f'CREATE TABLE main."{table}" ({defs})')
 
 
 def _add_new_columns(con: duckdb.DuckDBPyConnection, table: str, pooled_cols: list[str]) -> None:
