@@ -490,7 +490,9 @@ def ingest_files(
         prepared = None
         if previous is None:
             # the expensive part (read, validate, harmonise) runs without holding the store
-            prepared = _prepare(settings, site, by_table, order, batch_id, version_label, step)
+            prepared = _prepare(
+                settings, site, by_table, order, batch_id, version_label, pseudonymiser, step
+            )
         with store.writer() as con:
             previous = store.batch_record(con, batch_id)
             if previous is not None and previous["status"] == "loaded":
@@ -500,8 +502,9 @@ def ingest_files(
             else:
                 if prepared is None:  # loaded by nobody after all (rare race): prepare now
                     prepared = _prepare(
-                        settings, site, by_table, order, batch_id, version_label, step
-                    )
+                        settings, site, by_table, order, batch_id, version_label,
+                        pseudonymiser, step,
+                    )  # fmt: skip
                 result = _ingest_new(
                     con, store, pseudonymiser, prepared, site, by_table, order, batch_id,
                     version_label, on_invalid, step, replace,
@@ -572,8 +575,9 @@ def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dic
 class _Prepared:
     dictionary: DataDictionary
     raw: dict[str, pl.DataFrame]
-    incoming: dict[str, pl.DataFrame]  # harmonised rows + site columns + provenance, pooled order
     errors: dict[str, pl.DataFrame]  # per-table errors, foreign keys excluded (checked later)
+    # harmonised rows + site columns + provenance in pooled order, identifiers pseudonymised
+    staged: dict[str, pl.DataFrame]
 
 
 def _prepare(
@@ -583,6 +587,7 @@ def _prepare(
     order: list[str],
     batch_id: str,
     source_version: str,
+    pseudonymiser: Pseudonymiser,
     step,  # noqa: ANN001
 ) -> _Prepared:
     """Read, validate and harmonise the batch, and add site columns and provenance."""
@@ -628,7 +633,12 @@ def _prepare(
         if absent:
             raise IngestError(f"{table}: cannot derive pooled column(s) {', '.join(absent)}")
         incoming[table] = rows.select([ROW, *pooled_cols])
-    return _Prepared(dictionary, raw, incoming, errors)
+    # needs nothing of the pooled store, so it runs before its lock is taken, like validation:
+    # another site's batch can be written meanwhile
+    identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
+    staged = pseudonymise_frames(incoming, identifiers, pseudonymiser, site.id)
+    step("pseudonymised identifiers")
+    return _Prepared(dictionary, raw, errors, staged)
 
 
 def _ingest_new(
@@ -671,8 +681,7 @@ def _ingest_new(
     error_frames: list[pl.DataFrame] = []
     identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
     table_errors = prepared.errors
-    staged = pseudonymise_frames(prepared.incoming, identifiers, pseudonymiser, site_id)
-    step("pseudonymised identifiers")
+    staged = prepared.staged
     # Stage every dictionary table (parents first), also the ones not delivered (empty), so
     # the pooled store always has every table with its dictionary schema.
     for table in load_order(dictionary):
