@@ -376,7 +376,18 @@ def _pool_errors(
             f'FROM {rows} AS s WHERE "{col}" IS NOT NULL AND NOT EXISTS '
             f'(SELECT 1 FROM ({" UNION ALL ".join(known)}) AS r WHERE r.k = s."{col}")'
         )
-    if table in pooled_tables:
+    live_rows = (
+        f'SELECT {{}} FROM main."{table}" WHERE site_id = $site '
+        "AND load_batch NOT IN (SELECT batch_id FROM _dead_batches)"
+    )
+    # a site's first delivery of this table cannot repeat a pooled key of the site: skip the
+    # key look-ups (each probes every staged row; ~0.25 CPU-s per 1.66 M-row batch)
+    if (
+        table in pooled_tables
+        and con.execute(f"SELECT EXISTS ({live_rows.format(1)})", {"site": site_id}).fetchall()[0][
+            0
+        ]
+    ):
         keys = [[c] for c, spec_c in spec.columns.items() if spec_c.unique]
         if spec.unique_together:
             keys.append(list(spec.unique_together))
@@ -386,8 +397,7 @@ def _pool_errors(
                 f"SELECT _row, '{key[0]}', \"{key[0]}\", 'already_pooled', "
                 f"'({', '.join(key)}) is already in the pooled store (an earlier batch of this "
                 f"site loaded it)' FROM {staged} WHERE ({cols}) IN "
-                f'(SELECT ({cols}) FROM main."{table}" WHERE site_id = $site '
-                "AND load_batch NOT IN (SELECT batch_id FROM _dead_batches))"
+                f"({live_rows.format(f'({cols})')})"
             )
     if not parts:
         return _empty_errors()
