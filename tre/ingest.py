@@ -254,7 +254,8 @@ def pseudonymise_frames(
     One HMAC per DISTINCT local id of each kind (a patient id recurs in patient, tumour and
     followup rows), vectorised (``Pseudonymiser.pseudonyms``), then joined back onto the rows.
     The distinct ids and the joins are keyed by a 64-bit hash of the id instead of the string:
-    integer hashing and joins cost a fraction of string ones (measured: about 0.3 of the CPU).
+    integer hashing and joins cost a fraction of string ones (measured per 1.66 M-row batch:
+    finding the distinct ids 0.33 -> 0.05 CPU-s, the joins 0.56 -> 0.22 CPU-s).
     A hash shared by two different ids would give one of them the other's pseudonym, so every
     joined row is checked to carry its own id (a plain string comparison); if any does not, that
     kind is joined on the id strings instead.
@@ -279,10 +280,10 @@ def pseudonymise_frames(
         idmap = distinct.with_columns(
             pseudonymiser.pseudonyms(kind, site_id, distinct["__local"]).alias("__pseudonym")
         )
-        joined = {}
-        for (t, c), h in hashed.items():
-            j = h.join(idmap, on="__h", how="left", maintain_order="left", suffix="_rep")
-            joined[t, c] = j
+        joined = {
+            k: h.join(idmap, on="__h", how="left", maintain_order="left", suffix="_rep")
+            for k, h in hashed.items()
+        }
         collision = any(
             not j.select(pl.col("__local").eq_missing(pl.col("__local_rep")).all()).item()
             for j in joined.values()
@@ -380,12 +381,10 @@ def _pool_errors(
     )
     # a site's first delivery of this table cannot repeat a pooled key of the site: skip the
     # key look-ups (each probes every staged row; ~0.25 CPU-s per 1.66 M-row batch)
-    if (
-        table in pooled_tables
-        and con.execute(f"SELECT EXISTS ({live_rows.format(1)})", {"site": site_id}).fetchall()[0][
-            0
-        ]
-    ):
+    site_rows = table in pooled_tables and bool(
+        con.execute(f"SELECT EXISTS ({live_rows.format(1)})", {"site": site_id}).fetchall()[0][0]
+    )
+    if site_rows:
         keys = [[c] for c, spec_c in spec.columns.items() if spec_c.unique]
         if spec.unique_together:
             keys.append(list(spec.unique_together))
