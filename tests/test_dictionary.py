@@ -467,3 +467,20 @@ def test_nothing_after_the_last_contact(d):
     assert res["followup"].errors.select("row", "rule").rows() == [
         (2, "last_contact_after_diagnosis")
     ]
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_distinct_value_lookup_gives_each_row_its_own_values_answer(monkeypatch, collide):
+    """Harmonised text values are computed once per distinct value and joined back on a hash
+    of the value; when two values share a hash (forced here) the join falls back to strings."""
+    import polars as pl
+
+    from tre.dictionary import _lookup_rows
+
+    values = pl.Series("v", ["b", None, "a", "b", "", "ü", None, "a"] * 50)
+    lookup = values.unique().to_frame().with_columns(pl.col("v").str.to_uppercase().alias("up"))
+    if collide:
+        monkeypatch.setattr(pl.Series, "hash", lambda s, *a, **k: pl.Series([0] * len(s)))
+    got = _lookup_rows(values, lookup)
+    assert got.columns == ["up"]
+    assert got["up"].to_list() == [None if v is None else v.upper() for v in values]

@@ -413,6 +413,24 @@ def _column_checks(
     return exprs, checks
 
 
+def _lookup_rows(values: pl.Series, lookup: pl.DataFrame) -> pl.DataFrame:
+    """The ``lookup`` row of each value (``lookup``: one row per distinct value, key column
+    first), in the order of ``values``, without the key column.
+
+    Joined on a 64-bit hash of the value when the distinct values' hashes are distinct (then
+    the hash identifies the value exactly): an integer join costs less than a string join, and
+    joining only the key (then ``hstack``) avoids copying the whole wide table once per column.
+    """
+    key = lookup.columns[0]
+    hashes = lookup.get_column(key).hash()
+    if hashes.n_unique() == lookup.height:
+        right = lookup.drop(key).with_columns(hashes.alias("__h"))
+        left = values.hash().alias("__h").to_frame()
+        return left.join(right, on="__h", how="left", maintain_order="left").drop("__h")
+    left = values.alias(key).to_frame()
+    return left.join(lookup, on=key, how="left", maintain_order="left", nulls_equal=True).drop(key)
+
+
 def _empty_errors() -> pl.DataFrame:
     return pl.DataFrame(schema=ERROR_SCHEMA)
 
@@ -525,7 +543,7 @@ def harmonise_and_validate(
             # value once (regexes, code maps) and join the answers back onto the rows.
             o = _orig(name)
             lookup = work.select(pl.col(o).unique()).with_columns(x.alias(a) for a, x in e)
-            work = work.join(lookup, on=o, how="left", maintain_order="left", nulls_equal=True)
+            work = work.hstack(_lookup_rows(work.get_column(o), lookup))
         else:
             exprs += [x.alias(alias) for alias, x in e]
     work = work.with_columns(exprs)
