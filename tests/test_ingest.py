@@ -524,3 +524,43 @@ def test_foreign_keys_checked_on_candidate_rows_give_the_same_errors_as_on_every
         assert x.equals(y)
     assert added_c == added_e
     assert state_c == state_e
+
+
+def test_spreadsheet_style_deliveries_give_the_same_rows(tmp_path, delivery):
+    """Semicolons (comma-decimal locales), CRLF, a byte-order mark and headers such as
+    'Patient ID' or 'SEX' are read as the canonical CSV is; the pooled rows are identical."""
+    results = {}
+    key = None
+    for style in ("canonical", "spreadsheet"):
+        s = Settings(state_dir=tmp_path / style)
+        init_key(s.hmac_key_file)
+        if key is None:
+            key = s.hmac_key_file.read_bytes()
+        else:
+            s.hmac_key_file.write_bytes(key)
+        files = site_files.write(delivery, tmp_path / f"in-{style}")
+        if style == "spreadsheet":
+            for path in files:
+                lines = path.read_text().splitlines()
+                header = [h.replace("_", " ").title() for h in lines[0].split(",")]
+                body = [";".join(pl.Series([ln]).str.split(",").item()) for ln in lines[1:]]
+                text = "\r\n".join([";".join(header), *body]) + "\r\n"
+                path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        r = ingest(s, "fr-rnce", files)
+        assert r.status == "loaded", r.errors
+        results[style] = q(s, "SELECT * EXCLUDE (load_batch) FROM tumour ORDER BY tumour_id")
+    assert results["canonical"] == results["spreadsheet"]
+
+
+def test_ambiguous_headers_and_non_utf8_text_are_clear_errors(settings, tmp_path, delivery):
+    (tmp_path / "a").mkdir()
+    clash = delivery["patient"].with_columns(pl.col("sex").alias("SEX"))
+    clash.write_csv(tmp_path / "a" / "patient.csv")
+    with pytest.raises(IngestError, match="several columns are named sex"):
+        ingest(settings, "uk-ccr", [tmp_path / "a" / "patient.csv"])
+    (tmp_path / "b").mkdir()
+    text = delivery["patient"].with_columns(pl.lit("Léa-étude").alias("study_id")).write_csv()
+    (tmp_path / "b" / "patient.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(IngestError, match="UTF-8"):
+        ingest(settings, "uk-ccr", [tmp_path / "b" / "patient.csv"])
+    assert not PooledStore(settings.pooled_dir).db_path.exists()

@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -149,16 +150,48 @@ def batch_identity(site_id: str, files: dict[str, tuple[Path, str]]) -> str:
     return h.hexdigest()[:24]
 
 
+def _csv_separator(path: Path) -> str:
+    """',' unless the header line is clearly separated by ';' or tabs (spreadsheets saved in
+    locales whose decimal mark is the comma write ';')."""
+    with path.open("rb") as fh:
+        header = fh.readline(1 << 16).decode("utf-8", errors="replace")
+    counts = {sep: header.count(sep) for sep in (",", ";", "\t")}
+    best = max(counts, key=lambda sep: counts[sep])
+    return best if counts[best] > counts[","] else ","
+
+
+def _column_names(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Header names as the dictionary writes them: 'Patient ID ' and 'PATIENT_ID' are
+    patient_id. Two headers that become the same name are refused, not merged."""
+    names = [
+        re.sub(r"[\s\-]+", "_", c.strip().lstrip("\ufeff").strip()).lower() for c in df.columns
+    ]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise IngestError(
+            f"{path.name}: several columns are named {', '.join(clashes)} "
+            "(names are compared ignoring case, spaces and hyphens)"
+        )
+    return df.rename(dict(zip(df.columns, names, strict=True)))
+
+
 def _read(path: Path) -> pl.DataFrame:
     """Read a delivered file as text columns: the dictionary does the typing and says why a
     value is wrong, instead of the reader guessing types."""
     try:
         if SUPPORTED_SUFFIXES[path.suffix.lower()] == "csv":
-            return pl.read_csv(path, infer_schema=False, raise_if_empty=False)
-        df = pl.read_parquet(path)
-        return df.with_columns(pl.all().cast(pl.String))
+            df = pl.read_csv(
+                path, infer_schema=False, raise_if_empty=False, separator=_csv_separator(path)
+            )
+        else:
+            df = pl.read_parquet(path)
+            df = df.with_columns(pl.all().cast(pl.String))
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        raise IngestError(f"{path.name}: cannot be read: {exc}") from exc
+        hint = ""
+        if "utf-8" in str(exc).lower() or "utf8" in str(exc).lower():
+            hint = " (deliver text files as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+        raise IngestError(f"{path.name}: cannot be read: {exc}{hint}") from exc
+    return _column_names(df, path)
 
 
 class _Steps:
