@@ -2,8 +2,18 @@
 votes and page views against `airlock serve` (real uvicorn on loopback) backed by PostgreSQL,
 with identities from a real JupyterHub (tokens validated against the hub, cached 30 s).
 
+Two runs against the same service, both always reported:
+- ``closed``: closed loop, zero think time (every client always has a request in flight: the
+  worst case; mean latency is then about clients / throughput);
+- ``think``: each client waits an exponentially distributed think time (mean BENCH_THINK_S,
+  1 s: a person clicking) before each operation.
+
 Run: ``uv run python -m benchmarks airlock``. Environment: BENCH_CLIENTS (50), BENCH_OPS (12 per
-client), TRE_TEST_POSTGRES_URL. Everything runs on 127.0.0.1 and is removed afterwards.
+client), BENCH_THINK_S (1.0), BENCH_MODES (``closed,think``), BENCH_WORKERS (the service's
+``--workers``; default: its own default), TRE_TEST_POSTGRES_URL. Prints per operation kind
+n / p50 / p95 / p99 / mean / max, throughput, errors, the CPU seconds of the service (all its
+processes), of PostgreSQL, of the hub and of the load generator during each run, and the peak
+RSS of the service processes. Everything runs on 127.0.0.1 and is removed afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 from sqlalchemy import text
 
@@ -66,31 +77,86 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000
 
 
-async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int, ops: int):
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` (and of their reaped children)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _postgres() -> list[psutil.Process]:
+    """PostgreSQL's processes on this machine (backends come and go: an approximation)."""
+    out = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] and p.info["name"].startswith("postgres"):
+            out.append(p)
+    return out
+
+
+def _peak_rss_mib(procs: list[psutil.Process]) -> tuple[float, int]:
+    """Sum of the processes' peak resident set (VmHWM), MiB, and how many processes."""
+    total, n = 0, 0
+    for p in procs:
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+                    n += 1
+        except OSError:
+            pass
+    return total / 1024, n
+
+
+async def _make_slots(http: httpx.AsyncClient, tokens: dict, n_req: int) -> list:
+    """Requests waiting for review, so that every vote op finds a file to vote on."""
+    slots: list[tuple[str, int, str]] = []
+    auth = {"Authorization": f"token {tokens['alice']}"}
+    for i in range(n_req):
+        r = await http.post(
+            PREFIX + "api/requests",
+            headers=auth,
+            json={
+                "project": "wilms-outcomes",
+                "files": [{"path": f"outputs/table{i % 20}.csv"}],
+                "submit": True,
+                "context": "benchmark",
+            },
+        )
+        r.raise_for_status()
+        fid = r.json()["files"][0]["id"]
+        slots += [(r.json()["id"], fid, "checker1"), (r.json()["id"], fid, "checker2")]
+    return slots
+
+
+async def _run(
+    airlock: str,
+    tokens: dict,
+    cookies: httpx.Cookies,
+    clients: int,
+    ops: int,
+    think_s: float,
+    seed: int,
+):
     lat: dict[str, list[float]] = {"page_view": [], "vote": [], "submit": []}
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=airlock, timeout=60, limits=limits) as http:
-        # requests waiting for review: every vote op finds a file to vote on
-        slots: list[tuple[str, int, str]] = []
-        n_req = (clients * ops) // 4 // 2 + 5
-        auth = {"Authorization": f"token {tokens['alice']}"}
-        for i in range(n_req):
-            r = await http.post(
-                PREFIX + "api/requests",
-                headers=auth,
-                json={
-                    "project": "wilms-outcomes",
-                    "files": [{"path": f"outputs/table{i % 20}.csv"}],
-                    "submit": True,
-                    "context": "benchmark",
-                },
-            )
-            r.raise_for_status()
-            fid = r.json()["files"][0]["id"]
-            slots += [(r.json()["id"], fid, "checker1"), (r.json()["id"], fid, "checker2")]
+        slots = await _make_slots(http, tokens, (clients * ops) // 4 // 2 + 5)
         page_ids = [s[0] for s in slots[::2]]
-        rng = random.Random(7)
+        rng = random.Random(seed)
 
         async def one(kind: str) -> None:
             t0 = time.perf_counter()
@@ -124,6 +190,8 @@ async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int,
         async def client(i: int) -> None:
             kinds = ["page_view", "page_view", "vote", "submit"]
             for j in range(ops):
+                if think_s > 0:
+                    await asyncio.sleep(rng.expovariate(1 / think_s))
                 await one(kinds[(i + j) % 4])
 
         t0 = time.perf_counter()
@@ -132,9 +200,48 @@ async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int,
     return lat, errors, elapsed
 
 
+def _report(
+    mode: str,
+    clients: int,
+    ops: int,
+    think_s: float,
+    lat: dict,
+    errors: dict,
+    elapsed: float,
+    cpu: dict[str, float],
+) -> None:
+    total = sum(len(v) for v in lat.values())
+    how = (
+        "zero think time (closed loop)"
+        if think_s == 0
+        else (f"think time exponential, mean {think_s:g} s")
+    )
+    print(f"\n-- {mode}: {clients} clients x {ops} ops, {how}")
+    print(
+        f"{total} requests in {elapsed:.1f} s wall: {total / elapsed:.1f} req/s;"
+        f" errors: {errors or 'none'}"
+    )
+    print("| operation | n | p50 ms | p95 ms | p99 ms | mean ms | max ms |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, values in lat.items():
+        print(
+            f"| {kind} | {len(values)} | {_pct(values, 0.5):.0f} | {_pct(values, 0.95):.0f}"
+            f" | {_pct(values, 0.99):.0f} | {statistics.mean(values) * 1000:.0f}"
+            f" | {max(values) * 1000:.0f} |"
+        )
+    print(
+        "CPU seconds during the run (includes the setup of its requests): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+        + f"; service CPU per request {cpu['service'] / total * 1000:.1f} ms"
+    )
+
+
 def main() -> None:
     clients = int(os.environ.get("BENCH_CLIENTS", "50"))
     ops = int(os.environ.get("BENCH_OPS", "12"))
+    think_s = float(os.environ.get("BENCH_THINK_S", "1.0"))
+    modes = os.environ.get("BENCH_MODES", "closed,think").split(",")
+    workers = os.environ.get("BENCH_WORKERS")
     root = Path(tempfile.mkdtemp(prefix="bench-airlock-"))
     schema = f"bench_airlock_{uuid.uuid4().hex[:8]}"
     admin = make_engine(PG)
@@ -176,6 +283,7 @@ def main() -> None:
                 str(port),
                 "--log-level",
                 "warning",
+                *(["--workers", workers] if workers else []),
             ],
             env=env,
         )
@@ -205,19 +313,36 @@ def main() -> None:
             hub.create_user(u)
             tokens[u] = hub.user_token(u)
         cookies = _login(hub.url, "checker3")
-        lat, errors, elapsed = asyncio.run(_run(airlock, tokens, cookies, clients, ops))
-        total = sum(len(v) for v in lat.values())
         print(
-            f"{clients} clients x {ops} ops = {total} requests in {elapsed:.1f} s: "
-            f"{total / elapsed:.1f} req/s; errors: {errors or 'none'}"
+            f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
+            f" {os.cpu_count()} CPUs; service processes: {len(_tree(proc.pid))}"
         )
-        print("| operation | n | p50 ms | p99 ms | mean ms |")
-        print("|---|---|---|---|---|")
-        for kind, values in lat.items():
-            print(
-                f"| {kind} | {len(values)} | {_pct(values, 0.5):.0f} | {_pct(values, 0.99):.0f}"
-                f" | {statistics.mean(values) * 1000:.0f} |"
+        for n, mode in enumerate(modes):
+            service, pg, hub_procs = _tree(proc.pid), _postgres(), _tree(hub.process.pid)
+            before = (_cpu(service), _cpu(pg), _cpu(hub_procs), time.process_time())
+            lat, errors, elapsed = asyncio.run(
+                _run(
+                    airlock,
+                    tokens,
+                    cookies,
+                    clients,
+                    ops,
+                    think_s if mode == "think" else 0.0,
+                    seed=7 + n,
+                )
             )
+            cpu = {
+                "service": _cpu(_tree(proc.pid)) - before[0],
+                "postgres": _cpu(pg) - before[1],
+                "hub+proxy": _cpu(hub_procs) - before[2],
+                "load generator": time.process_time() - before[3],
+            }
+            _report(
+                mode, clients, ops, think_s if mode == "think" else 0.0, lat, errors, elapsed, cpu
+            )
+            print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        rss, nproc = _peak_rss_mib(_tree(proc.pid))
+        print(f"service peak RSS (sum of VmHWM over {nproc} processes): {rss:.0f} MiB")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
