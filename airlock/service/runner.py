@@ -1,14 +1,26 @@
-"""Build the service from settings and run it: one process, one or two uvicorn servers (TCP for
-the proxy and browsers; optionally a unix socket for sandboxes, which have no network)."""
+"""Build the service from settings and run it: one or two uvicorn servers (TCP for the proxy and
+browsers; optionally a unix socket for sandboxes, which have no network) in ``workers``
+processes that share the listening sockets.
+
+One Python process runs Python code on one core at a time (the GIL), and the endpoints are
+CPU-bound (ORM, templates, hashing), so on 2 cores two worker processes nearly double what the
+service can answer. The parent binds the sockets, migrates the database and finishes interrupted
+releases ONCE, then forks the workers and restarts any that dies; SIGTERM/SIGINT stop them all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import multiprocessing
 import os
 import secrets
 import signal
+import socket
+import time
 from collections.abc import Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
 import uvicorn
@@ -21,6 +33,9 @@ from airlock.service.db import make_engine, upgrade
 from tre.provision import LiveRegistry
 from tre.registry import load_registry
 from tre.settings import Settings
+
+log = logging.getLogger("airlock")
+CHECK_NICE = 10  # disclosure checks yield the CPU to page views and votes
 
 
 def session_secret(settings: Settings) -> str:
@@ -36,42 +51,184 @@ def session_secret(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def build_app(settings: Settings, hub: HubConfig, *, pool_size: int = 10) -> FastAPI:
-    """Migrate the database, finish interrupted releases, and return the ASGI app."""
+def prepare(settings: Settings) -> None:
+    """Once per start, before any worker: migrate, validate the declarations, and finish the
+    releases a crash interrupted (release is idempotent, but once is enough)."""
+    engine = make_engine(settings.airlock_db_url or "", pool_size=1)
+    try:
+        upgrade(engine)
+        load_registry(settings.policies_dir)  # invalid declarations stop the start, clearly
+        AirlockService(
+            settings, engine, LiveRegistry(settings.policies_dir)
+        ).complete_pending_releases()
+    finally:
+        engine.dispose()  # no connection may be shared with forked workers
+
+
+def _lower_priority() -> None:
+    os.nice(CHECK_NICE)
+
+
+def _warm() -> None:
+    import airlock.service.checking  # noqa: F401  (imports the check engine once, up front)
+
+
+def check_pool(processes: int) -> Executor | None:
+    """Processes at nice 10 for the disclosure checks; None (checks in the request's thread)
+    for 0. ``spawn``: the worker has threads, and forking a threaded process is unsafe."""
+    if processes <= 0:
+        return None
+    pool = ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
+    )
+    pool.submit(_warm)
+    return pool
+
+
+def make_app(
+    settings: Settings,
+    hub: HubConfig,
+    *,
+    pool_size: int = 10,
+    secret: str | None = None,
+    checks: Executor | None = None,
+) -> FastAPI:
+    """The ASGI app of one worker (the database must already be migrated: ``prepare``)."""
     engine = make_engine(settings.airlock_db_url or "", pool_size=pool_size)
-    upgrade(engine)
-    load_registry(settings.policies_dir)  # invalid declarations stop the start, clearly
     registry = LiveRegistry(settings.policies_dir)  # re-read when a declaration changes
-    service = AirlockService(settings, engine, registry)
-    service.complete_pending_releases()
+    service = AirlockService(settings, engine, registry, check_pool=checks)
     return create_app(
         service,
         HubIdentityProvider(hub),
         prefix=hub.prefix,
-        session_secret=session_secret(settings),
+        session_secret=secret or session_secret(settings),
         https_only=os.environ.get("JUPYTERHUB_PUBLIC_URL", "").startswith("https"),
     )
+
+
+def build_app(settings: Settings, hub: HubConfig, *, pool_size: int = 10) -> FastAPI:
+    """Migrate the database, finish interrupted releases, and return the ASGI app (in-process
+    checks: for a single process, e.g. tests)."""
+    prepare(settings)
+    return make_app(settings, hub, pool_size=pool_size)
 
 
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        # signals are handled once for both servers by ``serve``
+        # signals are handled once for both servers by ``_run_servers``
         yield
 
 
-def serve(app: FastAPI, host: str, port: int, uds: Path | None, log_level: str = "info") -> None:
+def _configs(
+    app: FastAPI | str, host: str, port: int, uds: Path | None, log_level: str
+) -> list[uvicorn.Config]:
     configs = [uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=False)]
     if uds is not None:
-        uds.parent.mkdir(parents=True, exist_ok=True)
-        uds.unlink(missing_ok=True)
         configs.append(uvicorn.Config(app, uds=str(uds), log_level=log_level, lifespan="off"))
+    return configs
+
+
+def _run_servers(configs: list[uvicorn.Config], sockets: list[socket.socket] | None) -> None:
     servers = [_Server(c) for c in configs]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
-        await asyncio.gather(*(s.serve() for s in servers))
+        if sockets is None:
+            await asyncio.gather(*(s.serve() for s in servers))
+        else:
+            pairs = zip(servers, sockets, strict=True)
+            await asyncio.gather(*(s.serve(sockets=[k]) for s, k in pairs))
 
     asyncio.run(main())
+
+
+def serve(app: FastAPI, host: str, port: int, uds: Path | None, log_level: str = "info") -> None:
+    """One process serving ``app`` (the servers bind their own sockets)."""
+    if uds is not None:
+        uds.parent.mkdir(parents=True, exist_ok=True)
+        uds.unlink(missing_ok=True)
+    _run_servers(_configs(app, host, port, uds, log_level), None)
+
+
+def _worker(
+    settings: Settings,
+    hub: HubConfig,
+    secret: str,
+    host: str,
+    port: int,
+    uds: Path | None,
+    log_level: str,
+    sockets: list[socket.socket],
+    check_processes: int,
+) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers are not ours
+        signal.signal(sig, signal.SIG_DFL)
+    checks = check_pool(check_processes)
+    try:
+        app = make_app(settings, hub, secret=secret, checks=checks)
+        _run_servers(_configs(app, host, port, uds, log_level), sockets)
+    finally:
+        if checks is not None:
+            checks.shutdown(wait=True, cancel_futures=True)
+
+
+def serve_workers(
+    settings: Settings,
+    hub: HubConfig,
+    host: str,
+    port: int,
+    uds: Path | None,
+    log_level: str = "info",
+    workers: int = 1,
+    check_processes: int = 0,
+) -> None:
+    """Prepare once, then serve from ``workers`` processes sharing the listening sockets."""
+    prepare(settings)
+    secret = session_secret(settings)
+    if uds is not None:
+        uds.parent.mkdir(parents=True, exist_ok=True)
+        uds.unlink(missing_ok=True)
+    sockets = [c.bind_socket() for c in _configs("airlock", host, port, uds, log_level)]
+    args = (settings, hub, secret, host, port, uds, log_level, sockets, check_processes)
+    if workers <= 1:
+        _worker(*args)
+        return
+    # fork: the parent has no threads and no database connection at this point
+    ctx = multiprocessing.get_context("fork")
+    stopping = False
+
+    def start() -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(target=_worker, args=args, name="airlock-worker")
+        proc.start()
+        return proc
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    procs = [start() for _ in range(workers)]
+    try:
+        while not stopping:
+            time.sleep(0.2)
+            for i, proc in enumerate(procs):
+                if not proc.is_alive() and not stopping:
+                    log.error("airlock worker %s exited (%s): restarting", proc.pid, proc.exitcode)
+                    procs[i] = start()
+    finally:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+        for sock in sockets:
+            sock.close()
+        if uds is not None:
+            uds.unlink(missing_ok=True)
