@@ -10,10 +10,12 @@ Two runs against the same service, both always reported:
 
 Run: ``uv run python -m benchmarks airlock``. Environment: BENCH_CLIENTS (50), BENCH_OPS (12 per
 client), BENCH_THINK_S (1.0), BENCH_MODES (``closed,think``), BENCH_WORKERS (the service's
-``--workers``; default: its own default), TRE_TEST_POSTGRES_URL. Prints per operation kind
-n / p50 / p95 / p99 / mean / max, throughput, errors, the CPU seconds of the service (all its
-processes), of PostgreSQL, of the hub and of the load generator during each run, and the peak
-RSS of the service processes. Everything runs on 127.0.0.1 and is removed afterwards.
+``--workers``; default: its own default), BENCH_SERIAL (40 requests of each kind sent one at a
+time first, for the service CPU per request of each kind; 0: skip), TRE_TEST_POSTGRES_URL.
+Prints per operation kind n / p50 / p95 / p99 / mean / max, throughput, errors, the CPU
+seconds of the service (all its processes), of PostgreSQL, of the hub and of the load generator
+during each run, and the peak RSS of the service processes. Everything runs on 127.0.0.1 and
+is removed afterwards.
 """
 
 from __future__ import annotations
@@ -200,6 +202,50 @@ async def _run(
     return lat, errors, elapsed
 
 
+async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, n: int) -> None:
+    """One client, one request at a time: service CPU per request of each kind (process CPU
+    seconds of all service processes, so robust on a busy machine) and its wall time."""
+    async with httpx.AsyncClient(base_url=airlock, timeout=60) as http:
+        slots = await _make_slots(http, tokens, n)
+        page_ids = [s[0] for s in slots[::2]]
+        alice = {"Authorization": f"token {tokens['alice']}"}
+        kinds = {
+            "request page": lambda i: http.get(PREFIX + f"requests/{page_ids[i]}", cookies=cookies),
+            "queue page": lambda i: http.get(PREFIX + "queue", cookies=cookies),
+            "vote (first)": lambda i: http.post(
+                PREFIX + f"api/requests/{slots[2 * i][0]}/files/{slots[2 * i][1]}/votes",
+                headers={"Authorization": f"token {tokens['checker1']}"},
+                json={"decision": "approve"},
+            ),
+            "vote (approving: release)": lambda i: http.post(
+                PREFIX + f"api/requests/{slots[2 * i][0]}/files/{slots[2 * i][1]}/votes",
+                headers={"Authorization": f"token {tokens['checker2']}"},
+                json={"decision": "approve"},
+            ),
+            "submit (with checks)": lambda i: http.post(
+                PREFIX + "api/requests",
+                headers=alice,
+                json={
+                    "project": "wilms-outcomes",
+                    "submit": True,
+                    "files": [{"path": f"outputs/table{i % 20}.csv"}],
+                },
+            ),
+        }
+        print(f"\n-- serial: one client, {n} requests of each kind, one at a time")
+        print("| operation | service CPU ms per request | wall p50 ms | wall max ms |")
+        print("|---|---|---|---|")
+        for kind, call in kinds.items():
+            walls = []
+            before = _cpu(_tree(pid))
+            for i in range(n):
+                t0 = time.perf_counter()
+                (await call(i)).raise_for_status()
+                walls.append(time.perf_counter() - t0)
+            cpu = (_cpu(_tree(pid)) - before) / n * 1000
+            print(f"| {kind} | {cpu:.1f} | {_pct(walls, 0.5):.0f} | {max(walls) * 1000:.0f} |")
+
+
 def _report(
     mode: str,
     clients: int,
@@ -240,8 +286,9 @@ def main() -> None:
     clients = int(os.environ.get("BENCH_CLIENTS", "50"))
     ops = int(os.environ.get("BENCH_OPS", "12"))
     think_s = float(os.environ.get("BENCH_THINK_S", "1.0"))
-    modes = os.environ.get("BENCH_MODES", "closed,think").split(",")
+    modes = [m for m in os.environ.get("BENCH_MODES", "closed,think").split(",") if m]
     workers = os.environ.get("BENCH_WORKERS")
+    serial = int(os.environ.get("BENCH_SERIAL", "40"))
     root = Path(tempfile.mkdtemp(prefix="bench-airlock-"))
     schema = f"bench_airlock_{uuid.uuid4().hex[:8]}"
     admin = make_engine(PG)
@@ -317,6 +364,8 @@ def main() -> None:
             f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
             f" {os.cpu_count()} CPUs; service processes: {len(_tree(proc.pid))}"
         )
+        if serial:
+            asyncio.run(_serial(airlock, tokens, cookies, proc.pid, serial))
         for n, mode in enumerate(modes):
             service, pg, hub_procs = _tree(proc.pid), _postgres(), _tree(hub.process.pid)
             before = (_cpu(service), _cpu(pg), _cpu(hub_procs), time.process_time())

@@ -175,6 +175,26 @@ def _worker(
             checks.shutdown(wait=True, cancel_futures=True)
 
 
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    """The listening TCP socket, shared by the workers.
+
+    Not ``uvicorn.Config.bind_socket``: it creates the socket without ``proto=IPPROTO_TCP``, and
+    asyncio sets TCP_NODELAY only on connections of sockets that say they are TCP; without it
+    Nagle's algorithm and the client's delayed ACK added 40 ms to every response of a sync
+    endpoint (measured: /api/health 44 ms instead of 1.4 ms).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve_workers(
     settings: Settings,
     hub: HubConfig,
@@ -191,7 +211,9 @@ def serve_workers(
     if uds is not None:
         uds.parent.mkdir(parents=True, exist_ok=True)
         uds.unlink(missing_ok=True)
-    sockets = [c.bind_socket() for c in _configs("airlock", host, port, uds, log_level)]
+    sockets = [_tcp_socket(host, port)]
+    if uds is not None:
+        sockets.append(_configs("airlock", host, port, uds, log_level)[1].bind_socket())
     args = (settings, hub, secret, host, port, uds, log_level, sockets, check_processes)
     if workers <= 1:
         _worker(*args)
