@@ -38,6 +38,7 @@ from tre.audit import verify_chain
 log = logging.getLogger("airlock.web")
 HERE = Path(__file__).resolve().parent
 MAX_BODY_BYTES = 1024 * 1024
+QUEUE_PAGE_DONE = 50  # finished requests listed on the queue page (most recent first)
 
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
@@ -482,7 +483,11 @@ def create_app(
     @app.get(f"{prefix}queue", include_in_schema=False)
     def queue_page(request: Request, who: PageUser) -> HTMLResponse:
         perm._deny(who.is_checker, "only output checkers have a queue")
-        return render(request, "queue.html", who, queue=service.queue(who))
+        queue = service.queue(who)
+        # finished requests only grow: the page lists the latest ones (all of them: api/queue)
+        done_total = len(queue["done"])
+        queue["done"] = queue["done"][:QUEUE_PAGE_DONE]
+        return render(request, "queue.html", who, queue=queue, done_total=done_total)
 
     @app.get(f"{prefix}requests/{{request_id}}", include_in_schema=False)
     def request_page(request: Request, request_id: str, who: PageUser) -> HTMLResponse:

@@ -114,3 +114,51 @@ def test_queue_matches_the_rules_on_full_objects(service):
             assert {k: v for k, v in row.items() if k != "files_to_vote"} == {
                 k: v for k, v in listed[row["id"]].items() if k != "latest_comment"
             }
+
+
+def test_queue_page_lists_the_latest_done_and_counts_all(service, monkeypatch):
+    """The page lists the most recent finished requests (their number grows forever) but counts
+    all of them; the API returns all."""
+    import asyncio
+    import base64
+    import json
+    import re
+
+    import httpx
+    import itsdangerous
+
+    from airlock.service import app as app_module
+    from airlock.service.auth import Identity
+
+    class Tokens:
+        async def identify(self, token: str) -> Identity:
+            return Identity(name=token)
+
+    monkeypatch.setattr(app_module, "QUEUE_PAGE_DONE", 2)
+    alice = service.who("alice")
+    for _ in range(3):
+        rid = service.create_request(alice, "wilms-outcomes", [FileSpec("outputs/table.csv")])
+        service.submit(alice, rid)
+        service.withdraw(alice, rid)  # done
+    web = app_module.create_app(service, Tokens(), session_secret="k" * 32)
+    session = base64.b64encode(json.dumps({"token": "checker1", "csrf": "c"}).encode())
+    cookie = itsdangerous.TimestampSigner("k" * 32).sign(session).decode()
+
+    async def fetch() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=web),
+            base_url="http://airlock",
+            cookies={"airlock-session": cookie},
+        ) as http:
+            page = await http.get("/services/airlock/queue")
+            api = await http.get(
+                "/services/airlock/api/queue", headers={"Authorization": "token checker1"}
+            )
+            return page, api
+
+    page, api = asyncio.run(fetch())
+    assert page.status_code == 200
+    assert re.search(r'id="count-done">3<', page.text)
+    done = page.text.split('id="queue-done"')[1]
+    assert done.count("<tr><td>") == 2 and "2 most recently updated of 3" in page.text
+    assert len(api.json()["done"]) == 3
