@@ -433,12 +433,14 @@ class AirlockService:
                     self._transition(session, req, Action.REVIEWS_COMPLETE, who.name)
                     if self._all_approved(req):
                         self._transition(session, req, Action.APPROVE, who.name)
-                state = req.state
+                state, project = req.state, req.project
         except IntegrityError:
             # the unique constraint caught a concurrent duplicate vote
             raise Conflict("you have already voted on this file in this round") from None
         if state == State.APPROVED:
-            state = self._try_release(who.name, request_id)
+            # after the vote's commit, in a transaction of its own (see airlock/release.py):
+            # the copy and its fsyncs hold only this request's row, never the audit head
+            state = self._try_release(who.name, request_id, project)
         return state
 
     def _round_complete(self, req: ReleaseRequest) -> bool:
@@ -485,18 +487,21 @@ class AirlockService:
             )
             return req.state
 
-    def _try_release(self, actor: str, request_id: str) -> str:
+    def _try_release(self, actor: str, request_id: str, project: str) -> str:
         try:
-            self.release_now(actor, request_id)
+            # True: released now; False: it already was; either way it is released
+            self.release_now(actor, request_id, project)
         except (ReleaseError, OSError) as exc:
             log.error("release of %s failed, retry with POST .../release: %s", request_id, exc)
-        with self.factory() as session:
-            return session.get(ReleaseRequest, request_id).state  # type: ignore[union-attr]
+            with self.factory() as session:
+                return session.get(ReleaseRequest, request_id).state  # type: ignore[union-attr]
+        return State.RELEASED.value
 
-    def release_now(self, actor: str, request_id: str) -> bool:
-        with self.factory() as session:
-            req = session.get(ReleaseRequest, request_id)
-            project = req.project if req else ""
+    def release_now(self, actor: str, request_id: str, project: str | None = None) -> bool:
+        if project is None:
+            with self.factory() as session:
+                req = session.get(ReleaseRequest, request_id)
+                project = req.project if req else ""
         self.check_project_active(project)
         return release_request(
             self.factory,
