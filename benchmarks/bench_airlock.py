@@ -205,8 +205,9 @@ async def _run(
 async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, n: int) -> None:
     """One client, one request at a time: service CPU per request of each kind (process CPU
     seconds of all service processes, so robust on a busy machine) and its wall time."""
+    warm = 10  # first requests of each kind per process compile templates and statements
     async with httpx.AsyncClient(base_url=airlock, timeout=60) as http:
-        slots = await _make_slots(http, tokens, n)
+        slots = await _make_slots(http, tokens, n + warm)
         page_ids = [s[0] for s in slots[::2]]
         alice = {"Authorization": f"token {tokens['alice']}"}
         kinds = {
@@ -232,7 +233,13 @@ async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, 
                 },
             ),
         }
-        print(f"\n-- serial: one client, {n} requests of each kind, one at a time")
+        for call in kinds.values():
+            for i in range(n, n + warm):
+                (await call(i)).raise_for_status()
+        print(
+            f"\n-- serial: one client, {n} requests of each kind, one at a time"
+            f" (after {warm} unmeasured ones of each kind)"
+        )
         print("| operation | service CPU ms per request | wall p50 ms | wall max ms |")
         print("|---|---|---|---|")
         for kind, call in kinds.items():

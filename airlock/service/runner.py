@@ -18,9 +18,10 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 import uvicorn
@@ -28,6 +29,7 @@ from fastapi import FastAPI
 
 from airlock.service.app import create_app
 from airlock.service.auth import HubConfig, HubIdentityProvider
+from airlock.service.checkpool import check_pool
 from airlock.service.core import AirlockService
 from airlock.service.db import make_engine, upgrade
 from tre.provision import LiveRegistry
@@ -35,7 +37,6 @@ from tre.registry import load_registry
 from tre.settings import Settings
 
 log = logging.getLogger("airlock")
-CHECK_NICE = 10  # disclosure checks yield the CPU to page views and votes
 
 
 def session_secret(settings: Settings) -> str:
@@ -63,26 +64,6 @@ def prepare(settings: Settings) -> None:
         ).complete_pending_releases()
     finally:
         engine.dispose()  # no connection may be shared with forked workers
-
-
-def _lower_priority() -> None:
-    os.nice(CHECK_NICE)
-
-
-def _warm() -> None:
-    import airlock.service.checking  # noqa: F401  (imports the check engine once, up front)
-
-
-def check_pool(processes: int) -> Executor | None:
-    """Processes at nice 10 for the disclosure checks; None (checks in the request's thread)
-    for 0. ``spawn``: the worker has threads, and forking a threaded process is unsafe."""
-    if processes <= 0:
-        return None
-    pool = ProcessPoolExecutor(
-        processes, mp_context=multiprocessing.get_context("spawn"), initializer=_lower_priority
-    )
-    pool.submit(_warm)
-    return pool
 
 
 def make_app(
@@ -172,7 +153,24 @@ def _worker(
         _run_servers(_configs(app, host, port, uds, log_level), sockets)
     finally:
         if checks is not None:
-            checks.shutdown(wait=True, cancel_futures=True)
+            # no waiting: a check process may still be importing; it leaves when we do
+            checks.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_process(*args: object) -> None:
+    """A forked worker: serve, then exit at once (the interpreter's exit would join the check
+    pool, which can take seconds while a check process still imports at nice 10)."""
+    code = 0
+    try:
+        _worker(*args)  # type: ignore[arg-type]
+    except BaseException:  # noqa: BLE001  (logged, and the exit code tells the parent)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:
@@ -223,7 +221,7 @@ def serve_workers(
     stopping = False
 
     def start() -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(target=_worker, args=args, name="airlock-worker")
+        proc = ctx.Process(target=_worker_process, args=args, name="airlock-worker")
         proc.start()
         return proc
 
