@@ -26,6 +26,13 @@ def serve(
         help="Worker processes sharing the sockets; about one per core, since one Python "
         "process runs on one core at a time (default: settings.airlock_workers, 2).",
     ),
+    threads: int = typer.Option(
+        None,
+        min=1,
+        max=256,
+        help="Per worker: threads running the endpoints; further requests wait in the event "
+        "loop (default: settings.airlock_threads, 8).",
+    ),
     check_processes: int = typer.Option(
         None,
         min=0,
@@ -50,6 +57,7 @@ def serve(
         check_processes=(
             settings.airlock_check_processes if check_processes is None else check_processes
         ),
+        threads=threads or settings.airlock_threads,
     )
 
 

@@ -148,6 +148,16 @@ class Settings(BaseSettings):
         "listening sockets). One process runs Python on one core at a time (the GIL), so use "
         "about one per core; 2 suits the 2-core reference machine.",
     )
+    airlock_threads: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Per airlock worker: threads running the endpoints (database, templates); "
+        "more requests wait in the event loop. Few on purpose: in one process only one thread "
+        "runs Python at a time, and with many busy threads each database round trip of a "
+        "vote waits for its turn. Endpoints that snapshot files (they wait for the checks) "
+        "have as many threads again of their own.",
+    )
     airlock_check_processes: int = Field(
         default=1,
         ge=0,

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import Executor
 from pathlib import Path
 
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
@@ -73,6 +74,7 @@ def make_app(
     pool_size: int = 10,
     secret: str | None = None,
     checks: Executor | None = None,
+    threads: int = 8,
 ) -> FastAPI:
     """The ASGI app of one worker (the database must already be migrated: ``prepare``)."""
     engine = make_engine(settings.airlock_db_url or "", pool_size=pool_size)
@@ -84,6 +86,7 @@ def make_app(
         prefix=hub.prefix,
         session_secret=secret or session_secret(settings),
         https_only=os.environ.get("JUPYTERHUB_PUBLIC_URL", "").startswith("https"),
+        snapshot_threads=threads,
     )
 
 
@@ -110,11 +113,15 @@ def _configs(
     return configs
 
 
-def _run_servers(configs: list[uvicorn.Config], sockets: list[socket.socket] | None) -> None:
+def _run_servers(
+    configs: list[uvicorn.Config], sockets: list[socket.socket] | None, threads: int | None = None
+) -> None:
     servers = [_Server(c) for c in configs]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        if threads is not None:  # the sync endpoints' thread pool (anyio's default: 40)
+            anyio.to_thread.current_default_thread_limiter().total_tokens = threads
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: [setattr(s, "should_exit", True) for s in servers])
         if sockets is None:
@@ -144,13 +151,14 @@ def _worker(
     log_level: str,
     sockets: list[socket.socket],
     check_processes: int,
+    threads: int,
 ) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers are not ours
         signal.signal(sig, signal.SIG_DFL)
     checks = check_pool(check_processes)
     try:
-        app = make_app(settings, hub, secret=secret, checks=checks)
-        _run_servers(_configs(app, host, port, uds, log_level), sockets)
+        app = make_app(settings, hub, secret=secret, checks=checks, threads=threads)
+        _run_servers(_configs(app, host, port, uds, log_level), sockets, threads)
     finally:
         if checks is not None:
             # no waiting: a check process may still be importing; it leaves when we do
@@ -202,6 +210,7 @@ def serve_workers(
     log_level: str = "info",
     workers: int = 1,
     check_processes: int = 0,
+    threads: int = 8,
 ) -> None:
     """Prepare once, then serve from ``workers`` processes sharing the listening sockets."""
     prepare(settings)
@@ -212,7 +221,7 @@ def serve_workers(
     sockets = [_tcp_socket(host, port)]
     if uds is not None:
         sockets.append(_configs("airlock", host, port, uds, log_level)[1].bind_socket())
-    args = (settings, hub, secret, host, port, uds, log_level, sockets, check_processes)
+    args = (settings, hub, secret, host, port, uds, log_level, sockets, check_processes, threads)
     if workers <= 1:
         _worker(*args)
         return

@@ -1,4 +1,4 @@
-"""`airlock serve --workers 2`: both workers answer on the shared socket, a worker killed with
+"""`airlock serve --workers 2`: the workers serve on the shared socket, a worker killed with
 SIGKILL is replaced, and SIGTERM stops the parent, the workers and their check processes."""
 
 from __future__ import annotations
