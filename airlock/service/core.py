@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,13 @@ class AirlockService:
             if self.check_pool is None:
                 report = run_checks(named, policy, extract_path)
             else:  # this thread waits; the event loop and the other requests go on
-                report = self.check_pool.submit(run_checks, named, policy, extract_path).result()
+                try:
+                    job = self.check_pool.submit(run_checks, named, policy, extract_path)
+                    report = job.result()
+                except BrokenProcessPool:
+                    # a check process died (or could not start): check here rather than fail
+                    log.error("the check processes are broken; checking in the request thread")
+                    report = run_checks(named, policy, extract_path)
         findings = [f.model_dump(mode="json") for f in report.findings]
         return Snapshot(
             spec, str(rel), sha, size, report.output_class, report.status.value, findings

@@ -79,3 +79,29 @@ def test_blocked_submissions_do_not_starve_other_requests(service):
         from airlock.service.models import RequestFile
 
         assert s.query(RequestFile).count() == 4
+
+
+def _cannot_start() -> None:
+    raise RuntimeError("this check process cannot start")
+
+
+def test_broken_check_processes_fall_back_to_checking_in_the_thread(service):
+    """A check process that cannot start (e.g. a launcher whose main re-runs under spawn) must
+    not make submissions fail: the checks then run in the request's thread."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from airlock.service.core import FileSpec
+
+    pool = ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), initializer=_cannot_start
+    )
+    service.check_pool = pool
+    try:
+        alice = service.who("alice")
+        rid = service.create_request(alice, "wilms-outcomes", [FileSpec("outputs/small.csv")])
+        files = service.view(alice, rid)["files"]
+        # the real checks ran: the small count fails the policy
+        assert files[0]["check_status"] == "fail" and files[0]["findings"]
+    finally:
+        pool.shutdown(wait=True)
