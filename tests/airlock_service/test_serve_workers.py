@@ -71,3 +71,31 @@ def test_workers_share_the_socket_are_restarted_and_stop(tmp_path):
         left = {p for p in left if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"}
     # nothing is left, not even the check process of the worker killed outright
     assert not left, [psutil.Process(p).cmdline() for p in left]
+
+
+def test_shared_socket_connections_get_tcp_nodelay():
+    """The pre-bound socket must say it is TCP, or asyncio leaves Nagle on for its connections
+    and every sync endpoint's response waits 40 ms for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from airlock.service.runner import _tcp_socket
+
+    async def accepted_nodelay() -> int:
+        sock = _tcp_socket("127.0.0.1", 0)
+        seen: list[int] = []
+
+        def on_connect(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = writer.get_extra_info("socket")
+            seen.append(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(on_connect, sock=sock)
+        async with server:
+            _r, w = await asyncio.open_connection(*sock.getsockname()[:2])
+            while not seen:
+                await asyncio.sleep(0.01)
+            w.close()
+        return seen[0]
+
+    assert asyncio.run(accepted_nodelay()) != 0
