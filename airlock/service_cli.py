@@ -19,15 +19,46 @@ def serve(
     port: int = typer.Option(None, help="TCP port (default: settings.airlock_port)."),
     uds: Path = typer.Option(None, "--uds", help="Also listen on this unix socket (sandboxes)."),
     log_level: str = typer.Option("info"),
+    workers: int = typer.Option(
+        None,
+        min=1,
+        max=64,
+        help="Worker processes sharing the sockets; about one per core, since one Python "
+        "process runs on one core at a time (default: settings.airlock_workers, 2).",
+    ),
+    threads: int = typer.Option(
+        None,
+        min=1,
+        max=256,
+        help="Per worker: threads running the endpoints; further requests wait in the event "
+        "loop (default: settings.airlock_threads, 8).",
+    ),
+    check_processes: int = typer.Option(
+        None,
+        min=0,
+        max=64,
+        help="Per worker: processes running the disclosure checks at nice 10 (0: in the "
+        "request's thread; default: settings.airlock_check_processes, 1).",
+    ),
 ) -> None:
     """Run the airlock service (as a JupyterHub service: reads the JUPYTERHUB_* environment)."""
     from airlock.service.auth import HubConfig
-    from airlock.service.runner import build_app
-    from airlock.service.runner import serve as run
+    from airlock.service.runner import serve_workers
 
     settings = get_settings()
-    app = build_app(settings, HubConfig.from_env())
-    run(app, host or settings.hub_ip, port or settings.airlock_port, uds, log_level)
+    serve_workers(
+        settings,
+        HubConfig.from_env(),
+        host or settings.hub_ip,
+        port or settings.airlock_port,
+        uds,
+        log_level,
+        workers=workers or settings.airlock_workers,
+        check_processes=(
+            settings.airlock_check_processes if check_processes is None else check_processes
+        ),
+        threads=threads or settings.airlock_threads,
+    )
 
 
 @db_app.command("upgrade")

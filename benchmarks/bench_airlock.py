@@ -2,8 +2,20 @@
 votes and page views against `airlock serve` (real uvicorn on loopback) backed by PostgreSQL,
 with identities from a real JupyterHub (tokens validated against the hub, cached 30 s).
 
+Two runs against the same service, both always reported:
+- ``closed``: closed loop, zero think time (every client always has a request in flight: the
+  worst case; mean latency is then about clients / throughput);
+- ``think``: each client waits an exponentially distributed think time (mean BENCH_THINK_S,
+  1 s: a person clicking) before each operation.
+
 Run: ``uv run python -m benchmarks airlock``. Environment: BENCH_CLIENTS (50), BENCH_OPS (12 per
-client), TRE_TEST_POSTGRES_URL. Everything runs on 127.0.0.1 and is removed afterwards.
+client), BENCH_THINK_S (1.0), BENCH_MODES (``closed,think``), BENCH_WORKERS (the service's
+``--workers``; default: its own default), BENCH_SERIAL (40 requests of each kind sent one at a
+time first, for the service CPU per request of each kind; 0: skip), TRE_TEST_POSTGRES_URL.
+Prints per operation kind n / p50 / p95 / p99 / mean / max, throughput, errors, the CPU
+seconds of the service (all its processes), of PostgreSQL, of the hub and of the load generator
+during each run, and the peak RSS of the service processes. Everything runs on 127.0.0.1 and
+is removed afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 from sqlalchemy import text
 
@@ -66,31 +79,86 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] * 1000
 
 
-async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int, ops: int):
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` (and of their reaped children)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _postgres() -> list[psutil.Process]:
+    """PostgreSQL's processes on this machine (backends come and go: an approximation)."""
+    out = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] and p.info["name"].startswith("postgres"):
+            out.append(p)
+    return out
+
+
+def _peak_rss_mib(procs: list[psutil.Process]) -> tuple[float, int]:
+    """Sum of the processes' peak resident set (VmHWM), MiB, and how many processes."""
+    total, n = 0, 0
+    for p in procs:
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+                    n += 1
+        except OSError:
+            pass
+    return total / 1024, n
+
+
+async def _make_slots(http: httpx.AsyncClient, tokens: dict, n_req: int) -> list:
+    """Requests waiting for review, so that every vote op finds a file to vote on."""
+    slots: list[tuple[str, int, str]] = []
+    auth = {"Authorization": f"token {tokens['alice']}"}
+    for i in range(n_req):
+        r = await http.post(
+            PREFIX + "api/requests",
+            headers=auth,
+            json={
+                "project": "wilms-outcomes",
+                "files": [{"path": f"outputs/table{i % 20}.csv"}],
+                "submit": True,
+                "context": "benchmark",
+            },
+        )
+        r.raise_for_status()
+        fid = r.json()["files"][0]["id"]
+        slots += [(r.json()["id"], fid, "checker1"), (r.json()["id"], fid, "checker2")]
+    return slots
+
+
+async def _run(
+    airlock: str,
+    tokens: dict,
+    cookies: httpx.Cookies,
+    clients: int,
+    ops: int,
+    think_s: float,
+    seed: int,
+):
     lat: dict[str, list[float]] = {"page_view": [], "vote": [], "submit": []}
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=airlock, timeout=60, limits=limits) as http:
-        # requests waiting for review: every vote op finds a file to vote on
-        slots: list[tuple[str, int, str]] = []
-        n_req = (clients * ops) // 4 // 2 + 5
-        auth = {"Authorization": f"token {tokens['alice']}"}
-        for i in range(n_req):
-            r = await http.post(
-                PREFIX + "api/requests",
-                headers=auth,
-                json={
-                    "project": "wilms-outcomes",
-                    "files": [{"path": f"outputs/table{i % 20}.csv"}],
-                    "submit": True,
-                    "context": "benchmark",
-                },
-            )
-            r.raise_for_status()
-            fid = r.json()["files"][0]["id"]
-            slots += [(r.json()["id"], fid, "checker1"), (r.json()["id"], fid, "checker2")]
+        slots = await _make_slots(http, tokens, (clients * ops) // 4 // 2 + 5)
         page_ids = [s[0] for s in slots[::2]]
-        rng = random.Random(7)
+        rng = random.Random(seed)
 
         async def one(kind: str) -> None:
             t0 = time.perf_counter()
@@ -124,6 +192,8 @@ async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int,
         async def client(i: int) -> None:
             kinds = ["page_view", "page_view", "vote", "submit"]
             for j in range(ops):
+                if think_s > 0:
+                    await asyncio.sleep(rng.expovariate(1 / think_s))
                 await one(kinds[(i + j) % 4])
 
         t0 = time.perf_counter()
@@ -132,9 +202,100 @@ async def _run(airlock: str, tokens: dict, cookies: httpx.Cookies, clients: int,
     return lat, errors, elapsed
 
 
+async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, n: int) -> None:
+    """One client, one request at a time: service CPU per request of each kind (process CPU
+    seconds of all service processes, so robust on a busy machine) and its wall time."""
+    warm = 10  # first requests of each kind per process compile templates and statements
+    async with httpx.AsyncClient(base_url=airlock, timeout=60) as http:
+        slots = await _make_slots(http, tokens, n + warm)
+        page_ids = [s[0] for s in slots[::2]]
+        alice = {"Authorization": f"token {tokens['alice']}"}
+        kinds = {
+            "request page": lambda i: http.get(PREFIX + f"requests/{page_ids[i]}", cookies=cookies),
+            "queue page": lambda i: http.get(PREFIX + "queue", cookies=cookies),
+            "vote (first)": lambda i: http.post(
+                PREFIX + f"api/requests/{slots[2 * i][0]}/files/{slots[2 * i][1]}/votes",
+                headers={"Authorization": f"token {tokens['checker1']}"},
+                json={"decision": "approve"},
+            ),
+            "vote (approving: release)": lambda i: http.post(
+                PREFIX + f"api/requests/{slots[2 * i][0]}/files/{slots[2 * i][1]}/votes",
+                headers={"Authorization": f"token {tokens['checker2']}"},
+                json={"decision": "approve"},
+            ),
+            "submit (with checks)": lambda i: http.post(
+                PREFIX + "api/requests",
+                headers=alice,
+                json={
+                    "project": "wilms-outcomes",
+                    "submit": True,
+                    "files": [{"path": f"outputs/table{i % 20}.csv"}],
+                },
+            ),
+        }
+        for call in kinds.values():
+            for i in range(n, n + warm):
+                (await call(i)).raise_for_status()
+        print(
+            f"\n-- serial: one client, {n} requests of each kind, one at a time"
+            f" (after {warm} unmeasured ones of each kind)"
+        )
+        print("| operation | service CPU ms per request | wall p50 ms | wall max ms |")
+        print("|---|---|---|---|")
+        for kind, call in kinds.items():
+            walls = []
+            before = _cpu(_tree(pid))
+            for i in range(n):
+                t0 = time.perf_counter()
+                (await call(i)).raise_for_status()
+                walls.append(time.perf_counter() - t0)
+            cpu = (_cpu(_tree(pid)) - before) / n * 1000
+            print(f"| {kind} | {cpu:.1f} | {_pct(walls, 0.5):.0f} | {max(walls) * 1000:.0f} |")
+
+
+def _report(
+    mode: str,
+    clients: int,
+    ops: int,
+    think_s: float,
+    lat: dict,
+    errors: dict,
+    elapsed: float,
+    cpu: dict[str, float],
+) -> None:
+    total = sum(len(v) for v in lat.values())
+    how = (
+        "zero think time (closed loop)"
+        if think_s == 0
+        else (f"think time exponential, mean {think_s:g} s")
+    )
+    print(f"\n-- {mode}: {clients} clients x {ops} ops, {how}")
+    print(
+        f"{total} requests in {elapsed:.1f} s wall: {total / elapsed:.1f} req/s;"
+        f" errors: {errors or 'none'}"
+    )
+    print("| operation | n | p50 ms | p95 ms | p99 ms | mean ms | max ms |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, values in lat.items():
+        print(
+            f"| {kind} | {len(values)} | {_pct(values, 0.5):.0f} | {_pct(values, 0.95):.0f}"
+            f" | {_pct(values, 0.99):.0f} | {statistics.mean(values) * 1000:.0f}"
+            f" | {max(values) * 1000:.0f} |"
+        )
+    print(
+        "CPU seconds during the run (includes the setup of its requests): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+        + f"; service CPU per request {cpu['service'] / total * 1000:.1f} ms"
+    )
+
+
 def main() -> None:
     clients = int(os.environ.get("BENCH_CLIENTS", "50"))
     ops = int(os.environ.get("BENCH_OPS", "12"))
+    think_s = float(os.environ.get("BENCH_THINK_S", "1.0"))
+    modes = [m for m in os.environ.get("BENCH_MODES", "closed,think").split(",") if m]
+    workers = os.environ.get("BENCH_WORKERS")
+    serial = int(os.environ.get("BENCH_SERIAL", "40"))
     root = Path(tempfile.mkdtemp(prefix="bench-airlock-"))
     schema = f"bench_airlock_{uuid.uuid4().hex[:8]}"
     admin = make_engine(PG)
@@ -176,6 +337,7 @@ def main() -> None:
                 str(port),
                 "--log-level",
                 "warning",
+                *(["--workers", workers] if workers else []),
             ],
             env=env,
         )
@@ -205,19 +367,38 @@ def main() -> None:
             hub.create_user(u)
             tokens[u] = hub.user_token(u)
         cookies = _login(hub.url, "checker3")
-        lat, errors, elapsed = asyncio.run(_run(airlock, tokens, cookies, clients, ops))
-        total = sum(len(v) for v in lat.values())
         print(
-            f"{clients} clients x {ops} ops = {total} requests in {elapsed:.1f} s: "
-            f"{total / elapsed:.1f} req/s; errors: {errors or 'none'}"
+            f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())};"
+            f" {os.cpu_count()} CPUs; service processes: {len(_tree(proc.pid))}"
         )
-        print("| operation | n | p50 ms | p99 ms | mean ms |")
-        print("|---|---|---|---|---|")
-        for kind, values in lat.items():
-            print(
-                f"| {kind} | {len(values)} | {_pct(values, 0.5):.0f} | {_pct(values, 0.99):.0f}"
-                f" | {statistics.mean(values) * 1000:.0f} |"
+        if serial:
+            asyncio.run(_serial(airlock, tokens, cookies, proc.pid, serial))
+        for n, mode in enumerate(modes):
+            service, pg, hub_procs = _tree(proc.pid), _postgres(), _tree(hub.process.pid)
+            before = (_cpu(service), _cpu(pg), _cpu(hub_procs), time.process_time())
+            lat, errors, elapsed = asyncio.run(
+                _run(
+                    airlock,
+                    tokens,
+                    cookies,
+                    clients,
+                    ops,
+                    think_s if mode == "think" else 0.0,
+                    seed=7 + n,
+                )
             )
+            cpu = {
+                "service": _cpu(_tree(proc.pid)) - before[0],
+                "postgres": _cpu(pg) - before[1],
+                "hub+proxy": _cpu(hub_procs) - before[2],
+                "load generator": time.process_time() - before[3],
+            }
+            _report(
+                mode, clients, ops, think_s if mode == "think" else 0.0, lat, errors, elapsed, cpu
+            )
+            print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        rss, nproc = _peak_rss_mib(_tree(proc.pid))
+        print(f"service peak RSS (sum of VmHWM over {nproc} processes): {rss:.0f} MiB")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

@@ -9,6 +9,13 @@ A one-row ``audit_head`` table holds the sequence number and hash of the newest 
 locks that row (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite serialises writers), so concurrent
 writers never fork the chain, and removing the newest events is detected too.
 
+Every writer of the TRE serialises on that one row, so it is locked as briefly as possible:
+``record_event`` only queues the event in the session, and when the transaction commits, after
+the action's own rows are flushed, one hook locks the head, chains the queued events (sequence
+numbers, times and hashes are assigned there), writes them and moves the head; the commit follows
+at once. The lock is thus held for three statements and the commit, not for the rest of the
+action's transaction. The event still commits or rolls back with the action it records.
+
 Public API for other areas: ``record_event(session, actor, action, target, details)`` (inside the
 caller's transaction, so the event commits or rolls back with the action it records) and
 ``verify_chain(session) -> list[Problem]``.
@@ -23,10 +30,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, Text, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import Integer, String, Text, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction, mapped_column
 
 GENESIS_HASH = "0" * 64
+_PENDING = "tre.audit.pending"  # key in Session.info: events waiting for the commit
 
 
 class AuditBase(DeclarativeBase):
@@ -93,7 +101,8 @@ def event_hash(
 
 
 def _head(session: Session, lock: bool) -> AuditHead:
-    stmt = select(AuditHead).where(AuditHead.id == 1)
+    # populate_existing: the row as the database has it now, not an older copy in the session
+    stmt = select(AuditHead).where(AuditHead.id == 1).execution_options(populate_existing=True)
     if lock:
         stmt = stmt.with_for_update()
     head = session.execute(stmt).scalar_one_or_none()
@@ -109,27 +118,41 @@ def record_event(
     target: str,
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event inside the caller's transaction (committed with the action it records)."""
-    head = _head(session, lock=True)
-    seq = head.seq + 1
-    ts = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+    """Append one event to the caller's transaction (committed with the action it records).
+
+    The event is chained and written when the transaction commits (see the module docstring);
+    until then its ``seq``, ``ts`` and hashes are unset.
+    """
     body = canonical_json(details or {})
-    digest = event_hash(seq, ts, actor, action, target, body, head.hash)
-    event = AuditEvent(
-        seq=seq,
-        ts=ts,
-        actor=actor,
-        action=action,
-        target=target,
-        details=body,
-        prev_hash=head.hash,
-        hash=digest,
-    )
-    session.add(event)
-    head.seq = seq
-    head.hash = digest
+    ev = AuditEvent(actor=actor, action=action, target=target, details=body)
+    session.info.setdefault(_PENDING, []).append(ev)
+    return ev
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_pending(session: Session) -> None:
+    pending: list[AuditEvent] = session.info.pop(_PENDING, [])
+    if not pending:
+        return
+    session.flush()  # the action's rows first (and their errors), before the head is locked
+    head = _head(session, lock=True)
+    seq, prev = head.seq, head.hash
+    for ev in pending:
+        seq += 1
+        ev.seq = seq
+        ev.ts = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        ev.prev_hash = prev
+        ev.hash = prev = event_hash(seq, ev.ts, ev.actor, ev.action, ev.target, ev.details, prev)
+    session.add_all(pending)
+    head.seq, head.hash = seq, prev
     session.flush()
-    return event
+
+
+@event.listens_for(Session, "after_transaction_end")
+def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
+    # committed: already written; rolled back or closed: the events go with the action
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
 
 
 def iter_events(session: Session) -> Iterator[AuditEvent]:

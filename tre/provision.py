@@ -707,8 +707,9 @@ class LiveRegistry:
         self._registry: Registry | None = None
 
     def _current_stamp(self) -> tuple:
-        files = sorted(self.policies_dir.rglob("*.yaml"))
-        return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files)
+        # one stat per file (the airlock asks several times per request)
+        stats = ((f, f.stat()) for f in sorted(self.policies_dir.rglob("*.yaml")))
+        return tuple((str(f), st.st_mtime_ns, st.st_size) for f, st in stats)
 
     def __call__(self) -> Registry:
         from tre.registry import load_registry

@@ -140,6 +140,32 @@ class Settings(BaseSettings):
     hub_ip: str = "127.0.0.1"
     hub_port: int = 8000
     airlock_port: int = 8100
+    airlock_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Processes of `airlock serve` (each with its own uvicorn, sharing the "
+        "listening sockets). One process runs Python on one core at a time (the GIL), so use "
+        "about one per core; 2 suits the 2-core reference machine.",
+    )
+    airlock_threads: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Per airlock worker: threads running the endpoints (database, templates); "
+        "more requests wait in the event loop. Few on purpose: in one process only one thread "
+        "runs Python at a time, and with many busy threads each database round trip of a "
+        "vote waits for its turn. Endpoints that snapshot files (they wait for the checks) "
+        "have as many threads again of their own.",
+    )
+    airlock_check_processes: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="Per airlock worker: processes that run the disclosure checks of new "
+        "snapshots at lower CPU priority (nice 10), so a burst of submissions cannot starve page "
+        "views and votes; 0 runs the checks inside the request's thread.",
+    )
     hub: HubSettings = Field(default_factory=HubSettings, description="JupyterHub and sandboxes.")
     # provisioning and expiry enforcement (tre/provision.py, tre/enforce.py)
     hub_api_url: str | None = Field(

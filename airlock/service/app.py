@@ -6,11 +6,15 @@ pages authenticate with the hub OAuth login stored in a signed session cookie, a
 form carries a CSRF token that is checked on POST.
 """
 
+import functools
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -39,6 +43,7 @@ from tre.audit import verify_chain
 log = logging.getLogger("airlock.web")
 HERE = Path(__file__).resolve().parent
 MAX_BODY_BYTES = 1024 * 1024
+QUEUE_PAGE_DONE = 50  # finished requests listed on the queue page (most recent first)
 
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
@@ -196,6 +201,7 @@ def create_app(
     session_secret: str | None = None,
     https_only: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
+    snapshot_threads: int = 8,
 ) -> FastAPI:
     """The ASGI application; ``identity`` validates hub tokens (``HubIdentityProvider``)."""
     if not prefix.startswith("/") or not prefix.endswith("/"):
@@ -301,6 +307,18 @@ def create_app(
 
     Csrf = Depends(check_csrf)
 
+    # Endpoints that snapshot files wait for the disclosure checks (a check process, see
+    # runner.py): they run in threads of their own, so that a burst of submissions cannot take
+    # every thread that page views and votes need (the default pool is small on purpose).
+    snapshot_limiter: list[CapacityLimiter] = []
+
+    async def in_snapshot_thread(fn: Callable[..., Any], *args: Any) -> Any:
+        if not snapshot_limiter:  # created in the event loop, on first use
+            snapshot_limiter.append(CapacityLimiter(snapshot_threads))
+        return await anyio.to_thread.run_sync(
+            functools.partial(fn, *args), limiter=snapshot_limiter[0]
+        )
+
     # --- JSON API -------------------------------------------------------------------------
 
     api = APIRouter(prefix=f"{prefix}api", tags=["api"])
@@ -323,8 +341,7 @@ def create_app(
     def list_requests(who: ApiUser) -> list[dict[str, Any]]:
         return service.list_requests(who)
 
-    @api.post("/requests", status_code=201)
-    def create_request(body: CreateRequestIn, who: ApiUser) -> dict[str, Any]:
+    def _create_request(body: CreateRequestIn, who: perm.Who) -> dict[str, Any]:
         rid = service.create_request(
             who,
             body.project,
@@ -337,6 +354,10 @@ def create_app(
             service.submit(who, rid)
         return service.view(who, rid)
 
+    @api.post("/requests", status_code=201)
+    async def create_request(body: CreateRequestIn, who: ApiUser) -> dict[str, Any]:
+        return await in_snapshot_thread(_create_request, body, who)
+
     @api.get("/requests/{request_id}")
     def get_request(request_id: str, who: ApiUser) -> dict[str, Any]:
         return service.view(who, request_id)
@@ -346,10 +367,13 @@ def create_app(
         service.update_context(who, request_id, body.context, body.controls)
         return service.view(who, request_id)
 
-    @api.post("/requests/{request_id}/files", status_code=201)
-    def add_file(request_id: str, body: FileIn, who: ApiUser) -> dict[str, Any]:
+    def _add_file(request_id: str, body: FileIn, who: perm.Who) -> dict[str, Any]:
         fid = service.add_file(who, request_id, FileSpec(body.path, body.group))
         return {"file_id": fid, "request": service.view(who, request_id)}
+
+    @api.post("/requests/{request_id}/files", status_code=201)
+    async def add_file(request_id: str, body: FileIn, who: ApiUser) -> dict[str, Any]:
+        return await in_snapshot_thread(_add_file, request_id, body, who)
 
     @api.post("/requests/{request_id}/files/{file_id}/withdraw")
     def withdraw_file(request_id: str, file_id: int, who: ApiUser) -> dict[str, Any]:
@@ -463,7 +487,7 @@ def create_app(
         return render(request, "requests.html", who, requests=rows)
 
     @app.post(f"{prefix}requests", include_in_schema=False, dependencies=[Csrf])
-    def create_from_form(
+    async def create_from_form(
         who: PageUser,
         project: Annotated[str, Form(max_length=64)],
         paths: Annotated[str, Form(max_length=20000)],
@@ -474,17 +498,25 @@ def create_app(
         submit: Annotated[str, Form(max_length=8)] = "",
     ) -> RedirectResponse:
         files = [FileSpec(p.strip(), group) for p in paths.splitlines() if p.strip()]
-        rid = service.create_request(
-            who, project, files, title=title, context=context, controls=controls
-        )
-        if submit:
-            service.submit(who, rid)
-        return back_to(rid)
+
+        def create() -> str:
+            rid = service.create_request(
+                who, project, files, title=title, context=context, controls=controls
+            )
+            if submit:
+                service.submit(who, rid)
+            return rid
+
+        return back_to(await in_snapshot_thread(create))
 
     @app.get(f"{prefix}queue", include_in_schema=False)
     def queue_page(request: Request, who: PageUser) -> HTMLResponse:
         perm._deny(who.is_checker, "only output checkers have a queue")
-        return render(request, "queue.html", who, queue=service.queue(who))
+        queue = service.queue(who)
+        # finished requests only grow: the page lists the latest ones (all of them: api/queue)
+        done_total = len(queue["done"])
+        queue["done"] = queue["done"][:QUEUE_PAGE_DONE]
+        return render(request, "queue.html", who, queue=queue, done_total=done_total)
 
     @app.get(f"{prefix}requests/{{request_id}}", include_in_schema=False)
     def request_page(request: Request, request_id: str, who: PageUser) -> HTMLResponse:

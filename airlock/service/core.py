@@ -13,11 +13,13 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, and_, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -97,6 +99,7 @@ class AirlockService:
         engine: Engine,
         registry: Registry | Callable[[], Registry],
         release_hook: Callable[[str, str], None] | None = None,
+        check_pool: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -106,6 +109,9 @@ class AirlockService:
         self.store = FileSystemStore(settings.airlock_store_dir / "snapshots")
         self.released_root = settings.airlock_store_dir / "released"
         self.release_hook = release_hook
+        # the disclosure checks run here if set (processes at lower priority, see runner.py)
+        self.check_pool = check_pool
+        self._policies: dict[tuple[str, object], Policy] = {}
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -119,7 +125,20 @@ class AirlockService:
     def policy_for(self, project: str) -> Policy:
         proj = self.registry.projects.get(project)
         overrides = dict(proj.disclosure) if proj else {}
-        return load_policy(self.settings.policies_dir / "disclosure.yaml", overrides)
+        path = self.settings.policies_dir / "disclosure.yaml"
+        # parsing the YAML took about half of a snapshot's CPU: reuse the parsed policy until
+        # the file (mtime, size) or the project's overrides change
+        stat = path.stat()
+        key = (
+            project,
+            (stat.st_mtime_ns, stat.st_size, json.dumps(overrides, sort_keys=True, default=str)),
+        )
+        policy = self._policies.get(key)
+        if policy is None:
+            policy = load_policy(path, overrides)
+            self._policies = {k: v for k, v in self._policies.items() if k[0] != project}
+            self._policies[key] = policy
+        return policy
 
     def eligible_checkers(self, project: str) -> set[str]:
         proj = self.registry.projects.get(project)
@@ -175,7 +194,17 @@ class AirlockService:
             named = Path(tmp) / rel.name
             shutil.copyfile(self.store.path(sha), named)
             extract = self.settings.extracts_dir / f"{project}.duckdb"  # type: ignore[operator]
-            report = run_checks(named, policy, extract if extract.exists() else None)
+            extract_path = extract if extract.exists() else None
+            if self.check_pool is None:
+                report = run_checks(named, policy, extract_path)
+            else:  # this thread waits; the event loop and the other requests go on
+                try:
+                    job = self.check_pool.submit(run_checks, named, policy, extract_path)
+                    report = job.result()
+                except BrokenProcessPool:
+                    # a check process died (or could not start): check here rather than fail
+                    log.error("the check processes are broken; checking in the request thread")
+                    report = run_checks(named, policy, extract_path)
         findings = [f.model_dump(mode="json") for f in report.findings]
         return Snapshot(
             spec, str(rel), sha, size, report.output_class, report.status.value, findings
@@ -411,12 +440,14 @@ class AirlockService:
                     self._transition(session, req, Action.REVIEWS_COMPLETE, who.name)
                     if self._all_approved(req):
                         self._transition(session, req, Action.APPROVE, who.name)
-                state = req.state
+                state, project = req.state, req.project
         except IntegrityError:
             # the unique constraint caught a concurrent duplicate vote
             raise Conflict("you have already voted on this file in this round") from None
         if state == State.APPROVED:
-            state = self._try_release(who.name, request_id)
+            # after the vote's commit, in a transaction of its own (see airlock/release.py):
+            # the copy and its fsyncs hold only this request's row, never the audit head
+            state = self._try_release(who.name, request_id, project)
         return state
 
     def _round_complete(self, req: ReleaseRequest) -> bool:
@@ -463,18 +494,21 @@ class AirlockService:
             )
             return req.state
 
-    def _try_release(self, actor: str, request_id: str) -> str:
+    def _try_release(self, actor: str, request_id: str, project: str) -> str:
         try:
-            self.release_now(actor, request_id)
+            # True: released now; False: it already was; either way it is released
+            self.release_now(actor, request_id, project)
         except (ReleaseError, OSError) as exc:
             log.error("release of %s failed, retry with POST .../release: %s", request_id, exc)
-        with self.factory() as session:
-            return session.get(ReleaseRequest, request_id).state  # type: ignore[union-attr]
+            with self.factory() as session:
+                return session.get(ReleaseRequest, request_id).state  # type: ignore[union-attr]
+        return State.RELEASED.value
 
-    def release_now(self, actor: str, request_id: str) -> bool:
-        with self.factory() as session:
-            req = session.get(ReleaseRequest, request_id)
-            project = req.project if req else ""
+    def release_now(self, actor: str, request_id: str, project: str | None = None) -> bool:
+        if project is None:
+            with self.factory() as session:
+                req = session.get(ReleaseRequest, request_id)
+                project = req.project if req else ""
         self.check_project_active(project)
         return release_request(
             self.factory,
@@ -676,45 +710,60 @@ class AirlockService:
             return out
 
     def queue(self, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
-        """A checker's queue: waiting for me, in progress (I voted, others not yet), done."""
+        """A checker's queue: waiting for me, in progress (I voted, others not yet), done.
+
+        Two column queries (requests; per active file its distinct reviewers this round and
+        whether I am one) instead of loading every request with all its files, votes and
+        comments as ORM objects: the queue lists every request ever submitted, and that
+        loading was most of a page view's CPU.
+        """
         out: dict[str, list[dict[str, Any]]] = {"waiting": [], "in_progress": [], "done": []}
+        if not who.is_checker or who.in_sandbox:
+            return out  # nobody else is an eligible checker of any request
+        r, f, v = ReleaseRequest.__table__, RequestFile.__table__, Vote.__table__
+        # the conditions of perm.is_eligible_checker, in SQL (re-checked below)
+        eligible = [r.c.state != State.PENDING.value, r.c.author != who.name]
+        if who.projects:
+            eligible.append(r.c.project.not_in(sorted(who.projects)))
+        per_file = (
+            select(
+                f.c.request_id,
+                f.c.id,
+                func.count(v.c.reviewer.distinct()),
+                func.max(case((v.c.reviewer == who.name, 1), else_=0)),
+            )
+            .select_from(
+                f.join(r, r.c.id == f.c.request_id).outerjoin(
+                    v, and_(v.c.file_id == f.c.id, v.c.round == r.c.round)
+                )
+            )
+            .where(f.c.withdrawn_round.is_(None), *eligible)
+            .group_by(f.c.request_id, f.c.id)
+        )
         with self.factory() as session:
             rows = session.execute(
-                select(ReleaseRequest)
-                .options(*_EAGER)
-                .where(ReleaseRequest.state != State.PENDING)
-                .order_by(ReleaseRequest.updated_at.desc())
-            ).scalars()
-            for req in rows:
-                if not perm.is_eligible_checker(who, req):
-                    continue
-                summary = _request_summary(req)
-                active = req.active_files()
-                mine = {
-                    v.file_id for v in req.votes if v.reviewer == who.name and v.round == req.round
-                }
-                full = {
-                    f.id
-                    for f in active
-                    if len(
-                        {
-                            v.reviewer
-                            for v in req.votes
-                            if v.file_id == f.id and v.round == req.round
-                        }
-                    )
-                    >= 2
-                }
-                summary["files_to_vote"] = len(
-                    [f for f in active if f.id not in mine and f.id not in full]
-                )
-                if req.state in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
-                    key = "waiting" if summary["files_to_vote"] else "in_progress"
-                elif req.state == State.REVIEWED or req.state == State.APPROVED:
-                    key = "in_progress"
-                else:
-                    key = "done"
-                out[key].append(summary)
+                select(*(r.c[name] for name in _SUMMARY_COLUMNS))
+                .where(*eligible)
+                .order_by(r.c.updated_at.desc())
+            ).all()
+            active: dict[str, int] = {}
+            to_vote: dict[str, int] = {}
+            for request_id, _file_id, reviewers, mine in session.execute(per_file):
+                active[request_id] = active.get(request_id, 0) + 1
+                if not mine and reviewers < 2:
+                    to_vote[request_id] = to_vote.get(request_id, 0) + 1
+        for row in rows:
+            if not perm.is_eligible_checker(who, row):
+                continue
+            summary = _summary_from_row(row, active.get(row.id, 0))
+            summary["files_to_vote"] = to_vote.get(row.id, 0)
+            if row.state in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
+                key = "waiting" if summary["files_to_vote"] else "in_progress"
+            elif row.state == State.REVIEWED or row.state == State.APPROVED:
+                key = "in_progress"
+            else:
+                key = "done"
+            out[key].append(summary)
         return out
 
     def audit_events(self, who: perm.Who, limit: int = 1000) -> list[dict[str, Any]]:
@@ -762,8 +811,26 @@ def _vote_dict(v: Vote) -> dict[str, Any]:
     }
 
 
+_SUMMARY_COLUMNS = (
+    "id",
+    "project",
+    "author",
+    "state",
+    "round",
+    "title",
+    "context",
+    "controls",
+    "created_at",
+    "updated_at",
+)
+
+
 def _request_summary(req: ReleaseRequest) -> dict[str, Any]:
-    active = req.active_files()
+    return _summary_from_row(req, len(req.active_files()))
+
+
+def _summary_from_row(req: Any, file_count: int) -> dict[str, Any]:
+    """The summary of a request (an ORM object or a row with the ``_SUMMARY_COLUMNS``)."""
     return {
         "id": req.id,
         "project": req.project,
@@ -773,7 +840,7 @@ def _request_summary(req: ReleaseRequest) -> dict[str, Any]:
         "title": req.title,
         "context": req.context,
         "controls": req.controls,
-        "file_count": len(active),
+        "file_count": file_count,
         "created_at": req.created_at.isoformat(),
         "updated_at": req.updated_at.isoformat(),
     }

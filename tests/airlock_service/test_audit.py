@@ -135,3 +135,41 @@ def test_failed_action_leaves_no_event(service):
         service.create_request(alice, "wilms-outcomes", [FileSpec("../x")])
     with service.factory() as s:
         assert len(list(export_events(s))) == before
+
+
+def test_events_of_a_transaction_are_chained_at_commit_and_dropped_on_rollback(service):
+    from tre.audit import AuditHead
+
+    with service.factory() as s, s.begin():
+        first = record_event(s, "admin", "admin_change", "x:1", {})
+        second = record_event(s, "admin", "admin_change", "x:2", {})
+        assert first.seq is None  # queued: the chain's head is not touched yet
+    assert (first.seq, second.seq) == (1, 2) and second.prev_hash == first.hash
+    with pytest.raises(RuntimeError), service.factory() as s, s.begin():
+        record_event(s, "admin", "admin_change", "x:lost", {})
+        raise RuntimeError("the action fails")
+    with service.factory() as s, s.begin():
+        record_event(s, "admin", "admin_change", "x:3", {})
+    with service.factory() as s:
+        events = [(e.seq, e.target) for e in s.query(AuditEvent).order_by(AuditEvent.seq)]
+        assert events == [(1, "x:1"), (2, "x:2"), (3, "x:3")]
+        assert s.get(AuditHead, 1).seq == 3
+        assert verify_chain(s) == []
+
+
+@pytest.mark.postgres
+def test_head_is_not_locked_while_an_action_is_in_progress(service, db):
+    """A writer that has recorded its event but not committed yet does not block the others:
+    the head is locked only at commit (a second transaction can lock it meanwhile)."""
+    if db.schema is None:
+        pytest.skip("row locks: PostgreSQL")
+    with service.factory() as s, s.begin():
+        record_event(s, "admin", "admin_change", "x:slow", {})
+        s.flush()
+        with service.engine.connect() as other:
+            other.execute(text("SET lock_timeout = '2s'"))
+            other.execute(text("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE NOWAIT"))
+            other.rollback()
+    with service.factory() as s:
+        assert [e.target for e in s.query(AuditEvent)] == ["x:slow"]
+        assert verify_chain(s) == []

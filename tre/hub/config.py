@@ -115,6 +115,8 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             str(settings.airlock_port),
             "--uds",
             str(airlock_socket(settings)),
+            "--workers",
+            str(settings.airlock_workers),
         ]
         airlock["environment"] = {"TRE_CONFIG": str(state / "tre-settings.yaml")}
     services.append(airlock)
