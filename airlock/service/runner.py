@@ -71,12 +71,19 @@ def make_app(
     settings: Settings,
     hub: HubConfig,
     *,
-    pool_size: int = 10,
+    pool_size: int | None = None,
     secret: str | None = None,
     checks: Executor | None = None,
     threads: int = 8,
 ) -> FastAPI:
-    """The ASGI app of one worker (the database must already be migrated: ``prepare``)."""
+    """The ASGI app of one worker (the database must already be migrated: ``prepare``).
+
+    The connection pool holds one connection for every thread that may use one at once (the
+    endpoint threads and the snapshot threads, plus a few): connections beyond the pool are
+    closed when returned, and a new PostgreSQL backend costs milliseconds of CPU to start, so
+    a pool smaller than the threads opens and closes connections in every burst of requests.
+    """
+    pool_size = pool_size or 2 * threads + 4
     engine = make_engine(settings.airlock_db_url or "", pool_size=pool_size)
     registry = LiveRegistry(settings.policies_dir)  # re-read when a declaration changes
     service = AirlockService(settings, engine, registry, check_pool=checks)
