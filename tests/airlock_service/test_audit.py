@@ -158,11 +158,11 @@ def test_events_of_a_transaction_are_chained_at_commit_and_dropped_on_rollback(s
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)  # row locks: PostgreSQL only
 def test_head_is_not_locked_while_an_action_is_in_progress(service, db):
     """A writer that has recorded its event but not committed yet does not block the others:
     the head is locked only at commit (a second transaction can lock it meanwhile)."""
-    if db.schema is None:
-        pytest.skip("row locks: PostgreSQL")
+    assert db.schema is not None
     with service.factory() as s, s.begin():
         record_event(s, "admin", "admin_change", "x:slow", {})
         s.flush()
