@@ -564,3 +564,17 @@ def test_ambiguous_headers_and_non_utf8_text_are_clear_errors(settings, tmp_path
     with pytest.raises(IngestError, match="UTF-8"):
         ingest(settings, "uk-ccr", [tmp_path / "b" / "patient.csv"])
     assert not PooledStore(settings.pooled_dir).db_path.exists()
+
+
+def test_rows_to_quarantine_are_read_again_only_if_the_file_is_unchanged(tmp_path):
+    """Validated files are not held in memory; quarantine reads them again, and refuses a file
+    that changed since the batch began rather than quarantining other rows than it checked."""
+    from tre.ingest import DeliveredFiles, _sha256_file
+
+    path = tmp_path / "patient.csv"
+    path.write_text("patient_id,sex\nP1,F\nP2,M\n")
+    files = DeliveredFiles({"patient": (path, _sha256_file(path))}, {"patient": 2})
+    assert files.read("patient").height == 2
+    path.write_text("patient_id,sex\nP1,F\nP3,M\n")
+    with pytest.raises(IngestError, match="changed while it was being ingested"):
+        files.read("patient")

@@ -673,10 +673,28 @@ def _unchanged(con: duckdb.DuckDBPyConnection, store: PooledStore, previous: dic
     )
 
 
+class DeliveredFiles:
+    """The batch's files after validation: row counts, and the delivered rows read again when
+    invalid rows are quarantined (checked against the sha256 taken when the batch began, so the
+    quarantine holds exactly what was validated)."""
+
+    def __init__(self, by_table: dict[str, tuple[Path, str]], rows: dict[str, int]) -> None:
+        self.by_table = by_table
+        self.rows = rows
+
+    def read(self, table: str) -> pl.DataFrame:
+        path, sha256 = self.by_table[table]
+        if _sha256_file(path) != sha256:
+            raise IngestError(f"{path.name} changed while it was being ingested; deliver it again")
+        return _read(path)
+
+
 @dataclass
 class _Prepared:
     dictionary: DataDictionary
-    raw: dict[str, pl.DataFrame]
+    # the delivered files are not held once validated (a large batch would hold every row
+    # twice): their row counts are kept, and rows to quarantine are read again (DeliveredFiles)
+    delivered: DeliveredFiles
     errors: dict[str, pl.DataFrame]  # per-table errors, foreign keys excluded (checked later)
     fk_rows: dict[str, pl.Series]  # foreign-key rule id -> rows whose parent is not in the batch
     # harmonised rows + site columns + provenance in pooled order, identifiers pseudonymised
@@ -703,6 +721,8 @@ def _prepare(
         results = validate_batch(dictionary, raw)
     except (DeliveryError, DictionaryError) as exc:
         raise IngestError(str(exc)) from exc
+    delivered = DeliveredFiles(by_table, {t: df.height for t, df in raw.items()})
+    del raw
     step("validated and harmonised")
     fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
     provenance = {
@@ -715,7 +735,7 @@ def _prepare(
     errors: dict[str, pl.DataFrame] = {}
     fk_rows: dict[str, pl.Series] = {}
     for table in dictionary.tables:
-        res = results[table]
+        res = results.pop(table)  # each harmonised frame is freed once staged
         spec = dictionary.table(table)
         errors[table] = res.errors.filter(~pl.col("rule").is_in(list(fk_rules)))
         for rule in dictionary.rules_for(table):
@@ -744,8 +764,9 @@ def _prepare(
     # another site's batch can be written meanwhile
     identifiers = {t: dictionary.identifier_columns(t) for t in dictionary.tables}
     staged = pseudonymise_frames(incoming, identifiers, pseudonymiser, site.id)
+    del incoming
     step("pseudonymised identifiers")
-    return _Prepared(dictionary, raw, errors, fk_rows, staged)
+    return _Prepared(dictionary, delivered, errors, fk_rows, staged)
 
 
 def _ingest_new(
@@ -763,7 +784,7 @@ def _ingest_new(
     replace: bool = False,
 ) -> BatchResult:
     site_id = site.id
-    dictionary, raw = prepared.dictionary, prepared.raw
+    dictionary, delivered = prepared.dictionary, prepared.delivered
     pooled_tables = set(store.data_tables(con))
     # --replace: this batch supersedes every live batch of the site (a corrected re-delivery);
     # their rows no longer count for key checks and leave the pool at this batch's version
@@ -826,7 +847,12 @@ def _ingest_new(
     invalid_rows = errors.select(["table", "row"]).unique().height
     errors = _pseudonymise_error_values(con, errors, identifiers, pseudonymiser, site_id, pads)
     files_meta = [
-        {"table": t, "name": by_table[t][0].name, "sha256": by_table[t][1], "rows": raw[t].height}
+        {
+            "table": t,
+            "name": by_table[t][0].name,
+            "sha256": by_table[t][1],
+            "rows": delivered.rows[t],
+        }
         for t in order
     ]
     staging = store.batches_dir / f".staging-{batch_id}-{os.getpid()}"
@@ -863,7 +889,7 @@ def _ingest_new(
             errors=errors,
         )
 
-    quarantine = _quarantine_rows(con, raw, errors, identifiers, pseudonymiser, site_id, pads)
+    quarantine = _quarantine_rows(con, delivered, errors, identifiers, pseudonymiser, site_id, pads)
     version = store.current_version(con) + 1
     rows_added: dict[str, int] = {}
     _crash_point("before-transaction")
@@ -999,7 +1025,7 @@ def _insert_batch_row(con: duckdb.DuckDBPyConnection, record: dict, quarantined:
 
 def _quarantine_rows(
     con: duckdb.DuckDBPyConnection,
-    raw: dict[str, pl.DataFrame],
+    delivered: DeliveredFiles,
     errors: pl.DataFrame,
     identifiers: dict[str, list[str]],
     pseudonymiser: Pseudonymiser,
@@ -1020,18 +1046,18 @@ def _quarantine_rows(
         grouped = errs.group_by("row").agg(
             pl.struct(["column", "value", "rule", "message"]).alias("_errs")
         )
-        delivered = raw[table]
+        frame = delivered.read(str(table))
         rows = (
-            delivered.with_row_index(ROW, offset=1)
+            frame.with_row_index(ROW, offset=1)
             .with_columns(pl.col(ROW).cast(pl.Int64))
             .join(grouped, left_on=ROW, right_on="row", how="inner")
         )
-        ids = [c for c in delivered.columns if c in identifiers.get(str(table), [])]
+        ids = [c for c in frame.columns if c in identifiers.get(str(table), [])]
         replace = ", ".join(
             pseudonymiser.sql(identifier_kind(c), site_id, f'"{c}"::VARCHAR', pads) + f' AS "{c}"'
             for c in ids
         )
-        fields = ", ".join(f'"{c}" := "{c}"' for c in delivered.columns)
+        fields = ", ".join(f'"{c}" := "{c}"' for c in frame.columns)
         con.register("_qin", _ArrowStream(rows))
         inner = f"SELECT * REPLACE ({replace}) FROM _qin" if ids else "SELECT * FROM _qin"
         q = _polars(
