@@ -100,12 +100,47 @@ def _cpu(procs: list[psutil.Process]) -> float:
 
 
 def _postgres() -> list[psutil.Process]:
-    """PostgreSQL's processes on this machine (backends come and go: an approximation)."""
+    """PostgreSQL's processes on this machine."""
     out = []
     for p in psutil.process_iter(["name"]):
         if p.info["name"] and p.info["name"].startswith("postgres"):
             out.append(p)
     return out
+
+
+def _own_cpu(p: psutil.Process) -> float | None:
+    try:
+        t = p.cpu_times()
+        return t.user + t.system
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _postgres_snapshot() -> dict[int, float]:
+    """Own CPU seconds of every PostgreSQL process now, and under the key 0 the CPU of the
+    postmaster's exited children (backends that ended)."""
+    snap: dict[int, float] = {}
+    for p in _postgres():
+        cpu = _own_cpu(p)
+        if cpu is None:
+            continue
+        snap[p.pid] = cpu
+        try:
+            if p.ppid() == 1 or not p.parent() or not p.parent().name().startswith("postgres"):
+                t = p.cpu_times()
+                snap[0] = snap.get(0, 0.0) + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return snap
+
+
+def _postgres_cpu(before: dict[int, float], after: dict[int, float]) -> float:
+    """PostgreSQL CPU between two snapshots: living processes by their own counters; backends
+    that ended in between through the postmaster's children counter, less what they had
+    already used before (a backend's whole life lands there when it exits)."""
+    living = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items() if pid != 0)
+    ended_before = sum(cpu for pid, cpu in before.items() if pid != 0 and pid not in after)
+    return living + (after.get(0, 0.0) - before.get(0, 0.0)) - ended_before
 
 
 def _peak_rss_mib(procs: list[psutil.Process]) -> tuple[float, int]:
@@ -374,8 +409,9 @@ def main() -> None:
         if serial:
             asyncio.run(_serial(airlock, tokens, cookies, proc.pid, serial))
         for n, mode in enumerate(modes):
-            service, pg, hub_procs = _tree(proc.pid), _postgres(), _tree(hub.process.pid)
-            before = (_cpu(service), _cpu(pg), _cpu(hub_procs), time.process_time())
+            service, hub_procs = _tree(proc.pid), _tree(hub.process.pid)
+            pg_before = _postgres_snapshot()
+            before = (_cpu(service), 0.0, _cpu(hub_procs), time.process_time())
             lat, errors, elapsed = asyncio.run(
                 _run(
                     airlock,
@@ -389,7 +425,7 @@ def main() -> None:
             )
             cpu = {
                 "service": _cpu(_tree(proc.pid)) - before[0],
-                "postgres": _cpu(pg) - before[1],
+                "postgres": _postgres_cpu(pg_before, _postgres_snapshot()),
                 "hub+proxy": _cpu(hub_procs) - before[2],
                 "load generator": time.process_time() - before[3],
             }
