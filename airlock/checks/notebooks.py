@@ -100,6 +100,21 @@ def _series_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | None:
     return [index_name, value_name], rows
 
 
+def _index_labels(head: str, cuts: list[int], previous: list[str]) -> list[str] | None:
+    """The row labels printed left of the values, cut at the index names' columns; outer
+    levels that pandas prints once for their group of rows are carried down from ``previous``.
+    None when the line holds no label at all."""
+    labels = [
+        head[cut : (cuts[i + 1] if i + 1 < len(cuts) else len(head))].strip()
+        for i, cut in enumerate(cuts)
+    ]
+    given = next((i for i, label in enumerate(labels) if label), None)
+    if given is None:
+        return None
+    labels[:given] = previous[:given]
+    return labels
+
+
 def _multi_index_series(
     body: list[str], value_name: str
 ) -> tuple[list[str], list[list[str]]] | None:
@@ -121,16 +136,8 @@ def _multi_index_series(
         value_start, _, value = fields[-1]
         if parse_number(value) is None and value not in {"NaN", "<NA>"}:
             return None
-        head = line[:value_start]
-        index = [
-            head[cut : (cuts[i + 1] if i + 1 < len(cuts) else len(head))].strip()
-            for i, cut in enumerate(cuts)
-        ]
-        given = next((i for i, label in enumerate(index) if label), None)
-        if given is None:
-            return None
-        index[:given] = previous[:given]
-        if "" in index:
+        index = _index_labels(line[:value_start], cuts, previous)
+        if index is None or "" in index:
             return None
         rows.append([*index, value])
         previous = index
@@ -226,17 +233,8 @@ def _pandas_axis_repr(lines: list[str]) -> tuple[list[str], list[list[str]]] | N
                 e not in ends and s >= first_value for s, e, _ in _fields(line)
             ):
                 return None
-            head = line[:first_value]
-            index = [
-                head[cut : (cuts[i + 1] if i + 1 < len(cuts) else len(head))].strip()
-                for i, cut in enumerate(cuts)
-            ]
-            if not any(index):
-                index = list(previous)  # every level sparsified: same labels as above
-            else:
-                # outer levels printed once for their group of rows: carry them down
-                given = next(i for i, label in enumerate(index) if label)
-                index[:given] = previous[:given]
+            # every level sparsified: the same labels as the row above
+            index = _index_labels(line[:first_value], cuts, previous) or list(previous)
             rows.append(index + values)
             previous = index
         if not rows or any("" in r[: len(names)] for r in rows):
