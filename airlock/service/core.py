@@ -712,10 +712,14 @@ class AirlockService:
     def queue(self, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
         """A checker's queue: waiting for me, in progress (I voted, others not yet), done.
 
-        Two column queries (requests; per active file its distinct reviewers this round and
-        whether I am one) instead of loading every request with all its files, votes and
-        comments as ORM objects: the queue lists every request ever submitted, and that
-        loading was most of a page view's CPU.
+        Column queries instead of loading every request with all its files, votes and comments
+        as ORM objects (the queue lists every request ever submitted): the requests; the count
+        of active files per request; the active files of requests in review; and, per file of a
+        request in review, its distinct reviewers this round and whether I am one. Votes are
+        only read for requests in review, reached through the request's state and id, so the
+        cost follows the requests in review, not the whole history: an outer join of every file
+        with its votes let PostgreSQL pick (on fresh statistics) a plan that scanned every vote
+        of the round for every file, and the queue page became its largest CPU cost.
         """
         out: dict[str, list[dict[str, Any]]] = {"waiting": [], "in_progress": [], "done": []}
         if not who.is_checker or who.in_sandbox:
@@ -725,20 +729,27 @@ class AirlockService:
         eligible = [r.c.state != State.PENDING.value, r.c.author != who.name]
         if who.projects:
             eligible.append(r.c.project.not_in(sorted(who.projects)))
-        per_file = (
+        in_review = [r.c.state.in_(_IN_REVIEW), *eligible[1:]]
+        file_counts = (
+            select(f.c.request_id, func.count())
+            .select_from(f.join(r, r.c.id == f.c.request_id))
+            .where(f.c.withdrawn_round.is_(None), *eligible)
+            .group_by(f.c.request_id)
+        )
+        files_in_review = (
+            select(f.c.request_id, f.c.id)
+            .select_from(f.join(r, r.c.id == f.c.request_id))
+            .where(f.c.withdrawn_round.is_(None), *in_review)
+        )
+        votes_this_round = (
             select(
-                f.c.request_id,
-                f.c.id,
+                v.c.file_id,
                 func.count(v.c.reviewer.distinct()),
                 func.max(case((v.c.reviewer == who.name, 1), else_=0)),
             )
-            .select_from(
-                f.join(r, r.c.id == f.c.request_id).outerjoin(
-                    v, and_(v.c.file_id == f.c.id, v.c.round == r.c.round)
-                )
-            )
-            .where(f.c.withdrawn_round.is_(None), *eligible)
-            .group_by(f.c.request_id, f.c.id)
+            .select_from(v.join(r, and_(r.c.id == v.c.request_id, r.c.round == v.c.round)))
+            .where(*in_review)
+            .group_by(v.c.file_id)
         )
         with self.factory() as session:
             rows = session.execute(
@@ -746,10 +757,11 @@ class AirlockService:
                 .where(*eligible)
                 .order_by(r.c.updated_at.desc())
             ).all()
-            active: dict[str, int] = {}
+            active: dict[str, int] = dict(session.execute(file_counts).tuples().all())
+            voted = {fid: (n, mine) for fid, n, mine in session.execute(votes_this_round)}
             to_vote: dict[str, int] = {}
-            for request_id, _file_id, reviewers, mine in session.execute(per_file):
-                active[request_id] = active.get(request_id, 0) + 1
+            for request_id, file_id in session.execute(files_in_review):
+                reviewers, mine = voted.get(file_id, (0, 0))
                 if not mine and reviewers < 2:
                     to_vote[request_id] = to_vote.get(request_id, 0) + 1
         for row in rows:
@@ -810,6 +822,9 @@ def _vote_dict(v: Vote) -> dict[str, Any]:
         "created_at": v.created_at.isoformat(),
     }
 
+
+# states in which checkers vote (the queue reads votes of these requests only)
+_IN_REVIEW = (State.SUBMITTED.value, State.PARTIALLY_REVIEWED.value)
 
 _SUMMARY_COLUMNS = (
     "id",

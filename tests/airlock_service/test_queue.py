@@ -1,4 +1,4 @@
-"""The checker queue (two column queries) agrees with the rules computed on the full ORM objects,
+"""The checker queue (column queries) agrees with the rules computed on the full ORM objects,
 on SQLite and PostgreSQL, across withdrawn files, returned-and-resubmitted rounds, partial
 votes, releases, authors and project members."""
 
@@ -43,7 +43,10 @@ def reference_queue(service, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
                 "state": req.state,
                 "round": req.round,
                 "file_count": len(active),
-                "files_to_vote": len([f for f in active if f.id not in mine and f.id not in full]),
+                # votes are cast only while a request is in review: elsewhere nothing is to vote
+                "files_to_vote": len([f for f in active if f.id not in mine and f.id not in full])
+                if req.state in (State.SUBMITTED, State.PARTIALLY_REVIEWED)
+                else 0,
             }
             if req.state in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
                 key = "waiting" if summary["files_to_vote"] else "in_progress"
