@@ -16,12 +16,6 @@ numbers, times and hashes are assigned there), writes them and moves the head; t
 at once. The lock is thus held for three statements and the commit, not for the rest of the
 action's transaction. The event still commits or rolls back with the action it records.
 
-Within one process, committers also pass an in-process gate (``_APPEND_GATE``) before they ask
-for the row lock, held until their transaction ends: at most one transaction per process then
-waits on the row in the database. Without it, every thread of a busy service queued on the row,
-and PostgreSQL woke all of them at each commit (a herd: in the airlock load benchmark PostgreSQL
-spent more CPU than the service itself, and its waiters ran deadlock checks after a second).
-
 Public API for other areas: ``record_event(session, actor, action, target, details)`` (inside the
 caller's transaction, so the event commits or rolls back with the action it records) and
 ``verify_chain(session) -> list[Problem]``.
@@ -32,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +35,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction,
 
 GENESIS_HASH = "0" * 64
 _PENDING = "tre.audit.pending"  # key in Session.info: events waiting for the commit
-_GATED = "tre.audit.gated"  # key in Session.info: this transaction holds _APPEND_GATE
-_APPEND_GATE = threading.Lock()  # one appender per process waits on the head row (see above)
 
 
 class AuditBase(DeclarativeBase):
@@ -144,8 +135,6 @@ def _chain_pending(session: Session) -> None:
     if not pending:
         return
     session.flush()  # the action's rows first (and their errors), before the head is locked
-    _APPEND_GATE.acquire()  # released when the transaction ends, committed or not
-    session.info[_GATED] = True
     head = _head(session, lock=True)
     seq, prev = head.seq, head.hash
     for ev in pending:
@@ -164,8 +153,6 @@ def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
     # committed: already written; rolled back or closed: the events go with the action
     if transaction.parent is None:
         session.info.pop(_PENDING, None)
-        if session.info.pop(_GATED, False):
-            _APPEND_GATE.release()
 
 
 def iter_events(session: Session) -> Iterator[AuditEvent]:
