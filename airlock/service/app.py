@@ -512,10 +512,9 @@ def create_app(
     @app.get(f"{prefix}queue", include_in_schema=False)
     def queue_page(request: Request, who: PageUser) -> HTMLResponse:
         perm._deny(who.is_checker, "only output checkers have a queue")
-        queue = service.queue(who)
         # finished requests only grow: the page lists the latest ones (all of them: api/queue)
-        done_total = len(queue["done"])
-        queue["done"] = queue["done"][:QUEUE_PAGE_DONE]
+        queue = service.queue(who, done_limit=QUEUE_PAGE_DONE)
+        done_total = service.queue_done_total(who)
         return render(request, "queue.html", who, queue=queue, done_total=done_total)
 
     @app.get(f"{prefix}requests/{{request_id}}", include_in_schema=False)

@@ -709,38 +709,35 @@ class AirlockService:
                     )
             return out
 
-    def queue(self, who: perm.Who) -> dict[str, list[dict[str, Any]]]:
+    def queue(
+        self, who: perm.Who, done_limit: int | None = None
+    ) -> dict[str, list[dict[str, Any]]]:
         """A checker's queue: waiting for me, in progress (I voted, others not yet), done.
 
+        ``done`` lists the ``done_limit`` most recently updated finished requests (all of them
+        when None); :meth:`queue_done_total` counts them all. Finished requests only accumulate,
+        so with a limit the cost follows the open work, not the whole history.
+
         Column queries instead of loading every request with all its files, votes and comments
-        as ORM objects (the queue lists every request ever submitted): the requests; the count
-        of active files per request; the active files of requests in review; and, per file of a
-        request in review, its distinct reviewers this round and whether I am one. Votes are
-        only read for requests in review, reached through the request's state and id, so the
-        cost follows the requests in review, not the whole history: an outer join of every file
-        with its votes let PostgreSQL pick (on fresh statistics) a plan that scanned every vote
-        of the round for every file, and the queue page became its largest CPU cost.
+        as ORM objects: the open requests; the latest finished ones; the count of active files
+        per listed request; the active files of requests in review; and, per file of a request
+        in review, its distinct reviewers this round and whether I am one. Votes are only read
+        for requests in review, reached through the request's state and id: an outer join of
+        every file with its votes let PostgreSQL pick (on fresh statistics) a plan that scanned
+        every vote of the round for every file, and the queue became its largest CPU cost.
         """
         out: dict[str, list[dict[str, Any]]] = {"waiting": [], "in_progress": [], "done": []}
         if not who.is_checker or who.in_sandbox:
             return out  # nobody else is an eligible checker of any request
         r, f, v = ReleaseRequest.__table__, RequestFile.__table__, Vote.__table__
-        # the conditions of perm.is_eligible_checker, in SQL (re-checked below)
-        eligible = [r.c.state != State.PENDING.value, r.c.author != who.name]
-        if who.projects:
-            eligible.append(r.c.project.not_in(sorted(who.projects)))
-        in_review = [r.c.state.in_(_IN_REVIEW), *eligible[1:]]
-        file_counts = (
-            select(f.c.request_id, func.count())
-            .select_from(f.join(r, r.c.id == f.c.request_id))
-            .where(f.c.withdrawn_round.is_(None), *eligible)
-            .group_by(f.c.request_id)
-        )
-        files_in_review = (
-            select(f.c.request_id, f.c.id)
-            .select_from(f.join(r, r.c.id == f.c.request_id))
-            .where(f.c.withdrawn_round.is_(None), *in_review)
-        )
+        mine = _eligible_for(who)  # the conditions of perm.is_eligible_checker (re-checked below)
+        in_review = [r.c.state.in_(_IN_REVIEW), *mine]
+        columns = [r.c[name] for name in _SUMMARY_COLUMNS]
+        newest_first = r.c.updated_at.desc(), r.c.id
+        open_rows = select(*columns).where(r.c.state.in_(_OPEN), *mine).order_by(*newest_first)
+        done_rows = select(*columns).where(r.c.state.in_(_DONE), *mine).order_by(*newest_first)
+        if done_limit is not None:
+            done_rows = done_rows.limit(max(done_limit, 0))
         votes_this_round = (
             select(
                 v.c.file_id,
@@ -752,31 +749,48 @@ class AirlockService:
             .group_by(v.c.file_id)
         )
         with self.factory() as session:
-            rows = session.execute(
-                select(*(r.c[name] for name in _SUMMARY_COLUMNS))
-                .where(*eligible)
-                .order_by(r.c.updated_at.desc())
-            ).all()
-            active: dict[str, int] = dict(session.execute(file_counts).tuples().all())
-            voted = {fid: (n, mine) for fid, n, mine in session.execute(votes_this_round)}
-            to_vote: dict[str, int] = {}
-            for request_id, file_id in session.execute(files_in_review):
-                reviewers, mine = voted.get(file_id, (0, 0))
-                if not mine and reviewers < 2:
-                    to_vote[request_id] = to_vote.get(request_id, 0) + 1
+            rows = [*session.execute(open_rows), *session.execute(done_rows)]
+            ids = [row.id for row in rows]
+            active: dict[str, int] = {}
+            in_review_files: list[tuple[str, int]] = []
+            for batch in (ids[i : i + 500] for i in range(0, len(ids), 500)):
+                for request_id, file_id, state in session.execute(
+                    select(f.c.request_id, f.c.id, r.c.state)
+                    .select_from(f.join(r, r.c.id == f.c.request_id))
+                    .where(f.c.withdrawn_round.is_(None), f.c.request_id.in_(batch))
+                ):
+                    active[request_id] = active.get(request_id, 0) + 1
+                    if state in _IN_REVIEW:
+                        in_review_files.append((request_id, file_id))
+            voted = {fid: (n, me) for fid, n, me in session.execute(votes_this_round)}
+        to_vote: dict[str, int] = {}
+        for request_id, file_id in in_review_files:
+            reviewers, me = voted.get(file_id, (0, 0))
+            if not me and reviewers < 2:
+                to_vote[request_id] = to_vote.get(request_id, 0) + 1
         for row in rows:
             if not perm.is_eligible_checker(who, row):
                 continue
             summary = _summary_from_row(row, active.get(row.id, 0))
             summary["files_to_vote"] = to_vote.get(row.id, 0)
-            if row.state in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
+            if row.state in _IN_REVIEW:
                 key = "waiting" if summary["files_to_vote"] else "in_progress"
-            elif row.state == State.REVIEWED or row.state == State.APPROVED:
+            elif row.state in _OPEN:
                 key = "in_progress"
             else:
                 key = "done"
             out[key].append(summary)
         return out
+
+    def queue_done_total(self, who: perm.Who) -> int:
+        """How many finished requests the checker's queue holds (its ``done`` list may be cut)."""
+        if not who.is_checker or who.in_sandbox:
+            return 0
+        r = ReleaseRequest.__table__
+        with self.factory() as session:
+            return session.execute(
+                select(func.count()).where(r.c.state.in_(_DONE), *_eligible_for(who))
+            ).scalar_one()
 
     def audit_events(self, who: perm.Who, limit: int = 1000) -> list[dict[str, Any]]:
         perm.check_view_audit(who)
@@ -825,6 +839,19 @@ def _vote_dict(v: Vote) -> dict[str, Any]:
 
 # states in which checkers vote (the queue reads votes of these requests only)
 _IN_REVIEW = (State.SUBMITTED.value, State.PARTIALLY_REVIEWED.value)
+# the queue's open work (in review, or reviewed and waiting for the release) and finished requests
+_OPEN = (*_IN_REVIEW, State.REVIEWED.value, State.APPROVED.value)
+_DONE = tuple(s.value for s in State if s.value not in _OPEN and s != State.PENDING)
+
+
+def _eligible_for(who: perm.Who) -> list[Any]:
+    """The conditions of ``perm.is_eligible_checker`` on a request row, in SQL (state aside)."""
+    r = ReleaseRequest.__table__
+    conditions = [r.c.author != who.name]
+    if who.projects:
+        conditions.append(r.c.project.not_in(sorted(who.projects)))
+    return conditions
+
 
 _SUMMARY_COLUMNS = (
     "id",

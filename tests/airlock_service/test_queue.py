@@ -110,6 +110,11 @@ def test_queue_matches_the_rules_on_full_objects(service):
         assert _short(got) == expected, who.name
         if who.is_checker:
             assert sum(len(v) for v in got.values()) >= 6
+        # the page's form: the latest finished requests only, all of them counted
+        assert service.queue_done_total(who) == len(expected["done"])
+        for limit in (0, 1, 2):
+            cut = _short(service.queue(who, done_limit=limit))
+            assert cut == {**expected, "done": expected["done"][:limit]}, (who.name, limit)
     # the summaries carry the same fields as the request list
     listed = {r["id"]: r for r in service.list_requests(c1)}
     for rows in service.queue(c1).values():
