@@ -32,12 +32,13 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import psutil
 import yaml
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -186,12 +187,14 @@ async def _run(
     ops: int,
     think_s: float,
     seed: int,
+    analyze: Callable[[], None],
 ):
     lat: dict[str, list[float]] = {"page_view": [], "vote": [], "submit": []}
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=airlock, timeout=60, limits=limits) as http:
         slots = await _make_slots(http, tokens, (clients * ops) // 4 // 2 + 5)
+        analyze()  # statistics as autovacuum keeps them in a running service (see _analyze)
         page_ids = [s[0] for s in slots[::2]]
         rng = random.Random(seed)
 
@@ -237,7 +240,14 @@ async def _run(
     return lat, errors, elapsed
 
 
-async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, n: int) -> None:
+async def _serial(
+    airlock: str,
+    tokens: dict,
+    cookies: httpx.Cookies,
+    pid: int,
+    n: int,
+    analyze: Callable[[], None],
+) -> None:
     """One client, one request at a time: service CPU per request of each kind (process CPU
     seconds of all service processes, so robust on a busy machine) and its wall time."""
     warm = 10  # first requests of each kind per process compile templates and statements
@@ -271,6 +281,7 @@ async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, 
         for call in kinds.values():
             for i in range(n, n + warm):
                 (await call(i)).raise_for_status()
+        analyze()
         print(
             f"\n-- serial: one client, {n} requests of each kind, one at a time"
             f" (after {warm} unmeasured ones of each kind)"
@@ -286,6 +297,20 @@ async def _serial(airlock: str, tokens: dict, cookies: httpx.Cookies, pid: int, 
                 walls.append(time.perf_counter() - t0)
             cpu = (_cpu(_tree(pid)) - before) / n * 1000
             print(f"| {kind} | {cpu:.1f} | {_pct(walls, 0.5):.0f} | {max(walls) * 1000:.0f} |")
+
+
+def _analyze(schema: str) -> None:
+    """ANALYZE the benchmark's fresh tables: a running service's tables have planner statistics
+    (autovacuum analyses a table once 10% of it changed, within a minute); a schema created
+    seconds ago has none, and PostgreSQL then estimates one row per table and picks nested
+    loops over sequential scans, quadratic in the rows the benchmark has just written."""
+    engine = make_engine(PG, schema=schema)
+    try:
+        with engine.begin() as conn:
+            for table in inspect(conn).get_table_names(schema=schema):
+                conn.execute(text(f'ANALYZE "{schema}"."{table}"'))
+    finally:
+        engine.dispose()
 
 
 def _report(
@@ -407,7 +432,9 @@ def main() -> None:
             f" {os.cpu_count()} CPUs; service processes: {len(_tree(proc.pid))}"
         )
         if serial:
-            asyncio.run(_serial(airlock, tokens, cookies, proc.pid, serial))
+            asyncio.run(
+                _serial(airlock, tokens, cookies, proc.pid, serial, lambda: _analyze(schema))
+            )
         for n, mode in enumerate(modes):
             service, hub_procs = _tree(proc.pid), _tree(hub.process.pid)
             pg_before = _postgres_snapshot()
@@ -421,6 +448,7 @@ def main() -> None:
                     ops,
                     think_s if mode == "think" else 0.0,
                     seed=7 + n,
+                    analyze=lambda: _analyze(schema),
                 )
             )
             cpu = {

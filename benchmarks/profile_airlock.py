@@ -24,7 +24,7 @@ from sqlalchemy import text
 
 from airlock.service.core import AirlockService, FileSpec
 from airlock.service.db import make_engine, upgrade
-from benchmarks.bench_airlock import PG, _prepare
+from benchmarks.bench_airlock import PG, _analyze, _prepare
 from tre.provision import LiveRegistry
 from tre.settings import Settings
 
@@ -63,6 +63,7 @@ def main(argv: list[str]) -> None:
             svc.submit(alice, rid)
             ids.append(rid)
         fids = {rid: svc.view(alice, rid)["files"][0]["id"] for rid in ids}
+        _analyze(schema)  # planner statistics, as a running service has them
         if which & {"all", "view"}:
             _profile("view", lambda i: svc.view(checkers[2], ids[i % len(ids)]), 100)
         if which & {"all", "queue"}:

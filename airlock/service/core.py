@@ -750,14 +750,17 @@ class AirlockService:
         )
         with self.factory() as session:
             rows = [*session.execute(open_rows), *session.execute(done_rows)]
-            ids = [row.id for row in rows]
             active: dict[str, int] = {}
             in_review_files: list[tuple[str, int]] = []
-            for batch in (ids[i : i + 500] for i in range(0, len(ids), 500)):
+            listed_done = done_rows.with_only_columns(r.c.id).subquery()
+            for listed in (
+                f.join(r, r.c.id == f.c.request_id).join(listed_done, listed_done.c.id == r.c.id),
+                f.join(r, and_(r.c.id == f.c.request_id, r.c.state.in_(_OPEN), *mine)),
+            ):
                 for request_id, file_id, state in session.execute(
                     select(f.c.request_id, f.c.id, r.c.state)
-                    .select_from(f.join(r, r.c.id == f.c.request_id))
-                    .where(f.c.withdrawn_round.is_(None), f.c.request_id.in_(batch))
+                    .select_from(listed)
+                    .where(f.c.withdrawn_round.is_(None))
                 ):
                     active[request_id] = active.get(request_id, 0) + 1
                     if state in _IN_REVIEW:
