@@ -43,7 +43,7 @@ from tre.audit import verify_chain
 log = logging.getLogger("airlock.web")
 HERE = Path(__file__).resolve().parent
 MAX_BODY_BYTES = 1024 * 1024
-QUEUE_PAGE_DONE = 50  # finished requests listed on the queue page (most recent first)
+QUEUE_PAGE_ROWS = 50  # requests listed per queue section on the page (most recent first)
 
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:;"
@@ -512,10 +512,9 @@ def create_app(
     @app.get(f"{prefix}queue", include_in_schema=False)
     def queue_page(request: Request, who: PageUser) -> HTMLResponse:
         perm._deny(who.is_checker, "only output checkers have a queue")
-        # finished requests only grow: the page lists the latest ones (all of them: api/queue)
-        queue = service.queue(who, done_limit=QUEUE_PAGE_DONE)
-        done_total = service.queue_done_total(who)
-        return render(request, "queue.html", who, queue=queue, done_total=done_total)
+        # the page lists the latest of each list and counts all (every request: api/queue)
+        queue, totals = service.queue_with_totals(who, limit=QUEUE_PAGE_ROWS)
+        return render(request, "queue.html", who, queue=queue, totals=totals)
 
     @app.get(f"{prefix}requests/{{request_id}}", include_in_schema=False)
     def request_page(request: Request, request_id: str, who: PageUser) -> HTMLResponse:

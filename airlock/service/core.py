@@ -709,26 +709,36 @@ class AirlockService:
                     )
             return out
 
-    def queue(
-        self, who: perm.Who, done_limit: int | None = None
-    ) -> dict[str, list[dict[str, Any]]]:
+    def queue(self, who: perm.Who, limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
         """A checker's queue: waiting for me, in progress (I voted, others not yet), done.
 
-        ``done`` lists the ``done_limit`` most recently updated finished requests (all of them
-        when None); :meth:`queue_done_total` counts them all. Finished requests only accumulate,
-        so with a limit the cost follows the open work, not the whole history.
+        Each list holds its ``limit`` most recently updated requests (all when None); see
+        :meth:`queue_with_totals` for how many each holds in all.
+        """
+        return self.queue_with_totals(who, limit)[0]
 
-        Column queries instead of loading every request with all its files, votes and comments
-        as ORM objects: the open requests; the latest finished ones; the count of active files
-        per listed request; the active files of requests in review; and, per file of a request
-        in review, its distinct reviewers this round and whether I am one. Votes are only read
-        for requests in review, reached through the request's state and id: an outer join of
-        every file with its votes let PostgreSQL pick (on fresh statistics) a plan that scanned
-        every vote of the round for every file, and the queue became its largest CPU cost.
+    def queue_with_totals(
+        self, who: perm.Who, limit: int | None = None
+    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+        """The queue's lists, each cut to its ``limit`` most recently updated requests, and the
+        number of requests in each list before the cut.
+
+        Finished requests only accumulate, so with a limit they are read with an SQL limit and
+        counted in SQL: the cost follows the open work, not the whole history. Open requests
+        are all read (to tell "waiting for me" from "in progress"), but only the listed ones
+        become summaries.
+
+        Column queries instead of loading requests with all their files, votes and comments as
+        ORM objects: the open requests; the latest finished ones; the active files of the
+        listed requests; and, per file of a request in review, its distinct reviewers this
+        round and whether I am one. Votes are only read for requests in review, reached through
+        the request's state and id: an outer join of every file with its votes let PostgreSQL
+        pick (without fresh statistics) a plan that scanned every vote of the round per file.
         """
         out: dict[str, list[dict[str, Any]]] = {"waiting": [], "in_progress": [], "done": []}
+        totals = dict.fromkeys(out, 0)
         if not who.is_checker or who.in_sandbox:
-            return out  # nobody else is an eligible checker of any request
+            return out, totals  # nobody else is an eligible checker of any request
         r, f, v = ReleaseRequest.__table__, RequestFile.__table__, Vote.__table__
         mine = _eligible_for(who)  # the conditions of perm.is_eligible_checker (re-checked below)
         in_review = [r.c.state.in_(_IN_REVIEW), *mine]
@@ -736,8 +746,9 @@ class AirlockService:
         newest_first = r.c.updated_at.desc(), r.c.id
         open_rows = select(*columns).where(r.c.state.in_(_OPEN), *mine).order_by(*newest_first)
         done_rows = select(*columns).where(r.c.state.in_(_DONE), *mine).order_by(*newest_first)
-        if done_limit is not None:
-            done_rows = done_rows.limit(max(done_limit, 0))
+        if limit is not None:
+            done_rows = done_rows.limit(max(limit, 0))
+        listed_done = done_rows.with_only_columns(r.c.id).subquery()
         votes_this_round = (
             select(
                 v.c.file_id,
@@ -748,11 +759,10 @@ class AirlockService:
             .where(*in_review)
             .group_by(v.c.file_id)
         )
+        active: dict[str, int] = {}
+        in_review_files: list[tuple[str, int]] = []
         with self.factory() as session:
             rows = [*session.execute(open_rows), *session.execute(done_rows)]
-            active: dict[str, int] = {}
-            in_review_files: list[tuple[str, int]] = []
-            listed_done = done_rows.with_only_columns(r.c.id).subquery()
             for listed in (
                 f.join(r, r.c.id == f.c.request_id).join(listed_done, listed_done.c.id == r.c.id),
                 f.join(r, and_(r.c.id == f.c.request_id, r.c.state.in_(_OPEN), *mine)),
@@ -766,34 +776,33 @@ class AirlockService:
                     if state in _IN_REVIEW:
                         in_review_files.append((request_id, file_id))
             voted = {fid: (n, me) for fid, n, me in session.execute(votes_this_round)}
+            if limit is not None and len(rows) - sum(row.state in _OPEN for row in rows) >= limit:
+                totals["done"] = session.execute(
+                    select(func.count()).where(r.c.state.in_(_DONE), *mine)
+                ).scalar_one()
         to_vote: dict[str, int] = {}
         for request_id, file_id in in_review_files:
             reviewers, me = voted.get(file_id, (0, 0))
             if not me and reviewers < 2:
                 to_vote[request_id] = to_vote.get(request_id, 0) + 1
+        counted_done = 0
         for row in rows:
             if not perm.is_eligible_checker(who, row):
                 continue
-            summary = _summary_from_row(row, active.get(row.id, 0))
-            summary["files_to_vote"] = to_vote.get(row.id, 0)
             if row.state in _IN_REVIEW:
-                key = "waiting" if summary["files_to_vote"] else "in_progress"
+                key = "waiting" if to_vote.get(row.id) else "in_progress"
             elif row.state in _OPEN:
                 key = "in_progress"
             else:
                 key = "done"
-            out[key].append(summary)
-        return out
-
-    def queue_done_total(self, who: perm.Who) -> int:
-        """How many finished requests the checker's queue holds (its ``done`` list may be cut)."""
-        if not who.is_checker or who.in_sandbox:
-            return 0
-        r = ReleaseRequest.__table__
-        with self.factory() as session:
-            return session.execute(
-                select(func.count()).where(r.c.state.in_(_DONE), *_eligible_for(who))
-            ).scalar_one()
+                counted_done += 1
+            totals[key] += key != "done"
+            if limit is None or len(out[key]) < limit:
+                summary = _summary_from_row(row, active.get(row.id, 0))
+                summary["files_to_vote"] = to_vote.get(row.id, 0)
+                out[key].append(summary)
+        totals["done"] = max(totals["done"], counted_done)
+        return out, totals
 
     def audit_events(self, who: perm.Who, limit: int = 1000) -> list[dict[str, Any]]:
         perm.check_view_audit(who)

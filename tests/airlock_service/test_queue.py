@@ -110,11 +110,11 @@ def test_queue_matches_the_rules_on_full_objects(service):
         assert _short(got) == expected, who.name
         if who.is_checker:
             assert sum(len(v) for v in got.values()) >= 6
-        # the page's form: the latest finished requests only, all of them counted
-        assert service.queue_done_total(who) == len(expected["done"])
-        for limit in (0, 1, 2):
-            cut = _short(service.queue(who, done_limit=limit))
-            assert cut == {**expected, "done": expected["done"][:limit]}, (who.name, limit)
+        # the page's form: the latest requests of each list only, all of them counted
+        for limit in (0, 1, 2, None):
+            cut, totals = service.queue_with_totals(who, limit=limit)
+            assert _short(cut) == {k: v[:limit] for k, v in expected.items()}, (who.name, limit)
+            assert totals == {k: len(v) for k, v in expected.items()}, (who.name, limit)
     # the summaries carry the same fields as the request list
     listed = {r["id"]: r for r in service.list_requests(c1)}
     for rows in service.queue(c1).values():
@@ -124,9 +124,9 @@ def test_queue_matches_the_rules_on_full_objects(service):
             }
 
 
-def test_queue_page_lists_the_latest_done_and_counts_all(service, monkeypatch):
-    """The page lists the most recent finished requests (their number grows forever) but counts
-    all of them; the API returns all."""
+def test_queue_page_lists_the_latest_of_each_list_and_counts_all(service, monkeypatch):
+    """The page lists the most recent requests of each list (finished ones grow forever, open
+    ones with the checkers' backlog) but counts all of them; the API returns all."""
     import asyncio
     import base64
     import json
@@ -142,12 +142,15 @@ def test_queue_page_lists_the_latest_done_and_counts_all(service, monkeypatch):
         async def identify(self, token: str) -> Identity:
             return Identity(name=token)
 
-    monkeypatch.setattr(app_module, "QUEUE_PAGE_DONE", 2)
+    monkeypatch.setattr(app_module, "QUEUE_PAGE_ROWS", 2)
     alice = service.who("alice")
     for _ in range(3):
         rid = service.create_request(alice, "wilms-outcomes", [FileSpec("outputs/table.csv")])
         service.submit(alice, rid)
         service.withdraw(alice, rid)  # done
+    for _ in range(4):
+        rid = service.create_request(alice, "wilms-outcomes", [FileSpec("outputs/table.csv")])
+        service.submit(alice, rid)  # waiting
     web = app_module.create_app(service, Tokens(), session_secret="k" * 32)
     session = base64.b64encode(json.dumps({"token": "checker1", "csrf": "c"}).encode())
     cookie = itsdangerous.TimestampSigner("k" * 32).sign(session).decode()
@@ -167,6 +170,9 @@ def test_queue_page_lists_the_latest_done_and_counts_all(service, monkeypatch):
     page, api = asyncio.run(fetch())
     assert page.status_code == 200
     assert re.search(r'id="count-done">3<', page.text)
+    assert re.search(r'id="count-waiting">4<', page.text)
     done = page.text.split('id="queue-done"')[1]
     assert done.count("<tr><td>") == 2 and "2 most recently updated of 3" in page.text
-    assert len(api.json()["done"]) == 3
+    waiting = page.text.split('id="queue-waiting"')[1].split("</table>")[0]
+    assert waiting.count("<tr><td>") == 2 and "2 most recently updated of 4" in page.text
+    assert len(api.json()["done"]) == 3 and len(api.json()["waiting"]) == 4
