@@ -13,8 +13,15 @@ Every writer of the TRE serialises on that one row, so it is locked as briefly a
 ``record_event`` only queues the event in the session, and when the transaction commits, after
 the action's own rows are flushed, one hook locks the head, chains the queued events (sequence
 numbers, times and hashes are assigned there), writes them and moves the head; the commit follows
-at once. The lock is thus held for three statements and the commit, not for the rest of the
-action's transaction. The event still commits or rolls back with the action it records.
+at once. The event still commits or rolls back with the action it records.
+
+On PostgreSQL the hook reads the head without locking it, chains the events on it, and writes
+them with one statement that moves the head only if it is still the one read and inserts the
+events only if it moved (a data-modifying CTE); a writer that lost a race chains again on the
+new head. The head row is then locked from that one statement to the commit, instead of across
+three statements, each of which had to wait for the interpreter lock of a busy service before
+the next could be sent. Elsewhere (SQLite serialises writers anyway) the head is locked with
+``SELECT ... FOR UPDATE`` and the events written after it.
 
 Public API for other areas: ``record_event(session, actor, action, target, details)`` (inside the
 caller's transaction, so the event commits or rolls back with the action it records) and
@@ -30,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Integer, String, Text, event, select
+from sqlalchemy import Integer, String, Text, column, event, exists, insert, select, update, values
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction, mapped_column
 
 GENESIS_HASH = "0" * 64
@@ -129,22 +136,66 @@ def record_event(
     return ev
 
 
-@event.listens_for(Session, "before_commit")
-def _chain_pending(session: Session) -> None:
-    pending: list[AuditEvent] = session.info.pop(_PENDING, [])
-    if not pending:
-        return
-    session.flush()  # the action's rows first (and their errors), before the head is locked
-    head = _head(session, lock=True)
-    seq, prev = head.seq, head.hash
+def _chain(pending: list[AuditEvent], seq: int, prev: str) -> None:
+    """Give the queued events their sequence numbers, times and hashes after (seq, prev)."""
     for ev in pending:
         seq += 1
         ev.seq = seq
         ev.ts = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
         ev.prev_hash = prev
         ev.hash = prev = event_hash(seq, ev.ts, ev.actor, ev.action, ev.target, ev.details, prev)
+
+
+_EVENT_COLUMNS = ("seq", "ts", "actor", "action", "target", "details", "prev_hash", "hash")
+_MAX_APPEND_ATTEMPTS = 1000  # each lost race means another writer appended: progress is made
+
+
+def _append_atomically(session: Session, pending: list[AuditEvent]) -> None:
+    """PostgreSQL: chain on the head as read, then move the head and insert the events in one
+    statement that does neither unless the head was still the one read (see the docstring)."""
+    head_t, event_t = AuditHead.__table__, AuditEvent.__table__
+    conn = session.connection()
+    for _ in range(_MAX_APPEND_ATTEMPTS):
+        head = conn.execute(select(head_t.c.seq, head_t.c.hash).where(head_t.c.id == 1)).first()
+        if head is None:
+            raise RuntimeError("the audit log is not initialised: run `airlock db upgrade`")
+        _chain(pending, head.seq, head.hash)
+        moved = (
+            update(head_t)
+            .where(head_t.c.id == 1, head_t.c.seq == head.seq, head_t.c.hash == head.hash)
+            .values(seq=pending[-1].seq, hash=pending[-1].hash)
+            .returning(head_t.c.id)
+            .cte("moved")
+        )
+        rows = values(
+            *(column(name, event_t.c[name].type) for name in _EVENT_COLUMNS), name="queued"
+        ).data([tuple(getattr(ev, name) for name in _EVENT_COLUMNS) for ev in pending])
+        written = conn.execute(
+            insert(event_t)
+            .from_select(_EVENT_COLUMNS, select(rows).where(exists(select(moved.c.id))))
+            .add_cte(moved)
+            .returning(event_t.c.seq)
+        ).all()
+        if len(written) == len(pending):
+            return
+        if written:  # cannot happen: the insert is all or nothing
+            raise RuntimeError("the audit log append wrote part of its events")
+    raise RuntimeError("the audit log head kept moving: could not append")
+
+
+@event.listens_for(Session, "before_commit")
+def _chain_pending(session: Session) -> None:
+    pending: list[AuditEvent] = session.info.pop(_PENDING, [])
+    if not pending:
+        return
+    session.flush()  # the action's rows first (and their errors), before the head is locked
+    if session.get_bind().dialect.name == "postgresql":
+        _append_atomically(session, pending)
+        return
+    head = _head(session, lock=True)
+    _chain(pending, head.seq, head.hash)
     session.add_all(pending)
-    head.seq, head.hash = seq, prev
+    head.seq, head.hash = pending[-1].seq, pending[-1].hash
     session.flush()
 
 

@@ -173,3 +173,32 @@ def test_head_is_not_locked_while_an_action_is_in_progress(service, db):
     with service.factory() as s:
         assert [e.target for e in s.query(AuditEvent)] == ["x:slow"]
         assert verify_chain(s) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)  # the atomic append: PostgreSQL
+def test_append_that_loses_a_race_chains_again_on_the_new_head(service, db, monkeypatch):
+    """Another writer appends between this writer's read of the head and its write: the write
+    (head moved only if unchanged, events inserted only if it moved) does nothing, and the
+    events are chained again after the other writer's: one chain, no gap, no fork."""
+    from tre import audit
+
+    real_chain, raced = audit._chain, []
+
+    def chain_then_race(pending, seq, prev):
+        real_chain(pending, seq, prev)
+        if not raced:
+            raced.append(seq)
+            with service.factory() as other, other.begin():  # commits before our write
+                record_event(other, "admin", "admin_change", "x:racer", {})
+
+    monkeypatch.setattr(audit, "_chain", chain_then_race)
+    with service.factory() as s, s.begin():
+        first = record_event(s, "admin", "admin_change", "x:slow-1", {})
+        second = record_event(s, "admin", "admin_change", "x:slow-2", {})
+    assert raced == [0]
+    assert (first.seq, second.seq) == (2, 3)
+    with service.factory() as s:
+        events = [(e.seq, e.target) for e in s.query(AuditEvent).order_by(AuditEvent.seq)]
+        assert events == [(1, "x:racer"), (2, "x:slow-1"), (3, "x:slow-2")]
+        assert verify_chain(s) == []
