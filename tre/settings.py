@@ -158,6 +158,15 @@ class Settings(BaseSettings):
         "vote waits for its turn. Endpoints that snapshot files (they wait for the checks) "
         "have as many threads again of their own.",
     )
+    airlock_switch_interval_ms: float = Field(
+        default=5.0,
+        gt=0,
+        le=100,
+        description="Per airlock worker: how long one thread may hold the interpreter lock "
+        "while another waits for it (Python's switch interval). An endpoint thread coming back "
+        "from a database round trip waits up to this long for a thread that is rendering a "
+        "page, once per round trip.",
+    )
     airlock_check_processes: int = Field(
         default=1,
         ge=0,

@@ -162,6 +162,7 @@ def _worker(
 ) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # the parent's handlers are not ours
         signal.signal(sig, signal.SIG_DFL)
+    sys.setswitchinterval(settings.airlock_switch_interval_ms / 1000)
     checks = check_pool(check_processes)
     try:
         app = make_app(settings, hub, secret=secret, checks=checks, threads=threads)
