@@ -399,6 +399,29 @@ def test_live_registry_follows_declaration_changes(tmp_path):
     assert live().projects["wilms-outcomes"].status.value == "suspended"
 
 
+def test_live_registry_stamp_sees_every_declaration_file(tmp_path):
+    """The change stamp covers every *.yaml below the policies directory, nested or reached
+    through a symlinked directory (a loop of symlinks is walked once), and nothing else."""
+    from tre.provision import LiveRegistry
+
+    root = tmp_path / "policies"
+    (root / "projects" / "archive").mkdir(parents=True)
+    (root / "projects" / "a.yaml").write_text("a: 1\n")
+    (root / "projects" / "archive" / "b.yaml").write_text("b: 1\n")
+    (root / "notes.txt").write_text("not a declaration\n")
+    shared = tmp_path / "shared-sites"
+    shared.mkdir()
+    (shared / "site.yaml").write_text("s: 1\n")
+    (root / "sites").symlink_to(shared)
+    (root / "projects" / "archive" / "loop").symlink_to(root / "projects")
+    live = LiveRegistry(root)
+    names = [path.rsplit("/", 1)[1] for path, _mtime, _size in live._current_stamp()]
+    assert sorted(names) == ["a.yaml", "b.yaml", "site.yaml"]
+    before = live._current_stamp()
+    (shared / "site.yaml").write_text("s: 22\n")  # a change through the symlink
+    assert live._current_stamp() != before
+
+
 def test_cli_create_writes_a_declaration_like_a_person_would(tmp_path, monkeypatch):
     from tre.cli import app
 
