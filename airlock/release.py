@@ -1,8 +1,8 @@
 """Release: copy an approved request's snapshots to the released store, atomically and idempotently.
 
 One database transaction holds the request's row lock for the whole release:
-1. the files are copied into a fresh staging directory, each fsynced and verified against its
-   sha256, with a manifest;
+1. the files are copied into a fresh staging directory (under ``released/.staging``), each
+   fsynced and verified against its sha256, with a manifest;
 2. the staging directory is renamed to ``released/<request id>`` (one atomic rename);
 3. the request moves to ``released`` with a ``Release`` row and its audit events; commit.
 A crash before (2) leaves only a staging directory (removed by the retry); a crash between (2)
@@ -75,6 +75,11 @@ def released_dir(released_root: Path, request_id: str) -> Path:
     return released_root / request_id
 
 
+def staging_root(released_root: Path) -> Path:
+    """Where releases are staged before their atomic rename (same file system)."""
+    return released_root / ".staging"
+
+
 def _manifest(files: list[ReleasedFile]) -> str:
     return json.dumps([f.__dict__ for f in files], sort_keys=True, indent=1)
 
@@ -97,8 +102,9 @@ def _stage(
     files: list[ReleasedFile],
     on_step: StepHook,
 ) -> Path:
-    staging = released_root / f".staging-{request_id}-{uuid.uuid4().hex[:8]}"
+    staging = staging_root(released_root) / f"{request_id}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
+    fsync_dir(staging.parent)
     for f in files:
         target = staging / f.relative
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +119,10 @@ def _stage(
             raise ReleaseError(f"copy of {f.path} does not match its sha256")
         fsync_dir(target.parent)
         on_step("copied", f.path)
-    (staging / "manifest.json").write_text(_manifest(files))
+    with open(staging / "manifest.json", "w", encoding="utf-8") as manifest:
+        manifest.write(_manifest(files))
+        manifest.flush()
+        os.fsync(manifest.fileno())  # served after the commit: it must survive a crash too
     fsync_dir(staging)
     return staging
 
@@ -144,8 +153,9 @@ def release_request(
             ReleasedFile(f.id, f.group, f.path, f.sha256, f.size)
             for f in approved_files(req, votes, checkers)
         ]
-        # a previous attempt crashed: its staging directories are garbage
-        for stale in released_root.glob(f".staging-{request_id}-*"):
+        # a previous attempt crashed: its staging directories are garbage (they live apart
+        # from the released directories, so finding them does not list every release ever made)
+        for stale in staging_root(released_root).glob(f"{request_id}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         final = released_dir(released_root, request_id)
         if final.exists() and not verify_released(final, files):

@@ -97,7 +97,7 @@ def test_kill_9_at_every_step_then_retry(tre_settings, db):
         for fid in expected:
             path, _ = service.download(service.who("bob"), rid, fid)
             assert sha256_file(path) == shas[fid]
-        assert not list(service.released_root.glob(".staging-*"))
+        assert not list((service.released_root / ".staging").glob("*"))
     # the kill after the commit left it released; every earlier kill left nothing
     assert seen_states == {"approved", "released"}
 
