@@ -548,3 +548,7 @@ def test_join_on_key_hashes_equals_the_string_join(monkeypatch, hashing):
     got = _join_one_per_key(child, ref, "k").sort("_row")
     assert got.columns == expected.columns
     assert got.rows() == expected.rows()
+    # a null reference key matches no null child key, as in the string join
+    with_null = pl.concat([ref, pl.DataFrame({"k": [None], "__ref": [9]})])
+    want = child.join(with_null, on="k", how="inner").sort("_row").rows()
+    assert _join_one_per_key(child, with_null, "k").sort("_row").rows() == want

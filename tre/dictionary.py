@@ -455,21 +455,21 @@ def _repeats(frame: pl.DataFrame, key: list[str]) -> pl.Series:
 
 
 def _join_one_per_key(child: pl.DataFrame, ref: pl.DataFrame, key: str) -> pl.DataFrame:
-    """``child.join(ref, on=key)`` for a ``ref`` with one row per non-null ``key``.
+    """``child.join(ref, on=key)`` (null keys match nothing), for a ``ref`` with one row per key.
 
     Joined on a 64-bit hash of the key when the reference keys' hashes are distinct: an
     integer join costs about half a string join. Every joined row is then checked to carry the
-    same key on both sides (a child key whose hash equals another reference key's would not);
-    if one does not, the join is done again on the strings.
+    same non-null key on both sides (a child key whose hash equals another reference key's
+    would not); if one does not, the join is done again on the keys themselves.
     """
     ref_hash = ref.get_column(key).hash()
-    if ref_hash.n_unique() == ref.height:
+    if child.schema[key] == ref.schema[key] and ref_hash.n_unique() == ref.height:
         joined = child.with_columns(child.get_column(key).hash().alias("__h")).join(
             ref.rename({key: "__ref_key"}).with_columns(ref_hash.alias("__h")),
             on="__h",
             how="inner",
         )
-        if joined.select(pl.col(key).eq_missing(pl.col("__ref_key")).all()).item():
+        if joined.select((pl.col(key) == pl.col("__ref_key")).fill_null(False).all()).item():
             return joined.drop("__h", "__ref_key")
     return child.join(ref, on=key, how="inner")
 
