@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import polars as pl
 import pytest
 import yaml
@@ -484,3 +486,69 @@ def test_distinct_value_lookup_gives_each_row_its_own_values_answer(monkeypatch,
     got = _lookup_rows(values, lookup)
     assert got.columns == ["up"]
     assert got["up"].to_list() == [None if v is None else v.upper() for v in values]
+
+
+@pytest.mark.parametrize("hashing", ["real", "constant", "by_length"])
+def test_repeats_agree_with_first_distinct_whatever_the_hashes(monkeypatch, hashing):
+    """Duplicate keys are found through 64-bit hashes; forced hash collisions (every value one
+    hash, or every value of a length one hash) must not change which rows are repeats."""
+    import polars as pl
+
+    from tre.dictionary import _repeats
+
+    rng = random.Random(5)
+    ids = [rng.choice(["a", "b", "ab", "ba", "abc", "", None]) for _ in range(400)]
+    nums = [rng.choice([1, 2, None]) for _ in range(400)]
+    frame = pl.DataFrame({"id": ids, "n": nums}, schema={"id": pl.String, "n": pl.Int64})
+    expected_one = frame.select(~pl.col("id").is_first_distinct()).to_series()
+    expected_two = frame.select(~pl.struct("id", "n").is_first_distinct()).to_series()
+    if hashing == "constant":
+        monkeypatch.setattr(pl.Series, "hash", lambda s, *a, **k: pl.Series([0] * len(s)))
+        monkeypatch.setattr(pl.DataFrame, "hash_rows", lambda f, *a, **k: pl.Series([0] * len(f)))
+    elif hashing == "by_length":
+        monkeypatch.setattr(
+            pl.Series,
+            "hash",
+            lambda s, *a, **k: s.cast(pl.String).str.len_bytes().fill_null(99).cast(pl.UInt64),
+        )
+        monkeypatch.setattr(
+            pl.DataFrame,
+            "hash_rows",
+            lambda f, *a, **k: f.get_column("id").str.len_bytes().fill_null(99).cast(pl.UInt64),
+        )
+    assert _repeats(frame, ["id"]).to_list() == expected_one.to_list()
+    assert _repeats(frame, ["id", "n"]).to_list() == expected_two.to_list()
+    unique = frame.with_row_index("i")
+    assert not _repeats(unique, ["i"]).any()
+    assert _repeats(frame.clear(), ["id"]).len() == 0
+
+
+@pytest.mark.parametrize("hashing", ["real", "constant", "by_length"])
+def test_join_on_key_hashes_equals_the_string_join(monkeypatch, hashing):
+    """Cross-table rules join child rows to one reference row per key through 64-bit hashes;
+    forced collisions (a child key sharing a reference key's hash, null keys) must give the
+    rows of the plain string join."""
+    import polars as pl
+
+    from tre.dictionary import _join_one_per_key
+
+    child = pl.DataFrame(
+        {"_row": list(range(8)), "k": ["a", "bb", "zz", None, "ccc", "a", "q", "bb"]}
+    )
+    ref = pl.DataFrame({"k": ["a", "bb", "ccc", "dddd"], "__ref": [1, 2, 3, 4]})
+    expected = child.join(ref, on="k", how="inner").sort("_row")
+    if hashing == "constant":
+        monkeypatch.setattr(pl.Series, "hash", lambda s, *a, **k: pl.Series([0] * len(s)))
+    elif hashing == "by_length":  # "zz" and "q" collide with "bb" and "a"; null with nothing
+        monkeypatch.setattr(
+            pl.Series,
+            "hash",
+            lambda s, *a, **k: s.cast(pl.String).str.len_bytes().fill_null(99).cast(pl.UInt64),
+        )
+    got = _join_one_per_key(child, ref, "k").sort("_row")
+    assert got.columns == expected.columns
+    assert got.rows() == expected.rows()
+    # a null reference key matches no null child key, as in the string join
+    with_null = pl.concat([ref, pl.DataFrame({"k": [None], "__ref": [9]})])
+    want = child.join(with_null, on="k", how="inner").sort("_row").rows()
+    assert _join_one_per_key(child, with_null, "k").sort("_row").rows() == want
