@@ -166,6 +166,17 @@ def check_review(who: Who, req: _Req) -> None:
     )
 
 
+def can_change_vote(who: Who, req: _Req, my_vote: str | None, file_vote_count: int) -> bool:
+    """Change my vote on a file: only mine, only while the file waits for its second review
+    (so nobody changes a vote after seeing the other one) and the request is in review."""
+    return can_review(who, req) and my_vote is not None and file_vote_count < 2
+
+
+def check_change_vote(who: Who, req: _Req) -> None:
+    # the vote-specific conditions (my vote exists, the file has one vote) are the service's
+    check_review(who, req)
+
+
 def can_decide(who: Who, req: _Req) -> bool:
     """Return or reject a reviewed request."""
     return is_eligible_checker(who, req) and State(req.state) == State.REVIEWED

@@ -395,6 +395,14 @@ def create_app(
         )
         return {"state": state}
 
+    @api.put("/requests/{request_id}/files/{file_id}/votes/mine")
+    def change_vote(request_id: str, file_id: int, body: VoteIn, who: ApiUser) -> dict[str, Any]:
+        """Change my vote on a file while it waits for its second review (409 after that)."""
+        state = service.change_vote(
+            who, request_id, file_id, body.decision, body.comment, body.justification
+        )
+        return {"state": state}
+
     @api.post("/requests/{request_id}/comments", status_code=201)
     def comment(request_id: str, body: CommentIn, who: ApiUser) -> dict[str, Any]:
         return {"comment_id": service.comment(who, request_id, body.body, body.visibility)}
@@ -581,6 +589,22 @@ def create_app(
         justification: Annotated[str, Form(max_length=10000)] = "",
     ) -> RedirectResponse:
         service.vote(who, request_id, file_id, decision, comment, justification)
+        return back_to(request_id)
+
+    @app.post(
+        f"{prefix}requests/{{request_id}}/files/{{file_id}}/vote/change",
+        include_in_schema=False,
+        dependencies=[Csrf],
+    )
+    def change_vote_form(
+        request_id: str,
+        file_id: int,
+        who: PageUser,
+        decision: Annotated[str, Form(max_length=32)],
+        comment: Annotated[str, Form(max_length=10000)] = "",
+        justification: Annotated[str, Form(max_length=10000)] = "",
+    ) -> RedirectResponse:
+        service.change_vote(who, request_id, file_id, decision, comment, justification)
         return back_to(request_id)
 
     @app.post(

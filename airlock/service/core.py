@@ -390,12 +390,7 @@ class AirlockService:
         justification: str = "",
     ) -> str:
         """Cast one vote; returns the request's state afterwards (released if it completed)."""
-        if decision not in DECISIONS:
-            raise BadInput(f"decision must be one of {', '.join(DECISIONS)}")
-        comment = _text(comment.strip(), "comment", 10000)
-        justification = _text(justification.strip(), "justification", 10000)
-        if decision != "approve" and not comment:
-            raise BadInput("a comment is required to reject or request changes")
+        decision, comment, justification = _vote_input(decision, comment, justification)
         try:
             with self.factory() as session, session.begin():
                 req = self._load(session, who, request_id, lock=True)
@@ -403,13 +398,7 @@ class AirlockService:
                 if req.state not in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
                     raise TransitionError(f"a {req.state} request is not open for review")
                 f = _find_file(req, file_id)
-                if f.withdrawn_round is not None:
-                    raise Conflict("this file was withdrawn or replaced")
-                if decision == "approve" and f.check_status == "fail" and not justification:
-                    raise BadInput(
-                        "this file failed an automated check: approving it needs a written"
-                        " justification"
-                    )
+                _check_votable(f, decision, justification)
                 round_votes = [v for v in req.votes if v.file_id == f.id and v.round == req.round]
                 if any(v.reviewer == who.name for v in round_votes):
                     raise Conflict("you have already voted on this file in this round")
@@ -449,6 +438,58 @@ class AirlockService:
             # the copy and its fsyncs hold only this request's row, never the audit head
             state = self._try_release(who.name, request_id, project)
         return state
+
+    def change_vote(
+        self,
+        who: perm.Who,
+        request_id: str,
+        file_id: int,
+        decision: str,
+        comment: str = "",
+        justification: str = "",
+    ) -> str:
+        """Change my vote on a file while it still waits for its second review (same round).
+
+        The same rules as a vote (comment unless approving, justification to approve a failed
+        file); refused once the file has both reviews or the request has left review, so a
+        checker never changes a vote after seeing the other checker's. Audited as its own event.
+        """
+        decision, comment, justification = _vote_input(decision, comment, justification)
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_change_vote(who, req)
+            if req.state not in _IN_REVIEW:
+                raise TransitionError(
+                    f"a {req.state} request is no longer in review: votes can no longer change"
+                )
+            f = _find_file(req, file_id)
+            _check_votable(f, decision, justification)
+            round_votes = [v for v in req.votes if v.file_id == f.id and v.round == req.round]
+            mine = next((v for v in round_votes if v.reviewer == who.name), None)
+            if mine is None:
+                raise Conflict("you have not voted on this file in this round: vote instead")
+            if len(round_votes) >= 2:
+                raise Conflict(
+                    "this file already has its two independent reviews: votes can no longer change"
+                )
+            if (mine.decision, mine.comment, mine.justification) == (
+                decision,
+                comment,
+                justification,
+            ):
+                raise BadInput("this is already your vote: nothing to change")
+            previous = mine.decision
+            mine.decision, mine.comment, mine.justification = decision, comment, justification
+            mine.created_at = _now()
+            req.updated_at = _now()
+            record_event(
+                session,
+                who.name,
+                "vote_change",
+                f"file:{f.id}",
+                {"request": req.id, "round": req.round, "from": previous, "to": decision},
+            )
+            return req.state
 
     def _round_complete(self, req: ReleaseRequest) -> bool:
         for f in req.active_files():
@@ -617,7 +658,13 @@ class AirlockService:
                     "active": f.withdrawn_round is None,
                     "votes": votes,
                     "vote_count": len(current),
-                    "my_vote": next((v.decision for v in current if v.reviewer == who.name), None),
+                    "my_vote": (
+                        my_vote := next(
+                            (v.decision for v in current if v.reviewer == who.name), None
+                        )
+                    ),
+                    "can_change_vote": f.withdrawn_round is None
+                    and perm.can_change_vote(who, req, my_vote, len(current)),
                 }
             )
         comments = [
@@ -662,7 +709,7 @@ class AirlockService:
                 "release",
             )
             or (
-                e.action == "vote"
+                e.action in ("vote", "vote_change")
                 and perm.can_see_vote(who, req, e.actor, 2 if round_complete else 0)
             )
         ]
@@ -810,6 +857,27 @@ def _find_file(req: ReleaseRequest, file_id: int) -> RequestFile:
         if f.id == file_id:
             return f
     raise NotFound("no such file in this request")
+
+
+def _vote_input(decision: str, comment: str, justification: str) -> tuple[str, str, str]:
+    """The rules on a vote's own fields (a first vote and a changed vote alike)."""
+    if decision not in DECISIONS:
+        raise BadInput(f"decision must be one of {', '.join(DECISIONS)}")
+    comment = _text(comment.strip(), "comment", 10000)
+    justification = _text(justification.strip(), "justification", 10000)
+    if decision != "approve" and not comment:
+        raise BadInput("a comment is required to reject or request changes")
+    return decision, comment, justification
+
+
+def _check_votable(f: RequestFile, decision: str, justification: str) -> None:
+    """The rules a vote must meet on this file (a first vote and a changed vote alike)."""
+    if f.withdrawn_round is not None:
+        raise Conflict("this file was withdrawn or replaced")
+    if decision == "approve" and f.check_status == "fail" and not justification:
+        raise BadInput(
+            "this file failed an automated check: approving it needs a written justification"
+        )
 
 
 def _vote_dict(v: Vote) -> dict[str, Any]:
