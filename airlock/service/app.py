@@ -34,6 +34,7 @@ from airlock.service.core import (
     BadInput,
     Conflict,
     FileSpec,
+    Gone,
     NotFound,
 )
 from airlock.storage import StorageError
@@ -182,6 +183,7 @@ class CsrfFailed(Exception):  # noqa: N818
 
 ERRORS: list[tuple[type[Exception], int]] = [
     (NotFound, 404),
+    (Gone, 410),
     (perm.PermissionDenied, 403),
     (TokenRefused, 403),
     (TransitionError, 409),

@@ -7,6 +7,7 @@ the audit events; a failure anywhere rolls all of it back (bad input changes not
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import shutil
@@ -60,6 +61,10 @@ class Conflict(ValueError):
 
 class BadInput(ValueError):
     """The request is malformed in a way the schema cannot express."""
+
+
+class Gone(LookupError):
+    """The bytes existed but were deleted under the retention policy (410)."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,19 @@ class AirlockService:
         _text(title, "title", 200)
         _text(context, "context")
         _text(controls, "controls")
+        # pinned: the snapshots cannot be garbage-collected before the rows commit
+        with self.store.pinned():
+            return self._create_request(who, project, files, title, context, controls)
+
+    def _create_request(
+        self,
+        who: perm.Who,
+        project: str,
+        files: list[FileSpec],
+        title: str,
+        context: str,
+        controls: str,
+    ) -> str:
         # snapshot and check everything first: a bad file refuses the whole request
         snaps = [self.snapshot(project, spec) for spec in files]
         for spec in files:
@@ -297,11 +315,12 @@ class AirlockService:
             req = self._load(session, who, request_id, lock=False)
             perm.check_edit_request(who, req)
             project = req.project
-        snap = self.snapshot(project, spec)
-        with self.factory() as session, session.begin():
-            req = self._load(session, who, request_id, lock=True)
-            perm.check_edit_request(who, req)
-            return self._add_snapshot(session, req, snap, who.name).id
+        with self.store.pinned():  # until the row commits (see create_request)
+            snap = self.snapshot(project, spec)
+            with self.factory() as session, session.begin():
+                req = self._load(session, who, request_id, lock=True)
+                perm.check_edit_request(who, req)
+                return self._add_snapshot(session, req, snap, who.name).id
 
     def withdraw_file(self, who: perm.Who, request_id: str, file_id: int) -> None:
         with self.factory() as session, session.begin():
@@ -599,6 +618,7 @@ class AirlockService:
                 raise Conflict("this request has not been released")
             if f.withdrawn_round is not None:
                 raise NotFound("this file was not released")
+            self._check_released_not_expired(req.project)
             path = released_dir(self.released_root, req.id) / str(f.id) / f.name
             if not path.is_file() or sha256_file(path) != f.sha256:
                 raise ReleaseError("the released copy does not match its sha256; not served")
@@ -607,6 +627,22 @@ class AirlockService:
             )
             return path, f.name
 
+    def _check_released_not_expired(self, project: str) -> None:
+        """410 once the project's released files are past their grace period (retention.py)."""
+        from airlock.retention import load_retention_policy, project_ended_on, released_expiry
+
+        today = dt.date.today()
+        if project_ended_on(self, project, today) is None:
+            return  # the project has not ended: no limit
+        policy = load_retention_policy(self.settings.policies_dir)
+        last_day = released_expiry(self, policy, project, today)
+        if last_day is not None and today > last_day:
+            raise Gone(
+                f"project {project} has ended: its released files could be downloaded until"
+                f" {last_day.isoformat()} ({policy.released_grace_days} days after its end)"
+                " and are deleted"
+            )
+
     def snapshot_path(
         self, who: perm.Who, request_id: str, file_id: int
     ) -> tuple[Path, RequestFile]:
@@ -614,7 +650,13 @@ class AirlockService:
         with self.factory() as session:
             req = self._load(session, who, request_id, lock=False)
             f = _find_file(req, file_id)
-            return self.store.path(f.sha256), f
+            path = self.store.path(f.sha256)
+            if not path.is_file():  # only the garbage collector removes snapshots
+                raise Gone(
+                    "this snapshot was deleted under the retention policy"
+                    " (its request ended without releasing it)"
+                )
+            return path, f
 
     # --- reading --------------------------------------------------------------------------
 
@@ -934,6 +976,7 @@ __all__ = [
     "BadInput",
     "Conflict",
     "FileSpec",
+    "Gone",
     "NotFound",
     "StorageError",
     "TransitionError",

@@ -162,3 +162,71 @@ def test_votes_of_an_earlier_round_cannot_change(service):
     with pytest.raises(Conflict, match="not voted"):
         service.change_vote(c1, rid, fid, "approve")
     assert votes_of(service, fid)["checker1"][0] == "request_changes"
+
+
+# --- over HTTP: the API and the page form (real hub tokens and login, real proxy) -----------
+
+
+@pytest.mark.hub
+def test_change_vote_over_http(client):
+    service = client.service
+    rid, [fid] = submitted(service)
+    path = f"api/requests/{rid}/files/{fid}/votes/mine"
+    r = client.call("checker1", "PUT", path, json={"decision": "approve"})
+    assert r.status_code == 409 and "not voted" in r.json()["detail"]
+    client.call(
+        "checker1", "POST", f"api/requests/{rid}/files/{fid}/votes", json={"decision": "approve"}
+    )
+    r = client.call("checker1", "PUT", path, json={"decision": "reject"})
+    assert r.status_code == 400 and "comment" in r.json()["detail"]
+    r = client.call("checker1", "PUT", path, json={"decision": "reject", "comment": "too small"})
+    assert r.status_code == 200 and r.json() == {"state": "partially_reviewed"}
+    client.call(
+        "checker2",
+        "POST",
+        f"api/requests/{rid}/files/{fid}/votes",
+        json={"decision": "approve"},
+    )
+    r = client.call("checker1", "PUT", path, json={"decision": "approve"})
+    assert r.status_code == 409 and "no longer in review" in r.json()["detail"]
+    assert votes_of(service, fid)["checker1"] == ("reject", "too small", "")
+
+
+@pytest.mark.hub
+def test_change_vote_form_on_the_request_page(client):
+    import re
+
+    from tests.airlock_service.test_bad_requests import login
+
+    service = client.service
+    rid, [fid] = submitted(service)
+    service.vote(service.who("checker1"), rid, fid, "request_changes", comment="round it")
+    prefix = client.live.prefix
+    other = login(client.live, "checker2")  # has not voted: a vote form, no change form
+    page = other.get(f"{prefix}requests/{rid}").text
+    assert "vote-form" in page and "change-vote-form" not in page and "round it" not in page
+    other.close()
+    http = login(client.live, "checker1")
+    page = http.get(f"{prefix}requests/{rid}").text
+    form = re.search(r'<form[^>]*class="change-vote-form".*?</form>', page, re.S).group(0)
+    assert 'value="request_changes" required checked' in form and "round it" in form
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+    url = f"{prefix}requests/{rid}/files/{fid}/vote/change"
+    r = http.post(url, data={"decision": "approve"}, follow_redirects=False)
+    assert r.status_code == 403  # no CSRF token
+    r = http.post(url, data={"csrf_token": token, "decision": "approve"}, follow_redirects=False)
+    assert r.status_code == 303
+    assert votes_of(service, fid)["checker1"] == ("approve", "", "")
+    history = http.get(f"{prefix}requests/{rid}").text
+    assert "vote_change: request_changes → approve" in history
+    # after the second vote the form is gone and a forged post is refused
+    service.vote(service.who("checker2"), rid, fid, "approve")
+    page = http.get(f"{prefix}requests/{rid}").text
+    assert "change-vote-form" not in page
+    r = http.post(
+        url,
+        data={"csrf_token": token, "decision": "reject", "comment": "x"},
+        follow_redirects=False,
+    )
+    assert r.status_code == 409
+    http.close()
