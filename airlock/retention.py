@@ -29,7 +29,7 @@ import datetime as dt
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,8 +259,13 @@ def collect(
     now: dt.datetime | None = None,
     dry_run: bool = False,
     actor: str = "airlock-gc",
+    on_step: Callable[[str, str], None] | None = None,
 ) -> GcReport:
-    """One collection run (see the module docstring); a dry run changes nothing."""
+    """One collection run (see the module docstring); a dry run changes nothing.
+
+    ``on_step(kind, what)`` is called after each step that changes something (the crash test
+    kills the process there)."""
+    step = on_step or (lambda _kind, _what: None)
     now = now or dt.datetime.now(dt.UTC)
     report = GcReport(dry_run, policy.snapshot_retention_days, policy.released_grace_days)
     store = service.store
@@ -286,15 +291,20 @@ def collect(
             for sha in removable:
                 os.rename(store.path(sha), snapshot_trash / sha)
                 fsync_dir(store.path(sha).parent)
+                step("trashed", sha)
         if due:
             released_trash.mkdir(parents=True)
             for rid in due:
                 os.rename(service.released_root / rid, released_trash / rid)
-            fsync_dir(service.released_root)
+                fsync_dir(service.released_root)
+                step("trashed", rid)
         # the one event of the run, committed before anything is deleted for good
         with service.factory() as session, session.begin():
             record_event(session, actor, "airlock_gc", "airlock:store", report.details())
+            step("commit", run_id)
+        step("committed", run_id)
     # outside the lock: the trash is no request's, and deleting it may take long
     for run in [*leftovers, snapshot_trash, released_trash]:
         shutil.rmtree(run, ignore_errors=True)
+    step("deleted", run_id)
     return report

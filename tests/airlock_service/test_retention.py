@@ -10,8 +10,12 @@ import datetime as dt
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -507,3 +511,74 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
     )
     # not vacuous: the collector removed snapshots, and requests were released around it
     assert removed and test_properties.SEEN_RELEASED
+
+
+# --- a real kill -9 of `airlock gc` at every step -----------------------------------------------
+
+GC_WORKER = Path(__file__).with_name("gc_worker.py")
+GC_STEPS = 5  # two blobs trashed, commit (inside the transaction), committed, trash deleted
+
+
+@pytest.mark.slow
+def test_kill_9_of_gc_at_every_step_then_rerun(service, db):
+    policy_file(service, snapshot_retention_days=30)
+    shared = write(service, "shared-kill.csv", "group,count\nk,31\n")
+    live, [live_fid] = request(service, shared, submit=False)  # needs the shared blob
+    released, released_fid = released_request(service)
+    needed = {sha_of(service, live, live_fid), sha_of(service, released, released_fid)}
+    later = NOW + dt.timedelta(days=31)
+    seen: set[str] = set()
+    for stop_at in range(GC_STEPS):
+        ended = set()
+        for n in range(2):  # two blobs of withdrawn requests, new content each time
+            rid, [fid] = request(
+                service, write(service, f"k{stop_at}-{n}.csv", f"a,b\n{n},{stop_at}\n")
+            )
+            service.withdraw(service.who("alice"), rid)
+            ended.add(sha_of(service, rid, fid))
+        rid, _ = request(service, shared)
+        service.withdraw(service.who("alice"), rid)  # the shared blob: ended here, live there
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(GC_WORKER),
+                db.url,
+                db.schema or "",
+                str(service.settings.state_dir),
+                str(service.settings.policies_dir),
+                later.isoformat(),
+                str(stop_at),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        line = proc.stdout.readline()
+        assert line.startswith("AT "), line
+        seen.add(line.split()[1])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # nothing a request needs is missing, whatever the step
+        assert all(service.store.verify(s) for s in needed)
+        trash = service.store.root / "trash"
+        in_trash = {p.name for p in trash.rglob("*") if p.is_file()} if trash.exists() else set()
+        assert in_trash <= ended
+        # the lock died with the process: the next run finishes the work and audits it
+        report = collect(service, POLICY, now=later)
+        assert set(report.finished_from_interrupted_run) == in_trash
+        assert not any(service.store.exists(s) for s in ended)
+        assert not trash.exists() or not any(trash.iterdir())
+        audited = set()
+        for event in gc_events(service):
+            audited |= {s["sha256"] for s in event["snapshots"]}
+            audited |= set(event["finished_from_interrupted_run"])
+        assert ended <= audited
+        assert all(service.store.verify(s) for s in needed)
+    assert seen == {"trashed", "commit", "committed", "deleted"}
+    with service.factory() as s:
+        assert verify_chain(s) == []
+    # the request that needed the shared blob is submitted and released with the exact bytes
+    service.submit(service.who("alice"), live)
+    assert review(service, live, [live_fid]) == "released"
+    path, _ = service.download(service.who("bob"), live, live_fid)
+    assert sha256_file(path) == sha_of(service, live, live_fid)
