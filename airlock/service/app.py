@@ -493,7 +493,8 @@ def create_app(
 
     @app.get(f"{prefix}requests", include_in_schema=False)
     def my_requests(request: Request, who: PageUser) -> HTMLResponse:
-        rows = [r for r in service.list_requests(who) if r["project"] in who.projects]
+        mine = who.projects | who.ended_projects  # ended: to download during the grace period
+        rows = [r for r in service.list_requests(who) if r["project"] in mine]
         return render(request, "requests.html", who, requests=rows)
 
     @app.post(f"{prefix}requests", include_in_schema=False, dependencies=[Csrf])

@@ -781,7 +781,9 @@ class AirlockService:
                 .order_by(ReleaseRequest.created_at.desc())
             )
             if not (who.is_admin or who.is_checker) or who.in_sandbox:
-                stmt = stmt.where(ReleaseRequest.project.in_(sorted(who.projects) or [""]))
+                # ended projects too: their released files stay downloadable for a while
+                mine = who.projects | who.ended_projects
+                stmt = stmt.where(ReleaseRequest.project.in_(sorted(mine) or [""]))
             rows = session.execute(stmt).scalars().all()
             out = []
             for r in rows:

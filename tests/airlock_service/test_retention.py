@@ -389,6 +389,8 @@ def test_former_members_of_an_ended_project_can_only_read(service):
     end_project(service, days_ago=1)
     alice = service.who("alice")
     assert service.view(alice, rid)["permissions"]["download"] is True
+    assert {r["id"] for r in service.list_requests(alice)} >= {rid, pending}
+    assert service.list_requests(service.who("carol")) == []
     view = service.view(alice, pending)["permissions"]
     assert not (view["edit"] or view["submit"] or view["withdraw"])
     # a sandbox of the ended project gets nothing, a non-member nothing either
@@ -582,3 +584,21 @@ def test_kill_9_of_gc_at_every_step_then_rerun(service, db):
     assert review(service, live, [live_fid]) == "released"
     path, _ = service.download(service.who("bob"), live, live_fid)
     assert sha256_file(path) == sha_of(service, live, live_fid)
+
+
+@pytest.mark.hub
+def test_download_answers_410_over_http_after_the_grace_period(client):
+    service = client.service
+    policy_file(service, released_grace_days=60)
+    rid, fid = released_request(service)
+    url = f"api/requests/{rid}/files/{fid}/download"
+    end_project(service, days_ago=59)
+    r = client.call("bob", "GET", url)
+    assert r.status_code == 200 and r.content == b"group,count\no,24\n"
+    end_project(service, days_ago=61)
+    r = client.call("bob", "GET", url)
+    assert r.status_code == 410 and "downloaded until" in r.json()["detail"]
+    assert client.call("carol", "GET", url).status_code == 404
+    collect(service, POLICY)
+    assert not (service.released_root / rid).exists()
+    assert client.call("bob", "GET", url).status_code == 410
