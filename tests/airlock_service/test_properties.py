@@ -203,7 +203,7 @@ def make_machine(service, workspaces):
             data=st.data(),
             ident=st.sampled_from(REVIEWERS),
             decision=st.sampled_from(["approve", "approve", "reject", "request_changes"]),
-            comment=st.sampled_from(["", "on reflection", "on reflection"]),
+            comment=st.sampled_from(["", "on reflection"]),
             justification=st.sampled_from(["", "structural zero"]),
         )
         def change_vote(self, data, ident, decision, comment, justification):
@@ -212,17 +212,11 @@ def make_machine(service, workspaces):
             if rid is None:
                 return
             fid = self.some_file(data, rid)
-            with service.factory() as s:
-                req = s.get(ReleaseRequest, rid)
-                current = [v for v in req.votes if v.round == req.round]
-                single = sorted(
-                    (v.file_id, v.reviewer)
-                    for v in current
-                    if sum(w.file_id == v.file_id for w in current) == 1
-                )
-            if single and data.draw(st.booleans()):  # often a file's only voter so far
-                fid, name = data.draw(st.sampled_from(single))
-                ident = (name, None)
+            if data.draw(st.booleans()):  # often a first vote by the same identity to change
+                try:
+                    service.vote(self.who(ident), rid, fid, "request_changes", "first thought")
+                except EXPECTED:
+                    pass
             with service.factory() as s:
                 before = {
                     (v.reviewer, v.decision)
@@ -366,8 +360,8 @@ def test_random_action_sequences_keep_the_invariants(service, tre_settings):
     run_state_machine_as_test(
         machine,
         settings=settings(
-            max_examples=20,
-            stateful_step_count=50,
+            max_examples=15,
+            stateful_step_count=40,
             deadline=None,
             derandomize=True,  # reproducible, so the check below is stable
             suppress_health_check=list(HealthCheck),

@@ -486,6 +486,18 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
 
     class WithCollector(base):
         @precondition(lambda self: self.rids)
+        @rule(data=st.data())
+        def its_author_withdraws(self, data):
+            """Requests end without release more often, so the collector has work."""
+            rid = data.draw(st.sampled_from(self.rids))
+            with service.factory() as s:
+                author = s.get(ReleaseRequest, rid).author
+            try:
+                service.withdraw(service.who(author), rid)
+            except test_properties.EXPECTED:
+                pass
+
+        @precondition(lambda self: self.rids)
         @rule(days=st.sampled_from([0, 2]))
         def garbage_collect(self, days):
             now = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
