@@ -498,6 +498,20 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
                 pass
 
         @precondition(lambda self: self.rids)
+        @rule(data=st.data())
+        def two_checkers_approve(self, data):
+            """Requests are released more often, so the collector runs around releases."""
+            rid = data.draw(st.sampled_from(self.rids))
+            with service.factory() as s:
+                fids = sorted(f.id for f in s.get(ReleaseRequest, rid).active_files())
+            for name in ("checker1", "checker2"):
+                for fid in fids:
+                    try:
+                        service.vote(service.who(name), rid, fid, "approve", "", "j")
+                    except test_properties.EXPECTED:
+                        pass
+
+        @precondition(lambda self: self.rids)
         @rule(days=st.sampled_from([0, 2]))
         def garbage_collect(self, days):
             now = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
