@@ -10,6 +10,7 @@ project, and can never download (released files leave from outside the sandbox).
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 from airlock.workflow import EDITABLE_STATES, REVIEWABLE_STATES, State, can_transition
@@ -28,6 +29,9 @@ class Who:
     is_admin: bool = False
     # set when the token is a project server's token: the sandbox of that project
     sandbox_project: str | None = None
+    # projects that have ended (expired, closed) this user was a member of: their released
+    # files stay downloadable for a grace period (policies/retention.yaml), nothing else
+    ended_projects: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def in_sandbox(self) -> bool:
@@ -35,10 +39,20 @@ class Who:
 
 
 def who_from_registry(registry: Registry, name: str, sandbox_project: str | None = None) -> Who:
+    from tre.enforce import ENDED
+    from tre.provision import effective_status
+
     projects = frozenset(p.id for p in registry.projects_of(name))
+    today = dt.date.today()
+    ended = frozenset(
+        p.id
+        for p in registry.projects.values()
+        if name in p.member_names() and effective_status(p, today) in ENDED
+    )
     return Who(
         name=name,
         projects=projects,
+        ended_projects=ended,
         is_checker=name in registry.staff.output_checkers,
         is_admin=name in registry.staff.admins,
         sandbox_project=sandbox_project,
@@ -128,6 +142,8 @@ def can_view_request(who: Who, req: _Req) -> bool:
         return _is_author(who, req)
     if req.project in who.projects or who.is_admin:
         return True
+    if req.project in who.ended_projects:  # to download released files (check_download)
+        return True
     # checkers see submitted work, never a draft that is still pending
     return is_eligible_checker(who, req) and req.state != State.PENDING
 
@@ -166,6 +182,17 @@ def check_review(who: Who, req: _Req) -> None:
     )
 
 
+def can_change_vote(who: Who, req: _Req, my_vote: str | None, file_vote_count: int) -> bool:
+    """Change my vote on a file: only mine, only while the file waits for its second review
+    (so nobody changes a vote after seeing the other one) and the request is in review."""
+    return can_review(who, req) and my_vote is not None and file_vote_count < 2
+
+
+def check_change_vote(who: Who, req: _Req) -> None:
+    # the vote-specific conditions (my vote exists, the file has one vote) are the service's
+    check_review(who, req)
+
+
 def can_decide(who: Who, req: _Req) -> bool:
     """Return or reject a reviewed request."""
     return is_eligible_checker(who, req) and State(req.state) == State.REVIEWED
@@ -189,13 +216,20 @@ def check_release(who: Who, req: _Req) -> None:
     )
 
 
+def _member_for_download(who: Who, req: _Req) -> bool:
+    # members of an ended project too: the service refuses (410) after the grace period
+    return req.project in who.projects or req.project in who.ended_projects
+
+
 def can_download(who: Who, req: _Req) -> bool:
-    return not who.in_sandbox and req.project in who.projects and State(req.state) == State.RELEASED
+    return (
+        not who.in_sandbox and _member_for_download(who, req) and State(req.state) == State.RELEASED
+    )
 
 
 def check_download(who: Who, req: _Req) -> None:
     _deny(not who.in_sandbox, "released files are downloaded from outside the sandbox")
-    _deny(req.project in who.projects, "only the project's members may download its outputs")
+    _deny(_member_for_download(who, req), "only the project's members may download its outputs")
 
 
 def can_view_audit(who: Who) -> bool:

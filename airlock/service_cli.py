@@ -1,4 +1,5 @@
-"""`airlock serve`, `airlock db ...` and `airlock workflow ...` (the review service side)."""
+"""`airlock serve`, `airlock gc`, `airlock db ...` and `airlock workflow ...` (the review
+service side)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,59 @@ def diagram(
     typer.echo(generated_block())
 
 
+def gc(
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print what would be removed; change nothing."
+    ),
+    url: str = typer.Option(None, help="Database URL (default: settings.airlock_db_url)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Apply policies/retention.yaml: remove snapshots no request can still release, and the
+    released files of projects past their grace period (one audit event per run)."""
+    import json
+
+    from airlock.retention import RetentionPolicyError, collect, load_retention_policy
+    from airlock.service.core import AirlockService
+    from airlock.service.db import make_engine
+    from tre.registry import RegistryError, load_registry
+
+    settings = get_settings()
+    try:
+        policy = load_retention_policy(settings.policies_dir)
+        registry = load_registry(settings.policies_dir)
+    except (RetentionPolicyError, RegistryError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    engine = make_engine(url or settings.airlock_db_url or "")
+    try:
+        report = collect(AirlockService(settings, engine, registry), policy, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps({"dry_run": dry_run, **report.details()}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    size = sum(s["size"] for s in report.snapshots + report.orphans)
+    typer.echo(
+        f"{verb} {len(report.snapshots)} snapshot(s) of ended requests and"
+        f" {len(report.orphans)} unreferenced snapshot(s) ({size} bytes);"
+        f" kept {len(report.kept_shared)} shared with a request that still needs them"
+    )
+    for s in report.snapshots:
+        typer.echo(f"  snapshot {s['sha256']} ({', '.join(s['requests'])})")
+    typer.echo(f"{verb} the released files of {len(report.released)} request(s)")
+    for r in report.released:
+        typer.echo(
+            f"  {r['request']} ({r['project']}, downloadable until {r['downloadable_until']})"
+        )
+    if report.finished_from_interrupted_run:
+        typer.echo(
+            f"finished an interrupted run: {len(report.finished_from_interrupted_run)} item(s)"
+        )
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
+    app.command("gc")(gc)
     app.add_typer(db_app, name="db")
     app.add_typer(workflow_app, name="workflow")

@@ -8,6 +8,8 @@ open descriptor (so a file swapped for a symlink between the check and the read 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import stat
@@ -109,6 +111,34 @@ class FileSystemStore:
 
     def verify(self, sha256: str) -> bool:
         return self.exists(sha256) and sha256_file(self.path(sha256)) == sha256
+
+    @contextlib.contextmanager
+    def _locked(self, mode: int) -> Iterator[None]:
+        # flock: per open file, so threads and processes alike; released if the holder dies
+        fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)
+
+    def pinned(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while snapshots are stored and until the rows referring to them commit: the
+        garbage collector (``collecting``) cannot remove a blob between the two (a blob that
+        already existed, shared by content with an ended request, is referenced again)."""
+        return self._locked(fcntl.LOCK_SH)
+
+    def collecting(self) -> contextlib.AbstractContextManager[None]:
+        """Exclusive: no snapshot is being taken, every reference is committed."""
+        return self._locked(fcntl.LOCK_EX)
+
+    def blobs(self) -> Iterator[tuple[str, os.stat_result]]:
+        """(sha256, stat) of every stored blob."""
+        for sub in sorted(self.objects.iterdir()):
+            if sub.is_dir():
+                for blob in sorted(sub.iterdir()):
+                    if len(blob.name) == 64 and set(blob.name) <= SHA256_HEX:
+                        yield blob.name, blob.stat()
 
 
 def clean_relative_path(relpath: str) -> PurePosixPath:

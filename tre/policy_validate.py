@@ -1,7 +1,8 @@
 """Validate every declaration under ``policies/`` and publish their JSON Schemas.
 
 One pass over: sites, projects and staff (``tre.registry``), the disclosure policy and each
-project's overrides of it (``airlock.policy.Policy``), the core data dictionary
+project's overrides of it (``airlock.policy.Policy``), the airlock's retention policy
+(``airlock.retention.RetentionPolicy``), the core data dictionary
 (``tre.dictionary``), and the cross-checks between them (a project may only be granted columns
 the dictionary defines). Every problem names the file, the field and what is wrong.
 
@@ -75,6 +76,11 @@ def validate_policies(policies_dir: Path) -> tuple[Registry | None, list[Problem
             except ValidationError as exc:
                 problems += [Problem(path, f"disclosure.{_loc(e)}", e["msg"]) for e in exc.errors()]
 
+    # the airlock's retention policy
+    from airlock.retention import retention_problems
+
+    problems += retention_problems(policies_dir)[1]
+
     # the data dictionary, and project grants against it
     model, dictionary = _dictionary_models()
     dict_path = policies_dir / "dictionary.yaml"
@@ -118,12 +124,17 @@ def _check_grants(policies_dir: Path, registry: Registry, dd: Any) -> list[Probl
 def schemas() -> dict[str, dict[str, Any]]:
     """JSON Schemas of every declaration file, generated from the validating models."""
     from airlock.policy import Policy
+    from airlock.retention import RetentionPolicy
 
     models: dict[str, tuple[type[BaseModel], str]] = {
         "site": (Site, "policies/sites/<id>.yaml: a contributing site and its conditions"),
         "project": (Project, "policies/projects/<id>.yaml: an approved project"),
         "staff": (Staff, "policies/staff.yaml: output checkers and admins"),
         "disclosure": (Policy, "policies/disclosure.yaml: the disclosure policy"),
+        "retention": (
+            RetentionPolicy,
+            "policies/retention.yaml: what the airlock deletes, and when",
+        ),
     }
     dd_model, _ = _dictionary_models()
     if dd_model is not None:

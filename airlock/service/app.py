@@ -34,6 +34,7 @@ from airlock.service.core import (
     BadInput,
     Conflict,
     FileSpec,
+    Gone,
     NotFound,
 )
 from airlock.storage import StorageError
@@ -182,6 +183,7 @@ class CsrfFailed(Exception):  # noqa: N818
 
 ERRORS: list[tuple[type[Exception], int]] = [
     (NotFound, 404),
+    (Gone, 410),
     (perm.PermissionDenied, 403),
     (TokenRefused, 403),
     (TransitionError, 409),
@@ -395,6 +397,14 @@ def create_app(
         )
         return {"state": state}
 
+    @api.put("/requests/{request_id}/files/{file_id}/votes/mine")
+    def change_vote(request_id: str, file_id: int, body: VoteIn, who: ApiUser) -> dict[str, Any]:
+        """Change my vote on a file while it waits for its second review (409 after that)."""
+        state = service.change_vote(
+            who, request_id, file_id, body.decision, body.comment, body.justification
+        )
+        return {"state": state}
+
     @api.post("/requests/{request_id}/comments", status_code=201)
     def comment(request_id: str, body: CommentIn, who: ApiUser) -> dict[str, Any]:
         return {"comment_id": service.comment(who, request_id, body.body, body.visibility)}
@@ -483,7 +493,8 @@ def create_app(
 
     @app.get(f"{prefix}requests", include_in_schema=False)
     def my_requests(request: Request, who: PageUser) -> HTMLResponse:
-        rows = [r for r in service.list_requests(who) if r["project"] in who.projects]
+        mine = who.projects | who.ended_projects  # ended: to download during the grace period
+        rows = [r for r in service.list_requests(who) if r["project"] in mine]
         return render(request, "requests.html", who, requests=rows)
 
     @app.post(f"{prefix}requests", include_in_schema=False, dependencies=[Csrf])
@@ -579,6 +590,22 @@ def create_app(
         justification: Annotated[str, Form(max_length=10000)] = "",
     ) -> RedirectResponse:
         service.vote(who, request_id, file_id, decision, comment, justification)
+        return back_to(request_id)
+
+    @app.post(
+        f"{prefix}requests/{{request_id}}/files/{{file_id}}/vote/change",
+        include_in_schema=False,
+        dependencies=[Csrf],
+    )
+    def change_vote_form(
+        request_id: str,
+        file_id: int,
+        who: PageUser,
+        decision: Annotated[str, Form(max_length=32)],
+        comment: Annotated[str, Form(max_length=10000)] = "",
+        justification: Annotated[str, Form(max_length=10000)] = "",
+    ) -> RedirectResponse:
+        service.change_vote(who, request_id, file_id, decision, comment, justification)
         return back_to(request_id)
 
     @app.post(

@@ -7,6 +7,7 @@ the audit events; a failure anywhere rolls all of it back (bad input changes not
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import shutil
@@ -60,6 +61,10 @@ class Conflict(ValueError):
 
 class BadInput(ValueError):
     """The request is malformed in a way the schema cannot express."""
+
+
+class Gone(LookupError):
+    """The bytes existed but were deleted under the retention policy (410)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +277,19 @@ class AirlockService:
         _text(title, "title", 200)
         _text(context, "context")
         _text(controls, "controls")
+        # pinned: the snapshots cannot be garbage-collected before the rows commit
+        with self.store.pinned():
+            return self._create_request(who, project, files, title, context, controls)
+
+    def _create_request(
+        self,
+        who: perm.Who,
+        project: str,
+        files: list[FileSpec],
+        title: str,
+        context: str,
+        controls: str,
+    ) -> str:
         # snapshot and check everything first: a bad file refuses the whole request
         snaps = [self.snapshot(project, spec) for spec in files]
         for spec in files:
@@ -307,11 +325,12 @@ class AirlockService:
             req = self._load(session, who, request_id, lock=False)
             perm.check_edit_request(who, req)
             project = req.project
-        snap = self.snapshot(project, spec)
-        with self.factory() as session, session.begin():
-            req = self._load(session, who, request_id, lock=True)
-            perm.check_edit_request(who, req)
-            return self._add_snapshot(session, req, snap, who.name).id
+        with self.store.pinned():  # until the row commits (see create_request)
+            snap = self.snapshot(project, spec)
+            with self.factory() as session, session.begin():
+                req = self._load(session, who, request_id, lock=True)
+                perm.check_edit_request(who, req)
+                return self._add_snapshot(session, req, snap, who.name).id
 
     def withdraw_file(self, who: perm.Who, request_id: str, file_id: int) -> None:
         with self.factory() as session, session.begin():
@@ -400,12 +419,7 @@ class AirlockService:
         justification: str = "",
     ) -> str:
         """Cast one vote; returns the request's state afterwards (released if it completed)."""
-        if decision not in DECISIONS:
-            raise BadInput(f"decision must be one of {', '.join(DECISIONS)}")
-        comment = _text(comment.strip(), "comment", 10000)
-        justification = _text(justification.strip(), "justification", 10000)
-        if decision != "approve" and not comment:
-            raise BadInput("a comment is required to reject or request changes")
+        decision, comment, justification = _vote_input(decision, comment, justification)
         try:
             with self.factory() as session, session.begin():
                 # a vote reads files and votes only (one round trip less)
@@ -414,13 +428,7 @@ class AirlockService:
                 if req.state not in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
                     raise TransitionError(f"a {req.state} request is not open for review")
                 f = _find_file(req, file_id)
-                if f.withdrawn_round is not None:
-                    raise Conflict("this file was withdrawn or replaced")
-                if decision == "approve" and f.check_status == "fail" and not justification:
-                    raise BadInput(
-                        "this file failed an automated check: approving it needs a written"
-                        " justification"
-                    )
+                _check_votable(f, decision, justification)
                 round_votes = [v for v in req.votes if v.file_id == f.id and v.round == req.round]
                 if any(v.reviewer == who.name for v in round_votes):
                     raise Conflict("you have already voted on this file in this round")
@@ -460,6 +468,58 @@ class AirlockService:
             # the copy and its fsyncs hold only this request's row, never the audit head
             state = self._try_release(who.name, request_id, project)
         return state
+
+    def change_vote(
+        self,
+        who: perm.Who,
+        request_id: str,
+        file_id: int,
+        decision: str,
+        comment: str = "",
+        justification: str = "",
+    ) -> str:
+        """Change my vote on a file while it still waits for its second review (same round).
+
+        The same rules as a vote (comment unless approving, justification to approve a failed
+        file); refused once the file has both reviews or the request has left review, so a
+        checker never changes a vote after seeing the other checker's. Audited as its own event.
+        """
+        decision, comment, justification = _vote_input(decision, comment, justification)
+        with self.factory() as session, session.begin():
+            req = self._load(session, who, request_id, lock=True)
+            perm.check_change_vote(who, req)
+            if req.state not in _IN_REVIEW:
+                raise TransitionError(
+                    f"a {req.state} request is no longer in review: votes can no longer change"
+                )
+            f = _find_file(req, file_id)
+            _check_votable(f, decision, justification)
+            round_votes = [v for v in req.votes if v.file_id == f.id and v.round == req.round]
+            mine = next((v for v in round_votes if v.reviewer == who.name), None)
+            if mine is None:
+                raise Conflict("you have not voted on this file in this round: vote instead")
+            if len(round_votes) >= 2:
+                raise Conflict(
+                    "this file already has its two independent reviews: votes can no longer change"
+                )
+            if (mine.decision, mine.comment, mine.justification) == (
+                decision,
+                comment,
+                justification,
+            ):
+                raise BadInput("this is already your vote: nothing to change")
+            previous = mine.decision
+            mine.decision, mine.comment, mine.justification = decision, comment, justification
+            mine.created_at = _now()
+            req.updated_at = _now()
+            record_event(
+                session,
+                who.name,
+                "vote_change",
+                f"file:{f.id}",
+                {"request": req.id, "round": req.round, "from": previous, "to": decision},
+            )
+            return req.state
 
     def _round_complete(self, req: ReleaseRequest) -> bool:
         for f in req.active_files():
@@ -569,6 +629,7 @@ class AirlockService:
                 raise Conflict("this request has not been released")
             if f.withdrawn_round is not None:
                 raise NotFound("this file was not released")
+            self._check_released_not_expired(req.project)
             path = released_dir(self.released_root, req.id) / str(f.id) / f.name
             if not path.is_file() or sha256_file(path) != f.sha256:
                 raise ReleaseError("the released copy does not match its sha256; not served")
@@ -577,6 +638,22 @@ class AirlockService:
             )
             return path, f.name
 
+    def _check_released_not_expired(self, project: str) -> None:
+        """410 once the project's released files are past their grace period (retention.py)."""
+        from airlock.retention import load_retention_policy, project_ended_on, released_expiry
+
+        today = dt.date.today()
+        if project_ended_on(self, project, today) is None:
+            return  # the project has not ended: no limit
+        policy = load_retention_policy(self.settings.policies_dir)
+        last_day = released_expiry(self, policy, project, today)
+        if last_day is not None and today > last_day:
+            raise Gone(
+                f"project {project} has ended: its released files could be downloaded until"
+                f" {last_day.isoformat()} ({policy.released_grace_days} days after its end)"
+                " and are deleted"
+            )
+
     def snapshot_path(
         self, who: perm.Who, request_id: str, file_id: int
     ) -> tuple[Path, RequestFile]:
@@ -584,7 +661,13 @@ class AirlockService:
         with self.factory() as session:
             req = self._load(session, who, request_id, lock=False)
             f = _find_file(req, file_id)
-            return self.store.path(f.sha256), f
+            path = self.store.path(f.sha256)
+            if not path.is_file():  # only the garbage collector removes snapshots
+                raise Gone(
+                    "this snapshot was deleted under the retention policy"
+                    " (its request ended without releasing it)"
+                )
+            return path, f
 
     # --- reading --------------------------------------------------------------------------
 
@@ -628,7 +711,13 @@ class AirlockService:
                     "active": f.withdrawn_round is None,
                     "votes": votes,
                     "vote_count": len(current),
-                    "my_vote": next((v.decision for v in current if v.reviewer == who.name), None),
+                    "my_vote": (
+                        my_vote := next(
+                            (v.decision for v in current if v.reviewer == who.name), None
+                        )
+                    ),
+                    "can_change_vote": f.withdrawn_round is None
+                    and perm.can_change_vote(who, req, my_vote, len(current)),
                 }
             )
         comments = [
@@ -673,7 +762,7 @@ class AirlockService:
                 "release",
             )
             or (
-                e.action == "vote"
+                e.action in ("vote", "vote_change")
                 and perm.can_see_vote(who, req, e.actor, 2 if round_complete else 0)
             )
         ]
@@ -703,7 +792,9 @@ class AirlockService:
                 .order_by(ReleaseRequest.created_at.desc())
             )
             if not (who.is_admin or who.is_checker) or who.in_sandbox:
-                stmt = stmt.where(ReleaseRequest.project.in_(sorted(who.projects) or [""]))
+                # ended projects too: their released files stay downloadable for a while
+                mine = who.projects | who.ended_projects
+                stmt = stmt.where(ReleaseRequest.project.in_(sorted(mine) or [""]))
             rows = session.execute(stmt).scalars().all()
             out = []
             for r in rows:
@@ -849,6 +940,27 @@ def _find_file(req: ReleaseRequest, file_id: int) -> RequestFile:
     raise NotFound("no such file in this request")
 
 
+def _vote_input(decision: str, comment: str, justification: str) -> tuple[str, str, str]:
+    """The rules on a vote's own fields (a first vote and a changed vote alike)."""
+    if decision not in DECISIONS:
+        raise BadInput(f"decision must be one of {', '.join(DECISIONS)}")
+    comment = _text(comment.strip(), "comment", 10000)
+    justification = _text(justification.strip(), "justification", 10000)
+    if decision != "approve" and not comment:
+        raise BadInput("a comment is required to reject or request changes")
+    return decision, comment, justification
+
+
+def _check_votable(f: RequestFile, decision: str, justification: str) -> None:
+    """The rules a vote must meet on this file (a first vote and a changed vote alike)."""
+    if f.withdrawn_round is not None:
+        raise Conflict("this file was withdrawn or replaced")
+    if decision == "approve" and f.check_status == "fail" and not justification:
+        raise BadInput(
+            "this file failed an automated check: approving it needs a written justification"
+        )
+
+
 def _vote_dict(v: Vote) -> dict[str, Any]:
     return {
         "reviewer": v.reviewer,
@@ -916,6 +1028,7 @@ __all__ = [
     "BadInput",
     "Conflict",
     "FileSpec",
+    "Gone",
     "NotFound",
     "StorageError",
     "TransitionError",

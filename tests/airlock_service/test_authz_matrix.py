@@ -39,6 +39,9 @@ def make_request(service, state: str) -> tuple[str, int]:
     service.submit(alice, rid)
     if state == "submitted":
         return rid, fid
+    if state == "voted":  # checker1 (the checker role) has cast the file's first vote
+        service.vote(service.who("checker1"), rid, fid, "approve")
+        return rid, fid
     c1, c2 = service.who("checker2"), service.who("checker3")
     if state == "reviewed":
         service.vote(c1, rid, fid, "request_changes", comment="round")
@@ -112,6 +115,13 @@ MATRIX = {
         {"decision": "approve"},
         "submitted",
         {A: 401, O: 404, AU: 403, M: 403, C: 201, AD: 403, S: 403, SO: 404},
+    ),
+    "change_vote": (
+        "PUT",
+        "api/requests/{rid}/files/{fid}/votes/mine",
+        {"decision": "reject", "comment": "on reflection"},
+        "voted",
+        {A: 401, O: 404, AU: 403, M: 403, C: 200, AD: 403, S: 403, SO: 404},
     ),
     "comment": (
         "POST",

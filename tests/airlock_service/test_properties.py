@@ -80,6 +80,7 @@ def reset(service, workspaces):
 
 
 SEEN_RELEASED: set[str] = set()
+SEEN_CHANGED: list[str] = []  # requests on which a vote change succeeded
 
 
 def make_machine(service, workspaces):
@@ -198,6 +199,66 @@ def make_machine(service, workspaces):
                 pass
 
         @precondition(lambda self: self.rids)
+        @rule(
+            data=st.data(),
+            ident=st.sampled_from(REVIEWERS),
+            decision=st.sampled_from(["approve", "approve", "reject", "request_changes"]),
+            comment=st.sampled_from(["", "on reflection"]),
+            justification=st.sampled_from(["", "structural zero"]),
+        )
+        def change_vote(self, data, ident, decision, comment, justification):
+            """Anyone (eligible or not) tries to change a vote, in any state of the request."""
+            rid = self.some_request(data)
+            if rid is None:
+                return
+            fid = self.some_file(data, rid)
+            if data.draw(st.booleans()):  # often a first vote by the same identity to change
+                try:
+                    service.vote(self.who(ident), rid, fid, "request_changes", "first thought")
+                except EXPECTED:
+                    pass
+            with service.factory() as s:
+                before = {
+                    (v.reviewer, v.decision)
+                    for v in s.get(ReleaseRequest, rid).votes
+                    if v.file_id == fid
+                }
+            try:
+                service.change_vote(self.who(ident), rid, fid, decision, comment, justification)
+            except EXPECTED:
+                with service.factory() as s:
+                    after = {
+                        (v.reviewer, v.decision)
+                        for v in s.get(ReleaseRequest, rid).votes
+                        if v.file_id == fid
+                    }
+                assert after == before  # a refused change changes nothing
+                return
+            with service.factory() as s:
+                req = s.get(ReleaseRequest, rid)
+                current = [v for v in req.votes if v.file_id == fid and v.round == req.round]
+            # only my own vote, only while the file waited for its second review
+            assert [(v.reviewer, v.decision) for v in current] == [(ident[0], decision)]
+            assert ident[1] is None and ident[0] != req.author
+            SEEN_CHANGED.append(rid)
+
+        @invariant()
+        def every_vote_meets_the_vote_rules(self):
+            """First votes and changed votes alike: a comment unless approve, a justification
+            to approve a file that failed a check, at most two distinct voters per file."""
+            with service.factory() as s:
+                for req in s.execute(select(ReleaseRequest)).scalars():
+                    status = {f.id: f.check_status for f in req.files}
+                    voters: dict[tuple[int, int], list[str]] = {}
+                    for v in req.votes:
+                        voters.setdefault((v.file_id, v.round), []).append(v.reviewer)
+                        assert v.decision == "approve" or v.comment
+                        if v.decision == "approve" and status[v.file_id] == "fail":
+                            assert v.justification
+                    for names in voters.values():
+                        assert len(names) == len(set(names)) <= 2
+
+        @precondition(lambda self: self.rids)
         @rule(data=st.data())
         def its_author_submits(self, data):
             rid = self.some_request(data)
@@ -294,6 +355,7 @@ def make_machine(service, workspaces):
 
 def test_random_action_sequences_keep_the_invariants(service, tre_settings):
     SEEN_RELEASED.clear()
+    SEEN_CHANGED.clear()
     machine = make_machine(service, tre_settings.workspaces_dir)
     run_state_machine_as_test(
         machine,
@@ -307,3 +369,4 @@ def test_random_action_sequences_keep_the_invariants(service, tre_settings):
     )
     # the invariant was exercised on real releases, not only vacuously
     assert len(SEEN_RELEASED) >= 2
+    assert SEEN_CHANGED  # and a vote change succeeded somewhere

@@ -1,0 +1,310 @@
+"""Retention: what the airlock deletes, and when (``policies/retention.yaml``; ``airlock gc``).
+
+1. Snapshots that no request can still release are removed from the snapshot store
+   ``snapshot_retention_days`` after the last request or file referring to them ended without
+   release (the request rejected or withdrawn; the file withdrawn or replaced). A snapshot is
+   content-addressed, so one blob can serve several requests: it is kept while ANY of them
+   could still release it (every state but rejected and withdrawn, file not withdrawn) or has
+   released it. Blobs no row refers to at all (a request refused for a bad file after its
+   first snapshots) go after the same period, counted from the blob's mtime.
+2. Released files of a project that has ended (expired or closed) stay downloadable for
+   ``released_grace_days`` after its end, then downloads answer 410 and ``airlock gc`` deletes
+   ``released/<request>``.
+
+Crash safety. Snapshots are stored, and the rows that refer to them committed, under a shared
+lock on the store (``FileSystemStore.pinned``); the collector holds it exclusively
+(``collecting``) from reading the references to moving the blobs away, so no blob it saw
+unreferenced can gain a reference before it is gone (content already stored is referenced again
+by a new request without a new write). Removal is two-phase: blobs and released directories are
+first renamed into a trash directory of the run (atomic, same filesystem), then the run's one
+audit event commits, then the trash is deleted. A kill before the commit leaves only trash that
+no request needs (new requests write the content again under ``objects/``); the next run
+deletes it and names it in its own event (``finished_from_interrupted_run``). A kill at any
+point never removes a blob a request could still release or has released.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import select
+
+from airlock.service.models import ReleaseRequest, RequestFile
+from airlock.storage import fsync_dir
+from airlock.workflow import State
+from tre.audit import AuditEvent, record_event
+from tre.registry import Problem
+
+if TYPE_CHECKING:
+    from airlock.service.core import AirlockService
+
+RETENTION_FILE = "retention.yaml"
+# requests in these states can never release anything (final, not released)
+ENDED_UNRELEASED = frozenset({State.REJECTED.value, State.WITHDRAWN.value})
+TRASH = "trash"  # under the snapshot store and under the released store
+
+
+class RetentionPolicy(BaseModel):
+    """``policies/retention.yaml``: how long the airlock keeps what it no longer needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    snapshot_retention_days: int = Field(
+        ge=1,
+        le=3650,
+        description="Days after the last request or file referring to a snapshot ended without "
+        "release (rejected, withdrawn, file withdrawn or replaced) before `airlock gc` removes "
+        "the snapshot; snapshots a request could still release, or released, are never removed.",
+    )
+    released_grace_days: int = Field(
+        ge=0,
+        le=3650,
+        description="Days after a project ended (expired or closed) during which its released "
+        "files stay downloadable; then downloads answer 410 and `airlock gc` deletes them.",
+    )
+
+
+class RetentionPolicyError(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def retention_problems(policies_dir: Path) -> tuple[RetentionPolicy | None, list[Problem]]:
+    path = policies_dir / RETENTION_FILE
+    if not path.exists():
+        return None, [Problem(path, "", "missing: the airlock retention policy is required")]
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return None, [Problem(path, "", f"not valid YAML: {exc}")]
+    if not isinstance(data, dict):
+        return None, [Problem(path, "", "must be a mapping of fields")]
+    try:
+        return RetentionPolicy.model_validate(data), []
+    except ValidationError as exc:
+        return None, [
+            Problem(path, ".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()
+        ]
+
+
+def load_retention_policy(policies_dir: Path) -> RetentionPolicy:
+    policy, problems = retention_problems(policies_dir)
+    if policy is None:
+        raise RetentionPolicyError(problems)
+    return policy
+
+
+# --- released files after a project's end ---------------------------------------------------
+
+
+def project_ended_on(service: AirlockService, project_id: str, today: dt.date) -> dt.date | None:
+    """The day the project ended (expired or closed; undeclared if provisioning recorded it),
+    or None while it has not (active, suspended, not started) or the day is unknown."""
+    from tre.enforce import ENDED, _ended_on
+    from tre.provision import AppliedState, EffectiveStatus, effective_status, state_path
+
+    project = service.registry.projects.get(project_id)
+    status = effective_status(project, today) if project else EffectiveStatus.undeclared
+    if status not in ENDED:
+        return None
+    rec = AppliedState.load(state_path(service.settings)).projects.get(project_id)
+    if project is None and rec is None:
+        return None  # never provisioned here, nothing says when: keep
+    # the same rule as the workspace archives (tre/enforce.py): the declared end date, or the
+    # day provisioning saw the project close if earlier; never later than today
+    ended, _ = _ended_on(service.settings, service.registry, project_id, rec or {}, today)
+    return ended
+
+
+def released_expiry(
+    service: AirlockService, policy: RetentionPolicy, project_id: str, today: dt.date
+) -> dt.date | None:
+    """Last day the project's released files may be downloaded (None: no limit yet)."""
+    ended = project_ended_on(service, project_id, today)
+    if ended is None:
+        return None
+    return ended + dt.timedelta(days=policy.released_grace_days)
+
+
+# --- the collector --------------------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    snapshot_retention_days: int
+    released_grace_days: int
+    # removed (or, in a dry run, to be removed)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    orphans: list[dict[str, Any]] = field(default_factory=list)
+    released: list[dict[str, Any]] = field(default_factory=list)
+    finished_from_interrupted_run: list[str] = field(default_factory=list)
+    # snapshots an ended request refers to, kept because another request still needs them
+    kept_shared: list[str] = field(default_factory=list)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "snapshot_retention_days": self.snapshot_retention_days,
+            "released_grace_days": self.released_grace_days,
+            "snapshots": self.snapshots,
+            "orphans": self.orphans,
+            "released": self.released,
+            "finished_from_interrupted_run": self.finished_from_interrupted_run,
+            "kept_shared": self.kept_shared,
+        }
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    # SQLite returns naive datetimes: they were written in UTC
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _snapshot_plan(
+    service: AirlockService, cutoff: dt.datetime, report: GcReport
+) -> tuple[list[str], set[str]]:
+    """(shas to remove, every sha any row refers to)."""
+    with service.factory() as session:
+        rows = session.execute(
+            select(
+                RequestFile.id,
+                RequestFile.request_id,
+                RequestFile.sha256,
+                RequestFile.size,
+                RequestFile.withdrawn_round,
+                ReleaseRequest.state,
+                ReleaseRequest.updated_at,
+            ).join(ReleaseRequest, ReleaseRequest.id == RequestFile.request_id)
+        ).all()
+        # when a file was withdrawn or replaced: the audit log is where that time is kept
+        withdrawn_at: dict[str, dt.datetime] = {}
+        for target, ts in session.execute(
+            select(AuditEvent.target, AuditEvent.ts).where(
+                AuditEvent.action.in_(("file_withdraw", "file_replace"))
+            )
+        ):
+            withdrawn_at[target] = dt.datetime.fromisoformat(ts)
+    live: set[str] = set()
+    ended: dict[str, dt.datetime] = {}  # sha -> when its last reference ended
+    requests: dict[str, set[str]] = {}
+    sizes: dict[str, int] = {}
+    for fid, rid, sha, size, withdrawn_round, state, updated_at in rows:
+        sizes[sha] = size
+        requests.setdefault(sha, set()).add(rid)
+        if withdrawn_round is None and state not in ENDED_UNRELEASED:
+            live.add(sha)  # could still be released, or was
+            continue
+        # a final request's updated_at is when it ended (every transition sets it); a file
+        # withdrawn without a recorded time counts from that too (later, so on the safe side)
+        when = _aware(updated_at)
+        if withdrawn_round is not None and f"file:{fid}" in withdrawn_at:
+            when = withdrawn_at[f"file:{fid}"]
+        ended[sha] = max(when, ended.get(sha, when))
+    removable = []
+    for sha, when in sorted(ended.items()):
+        if sha in live:
+            report.kept_shared.append(sha)
+        elif when <= cutoff and service.store.exists(sha):
+            removable.append(sha)
+            report.snapshots.append(
+                {"sha256": sha, "size": sizes[sha], "requests": sorted(requests[sha])}
+            )
+    return removable, set(sizes)
+
+
+def _released_plan(
+    service: AirlockService, policy: RetentionPolicy, today: dt.date, report: GcReport
+) -> list[str]:
+    with service.factory() as session:
+        released = session.execute(
+            select(ReleaseRequest.id, ReleaseRequest.project).where(
+                ReleaseRequest.state == State.RELEASED.value
+            )
+        ).all()
+    expiry: dict[str, dt.date | None] = {}
+    due = []
+    for rid, project in released:
+        if project not in expiry:
+            expiry[project] = released_expiry(service, policy, project, today)
+        last_day = expiry[project]
+        directory = service.released_root / rid
+        if last_day is not None and today > last_day and directory.exists():
+            due.append(rid)
+            report.released.append(
+                {"request": rid, "project": project, "downloadable_until": last_day.isoformat()}
+            )
+    return due
+
+
+def _trash_dirs(service: AirlockService) -> Iterator[Path]:
+    for root in (service.store.root / TRASH, service.released_root / f".{TRASH}"):
+        if root.is_dir():
+            yield from sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def collect(
+    service: AirlockService,
+    policy: RetentionPolicy,
+    *,
+    now: dt.datetime | None = None,
+    dry_run: bool = False,
+    actor: str = "airlock-gc",
+    on_step: Callable[[str, str], None] | None = None,
+) -> GcReport:
+    """One collection run (see the module docstring); a dry run changes nothing.
+
+    ``on_step(kind, what)`` is called after each step that changes something (the crash test
+    kills the process there)."""
+    step = on_step or (lambda _kind, _what: None)
+    now = now or dt.datetime.now(dt.UTC)
+    report = GcReport(dry_run, policy.snapshot_retention_days, policy.released_grace_days)
+    store = service.store
+    cutoff = now - dt.timedelta(days=policy.snapshot_retention_days)
+    with nullcontext() if dry_run else store.collecting():
+        leftovers = list(_trash_dirs(service))
+        for run in leftovers:
+            report.finished_from_interrupted_run += sorted(p.name for p in run.iterdir())
+        removable, referenced = _snapshot_plan(service, cutoff, report)
+        for sha, st in store.blobs():
+            mtime = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
+            if sha not in referenced and mtime <= cutoff:
+                removable.append(sha)
+                report.orphans.append({"sha256": sha, "size": st.st_size})
+        due = _released_plan(service, policy, now.date(), report)
+        if dry_run:
+            return report
+        run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        snapshot_trash = store.root / TRASH / run_id
+        released_trash = service.released_root / f".{TRASH}" / run_id
+        if removable:
+            snapshot_trash.mkdir(parents=True)
+            for sha in removable:
+                os.rename(store.path(sha), snapshot_trash / sha)
+                fsync_dir(store.path(sha).parent)
+                step("trashed", sha)
+        if due:
+            released_trash.mkdir(parents=True)
+            for rid in due:
+                os.rename(service.released_root / rid, released_trash / rid)
+                fsync_dir(service.released_root)
+                step("trashed", rid)
+        # the one event of the run, committed before anything is deleted for good
+        with service.factory() as session, session.begin():
+            record_event(session, actor, "airlock_gc", "airlock:store", report.details())
+            step("commit", run_id)
+        step("committed", run_id)
+    # outside the lock: the trash is no request's, and deleting it may take long
+    for run in [*leftovers, snapshot_trash, released_trash]:
+        shutil.rmtree(run, ignore_errors=True)
+    step("deleted", run_id)
+    return report

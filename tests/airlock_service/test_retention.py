@@ -1,0 +1,630 @@
+"""Retention (``airlock gc``, policies/retention.yaml), on SQLite and PostgreSQL: snapshots only
+ended requests refer to go after the retention period, never one a request could still release
+or released, content shared between requests is kept while any needs it, a kill at any point
+loses no needed snapshot, and released files of an ended project go after the grace period
+(downloads answer 410)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import select, update
+from typer.testing import CliRunner
+
+from airlock import retention
+from airlock.retention import RetentionPolicy, collect, load_retention_policy
+from airlock.service.core import FileSpec, Gone
+from airlock.service.models import ReleaseRequest
+from airlock.storage import sha256_file
+from tre.audit import AuditEvent, verify_chain
+from tre.provision import AppliedState, state_path
+
+P = "wilms-outcomes"
+POLICY = RetentionPolicy(snapshot_retention_days=30, released_grace_days=60)
+NOW = dt.datetime.now(dt.UTC)
+
+
+def write(service, name: str, text: str) -> str:
+    """A workspace file of project P with ``text``; returns its path."""
+    path = service.settings.workspaces_dir / P / "outputs" / name
+    path.write_text(text)
+    return f"outputs/{name}"
+
+
+def request(service, *paths: str, submit: bool = True) -> tuple[str, list[int]]:
+    alice = service.who("alice")
+    rid = service.create_request(alice, P, [FileSpec(p, "g") for p in paths])
+    if submit:
+        service.submit(alice, rid)
+    return rid, [f["id"] for f in service.view(alice, rid)["files"]]
+
+
+def sha_of(service, rid: str, fid: int) -> str:
+    return next(
+        f["sha256"] for f in service.view(service.who("alice"), rid)["files"] if f["id"] == fid
+    )
+
+
+def review(service, rid: str, fids: list[int], decision: str = "approve") -> str:
+    state = ""
+    for name in ("checker1", "checker2"):
+        for fid in fids:
+            state = service.vote(service.who(name), rid, fid, decision, comment="c")
+    return state
+
+
+def age(service, rid: str, days: float) -> None:
+    """Pretend the request's last transition happened ``days`` before NOW."""
+    with service.factory() as s, s.begin():
+        s.execute(
+            update(ReleaseRequest)
+            .where(ReleaseRequest.id == rid)
+            .values(updated_at=NOW - dt.timedelta(days=days))
+        )
+
+
+def gc_events(service) -> list[dict]:
+    with service.factory() as s:
+        rows = s.execute(select(AuditEvent).where(AuditEvent.action == "airlock_gc")).scalars()
+        return [json.loads(e.details) for e in rows]
+
+
+def ended_and_live(service):
+    """Requests in every kind of end, each with content of its own, plus live ones."""
+    made = {}
+    rid, [fid] = request(service, write(service, "rejected.csv", "group,count\nr,11\n"))
+    assert review(service, rid, [fid], "reject") == "reviewed"
+    service.decide(service.who("checker1"), rid, "reject", "identifiable")
+    made["rejected"] = sha_of(service, rid, fid)
+    rid, [fid] = request(service, write(service, "withdrawn.csv", "group,count\nw,12\n"))
+    service.withdraw(service.who("alice"), rid)
+    made["withdrawn"] = sha_of(service, rid, fid)
+    # a file withdrawn from a request that goes on (and is released with its other file)
+    rid, [gone, kept] = request(
+        service,
+        write(service, "dropped.csv", "group,count\nd,13\n"),
+        write(service, "released.csv", "group,count\nk,14\n"),
+        submit=False,
+    )
+    service.withdraw_file(service.who("alice"), rid, gone)
+    service.submit(service.who("alice"), rid)
+    assert review(service, rid, [kept]) == "released"
+    made["file_withdrawn"], made["released"] = (
+        sha_of(service, rid, gone),
+        sha_of(service, rid, kept),
+    )
+    for state in ("pending", "submitted"):  # live: could still be released
+        rid, [fid] = request(
+            service, write(service, f"{state}.csv", f"group,count\n{state},15\n"), submit=False
+        )
+        if state == "submitted":
+            service.submit(service.who("alice"), rid)
+        made[state] = sha_of(service, rid, fid)
+    rid, [fid] = request(service, write(service, "approved.csv", "group,count\na,16\n"))
+    made["reviewed"] = sha_of(service, rid, fid)
+    review(service, rid, [fid], "request_changes")
+    rid, [fid] = request(service, write(service, "returned.csv", "group,count\nt,17\n"))
+    made["returned"] = sha_of(service, rid, fid)
+    review(service, rid, [fid], "request_changes")
+    service.decide(service.who("checker1"), rid, "return", "round it")
+    return made
+
+
+def test_only_snapshots_of_ended_requests_go_and_only_after_the_period(service):
+    made = ended_and_live(service)
+    ended = {made["rejected"], made["withdrawn"], made["file_withdrawn"]}
+    # within the period: nothing goes, even with every end far in the past for the live ones
+    report = collect(service, POLICY, now=NOW + dt.timedelta(days=29))
+    assert report.snapshots == [] and report.orphans == []
+    assert all(service.store.exists(s) for s in made.values())
+    # after it: exactly the ended ones
+    report = collect(service, POLICY, now=NOW + dt.timedelta(days=31))
+    assert {s["sha256"] for s in report.snapshots} == ended
+    for what, sha in made.items():
+        assert service.store.exists(sha) == (sha not in ended), what
+    # one event for the run, naming what it removed; the chain still verifies
+    first, second = gc_events(service)
+    assert first["snapshots"] == []  # the run within the period is audited too
+    assert {s["sha256"] for s in second["snapshots"]} == ended
+    assert second["snapshot_retention_days"] == 30
+    with service.factory() as s:
+        assert verify_chain(s) == []
+    # a second run removes nothing more
+    assert collect(service, POLICY, now=NOW + dt.timedelta(days=32)).snapshots == []
+
+
+def test_a_removed_snapshot_answers_gone_and_the_released_one_still_downloads(service):
+    made = ended_and_live(service)
+    collect(service, POLICY, now=NOW + dt.timedelta(days=31))
+    alice = service.who("alice")
+    rows = [r for r in service.list_requests(alice)]
+    for r in rows:
+        for f in service.view(alice, r["id"])["files"]:
+            if f["sha256"] in (made["rejected"], made["withdrawn"], made["file_withdrawn"]):
+                with pytest.raises(Gone):
+                    service.snapshot_path(alice, r["id"], f["id"])
+            elif f["active"] and r["state"] == "released":
+                path, _ = service.download(service.who("bob"), r["id"], f["id"])
+                assert sha256_file(path) == f["sha256"] == made["released"]
+
+
+def test_shared_content_is_kept_while_any_request_needs_it(service):
+    path = write(service, "shared.csv", "group,count\ns,21\n")
+    first, [f1] = request(service, path)
+    second, [f2] = request(service, path)
+    sha = sha_of(service, first, f1)
+    assert sha == sha_of(service, second, f2)  # one blob for both
+    service.withdraw(service.who("alice"), first)
+    age(service, first, 100)
+    report = collect(service, POLICY, now=NOW)
+    assert sha in report.kept_shared and service.store.exists(sha)
+    # the second ends too, recently: the period counts from the LAST end
+    service.withdraw(service.who("alice"), second)
+    age(service, second, 10)
+    assert collect(service, POLICY, now=NOW).snapshots == []
+    assert service.store.exists(sha)
+    age(service, second, 31)
+    report = collect(service, POLICY, now=NOW)
+    assert report.snapshots == [{"sha256": sha, "size": 17, "requests": sorted([first, second])}]
+    assert not service.store.exists(sha)
+    # the same content submitted again is stored again, and its request can be released
+    third, [f3] = request(service, path)
+    assert service.store.verify(sha)
+    assert review(service, third, [f3]) == "released"
+
+
+def test_a_released_snapshot_is_kept_even_if_another_request_with_it_ended(service):
+    path = write(service, "both.csv", "group,count\nb,22\n")
+    rid, [fid] = request(service, path)
+    assert review(service, rid, [fid]) == "released"
+    other, _ = request(service, path)
+    service.withdraw(service.who("alice"), other)
+    age(service, other, 365)
+    age(service, rid, 365)
+    report = collect(service, POLICY, now=NOW)
+    assert report.snapshots == [] and service.store.verify(sha_of(service, rid, fid))
+
+
+def test_unreferenced_blobs_go_after_the_period_from_their_mtime(service):
+    old_sha, _ = service.store.put_stream(io.BytesIO(b"left by a refused request"), 1000)
+    new_sha, _ = service.store.put_stream(io.BytesIO(b"just stored"), 1000)
+    past = (NOW - dt.timedelta(days=31)).timestamp()
+    os.utime(service.store.path(old_sha), (past, past))
+    report = collect(service, POLICY, now=NOW)
+    assert report.orphans == [{"sha256": old_sha, "size": 25}]
+    assert not service.store.exists(old_sha) and service.store.exists(new_sha)
+
+
+def test_dry_run_changes_nothing(service):
+    made = ended_and_live(service)
+    events = gc_events(service)
+    plan = collect(service, POLICY, now=NOW + dt.timedelta(days=31), dry_run=True)
+    assert {s["sha256"] for s in plan.snapshots} == {
+        made["rejected"],
+        made["withdrawn"],
+        made["file_withdrawn"],
+    }
+    assert all(service.store.exists(s) for s in made.values())
+    assert gc_events(service) == events
+    done = collect(service, POLICY, now=NOW + dt.timedelta(days=31))
+    assert done.snapshots == plan.snapshots
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing of the collector runs after it (locks and the transaction
+    are released as the kernel and the database do for a dead process)."""
+
+
+@pytest.mark.parametrize("step", range(5))
+def test_a_kill_at_any_step_loses_no_needed_snapshot(service, monkeypatch, step):
+    made = ended_and_live(service)
+    needed = {made[k] for k in ("released", "pending", "submitted", "reviewed", "returned")}
+    ended = {made[k] for k in ("rejected", "withdrawn", "file_withdrawn")}
+    # the steps: three renames into the trash, the audit event, the deletion of the trash
+    calls = {"n": 0}
+    real_rename, real_record, real_rmtree = (
+        os.rename,
+        retention.record_event,
+        retention.shutil.rmtree,
+    )
+
+    def hit(real):
+        def wrapped(*args, **kwargs):
+            if calls["n"] == step:
+                raise Killed()
+            calls["n"] += 1
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(retention.os, "rename", hit(real_rename))
+    monkeypatch.setattr(retention, "record_event", hit(real_record))
+    monkeypatch.setattr(retention.shutil, "rmtree", hit(real_rmtree))
+    later = NOW + dt.timedelta(days=31)
+    with pytest.raises(Killed):
+        collect(service, POLICY, now=later)
+    assert all(service.store.verify(s) for s in needed)
+    monkeypatch.undo()
+    trash = service.store.root / "trash"
+    in_trash = {p.name for p in trash.rglob("*") if p.is_file()} if trash.exists() else set()
+    assert in_trash <= ended
+    # meanwhile, requests go on: the same content as a removed snapshot is stored again
+    again, [fid] = request(service, write(service, "rejected.csv", "group,count\nr,11\n"))
+    assert service.store.verify(made["rejected"])
+    # the next run completes the work and names what the killed run left
+    report = collect(service, POLICY, now=later)
+    assert all(service.store.verify(s) for s in needed | {made["rejected"]})
+    assert not any(service.store.exists(s) for s in ended - {made["rejected"]})
+    assert not (service.store.root / "trash").exists() or not any(
+        (service.store.root / "trash").iterdir()
+    )
+    assert set(report.finished_from_interrupted_run) == in_trash
+    if step > 0:  # killed after a rename: the next run finished (and named) that work
+        assert in_trash
+    audited = set()
+    for event in gc_events(service):
+        audited |= {s["sha256"] for s in event["snapshots"]}
+        audited |= set(event["finished_from_interrupted_run"])
+    # everything ever removed is in the audit log
+    assert in_trash | {s["sha256"] for s in report.snapshots} <= audited
+    assert review(service, again, [fid]) == "released"
+    with service.factory() as s:
+        assert verify_chain(s) == []
+
+
+def test_collector_waits_for_a_snapshot_until_its_request_commits(service, monkeypatch):
+    """Content shared with an ended request, stored again by a new request: the collector
+    cannot remove the blob between the snapshot and the commit of the new request's rows."""
+    path = write(service, "again.csv", "group,count\nx,23\n")
+    old, [fid] = request(service, path)
+    sha = sha_of(service, old, fid)
+    service.withdraw(service.who("alice"), old)
+    age(service, old, 100)
+    real_snapshot = service.snapshot
+    runs: list = []
+
+    def snapshot_then_collect(project, spec):
+        snap = real_snapshot(project, spec)  # the blob exists, the new row is not committed
+        t = threading.Thread(target=lambda: runs.append(collect(service, POLICY, now=NOW)))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), "the collector did not wait for the pinned snapshot"
+        runs.append(t)
+        return snap
+
+    monkeypatch.setattr(service, "snapshot", snapshot_then_collect)
+    new, [new_fid] = request(service, path)
+    runs[0].join(30)
+    report = runs[1]
+    assert report.snapshots == [] and sha in report.kept_shared
+    monkeypatch.undo()
+    assert service.store.verify(sha)
+    assert review(service, new, [new_fid]) == "released"
+
+
+# --- released files after the project's end --------------------------------------------------
+
+
+def released_request(service) -> tuple[str, int]:
+    rid, [fid] = request(service, write(service, "out.csv", "group,count\no,24\n"))
+    assert review(service, rid, [fid]) == "released"
+    return rid, fid
+
+
+def end_project(service, days_ago: int, closed: bool = False) -> None:
+    """End project P ``days_ago`` days ago: by its end date, or closed on that day (as
+    provisioning records it) with its end date still ahead."""
+    today = dt.date.today()
+    project = service.registry.projects[P]
+    if closed:
+        changed = project.model_copy(update={"status": "closed"})
+        applied = AppliedState(
+            {P: {"inactive_since": (today - dt.timedelta(days=days_ago)).isoformat()}}
+        )
+        applied.save(state_path(service.settings))
+    else:
+        end = today - dt.timedelta(days=days_ago)
+        changed = project.model_copy(
+            update={"start_date": end - dt.timedelta(days=400), "end_date": end}
+        )
+    service.registry.projects[P] = changed
+
+
+def policy_file(service, **values) -> None:
+    path = service.settings.policies_dir / "retention.yaml"
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, **values}))
+
+
+@pytest.mark.parametrize("closed", [False, True])
+def test_released_files_stay_for_the_grace_period_then_410_and_deleted(service, closed):
+    policy_file(service, released_grace_days=60)
+    policy = load_retention_policy(service.settings.policies_dir)
+    rid, fid = released_request(service)
+    end_project(service, days_ago=59, closed=closed)
+    bob = service.who("bob")
+    assert P not in bob.projects and P in bob.ended_projects
+    path, _ = service.download(bob, rid, fid)  # within the grace period: still downloadable
+    report = collect(service, policy)
+    assert report.released == [] and (service.released_root / rid).exists()
+    end_project(service, days_ago=61, closed=closed)
+    with pytest.raises(Gone, match="downloaded until"):  # past it: 410, even before gc ran
+        service.download(bob, rid, fid)
+    report = collect(service, policy)
+    assert [r["request"] for r in report.released] == [rid]
+    assert not (service.released_root / rid).exists()
+    with pytest.raises(Gone):
+        service.download(bob, rid, fid)
+    [event] = [e for e in gc_events(service) if e["released"]]
+    assert event["released"][0]["request"] == rid
+    # the released snapshot itself is kept (never removed once released)
+    assert service.store.verify(sha_of(service, rid, fid))
+    with service.factory() as s:
+        assert verify_chain(s) == []
+
+
+def test_suspended_or_active_projects_keep_their_released_files(service):
+    rid, fid = released_request(service)
+    policy = RetentionPolicy(snapshot_retention_days=1, released_grace_days=0)
+    project = service.registry.projects[P]
+    service.registry.projects[P] = project.model_copy(update={"status": "suspended"})
+    assert collect(service, policy, now=NOW + dt.timedelta(days=3650)).released == []
+    assert (service.released_root / rid).exists()
+
+
+def test_former_members_of_an_ended_project_can_only_read(service):
+    rid, fid = released_request(service)
+    pending, [pfid] = request(service, "notes.txt", submit=False)
+    end_project(service, days_ago=1)
+    alice = service.who("alice")
+    assert service.view(alice, rid)["permissions"]["download"] is True
+    assert {r["id"] for r in service.list_requests(alice)} >= {rid, pending}
+    assert service.list_requests(service.who("carol")) == []
+    view = service.view(alice, pending)["permissions"]
+    assert not (view["edit"] or view["submit"] or view["withdraw"])
+    # a sandbox of the ended project gets nothing, a non-member nothing either
+    from airlock.permissions import PermissionDenied
+    from airlock.service.core import NotFound
+
+    with pytest.raises((PermissionDenied, NotFound)):
+        service.download(service.who("alice", P), rid, fid)
+    with pytest.raises(NotFound):
+        service.download(service.who("carol"), rid, fid)
+
+
+# --- the policy and the command ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, field",
+    [
+        ("snapshot_retention_days: 0\nreleased_grace_days: 5\n", "snapshot_retention_days"),
+        ("snapshot_retention_days: 10\nreleased_grace_days: -1\n", "released_grace_days"),
+        ("snapshot_retention_days: 10\n", "released_grace_days"),
+        ("snapshot_retention_days: 10\nreleased_grace_days: 5\nkeep: forever\n", "keep"),
+        ("[1, 2]\n", ""),
+        ("snapshot_retention_days: [\n", ""),
+    ],
+)
+def test_bad_policy_is_named_and_the_command_changes_nothing(service, content, field, monkeypatch):
+    from tre.policy_validate import validate_policies
+
+    rid, [fid] = request(service, write(service, "w.csv", "group,count\nw,25\n"))
+    service.withdraw(service.who("alice"), rid)
+    age(service, rid, 3650)
+    sha = sha_of(service, rid, fid)
+    (service.settings.policies_dir / "retention.yaml").write_text(content)
+    _registry, problems = validate_policies(service.settings.policies_dir)
+    assert [p for p in problems if p.file.name == "retention.yaml" and p.field == field]
+    result = cli(service, monkeypatch)
+    assert result.exit_code == 2 and "retention.yaml" in result.output
+    assert service.store.exists(sha) and gc_events(service) == []
+
+
+def cli(service, monkeypatch, *args: str):
+    from airlock.cli import app
+    from airlock.service import db
+    from tre.settings import get_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(service.settings.state_dir))
+    monkeypatch.setenv("TRE_POLICIES_DIR", str(service.settings.policies_dir))
+    # the fixture's database (on PostgreSQL a schema of its own, which a URL cannot name)
+    monkeypatch.setattr(db, "make_engine", lambda *_a, **_k: service.engine)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, ["gc", *args])
+    finally:
+        get_settings.cache_clear()
+
+
+def test_command_dry_run_then_run(service, monkeypatch):
+    made = ended_and_live(service)
+    for r in service.list_requests(service.who("alice")):
+        age(service, r["id"], 365)  # the withdrawn file counts from its (recent) withdrawal
+    gone = {made["rejected"], made["withdrawn"]}
+    dry = cli(service, monkeypatch, "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.output
+    plan = json.loads(dry.output)
+    assert plan["dry_run"] is True and {s["sha256"] for s in plan["snapshots"]} == gone
+    assert all(service.store.exists(s) for s in made.values()) and gc_events(service) == []
+    run = cli(service, monkeypatch)
+    assert run.exit_code == 0, run.output
+    assert "removed 2 snapshot(s)" in run.output
+    assert {s for s in made.values() if not service.store.exists(s)} == gone
+    [event] = gc_events(service)
+    assert {s["sha256"] for s in event["snapshots"]} == gone
+
+
+# --- random action sequences with the collector running in between ---------------------------
+
+
+def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_settings):
+    """The airlock state machine (test_properties.py) plus ``airlock gc`` at random moments,
+    as if 0 or 2 days had passed with 1 day of retention: every snapshot a request could
+    still release or released is stored, and the machine's own invariants (released bytes =
+    reviewed snapshot, two independent approvals) still hold."""
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
+
+    from tests.airlock_service import test_properties
+
+    policy = RetentionPolicy(snapshot_retention_days=1, released_grace_days=0)
+    removed: list[str] = []
+    base = test_properties.make_machine(service, tre_settings.workspaces_dir)
+
+    class WithCollector(base):
+        @precondition(lambda self: self.rids)
+        @rule(data=st.data())
+        def its_author_withdraws(self, data):
+            """Requests end without release more often, so the collector has work."""
+            rid = data.draw(st.sampled_from(self.rids))
+            with service.factory() as s:
+                author = s.get(ReleaseRequest, rid).author
+            try:
+                service.withdraw(service.who(author), rid)
+            except test_properties.EXPECTED:
+                pass
+
+        @precondition(lambda self: self.rids)
+        @rule(data=st.data())
+        def two_checkers_approve(self, data):
+            """Requests are released more often, so the collector runs around releases."""
+            rid = data.draw(st.sampled_from(self.rids))
+            with service.factory() as s:
+                fids = sorted(f.id for f in s.get(ReleaseRequest, rid).active_files())
+            for name in ("checker1", "checker2"):
+                for fid in fids:
+                    try:
+                        service.vote(service.who(name), rid, fid, "approve", "", "j")
+                    except test_properties.EXPECTED:
+                        pass
+
+        @precondition(lambda self: self.rids)
+        @rule(days=st.sampled_from([0, 2]))
+        def garbage_collect(self, days):
+            now = dt.datetime.now(dt.UTC) + dt.timedelta(days=days)
+            removed.extend(s["sha256"] for s in collect(service, policy, now=now).snapshots)
+
+        @invariant()
+        def every_snapshot_a_request_needs_is_stored(self):
+            with service.factory() as s:
+                for req in s.execute(select(ReleaseRequest)).scalars():
+                    if req.state in ("rejected", "withdrawn"):
+                        continue
+                    for f in req.active_files():
+                        assert service.store.verify(f.sha256), (req.id, req.state, f.path)
+
+    test_properties.SEEN_RELEASED.clear()
+    run_state_machine_as_test(
+        WithCollector,
+        settings=settings(
+            max_examples=15,
+            stateful_step_count=50,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    # not vacuous: the collector removed snapshots, and requests were released around it
+    assert removed and test_properties.SEEN_RELEASED
+
+
+# --- a real kill -9 of `airlock gc` at every step -----------------------------------------------
+
+GC_WORKER = Path(__file__).with_name("gc_worker.py")
+GC_STEPS = 5  # two blobs trashed, commit (inside the transaction), committed, trash deleted
+
+
+@pytest.mark.slow
+def test_kill_9_of_gc_at_every_step_then_rerun(service, db):
+    policy_file(service, snapshot_retention_days=30)
+    shared = write(service, "shared-kill.csv", "group,count\nk,31\n")
+    live, [live_fid] = request(service, shared, submit=False)  # needs the shared blob
+    released, released_fid = released_request(service)
+    needed = {sha_of(service, live, live_fid), sha_of(service, released, released_fid)}
+    later = NOW + dt.timedelta(days=31)
+    seen: set[str] = set()
+    for stop_at in range(GC_STEPS):
+        ended = set()
+        for n in range(2):  # two blobs of withdrawn requests, new content each time
+            rid, [fid] = request(
+                service, write(service, f"k{stop_at}-{n}.csv", f"a,b\n{n},{stop_at}\n")
+            )
+            service.withdraw(service.who("alice"), rid)
+            ended.add(sha_of(service, rid, fid))
+        rid, _ = request(service, shared)
+        service.withdraw(service.who("alice"), rid)  # the shared blob: ended here, live there
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(GC_WORKER),
+                db.url,
+                db.schema or "",
+                str(service.settings.state_dir),
+                str(service.settings.policies_dir),
+                later.isoformat(),
+                str(stop_at),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        line = proc.stdout.readline()
+        assert line.startswith("AT "), line
+        seen.add(line.split()[1])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        # nothing a request needs is missing, whatever the step
+        assert all(service.store.verify(s) for s in needed)
+        trash = service.store.root / "trash"
+        in_trash = {p.name for p in trash.rglob("*") if p.is_file()} if trash.exists() else set()
+        assert in_trash <= ended
+        # the lock died with the process: the next run finishes the work and audits it
+        report = collect(service, POLICY, now=later)
+        assert set(report.finished_from_interrupted_run) == in_trash
+        assert not any(service.store.exists(s) for s in ended)
+        assert not trash.exists() or not any(trash.iterdir())
+        audited = set()
+        for event in gc_events(service):
+            audited |= {s["sha256"] for s in event["snapshots"]}
+            audited |= set(event["finished_from_interrupted_run"])
+        assert ended <= audited
+        assert all(service.store.verify(s) for s in needed)
+    assert seen == {"trashed", "commit", "committed", "deleted"}
+    with service.factory() as s:
+        assert verify_chain(s) == []
+    # the request that needed the shared blob is submitted and released with the exact bytes
+    service.submit(service.who("alice"), live)
+    assert review(service, live, [live_fid]) == "released"
+    path, _ = service.download(service.who("bob"), live, live_fid)
+    assert sha256_file(path) == sha_of(service, live, live_fid)
+
+
+@pytest.mark.hub
+def test_download_answers_410_over_http_after_the_grace_period(client):
+    service = client.service
+    policy_file(service, released_grace_days=60)
+    rid, fid = released_request(service)
+    url = f"api/requests/{rid}/files/{fid}/download"
+    end_project(service, days_ago=59)
+    r = client.call("bob", "GET", url)
+    assert r.status_code == 200 and r.content == b"group,count\no,24\n"
+    end_project(service, days_ago=61)
+    r = client.call("bob", "GET", url)
+    assert r.status_code == 410 and "downloaded until" in r.json()["detail"]
+    assert client.call("carol", "GET", url).status_code == 404
+    collect(service, POLICY)
+    assert not (service.released_root / rid).exists()
+    assert client.call("bob", "GET", url).status_code == 410
