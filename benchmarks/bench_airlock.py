@@ -190,6 +190,12 @@ async def _run(
     analyze: Callable[[], None],
 ):
     lat: dict[str, list[float]] = {"page_view": [], "vote": [], "submit": []}
+    detail: dict[str, list[float]] = {
+        "  page: request": [],
+        "  page: queue": [],
+        "  vote: first": [],
+        "  vote: approving": [],
+    }
     errors: dict[str, int] = {}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=airlock, timeout=60, limits=limits) as http:
@@ -224,6 +230,14 @@ async def _run(
                     },
                 )
             lat[kind].append(time.perf_counter() - t0)
+            if kind == "vote":  # the second vote of a file approves it and releases the request
+                detail[f"  vote: {'approving' if who == 'checker2' else 'first'}"].append(
+                    time.perf_counter() - t0
+                )
+            elif kind == "page_view":
+                detail[f"  page: {'request' if '/requests/' in str(r.url) else 'queue'}"].append(
+                    time.perf_counter() - t0
+                )
             if r.status_code >= 400:
                 errors[f"{kind} {r.status_code}"] = errors.get(f"{kind} {r.status_code}", 0) + 1
 
@@ -237,7 +251,7 @@ async def _run(
         t0 = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(clients)))
         elapsed = time.perf_counter() - t0
-    return lat, errors, elapsed
+    return lat, detail, errors, elapsed
 
 
 async def _serial(
@@ -319,6 +333,7 @@ def _report(
     ops: int,
     think_s: float,
     lat: dict,
+    detail: dict,
     errors: dict,
     elapsed: float,
     cpu: dict[str, float],
@@ -336,7 +351,12 @@ def _report(
     )
     print("| operation | n | p50 ms | p95 ms | p99 ms | mean ms | max ms |")
     print("|---|---|---|---|---|---|---|")
-    for kind, values in lat.items():
+    rows = []
+    for kind in ("page_view", "vote", "submit"):  # each kind, then its parts
+        rows.append((kind, lat[kind]))
+        prefix = {"page_view": "  page:", "vote": "  vote:"}.get(kind, "-")
+        rows += [(k, v) for k, v in detail.items() if k.startswith(prefix) and v]
+    for kind, values in rows:
         print(
             f"| {kind} | {len(values)} | {_pct(values, 0.5):.0f} | {_pct(values, 0.95):.0f}"
             f" | {_pct(values, 0.99):.0f} | {statistics.mean(values) * 1000:.0f}"
@@ -439,7 +459,7 @@ def main() -> None:
             service, hub_procs = _tree(proc.pid), _tree(hub.process.pid)
             pg_before = _postgres_snapshot()
             before = (_cpu(service), 0.0, _cpu(hub_procs), time.process_time())
-            lat, errors, elapsed = asyncio.run(
+            lat, detail, errors, elapsed = asyncio.run(
                 _run(
                     airlock,
                     tokens,
@@ -458,7 +478,15 @@ def main() -> None:
                 "load generator": time.process_time() - before[3],
             }
             _report(
-                mode, clients, ops, think_s if mode == "think" else 0.0, lat, errors, elapsed, cpu
+                mode,
+                clients,
+                ops,
+                think_s if mode == "think" else 0.0,
+                lat,
+                detail,
+                errors,
+                elapsed,
+                cpu,
             )
             print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         rss, nproc = _peak_rss_mib(_tree(proc.pid))
