@@ -10,6 +10,7 @@ import json
 
 import duckdb
 
+from tre.dictionary import load_dictionary
 from tre.pooled import PooledStore
 
 GROUPS = ["I", "II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X", "XI", "XII"]
@@ -32,6 +33,7 @@ def build_pooled(
     tumours, 2 treatments per tumour, some events and one follow-up, as one batch per site.
     Returns rows per table."""
     groups = "['" + "', '".join(GROUPS) + "']"
+    dictionary = load_dictionary()
     with store.writer() as con:
         version = store.current_version(con)
         for n, (site, country) in enumerate(sorted(sites.items())):
@@ -97,10 +99,17 @@ def build_pooled(
                     "SELECT count(*) FROM duckdb_tables() WHERE table_name = $t AND NOT temporary",
                     {"t": table},
                 ).fetchone()[0]
-                if not exists:
-                    con.execute(
-                        f"CREATE TABLE main.{table} AS SELECT *{exclude} FROM {tmp} LIMIT 0"
+                if not exists:  # the column storage `tre data ingest` creates
+                    types = con.execute(
+                        f"SELECT column_name, column_type FROM (DESCRIBE SELECT *{exclude}"
+                        f" FROM {tmp})"
+                    ).fetchall()
+                    ids = set(dictionary.identifier_columns(table))
+                    defs = ", ".join(
+                        f'"{c}" {t}' + (" USING COMPRESSION uncompressed" if c in ids else "")
+                        for c, t in types
                     )
+                    con.execute(f"CREATE TABLE main.{table} ({defs})")
                 con.execute(f"INSERT INTO main.{table} BY NAME SELECT *{exclude} FROM {tmp}")
                 counts[table] = con.execute(f"SELECT count(*) FROM {tmp}").fetchone()[0]
             version += 1
