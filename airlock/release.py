@@ -103,8 +103,7 @@ def _stage(
     on_step: StepHook,
 ) -> Path:
     staging = staging_root(released_root) / f"{request_id}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    fsync_dir(staging.parent)
+    staging.mkdir(parents=True)  # no fsync: until the rename below it is garbage after a crash
     for f in files:
         target = staging / f.relative
         target.parent.mkdir(parents=True, exist_ok=True)
