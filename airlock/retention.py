@@ -35,15 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from airlock.service.models import ReleaseRequest, RequestFile
 from airlock.storage import fsync_dir
 from airlock.workflow import State
 from tre.audit import AuditEvent, record_event
-from tre.registry import Problem
+from tre.registry import Problem, validate_file
 
 if TYPE_CHECKING:
     from airlock.service.core import AirlockService
@@ -84,18 +83,7 @@ def retention_problems(policies_dir: Path) -> tuple[RetentionPolicy | None, list
     path = policies_dir / RETENTION_FILE
     if not path.exists():
         return None, [Problem(path, "", "missing: the airlock retention policy is required")]
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        return None, [Problem(path, "", f"not valid YAML: {exc}")]
-    if not isinstance(data, dict):
-        return None, [Problem(path, "", "must be a mapping of fields")]
-    try:
-        return RetentionPolicy.model_validate(data), []
-    except ValidationError as exc:
-        return None, [
-            Problem(path, ".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()
-        ]
+    return validate_file(RetentionPolicy, path)
 
 
 def load_retention_policy(policies_dir: Path) -> RetentionPolicy:

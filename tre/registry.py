@@ -187,7 +187,9 @@ def _load_yaml(path: Path) -> tuple[dict | None, list[Problem]]:
     return data, []
 
 
-def _validate(model: type[M], path: Path) -> tuple[M | None, list[Problem]]:
+def validate_file(model: type[M], path: Path) -> tuple[M | None, list[Problem]]:
+    """One YAML declaration read and validated as ``model``: the model, or every problem named
+    by file, field and message."""
     data, problems = _load_yaml(path)
     if data is None:
         return None, problems
@@ -229,7 +231,7 @@ def load_registry(policies_dir: Path) -> Registry:
     sites: dict[str, Site] = {}
     projects: dict[str, Project] = {}
     for path in sorted((policies_dir / "sites").glob("*.yaml")):
-        site, errs = _validate(Site, path)
+        site, errs = validate_file(Site, path)
         problems += errs
         if site is not None:
             if site.id in sites:
@@ -238,7 +240,7 @@ def load_registry(policies_dir: Path) -> Registry:
                 problems.append(Problem(path, "id", f"must match the file name ({path.stem!r})"))
             sites[site.id] = site
     for path in sorted((policies_dir / "projects").glob("*.yaml")):
-        project, errs = _validate(Project, path)
+        project, errs = validate_file(Project, path)
         problems += errs
         if project is not None:
             if project.id in projects:
@@ -252,7 +254,7 @@ def load_registry(policies_dir: Path) -> Registry:
     staff_path = policies_dir / "staff.yaml"
     staff = Staff()
     if staff_path.exists():
-        loaded, errs = _validate(Staff, staff_path)
+        loaded, errs = validate_file(Staff, staff_path)
         problems += errs
         staff = loaded or staff
     if problems:

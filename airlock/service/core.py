@@ -425,7 +425,7 @@ class AirlockService:
                 # a vote reads files and votes only (one round trip less)
                 req = self._load(session, who, request_id, lock=True, comments=False)
                 perm.check_review(who, req)
-                if req.state not in (State.SUBMITTED, State.PARTIALLY_REVIEWED):
+                if req.state not in _IN_REVIEW:
                     raise TransitionError(f"a {req.state} request is not open for review")
                 f = _find_file(req, file_id)
                 _check_votable(f, decision, justification)
@@ -486,7 +486,7 @@ class AirlockService:
         """
         decision, comment, justification = _vote_input(decision, comment, justification)
         with self.factory() as session, session.begin():
-            req = self._load(session, who, request_id, lock=True)
+            req = self._load(session, who, request_id, lock=True, comments=False)
             perm.check_change_vote(who, req)
             if req.state not in _IN_REVIEW:
                 raise TransitionError(
