@@ -10,12 +10,18 @@ over from the parent that generated the store) are measured:
 * ``wilms``: the shape of the shipped wilms-outcomes project (ICCC-3 group VI, granted columns,
   patient/event/followup restricted to qualifying tumours and patients);
 * ``leukaemia``: ICCC-3 group I and a diagnosis-year window.
+
+The full copy is built twice per run, with the default storage of pseudonym columns (zstd) and
+with DuckDB's automatic choice (``extract_identifier_compression: auto``), alternating, so the
+ratio of the two comes from the same machine state. ``BENCH_EXTRACT_RUNS`` (default 1) repeats
+the whole set and prints min / median / max per shape.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +40,7 @@ from tre.extract import build_extract, extract_info
 from tre.registry import Project, Registry, RowFilters, Site, Staff
 from tre.settings import Settings
 
-state, which = Path(sys.argv[1]), sys.argv[2]
+state, which, compression = Path(sys.argv[1]), sys.argv[2], sys.argv[4]
 sites = {s: c for s, c in json.loads(sys.argv[3]).items()}
 all_tables = {t: ["*"] for t in ("patient", "tumour", "treatment", "event", "followup")}
 shapes = {
@@ -60,7 +66,7 @@ registry = Registry(
                    allowed_purposes=["academic"], allowed_jurisdictions=["*"])
            for s, c in sites.items()},
     projects={"bench": project}, staff=Staff())
-settings = Settings(state_dir=state)
+settings = Settings(state_dir=state, extract_identifier_compression=compression)
 t, c = time.perf_counter(), time.process_time()
 path = build_extract(settings, registry, "bench")
 wall, cpu = time.perf_counter() - t, time.process_time() - c
@@ -92,18 +98,41 @@ def main() -> None:
         print(f"pooled store: {total:,} rows ({counts}), {size:,.0f} MiB, "
               f"generated in {time.perf_counter() - t:.1f} s")  # fmt: skip
         print(f"machine: {machine()}")
-        for which in ("everything", "wilms", "leukaemia"):
-            t = time.perf_counter()
-            out, peak = run_measured(
-                [sys.executable, "-c", CHILD, str(state), which, json.dumps(SITES)]
-            )
-            proc_wall = time.perf_counter() - t
-            res = json.loads(out.strip().splitlines()[-1])
-            copied = sum(res["rows"].values())
-            print(f"  {which}: build {res['wall']:.2f} s wall, {res['cpu']:.2f} s CPU (process "
-                  f"incl. start-up {proc_wall:.2f} s), {copied:,} rows into a "
-                  f"{res['size_mb']:,.0f} MiB file, peak RSS {peak:,.0f} MiB "
-                  f"(targets: < 5 s on 2 cores, < 2048 MiB)")  # fmt: skip
+        runs = int(os.environ.get("BENCH_EXTRACT_RUNS", 1))
+        shapes = [("everything", "zstd"), ("everything", "auto"), ("wilms", "zstd"),
+                  ("leukaemia", "zstd")]  # fmt: skip
+        walls: dict[str, list[float]] = {}
+        for run in range(runs):
+            for which, compression in shapes:
+                label = which if compression == "zstd" else f"{which} (ids: auto)"
+                t = time.perf_counter()
+                out, peak = run_measured(
+                    [
+                        sys.executable,
+                        "-c",
+                        CHILD,
+                        str(state),
+                        which,
+                        json.dumps(SITES),
+                        compression,
+                    ]  # fmt: skip
+                )
+                proc_wall = time.perf_counter() - t
+                res = json.loads(out.strip().splitlines()[-1])
+                copied = sum(res["rows"].values())
+                walls.setdefault(label, []).append(res["wall"])
+                print(f"  run {run + 1} {label}: build {res['wall']:.2f} s wall, "
+                      f"{res['cpu']:.2f} s CPU (process incl. start-up {proc_wall:.2f} s), "
+                      f"{copied:,} rows into a {res['size_mb']:,.0f} MiB file, peak RSS "
+                      f"{peak:,.0f} MiB (targets: < 5 s on 2 cores, < 2048 MiB)")  # fmt: skip
+        print("build wall (min / median / max):")
+        for label, values in walls.items():
+            print(f"  {label}: {min(values):.2f} / {statistics.median(values):.2f} / "
+                  f"{max(values):.2f} s")  # fmt: skip
+        if runs > 0:
+            pairs = zip(walls["everything"], walls["everything (ids: auto)"], strict=True)
+            ratio = statistics.median(a / b for a, b in pairs)
+            print(f"  full copy, zstd ids / automatic: {ratio:.2f} (median of per-run ratios)")
 
 
 if __name__ == "__main__":

@@ -628,3 +628,43 @@ def test_metadata_separates_allowed_from_contributing_sites(settings):
     info = extract_info(settings, "wilms")
     assert sorted(info["sites"]) == ["nl-skion", "uk-ccr", "us-nwts"]  # allowed
     assert sorted(info["contributing_sites"]) == ["uk-ccr", "us-nwts"]  # rows actually present
+
+
+def _compressions(path, table, column):
+    return {
+        c
+        for (c,) in rows(
+            path,
+            f"SELECT DISTINCT compression FROM pragma_storage_info('{table}') "
+            f"WHERE column_name = '{column}' AND segment_type = 'VARCHAR'",
+        )
+    }
+
+
+def test_pseudonym_columns_are_stored_with_the_configured_compression(settings, tmp_path):
+    reg = registry([project(grants={"patient": ["*"], "tumour": ["*"]})])
+    zstd = build_extract(settings, reg, "wilms", TODAY)
+    # the dictionary's identifier columns (pseudonyms) only; codes keep DuckDB's own choice
+    assert _compressions(zstd, "tumour", "tumour_id") == {"ZSTD"}
+    assert _compressions(zstd, "tumour", "patient_id") == {"ZSTD"}
+    assert "ZSTD" not in _compressions(zstd, "tumour", "iccc3_group")
+    zstd_rows = rows(zstd, "SELECT * FROM tumour ORDER BY tumour_id")
+
+    auto = settings.model_copy(update={"extract_identifier_compression": "auto"})
+    path = build_extract(auto, reg, "wilms", TODAY)
+    assert "ZSTD" not in _compressions(path, "tumour", "tumour_id")
+    assert rows(path, "SELECT * FROM tumour ORDER BY tumour_id") == zstd_rows
+
+    # without a readable dictionary the hint is gone, the extract is the same
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "dictionary.yaml").write_text("tables: [not, a, dictionary\n")
+    broken = settings.model_copy(update={"policies_dir": policies})
+    path = build_extract(broken, reg, "wilms", TODAY)
+    assert "ZSTD" not in _compressions(path, "tumour", "tumour_id")
+    assert rows(path, "SELECT * FROM tumour ORDER BY tumour_id") == zstd_rows
+
+
+def test_unknown_identifier_compression_is_a_settings_error(tmp_path):
+    with pytest.raises(ValueError, match="extract_identifier_compression"):
+        Settings(state_dir=tmp_path, extract_identifier_compression="lz4")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import duckdb
 
+from tre.dictionary import DictionaryError, load_dictionary
 from tre.pooled import PooledStore, PooledStoreError
 from tre.registry import Project, Registry
 from tre.settings import Settings
@@ -60,16 +61,40 @@ def _literal_list(values: list[str]) -> str:
     return "(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
 
 
-def _pooled_columns(con: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+def _pooled_columns(con: duckdb.DuckDBPyConnection, table: str) -> dict[str, str]:
+    """Column name -> SQL type of a pooled table, in table order."""
     rows = con.execute(
-        "SELECT column_name FROM duckdb_columns() WHERE database_name = 'pooled' "
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE database_name = 'pooled' "
         "AND schema_name = 'main' AND table_name = $t ORDER BY column_index",
         {"t": table},
     ).fetchall()
-    return [r[0] for r in rows]
+    return dict(rows)
 
 
-def _granted_columns(project: Project, table: str, available: list[str]) -> list[str]:
+def _identifier_columns(settings: Settings) -> dict[str, set[str]]:
+    """Pseudonym columns per table, per the dictionary (only a storage hint: without a readable
+    dictionary every column keeps DuckDB's automatic compression; `tre policy validate` is
+    where a broken dictionary is reported)."""
+    try:
+        dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
+    except (DictionaryError, OSError):
+        return {}
+    return {t: set(dictionary.identifier_columns(t)) for t in dictionary.tables}
+
+
+def _column_definitions(
+    columns: list[str], types: dict[str, str], identifiers: set[str], compression: str
+) -> str:
+    """Pseudonyms are random hex: DuckDB's automatic choice tries dictionary and FSST on them
+    (about 2x) and that analysis was about a fifth of a full-copy build; zstd gets 1.6x for
+    much less CPU (see docs/benchmarks.md, "Extract")."""
+    forced = f" USING COMPRESSION {compression}" if compression != "auto" else ""
+    return ", ".join(
+        f"{_quote(c)} {types[c]}" + (forced if c in identifiers else "") for c in columns
+    )
+
+
+def _granted_columns(project: Project, table: str, available: dict[str, str]) -> list[str]:
     requested = project.grants[table]
     if "*" in requested:
         return list(available)
@@ -216,6 +241,7 @@ def build_extract(
                 )
             table_meta: dict[str, dict] = {}
             contributing: set[str] = set()
+            identifiers = _identifier_columns(settings)
             for table in project.grants:
                 if table not in pooled_tables:
                     raise ExtractError(
@@ -223,13 +249,21 @@ def build_extract(
                     )
                 available = _pooled_columns(con, table)
                 columns = _granted_columns(project, table, available)
-                where = _row_conditions(project, table, available, sites, tumour_filtered, as_of)
-                select = ", ".join(f"t.{_quote(c)}" for c in columns)
-                con.execute(
-                    f"CREATE TABLE ext.{_quote(table)} AS "
-                    f"SELECT {select} FROM pooled.{_quote(table)} AS t WHERE {where}"
+                where = _row_conditions(
+                    project, table, list(available), sites, tumour_filtered, as_of
                 )
-                rows = con.execute(f"SELECT count(*) FROM ext.{_quote(table)}").fetchall()[0][0]
+                select = ", ".join(f"t.{_quote(c)}" for c in columns)
+                definitions = _column_definitions(
+                    columns,
+                    available,
+                    identifiers.get(table, set()),
+                    settings.extract_identifier_compression,
+                )
+                con.execute(f"CREATE TABLE ext.{_quote(table)} ({definitions})")
+                rows = con.execute(
+                    f"INSERT INTO ext.{_quote(table)} "
+                    f"SELECT {select} FROM pooled.{_quote(table)} AS t WHERE {where}"
+                ).fetchall()[0][0]
                 table_meta[table] = {"columns": columns, "rows": int(rows)}
                 # which sites' rows are actually in it (site_id may not be a granted column)
                 contributing |= {
