@@ -35,9 +35,22 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Integer, String, Text, column, event, exists, insert, select, update, values
+from sqlalchemy import (
+    Insert,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    event,
+    exists,
+    insert,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, SessionTransaction, mapped_column
 
 GENESIS_HASH = "0" * 64
@@ -150,32 +163,67 @@ _EVENT_COLUMNS = ("seq", "ts", "actor", "action", "target", "details", "prev_has
 _MAX_APPEND_ATTEMPTS = 1000  # each lost race means another writer appended: progress is made
 
 
+_HEAD_NOW = select(AuditHead.__table__.c.seq, AuditHead.__table__.c.hash).where(
+    AuditHead.__table__.c.id == 1
+)
+
+
+@lru_cache(maxsize=64)
+def _append_statement(count: int) -> Insert:
+    """The conditional append of ``count`` events, built once per count.
+
+    Built from bound parameters only, so SQLAlchemy compiles it once: with the events as a
+    literal ``VALUES`` list it was compiled again on every append (about 1 ms of CPU each,
+    holding the interpreter lock that the service's other threads wait for)."""
+    head_t, event_t = AuditHead.__table__, AuditEvent.__table__
+    moved = (
+        update(head_t)
+        .where(
+            head_t.c.id == 1,
+            head_t.c.seq == bindparam("old_seq"),
+            head_t.c.hash == bindparam("old_hash"),
+        )
+        .values(seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+        .returning(head_t.c.id)
+        .cte("moved")
+    )
+    rows = [
+        select(
+            *(
+                bindparam(f"{name}_{i}", type_=event_t.c[name].type).label(name)
+                for name in _EVENT_COLUMNS
+            )
+        )
+        for i in range(count)
+    ]
+    queued = (union_all(*rows) if count > 1 else rows[0]).subquery("queued")
+    return (
+        insert(event_t)
+        .from_select(_EVENT_COLUMNS, select(queued).where(exists(select(moved.c.id))))
+        .add_cte(moved)
+        .returning(event_t.c.seq)
+    )
+
+
 def _append_atomically(session: Session, pending: list[AuditEvent]) -> None:
     """PostgreSQL: chain on the head as read, then move the head and insert the events in one
     statement that does neither unless the head was still the one read (see the docstring)."""
-    head_t, event_t = AuditHead.__table__, AuditEvent.__table__
     conn = session.connection()
+    statement = _append_statement(len(pending))
     for _ in range(_MAX_APPEND_ATTEMPTS):
-        head = conn.execute(select(head_t.c.seq, head_t.c.hash).where(head_t.c.id == 1)).first()
+        head = conn.execute(_HEAD_NOW).first()
         if head is None:
             raise RuntimeError("the audit log is not initialised: run `airlock db upgrade`")
         _chain(pending, head.seq, head.hash)
-        moved = (
-            update(head_t)
-            .where(head_t.c.id == 1, head_t.c.seq == head.seq, head_t.c.hash == head.hash)
-            .values(seq=pending[-1].seq, hash=pending[-1].hash)
-            .returning(head_t.c.id)
-            .cte("moved")
-        )
-        rows = values(
-            *(column(name, event_t.c[name].type) for name in _EVENT_COLUMNS), name="queued"
-        ).data([tuple(getattr(ev, name) for name in _EVENT_COLUMNS) for ev in pending])
-        written = conn.execute(
-            insert(event_t)
-            .from_select(_EVENT_COLUMNS, select(rows).where(exists(select(moved.c.id))))
-            .add_cte(moved)
-            .returning(event_t.c.seq)
-        ).all()
+        params: dict[str, Any] = {
+            "old_seq": head.seq,
+            "old_hash": head.hash,
+            "new_seq": pending[-1].seq,
+            "new_hash": pending[-1].hash,
+        }
+        for i, ev in enumerate(pending):
+            params.update({f"{name}_{i}": getattr(ev, name) for name in _EVENT_COLUMNS})
+        written = conn.execute(statement, params).all()
         if len(written) == len(pending):
             return
         if written:  # cannot happen: the insert is all or nothing
