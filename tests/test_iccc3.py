@@ -116,6 +116,13 @@ KNOWN = [
     (8260, 3, "C73.9", "XIb"),
     (8330, 3, "C50.9", "XIb"),
     (8070, 3, "C11.9", "XIc"),
+    # 8440 (cystadenocarcinoma) is in the thyroid and nasopharyngeal lists like 8430 and 8480:
+    # it was missing here and left unclassified at those sites (found by the cross-check
+    # against canregtools' independent implementation, see docs/data-model.md)
+    (8440, 3, "C73.9", "XIb"),
+    (8440, 3, "C11.1", "XIc"),
+    (8440, 3, "C34.1", "XIf"),
+    (8440, 3, "C56.9", "Xd"),
     (8720, 3, "C44.5", "XId"),
     (8790, 3, "C69.4", "XId"),
     (8070, 3, "C44.5", "XIe"),
