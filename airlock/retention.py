@@ -10,6 +10,13 @@
 2. Released files of a project that has ended (expired or closed) stay downloadable for
    ``released_grace_days`` after its end, then downloads answer 410 and ``airlock gc`` deletes
    ``released/<request>``.
+3. Staging directories of releases that never finished (``released/.staging/*``, and
+   ``released/.staging-*`` of the layout before staging moved under ``.staging/``) are removed
+   once nothing in them changed for ``STALE_STAGING_SECONDS``; they are never served. A release
+   in progress owns a fresh one.
+
+The TRE's expiry enforcer (``tre project enforce``) runs a collection when the last one (the last
+``airlock_gc`` audit event, ``last_collection``) is ``gc_interval_hours`` old.
 
 Crash safety. Snapshots are stored, and the rows that refer to them committed, under a shared
 lock on the store (``FileSystemStore.pinned``); the collector holds it exclusively
@@ -28,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -38,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from airlock.release import staging_root
 from airlock.service.models import ReleaseRequest, RequestFile
 from airlock.storage import fsync_dir
 from airlock.workflow import State
@@ -51,6 +60,10 @@ RETENTION_FILE = "retention.yaml"
 # requests in these states can never release anything (final, not released)
 ENDED_UNRELEASED = frozenset({State.REJECTED.value, State.WITHDRAWN.value})
 TRASH = "trash"  # under the snapshot store and under the released store
+GC_ACTION = "airlock_gc"  # the audit action of a run: one event per run, dry runs record none
+# a staging directory nothing was written to for this long belongs to no running release (the
+# same safety age as the extract builder's temporaries, tre/extract.py)
+STALE_STAGING_SECONDS = 3600
 
 
 class RetentionPolicy(BaseModel):
@@ -70,6 +83,14 @@ class RetentionPolicy(BaseModel):
         le=3650,
         description="Days after a project ended (expired or closed) during which its released "
         "files stay downloadable; then downloads answer 410 and `airlock gc` deletes them.",
+    )
+    gc_interval_hours: int = Field(
+        default=24,
+        ge=1,
+        le=720,
+        description="How often the expiry enforcer (`tre project enforce`) runs the collection: "
+        "when the last `airlock_gc` audit event (its own run or an admin's `airlock gc`) is this "
+        "many hours old. Checked on each enforcer pass (`enforce_interval_seconds`).",
     )
 
 
@@ -138,6 +159,8 @@ class GcReport:
     orphans: list[dict[str, Any]] = field(default_factory=list)
     released: list[dict[str, Any]] = field(default_factory=list)
     finished_from_interrupted_run: list[str] = field(default_factory=list)
+    # staging directories of releases that never finished (path under released/, last change)
+    stale_staging: list[dict[str, Any]] = field(default_factory=list)
     # snapshots an ended request refers to, kept because another request still needs them
     kept_shared: list[str] = field(default_factory=list)
 
@@ -148,8 +171,21 @@ class GcReport:
             "snapshots": self.snapshots,
             "orphans": self.orphans,
             "released": self.released,
+            "stale_staging": self.stale_staging,
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
+        }
+
+    def counts(self) -> dict[str, int]:
+        """How much the run removed (or would remove), per kind."""
+        return {
+            "snapshots": len(self.snapshots),
+            "orphans": len(self.orphans),
+            "bytes": sum(s["size"] for s in self.snapshots + self.orphans),
+            "released": len(self.released),
+            "stale_staging": len(self.stale_staging),
+            "finished_from_interrupted_run": len(self.finished_from_interrupted_run),
+            "kept_shared": len(self.kept_shared),
         }
 
 
@@ -234,6 +270,64 @@ def _released_plan(
     return due
 
 
+def _newest_change(directory: Path) -> float:
+    """The latest mtime of the directory or anything in it (a file being copied into it changes
+    its own mtime, not the directory's). Links are not followed."""
+    newest = directory.lstat().st_mtime
+    for parent, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(parent, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest
+
+
+def _stale_staging_plan(service: AirlockService, report: GcReport) -> list[Path]:
+    """Staging directories of releases that never finished and that nothing was written to for
+    STALE_STAGING_SECONDS. Measured against the real clock, never the run's ``now`` (a test may
+    pretend it is later): a release running right now owns its fresh directory."""
+    root = service.released_root
+    if not root.is_dir():
+        return []
+    candidates = list(root.glob(".staging-*"))  # the layout before staging moved to .staging/
+    staging = staging_root(root)
+    if staging.is_dir() and not staging.is_symlink():
+        candidates += list(staging.iterdir())
+    threshold = time.time() - STALE_STAGING_SECONDS
+    stale = []
+    for path in sorted(candidates):
+        try:
+            if path.is_symlink() or not path.is_dir():
+                continue  # not a staging directory: someone else's, leave it
+            changed = _newest_change(path)
+        except FileNotFoundError:
+            continue  # its release finished, or its retry removed it
+        if changed <= threshold:
+            stale.append(path)
+            report.stale_staging.append(
+                {
+                    "path": str(path.relative_to(root)),
+                    "last_changed": dt.datetime.fromtimestamp(changed, dt.UTC).isoformat(
+                        timespec="seconds"
+                    ),
+                }
+            )
+    return stale
+
+
+def last_collection(service: AirlockService) -> dt.datetime | None:
+    """When the last collection (by anyone) committed: its ``airlock_gc`` audit event."""
+    with service.factory() as session:
+        ts = session.execute(
+            select(AuditEvent.ts)
+            .where(AuditEvent.action == GC_ACTION)
+            .order_by(AuditEvent.seq.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+    return dt.datetime.fromisoformat(ts) if ts else None
+
+
 def _trash_dirs(service: AirlockService) -> Iterator[Path]:
     for root in (service.store.root / TRASH, service.released_root / f".{TRASH}"):
         if root.is_dir():
@@ -269,6 +363,7 @@ def collect(
                 removable.append(sha)
                 report.orphans.append({"sha256": sha, "size": st.st_size})
         due = _released_plan(service, policy, now.date(), report)
+        stale_staging = _stale_staging_plan(service, report)
         if dry_run:
             return report
         run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -288,11 +383,12 @@ def collect(
                 step("trashed", rid)
         # the one event of the run, committed before anything is deleted for good
         with service.factory() as session, session.begin():
-            record_event(session, actor, "airlock_gc", "airlock:store", report.details())
+            record_event(session, actor, GC_ACTION, "airlock:store", report.details())
             step("commit", run_id)
         step("committed", run_id)
-    # outside the lock: the trash is no request's, and deleting it may take long
-    for run in [*leftovers, snapshot_trash, released_trash]:
+    # outside the lock: the trash and the stale staging directories are no request's, and
+    # deleting them may take long (a kill here leaves staging the next run names again)
+    for run in [*leftovers, snapshot_trash, released_trash, *stale_staging]:
         shutil.rmtree(run, ignore_errors=True)
     step("deleted", run_id)
     return report

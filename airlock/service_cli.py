@@ -103,8 +103,9 @@ def gc(
     url: str = typer.Option(None, help="Database URL (default: settings.airlock_db_url)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Apply policies/retention.yaml: remove snapshots no request can still release, and the
-    released files of projects past their grace period (one audit event per run)."""
+    """Apply policies/retention.yaml: remove snapshots no request can still release, the
+    released files of projects past their grace period and the staging directories of releases
+    that never finished (one audit event per run). The expiry enforcer runs this too."""
     import json
 
     from airlock.retention import RetentionPolicyError, collect, load_retention_policy
@@ -141,6 +142,9 @@ def gc(
         typer.echo(
             f"  {r['request']} ({r['project']}, downloadable until {r['downloadable_until']})"
         )
+    typer.echo(f"{verb} {len(report.stale_staging)} stale staging dir(s) of unfinished releases")
+    for st in report.stale_staging:
+        typer.echo(f"  released/{st['path']} (last changed {st['last_changed']})")
     if report.finished_from_interrupted_run:
         typer.echo(
             f"finished an interrupted run: {len(report.finished_from_interrupted_run)} item(s)"

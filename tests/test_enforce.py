@@ -231,3 +231,23 @@ def test_without_a_hub_the_workspace_is_not_archived(tmp_path):
     )
     assert len(report.archived) == 1 and report.ok
     assert not (settings.workspaces_dir / "wilms-outcomes").exists()
+
+
+def test_without_an_airlock_database_gc_is_a_note_not_an_error(tmp_path):
+    """A fresh install: the enforcer runs before the airlock ever did."""
+    settings = make_settings(tmp_path)
+    db_file = settings.state_dir / "airlock.sqlite"
+    assert settings.airlock_db_url == f"sqlite:///{db_file}"
+    report = enforce(
+        settings,
+        load_registry(settings.policies_dir),
+        hub=None,
+        extracts=FileExtracts(),
+        audit=ListAudit(),
+        today=TODAY,
+    )
+    assert report.ok, report.errors
+    assert report.gc is not None and not report.gc.ran
+    assert report.gc.note == f"skipped: no airlock database yet ({db_file})"
+    # looking created nothing: neither the database nor the store
+    assert not db_file.exists() and not settings.airlock_store_dir.exists()

@@ -7,6 +7,12 @@ airlock refuses transitions of requests of inactive projects (``tre.registry.Pro
 Projects that have ended (expired, closed, undeclared; not merely suspended) also get their
 workspace archived as a tar.gz under ``Settings.state_dir/archive`` with a deletion date of
 end + ``retention_days``; archives past their date are deleted.
+
+Each pass also runs the airlock's retention collection (``airlock gc``, ``airlock.retention``)
+when it is due: when the last run (its ``airlock_gc`` audit event, whoever ran it) is
+``gc_interval_hours`` (``policies/retention.yaml``) old. The audit log is the durable memory, so
+a restart neither repeats nor forgets it. A failure of either half is reported and the other
+half still runs; a failed collection records no event, so the next pass tries again.
 """
 
 from __future__ import annotations
@@ -45,12 +51,48 @@ ENDED = {EffectiveStatus.expired, EffectiveStatus.closed, EffectiveStatus.undecl
 ACTOR = "tre-enforce"
 
 
+# what a collection removes, in GcReport.counts(); the rest are what it found or kept
+GC_REMOVAL_KINDS = ("snapshots", "orphans", "released", "stale_staging")
+
+
+@dataclass
+class GcOutcome:
+    """What one pass did about the airlock's retention collection."""
+
+    ran: bool = False
+    note: str = ""  # why it did not run (not due, turned off, no airlock yet); not an error
+    error: str = ""
+    counts: dict[str, int] = field(default_factory=dict)  # GcReport.counts() of the run
+    details: dict[str, Any] = field(default_factory=dict)  # its audit event's details
+    last_run: dt.datetime | None = None  # the run before (None: never)
+
+    @property
+    def removed_something(self) -> bool:
+        return self.ran and any(self.counts.get(k) for k in GC_REMOVAL_KINDS)
+
+    def summary(self) -> str:
+        if self.error:
+            return f"airlock gc failed: {self.error}"
+        if not self.ran:
+            return f"airlock gc: {self.note}"
+        c = self.counts
+        text = (
+            f"airlock gc: removed {c['snapshots']} snapshot(s) of ended requests and "
+            f"{c['orphans']} unreferenced ({c['bytes']} bytes), the released files of "
+            f"{c['released']} request(s), {c['stale_staging']} stale release staging dir(s)"
+        )
+        if c["finished_from_interrupted_run"]:
+            text += f"; finished an interrupted run ({c['finished_from_interrupted_run']} item(s))"
+        return text
+
+
 @dataclass
 class EnforceReport:
     changes: list[Change] = field(default_factory=list)
     archived: list[Path] = field(default_factory=list)
     deleted: list[Path] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    gc: GcOutcome | None = None
 
     @property
     def ok(self) -> bool:
@@ -58,7 +100,8 @@ class EnforceReport:
 
     @property
     def did_something(self) -> bool:
-        return bool(self.changes or self.archived or self.deleted)
+        gc_removed = self.gc is not None and self.gc.removed_something
+        return bool(self.changes or self.archived or self.deleted or gc_removed)
 
 
 def archive_dir(settings: Settings) -> Path:
@@ -143,6 +186,70 @@ def purge_archives(settings: Settings, today: dt.date) -> list[Path]:
     return deleted
 
 
+def _airlock_missing(settings: Settings) -> str:
+    """Why there is no airlock to collect yet (fresh install), or "" when there is one."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.airlock_db_url or "")
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or not Path(database).is_file():
+            return f"skipped: no airlock database yet ({database or 'in memory'})"
+    snapshots = (settings.airlock_store_dir or Path()) / "snapshots"
+    if not snapshots.is_dir():
+        return f"skipped: no airlock snapshot store yet ({snapshots})"
+    return ""
+
+
+def collect_airlock_if_due(
+    settings: Settings, registry: Registry, *, now: dt.datetime
+) -> GcOutcome:
+    """Run the airlock's retention collection if ``gc_interval_hours`` passed since the last
+    run (its ``airlock_gc`` audit event). Never raises: a failure is the outcome's ``error``."""
+    engine = None
+    try:
+        # airlock imports tre, and tre uses airlock here: import at call time, as elsewhere
+        from sqlalchemy import inspect
+
+        from airlock.retention import (
+            RetentionPolicyError,
+            collect,
+            last_collection,
+            load_retention_policy,
+        )
+        from airlock.service.core import AirlockService
+        from airlock.service.db import make_engine
+
+        try:
+            policy = load_retention_policy(settings.policies_dir)
+        except RetentionPolicyError as exc:
+            return GcOutcome(error=f"invalid retention policy: {exc}")
+        missing = _airlock_missing(settings)
+        if missing:
+            return GcOutcome(note=missing)
+        engine = make_engine(settings.airlock_db_url or "", pool_size=1)
+        tables = inspect(engine)
+        if not (tables.has_table("audit_event") and tables.has_table("airlock_request")):
+            return GcOutcome(note="skipped: the airlock database is not migrated yet")
+        service = AirlockService(settings, engine, registry)
+        last = last_collection(service)
+        interval = dt.timedelta(hours=policy.gc_interval_hours)
+        # abs(): a clock set back by more than the interval must not stop collections for good
+        if last is not None and abs(now - last) < interval:
+            return GcOutcome(
+                note=f"not due (last run {last.isoformat(timespec='seconds')}, next after "
+                f"{(last + interval).isoformat(timespec='seconds')})",
+                last_run=last,
+            )
+        report = collect(service, policy, now=now, actor=ACTOR)
+        return GcOutcome(ran=True, counts=report.counts(), details=report.details(), last_run=last)
+    except Exception as exc:  # noqa: BLE001 (the enforcement pass must go on)
+        return GcOutcome(error=f"{type(exc).__name__}: {exc}")
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
 def enforce(
     settings: Settings,
     registry: Registry,
@@ -153,16 +260,46 @@ def enforce(
     today: dt.date | None = None,
     now: dt.datetime | None = None,
     archive_without_hub: bool = False,
+    gc: bool = True,
 ) -> EnforceReport:
-    """One enforcement pass; idempotent (a second pass does nothing).
+    """One enforcement pass; idempotent (a second pass does nothing), then the airlock's
+    retention collection when it is due (``gc=False``: not in this pass).
 
     A workspace is archived (and removed) only once the hub confirms that no sandbox of the
     project runs; without a hub that happens only if the caller asserts there is none
     (``archive_without_hub``, e.g. ``tre project enforce --no-hub`` on a stopped system).
+    An exception in the end-date enforcement is reported in ``errors`` and the collection still
+    runs; a failed collection is reported in ``errors`` (and ``gc.error``).
     """
     now = now or dt.datetime.now(dt.UTC)
     today = today or now.date()
     report = EnforceReport()
+    try:
+        _enforce_end_dates(
+            settings, registry, report, hub, extracts, audit, today, now, archive_without_hub
+        )
+    except Exception as exc:  # noqa: BLE001 (reported; the collection below still runs)
+        report.errors.append(f"enforcement failed: {type(exc).__name__}: {exc}")
+    if gc:
+        report.gc = collect_airlock_if_due(settings, registry, now=now)
+        if report.gc.error:
+            report.errors.append(report.gc.summary())
+    else:
+        report.gc = GcOutcome(note="skipped (--no-gc)")
+    return report
+
+
+def _enforce_end_dates(
+    settings: Settings,
+    registry: Registry,
+    report: EnforceReport,
+    hub: Hub | None,
+    extracts: ExtractBuilder,
+    audit: AuditSink,
+    today: dt.date,
+    now: dt.datetime,
+    archive_without_hub: bool,
+) -> None:
     with state_lock(settings):
         applied = AppliedState.load(state_path(settings))
         changes = [
@@ -224,7 +361,6 @@ def enforce(
                 f"project:{gone.parent.name}",
                 {"archive": str(gone)},
             )
-    return report
 
 
 def enforce_loop(
@@ -236,8 +372,10 @@ def enforce_loop(
     stop: threading.Event,
     on_report: Any = None,
     use_hub: bool = True,
+    gc: bool = True,
 ) -> None:
-    """Run ``enforce`` every ``settings.enforce_interval_seconds`` until ``stop`` is set.
+    """Run ``enforce`` every ``settings.enforce_interval_seconds`` until ``stop`` is set (the
+    airlock's collection runs in the passes where it is due, unless ``gc`` is False).
 
     ``load`` returns a fresh registry each pass, so edits to the declarations are picked up;
     the hub is connected afresh each pass too (it may start after us, or restart).
@@ -247,7 +385,7 @@ def enforce_loop(
     while not stop.is_set():
         hub, warning = open_hub(settings) if use_hub else (None, None)
         try:
-            report = enforce(settings, load(), hub=hub, extracts=extracts, audit=audit)
+            report = enforce(settings, load(), hub=hub, extracts=extracts, audit=audit, gc=gc)
             if warning:
                 report.errors.append(f"hub not reachable, sandboxes not checked: {warning}")
         except Exception as exc:  # noqa: BLE001 (a periodic job reports and carries on)

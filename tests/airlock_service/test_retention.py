@@ -403,6 +403,106 @@ def test_former_members_of_an_ended_project_can_only_read(service):
         service.download(service.who("carol"), rid, fid)
 
 
+# --- staging directories of releases that never finished --------------------------------------
+
+
+def backdate(path: Path, seconds: float) -> None:
+    """Set the mtime of ``path`` and of everything in it ``seconds`` in the past (links are
+    changed themselves, not followed)."""
+    when = time.time() - seconds
+    for parent, dirs, files in os.walk(path, topdown=False):
+        for name in dirs + files:
+            os.utime(os.path.join(parent, name), (when, when), follow_symlinks=False)
+    os.utime(path, (when, when), follow_symlinks=False)
+
+
+def tree(root: Path) -> set[str]:
+    """Every path under ``root`` (links listed, not followed)."""
+    found = set()
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            found.add(str(Path(parent, name).relative_to(root)))
+    return found
+
+
+def test_stale_release_staging_goes_fresh_staging_and_everything_else_stays(
+    service, monkeypatch, tmp_path
+):
+    released_rid, released_fid = released_request(service)
+    root = service.released_root
+
+    # a release that crashed after copying its file; its request is never retried
+    def crash(kind, _what):
+        if kind == "copied":
+            raise OSError("simulated crash while staging")
+
+    service.release_hook = crash
+    crashed, [crashed_fid] = request(service, write(service, "crash.csv", "group,count\nc,26\n"))
+    assert review(service, crashed, [crashed_fid]) == "approved"
+    [crashed_staging] = (root / ".staging").iterdir()
+    service.release_hook = None
+
+    def make(relative: str, age_seconds: float | None) -> Path:
+        path = root / relative
+        (path / "7").mkdir(parents=True)
+        (path / "7" / "out.csv").write_text("group,count\nx,30\n")
+        if age_seconds is not None:
+            backdate(path, age_seconds)
+        return path
+
+    old_style = make(".staging-r-old-deadbeef", 2 * 3600)  # the layout before .staging/
+    make(".staging-r-fresh-00000001", None)
+    make(".staging-r-recent-00000002", 50 * 60)  # younger than the safety age
+    old_new_style = make(".staging/r-old-0badcafe", 3 * 3600)
+    # a release copying a big file for a long time: the directory is old, the file is not
+    writing = make(".staging/r-writing-00000003", 2 * 3600)
+    (writing / "7" / "out.csv").write_text("group,count\nx,30\ny,31\n")
+    # not staging directories: never touched, however old
+    outside = tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (root / ".staging-link").symlink_to(outside)
+    (root / ".staging-notes.txt").write_text("a file, not a staging directory")
+    (root / ".staging" / "stray-file").write_text("a file")
+    make(".corrupt-r-x-11111111", 5 * 3600)
+    for name in (".staging-link", ".staging-notes.txt", ".staging/stray-file"):
+        backdate(root / name, 5 * 3600)
+    backdate(outside, 5 * 3600)
+    backdate(root / released_rid, 5 * 3600)
+    stale = {".staging-r-old-deadbeef", ".staging/r-old-0badcafe"}
+
+    before, events = tree(root), gc_events(service)
+    # a dry run (even as if a year had passed: staging age is real time) only lists them
+    plan = collect(service, POLICY, now=NOW + dt.timedelta(days=365), dry_run=True)
+    assert {s["path"] for s in plan.stale_staging} == stale
+    assert tree(root) == before and gc_events(service) == events
+    dry = cli(service, monkeypatch, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "would remove 2 stale staging dir(s)" in dry.output
+    assert "released/.staging-r-old-deadbeef" in dry.output
+    assert tree(root) == before and gc_events(service) == events
+
+    report = collect(service, POLICY, now=NOW)
+    assert {s["path"] for s in report.stale_staging} == stale
+    assert not old_style.exists() and not old_new_style.exists()
+    removed = {p for p in before if any(p == s or p.startswith(s + "/") for s in stale)}
+    assert tree(root) == before - removed
+    assert (outside / "keep").is_dir() and crashed_staging.is_dir()
+    [event] = gc_events(service)[len(events) :]
+    assert {s["path"] for s in event["stale_staging"]} == stale
+    path, _ = service.download(service.who("bob"), released_rid, released_fid)
+    assert path.read_text() == "group,count\no,24\n"
+
+    # an hour later nothing changed in the crashed release's staging: it goes too, and the
+    # request, retried after all, is released from its snapshots
+    backdate(crashed_staging, 3601)
+    report = collect(service, POLICY, now=NOW)
+    assert [s["path"] for s in report.stale_staging] == [f".staging/{crashed_staging.name}"]
+    assert not crashed_staging.exists()
+    assert service.complete_pending_releases() == [crashed]
+    path, _ = service.download(service.who("bob"), crashed, crashed_fid)
+    assert sha256_file(path) == sha_of(service, crashed, crashed_fid)
+
+
 # --- the policy and the command ---------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tre.registry import Registry, RegistryError, load_registry
@@ -321,8 +322,15 @@ def enforce(
         help="There is no hub (or it is stopped): do not call it, and archive workspaces "
         "without checking for running sandboxes.",
     ),
+    no_gc: bool = typer.Option(
+        False,
+        "--no-gc",
+        help="Do not run the airlock's retention collection (`airlock gc`), even when due.",
+    ),
 ) -> None:
-    """Enforce end dates: stop sandboxes, remove extracts, archive workspaces, purge archives."""
+    """Enforce end dates: stop sandboxes, remove extracts, archive workspaces, purge archives;
+    then run the airlock's retention collection if gc_interval_hours (policies/retention.yaml)
+    passed since its last run."""
     from tre.enforce import EnforceReport, enforce, enforce_loop
     from tre.provision import AirlockAudit, TreExtracts, open_hub
 
@@ -336,8 +344,12 @@ def enforce(
             console.print(f"archived workspace -> {a}")
         for d in report.deleted:
             console.print(f"deleted archive past its date: {d}")
+        if report.gc is not None and not report.gc.error:  # a failure is among the errors
+            console.print(report.gc.summary(), markup=False, highlight=False, soft_wrap=True)
+            for st in report.gc.details.get("stale_staging", []):
+                console.print(f"  removed staging released/{st['path']}", markup=False)
         for e in report.errors:
-            err.print(f"[red]{e}[/]")
+            err.print(f"[red]{escape(e)}[/]")  # paths and exception texts may hold brackets
         if not report.did_something and report.ok:
             console.print("[green]Nothing to enforce.[/]")
 
@@ -352,6 +364,7 @@ def enforce(
                 stop=stop,
                 on_report=show,
                 use_hub=not no_hub,
+                gc=not no_gc,
             )
         except KeyboardInterrupt:
             stop.set()
@@ -366,6 +379,7 @@ def enforce(
         extracts=extracts,
         audit=audit,
         archive_without_hub=no_hub,
+        gc=not no_gc,
     )
     show(report)
     raise typer.Exit(0 if report.ok else 1)
