@@ -2,13 +2,16 @@
 
 A snapshot is taken when a file joins a request: later edits in the workspace change nothing
 under review. Workspace paths are resolved defensively: no absolute paths, no ``..``, no symlink
-anywhere on the path, regular files only, opened with ``O_NOFOLLOW`` and checked again on the
-open descriptor (so a file swapped for a symlink between the check and the read is refused).
+anywhere on the path, regular files only. The path is walked one directory descriptor at a
+time (``openat`` with ``O_NOFOLLOW``), never by name from the root: the researcher's sandbox can
+change the workspace while the airlock reads it, and a directory swapped for a symlink between
+a check and an open by path would let the airlock read, and snapshot, any file it can read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
@@ -156,34 +159,52 @@ def clean_relative_path(relpath: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
-def open_workspace_file(workspace: Path, relpath: str) -> tuple[PurePosixPath, BinaryIO]:
-    """Open ``relpath`` under ``workspace`` for reading, refusing every way out of it."""
-    rel = clean_relative_path(relpath)
-    root = Path(workspace)
-    if not root.is_dir() or root.is_symlink():
-        raise StorageError("the project workspace does not exist")
-    current = root
-    for part in rel.parts:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            raise StorageError(f"{rel}: no such file in the project workspace") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise StorageError(f"{rel}: symbolic links are not allowed ({part!r} is one)")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO must not block
+
+
+def _open_at(dir_fd: int, part: str, flags: int, rel: PurePosixPath) -> int:
+    """One step of the walk: ``part`` in the directory ``dir_fd``, never through a symlink."""
     try:
-        fd = os.open(current, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        return os.open(part, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise StorageError(f"{rel}: no such file in the project workspace") from None
     except OSError as exc:
+        # O_NOFOLLOW on a symlink: ELOOP; O_DIRECTORY on anything else: ENOTDIR
+        try:
+            is_link = stat.S_ISLNK(os.lstat(part, dir_fd=dir_fd).st_mode)
+        except OSError:
+            is_link = False
+        if is_link or exc.errno == errno.ELOOP:
+            raise StorageError(f"{rel}: symbolic links are not allowed ({part!r} is one)") from None
+        if exc.errno == errno.ENOTDIR:
+            raise StorageError(f"{rel}: {part!r} is not a directory") from None
         raise StorageError(f"{rel}: cannot be opened ({exc.strerror})") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+
+
+def open_workspace_file(workspace: Path, relpath: str) -> tuple[PurePosixPath, BinaryIO]:
+    """Open ``relpath`` under ``workspace`` for reading, refusing every way out of it.
+
+    Each component is opened relative to the descriptor of its parent, with ``O_NOFOLLOW``, so
+    what is opened is what was checked, whatever the sandbox renames meanwhile
+    (``tests/airlock_service/test_workspace_race.py`` races a directory against a symlink).
+    """
+    rel = clean_relative_path(relpath)
+    try:
+        dir_fd = os.open(Path(workspace), _DIR_FLAGS)
+    except OSError:
+        raise StorageError("the project workspace does not exist") from None
+    try:
+        for part in rel.parts[:-1]:
+            next_fd = _open_at(dir_fd, part, _DIR_FLAGS, rel)
+            os.close(dir_fd)
+            dir_fd = next_fd
+        fd = _open_at(dir_fd, rel.parts[-1], _FILE_FLAGS, rel)
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise StorageError(f"{rel}: not a regular file")
-    # the descriptor must be the file we checked: refuse a swap between lstat and open
-    real = Path(os.path.realpath(current))
-    if not real.is_relative_to(root.resolve()):
-        os.close(fd)
-        raise StorageError(f"{rel}: resolves outside the project workspace")
     return rel, os.fdopen(fd, "rb")
 
 
