@@ -236,9 +236,10 @@ def seed_workspaces(ctx: DemoContext) -> None:
         entry = pwd.getpwnam(ctx.settings.hub.sandbox_user)
     except KeyError:
         return
+    # never through a symlink: the sandbox owns the workspace and may have put one there
     for path in (ws, ws / "outputs", target):
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-    os.chmod(ws, 0o700)
+        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+    os.chmod(ws, 0o700)  # the workspace root itself: created by us, a mount point in sandboxes
 
 
 def ensure_sandbox_env(ctx: DemoContext) -> None:
