@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
 import tarfile
 
@@ -251,3 +252,100 @@ def test_without_an_airlock_database_gc_is_a_note_not_an_error(tmp_path):
     assert report.gc.note == f"skipped: no airlock database yet ({db_file})"
     # looking created nothing: neither the database nor the store
     assert not db_file.exists() and not settings.airlock_store_dir.exists()
+
+
+def _nest(root, depth: int) -> None:
+    """A chain of ``depth`` directories, made as a sandbox can (one level at a time, relative
+    to the last one: no path length limit applies), with a file at the bottom."""
+    import os
+
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    leaf = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+    os.write(leaf, b"bottom\n")
+    os.close(leaf)
+    os.close(fd)
+
+
+@pytest.fixture
+def deep_tree_cleanup(tmp_path):
+    """If the enforcer leaves the deep chain behind, remove it with rm: pytest's own cleanup
+    (shutil.rmtree) would hit the RecursionError under attack here, in every later session."""
+    import subprocess
+
+    yield
+    subprocess.run(["rm", "-rf", "--one-file-system", "--", str(tmp_path)], check=False)
+
+
+def test_a_hostile_workspace_is_archived_and_stops_nothing_else(
+    tmp_path, monkeypatch, deep_tree_cleanup
+):
+    """What a researcher leaves in the workspace: a directory chain far deeper than Python's
+    recursion limit and longer than PATH_MAX, a symlink to a secret file of the host, a FIFO,
+    a socket. The enforcer (root) archives links as links and never blocks on the FIFO; the
+    deep chain is archived and deleted like the rest; and nothing of it stops the pass for
+    the other projects (their archives, the purge of old ones)."""
+    import os
+    import socket
+
+    settings = make_settings(tmp_path)
+    extracts, audit = FileExtracts(), ListAudit()
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"TOP-SECRET-HOST-BYTES")
+    os.chmod(secret, 0o600)
+    hostile = settings.workspaces_dir / "leukaemia-incidence"  # sorted first: archived first
+    hostile.mkdir(parents=True)
+    _nest(hostile, 2100)  # 2100 x "d/" > PATH_MAX (4096), and > the recursion limit (1000)
+    (hostile / "secret.csv").symlink_to(secret)
+    os.mkfifo(hostile / "pipe.csv")
+    listener = socket.socket(socket.AF_UNIX)
+    monkeypatch.chdir(hostile)  # the socket's path would be too long for AF_UNIX
+    listener.bind("server.sock")
+    monkeypatch.undo()
+    files = _workspace(settings, "wilms-outcomes")
+    # an old archive of another project, past its deletion date: this pass must purge it
+    old = archive_dir(settings) / "old-project"
+    old.mkdir(parents=True)
+    (old / "old-project-1.tar.gz").write_bytes(b"old")
+    (old / "old-project-1.json").write_text(
+        json.dumps({"archive": "old-project-1.tar.gz", "delete_after": "2020-01-01"})
+    )
+    for pid in ("leukaemia-incidence", "wilms-outcomes"):
+        set_status(settings.policies_dir, pid, "closed")
+    registry = load_registry(settings.policies_dir)
+    try:
+        report = enforce(
+            settings,
+            registry,
+            hub=None,
+            extracts=extracts,
+            audit=audit,
+            today=TODAY,
+            archive_without_hub=True,
+            gc=False,
+        )
+    finally:
+        listener.close()
+    assert report.ok, report.errors
+    assert report.deleted == [old / "old-project-1.tar.gz"]
+    assert {a.parent.name for a in report.archived} == {"leukaemia-incidence", "wilms-outcomes"}
+    assert not hostile.exists() and not (settings.workspaces_dir / "wilms-outcomes").exists()
+    assert secret.read_bytes() == b"TOP-SECRET-HOST-BYTES"  # untouched
+    for archive in report.archived:
+        with tarfile.open(archive) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            if archive.parent.name == "wilms-outcomes":
+                for name, data in files.items():
+                    assert tar.extractfile(f"wilms-outcomes/{name}").read() == data
+                continue
+            link = members["leukaemia-incidence/secret.csv"]
+            assert link.issym() and link.linkname == str(secret)
+            assert members["leukaemia-incidence/pipe.csv"].isfifo()
+            deep = "leukaemia-incidence/" + "d/" * 2100 + "leaf.txt"
+            assert tar.extractfile(deep).read() == b"bottom\n"
+        with gzip.open(archive) as fh:
+            assert b"TOP-SECRET-HOST-BYTES" not in fh.read()

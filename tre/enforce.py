@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-import tarfile
+import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -127,10 +127,33 @@ def manifest_path(archive: Path) -> Path:
     return archive.with_name(archive.name.removesuffix(".tar.gz") + ".json")
 
 
+class ArchiveError(OSError):
+    """The workspace could not be archived or removed (it is kept; the next pass retries)."""
+
+
+def _run_tool(cmd: list[str], what: str) -> None:
+    """GNU tar and rm, not tarfile and shutil.rmtree: both Python walks recurse once per
+    directory level (RecursionError past ~1000) and go by path (ENAMETOOLONG past PATH_MAX),
+    and a sandbox can nest directories deeper than either; tar and rm walk by descriptor."""
+    tool = shutil.which(cmd[0])
+    if tool is None:
+        raise ArchiveError(f"{cmd[0]} not found: it is needed to {what}")
+    done = subprocess.run(  # noqa: S603 - fixed arguments, no shell
+        [tool, *cmd[1:]], capture_output=True, env={"LC_ALL": "C", "PATH": "/usr/bin:/bin"}
+    )
+    if done.returncode != 0:
+        err = done.stderr.decode("utf-8", "replace").strip()[-500:]
+        raise ArchiveError(f"{what} failed ({cmd[0]} exit {done.returncode}): {err}")
+
+
 def archive_workspace(
     settings: Settings, pid: str, ended: dt.date, retention_days: int, now: dt.datetime
 ) -> Path | None:
-    """Pack the project's workspace into a tar.gz with a manifest, then remove the workspace."""
+    """Pack the project's workspace into a tar.gz with a manifest, then remove the workspace.
+
+    The workspace was written by a sandbox: symlinks are archived as links (tar never follows
+    them, nor opens a FIFO), sockets are left out, and any depth of directories is archived
+    and removed (``tests/test_enforce.py`` attacks all of these)."""
     workspace = settings.workspaces_dir / pid
     if not workspace.exists():
         return None
@@ -141,16 +164,20 @@ def archive_workspace(
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".archive-", suffix=".tmp")
     os.close(fd)
     try:
-        # symlinks are stored as links (never followed), so nothing outside the workspace enters
-        with tarfile.open(tmp, "w:gz") as tar:
-            tar.add(workspace, arcname=pid, recursive=True)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        with open(tmp, "rb") as fh:
+        _run_tool(
+            ["tar", "--create", "--gzip", "--file", tmp, "--directory",
+             str(settings.workspaces_dir), "--", pid],
+            f"archiving the workspace of {pid}",
+        )  # fmt: skip
+        digest = hashlib.sha256()
+        with open(tmp, "rb") as fh:  # in chunks: a workspace can be bigger than memory
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
             os.fsync(fh.fileno())
         manifest = {
             "project": pid,
             "archive": target.name,
-            "sha256": digest,
+            "sha256": digest.hexdigest(),
             "ended_on": ended.isoformat(),
             "retention_days": retention_days,
             "delete_after": (ended + dt.timedelta(days=retention_days)).isoformat(),
@@ -164,7 +191,10 @@ def archive_workspace(
         Path(tmp).unlink(missing_ok=True)
         raise
     # only now that the archive and its manifest are durable is the workspace removed
-    shutil.rmtree(workspace)
+    _run_tool(
+        ["rm", "-rf", "--one-file-system", "--", str(workspace)],
+        f"removing the archived workspace of {pid}",
+    )
     return target
 
 
@@ -342,7 +372,7 @@ def _enforce_end_dates(
             )
             try:
                 archive = archive_workspace(settings, pid, ended, retention, now)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 (one workspace must not stop the others)
                 report.errors.append(f"{pid}: archiving the workspace failed: {exc}")
                 continue
             if archive is not None:
