@@ -30,3 +30,20 @@ def test_seeding_never_chowns_through_a_symlink(tmp_path, monkeypatch):
     assert (ws / demo.EXAMPLE_NOTEBOOK).stat().st_uid == 54321
     assert os.lstat(ws / "outputs").st_uid == 54321  # the link itself
     assert victim.stat().st_uid == 0  # not what it points at
+
+
+def test_seeding_never_writes_through_a_dangling_symlink(tmp_path, monkeypatch):
+    """The sandbox put a link where the notebook goes, to a file that does not exist yet (e.g.
+    /etc/cron.d/x): ``exists()`` is False for it, and root must not create the target."""
+    settings = Settings(state_dir=tmp_path / "state")
+    victim = tmp_path / "etc" / "planted"  # would be created, as root, with the notebook
+    victim.parent.mkdir()
+    ws = settings.workspaces_dir / "wilms-outcomes"
+    ws.mkdir(parents=True)
+    (ws / demo.EXAMPLE_NOTEBOOK).symlink_to(victim)
+    monkeypatch.setattr(demo.pwd, "getpwnam", lambda name: (_ for _ in ()).throw(KeyError(name)))
+
+    demo.seed_workspaces(demo.DemoContext(settings, Console(quiet=True)))
+
+    assert not victim.exists()
+    assert (ws / demo.EXAMPLE_NOTEBOOK).is_symlink()  # left as the sandbox made it

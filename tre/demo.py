@@ -227,11 +227,17 @@ def seed_workspaces(ctx: DemoContext) -> None:
     assert ctx.settings.workspaces_dir is not None
     ws = ctx.settings.workspaces_dir / "wilms-outcomes"
     target = ws / EXAMPLE_NOTEBOOK
-    if target.exists():
-        return
     ws.mkdir(parents=True, exist_ok=True)
-    (ws / "outputs").mkdir(exist_ok=True)
-    nbformat.write(example_notebook(), target)
+    with contextlib.suppress(FileExistsError):  # a link the sandbox put there stays as it is
+        (ws / "outputs").mkdir()
+    try:
+        # O_EXCL: never through a link the sandbox put there, not even a dangling one (exists()
+        # is False for it, and a plain open would create its target, as root, anywhere)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        nbformat.write(example_notebook(), fh)
     try:
         entry = pwd.getpwnam(ctx.settings.hub.sandbox_user)
     except KeyError:
