@@ -190,3 +190,41 @@ def test_paths_the_sandbox_user_cannot_reach_are_named():
     with pytest.raises(web.HTTPError, match="cannot read and write"):
         check(BubblewrapSpawner, hidden, uid, gid, write=True)
     shutil.rmtree(tmp_path)
+
+
+def test_pin_socket_links_only_the_sandbox_users_own_socket(tmp_path):
+    """The unit under the real-sandbox test in test_lifecycle.py: a symlink in the sandbox's
+    socket directory (to a root daemon's socket) is never what the proxy gets."""
+    import os
+    import socket
+
+    from tre.hub.bwrap import SocketSwapped, pin_socket
+
+    uid = 54321
+    sock_dir, routes = tmp_path / "sandbox", tmp_path / "routes"
+    sock_dir.mkdir()
+    routes.mkdir()
+    sock, route = sock_dir / "jupyter.sock", routes / "u.p.sock"
+    assert pin_socket(sock, route, uid) is False  # the server has not made it yet
+    daemon = socket.socket(socket.AF_UNIX)
+    daemon.bind(str(tmp_path / "daemon.sock"))  # root's
+    sock.symlink_to(tmp_path / "daemon.sock")
+    with pytest.raises(SocketSwapped):
+        pin_socket(sock, route, uid)
+    sock.unlink()
+    os.link(tmp_path / "daemon.sock", sock)  # root's socket itself, not a link to it
+    with pytest.raises(SocketSwapped):
+        pin_socket(sock, route, uid)
+    assert not route.exists() and list(routes.iterdir()) == []
+    sock.unlink()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(sock))
+    server.listen(1)
+    os.chown(sock, uid, uid, follow_symlinks=False)
+    assert pin_socket(sock, route, uid) is True
+    sock.unlink()  # the sandbox removes its name: the pinned route still reaches its server
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(route))
+    client.close()
+    for s in (daemon, server):
+        s.close()

@@ -57,6 +57,62 @@ def test_stop_kills_every_process_of_the_sandbox(hub):
     assert not socket_dir.exists()
 
 
+def test_a_swapped_server_socket_does_not_redirect_the_proxy(hub):
+    """The sandbox's server socket lives in a host directory the sandbox writes
+    (``/run/tre/server``). The sandbox renames its socket away and puts a symlink to a socket of
+    the host in its place: the proxy and the hub (root) must not connect through it."""
+    import socket
+    import threading
+
+    import httpx
+
+    daemon_dir = Path(tempfile.mkdtemp(dir="/tmp"))  # stands for a root daemon's socket
+    daemon = socket.socket(socket.AF_UNIX)
+    daemon.bind(str(daemon_dir / "daemon.sock"))
+    daemon.listen(8)
+    daemon.settimeout(0.2)
+    hits: list[bytes] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = daemon.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                hits.append(conn.recv(4096))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nDAEMON")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        r = hub.start_server("bob", "wilms-outcomes")
+        assert r.status_code in (201, 202), r.text
+        token = hub.user_token("bob")
+        kernel = Kernel(hub, "bob", "wilms-outcomes", token)
+        out = kernel.run(
+            "import os\n"
+            "os.rename('/run/tre/server/jupyter.sock', '/run/tre/server/moved.sock')\n"
+            f"os.symlink({str(daemon_dir / 'daemon.sock')!r}, '/run/tre/server/jupyter.sock')\n"
+            "print(os.readlink('/run/tre/server/jupyter.sock'))"
+        )
+        assert out["error"] is None and "daemon.sock" in out["stdout"], out
+        status = httpx.get(
+            f"{hub.url}/user/bob/wilms-outcomes/api/status",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        )
+        assert hits == []  # root never connected to the host's socket
+        assert status.status_code == 200 and "DAEMON" not in status.text  # still bob's server
+    finally:
+        done.set()
+        thread.join(5)
+        daemon.close()
+        hub.stop_server("bob", "wilms-outcomes")
+        shutil.rmtree(daemon_dir, ignore_errors=True)
+
+
 @pytest.fixture
 def own_hub(sandbox_env):
     """A hub of its own (restarted or reconfigured by the test)."""

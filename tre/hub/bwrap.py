@@ -31,6 +31,7 @@ import pwd
 import resource
 import shutil
 import signal
+import stat
 from pathlib import Path
 from subprocess import Popen
 from urllib.parse import quote
@@ -59,6 +60,32 @@ MiB = 1024 * 1024
 def unix_url(path: str | Path) -> str:
     """``http+unix://`` URL of a socket (path percent-encoded, as the hub and proxy expect)."""
     return "http+unix://" + quote(str(path), safe="")
+
+
+class SocketSwapped(Exception):  # noqa: N818 - says what the sandbox did
+    """The sandbox's server socket is not a socket of the sandbox user (a link, another file)."""
+
+
+def pin_socket(sock: Path, route: Path, uid: int) -> bool:
+    """Hard-link the unix socket ``sock`` (in a directory the sandbox writes) at ``route`` (in one
+    only root writes); False while ``sock`` does not exist yet.
+
+    ``connect()`` follows symlinks, and a sandbox can replace its socket by a link to any socket
+    of the host at any time: the hub and the proxy (root) would then connect there. A hard
+    link names one inode, checked after it is made and out of the sandbox's reach afterwards:
+    through it the hub and the proxy reach the sandbox's own server, or nothing."""
+    tmp = route.with_name(route.name + ".new")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(sock, tmp, follow_symlinks=False)  # a symlink is linked as itself, not followed
+    except FileNotFoundError:
+        return False
+    st = os.lstat(tmp)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != uid:
+        tmp.unlink()
+        raise SocketSwapped(f"{sock} is not a socket of the sandbox user")
+    os.replace(tmp, route)
+    return True
 
 
 class BubblewrapSpawner(LocalProcessSpawner):
@@ -163,8 +190,14 @@ class BubblewrapSpawner(LocalProcessSpawner):
         return self.host_socket_dir / "jupyter.sock"
 
     @property
+    def host_route_path(self) -> Path:
+        """What the hub and the proxy connect to: a hard link to the server's socket, in a
+        directory only root writes (``pin_socket``), never the sandbox-writable name."""
+        return Path(self.runtime_dir) / "routes" / f"{self.sandbox_key}.sock"
+
+    @property
     def server_url(self) -> str:
-        return unix_url(self.host_socket_path)
+        return unix_url(self.host_route_path)
 
     # -- the hub forgets connect_url on restart: derive it from our own state ---------------
 
@@ -346,6 +379,9 @@ class BubblewrapSpawner(LocalProcessSpawner):
         for sub in ("hub", "airlock", "etc"):
             os.chmod(runtime / sub, 0o755)  # noqa: S103
         os.chmod(runtime / "sandboxes", 0o711)  # noqa: S103
+        (runtime / "routes").mkdir(mode=0o700, exist_ok=True)
+        os.chmod(runtime / "routes", 0o700)  # the hub's and the proxy's, not the sandboxes'
+        self.host_route_path.unlink(missing_ok=True)
         (runtime / "etc" / "passwd").write_text(
             f"root:x:0:0::/:/usr/sbin/nologin\njovyan:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/bash\n"
             "nobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
@@ -496,9 +532,23 @@ class BubblewrapSpawner(LocalProcessSpawner):
                 os.close(fd)
         self.pid = self.proc.pid
         self.pidns = await self._read_pidns(info_read)
+        await self._pin_server_socket(uid)
         if self.server is not None:
             self.server.connect_url = self.server_url
         return self.server_url
+
+    async def _pin_server_socket(self, uid: int) -> None:
+        """Wait for the server's socket and pin it (``pin_socket``); a server that never makes
+        one is left to the hub's own timeout, a socket swapped for a link fails the start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        while loop.time() < deadline and self.proc is not None and self.proc.poll() is None:
+            try:
+                if pin_socket(self.host_socket_path, self.host_route_path, uid):
+                    return
+            except SocketSwapped as exc:
+                raise web.HTTPError(500, f"Sandbox {self.sandbox_key}: {exc}") from None
+            await asyncio.sleep(0.05)
 
     async def _read_pidns(self, info_read: int, timeout: float = 30) -> int:
         """bwrap writes {"child-pid": N} once the sandbox runs; remember its pid namespace.
@@ -593,4 +643,5 @@ class BubblewrapSpawner(LocalProcessSpawner):
             await asyncio.sleep(0.02)
         self.pidns = 0
         shutil.rmtree(self.host_socket_dir, ignore_errors=True)
+        self.host_route_path.unlink(missing_ok=True)
         self._remove_cgroups()
