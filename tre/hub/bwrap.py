@@ -111,8 +111,9 @@ class BubblewrapSpawner(LocalProcessSpawner):
     )
     runtime_dir = Unicode(
         config=True,
-        help="Host directory of unix sockets: hub/hub.sock, airlock/airlock.sock and "
-        "sandboxes/<user>.<project>/jupyter.sock.",
+        help="Host directory of unix sockets: hub/hub.sock, airlock/airlock.sock, "
+        "sandboxes/<user>.<project>/jupyter.sock and its pinned hard link "
+        "routes/<user>.<project>.sock.",
     )
     policies_dir = Unicode(config=True, help="TRE policies directory (the project registry).")
     extracts_dir = Unicode(config=True, help="Directory of per-project extracts.")
