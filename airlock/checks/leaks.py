@@ -187,32 +187,142 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     )
 
 
+# Characters that change nothing a reader sees: zero-width spaces and joiners, bidi controls,
+# soft hyphens, the BOM. Removed before ids are looked for.
+INVISIBLE = re.compile(r"[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
+# An id fragment: this many hex characters (64 bits) still single out a child among billions.
+FRAGMENT_CHARS = 16
+# Extract ids are cut into windows of FRAGMENT_CHARS starting every _WINDOW_STEP characters (and
+# the last FRAGMENT_CHARS): any prefix or suffix of 16 characters or more, and any piece of 23
+# or more, contains one.
+_WINDOW_STEP = 8
+_MAX_FRAGMENTS = 1_000_000  # a resource guard: more hex windows than this is a hex dump
+# hex digits, possibly grouped by dashes, colons or dots (a UUID, a MAC-like 'ab:cd:...')
+_HEX_GROUPED = re.compile(r"[0-9a-fA-F](?:[0-9a-fA-F]|[-:.](?=[0-9a-fA-F]))*")
+# what separates cells on a line (CSV, TSV, pipes, quotes, spaces): packed away so that an id
+# split across adjacent cells is whole again
+_CELL_SEPARATORS = re.compile(r"[\s,;|\"'`&]+")
+_BASE64_WORD = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_BASE32_WORD = re.compile(r"[A-Z2-7]{16,}={0,6}")
+
+
+def _decoded_words(text: str) -> list[str]:
+    """Short base64/base32 words decoded (long ones are ``encoded.blob``): as text when they
+    decode to text, else as the hex of their bytes."""
+    import base64
+    import binascii
+
+    out: list[str] = []
+    for pattern, decode in ((_BASE64_WORD, "b64"), (_BASE32_WORD, "b32")):
+        for m in pattern.finditer(text):
+            word = m.group(0).rstrip("=")
+            try:
+                if decode == "b32":
+                    blob = base64.b32decode(word + "=" * (-len(word) % 8))
+                elif "-" in word or "_" in word:
+                    blob = base64.urlsafe_b64decode(word + "=" * (-len(word) % 4))
+                else:
+                    blob = base64.b64decode(word + "=" * (-len(word) % 4))
+            except (binascii.Error, ValueError):
+                continue
+            if len(blob) < FRAGMENT_CHARS // 2:
+                continue
+            try:
+                out.append(blob.decode("ascii"))
+            except UnicodeDecodeError:
+                out.append(blob.hex())
+    return out
+
+
+def id_fragments(text: str) -> set[str]:
+    """Every lower-case window of FRAGMENT_CHARS hex characters an id could hide in: hex runs
+    (separators removed), read forwards and backwards, also with each line's cells packed
+    together, and in short base64/base32 words decoded. A run needs a letter a-f (a run of
+    digits is a number, not a hex id)."""
+    text = INVISIBLE.sub("", text)
+    sources = [text, _CELL_SEPARATORS.sub("", text.replace("\n", "\u0000"))]
+    sources += _decoded_words(text)
+    windows: set[str] = set()
+    for source in sources:
+        for m in _HEX_GROUPED.finditer(source):
+            run = re.sub(r"[-:.]", "", m.group(0)).lower()
+            if len(run) < FRAGMENT_CHARS or not re.search("[a-f]", run):
+                continue
+            for value in (run, run[::-1]):
+                windows.update(
+                    value[i : i + FRAGMENT_CHARS] for i in range(len(value) - FRAGMENT_CHARS + 1)
+                )
+            if len(windows) > _MAX_FRAGMENTS:
+                raise ValueError(
+                    f"more than {_MAX_FRAGMENTS} hex fragments: a hex dump, not an output"
+                )
+    return windows
+
+
+def _ids_with_fragments(
+    cur: duckdb.DuckDBPyConnection, table: str, column: str, fragments: set[str]
+) -> set[str]:
+    """Ids of ``table.column`` one of whose windows (every _WINDOW_STEP characters, and the
+    last FRAGMENT_CHARS) is among ``fragments``."""
+    col = _quote(column)
+    longest = cur.execute(f"SELECT max(length({col})) FROM {_quote(table)}").fetchall()[0][0] or 0
+    if longest < FRAGMENT_CHARS:
+        return set()
+    cur.register("__id_fragments", pl.DataFrame({"v": sorted(fragments)}).to_arrow())
+    probes = [f"lower(right({col}, {FRAGMENT_CHARS}))"] + [
+        f"lower(substr({col}, {start + 1}, {FRAGMENT_CHARS}))"
+        for start in range(0, longest - FRAGMENT_CHARS + 1, _WINDOW_STEP)
+    ]
+    ors = " OR ".join(f"{p} IN (SELECT v FROM __id_fragments)" for p in probes)
+    sql = (
+        f"SELECT DISTINCT {col} FROM {_quote(table)} "
+        f"WHERE length({col}) >= {FRAGMENT_CHARS} AND ({ors})"
+    )
+    return {r[0] for r in cur.execute(sql).fetchall()}
+
+
 def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None:
-    """Words of a text (a log, a notebook's source) equal to an extract's text ids."""
-    words = sorted(set(_WORD.findall(text)))
-    if not words or not any(is_text for _, _, is_text in extract.id_columns):
+    """Ids of the extract in a text (a log, a notebook's JSON, the XML of a workbook): whole
+    words in any case, and hex ids however transformed (upper case, dashes, prefixes, split
+    across cells, truncated to 16 characters, reversed, in short base64/base32)."""
+    if not any(is_text for _, _, is_text in extract.id_columns):
         return None
+    plain = INVISIBLE.sub("", text)
+    words = set(_WORD.findall(plain))
+    words |= {w.lower() for w in words} | {w.upper() for w in words}
+    fragments = id_fragments(plain)
     found: set[str] = set()
+    transformed: set[str] = set()
     cur = extract.cursor()
     try:
         for table, column, is_text in extract.id_columns:
-            if is_text:
-                found |= _ids_among(cur, table, column, pl.Series(words, dtype=pl.String))
+            if not is_text:
+                continue
+            if words:
+                found |= _ids_among(cur, table, column, pl.Series(sorted(words), dtype=pl.String))
+            if fragments:
+                transformed |= _ids_with_fragments(cur, table, column, fragments) - found
     finally:
         cur.close()
-    if not found:
+    if not found and not transformed:
         return None
     cells = []
-    for word in sorted(found)[:_ROWS_LISTED]:
-        pos = text.find(word)
-        line = text.count("\n", 0, pos) + 1
-        cells.append({"line": line, "value": word[:4] + "…"})
+    for word in sorted(found | transformed)[:_ROWS_LISTED]:
+        pos = plain.lower().find(word.lower())
+        cell: dict[str, Any] = {"value": word[:4] + "…"}
+        if pos >= 0:
+            cell["line"] = plain.count("\n", 0, pos) + 1
+        else:
+            cell["transformed"] = True
+        cells.append(cell)
+    how = f" ({len(transformed)} disguised: case, separators, pieces, reversed or encoded)"
     return Finding(
         rule="leak.identifier",
         status=Status.FAIL,
-        message=f"{len(found)} pseudonymous id(s) of the extract appear in the text",
+        message=f"{len(found | transformed)} pseudonymous id(s) of the extract appear in the "
+        f"file{how if transformed else ''}: identifiers never leave the TRE",
         cells=cells,
-        evidence={"identifiers": len(found)},
+        evidence={"identifiers": len(found | transformed), "disguised": len(transformed)},
     )
 
 
