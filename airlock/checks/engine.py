@@ -204,7 +204,12 @@ def _dispatch(
 ) -> tuple[str, list[Finding]]:
     from airlock.checks.html import check_html
     from airlock.checks.notebooks import check_notebook
-    from airlock.checks.spreadsheets import check_xlsx, read_delimited, split_preamble
+    from airlock.checks.spreadsheets import (
+        check_xlsx,
+        read_delimited,
+        split_blocks,
+        split_preamble,
+    )
     from airlock.checks.text import check_text
 
     kind = detected.kind
@@ -222,8 +227,16 @@ def _dispatch(
         return "html", check_html(text, ctx)
     if kind in {"csv", "tsv"} and detected.declared in {"csv", "tsv", None}:
         preamble, body = split_preamble(text)
-        df, raw = read_delimited(body, "\t" if kind == "tsv" else None)
+        blocks = split_blocks(body)
+        df, raw = read_delimited(blocks[0], "\t" if kind == "tsv" else None)
         output_class, findings = check_dataframe(df, ctx, raw=raw)
+        # a second table below a blank line is a table of its own, not rows of the first
+        for k, block in enumerate(blocks[1:], start=1):
+            notes, block = split_preamble(block)
+            if notes:
+                findings += check_text(notes, ctx.policy, {"block": k})
+            df, raw = read_delimited(block, "\t" if kind == "tsv" else None)
+            findings += check_dataframe(df, ctx, {"block": k}, raw=raw)[1]
         if preamble:  # a title or notes above the header are prose
             findings += check_text(preamble, ctx.policy, {"preamble": True})
         return output_class, findings

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import duckdb
 import polars as pl
 
+from airlock.checks.cells import INVISIBLE as INVISIBLE_CHARACTERS
 from airlock.checks.findings import Finding, Status
 
 if TYPE_CHECKING:
@@ -187,9 +188,7 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     )
 
 
-# Characters that change nothing a reader sees: zero-width spaces and joiners, bidi controls,
-# soft hyphens, the BOM. Removed before ids are looked for.
-INVISIBLE = re.compile(r"[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]")
+INVISIBLE = re.compile(INVISIBLE_CHARACTERS)
 # An id fragment: this many hex characters (64 bits) still single out a child among billions.
 FRAGMENT_CHARS = 16
 # Extract ids are cut into windows of FRAGMENT_CHARS starting every _WINDOW_STEP characters (and

@@ -38,6 +38,18 @@ def split_preamble(text: str) -> tuple[str, str]:
     return "".join(lines[:n]), "".join(lines[n:])
 
 
+def split_blocks(text: str) -> list[str]:
+    """The tables of a delimited text, separated by blank lines (a second table written below
+    the first). One block when there is no blank line between non-blank lines."""
+    blocks: list[list[str]] = [[]]
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    return ["".join(b) for b in blocks if b]
+
+
 # A number written with a decimal comma (and optional thousands dots): "7,61", "1.234,5", "12,5 %".
 _DECIMAL_COMMA = r"^\s*[+-]?(?:\d+|\d{1,3}(?:\.\d{3})+),\d+\s*%?\s*$"
 _MAX_HEADER_ROWS = 4
