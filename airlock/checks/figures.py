@@ -364,7 +364,10 @@ def check_svg(
         )
         for rule, cells in hits.items()
     ]
-    labels = "\n".join("".join(el.itertext()) for el in root.iter() if _local(el.tag) == "text")
+    # <text> is drawn; <title> and <desc> are shown on hover or read out: all are text
+    labels = "\n".join(
+        "".join(el.itertext()) for el in root.iter() if _local(el.tag) in {"text", "title", "desc"}
+    )
     if labels.strip() and policy is not None:
         from airlock.checks.text import check_text
 
