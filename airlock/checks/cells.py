@@ -10,6 +10,9 @@ from typing import Any
 import polars as pl
 
 MAX_TABLE_COLUMNS = 1000  # a resource guard, not a disclosure threshold
+# Characters a reader does not see (zero-width spaces and joiners, bidi controls, soft hyphen,
+# BOM): a "3" followed by one must still be read as the number 3.
+INVISIBLE = "[\u00ad\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]"
 
 
 def unique_names(header: list[Any]) -> list[str]:
@@ -41,7 +44,12 @@ def coerce_numbers(df: pl.DataFrame) -> pl.DataFrame:
     if not text_cols or df.height == 0 or df.width > MAX_TABLE_COLUMNS:
         return df  # too wide to be an aggregate: check_dataframe refuses it as it is
     stripped = df.select(
-        pl.col(c).str.strip_chars().str.replace_all(",", "").replace("", None) for c in text_cols
+        pl.col(c)
+        .str.replace_all(INVISIBLE, "")
+        .str.strip_chars()
+        .str.replace_all(",", "")
+        .replace("", None)
+        for c in text_cols
     )
     as_int = stripped.select(pl.all().cast(pl.Int64, strict=False))
     as_float = stripped.select(pl.all().cast(pl.Float64, strict=False))

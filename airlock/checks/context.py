@@ -90,6 +90,29 @@ def _blobs_in_cells(df: pl.DataFrame) -> list[Finding]:
     return findings
 
 
+def _transposed(df: pl.DataFrame, policy: Policy) -> pl.DataFrame | None:
+    """A table whose rows are named by quasi-identifiers (sex, birth_year...) and whose columns
+    are subjects (one child per column), turned the right way round for the leak rules; None
+    for any other table."""
+    from airlock.checks.cells import coerce_numbers, unique_names
+
+    if df.width < 3 or df.height < 2 or df.schema[df.columns[0]] != pl.String:
+        return None
+    names = ["" if v is None else str(v).strip() for v in df.get_column(df.columns[0])]
+    qis = {q.lower() for q in policy.quasi_identifiers}
+    qi_rows = [i for i, n in enumerate(names) if n.lower() in qis]
+    if len(qi_rows) < 2:
+        return None
+    body = df.drop(df.columns[0]).select(pl.all().cast(pl.String))
+    # records hold values (a sex, a country) where an aggregate's rows hold numbers ("Table 1":
+    # a 'sex' row of counts per group): one quasi-identifier row of words, no digit, is needed
+    if not any(all(v and not re.search(r"\d", v) for v in body.row(i)) for i in qi_rows):
+        return None
+    columns = {"column": body.columns}
+    columns.update(zip(unique_names(names), (list(r) for r in body.rows()), strict=True))
+    return coerce_numbers(pl.DataFrame(columns, schema={c: pl.String for c in columns}))
+
+
 def check_dataframe(
     df: pl.DataFrame,
     ctx: CheckContext,
@@ -139,6 +162,9 @@ def check_dataframe(
     from airlock.checks import leaks
 
     findings += leaks.check_rows(df, ctx)
+    transposed = _transposed(df, policy)
+    if transposed is not None:
+        findings += with_location(leaks.check_rows(transposed, ctx), {"transposed": True})
     output_class = "table"
     if df.width and df.height:
         output_class, table_findings = _check_table_rules(df, ctx, location)

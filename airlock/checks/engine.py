@@ -52,6 +52,43 @@ def _json_records(value: Any) -> pl.DataFrame | None:
     return None
 
 
+_MAX_JSON_TABLES = 100
+
+
+def json_tables(value: Any) -> list[tuple[str, pl.DataFrame]]:
+    """Every table nested in a JSON document (a list of flat records, a dict of equal
+    columns), with its path: ``{"results": df.to_dict("records")}`` is a table too."""
+    found: list[tuple[str, pl.DataFrame]] = []
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
+    while stack and len(found) < _MAX_JSON_TABLES:
+        path, node, depth = stack.pop()
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {_MAX_JSON_DEPTH} levels")
+        df = _json_records(node)
+        if df is not None:
+            found.append((path.lstrip(".") or "$", df))
+        elif isinstance(node, dict):
+            stack.extend((f"{path}.{k}", v, depth + 1) for k, v in reversed(list(node.items())))
+        elif isinstance(node, list):
+            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(node))))
+    return found
+
+
+def check_json_value(
+    value: Any, ctx: CheckContext, location: dict[str, Any] | None = None
+) -> list[Finding]:
+    """The tables nested in a JSON value go to the table rules (``{"json": path}``), its
+    leaves to the text rules."""
+    from airlock.checks.text import check_text
+
+    location = location or {}
+    findings: list[Finding] = []
+    for path, df in json_tables(value):
+        raw = df.select(pl.all().cast(pl.String, strict=False))
+        findings += check_dataframe(df, ctx, {**location, "json": path}, raw=raw)[1]
+    return findings + check_text(_json_text(value), ctx.policy, location)
+
+
 def _json_text(value: Any) -> str:
     """Every leaf of a JSON document as 'path: value' lines (iterative, depth-limited)."""
     lines: list[str] = []
@@ -71,7 +108,6 @@ def _json_text(value: Any) -> str:
 
 def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
     from airlock.checks.notebooks import check_notebook, encoded_blobs
-    from airlock.checks.text import check_text
 
     value = ft.loads_json(text, max_depth=_MAX_JSON_DEPTH)
     df = _json_records(value)
@@ -82,18 +118,10 @@ def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
         return output_class, findings + found
     if isinstance(value, dict) and isinstance(value.get("cells"), list):
         return "notebook", findings + check_notebook(value, ctx)
-    flat = _json_text(value)
-    findings += check_text(flat, ctx.policy)
-    if ctx.extract is not None:
-        from airlock.checks.leaks import find_identifiers_in_text
-
-        ident = find_identifiers_in_text(flat, ctx.extract)
-        findings += [ident] if ident else []
-    return "json", findings
+    return "json", findings + check_json_value(value, ctx)
 
 
 def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list[Finding]]:
-    from airlock.checks.leaks import find_identifiers_in_text
     from airlock.checks.models import looks_like_model
     from airlock.checks.notebooks import check_prose, encoded_blobs, tables_from_text
     from airlock.checks.spreadsheets import read_delimited
@@ -123,9 +151,6 @@ def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list
                 lines=lines,
             )
         )
-    if ctx.extract is not None:
-        ident = find_identifiers_in_text(text, ctx.extract)
-        findings += [ident] if ident else []
     return output_class, findings
 
 
@@ -179,7 +204,12 @@ def _dispatch(
 ) -> tuple[str, list[Finding]]:
     from airlock.checks.html import check_html
     from airlock.checks.notebooks import check_notebook
-    from airlock.checks.spreadsheets import check_xlsx, read_delimited, split_preamble
+    from airlock.checks.spreadsheets import (
+        check_xlsx,
+        read_delimited,
+        split_blocks,
+        split_preamble,
+    )
     from airlock.checks.text import check_text
 
     kind = detected.kind
@@ -197,8 +227,16 @@ def _dispatch(
         return "html", check_html(text, ctx)
     if kind in {"csv", "tsv"} and detected.declared in {"csv", "tsv", None}:
         preamble, body = split_preamble(text)
-        df, raw = read_delimited(body, "\t" if kind == "tsv" else None)
+        blocks = split_blocks(body)
+        df, raw = read_delimited(blocks[0], "\t" if kind == "tsv" else None)
         output_class, findings = check_dataframe(df, ctx, raw=raw)
+        # a second table below a blank line is a table of its own, not rows of the first
+        for k, block in enumerate(blocks[1:], start=1):
+            notes, block = split_preamble(block)
+            if notes:
+                findings += check_text(notes, ctx.policy, {"block": k})
+            df, raw = read_delimited(block, "\t" if kind == "tsv" else None)
+            findings += check_dataframe(df, ctx, {"block": k}, raw=raw)[1]
         if preamble:  # a title or notes above the header are prose
             findings += check_text(preamble, ctx.policy, {"preamble": True})
         return output_class, findings
@@ -366,7 +404,43 @@ def _check_path(
             )
         )
     output_class, more = _dispatch(data, detected, path, ctx, companions)
+    if ctx.extract is not None:
+        from airlock.checks.leaks import find_identifiers_in_text
+
+        # everywhere in the file, not only where a reader looks: comments, attributes,
+        # metadata, workbook parts no sheet shows, decoded escapes
+        ident = find_identifiers_in_text("\n".join(_file_texts(data, detected.kind)), ctx.extract)
+        more += [ident] if ident else []
     return output_class, findings + more, sha256
+
+
+def _file_texts(data: bytes, kind: str) -> list[str]:
+    """Every text a file holds, for the identifier search: the text itself and with its
+    escapes decoded (HTML/XML entities, JSON strings); each part of a workbook; the metadata
+    and trailing bytes of a figure."""
+    import html
+
+    if kind == "xlsx":
+        import io
+        import zipfile
+
+        texts = []
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:  # measured by check_xlsx already
+            for name in zf.namelist():
+                part = zf.read(name).decode("utf-8", "replace")
+                texts += [name, html.unescape(part)]
+        return texts
+    if kind in {"png", "jpeg"}:
+        from airlock.checks.figures import hidden_texts
+
+        return hidden_texts(data, kind)
+    text = ft.decode_text(data)
+    texts = [text]
+    if "&" in text:
+        texts.append(html.unescape(text))
+    if kind in {"json", "ipynb"} and "\\" in text:
+        texts.append(_json_text(ft.loads_json(text, max_depth=_MAX_JSON_DEPTH)))
+    return texts
 
 
 def check_files(

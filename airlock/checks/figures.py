@@ -194,6 +194,26 @@ def jpeg_metadata(data: bytes) -> Metadata:
     return meta
 
 
+def hidden_texts(data: bytes, kind: str) -> list[str]:
+    """Everything a PNG/JPEG carries beside its pixels, as text (for the identifier search):
+    text chunks decompressed, other ancillary chunks and APPn/COM segments, trailing bytes."""
+    texts: list[str] = []
+    if kind == "png":
+        chunks, end = png_chunks(data)
+        for ctype, body, _ in chunks:
+            if ctype in _CRITICAL:
+                continue
+            if ctype in _TEXT_CHUNKS:
+                texts.append("\n".join(_png_text(ctype, body)))
+            else:
+                texts.append(body.decode("latin-1"))
+    else:
+        segments, end = _jpeg_segments(data)
+        texts += [body.decode("latin-1") for marker, body, _ in segments if marker >= 0xE0]
+    texts.append(data[end:].decode("latin-1"))
+    return texts
+
+
 def _decode_pixels(data: bytes, kind: str) -> tuple[int, int]:
     from PIL import Image
 
@@ -344,7 +364,10 @@ def check_svg(
         )
         for rule, cells in hits.items()
     ]
-    labels = "\n".join("".join(el.itertext()) for el in root.iter() if _local(el.tag) == "text")
+    # <text> is drawn; <title> and <desc> are shown on hover or read out: all are text
+    labels = "\n".join(
+        "".join(el.itertext()) for el in root.iter() if _local(el.tag) in {"text", "title", "desc"}
+    )
     if labels.strip() and policy is not None:
         from airlock.checks.text import check_text
 

@@ -148,12 +148,59 @@ def scripts_and_externals(doc: Any) -> tuple[list[dict[str, Any]], list[dict[str
     return scripts, externals
 
 
+_BLOCKS = (
+    *("p", "div", "h1", "h2", "h3", "h4", "h5", "h6", "li", "dt", "dd", "br", "hr", "pre"),
+    *("section", "article", "header", "footer", "main", "nav", "aside", "blockquote"),
+    *("template", "noscript", "figcaption", "caption", "summary", "details", "ul", "ol", "dl"),
+)
+
+
 def visible_text(doc: Any) -> str:
     """The prose of a page, without its tables, scripts and styles."""
     copy = lxml.html.fromstring(lxml.html.tostring(doc))
     for el in copy.xpath("//table|//script|//style|//head"):
         el.drop_tree()
+    # a block ends a line: without this "<h1>Results</h1><p>3 children</p>" reads
+    # "Results3 children", where no number is seen
+    for el in copy.iter(*_BLOCKS):
+        el.tail = "\n" + (el.tail or "")
+        if len(el):
+            el[-1].tail = (el[-1].tail or "") + "\n"
+        else:
+            el.text = (el.text or "") + "\n"
     return "\n".join(line.strip() for line in copy.text_content().splitlines() if line.strip())
+
+
+# attributes whose text a reader sees only on hover or with a screen reader (and data-*)
+_TEXT_ATTRS = ("title", "alt", "aria-label", "aria-description", "placeholder")
+_CSS_CONTENT = re.compile(r"content\s*:\s*(['\"])(.*?)\1", re.DOTALL)
+
+
+def hidden_text(doc: Any) -> tuple[str, str]:
+    """Text of a page that the rendered page does not show: (comments, <title> and CSS
+    ``content:`` strings; text attributes: title, alt, aria-*, data-*)."""
+    texts: list[str] = []
+    attrs: list[str] = []
+    for el in doc.iter():
+        if isinstance(el, etree._Comment):
+            texts.append(el.text or "")
+            continue
+        if not isinstance(el.tag, str):
+            continue
+        if el.tag == "title":
+            texts.append(el.text or "")
+        elif el.tag == "style":
+            texts += [m.group(2) for m in _CSS_CONTENT.finditer(el.text or "")]
+        for attr, value in el.attrib.items():
+            if attr in _TEXT_ATTRS or (attr.startswith("data-") and not value.startswith("data:")):
+                attrs.append(value)
+            elif attr == "style":
+                texts += [m.group(2) for m in _CSS_CONTENT.finditer(value)]
+
+    def joined(parts: list[str]) -> str:
+        return "\n".join(p.strip() for p in parts if p and p.strip())
+
+    return joined(texts), joined(attrs)
 
 
 def check_html(text: str, ctx: Any, location: dict[str, Any] | None = None) -> list[Finding]:
@@ -218,6 +265,15 @@ def check_html(text: str, ctx: Any, location: dict[str, Any] | None = None) -> l
     findings += _blobs_in(outside_tables, location)
     prose = _SHAPE.sub(" ", visible_text(doc))  # polars prints "shape: (2, 2)" above a table
     findings += check_text(prose, ctx.policy, location)
+    hidden, attributes = hidden_text(doc)
+    if hidden:
+        findings += check_text(hidden, ctx.policy, {**location, "hidden": True})
+    if attributes:  # ids, sizes and states live in attributes: only counts of people count
+        findings += [
+            f
+            for f in check_text(attributes, ctx.policy, {**location, "attributes": True})
+            if f.rule in {"text.small_count", "text.zero_count"}
+        ]
     return findings
 
 

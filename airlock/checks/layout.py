@@ -17,8 +17,10 @@ from functools import lru_cache
 
 import polars as pl
 
+from airlock.checks.cells import INVISIBLE
 from airlock.policy import Policy
 
+_INVISIBLE = re.compile(INVISIBLE)
 NA_TEXTS = {"", "na", "n/a", "nan", "null", "none", "missing", "<na>"}
 _NUMBER = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?([eE][+-]?\d+)?$|^[+-]?\.\d+$")
 _N_PCT = re.compile(r"^\s*(\d[\d,]*)\s*\(\s*[\d.]+\s*%?\s*\)\s*$")
@@ -227,7 +229,7 @@ def _is_marker(text: str, policy: Policy, patterns: list[re.Pattern[str]]) -> bo
 
 
 def parse_number(text: str) -> float | None:
-    t = text.strip().replace("\u2212", "-")
+    t = _INVISIBLE.sub("", text).strip().replace("\u2212", "-")
     if t.endswith("%"):
         t = t[:-1].strip()
     if _NUMBER.match(t):

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import duckdb
 import polars as pl
 
+from airlock.checks.cells import INVISIBLE as INVISIBLE_CHARACTERS
 from airlock.checks.findings import Finding, Status
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class ExtractIndex:
         )
         self._lock = threading.Lock()
         self._few: dict[tuple[str, tuple[str, ...]], bool] = {}
+        self.id_shapes: dict[tuple[str, str], tuple[int, bool]] = {}
         rows = self._con.execute(
             "SELECT table_name, column_name, data_type FROM information_schema.columns "
             "WHERE table_schema = 'main' ORDER BY table_name, ordinal_position"
@@ -187,32 +189,165 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     )
 
 
+INVISIBLE = re.compile(INVISIBLE_CHARACTERS)
+# An id fragment: this many hex characters (64 bits) still single out a child among billions.
+FRAGMENT_CHARS = 16
+# Extract ids are cut into windows of FRAGMENT_CHARS starting every _WINDOW_STEP characters (and
+# the last FRAGMENT_CHARS): any prefix or suffix of 16 characters or more, and any piece of 23
+# or more, contains one.
+_WINDOW_STEP = 8
+_MAX_FRAGMENTS = 1_000_000  # a resource guard: more hex windows than this is a hex dump
+# hex digits, possibly grouped by dashes, colons or dots (a UUID, a MAC-like 'ab:cd:...')
+_HEX_GROUPED = re.compile(r"[0-9a-fA-F](?:[0-9a-fA-F]|[-:.](?=[0-9a-fA-F]))*")
+# what separates cells on a line (CSV, TSV, pipes, quotes, spaces): packed away so that an id
+# split across adjacent cells is whole again
+_CELL_SEPARATORS = re.compile(r"[\s,;|\"'`&]+")
+_BASE64_WORD = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
+_BASE32_WORD = re.compile(r"[A-Z2-7]{16,}={0,6}")
+
+
+def _decoded_words(text: str) -> list[str]:
+    """Short base64/base32 words decoded (long ones are ``encoded.blob``): as text when they
+    decode to text, else as the hex of their bytes."""
+    import base64
+    import binascii
+
+    out: list[str] = []
+    for pattern, decode in ((_BASE64_WORD, "b64"), (_BASE32_WORD, "b32")):
+        for m in pattern.finditer(text):
+            word = m.group(0).rstrip("=")
+            if sum(bool(re.search(c, word)) for c in ("[A-Z]", "[a-z]", "[0-9]")) < 2:
+                continue  # a number or a word, not an encoding
+            try:
+                if decode == "b32":
+                    blob = base64.b32decode(word + "=" * (-len(word) % 8))
+                elif "-" in word or "_" in word:
+                    blob = base64.urlsafe_b64decode(word + "=" * (-len(word) % 4))
+                else:
+                    blob = base64.b64decode(word + "=" * (-len(word) % 4))
+            except (binascii.Error, ValueError):
+                continue
+            if len(blob) < FRAGMENT_CHARS // 2:
+                continue
+            try:
+                out.append(blob.decode("ascii"))
+            except UnicodeDecodeError:
+                out.append(blob.hex())
+    return out
+
+
+def id_fragments(text: str) -> set[str]:
+    """Every lower-case window of FRAGMENT_CHARS hex characters an id could hide in: hex runs
+    (separators removed), read forwards and backwards, also with each line's cells packed
+    together, and in short base64/base32 words decoded. A run needs a letter a-f (a run of
+    digits is a number, not a hex id)."""
+    text = INVISIBLE.sub("", text)
+    sources = [text, _CELL_SEPARATORS.sub("", text.replace("\n", "\u0000"))]
+    sources += _decoded_words(text)
+    windows: set[str] = set()
+    for source in sources:
+        for m in _HEX_GROUPED.finditer(source):
+            run = re.sub(r"[-:.]", "", m.group(0)).lower()
+            if len(run) < FRAGMENT_CHARS or not re.search("[a-f]", run):
+                continue
+            for value in (run, run[::-1]):
+                windows.update(
+                    value[i : i + FRAGMENT_CHARS] for i in range(len(value) - FRAGMENT_CHARS + 1)
+                )
+            if len(windows) > _MAX_FRAGMENTS:
+                raise ValueError(
+                    f"more than {_MAX_FRAGMENTS} hex fragments: a hex dump, not an output"
+                )
+    return windows
+
+
+def _ids_with_fragments(
+    cur: duckdb.DuckDBPyConnection,
+    table: str,
+    column: str,
+    fragments: set[str],
+    extract_shapes: dict[tuple[str, str], tuple[int, bool]],
+) -> set[str]:
+    """Ids of ``table.column`` one of whose windows (every _WINDOW_STEP characters, and the
+    last FRAGMENT_CHARS) is among ``fragments``."""
+    col = _quote(column)
+    key = (table, column)
+    if key not in extract_shapes:
+        # the longest id, and whether all ids are lower case (the pseudonyms are): computed
+        # once per extract, so that the probes below need no lower() per id
+        longest, lowered = cur.execute(
+            f"SELECT max(length({col})), bool_and({col} = lower({col})) FROM {_quote(table)}"
+        ).fetchall()[0]
+        extract_shapes[key] = (longest or 0, bool(lowered))
+    longest, lowered = extract_shapes[key]
+    if longest < FRAGMENT_CHARS:
+        return set()
+    cur.register("__id_fragments", pl.DataFrame({"v": sorted(fragments)}).to_arrow())
+    case = "{}" if lowered else "lower({})"
+    probes = [case.format(f"right({col}, {FRAGMENT_CHARS})")] + [
+        case.format(f"substr({col}, {start + 1}, {FRAGMENT_CHARS})")
+        for start in range(0, longest - FRAGMENT_CHARS + 1, _WINDOW_STEP)
+    ]
+    # one hash semi-join per window position: DuckDB plans an OR of IN-subqueries as a
+    # nested loop, several times slower on millions of ids
+    sql = " UNION ".join(
+        f"SELECT {col} FROM {_quote(table)} SEMI JOIN __id_fragments f ON {p} = f.v" for p in probes
+    )
+    return {r[0] for r in cur.execute(sql).fetchall()}
+
+
 def find_identifiers_in_text(text: str, extract: ExtractIndex) -> Finding | None:
-    """Words of a text (a log, a notebook's source) equal to an extract's text ids."""
-    words = sorted(set(_WORD.findall(text)))
-    if not words or not any(is_text for _, _, is_text in extract.id_columns):
+    """Ids of the extract in a text (a log, a notebook's JSON, the XML of a workbook): whole
+    words in any case, and hex ids however transformed (upper case, dashes, prefixes, split
+    across cells, truncated to 16 characters, reversed, in short base64/base32)."""
+    if not any(is_text for _, _, is_text in extract.id_columns):
         return None
+    plain = INVISIBLE.sub("", text)
+    words = set(_WORD.findall(plain))
+    words |= {w.lower() for w in words} | {w.upper() for w in words}
+    try:
+        fragments = id_fragments(plain)
+    except ValueError as exc:  # too many hex strings to search: nobody can review them either
+        return Finding(
+            rule="leak.identifier",
+            status=Status.FAIL,
+            message=f"{exc}: the file cannot be searched for disguised ids of the extract; "
+            "remove the hex strings (hashes, ids) from the output",
+            evidence={"fragments": _MAX_FRAGMENTS},
+        )
     found: set[str] = set()
+    transformed: set[str] = set()
     cur = extract.cursor()
     try:
         for table, column, is_text in extract.id_columns:
-            if is_text:
-                found |= _ids_among(cur, table, column, pl.Series(words, dtype=pl.String))
+            if not is_text:
+                continue
+            if words:
+                found |= _ids_among(cur, table, column, pl.Series(sorted(words), dtype=pl.String))
+            if fragments:
+                hits = _ids_with_fragments(cur, table, column, fragments, extract.id_shapes)
+                transformed |= hits - found
     finally:
         cur.close()
-    if not found:
+    if not found and not transformed:
         return None
     cells = []
-    for word in sorted(found)[:_ROWS_LISTED]:
-        pos = text.find(word)
-        line = text.count("\n", 0, pos) + 1
-        cells.append({"line": line, "value": word[:4] + "…"})
+    for word in sorted(found | transformed)[:_ROWS_LISTED]:
+        pos = plain.lower().find(word.lower())
+        cell: dict[str, Any] = {"value": word[:4] + "…"}
+        if pos >= 0:
+            cell["line"] = plain.count("\n", 0, pos) + 1
+        else:
+            cell["transformed"] = True
+        cells.append(cell)
+    how = f" ({len(transformed)} disguised: case, separators, pieces, reversed or encoded)"
     return Finding(
         rule="leak.identifier",
         status=Status.FAIL,
-        message=f"{len(found)} pseudonymous id(s) of the extract appear in the text",
+        message=f"{len(found | transformed)} pseudonymous id(s) of the extract appear in the "
+        f"file{how if transformed else ''}: identifiers never leave the TRE",
         cells=cells,
-        evidence={"identifiers": len(found)},
+        evidence={"identifiers": len(found | transformed), "disguised": len(transformed)},
     )
 
 

@@ -348,6 +348,39 @@ def markdown_tables(text: str) -> list[tuple[tuple[int, int], pl.DataFrame, pl.D
     return found
 
 
+_LATEX_TABLE = re.compile(
+    r"\\begin\{(tabular\*?|array|longtable|tabularx)\}(?:\{[^}]*\})*(.*?)\\end\{\1\}", re.DOTALL
+)
+_LATEX_RULE = re.compile(r"\\(?:hline|toprule|midrule|bottomrule|cline\{[^}]*\}|endhead|endfoot)")
+_LATEX_WRAP = re.compile(
+    r"\\(?:textbf|textit|emph|mathrm|text|multicolumn\{\d+\}\{[^}]*\})\{([^{}]*)\}"
+)
+
+
+def latex_tables(text: str) -> list[tuple[tuple[int, int], pl.DataFrame, pl.DataFrame]]:
+    """LaTeX tabular/array environments (``df.to_latex()``, ``text/latex`` outputs): rows end
+    with a double backslash, cells split on '&', the first row is the header."""
+    found = []
+    for m in _LATEX_TABLE.finditer(text):
+        body = _LATEX_RULE.sub("", m.group(2))
+        rows = []
+        for line in re.split(r"\\\\(?:\[[^\]]*\])?", body):
+            if not line.strip():
+                continue
+            cells = [_LATEX_WRAP.sub(r"\1", c).replace("\\%", "%").strip() for c in line.split("&")]
+            rows.append([c.strip("{}$ ") for c in cells])
+        if not rows:
+            continue
+        width = len(rows[0])
+        rows = [(r + [""] * width)[:width] for r in rows]
+        first = text.count("\n", 0, m.start())
+        if any(parse_number(c) is not None for c in rows[0]):  # no header row
+            rows.insert(0, [f"column_{i + 1}" for i in range(width)])
+        typed, raw = _frame(rows[0], rows[1:])
+        found.append(((first, text.count("\n", 0, m.end())), typed, raw))
+    return found
+
+
 def check_prose(text: str, ctx: Any, location: dict[str, Any] | None = None) -> list[Finding]:
     """Markdown/plain text: its pipe tables go to the table rules, the rest to the text rules."""
     from airlock.checks.context import check_dataframe
@@ -356,7 +389,7 @@ def check_prose(text: str, ctx: Any, location: dict[str, Any] | None = None) -> 
     location = location or {}
     findings: list[Finding] = []
     lines = text.splitlines()
-    for (first, last), df, raw in markdown_tables(text):
+    for (first, last), df, raw in markdown_tables(text) + latex_tables(text):
         where = {**location, "lines": f"{first + 1}-{last + 1}"}
         findings += check_dataframe(df, ctx, where, raw=raw)[1]
         lines[first : last + 1] = [""] * (last + 1 - first)
@@ -382,6 +415,10 @@ def tables_from_text(text: str) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
             parsed = None
         if parsed and parsed[0] and parsed[1]:
             return [_frame(*parsed)]
+    if len(lines) >= 3:  # a header and two rows: print(df.to_csv()) of a small table
+        csv = _csv_like("\n".join(lines))
+        if csv is not None and any(dtype.is_numeric() for dtype in csv[0].schema.values()):
+            return [csv]
     if len(lines) >= 10:
         csv = _csv_like("\n".join(lines))
         if csv is not None:
@@ -451,9 +488,16 @@ def _check_output(output: dict[str, Any], ctx: Any, where: dict[str, Any]) -> li
     if "text/html" in data:
         html_text = _joined(data["text/html"])
         findings += check_html(html_text, ctx, where)
-    elif "text/plain" in data and not any(m in data for m in _IMAGE_MIMES):
+    if "text/plain" in data:
+        # the file carries every representation, whichever one a front end shows: a harmless
+        # text/html beside a text/plain table must not hide the table
         text = _joined(data["text/plain"])
-        findings += encoded_blobs(text, where) + _check_plain_text(text, ctx, where)
+        seen = {(f.rule, f.message) for f in findings}
+        findings += [
+            f
+            for f in encoded_blobs(text, where) + _check_plain_text(text, ctx, where)
+            if (f.rule, f.message) not in seen
+        ]
     for mime, value in data.items():
         if mime in _IMAGE_MIMES:
             blob = decode_base64(re.sub(r"\s+", "", _joined(value))) or b""
@@ -472,10 +516,108 @@ def _check_output(output: dict[str, Any], ctx: Any, where: dict[str, Any]) -> li
                     cells=[where],
                 )
             )
+        elif mime in {"text/markdown", "text/latex"}:
+            text = _joined(value)
+            findings += encoded_blobs(text, where) + check_prose(text, ctx, where)
+        elif mime == "application/json" or mime.endswith("+json"):
+            findings += _check_json_output(value, ctx, where)
         elif mime not in {"text/plain", "text/html"}:
             findings += encoded_blobs(_joined(value), where)
             findings += _check_plain_text(_joined(value), ctx, where)
     return findings
+
+
+def _check_json_output(value: Any, ctx: Any, where: dict[str, Any]) -> list[Finding]:
+    """A JSON output (application/json, a vendor's +json such as a data resource): the tables
+    it holds go to the table rules, the rest of its leaves to the text rules."""
+    import json
+
+    from airlock.checks.engine import check_json_value
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return encoded_blobs(value, where) + _check_plain_text(value, ctx, where)
+    text = json.dumps(value)
+    return encoded_blobs(text, where) + check_json_value(value, ctx, where)
+
+
+def _merged_streams(outputs: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """(index, output) with consecutive stream outputs of the same stream joined, as Jupyter
+    shows them: a table printed one line per output is one table."""
+    merged: list[tuple[int, dict[str, Any]]] = []
+    for j, output in enumerate(outputs):
+        if merged and output.get("output_type") == "stream":
+            first, previous = merged[-1]
+            if previous.get("output_type") == "stream" and previous.get("name") == output.get(
+                "name"
+            ):
+                text = _joined(previous.get("text")) + _joined(output.get("text"))
+                merged[-1] = (first, {**previous, "text": text})
+                continue
+        merged.append((j, output))
+    return merged
+
+
+def _check_raw(source: str, ctx: Any, where: dict[str, Any]) -> list[Finding]:
+    """A raw cell is text pasted as is: a table in it (CSV, a printed frame) is a table."""
+    from airlock.checks.context import check_dataframe
+
+    tables = tables_from_text(source)
+    if not tables:
+        return check_prose(source, ctx, where)
+    findings: list[Finding] = []
+    for df, raw in tables:
+        findings += check_dataframe(df, ctx, where, raw=raw)[1]
+    return findings
+
+
+# Metadata a notebook, a cell or an output carries for its tools; anything else is data a
+# checker never sees in the rendered notebook.
+_NOTEBOOK_METADATA = {"kernelspec", "language_info", "vscode", "jupytext", "toc", "title"}
+_CELL_METADATA = {
+    *("tags", "collapsed", "scrolled", "jupyter", "execution", "editable", "deletable"),
+    *("slideshow", "trusted", "vscode", "ExecuteTime", "id", "name", "papermill", "pycharm"),
+}
+_OUTPUT_METADATA = {"needs_background", "isolated", "filenames", *_IMAGE_MIMES, "image/svg+xml"}
+
+
+def hidden_metadata(nb: dict[str, Any]) -> Finding | None:
+    """Notebook, cell and output metadata outside the keys tools write (widget state, data
+    stored by an extension or by hand): review, fail beyond the figures' metadata limit."""
+    import json
+
+    from airlock.checks.figures import HIDDEN_BYTES_FAIL
+
+    places: list[dict[str, Any]] = []
+
+    def unknown(meta: Any, known: set[str], where: dict[str, Any]) -> None:
+        if not isinstance(meta, dict):
+            return
+        extra = {k: v for k, v in meta.items() if k not in known}
+        if extra:
+            size = len(json.dumps(extra, default=str))
+            places.append({**where, "keys": sorted(extra)[:10], "bytes": size})
+
+    unknown(nb.get("metadata"), _NOTEBOOK_METADATA, {"notebook": True})
+    for i, cell in enumerate(nb["cells"]):
+        unknown(cell.get("metadata"), _CELL_METADATA, {"cell": i})
+        for j, output in enumerate(cell.get("outputs") or []):
+            if isinstance(output, dict):
+                unknown(output.get("metadata"), _OUTPUT_METADATA, {"cell": i, "output": j})
+    if not places:
+        return None
+    total = sum(p["bytes"] for p in places)
+    return Finding(
+        rule="notebook.hidden_metadata",
+        status=Status.FAIL if total > HIDDEN_BYTES_FAIL else Status.REVIEW,
+        message=f"{total} byte(s) of metadata (notebook, cell or output: widget state, stored "
+        "values) that the rendered notebook does not show; clear it (Edit > Clear outputs, "
+        "or nbstripout) or keep only what the tools need",
+        cells=places[:20],
+        evidence={"bytes": total, "places": len(places)},
+    )
 
 
 def _no_table(where: dict[str, Any]) -> Finding:
@@ -490,7 +632,7 @@ def _no_table(where: dict[str, Any]) -> Finding:
 
 def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
     """Findings for a notebook already parsed from JSON (a dict with a 'cells' list)."""
-    from airlock.checks import figures, leaks
+    from airlock.checks import figures
     from airlock.checks.html import check_html
 
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
@@ -498,13 +640,11 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
     if nb.get("nbformat") not in (4, None):
         raise ValueError(f"notebook format {nb.get('nbformat')!r} is not supported (need 4)")
     findings: list[Finding] = []
-    all_text: list[str] = []
     for i, cell in enumerate(nb["cells"]):
         if not isinstance(cell, dict):
             raise ValueError(f"cell {i} is not an object")
         where = {"cell": i}
         source = _joined(cell.get("source"))
-        all_text.append(source)
         ctype = cell.get("cell_type")
         findings += encoded_blobs(source, {**where, "source": True})
         if ctype == "markdown":
@@ -522,13 +662,14 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
                     else:
                         findings += encoded_blobs(_joined(value), loc)
         elif ctype == "raw":
-            findings += check_prose(source, ctx, where)
+            findings += _check_raw(source, ctx, where)
         outputs = cell.get("outputs") or []
         if not isinstance(outputs, list):
             raise ValueError(f"cell {i}: 'outputs' is not a list")
         for j, output in enumerate(outputs):
             if not isinstance(output, dict):
                 raise ValueError(f"cell {i} output {j} is not an object")
+        for j, output in _merged_streams(outputs):
             loc = {"cell": i, "output": j}
             try:
                 findings += _check_output(output, ctx, loc)
@@ -541,15 +682,9 @@ def check_notebook(nb: Any, ctx: Any) -> list[Finding]:
                         cells=[loc],
                     )
                 )
-            if ctx.extract is not None:
-                all_text.append(_joined(output.get("text")))
-                for mime, value in (output.get("data") or {}).items():
-                    if mime.startswith("text/"):
-                        all_text.append(_joined(value))
-    if ctx.extract is not None:
-        ident = leaks.find_identifiers_in_text("\n".join(all_text), ctx.extract)
-        if ident:
-            findings.append(ident)
+    hidden = hidden_metadata(nb)
+    findings += [hidden] if hidden else []
+    # ids of the extract anywhere in the notebook (metadata too) are searched by the engine
     return findings
 
 

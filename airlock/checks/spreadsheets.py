@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from airlock.checks.cells import unique_names
+from airlock.checks.figures import HIDDEN_BYTES_FAIL
 from airlock.checks.findings import Finding, Status
 
 MAX_INFLATED_BYTES = 256 * 1024 * 1024  # a workbook inflating beyond this is a zip bomb
@@ -36,6 +37,18 @@ def split_preamble(text: str) -> tuple[str, str]:
     if n == len(lines):
         return "", text
     return "".join(lines[:n]), "".join(lines[n:])
+
+
+def split_blocks(text: str) -> list[str]:
+    """The tables of a delimited text, separated by blank lines (a second table written below
+    the first). One block when there is no blank line between non-blank lines."""
+    blocks: list[list[str]] = [[]]
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            blocks[-1].append(line)
+        elif blocks[-1]:
+            blocks.append([])
+    return ["".join(b) for b in blocks if b]
 
 
 # A number written with a decimal comma (and optional thousands dots): "7,61", "1.234,5", "12,5 %".
@@ -160,6 +173,28 @@ def _zip_findings(data: bytes) -> tuple[list[Finding], set[str]]:
             "the workbook links to external workbooks or data connections",
             links,
         )
+    pivot_records = [n for n in names if n.startswith("xl/pivotCache/pivotCacheRecords")]
+    if pivot_records:
+        fail(
+            "spreadsheet.pivot_cache",
+            "the workbook stores the records behind a pivot table (pivotCacheRecords): a copy "
+            "of the source rows; paste the pivot table as values",
+            pivot_records,
+        )
+    unexpected = [i for i in infos if not i.is_dir() and not i.filename.startswith(_KNOWN_PARTS)]
+    if unexpected:
+        size = sum(i.file_size for i in unexpected)
+        findings.append(
+            Finding(
+                rule="spreadsheet.unexpected_part",
+                status=Status.FAIL if size > HIDDEN_BYTES_FAIL else Status.REVIEW,
+                message=f"{len(unexpected)} part(s) of the workbook ({size} bytes) that no sheet "
+                "shows (custom XML, files added to the archive): save the sheets as a new "
+                "workbook",
+                cells=[{"part": i.filename, "bytes": i.file_size} for i in unexpected[:20]],
+                evidence={"parts": len(unexpected), "bytes": size},
+            )
+        )
     embedded = [n for n in names if n.startswith(("xl/embeddings/", "xl/activeX/"))]
     if embedded:
         fail(
@@ -168,6 +203,48 @@ def _zip_findings(data: bytes) -> tuple[list[Finding], set[str]]:
             embedded,
         )
     return findings, names
+
+
+# Parts an XLSX written by Excel, LibreOffice or openpyxl holds; the pivot caches, macros,
+# links and embeddings among them have their own rules.
+_KNOWN_PARTS = (
+    *("[Content_Types].xml", "_rels/", "docProps/core.xml", "docProps/app.xml"),
+    *("docProps/custom.xml", "docProps/thumbnail.", "xl/workbook.xml", "xl/_rels/"),
+    *("xl/styles.xml", "xl/theme/", "xl/worksheets/", "xl/sharedStrings.xml", "xl/comments"),
+    *("xl/threadedComments/", "xl/persons/", "xl/drawings/", "xl/charts/", "xl/media/"),
+    *("xl/printerSettings/", "xl/calcChain.xml", "xl/tables/", "xl/metadata.xml"),
+    *("xl/pivotTables/", "xl/pivotCache/", "xl/externalLinks/", "xl/connections.xml"),
+    *("xl/embeddings/", "xl/activeX/", "xl/vbaProject.bin", "xl/macrosheets/"),
+    *("xl/chartsheets/", "xl/queryTables/", "xl/volatileDependencies.xml", "xl/ctrlProps/"),
+)
+# Text a workbook carries outside its cells: document properties, constant defined names,
+# data-validation lists, page headers and footers.
+_HIDDEN_TEXT = re.compile(
+    r"<(?:dc:title|dc:subject|dc:description|cp:keywords|cp:category)\b[^>]*>([^<]*)<"
+    r"|<vt:lpwstr>([^<]*)<"
+    r"|<definedName[^>]*>\s*([\"{][^<]*)<"
+    r"|<formula1>\s*(&quot;[^<]*|\"[^<]*)<"
+    r"|<(?:oddHeader|oddFooter|evenHeader|evenFooter|firstHeader|firstFooter)\b[^>]*>([^<]*)<"
+)
+
+
+def hidden_text(data: bytes) -> str:
+    """Text of a workbook that no cell shows (see ``_HIDDEN_TEXT``), entities decoded and
+    header/footer codes (&P, &"font") removed."""
+    import html
+
+    parts: list[str] = []
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for name in zf.namelist():
+            if not name.endswith(".xml"):
+                continue
+            xml = zf.read(name).decode("utf-8", "replace")
+            for m in _HIDDEN_TEXT.finditer(xml):
+                value = html.unescape(next(g for g in m.groups() if g is not None))
+                value = re.sub(r'&(?:"[^"]*"|[A-Za-z]|\d+)', " ", value).strip('"{} ')
+                if value.strip():
+                    parts.append(value.strip())
+    return "\n".join(parts)
 
 
 def _spread_merged_headers(ws: Any, rows: list[list[Any]]) -> None:
@@ -281,6 +358,9 @@ def check_xlsx(data: bytes, ctx: Any) -> tuple[list[Finding], list[str]]:
                 cells=hidden_lines[:MAX_CELLS_LISTED],
             )
         )
+    hidden = hidden_text(data)
+    if hidden:
+        findings += check_text(hidden, ctx.policy, {"hidden": True})
     if comments:
         findings.append(
             Finding(

@@ -45,7 +45,37 @@ _PVALUE = re.compile(r"\bp\s*(?:-value)?\s*[=<>≤≥]\s*$", re.IGNORECASE)
 _PEOPLE = re.compile(
     r"^\s*(?:children|child|patients?|cases?|subjects?|people|persons?|individuals?|girls?|"
     r"boys?|deaths?|relapses?|events?|survivors?|participants?|records?|tumou?rs?|infants?|"
-    r"adolescents?|families|siblings?|died|deceased|were|had)\b",
+    r"adolescents?|families|siblings?|died|deceased|were|had|relapsed|survived|progressed|"
+    r"recovered|developed|received|underwent|presented)\b",
+    re.IGNORECASE,
+)
+# a count shown as a fraction beside its percentage: "33.3% (2/6)", "2/6 (33.3%)", "2 of 6 (33%)"
+_FRACTION_BEFORE = re.compile(
+    r"\d\s*%\s*\(\s*(?:\d+\s*(?:/|of|out of)\s*)?$|\b\d+\s*(?:/|of|out of)\s*$", re.IGNORECASE
+)
+_FRACTION_AFTER = re.compile(
+    r"^\s*(?:(?:/|of|out of)\s*\d+\s*)?\(\s*\d+(?:\.\d+)?\s*%", re.IGNORECASE
+)
+# counts written as words, which the number pattern does not see: "three children"
+_WORD_NUMBERS = {
+    w: n
+    for n, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_WORD_COUNT = re.compile(
+    r"\b(?:(a single|single|a lone|lone)|(" + "|".join(_WORD_NUMBERS) + r"))\b", re.IGNORECASE
+)
+_ADJECTIVES = re.compile(
+    r"^(?:\s+(?:more|other|further|additional|young|older|younger|female|male|[a-z]+-year-old))*",
+    re.IGNORECASE,
+)
+_PER_SUBJECT = re.compile(r"^\s+(?:per|each|at a time|or more)\b", re.IGNORECASE)
+_ONLY = re.compile(r"\b(?:only|just|exactly|merely|but)\s+$", re.IGNORECASE)
+_SINGULAR_EVENT = re.compile(
+    r"^\s+(?:\w+\s+){0,3}(?:was|is|had|has|died|relapsed|survived|developed|received|underwent|"
+    r"presented|remained)\b",
     re.IGNORECASE,
 )
 _N_EQUALS = re.compile(r"\b[nN]\s*[=:]\s*$")
@@ -109,13 +139,50 @@ def numbers_in_text(text: str, policy: Policy, limit: int | None = None) -> list
         else:
             kind = "count"
             n = abs(int(number))
-            about_people = _PEOPLE.match(after) or _N_EQUALS.search(before)
+            about_people = (
+                _PEOPLE.match(after)
+                or _N_EQUALS.search(before)
+                or _FRACTION_BEFORE.search(before)
+                or _FRACTION_AFTER.match(after)
+            )
             if about_people and 0 < n < policy.min_cell_count:
                 kind = "small_count"
             elif about_people and n == 0 and policy.zeros_disclosive:
                 kind = "zero_count"
         found.append(
             NumberInText(raw, start, line + 1, kind, _snippet(text, start, end)),
+        )
+    return found + _counts_in_words(text, plain, line_starts, policy)
+
+
+def _counts_in_words(
+    text: str, plain: str, line_starts: list[int], policy: Policy
+) -> list[NumberInText]:
+    """Counts of people written as words ("three children", "a single patient"): only those
+    followed by a word for people are findings (a bare "one" is usually not a count)."""
+    found = []
+    for m in _WORD_COUNT.finditer(plain):
+        n = 1 if m.group(1) else _WORD_NUMBERS[m.group(2).lower()]
+        rest = plain[m.end() : m.end() + 80]
+        skipped = _ADJECTIVES.match(rest)
+        rest = rest[skipped.end() if skipped else 0 :]
+        people = _PEOPLE.match(rest)
+        if not people or _PER_SUBJECT.match(rest[people.end() :]):
+            continue  # "one record per child" describes the data, it counts nobody
+        if n == 1 and not (
+            _ONLY.search(plain[max(0, m.start() - 20) : m.start()])
+            or _SINGULAR_EVENT.match(rest[people.end() :])
+        ):
+            continue  # "one patient may have several tumours": a count only when it says so
+        if 0 < n < policy.min_cell_count:
+            kind = "small_count"
+        elif n == 0 and policy.zeros_disclosive:
+            kind = "zero_count"
+        else:
+            continue
+        line = bisect.bisect_right(line_starts, m.start()) - 1
+        found.append(
+            NumberInText(m.group(0), m.start(), line + 1, kind, _snippet(text, m.start(), m.end()))
         )
     return found
 

@@ -638,7 +638,337 @@ def build(dest: Path) -> list[Case]:
     )
     add("macro.xlsx", xlsx_bytes("macro"), "fail", "file.type_not_allowed", "vbaProject.bin")
     add("small.xlsx", xlsx_bytes("small"), "fail", "frequency.min_cell_count", "a count of 3")
+    redteam(add)
     return cases
+
+
+def _workbook(change=None, extra: dict[str, str] | None = None) -> bytes:
+    """The safe workbook, changed by ``change(wb, ws)``, with ``extra`` parts added to the ZIP."""
+    import openpyxl
+
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["region", "count"])
+    for region, n in (("north", 123), ("south", 97), ("east", 61), ("west", 44)):
+        ws.append([region, n])
+    if change:
+        change(wb, ws)
+    buf = io.BytesIO()
+    wb.save(buf)
+    if not extra:
+        return buf.getvalue()
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(out, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item.filename))
+        for name, body in extra.items():
+            dst.writestr(name, body)
+    return out.getvalue()
+
+
+def _defined_name(wb, ws) -> None:
+    from openpyxl.workbook.defined_name import DefinedName
+
+    wb.defined_names["note"] = DefinedName("note", attr_text='"Malta: 3 children"')
+
+
+def _description(wb, ws) -> None:
+    wb.properties.description = "Malta: 3 children"
+
+
+def _footer(wb, ws) -> None:
+    ws.oddFooter.center.text = "Malta: 3 children"
+
+
+def redteam(add) -> None:
+    """Files that passed the checks (or got only review) when a fail was warranted, found by
+    attacking them; each is now caught. Attacks with ids need an extract: test_redteam.py."""
+    small_table = "region  count\nnorth  3\nsouth  140\n"
+    # ---- text
+    add(
+        "words.txt",
+        "Three children relapsed and two died.\n",
+        "fail",
+        "text.small_count",
+        "counts of people written as words",
+    )
+    add(
+        "only_one.md",
+        "Only one child in Malta was diagnosed with hepatoblastoma.\n",
+        "fail",
+        "text.small_count",
+        "'only one child'",
+    )
+    add(
+        "fraction.txt",
+        "Relapse occurred in 33.3% (2/6) of stage IV cases.\n",
+        "fail",
+        "text.small_count",
+        "a count as a fraction beside its percentage",
+    )
+    add(
+        "methods.txt",
+        "The extract holds one record per child; each child has one tumour.\n",
+        "pass",
+        None,
+        "'one record per child' counts nobody",
+    )
+    # ---- tables
+    add(
+        "second_table.csv",
+        "region,count\nnorth,143\nsouth,121\n\nregion,count\nmalta,3\nnorth,140\n",
+        "fail",
+        "frequency.min_cell_count",
+        "a second table below a blank line",
+    )
+    add(
+        "zero_width.csv",
+        "region,count\nnorth,143\nsouth,3\u200b\n",
+        "fail",
+        "frequency.min_cell_count",
+        "a zero-width space after a small count",
+    )
+    add(
+        "bidi.csv",
+        "region,count\nnorth,143\nsouth,\u20663\u2069\n",
+        "fail",
+        "frequency.min_cell_count",
+        "a small count wrapped in bidi isolates",
+    )
+    wide = ["variable"] + [f"child_{i}" for i in range(1, 13)]
+    add(
+        "one_child_per_column.csv",
+        ",".join(wide) + "\nsex," + ",".join("FM" * 6) + "\n"
+        "country,"
+        + ",".join(["DE", "FR", "GB"] * 4)
+        + "\nbirth_year,"
+        + ",".join(str(2000 + i) for i in range(12))
+        + "\n",
+        "fail",
+        "leak.k_anonymity",
+        "row-level data transposed: one child per column",
+    )
+    add(
+        "table_one.csv",
+        "variable,overall,wilms\nsex,120 (45%),60 (40%)\nbirth_year,2004 (3.1),2005 (2.9)\n",
+        "pass",
+        None,
+        "a Table 1 with quasi-identifier rows is not read as records",
+    )
+    # ---- notebooks
+    add(
+        "stream_per_line.ipynb",
+        notebook([code_cell("print", [stream(line + "\n") for line in small_table.splitlines()])]),
+        "fail",
+        "frequency.min_cell_count",
+        "a table printed one stream output per line",
+    )
+    add(
+        "plain_beside_html.ipynb",
+        notebook(
+            [code_cell("df", [result({"text/html": "<p>ok</p>", "text/plain": small_table})])]
+        ),
+        "fail",
+        "frequency.min_cell_count",
+        "a harmless text/html beside a text/plain table",
+    )
+    add(
+        "markdown_output.ipynb",
+        notebook(
+            [
+                code_cell(
+                    "Markdown(t)",
+                    [
+                        result(
+                            {
+                                "text/plain": "<md>",
+                                "text/markdown": "| region | count |\n|---|---|\n"
+                                "| north | 3 |\n| south | 140 |\n",
+                            }
+                        )
+                    ],
+                )
+            ]
+        ),
+        "fail",
+        "frequency.min_cell_count",
+        "a pipe table in a text/markdown output",
+    )
+    add(
+        "latex_output.ipynb",
+        notebook(
+            [
+                code_cell(
+                    "df.to_latex()",
+                    [
+                        result(
+                            {
+                                "text/plain": "<tex>",
+                                "text/latex": "\\begin{tabular}{lr}\\toprule region & count "
+                                "\\\\ \\midrule north & 3 \\\\ south & 140 \\\\ "
+                                "\\bottomrule \\end{tabular}",
+                            }
+                        )
+                    ],
+                )
+            ]
+        ),
+        "fail",
+        "frequency.min_cell_count",
+        "a LaTeX tabular output",
+    )
+    add(
+        "json_output.ipynb",
+        notebook(
+            [
+                code_cell(
+                    "x",
+                    [
+                        result(
+                            {
+                                "text/plain": "<obj>",
+                                "application/json": {
+                                    "table": [
+                                        {"region": "north", "count": 3},
+                                        {"region": "south", "count": 140},
+                                    ]
+                                },
+                            }
+                        )
+                    ],
+                )
+            ]
+        ),
+        "fail",
+        "frequency.min_cell_count",
+        "records nested in an application/json output",
+    )
+    add(
+        "raw_cell.ipynb",
+        json.dumps(
+            {
+                **json.loads(notebook([])),
+                "cells": [
+                    {
+                        "cell_type": "raw",
+                        "metadata": {},
+                        "source": "region,count\nnorth,3\nsouth,140\n",
+                    }
+                ],
+            }
+        ),
+        "fail",
+        "frequency.min_cell_count",
+        "CSV pasted in a raw cell",
+    )
+    add(
+        "widget_state.ipynb",
+        json.dumps(
+            {
+                **json.loads(notebook([code_cell("w", [])])),
+                "metadata": {
+                    "widgets": {
+                        "state": {"m": {"value": [[f"r{i}", "F", 2004] for i in range(80)]}}
+                    }
+                },
+            }
+        ),
+        "fail",
+        "notebook.hidden_metadata",
+        "records kept in the widget state",
+    )
+    add(
+        "cell_metadata.ipynb",
+        json.dumps(
+            {
+                **json.loads(notebook([])),
+                "cells": [{**code_cell("x = 1", []), "metadata": {"note": "see the appendix"}}],
+            }
+        ),
+        "review",
+        "notebook.hidden_metadata",
+        "a little metadata no one sees",
+    )
+    # ---- HTML
+    add(
+        "heading_then_count.html",
+        "<html><body><h1>Results</h1><p>3 children relapsed</p></body></html>",
+        "fail",
+        "text.small_count",
+        "'Results3 children': blocks ran together",
+    )
+    add(
+        "comment.html",
+        "<html><body><p>Summary</p><!-- Malta: 3 children --></body></html>",
+        "fail",
+        "text.small_count",
+        "a count in an HTML comment",
+    )
+    add(
+        "title_attribute.html",
+        '<html><head><title>Report</title><meta name="viewport" '
+        'content="initial-scale=1.0"></head><body><p title="Malta: 3 children">Summary</p>'
+        "</body></html>",
+        "fail",
+        "text.small_count",
+        "a count in a title attribute",
+    )
+    add(
+        "attributes.html",
+        '<html><head><meta name="viewport" content="initial-scale=1.0">'
+        '</head><body><div data-root-id="1002" title="plot 1">'
+        + HTML_SAFE[12:-14]
+        + "</div></body></html>",
+        "pass",
+        None,
+        "numbers in attributes are not counts",
+    )
+    # ---- figures
+    add(
+        "desc.svg",
+        f'{SVG_HEAD} width="100" height="50"><desc>Malta: 3 children</desc>'
+        '<text x="5" y="45">Incidence</text></svg>',
+        "fail",
+        "text.small_count",
+        "a count in an SVG <desc>",
+        ("safe_counts.csv",),
+    )
+    # ---- spreadsheets
+    add(
+        "defined_name.xlsx",
+        _workbook(_defined_name),
+        "fail",
+        "text.small_count",
+        "a count in a constant defined name",
+    )
+    add(
+        "description.xlsx",
+        _workbook(_description),
+        "fail",
+        "text.small_count",
+        "a count in the document properties",
+    )
+    add("footer.xlsx", _workbook(_footer), "fail", "text.small_count", "a count in a footer")
+    rows = "".join(f'<r sex="F" yob="{2000 + i}" days="{300 + i}"/>' for i in range(40))
+    add(
+        "custom_xml.xlsx",
+        _workbook(extra={"customXml/item1.xml": f"<rows>{rows}</rows>"}),
+        "fail",
+        "spreadsheet.unexpected_part",
+        "records in a custom XML part",
+    )
+    add(
+        "pivot_cache.xlsx",
+        _workbook(
+            extra={
+                "xl/pivotCache/pivotCacheRecords1.xml": "<pivotCacheRecords><r><s v='F'/>"
+                "<n v='2004'/></r></pivotCacheRecords>"
+            }
+        ),
+        "fail",
+        "spreadsheet.pivot_cache",
+        "the records behind a pivot table",
+    )
 
 
 if __name__ == "__main__":
