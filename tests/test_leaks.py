@@ -91,6 +91,30 @@ def test_an_id_anywhere_in_a_table_fails_with_its_row(index):
     assert find_identifiers(tumour, index).cells[0]["row"] == 0
 
 
+def test_export_columns_named_like_the_checks_internals_are_ordinary_columns(
+    tmp_path, extract, index
+):
+    """A table with a "value" (or "col", "__row") column was unreadable with an extract:
+    the id search's long format used those names itself."""
+    df = pl.DataFrame(
+        {"value": ["fine", pid(5)], "col": ["a", "b"], "__row": ["x", "y"], "n": [11, 12]}
+    )
+    finding = find_identifiers(df, index)
+    assert finding is not None and finding.cells == [{"row": 1, "column": "value"}]
+    plain = tmp_path / "counts.csv"
+    plain.write_text("group,value\n" + "".join(f"g{i},{20 + i}\n" for i in range(20)))
+    report = check_file(plain, POLICY, extract_path=extract[0])
+    assert report.status == Status.PASS, report.findings
+    # copied rows with such a column are still matched against the extract
+    path, patients, tumours = extract
+    rows = tumours.join(patients, on="patient_id").head(15)
+    export = rows.select("sex", "birth_year", "country", "diagnosis_year", "icdo3_morphology")
+    copied = tmp_path / "copied.csv"
+    export.with_columns(pl.lit("x").alias("__row"), pl.lit("y").alias("value")).write_csv(copied)
+    rules = {f.rule for f in check_file(copied, POLICY, extract_path=path).findings}
+    assert "leak.row_match" in rules and "file.unreadable" not in rules, rules
+
+
 def test_numeric_ids_only_match_a_column_of_the_same_name(tmp_path):
     path = tmp_path / "num.duckdb"
     con = duckdb.connect(str(path))

@@ -148,9 +148,16 @@ def find_identifiers(df: pl.DataFrame, extract: ExtractIndex) -> Finding | None:
     in a column of the same name (else every small count would 'match' patient 12)."""
     if not extract.id_columns or df.height == 0 or df.width == 0:
         return None
-    text = _as_text_frame(df).with_row_index("__row", offset=0)
+    # positional column names: the export's own names ("value", "col", "__row"...) must not
+    # collide with the long format's columns (a table with a "value" column was unreadable)
+    text = _as_text_frame(df)
+    text.columns = [str(i) for i in range(text.width)]
+    text = text.with_row_index("__row", offset=0)
     long = text.unpivot(index="__row", variable_name="col", value_name="value").drop_nulls()
-    long = long.with_columns(pl.col("value").str.strip_chars())
+    long = long.with_columns(
+        pl.col("col").cast(pl.Int64).replace_strict(dict(enumerate(df.columns))),
+        pl.col("value").str.strip_chars(),
+    )
     lower_names = {c.lower(): c for c in df.columns}
     candidates = (
         long.get_column("value").filter(long.get_column("value").str.len_chars() >= _MIN_ID_CHARS)
@@ -426,8 +433,11 @@ def _match_rows(
     else:
         hits = f"SELECT {m_cols}, count(*) AS n FROM {source} JOIN m ON {' AND '.join(conds)} "
         hits += "GROUP BY ALL"
+    row = "__row"
+    while row in df.columns:  # an export column of that name must not hide the row number
+        row += "_"
     sql = f"""
-        WITH e AS (SELECT __row, {", ".join(sel)} FROM __export_rows),
+        WITH e AS (SELECT {row} AS __row, {", ".join(sel)} FROM __export_rows),
         m AS (SELECT DISTINCT {", ".join(names)} FROM e WHERE {not_null}),
         hits AS ({hits})
         SELECT e.__row, sum(hits.n) AS n FROM e JOIN hits USING ({", ".join(names)})
@@ -435,7 +445,7 @@ def _match_rows(
     """
     cur = extract.cursor()
     try:
-        cur.register("__export_rows", df.with_row_index("__row", offset=0).to_arrow())
+        cur.register("__export_rows", df.with_row_index(row, offset=0).to_arrow())
         return [(int(r), int(n)) for r, n in cur.execute(sql).fetchall()]
     finally:
         cur.close()
