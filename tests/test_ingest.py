@@ -578,3 +578,63 @@ def test_rows_to_quarantine_are_read_again_only_if_the_file_is_unchanged(tmp_pat
     path.write_text("patient_id,sex\nP1,F\nP3,M\n")
     with pytest.raises(IngestError, match="changed while it was being ingested"):
         files.read("patient")
+
+
+def test_broken_files_are_refused_with_a_message_naming_the_file(settings, tmp_path, delivery):
+    """Regressions found by tests/test_fuzz_ingest.py: each was a crash, a silent load or an
+    error that did not say which file or what was wrong."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def refused(name: str, data: bytes, match: str) -> None:
+        d = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / name).write_bytes(data)
+        with pytest.raises(IngestError, match=match):
+            ingest(settings, "uk-ccr", [d / name])
+
+    text = delivery["patient"].write_csv()
+    refused("patient.csv", text.encode("utf-16"), r"patient.csv: .*UTF-16.*UTF-8")
+    refused("patient.csv", text.replace("F", "F\x00", 1).encode(), r"patient.csv: .*NUL bytes")
+    refused("patient.csv", text.replace("study_id", "sex", 1).encode(), "several columns .* sex")
+    refused("patient.csv", text.replace("study_id", "", 1).encode(), "column 4 has no name")
+    refused("patient.csv", text.replace("study_id", "_row", 1).encode(), r"unknown column.*_row")
+    refused("x_patient.csv", text.replace("study_id", "nhs", 1).encode(), "x_patient.csv: unknown")
+    # Parquet: nested or binary columns were cast to text and loaded ('{1}')
+    for array in (pa.array([{"a": 1}] * 400), pa.array([b"ok"] * 400)):
+        t = delivery["patient"].to_arrow().set_column(3, "study_id", array)
+        buf = pa.BufferOutputStream()
+        pq.write_table(t, buf)
+        refused("patient.parquet", buf.getvalue().to_pybytes(), "study_id .* nested, binary")
+    # a directory, FIFO or symlink where a delivered file should be
+    (tmp_path / "dir" / "patient.csv").mkdir(parents=True)
+    with pytest.raises(IngestError, match="no CSV or Parquet files"):
+        ingest(settings, "uk-ccr", [tmp_path / "dir" / "patient.csv"])
+    os.mkfifo(tmp_path / "dir" / "tumour.csv")
+    with pytest.raises(IngestError, match="tumour.csv: not a regular file"):
+        ingest(settings, "uk-ccr", [tmp_path / "dir" / "tumour.csv"])
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "patient.csv").symlink_to(settings.hmac_key_file)
+    with pytest.raises(IngestError, match="symbolic link"):
+        ingest(settings, "uk-ccr", [tmp_path / "link"])
+    assert not PooledStore(settings.pooled_dir).db_path.exists()
+
+
+def test_a_corrupt_parquet_page_header_is_an_error_not_a_crashed_process(tmp_path, delivery):
+    """polars' Parquet reader aborted the process (a 2 EiB allocation) on a page header
+    declaring a negative number of values; run in a child so the old code fails cleanly."""
+    import subprocess
+    import sys
+
+    from test_fuzz_ingest import corrupt_page_header
+
+    path = tmp_path / "tumour.parquet"
+    delivery["tumour"].write_parquet(path)
+    corrupt_page_header(path, negative=True)
+    res = subprocess.run(
+        [sys.executable, "-c", f"from tre.ingest import _read; from pathlib import Path; "
+         f"_read(Path({str(path)!r}))"],
+        capture_output=True, text=True, env=dict(os.environ, RUST_BACKTRACE="0"), timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr[-500:]
+    assert "IngestError: tumour.parquet: cannot be read: " in res.stderr

@@ -160,38 +160,116 @@ def _csv_separator(path: Path) -> str:
     return best if counts[best] > counts[","] else ","
 
 
-def _column_names(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+def _header_names(columns: list[str], path: Path) -> list[str]:
     """Header names as the dictionary writes them: 'Patient ID ' and 'PATIENT_ID' are
-    patient_id. Two headers that become the same name are refused, not merged."""
+    patient_id. Two headers that become the same name are refused, not merged; so are a
+    header without a name and the internal row-number column."""
+    names = [re.sub(r"[\s\-]+", "_", c.strip().lstrip("\ufeff").strip()).lower() for c in columns]
+    # the CSV reader renames a repeated header 'sex' to 'sex_duplicated_0': undo it, so the
+    # clash is reported as what it is
     names = [
-        re.sub(r"[\s\-]+", "_", c.strip().lstrip("\ufeff").strip()).lower() for c in df.columns
+        m.group(1) if (m := _DUPLICATED.fullmatch(n)) and m.group(1) in names else n for n in names
     ]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
         raise IngestError(
-            f"{path.name}: several columns are named {', '.join(clashes)} "
+            f"{path.name}: several columns are named {', '.join(clashes) or '(empty)'} "
             "(names are compared ignoring case, spaces and hyphens)"
         )
-    return df.rename(dict(zip(df.columns, names, strict=True)))
+    if "" in names:
+        raise IngestError(f"{path.name}: column {names.index('') + 1} has no name in the header")
+    if ROW in names:  # the row numbers are ours; a delivered one is just an unknown column
+        raise IngestError(f"{path.name}: unknown column(s): {ROW}")
+    return names
+
+
+_DUPLICATED = re.compile(r"(.*)_duplicated_\d+")
+# types a Parquet column may have: text, numbers, booleans and dates are read as text and typed
+# by the dictionary; nested, binary, duration... values are refused (as the dictionary does)
+_PARQUET_SCALAR = ("string", "large_string", "string_view", "integer", "floating", "decimal",
+                   "boolean", "null", "date", "time", "timestamp")  # fmt: skip
+
+
+def _reader_message(exc: BaseException) -> str:
+    """The first line of a reader's error, shortened: polars and Arrow append hints meant for
+    programmers and quote the delivered text (local ids) at length."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return first if len(first) <= 200 else first[:200] + "..."
+
+
+def _check_text(path: Path) -> None:
+    """A CSV must be UTF-8 text: UTF-16/32 (a byte-order mark, NUL bytes) or a binary file is
+    refused with a hint instead of being read as one garbled column."""
+    with path.open("rb") as fh:
+        head = fh.read(4)
+        if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+            raise IngestError(
+                f"{path.name}: cannot be read: it is UTF-16 or UTF-32 text{_UTF8_HINT}"
+            )
+        fh.seek(0)
+        while chunk := fh.read(1 << 20):
+            if b"\x00" in chunk:
+                raise IngestError(
+                    f"{path.name}: cannot be read: it holds NUL bytes, so it is not UTF-8 text "
+                    f"(UTF-16? a binary file?){_UTF8_HINT}"
+                )
+
+
+_UTF8_HINT = " (deliver text files as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+
+
+def _read_parquet(path: Path) -> pl.DataFrame:
+    """A Parquet file through Arrow's reader, which checks page headers (polars' reader aborted
+    the whole process on a corrupt one), with every value checked (UTF-8 of strings) before
+    polars sees it. pyarrow is imported only when a site delivers Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as parquet:
+            table = parquet.read()
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}") from exc
+    odd = [
+        f"{f.name} ({f.type})"
+        for f in table.schema
+        if not any(
+            getattr(pa.types, f"is_{kind}")(
+                f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+            )
+            for kind in _PARQUET_SCALAR
+        )
+    ]
+    if odd:
+        raise IngestError(
+            f"{path.name}: column(s) {', '.join(odd)} hold nested, binary or other values, "
+            "not text or numbers"
+        )
+    names = _header_names(table.column_names, path)
+    try:
+        # cast to text by Arrow: polars panicked on some types (decimal256); rebuilt without
+        # schema or field metadata, which is not data (invalid UTF-8 in it made polars panic)
+        text = [c.cast(pa.large_string()) for c in table.columns]
+        return pl.from_arrow(pa.Table.from_arrays(text, names=names))  # type: ignore[return-value]
+    except (pl.exceptions.PolarsError, pa.ArrowException, ValueError) as exc:
+        raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}") from exc
 
 
 def _read(path: Path) -> pl.DataFrame:
     """Read a delivered file as text columns: the dictionary does the typing and says why a
     value is wrong, instead of the reader guessing types."""
+    if SUPPORTED_SUFFIXES[path.suffix.lower()] == "parquet":
+        return _read_parquet(path)
+    _check_text(path)
     try:
-        if SUPPORTED_SUFFIXES[path.suffix.lower()] == "csv":
-            df = pl.read_csv(
-                path, infer_schema=False, raise_if_empty=False, separator=_csv_separator(path)
-            )
-        else:
-            df = pl.read_parquet(path)
-            df = df.with_columns(pl.all().cast(pl.String))
+        df = pl.read_csv(
+            path, infer_schema=False, raise_if_empty=False, separator=_csv_separator(path)
+        )
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        hint = ""
-        if "utf-8" in str(exc).lower() or "utf8" in str(exc).lower():
-            hint = " (deliver text files as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
-        raise IngestError(f"{path.name}: cannot be read: {exc}{hint}") from exc
-    return _column_names(df, path)
+        hint = _UTF8_HINT if "utf-8" in str(exc).lower() or "utf8" in str(exc).lower() else ""
+        raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}{hint}") from exc
+    return df.rename(dict(zip(df.columns, _header_names(df.columns, path), strict=True)))
 
 
 class _Steps:
@@ -561,17 +639,25 @@ def ingest_files(
     expanded: list[Path] = []
     for f in map(Path, files):  # a directory stands for the CSV/Parquet files in it
         if f.is_dir():
-            expanded += sorted(
-                p for p in f.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-            )
+            found = sorted(p for p in f.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            if not found:
+                raise IngestError(f"{f}: no CSV or Parquet files in this directory")
+            for p in found:
+                # the site filled this directory: a link there could make us read any file
+                # of this host (the key included) into the batch and its error messages
+                if p.is_symlink():
+                    raise IngestError(f"{p}: is a symbolic link; deliver the file itself")
+            expanded += found
         else:
             expanded.append(f)
     if not expanded:
         raise IngestError("no CSV or Parquet files given")
     by_table: dict[str, tuple[Path, str]] = {}
     for f in expanded:
-        if not f.is_file():
+        if not f.exists():
             raise IngestError(f"{f}: no such file")
+        if not f.is_file():  # a directory, a FIFO (reading it would block), a device...
+            raise IngestError(f"{f}: not a regular file")
         table = table_of(f)
         if table in by_table:
             raise IngestError(f"{f.name} and {by_table[table][0].name} both hold table {table!r}")
@@ -719,7 +805,12 @@ def _prepare(
     try:
         dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
         results = validate_batch(dictionary, raw)
-    except (DeliveryError, DictionaryError) as exc:
+    except DictionaryError as exc:
+        raise IngestError(str(exc)) from exc
+    except DeliveryError as exc:  # 'tumour: unknown column(s) ...': name the delivered file
+        table, sep, rest = str(exc).partition(": ")
+        if sep and table in by_table:
+            raise IngestError(f"{by_table[table][0].name}: {rest}") from exc
         raise IngestError(str(exc)) from exc
     delivered = DeliveredFiles(by_table, {t: df.height for t, df in raw.items()})
     del raw
