@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import duckdb
@@ -23,7 +21,14 @@ from airlock.checks.leaks import ExtractIndex, find_identifiers_in_text, id_frag
 from airlock.policy import load_policy
 
 sys.path.insert(0, str(Path(__file__).parent / "corpus" / "files"))
-from file_corpus import SVG_HEAD, code_cell, notebook, png_bytes, result  # noqa: E402
+from file_corpus import (  # noqa: E402
+    SVG_HEAD,
+    _workbook,
+    code_cell,
+    notebook,
+    png_bytes,
+    result,
+)
 
 POLICY = load_policy()
 N = 2000
@@ -65,26 +70,7 @@ def counts_csv(note: list[str]) -> str:
 
 
 def xlsx(change=None, extra: dict[str, str] | None = None) -> bytes:
-    import openpyxl
-
-    wb = openpyxl.Workbook()
-    ws = wb.active
-    ws.append(["region", "count"])
-    for row in COUNTS:
-        ws.append(list(row))
-    if change:
-        change(wb, ws)
-    buf = io.BytesIO()
-    wb.save(buf)
-    if not extra:
-        return buf.getvalue()
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as src, zipfile.ZipFile(out, "w") as dst:
-        for item in src.infolist():
-            dst.writestr(item, src.read(item.filename))
-        for name, body in extra.items():
-            dst.writestr(name, body)
-    return out.getvalue()
+    return _workbook(change, extra, rows=COUNTS)
 
 
 def _defined_name(wb, ws):
