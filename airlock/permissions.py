@@ -128,12 +128,14 @@ def check_withdraw(who: Who, req: _Req) -> None:
 
 
 def is_eligible_checker(who: Who, req: _Req) -> bool:
-    """An output checker who is neither the author nor a member of the project."""
+    """An output checker who is neither the author nor a member of the project (a member of
+    a project that has ended included: membership is what makes them ineligible)."""
     return (
         who.is_checker
         and not who.in_sandbox
         and who.name != req.author
         and req.project not in who.projects
+        and req.project not in who.ended_projects
     )
 
 

@@ -206,3 +206,19 @@ def test_researchers_see_status_and_latest_public_comment(service):
         (row,) = [r for r in service.list_requests(service.who(who)) if r["id"] == rid]
         assert row["state"] == "returned"
         assert row["latest_comment"] == {"author": "checker2", "body": "please round the counts"}
+
+
+def test_a_checker_who_was_a_member_of_an_ended_project_is_not_its_checker():
+    """Membership is what makes a checker ineligible, also once the project has ended (its
+    requests are frozen, but they must not appear in that checker's queue as work to do)."""
+    from types import SimpleNamespace
+
+    from airlock import permissions as perm
+
+    req = SimpleNamespace(id="r", project="p", author="alice", state="submitted")
+    former = perm.Who("carl", is_checker=True, ended_projects=frozenset({"p"}))
+    current = perm.Who("carl", is_checker=True, projects=frozenset({"p"}))
+    outsider = perm.Who("carl", is_checker=True)
+    assert not perm.is_eligible_checker(former, req)
+    assert not perm.is_eligible_checker(current, req)
+    assert perm.is_eligible_checker(outsider, req)
