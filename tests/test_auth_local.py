@@ -169,6 +169,29 @@ def test_cli_add_user_prints_a_password_that_works(tmp_path):
     )
 
 
+def test_cli_writes_the_password_file_the_hub_reads(tmp_path, monkeypatch):
+    # with the HMAC key kept outside the state dir (as deployments should), `tre hub add-user`
+    # used to write <state_dir>/secrets/hub-users.json while the hub read the file beside the key
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.hub.config import password_file
+    from tre.settings import get_settings, load_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TRE_HMAC_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
+    get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(app, ["hub", "add-user", "alice"])
+        assert out.exit_code == 0, out.output
+        _, password = out.stdout.strip().splitlines()[0].split("\t")
+        hub_reads = TRELocalAuthenticator().password_file
+        assert hub_reads == str(password_file(load_settings()))
+        assert PasswordFile(hub_reads).verify("alice", password)
+    finally:
+        get_settings.cache_clear()
+
+
 # ---------------------------------------------------------------- authenticator
 
 

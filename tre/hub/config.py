@@ -56,6 +56,11 @@ def password_file(settings: Settings) -> Path:
     return settings.hmac_key_file.parent / "hub-users.json"
 
 
+def oidc_subjects_file(settings: Settings) -> Path:
+    """Which IdP subject owns each user name (TREOIDCAuthenticator), beside the passwords."""
+    return settings.hmac_key_file.parent / "hub-oidc-subjects.json"
+
+
 def hub_socket(settings: Settings) -> Path:
     return settings.hub.runtime_dir / "hub" / "hub.sock"
 
@@ -184,7 +189,10 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "password_file": str(password_file(settings)),
             "policies_dir": str(settings.policies_dir),
         },
-        "TREOIDCAuthenticator": {"policies_dir": str(settings.policies_dir)},
+        "TREOIDCAuthenticator": {
+            "policies_dir": str(settings.policies_dir),
+            "subjects_file": str(oidc_subjects_file(settings)),
+        },
         "Spawner": {
             "start_timeout": settings.hub.start_timeout_seconds,
             "http_timeout": settings.hub.start_timeout_seconds,
