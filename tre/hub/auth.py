@@ -27,6 +27,8 @@ import os
 import re
 import secrets
 import tempfile
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from typing import Any
 from jupyterhub.auth import Authenticator
 from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
-from traitlets import Bool, Dict, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Instance, Int, TraitError, Unicode, default, validate
 
 from tre.provision import GROUP_PREFIX as PROJECT_GROUP_PREFIX  # the one naming rule
 from tre.registry import USERNAME, Registry, load_registry
@@ -332,6 +334,48 @@ class SubjectBindings:
             return True
 
 
+class LoginThrottle:
+    """Exponential backoff per user name after repeated wrong passwords.
+
+    After ``free_failures`` consecutive failures for a name, attempts for that name are refused
+    unchecked for 1, 2, 4, ... seconds (at most ``max_delay``) after the last failure; a right
+    password (outside the delay) resets it. Keyed by the name only, known or not (so it says
+    nothing about which accounts exist), not by client address: behind the proxy the address
+    comes from X-Forwarded-For/X-Real-Ip headers that a client can set. The price is that
+    someone hammering a name also delays its owner, by at most ``max_delay`` after they stop.
+    """
+
+    def __init__(
+        self,
+        free_failures: int = 5,
+        max_delay: float = 300.0,
+        max_names: int = 10_000,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.free_failures = free_failures
+        self.max_delay = max_delay
+        self.max_names = max_names  # bounds memory under a spray of made-up names
+        self.clock = clock
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def wait_seconds(self, username: str) -> float:
+        """Seconds before ``username`` may be checked again (0: now)."""
+        count, last = self._failures.get(username, (0, 0.0))
+        if count < self.free_failures:
+            return 0.0
+        delay = min(self.max_delay, 2.0 ** (count - self.free_failures))
+        return max(0.0, last + delay - self.clock())
+
+    def failed(self, username: str) -> None:
+        count, _ = self._failures.pop(username, (0, 0.0))
+        self._failures[username] = (count + 1, self.clock())
+        while len(self._failures) > self.max_names:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, username: str) -> None:
+        self._failures.pop(username, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Authenticators
 # --------------------------------------------------------------------------------------------
@@ -372,6 +416,21 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         True, config=True, help="Hub groups follow the registry (always on in the TRE)."
     )
     allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
+    login_free_failures = Int(
+        5,
+        config=True,
+        help="Wrong passwords for one user name before its login attempts are delayed.",
+    )
+    login_max_delay_seconds = Float(
+        300.0,
+        config=True,
+        help="Longest delay between login attempts for one user name (doubling from 1 s).",
+    )
+    throttle = Instance(LoginThrottle)
+
+    @default("throttle")
+    def _default_throttle(self) -> LoginThrottle:
+        return LoginThrottle(self.login_free_failures, self.login_max_delay_seconds)
 
     @default("refresh_pre_spawn")
     def _default_refresh_pre_spawn(self) -> bool:
@@ -402,10 +461,22 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         password = (data or {}).get("password") or ""
         if not username or not password:
             return None
+        wait = self.throttle.wait_seconds(username)
+        if wait > 0:
+            self.log.warning("Login of %r delayed %.0f s after repeated failures", username, wait)
+            raise web.HTTPError(
+                429,
+                "Too many failed logins for this user name: try again in "
+                f"{max(1, round(wait))} seconds.",
+            )
+        # Counted as a failure before the check, so that concurrent attempts (queued for the
+        # scrypt workers) cannot all slip in before the first of them has failed.
+        self.throttle.failed(username)
         verify = PasswordFile(self.password_file).verify
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(_SCRYPT_WORKERS, verify, username, password):
             return None
+        self.throttle.succeeded(username)
         access = registry_access(self.load_registry(), username)
         self.refuse_unregistered(access)
         return {"name": username, "groups": access.hub_groups(), "admin": access.admin}
