@@ -304,6 +304,25 @@ def test_update_auth_model_without_idp_groups_refuses(tmp_path):
     assert model["auth_state"]["tre_groups"] == ["project-neuro-survival", "project-wilms-outcomes"]
 
 
+def test_refresh_without_auth_state_drops_admin_rights_the_registry_withdrew(tmp_path):
+    # an admin removed from staff.yaml but still in a project kept hub admin rights until their
+    # next login (the session cookie lasts days): the refresh did not touch the admin flag
+    from types import SimpleNamespace
+
+    policies = write_policies(tmp_path)  # admins: ["admin"]; alice is a project member only
+    auth = TREOIDCAuthenticator(policies_dir=str(policies))
+    group = SimpleNamespace(name="project-wilms-outcomes")
+    alice = SimpleNamespace(name="alice", admin=True, groups=[group])
+    refreshed = asyncio.run(auth.refresh_user(alice))
+    assert refreshed["admin"] is False  # alice is no admin in the registry
+    assert refreshed["groups"] == ["project-wilms-outcomes"]
+    admin = SimpleNamespace(name="admin", admin=True, groups=[])
+    assert asyncio.run(auth.refresh_user(admin))["admin"] is True  # still an admin: kept
+    not_confirmed = SimpleNamespace(name="admin", admin=False, groups=[])
+    # never raised by a refresh: only a login where the IdP confirms the role does that
+    assert asyncio.run(auth.refresh_user(not_confirmed))["admin"] is False
+
+
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",

@@ -709,5 +709,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             if not access.registered:
                 return False
             current = {g.name for g in user.groups}
-            return {"name": user.name, "groups": sorted(current & set(access.hub_groups()))}
+            return {
+                "name": user.name,
+                "groups": sorted(current & set(access.hub_groups())),
+                # only ever lowered here: raising it needs the IdP's word at a login
+                "admin": bool(user.admin) and access.admin,
+            }
         return refreshed

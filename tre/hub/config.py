@@ -92,7 +92,7 @@ def users_of(registry: Registry) -> tuple[set[str], set[str]]:
 def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, Any]]:
     """Every configured trait, by class name: the content of the generated config file."""
     state = hub_dir(settings)
-    allowed, admins = users_of(registry)
+    allowed, _ = users_of(registry)
     hub_url = unix_url(hub_socket(settings))
     services: list[dict[str, Any]] = [
         {
@@ -181,10 +181,10 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "command": proxy_command(),
             "api_url": f"http://127.0.0.1:{settings.hub.proxy_api_port}",
         },
-        "Authenticator": {
-            "allowed_users": sorted(allowed),
-            "admin_users": sorted(admins),
-        },
+        # No admin_users: JupyterHub would make them admins again at every start, overriding
+        # a login at which the IdP did not confirm the admin role. The authenticators decide
+        # admin rights at each login and refresh (registry, and IdP for OIDC).
+        "Authenticator": {"allowed_users": sorted(allowed)},
         "TRELocalAuthenticator": {
             "password_file": str(password_file(settings)),
             "policies_dir": str(settings.policies_dir),
