@@ -18,6 +18,7 @@ from tests.oidc.harness import start_hub, write_policies, xsrf_from
 from tre.hub.auth import (
     ADMINS_GROUP,
     CHECKERS_GROUP,
+    LoginThrottle,
     PasswordError,
     PasswordFile,
     TRELocalAuthenticator,
@@ -169,6 +170,29 @@ def test_cli_add_user_prints_a_password_that_works(tmp_path):
     )
 
 
+def test_cli_writes_the_password_file_the_hub_reads(tmp_path, monkeypatch):
+    # with the HMAC key kept outside the state dir (as deployments should), `tre hub add-user`
+    # used to write <state_dir>/secrets/hub-users.json while the hub read the file beside the key
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+    from tre.hub.config import password_file
+    from tre.settings import get_settings, load_settings
+
+    monkeypatch.setenv("TRE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("TRE_HMAC_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
+    get_settings.cache_clear()
+    try:
+        out = CliRunner().invoke(app, ["hub", "add-user", "alice"])
+        assert out.exit_code == 0, out.output
+        _, password = out.stdout.strip().splitlines()[0].split("\t")
+        hub_reads = TRELocalAuthenticator().password_file
+        assert hub_reads == str(password_file(load_settings()))
+        assert PasswordFile(hub_reads).verify("alice", password)
+    finally:
+        get_settings.cache_clear()
+
+
 # ---------------------------------------------------------------- authenticator
 
 
@@ -215,6 +239,69 @@ def test_password_check_does_not_block_the_hub_event_loop(authenticator, monkeyp
     assert login(authenticator, "alice", PASSWORDS["alice"])["name"] == "alice"
     assert login(authenticator, "alice", "a-wrong-password") is None
     assert len(threads) == 2 and loop_thread not in threads
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("username", ["alice", "nobody"])  # known or not: the same answer
+def test_repeated_wrong_passwords_delay_further_attempts(authenticator, monkeypatch, username):
+    clock = FakeClock()
+    authenticator.throttle = LoginThrottle(free_failures=5, max_delay=300, clock=clock)
+    checked: list[str] = []
+    real_verify = PasswordFile.verify
+
+    def counting_verify(self, name, password):
+        checked.append(name)
+        return real_verify(self, name, password)
+
+    monkeypatch.setattr(PasswordFile, "verify", counting_verify)
+    for i in range(5):
+        assert login(authenticator, username, f"guess-number-{i}") is None
+    # the 6th attempt is refused without a password check, even with the right password
+    with pytest.raises(web.HTTPError) as err:
+        login(authenticator, username, PASSWORDS["alice"])
+    assert err.value.status_code == 429 and "try again in 1 seconds" in err.value.log_message
+    assert len(checked) == 5
+    clock.now += 1.5
+    assert login(authenticator, username, "guess-number-6") is None
+    with pytest.raises(web.HTTPError) as err:  # the delay doubles
+        login(authenticator, username, "guess-number-7")
+    assert "try again in 2 seconds" in err.value.log_message
+    clock.now += 3600
+    if username == "alice":
+        assert login(authenticator, "alice", PASSWORDS["alice"])["name"] == "alice"
+        assert login(authenticator, "alice", "wrong-after-success") is None  # counter was reset
+    # other names are not affected
+    assert login(authenticator, "bob", PASSWORDS["bob"])["name"] == "bob"
+
+
+def test_concurrent_guesses_cannot_outrun_the_delay(authenticator):
+    async def burst() -> list:
+        attempts = [
+            authenticator.get_authenticated_user(
+                None, {"username": "alice", "password": f"guess-{i}"}
+            )
+            for i in range(30)
+        ]
+        return await asyncio.gather(*attempts, return_exceptions=True)
+
+    results = asyncio.run(burst())
+    checked = [r for r in results if r is None]
+    delayed = [r for r in results if isinstance(r, web.HTTPError) and r.status_code == 429]
+    assert len(checked) == 5 and len(delayed) == 25
+
+
+def test_throttle_memory_is_bounded():
+    throttle = LoginThrottle(free_failures=1, max_names=100)
+    for i in range(10_000):
+        throttle.failed(f"spray-{i}")
+    assert len(throttle._failures) == 100
 
 
 def test_staff_get_their_groups_and_admin_rights(authenticator):
@@ -287,6 +374,12 @@ def test_login_form_of_a_real_hub(accounts, tmp_path, require_proxy):
         refused = attempt("dave", PASSWORDS["dave"])
         assert refused.status_code == 403
         assert "not registered in this trusted research environment" in refused.text
+        # guessing bob's password: after 5 wrong ones, even the right one is delayed
+        for i in range(5):
+            assert attempt("bob", f"bob-guess-number-{i}").status_code == 403
+        delayed = attempt("bob", PASSWORDS["bob"])
+        assert delayed.status_code == 429
+        assert "Too many failed logins" in delayed.text
 
         users = {u["name"]: u for u in hub.api("/users").json()}
         assert set(users) == {"alice"}  # nobody refused was created

@@ -5,17 +5,20 @@ loopback), a real JupyterHub 6 and configurable-http-proxy, and the real authori
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import shutil
+import stat
 from urllib.parse import urlparse
 
 import httpx
 import pytest
+from tornado import web
 
 from tests.conftest import REPO_ROOT, require_component
 from tests.oidc.harness import free_port, start_hub, start_provider, write_policies
-from tre.hub.auth import TREOIDCAuthenticator
+from tre.hub.auth import SubjectBindings, TREOIDCAuthenticator
 
 ACCOUNTS = [
     # registered, and the IdP agrees for one project only (not for neuro-survival)
@@ -43,6 +46,20 @@ ACCOUNTS = [
     # staff, through a custom mapping and the default checker group
     {"sub": "checker1", "password": "checker-idp-pass", "groups": ["tre-output-checkers"]},
     {"sub": "admin", "password": "admin-idp-pass", "groups": ["IT-TRE-Administrators"]},
+    # attackers: IdP accounts of their own (in alice's and bob's project group, as a colleague
+    # would be) whose editable preferred_username names another TRE user
+    {
+        "sub": "mallory",
+        "password": "mallory-idp-pass",
+        "preferred_username": "alice",
+        "groups": ["tre-project-wilms-outcomes"],
+    },
+    {
+        "sub": "trudy",
+        "password": "trudy-idp-pass",
+        "preferred_username": "Bob",
+        "groups": ["tre-project-wilms-outcomes"],
+    },
 ]
 PASSWORD = {a["sub"]: a["password"] for a in ACCOUNTS}
 
@@ -86,12 +103,14 @@ def oidc_hub(tmp_path_factory):
             a.token_url = "{issuer}/token"
             a.userdata_url = "{issuer}/me"
             a.group_mapping = {{"IT-TRE-Administrators": "admin"}}
+            a.subjects_file = "{tmp}/secrets/hub-oidc-subjects.json"
             """,
             port=hub_port,
         )
     except Exception:
         provider.stop()
         raise
+    hub.subjects_file = tmp / "secrets" / "hub-oidc-subjects.json"
     yield hub, issuer, provider
     hub.process.stop()
     provider.stop()
@@ -177,6 +196,69 @@ def test_wrong_idp_password_never_reaches_the_hub(oidc_hub):
     assert "Wrong user name or password" in final.text
 
 
+@pytest.mark.hub
+def test_a_renamed_idp_account_cannot_take_over_an_existing_user(oidc_hub):
+    hub, _, _ = oidc_hub
+    assert oidc_login(hub, "alice", PASSWORD["alice"]).status_code == 200
+    # mallory's IdP account says preferred_username=alice: she must not become alice
+    final = oidc_login(hub, "mallory", PASSWORD["mallory"])
+    assert final.status_code == 403, final.text
+    assert "belongs to another identity" in final.text
+    assert urlparse(str(final.url)).path != "/hub/home"
+    bindings = json.loads(hub.subjects_file.read_text())["subjects"]
+    assert bindings["alice"] == "alice"  # alice's own sub, unchanged
+    assert stat.S_IMODE(hub.subjects_file.stat().st_mode) == 0o600
+    assert "mallory" not in bindings.values()
+    # alice still gets in
+    assert oidc_login(hub, "alice", PASSWORD["alice"]).status_code == 200
+
+
+@pytest.mark.hub
+def test_idp_names_are_not_case_folded_onto_tre_users(oidc_hub):
+    hub, _, _ = oidc_hub
+    # trudy's "Bob" at the IdP would be lower-cased by JupyterHub into bob, before bob has ever
+    # logged in (so no subject binding protects him yet)
+    final = oidc_login(hub, "trudy", PASSWORD["trudy"])
+    assert final.status_code == 403, final.text
+    assert "is not a TRE user name" in final.text
+    assert "trudy" not in json.loads(hub.subjects_file.read_text())["subjects"].values()
+    assert oidc_login(hub, "bob", PASSWORD["bob"]).status_code == 200  # bob is unaffected
+
+
+def test_subject_bindings_first_login_wins_and_can_be_released(tmp_path):
+    bindings = SubjectBindings(tmp_path / "s.json")
+    assert bindings.bind("alice", "sub-1")
+    assert bindings.bind("alice", "sub-1")
+    assert not bindings.bind("alice", "sub-2")
+    assert bindings.subjects() == {"alice": "sub-1"}
+    assert bindings.unbind("alice")
+    assert bindings.bind("alice", "sub-2")
+
+
+def test_cli_oidc_unbind_releases_a_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from tre.cli import app
+
+    path = tmp_path / "subjects.json"
+    SubjectBindings(path).bind("alice", "old-sub")
+    runner = CliRunner()
+    out = runner.invoke(app, ["hub", "oidc-unbind", "alice", "--subjects-file", str(path)])
+    assert out.exit_code == 0, out.output
+    assert SubjectBindings(path).subjects() == {}
+    again = runner.invoke(app, ["hub", "oidc-unbind", "alice", "--subjects-file", str(path)])
+    assert again.exit_code == 1 and "not bound" in again.output
+
+
+def test_non_canonical_idp_names_are_refused():
+    auth = TREOIDCAuthenticator(username_claim="preferred_username")
+    assert auth.user_info_to_username({"preferred_username": "alice"}) == "alice"
+    for name in ["Alice", "alice ", " alice", "\u212aate", "ａlice", "al/ice", "a" * 65]:
+        with pytest.raises(web.HTTPError) as err:
+            auth.user_info_to_username({"preferred_username": name})
+        assert err.value.status_code == 403
+
+
 # ---------------------------------------------------------------- the mapping rule, unit level
 
 
@@ -212,10 +294,33 @@ def test_update_auth_model_without_idp_groups_refuses(tmp_path):
     stranger = asyncio.run(auth.update_auth_model(stranger))
     with pytest.raises(Exception, match="not registered"):
         asyncio.run(auth.check_allowed("dave", stranger))
-    relaxed = TREOIDCAuthenticator(policies_dir=str(policies), require_idp_groups=False)
+    relaxed = TREOIDCAuthenticator(
+        policies_dir=str(policies),
+        require_idp_groups=False,
+        subjects_file=str(tmp_path / "subjects.json"),
+    )
     model = {"name": "alice", "admin": None, "auth_state": {"oauth_user": {"sub": "alice"}}}
     model = asyncio.run(relaxed.update_auth_model(model))
     assert model["auth_state"]["tre_groups"] == ["project-neuro-survival", "project-wilms-outcomes"]
+
+
+def test_refresh_without_auth_state_drops_admin_rights_the_registry_withdrew(tmp_path):
+    # an admin removed from staff.yaml but still in a project kept hub admin rights until their
+    # next login (the session cookie lasts days): the refresh did not touch the admin flag
+    from types import SimpleNamespace
+
+    policies = write_policies(tmp_path)  # admins: ["admin"]; alice is a project member only
+    auth = TREOIDCAuthenticator(policies_dir=str(policies))
+    group = SimpleNamespace(name="project-wilms-outcomes")
+    alice = SimpleNamespace(name="alice", admin=True, groups=[group])
+    refreshed = asyncio.run(auth.refresh_user(alice))
+    assert refreshed["admin"] is False  # alice is no admin in the registry
+    assert refreshed["groups"] == ["project-wilms-outcomes"]
+    admin = SimpleNamespace(name="admin", admin=True, groups=[])
+    assert asyncio.run(auth.refresh_user(admin))["admin"] is True  # still an admin: kept
+    not_confirmed = SimpleNamespace(name="admin", admin=False, groups=[])
+    # never raised by a refresh: only a login where the IdP confirms the role does that
+    assert asyncio.run(auth.refresh_user(not_confirmed))["admin"] is False
 
 
 CHROMIUM_FLAGS = [

@@ -159,12 +159,13 @@ def ensure_data(ctx: DemoContext) -> None:
 def ensure_accounts(ctx: DemoContext) -> None:
     """Demo accounts with generated passwords, stable across restarts (file mode 0600)."""
     from tre.hub.auth import PasswordFile, generate_password
+    from tre.hub.config import password_file
 
     store = ctx.demo_dir / "accounts.json"
     known: dict[str, str] = {}
     if store.exists():
         known = json.loads(store.read_text(encoding="utf-8"))
-    password_path = ctx.settings.state_dir / "secrets" / "hub-users.json"
+    password_path = password_file(ctx.settings)  # the file the hub config names
     passwords = PasswordFile(password_path)
     # scrypt makes each check slow on purpose: verify only if the password file changed since
     # the demo last wrote its accounts (e.g. an admin reset a password with `tre hub add-user`)

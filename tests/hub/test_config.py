@@ -45,7 +45,7 @@ def test_config_follows_settings_and_registry(installation):
     assert set(c.Authenticator.allowed_users) == (
         members | set(registry.staff.output_checkers) | set(registry.staff.admins)
     )
-    assert set(c.Authenticator.admin_users) == set(registry.staff.admins)
+    assert "admin_users" not in c.Authenticator  # admin rights come from each login
     assert c.JupyterHub.db_url == s.hub_db_url
     assert c.JupyterHub.bind_url == "http://127.0.0.1:18000"
     assert c.JupyterHub.hub_bind_url.startswith("http+unix://")
@@ -228,3 +228,42 @@ def test_pin_socket_links_only_the_sandbox_users_own_socket(tmp_path):
     client.close()
     for s in (daemon, server):
         s.close()
+
+
+def test_a_hub_restart_grants_admin_only_through_a_login(installation, tmp_path):
+    """An admin whom the IdP no longer confirms logs in without admin rights; restarting the hub
+    with the generated config must not give them back (JupyterHub makes every name in
+    ``Authenticator.admin_users`` an admin in its database at start, and their session cookie
+    would then carry admin rights without the IdP's agreement)."""
+    import asyncio
+
+    from jupyterhub import orm
+    from jupyterhub.app import JupyterHub
+
+    s = installation.model_copy(update={"hub_db_url": f"sqlite:///{tmp_path}/hub.sqlite"})
+    s.hub.authenticator = "oidc"
+    c = load_generated(write_config(s))
+    admin = sorted(load_registry(s.policies_dir).staff.admins)[0]
+
+    def start_users() -> tuple[JupyterHub, orm.User | None]:
+        hub = JupyterHub(config=c)
+        hub.init_db()  # the steps of JupyterHub.initialize that set up users, in its order
+        hub.init_hub()
+        hub.init_oauth()
+
+        async def users() -> None:
+            await hub.init_role_creation()
+            await hub.init_users()
+
+        asyncio.run(users())
+        return hub, orm.User.find(hub.db, admin)
+
+    hub, user = start_users()
+    if user is None:  # not created at start: the login creates it
+        user = orm.User(name=admin, admin=False)
+        hub.db.add(user)
+    user.admin = False  # what the last login decided (the IdP did not confirm the admin role)
+    hub.db.commit()
+    hub.db.close()
+    _, user = start_users()  # the restart
+    assert user.admin is False

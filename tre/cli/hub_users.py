@@ -11,9 +11,10 @@ import typer
 def _password_file(path: Path | None) -> Path:
     if path is not None:
         return path
+    from tre.hub.config import password_file
     from tre.settings import get_settings
 
-    return get_settings().state_dir / "secrets" / "hub-users.json"
+    return password_file(get_settings())  # the file the generated hub config names
 
 
 def add_user(
@@ -80,7 +81,25 @@ def list_users(
         typer.echo(name)
 
 
+def oidc_unbind(
+    name: str = typer.Argument(..., help="TRE user name whose IdP subject is forgotten."),
+    subjects_file: Path | None = typer.Option(None, help="Subject file (default: secrets dir)."),
+) -> None:
+    """Release a user name bound to an IdP subject (TREOIDCAuthenticator), e.g. after the
+    person's account at the identity provider was replaced: the next login binds it anew."""
+    from tre.hub.auth import SubjectBindings
+    from tre.hub.config import oidc_subjects_file
+    from tre.settings import get_settings
+
+    path = subjects_file or oidc_subjects_file(get_settings())
+    if not SubjectBindings(path).unbind(name):
+        typer.echo(f"error: {name!r} is not bound to any IdP subject", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"released {name}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("add-user")(add_user)
     app.command("remove-user")(remove_user)
     app.command("list-users")(list_users)
+    app.command("oidc-unbind")(oidc_unbind)

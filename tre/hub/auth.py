@@ -27,6 +27,8 @@ import os
 import re
 import secrets
 import tempfile
+import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from typing import Any
 from jupyterhub.auth import Authenticator
 from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
-from traitlets import Bool, Dict, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Float, Instance, Int, TraitError, Unicode, default, validate
 
 from tre.provision import GROUP_PREFIX as PROJECT_GROUP_PREFIX  # the one naming rule
 from tre.registry import USERNAME, Registry, load_registry
@@ -105,10 +107,12 @@ def _default_policies_dir() -> str:
     return str(get_settings().policies_dir)
 
 
-def _default_state_dir() -> Path:
+def _default_secrets_dir() -> Path:
+    """Where the generated hub config and the `tre hub` commands keep these files."""
+    from tre.hub.config import password_file
     from tre.settings import get_settings
 
-    return get_settings().state_dir
+    return password_file(get_settings()).parent
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +171,31 @@ _SCRYPT_WORKERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tre-scry
 _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
 
 
+def _write_json_0600(path: Path, data: dict) -> None:
+    """Replace ``path`` atomically with ``data`` (mode 0600): a crash leaves old or new."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _exclusive_lock(path: Path) -> Any:
+    """An exclusive lock beside ``path`` (released when the returned file is closed)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    lock = os.fdopen(fd, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
 class PasswordFile:
     """Local accounts: ``{"users": {name: scrypt-hash}}`` in a 0600 JSON file.
 
@@ -206,24 +235,10 @@ class PasswordFile:
         return verify_password(password, stored)
 
     def _write(self, users: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".users-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"users": dict(sorted(users.items()))}, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        _write_json_0600(self.path, {"users": dict(sorted(users.items()))})
 
     def _locked(self) -> Any:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = open(self.path.with_name(self.path.name + ".lock"), "a")  # noqa: SIM115
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return lock
+        return _exclusive_lock(self.path)
 
     def set_password(self, username: str, password: str, *, min_length: int = 12) -> None:
         if not re.fullmatch(USERNAME, username):
@@ -270,6 +285,97 @@ def ensure_accounts(path: Path | str, usernames: Iterable[str]) -> dict[str, str
     return created
 
 
+class SubjectBindings:
+    """Which identity-provider subject (``sub``) owns each TRE user name: ``{"subjects": {name:
+    sub}}`` in a 0600 JSON file, written like the password file.
+
+    The user name comes from a claim (``preferred_username`` by default) that some identity
+    providers let users edit; ``sub`` is the IdP's stable, never reassigned identifier. The first
+    login of a name records its ``sub``; a later login of that name with another ``sub`` (someone
+    who renamed themselves to an existing user) is refused.
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PasswordError(f"{self.path}: not a valid subject file: {exc}") from exc
+        subjects = data.get("subjects") if isinstance(data, dict) else None
+        if not isinstance(subjects, dict):
+            raise PasswordError(f"{self.path}: not a valid subject file (no 'subjects' mapping)")
+        return {str(k): str(v) for k, v in subjects.items()}
+
+    def subjects(self) -> dict[str, str]:
+        return self._read()
+
+    def bind(self, username: str, subject: str) -> bool:
+        """True if ``username`` is (now) bound to ``subject``; False if bound to another."""
+        current = self._read().get(username)
+        if current is not None:
+            return hmac.compare_digest(current.encode(), subject.encode())
+        with _exclusive_lock(self.path):
+            subjects = self._read()
+            current = subjects.setdefault(username, subject)
+            if current == subject:
+                _write_json_0600(self.path, {"subjects": dict(sorted(subjects.items()))})
+        return current == subject
+
+    def unbind(self, username: str) -> bool:
+        with _exclusive_lock(self.path):
+            subjects = self._read()
+            if subjects.pop(username, None) is None:
+                return False
+            _write_json_0600(self.path, {"subjects": dict(sorted(subjects.items()))})
+            return True
+
+
+class LoginThrottle:
+    """Exponential backoff per user name after repeated wrong passwords.
+
+    After ``free_failures`` consecutive failures for a name, attempts for that name are refused
+    unchecked for 1, 2, 4, ... seconds (at most ``max_delay``) after the last failure; a right
+    password (outside the delay) resets it. Keyed by the name only, known or not (so it says
+    nothing about which accounts exist), not by client address: behind the proxy the address
+    comes from X-Forwarded-For/X-Real-Ip headers that a client can set. The price is that
+    someone hammering a name also delays its owner, by at most ``max_delay`` after they stop.
+    """
+
+    def __init__(
+        self,
+        free_failures: int = 5,
+        max_delay: float = 300.0,
+        max_names: int = 10_000,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.free_failures = free_failures
+        self.max_delay = max_delay
+        self.max_names = max_names  # bounds memory under a spray of made-up names
+        self.clock = clock
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+
+    def wait_seconds(self, username: str) -> float:
+        """Seconds before ``username`` may be checked again (0: now)."""
+        count, last = self._failures.get(username, (0, 0.0))
+        if count < self.free_failures:
+            return 0.0
+        delay = min(self.max_delay, 2.0 ** (count - self.free_failures))
+        return max(0.0, last + delay - self.clock())
+
+    def failed(self, username: str) -> None:
+        count, _ = self._failures.pop(username, (0, 0.0))
+        self._failures[username] = (count + 1, self.clock())
+        while len(self._failures) > self.max_names:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, username: str) -> None:
+        self._failures.pop(username, None)
+
+
 # --------------------------------------------------------------------------------------------
 # Authenticators
 # --------------------------------------------------------------------------------------------
@@ -301,7 +407,7 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
 
     password_file = Unicode(
         config=True,
-        help="JSON file of scrypt password hashes (default: <state_dir>/secrets/hub-users.json).",
+        help="JSON file of scrypt password hashes (default: beside the HMAC key, hub-users.json).",
     )
     policies_dir = Unicode(
         config=True, help="Directory of the TRE registry (sites, projects, staff.yaml)."
@@ -310,6 +416,21 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         True, config=True, help="Hub groups follow the registry (always on in the TRE)."
     )
     allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
+    login_free_failures = Int(
+        5,
+        config=True,
+        help="Wrong passwords for one user name before its login attempts are delayed.",
+    )
+    login_max_delay_seconds = Float(
+        300.0,
+        config=True,
+        help="Longest delay between login attempts for one user name (doubling from 1 s).",
+    )
+    throttle = Instance(LoginThrottle)
+
+    @default("throttle")
+    def _default_throttle(self) -> LoginThrottle:
+        return LoginThrottle(self.login_free_failures, self.login_max_delay_seconds)
 
     @default("refresh_pre_spawn")
     def _default_refresh_pre_spawn(self) -> bool:
@@ -317,7 +438,7 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
 
     @default("password_file")
     def _default_password_file(self) -> str:
-        return str(_default_state_dir() / "secrets" / "hub-users.json")
+        return str(_default_secrets_dir() / "hub-users.json")
 
     @default("policies_dir")
     def _default_policies_dir(self) -> str:
@@ -340,10 +461,22 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         password = (data or {}).get("password") or ""
         if not username or not password:
             return None
+        wait = self.throttle.wait_seconds(username)
+        if wait > 0:
+            self.log.warning("Login of %r delayed %.0f s after repeated failures", username, wait)
+            raise web.HTTPError(
+                429,
+                "Too many failed logins for this user name: try again in "
+                f"{max(1, round(wait))} seconds.",
+            )
+        # Counted as a failure before the check, so that concurrent attempts (queued for the
+        # scrypt workers) cannot all slip in before the first of them has failed.
+        self.throttle.failed(username)
         verify = PasswordFile(self.password_file).verify
         loop = asyncio.get_running_loop()
         if not await loop.run_in_executor(_SCRYPT_WORKERS, verify, username, password):
             return None
+        self.throttle.succeeded(username)
         access = registry_access(self.load_registry(), username)
         self.refuse_unregistered(access)
         return {"name": username, "groups": access.hub_groups(), "admin": access.admin}
@@ -408,10 +541,21 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
         True, config=True, help="Hub groups follow the registry (always on in the TRE)."
     )
     allow_all = Bool(False, config=True, help="Must stay False: the registry is the allow list.")
+    subjects_file = Unicode(
+        config=True,
+        help=(
+            "JSON file binding each user name to the IdP subject (sub) of its first login "
+            "(default: beside the HMAC key, hub-oidc-subjects.json)."
+        ),
+    )
 
     @default("policies_dir")
     def _default_policies_dir(self) -> str:
         return _default_policies_dir()
+
+    @default("subjects_file")
+    def _default_subjects_file(self) -> str:
+        return str(_default_secrets_dir() / "hub-oidc-subjects.json")
 
     @default("refresh_pre_spawn")
     def _default_refresh_pre_spawn(self) -> bool:
@@ -483,6 +627,40 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             return []
         return [str(g) for g in node]
 
+    def user_info_to_username(self, user_info: dict) -> str:
+        """The claim's value, only if it is already a TRE user name as declared.
+
+        JupyterHub lower-cases names, and ``str.lower`` maps some non-ASCII letters to ASCII
+        (the Kelvin sign to ``k``): without this check ``Alice`` or ``\u212aate`` at the IdP,
+        possibly another person, would become the TRE users ``alice`` and ``kate``."""
+        username = super().user_info_to_username(user_info)
+        if not isinstance(username, str) or not re.fullmatch(USERNAME, username):
+            self.log.warning("Login refused: IdP user name %r is not a TRE user name", username)
+            raise web.HTTPError(
+                403,
+                f"The user name your identity provider sent, {username!r}, is not a TRE user "
+                "name (lower-case letters, digits, '.', '_', '-'): ask the TRE administrators.",
+            )
+        return username
+
+    def check_subject(self, username: str, user_info: dict) -> None:
+        """Refuse ``username`` if it belongs to another IdP subject (see SubjectBindings)."""
+        subject = user_info.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise web.HTTPError(
+                403, "Your identity provider sent no subject ('sub') claim: login refused."
+            )
+        if not SubjectBindings(self.subjects_file).bind(username, subject):
+            self.log.warning(
+                "Login refused: %r is bound to another IdP subject than %r", username, subject
+            )
+            raise web.HTTPError(
+                403,
+                f"The TRE account {username!r} belongs to another identity at your identity "
+                "provider. If your account there was replaced, ask the TRE administrators to "
+                "release the name (tre hub oidc-unbind).",
+            )
+
     async def update_auth_model(self, auth_model: dict) -> dict:
         auth_model = await super().update_auth_model(auth_model)
         registered = registry_access(self.load_registry(), auth_model["name"])
@@ -490,6 +668,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
         if self.require_idp_groups:
             idp_groups = self.raw_idp_groups(auth_model.get("auth_state") or {})
             access = registered.narrowed_to(*self.idp_grants(idp_groups))
+        if access.registered:
+            # bound only by a login that is granted something: refused logins claim no name
+            user_info = auth_model["auth_state"].get(self.user_auth_state_key) or {}
+            self.check_subject(auth_model["name"], user_info)
         auth_model["auth_state"]["tre_groups"] = access.hub_groups()
         auth_model["auth_state"]["tre_registered"] = registered.registered
         auth_model["admin"] = access.admin
@@ -527,5 +709,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             if not access.registered:
                 return False
             current = {g.name for g in user.groups}
-            return {"name": user.name, "groups": sorted(current & set(access.hub_groups()))}
+            return {
+                "name": user.name,
+                "groups": sorted(current & set(access.hub_groups())),
+                # only ever lowered here: raising it needs the IdP's word at a login
+                "admin": bool(user.admin) and access.admin,
+            }
         return refreshed

@@ -56,6 +56,11 @@ def password_file(settings: Settings) -> Path:
     return settings.hmac_key_file.parent / "hub-users.json"
 
 
+def oidc_subjects_file(settings: Settings) -> Path:
+    """Which IdP subject owns each user name (TREOIDCAuthenticator), beside the passwords."""
+    return settings.hmac_key_file.parent / "hub-oidc-subjects.json"
+
+
 def hub_socket(settings: Settings) -> Path:
     return settings.hub.runtime_dir / "hub" / "hub.sock"
 
@@ -87,7 +92,7 @@ def users_of(registry: Registry) -> tuple[set[str], set[str]]:
 def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, Any]]:
     """Every configured trait, by class name: the content of the generated config file."""
     state = hub_dir(settings)
-    allowed, admins = users_of(registry)
+    allowed, _ = users_of(registry)
     hub_url = unix_url(hub_socket(settings))
     services: list[dict[str, Any]] = [
         {
@@ -176,15 +181,18 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
             "command": proxy_command(),
             "api_url": f"http://127.0.0.1:{settings.hub.proxy_api_port}",
         },
-        "Authenticator": {
-            "allowed_users": sorted(allowed),
-            "admin_users": sorted(admins),
-        },
+        # No admin_users: JupyterHub would make them admins again at every start, overriding
+        # a login at which the IdP did not confirm the admin role. The authenticators decide
+        # admin rights at each login and refresh (registry, and IdP for OIDC).
+        "Authenticator": {"allowed_users": sorted(allowed)},
         "TRELocalAuthenticator": {
             "password_file": str(password_file(settings)),
             "policies_dir": str(settings.policies_dir),
         },
-        "TREOIDCAuthenticator": {"policies_dir": str(settings.policies_dir)},
+        "TREOIDCAuthenticator": {
+            "policies_dir": str(settings.policies_dir),
+            "subjects_file": str(oidc_subjects_file(settings)),
+        },
         "Spawner": {
             "start_timeout": settings.hub.start_timeout_seconds,
             "http_timeout": settings.hub.start_timeout_seconds,
