@@ -14,7 +14,6 @@ import http.server
 import json
 import re
 import threading
-import zipfile
 from collections import Counter
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
@@ -107,7 +106,7 @@ def payloads(tag: str, port: int, prefix: str) -> str:
             f"</textarea></title></pre></code><script data-pwn>pwn('{tag}-close')</script>",
             f"<a data-pwn href=\"javascript:pwn('{tag}-js')\">click</a> javascript:pwn('{tag}')",
             f'<div data-pwn hx-get="{prefix}__canary/{tag}" hx-trigger="load">htmx</div>',
-            f"<button data-pwn hx-post=\"{prefix}__canary/{tag}-post\" hx-trigger=\"load\">b</button>",
+            f'<button data-pwn hx-post="{prefix}__canary/{tag}-post" hx-trigger="load">b</button>',
             f'<img data-pwn src="{ext}-img">',
             f"<iframe data-pwn srcdoc=\"<script>parent.pwn('{tag}-srcdoc')</script>\"></iframe>",
             f"<meta data-pwn http-equiv=refresh content=\"0;url=javascript:pwn('{tag}-meta')\">",
@@ -122,7 +121,9 @@ def payloads(tag: str, port: int, prefix: str) -> str:
     )
 
 
-SHORT = "<img data-pwn src=x onerror=pwn('{tag}')>{{{{7*7}}}}\"'</title><svg data-pwn onload=pwn(1)>"
+SHORT = (
+    "<img data-pwn src=x onerror=pwn('{tag}')>{{{{7*7}}}}\"'</title><svg data-pwn onload=pwn(1)>"
+)
 
 
 def make_hostile_workspace(ws: Path, port: int, prefix: str) -> list[str]:
@@ -134,7 +135,7 @@ def make_hostile_workspace(ws: Path, port: int, prefix: str) -> list[str]:
         # names are payloads (a name is one path component: no '/')
         "outputs/<img data-pwn src=x onerror=pwn('name')>.csv": (
             f'"{cell}",count\n"<script data-pwn>pwn(\'cell2\')</script>",3\n'
-            f"\"\" onmouseover=\"pwn('cell3')\",30\n{{{{7*7}}}},2\n"
+            f'"" onmouseover="pwn(\'cell3\')",30\n{{{{7*7}}}},2\n'
         ),
         "outputs/\"><svg data-pwn onload=pwn('name2')>.txt": payloads("txt", port, prefix),
         "outputs/page.html": payloads("html", port, prefix),
@@ -175,12 +176,16 @@ def make_hostile_workspace(ws: Path, port: int, prefix: str) -> list[str]:
                     "display_data",
                     data={
                         "text/html": payloads("nbhtml", port, prefix),
-                        "image/svg+xml": "<svg onload=\"pwn('nbsvg')\"><script>pwn('nbs')</script></svg>",
+                        "image/svg+xml": (
+                            "<svg onload=\"pwn('nbsvg')\"><script>pwn('nbs')</script></svg>"
+                        ),
                         "application/javascript": "pwn('nbjs')",
                         "text/markdown": f"[x](javascript:pwn('nbmd2')) ![y](http://127.0.0.1:{port}/nbmd)",
                     },
                 ),
-                nbformat.v4.new_output("stream", name="stdout", text="<script>pwn('nbstream')</script>"),
+                nbformat.v4.new_output(
+                    "stream", name="stdout", text="<script>pwn('nbstream')</script>"
+                ),
             ],
         ),
     ]
@@ -231,9 +236,7 @@ def test_no_researcher_content_runs_in_the_airlock(client, tre_settings, require
         # the second checker's comments are shown to the first (and in their own edit form)
         view = service.view(alice, rid)
         for f in view["files"]:
-            service.vote(
-                checker2, rid, f["id"], "request_changes", text.replace("field", "vote")
-            )
+            service.vote(checker2, rid, f["id"], "request_changes", text.replace("field", "vote"))
         files = service.view(alice, rid)["files"]
         assert any(f["findings"] for f in files), "no finding quotes a hostile cell"
         # group names are restricted: a payload group is refused outright
@@ -254,9 +257,11 @@ def test_no_researcher_content_runs_in_the_airlock(client, tre_settings, require
                 page.on("dialog", lambda d: (fired.append(f"dialog {d.message}"), d.dismiss()))
                 page.on(
                     "console",
-                    lambda m: problems.append(f"console: {m.text}")
-                    if "Content Security Policy" in m.text
-                    else None,
+                    lambda m: (
+                        problems.append(f"console: {m.text}")
+                        if "Content Security Policy" in m.text
+                        else None
+                    ),
                 )
                 page.goto(base + "requests")
                 page.fill("#username_input", user)
@@ -330,6 +335,15 @@ def test_no_researcher_content_runs_in_the_airlock(client, tre_settings, require
                 frames = checker.locator("iframe.notebook")
                 if frames.count() != 1 or frames.get_attribute("sandbox") != "":
                     problems.append("the notebook is not in one iframe with sandbox=''")
+                # a boosted navigation: htmx would keep the page it leaves (private content,
+                # the CSRF token) in the tab's storage, where it outlives a logout
+                checker.click("header a[href$='/queue']")
+                checker.wait_for_selector("#count-waiting")
+                kept = checker.evaluate(
+                    "() => [localStorage, sessionStorage].map(s => s.getItem('htmx-history-cache'))"
+                )
+                if any(kept):
+                    problems.append(f"htmx kept a page in the browser's storage: {kept!r:.80}")
                 for url in previews + notebooks + raw_images:
                     visit(checker, url)
                 checker.context.close()
@@ -351,3 +365,334 @@ def test_no_researcher_content_runs_in_the_airlock(client, tre_settings, require
         assert report == [], "\n".join(report[:60])
     finally:
         canary.close()
+
+
+# --- file-serving URLs: never a document of the airlock's origin ------------------------------
+
+HOSTILE_FILES = {
+    "outputs/page.html": "<html><body><script>alert(1)</script><img src=x onerror=alert(2)>",
+    "outputs/page.svg": '<svg xmlns="http://www.w3.org/2000/svg" onload="alert(1)"/>',
+    "outputs/page.xml": '<html xmlns="http://www.w3.org/1999/xhtml"><script>alert(1)</script></html>',
+    "outputs/page.txt": "<html><script>alert(1)</script></html>",
+    "outputs/page.htm": "<script>alert(1)</script>",
+    "outputs/fake.png": "<html><script>alert(1)</script></html>",
+    "outputs/page.csv": "group,count\n<script>alert(1)</script>,30\nb,30\n",
+}
+
+
+def _released_hostile_request(service, ws: Path) -> tuple[str, list[dict]]:
+    for rel, text in HOSTILE_FILES.items():
+        (ws / rel).write_text(text)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("<script>alert(1)</script>")]
+    nbformat.write(nb, ws / "outputs" / "nb.ipynb")
+    alice = service.who("alice")
+    paths = [*HOSTILE_FILES, "outputs/nb.ipynb"]
+    rid = service.create_request(alice, "wilms-outcomes", [FileSpec(p) for p in paths])
+    service.submit(alice, rid)
+    for checker in ("checker1", "checker2"):
+        for f in service.view(alice, rid)["files"]:
+            service.vote(service.who(checker), rid, f["id"], "approve", "", "reviewed by eye")
+    view = service.view(alice, rid)
+    assert view["state"] == "released", view["state"]
+    return rid, view["files"]
+
+
+def _not_rendered_here(r: httpx.Response) -> str | None:
+    """Why this response could be rendered as a page of the airlock's origin, or None."""
+    media = r.headers.get("content-type", "").split(";")[0].strip().lower()
+    csp = r.headers.get("content-security-policy", "")
+    if r.headers.get("x-content-type-options", "").lower() != "nosniff":
+        return "no 'X-Content-Type-Options: nosniff'"
+    if r.headers.get("content-disposition", "").lower().startswith("attachment"):
+        return None
+    if media in ("image/png", "image/jpeg") and "sandbox" in csp:
+        return None
+    if media == "text/html" and re.search(r"(^|;)\s*sandbox\s*(;|$)", csp):
+        return None  # an opaque origin: no script, no cookies of ours
+    return f"served inline as {media!r} with CSP {csp!r}"
+
+
+def _private_headers(r: httpx.Response) -> list[str]:
+    """What a page or file only its viewer may see must send."""
+    wrong = []
+    if "no-store" not in r.headers.get("cache-control", ""):
+        wrong.append(f"Cache-Control {r.headers.get('cache-control')!r} lets caches keep it")
+    if r.headers.get("x-content-type-options", "").lower() != "nosniff":
+        wrong.append("no nosniff")
+    csp = r.headers.get("content-security-policy", "")
+    if "frame-ancestors 'none'" not in csp and "frame-ancestors 'self'" not in csp:
+        wrong.append(f"can be framed by another site (CSP {csp!r})")
+    return wrong
+
+
+def test_file_urls_are_never_rendered_in_the_airlock_origin(client, tre_settings):
+    live, service = client.live, client.service
+    ws = tre_settings.workspaces_dir / "wilms-outcomes"
+    rid, files = _released_hostile_request(service, ws)
+    http = login(live, "alice")
+    checker = login(live, "checker1")
+    token = {"Authorization": f"token {live.tokens['alice']}"}
+    problems = []
+    try:
+        for f in files:
+            fid, name = f["id"], f["name"]
+            page = f"{live.prefix}requests/{rid}/files/{fid}"
+            urls = {
+                "raw": (checker, f"{page}/raw"),
+                "download": (http, f"{page}/download"),
+                "api download": (
+                    client.http,
+                    f"{live.base}api/requests/{rid}/files/{fid}/download",
+                ),
+            }
+            if name.endswith(".ipynb"):
+                urls["notebook"] = (checker, f"{page}/notebook")
+            for what, (who, url) in urls.items():
+                r = who.get(url, headers=token if who is client.http else None)
+                assert r.status_code == 200, (what, name, r.status_code, r.text[:200])
+                for wrong in filter(None, [_not_rendered_here(r), *_private_headers(r)]):
+                    problems.append(f"{what} of {name}: {wrong}")
+            # the preview is a page fragment of ours: it must show the file as text only
+            r = checker.get(f"{page}/preview")
+            assert r.status_code == 200
+            if re.search(r"<(script|svg|img|html)\b", r.text, re.I):
+                problems.append(f"preview of {name} holds live markup: {r.text[:200]!r}")
+            problems += [f"preview of {name}: {w}" for w in _private_headers(r)]
+        # the private pages themselves
+        for who, path in [
+            (http, "requests"),
+            (http, f"requests/{rid}"),
+            (checker, "queue"),
+            (checker, f"requests/{rid}"),
+        ]:
+            r = who.get(live.prefix + path)
+            assert r.status_code == 200, path
+            problems += [f"page {path}: {w}" for w in _private_headers(r)]
+        # answers that are not pages (JSON errors, redirects, the API) are not sniffed either
+        for r in [
+            http.post(f"{live.prefix}requests/{rid}/comment", data={"comment": "<b>x</b>"}),
+            http.get(f"{live.prefix}requests/{'0' * 32}"),
+            client.http.get("api/me", headers=token),
+            client.http.get("requests", follow_redirects=False),
+        ]:
+            if r.headers.get("x-content-type-options") != "nosniff":
+                problems.append(f"{r.request.url.path} {r.status_code}: no nosniff")
+            if "frame-ancestors 'none'" not in r.headers.get("content-security-policy", ""):
+                problems.append(f"{r.request.url.path} {r.status_code}: can be framed")
+        # the session cookie: not for scripts, not sent on cross-site subrequests
+        cookie = next(c for c in http.cookies.jar if c.name == "airlock-session")
+        attrs = {k.lower(): (v or "").lower() for k, v in cookie._rest.items()}  # noqa: SLF001
+        assert cookie.path == live.prefix
+        assert "httponly" in attrs and attrs.get("samesite") in ("lax", "strict"), attrs
+    finally:
+        http.close()
+        checker.close()
+    assert problems == [], "\n".join(problems)
+
+
+# --- CSRF ------------------------------------------------------------------------------------
+
+
+def _csrf(http: httpx.Client, url: str) -> str:
+    page = http.get(url)
+    assert page.status_code == 200, page.text[:200]
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+
+
+def test_every_page_form_needs_the_sessions_own_csrf_token(client, tre_settings):
+    """Each state-changing page endpoint, as the user entitled to use it, refuses a request
+    without a token, with a forged one, and with another user's valid token (in the form or in
+    htmx's header); the refused requests change nothing; the right token works."""
+    from tre.audit import export_events
+
+    live, service = client.live, client.service
+    prefix = live.prefix
+    alice = service.who("alice")
+    ws = tre_settings.workspaces_dir / "wilms-outcomes"
+    (ws / "outputs" / "second.csv").write_text("group,count\na,40\nb,50\n")
+    pending = service.create_request(
+        alice, "wilms-outcomes", [FileSpec("outputs/table.csv"), FileSpec("notes.txt")]
+    )
+    in_review = service.create_request(alice, "wilms-outcomes", [FileSpec("outputs/table.csv")])
+    service.submit(alice, in_review)
+    fid = service.view(alice, in_review)["files"][0]["id"]
+    pending_fid = service.view(alice, pending)["files"][0]["id"]
+    service.vote(service.who("checker2"), in_review, fid, "approve")
+    sessions = {u: login(live, u) for u in ("alice", "checker1", "checker2")}
+    tokens = {u: _csrf(h, prefix + "requests") for u, h in sessions.items()}
+    # (user, path, form) for every state-changing form the pages have
+    forms = [
+        ("alice", "requests", {"project": "wilms-outcomes", "paths": "notes.txt"}),
+        ("alice", f"requests/{pending}/add-file", {"path": "outputs/second.csv"}),
+        ("alice", f"requests/{pending}/withdraw-file", {"file_id": str(pending_fid)}),
+        ("alice", f"requests/{pending}/submit", {}),
+        ("alice", f"requests/{pending}/withdraw", {}),
+        ("alice", f"requests/{pending}/comment", {"comment": "hello"}),
+        ("checker1", f"requests/{in_review}/files/{fid}/vote", {"decision": "approve"}),
+        (
+            "checker2",
+            f"requests/{in_review}/files/{fid}/vote/change",
+            {"decision": "reject", "comment": "no"},
+        ),
+        ("checker1", f"requests/{in_review}/return", {"comment": "no"}),
+        ("checker1", f"requests/{in_review}/reject", {"comment": "no"}),
+        ("checker1", f"requests/{in_review}/comment", {"comment": "x", "visibility": "private"}),
+        ("alice", f"requests/{in_review}/release", {}),
+        ("alice", "logout", {}),
+    ]
+
+    def state():
+        with service.factory() as s:
+            events = len(list(export_events(s)))
+        return (
+            events,
+            service.count_requests(),
+            json.dumps([service.view(alice, r) for r in (pending, in_review)], default=str),
+        )
+
+    before = state()
+    try:
+        for user, path, form in forms:
+            http = sessions[user]
+            other = tokens["checker2" if user != "checker2" else "alice"]
+            attempts = [
+                ({}, {}),
+                ({"csrf_token": "forged"}, {}),
+                ({"csrf_token": other}, {}),
+                ({}, {"X-CSRF-Token": other, "HX-Request": "true"}),
+                ({"csrf_token": tokens[user]}, {"X-CSRF-Token": other}),  # the header wins
+            ]
+            for extra, headers in attempts:
+                r = http.post(
+                    prefix + path,
+                    data={**form, **extra},
+                    headers=headers,
+                    follow_redirects=False,
+                )
+                assert r.status_code == 403 and "CSRF" in r.text, (path, extra, headers, r.text)
+            # a GET never changes anything
+            assert http.get(prefix + path, follow_redirects=False).status_code in (200, 405)
+        assert state() == before
+        # the same forms with the session's own token do work (so the 403s above were CSRF's)
+        ok = sessions["alice"].post(
+            f"{prefix}requests/{pending}/comment",
+            data={"comment": "hello", "csrf_token": tokens["alice"]},
+            follow_redirects=False,
+        )
+        assert ok.status_code == 303
+        ok = sessions["checker1"].post(
+            f"{prefix}requests/{in_review}/files/{fid}/vote",
+            headers={"X-CSRF-Token": tokens["checker1"], "HX-Request": "true"},
+            data={"decision": "approve"},
+            follow_redirects=False,
+        )
+        assert ok.status_code == 303
+        assert service.view(alice, in_review)["state"] == "released"
+        # no CORS: a cross-site script may not send the custom header htmx uses
+        pre = sessions["alice"].options(
+            f"{prefix}requests/{pending}/submit",
+            headers={
+                "Origin": "https://evil.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-csrf-token",
+            },
+        )
+        assert "access-control-allow-origin" not in pre.headers
+    finally:
+        for h in sessions.values():
+            h.close()
+
+
+def test_every_state_changing_page_route_checks_csrf(client):
+    """Structural guard: a new page form that forgets the CSRF dependency fails here."""
+    app = client.live.holder.app
+    prefix = client.live.prefix
+    unguarded = []
+    for route in app.routes:
+        methods = getattr(route, "methods", set()) or set()
+        if not methods & {"POST", "PUT", "PATCH", "DELETE"}:
+            continue
+        if route.path.startswith(prefix + "api/"):
+            continue  # token-authenticated: the cookie never authenticates the API
+        calls = {d.call.__name__ for d in route.dependant.dependencies}
+        if "check_csrf" not in calls:
+            unguarded.append(f"{sorted(methods)} {route.path}")
+    assert unguarded == []
+    # and the API really ignores the cookie (checked in test_bad_requests.test_csrf_on_forms)
+
+
+# --- login redirect --------------------------------------------------------------------------
+
+HOSTILE_NEXT = [
+    "https://evil.example/",
+    "//evil.example/",
+    "///evil.example/",
+    "/\\evil.example/",
+    "\\\\evil.example/",
+    "/\t/evil.example/",
+    "javascript:alert(1)",
+    "data:text/html,<script>alert(1)</script>",
+    "http:evil.example",
+    "%2F%2Fevil.example",
+    "{prefix}..//evil.example",
+    "{prefix}\\\\evil.example",
+    "{prefix}/\\evil.example",
+    "{prefix}%0d%0aSet-Cookie:x=1",
+    "{prefix}\r\nLocation: https://evil.example",
+    "https://evil.example{prefix}",
+    "{prefix}@evil.example",
+    "{prefix}\u3002evil.example",
+]
+
+
+def _browser_resolve(location: str, base: str) -> tuple[str, str]:
+    """(scheme, host) a browser would go to: WHATWG URL parsing treats '\\' as '/' and drops
+    tabs and newlines in special URLs, which ``urljoin`` does not."""
+    cleaned = re.sub(r"[\t\n\r]", "", location).replace("\\", "/")
+    target = urlsplit(urljoin(base, cleaned))
+    return target.scheme, target.netloc
+
+
+@pytest.mark.parametrize("prefix", ["/services/airlock/", "/"])
+def test_login_next_never_leaves_the_site(tmp_path, prefix):
+    """Through the whole OAuth round trip (a fake hub token exchange): wherever ``next``
+    points, the callback lands on the airlock's own origin, under its prefix."""
+    from starlette.testclient import TestClient
+
+    from airlock.service.auth import HubConfig, HubIdentityProvider
+
+    class FakeHub(HubIdentityProvider):
+        async def token_for_code(self, code: str, verifier: str) -> str:
+            return "token-" + code
+
+        async def identify(self, token: str):
+            return None
+
+    identity = FakeHub(
+        HubConfig(api_url="http://127.0.0.1:9/hub/api", api_token="x", prefix=prefix)
+    )
+    app = create_app(object(), identity, prefix=prefix, session_secret="s")  # type: ignore[arg-type]
+    base = "http://airlock.test"
+    with TestClient(app, base_url=base) as http:
+        for raw in HOSTILE_NEXT:
+            nxt = raw.format(prefix=prefix)
+            r = http.get(f"{prefix}login?next={quote(nxt, safe='')}", follow_redirects=False)
+            assert r.status_code == 302
+            state = dict(p.split("=", 1) for p in urlsplit(r.headers["location"]).query.split("&"))[
+                "state"
+            ]
+            r = http.get(f"{prefix}oauth_callback?code=c&state={state}", follow_redirects=False)
+            assert r.status_code == 302, (nxt, r.text)
+            location = r.headers["location"]
+            scheme, host = _browser_resolve(location, base + prefix)
+            assert (scheme, host) == ("http", "airlock.test"), (nxt, location)
+            assert urlsplit(urljoin(base, location)).path.startswith(prefix), (nxt, location)
+            assert not re.search(r"[\x00-\x1f\\]", location), (nxt, location)
+        # a same-site next is kept
+        r = http.get(f"{prefix}login?next={quote(prefix + 'queue')}", follow_redirects=False)
+        state = dict(p.split("=", 1) for p in urlsplit(r.headers["location"]).query.split("&"))[
+            "state"
+        ]
+        r = http.get(f"{prefix}oauth_callback?code=c&state={state}", follow_redirects=False)
+        assert r.headers["location"] == prefix + "queue"
