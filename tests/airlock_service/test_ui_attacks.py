@@ -655,10 +655,10 @@ def _browser_resolve(location: str, base: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("prefix", ["/services/airlock/", "/"])
-def test_login_next_never_leaves_the_site(tmp_path, prefix):
+def test_login_next_never_leaves_the_site(prefix):
     """Through the whole OAuth round trip (a fake hub token exchange): wherever ``next``
     points, the callback lands on the airlock's own origin, under its prefix."""
-    from starlette.testclient import TestClient
+    import anyio
 
     from airlock.service.auth import HubConfig, HubIdentityProvider
 
@@ -666,33 +666,32 @@ def test_login_next_never_leaves_the_site(tmp_path, prefix):
         async def token_for_code(self, code: str, verifier: str) -> str:
             return "token-" + code
 
-        async def identify(self, token: str):
-            return None
-
     identity = FakeHub(
         HubConfig(api_url="http://127.0.0.1:9/hub/api", api_token="x", prefix=prefix)
     )
     app = create_app(object(), identity, prefix=prefix, session_secret="s")  # type: ignore[arg-type]
     base = "http://airlock.test"
-    with TestClient(app, base_url=base) as http:
-        for raw in HOSTILE_NEXT:
-            nxt = raw.format(prefix=prefix)
-            r = http.get(f"{prefix}login?next={quote(nxt, safe='')}", follow_redirects=False)
-            assert r.status_code == 302
-            state = dict(p.split("=", 1) for p in urlsplit(r.headers["location"]).query.split("&"))[
-                "state"
-            ]
-            r = http.get(f"{prefix}oauth_callback?code=c&state={state}", follow_redirects=False)
-            assert r.status_code == 302, (nxt, r.text)
-            location = r.headers["location"]
-            scheme, host = _browser_resolve(location, base + prefix)
-            assert (scheme, host) == ("http", "airlock.test"), (nxt, location)
-            assert urlsplit(urljoin(base, location)).path.startswith(prefix), (nxt, location)
-            assert not re.search(r"[\x00-\x1f\\]", location), (nxt, location)
-        # a same-site next is kept
-        r = http.get(f"{prefix}login?next={quote(prefix + 'queue')}", follow_redirects=False)
-        state = dict(p.split("=", 1) for p in urlsplit(r.headers["location"]).query.split("&"))[
-            "state"
-        ]
-        r = http.get(f"{prefix}oauth_callback?code=c&state={state}", follow_redirects=False)
-        assert r.headers["location"] == prefix + "queue"
+
+    async def landing(http: httpx.AsyncClient, nxt: str) -> str:
+        """Where the browser is sent after logging in from ``login?next=<nxt>``."""
+        r = await http.get(f"{prefix}login?next={quote(nxt, safe='')}")
+        assert r.status_code == 302
+        query = dict(p.split("=", 1) for p in urlsplit(r.headers["location"]).query.split("&"))
+        r = await http.get(f"{prefix}oauth_callback?code=c&state={query['state']}")
+        assert r.status_code == 302, (nxt, r.text)
+        return r.headers["location"]
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base) as http:
+            for raw in HOSTILE_NEXT:
+                nxt = raw.format(prefix=prefix)
+                location = await landing(http, nxt)
+                scheme, host = _browser_resolve(location, base + prefix)
+                assert (scheme, host) == ("http", "airlock.test"), (nxt, location)
+                assert urlsplit(urljoin(base, location)).path.startswith(prefix), (nxt, location)
+                assert not re.search(r"[\x00-\x1f\\]", location), (nxt, location)
+            # a same-site next is kept
+            assert await landing(http, prefix + "queue") == prefix + "queue"
+
+    anyio.run(main)
