@@ -53,6 +53,8 @@ PAGE_CSP = (
 )
 # what a rendered notebook or a raw snapshot may do: nothing (no scripts, no requests)
 INERT_CSP = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# for answers that are no page (JSON, redirects, errors): render nothing, run nothing
+NO_PAGE_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"
 
 
 # --- request bodies -----------------------------------------------------------------------
@@ -172,6 +174,46 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class SecurityHeaders:
+    """Headers every answer gets unless its endpoint set its own: no MIME sniffing, no framing
+    by another site (``frame-ancestors 'none'`` added to a CSP that does not say), and
+    ``Cache-Control: no-store``: pages, snapshots and downloads are one user's and must stay
+    in no cache, shared or the browser's (static files excepted)."""
+
+    def __init__(self, app: ASGIApp, static_prefix: str) -> None:
+        self.app, self.static_prefix = app, static_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope["path"].startswith(self.static_prefix)
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                names = {k.lower() for k, _ in headers}
+                if b"x-content-type-options" not in names:
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                if b"referrer-policy" not in names:
+                    headers.append((b"referrer-policy", b"same-origin"))
+                if b"cache-control" not in names and not static:
+                    headers.append((b"cache-control", b"no-store"))
+                if b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", NO_PAGE_CSP.encode()))
+                else:
+                    headers = [
+                        (k, v + b"; frame-ancestors 'none'")
+                        if k.lower() == b"content-security-policy" and b"frame-ancestors" not in v
+                        else (k, v)
+                        for k, v in headers
+                    ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 class LoginRequired(Exception):  # noqa: N818
     def __init__(self, next_url: str) -> None:
         self.next_url = next_url
@@ -233,6 +275,7 @@ def create_app(
         max_age=8 * 3600,
     )
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(SecurityHeaders, static_prefix=f"{prefix}static/")
 
     for exc_type, status in ERRORS:
 
