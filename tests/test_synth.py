@@ -298,3 +298,29 @@ def test_any_generated_cohort_has_exactly_its_manifest_rejected(sites, patients,
                 manifest.filter(pl.col("site") == site.name).select("table", "row").iter_rows()
             )
             assert found == expected
+
+
+def test_cli_check_reads_as_ingest_does_a_corrupt_parquet_is_a_clear_error(tmp_path, policies_dir):
+    """`tre data check` read Parquet with polars' reader, which aborted the whole process on a
+    corrupt page header (ingest had been hardened against it); it now reads as ingest does.
+    Run as a real process so that an abort shows as a failure, not as a dead test runner."""
+    import os
+    import subprocess
+    import sys
+
+    from test_fuzz_ingest import corrupt_page_header
+
+    generate(tmp_path / "d", 1, 200, seed=4, policies_dir=policies_dir)
+    site = tmp_path / "d" / plan_sites(1, 200, policies_dir)[0].id
+    for csv in site.glob("*.csv"):  # deliver every table as Parquet
+        pl.read_csv(csv, infer_schema=False).write_parquet(csv.with_suffix(".parquet"))
+        csv.unlink()
+    corrupt_page_header(site / "tumour.parquet", negative=True)
+    res = subprocess.run(
+        [sys.executable, "-c", "from tre.cli import main; main()", "data", "check", str(site)],
+        capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, RUST_BACKTRACE="0", COLUMNS="200"),
+    )  # fmt: skip
+    assert res.returncode == 2, (res.returncode, res.stderr[-800:])
+    assert "tumour.parquet: cannot be read" in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and "panicked" not in res.stderr

@@ -272,6 +272,13 @@ def _read(path: Path) -> pl.DataFrame:
     return df.rename(dict(zip(df.columns, _header_names(df.columns, path), strict=True)))
 
 
+def read_delivered_table(path: Path) -> pl.DataFrame:
+    """One delivered file as text columns, read exactly as ingest reads it (the hardened readers
+    above): for ``tre data check``, so that checking a delivery cannot crash where ingesting it
+    would give a clear error."""
+    return _read(path)
+
+
 class _Steps:
     """Records how long each stage took (``BatchResult.timings``) and, for the CLI, advances a
     rich progress bar: long ingests show where they are."""

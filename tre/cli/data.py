@@ -55,17 +55,22 @@ def check_cmd(
     from rich.table import Table
 
     from tre.dictionary import DeliveryError, errors_of, load_dictionary, validate_batch
-    from tre.synth import read_delivery
+    from tre.ingest import SUPPORTED_SUFFIXES, IngestError, read_delivered_table
 
     if not site_dir.is_dir():
         console.print(f"[red]error:[/red] {site_dir} is not a directory")
         raise typer.Exit(2)
     try:
-        tables = read_delivery(site_dir)
+        tables = {}
+        for name in TABLE_NAMES:  # read as ingest reads them (a broken file: a clear error)
+            found = [site_dir / f"{name}{s}" for s in SUPPORTED_SUFFIXES]
+            for path in (f for f in found if f.is_file()):
+                tables[name] = read_delivered_table(path)
+                break
         if not tables:
             raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(TABLE_NAMES)}")
         results = validate_batch(load_dictionary(), tables)
-    except (DeliveryError, pl.exceptions.PolarsError, OSError) as exc:
+    except (DeliveryError, IngestError, pl.exceptions.PolarsError, OSError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     errors = errors_of(results)
