@@ -196,6 +196,24 @@ def _exclusive_lock(path: Path) -> Any:
     return lock
 
 
+def _read_name_map(path: Path, key: str, what: str) -> dict[str, str]:
+    """``{key: {name: value}}`` from a 0600 JSON file (the password and subject files)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PasswordError(f"{path}: not a valid {what}: {exc}") from exc
+    mapping = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(mapping, dict):
+        raise PasswordError(f"{path}: not a valid {what} (no '{key}' mapping)")
+    return {str(k): str(v) for k, v in mapping.items()}
+
+
+def _write_name_map(path: Path, key: str, mapping: dict[str, str]) -> None:
+    _write_json_0600(path, {key: dict(sorted(mapping.items()))})
+
+
 class PasswordFile:
     """Local accounts: ``{"users": {name: scrypt-hash}}`` in a 0600 JSON file.
 
@@ -207,16 +225,7 @@ class PasswordFile:
         self.path = Path(path)
 
     def _read(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PasswordError(f"{self.path}: not a valid password file: {exc}") from exc
-        users = data.get("users") if isinstance(data, dict) else None
-        if not isinstance(users, dict):
-            raise PasswordError(f"{self.path}: not a valid password file (no 'users' mapping)")
-        return {str(k): str(v) for k, v in users.items()}
+        return _read_name_map(self.path, "users", "password file")
 
     def usernames(self) -> list[str]:
         return sorted(self._read())
@@ -235,7 +244,7 @@ class PasswordFile:
         return verify_password(password, stored)
 
     def _write(self, users: dict[str, str]) -> None:
-        _write_json_0600(self.path, {"users": dict(sorted(users.items()))})
+        _write_name_map(self.path, "users", users)
 
     def _locked(self) -> Any:
         return _exclusive_lock(self.path)
@@ -299,16 +308,7 @@ class SubjectBindings:
         self.path = Path(path)
 
     def _read(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PasswordError(f"{self.path}: not a valid subject file: {exc}") from exc
-        subjects = data.get("subjects") if isinstance(data, dict) else None
-        if not isinstance(subjects, dict):
-            raise PasswordError(f"{self.path}: not a valid subject file (no 'subjects' mapping)")
-        return {str(k): str(v) for k, v in subjects.items()}
+        return _read_name_map(self.path, "subjects", "subject file")
 
     def subjects(self) -> dict[str, str]:
         return self._read()
@@ -322,7 +322,7 @@ class SubjectBindings:
             subjects = self._read()
             current = subjects.setdefault(username, subject)
             if current == subject:
-                _write_json_0600(self.path, {"subjects": dict(sorted(subjects.items()))})
+                _write_name_map(self.path, "subjects", subjects)
         return current == subject
 
     def unbind(self, username: str) -> bool:
@@ -330,7 +330,7 @@ class SubjectBindings:
             subjects = self._read()
             if subjects.pop(username, None) is None:
                 return False
-            _write_json_0600(self.path, {"subjects": dict(sorted(subjects.items()))})
+            _write_name_map(self.path, "subjects", subjects)
             return True
 
 
