@@ -404,6 +404,9 @@ def values_policy_problems(values: dict) -> list[str]:
         problems.append("the notebook image is not pinned by digest")
     if su.get("profileList"):
         problems.append("users must not choose profiles (images)")
+    hub_cfg = values.get("hub", {}).get("config", {}).get("JupyterHub", {})
+    if not str(hub_cfg.get("subdomain_host", "")).startswith("https://"):
+        problems.append("no origin separation: hub.config.JupyterHub.subdomain_host (https)")
     csc = values.get("hub", {}).get("config", {}).get("KubeSpawner", {})
     csc = csc.get("container_security_context", {})
     if csc.get("readOnlyRootFilesystem") is not True or csc.get("capabilities") != {
@@ -425,6 +428,7 @@ def test_values_keep_the_sandbox_policy():
         (("singleuser", "networkPolicy", "enabled"), False),
         (("singleuser", "image", "tag"), "latest"),
         (("singleuser", "networkPolicy", "egress"), [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]),
+        (("hub", "config", "JupyterHub", "subdomain_host"), ""),
     ],
 )
 def test_values_policy_catches_weakening(path, value):
@@ -522,6 +526,18 @@ def test_compose_hub_config_loads_and_names_only_real_traits(tmp_path, monkeypat
     assert auth.oauth_callback_url == env["TRE_PUBLIC_URL"] + "/hub/oauth_callback"
     assert cfg.JupyterHub.authenticator_class == "tre.hub.auth.TREOIDCAuthenticator"
     assert cfg.JupyterHub.spawner_class == "tre.hub.docker.TREDockerSpawner"
+    # origin separation: servers and the airlock on hosts of their own, __Host- cookies
+    assert cfg.JupyterHub.subdomain_host == env["TRE_PUBLIC_URL"]
+    assert cfg.JupyterHub.cookie_host_prefix_enabled is True
+    for name, value, problem in [
+        ("TRE_AIRLOCK_PUBLIC_URL", "https://tre.example.org/services/airlock/", "must be"),
+        ("TRE_PUBLIC_URL", "https://10.1.2.3", "host NAME"),
+        ("TRE_PUBLIC_URL", "https://tre.example.org/hub", "origin only"),
+    ]:
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(SystemExit, match=problem):
+                exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": Config})  # noqa: S102
     # a notebook image without a digest is refused when the hub loads the spawner
     monkeypatch.setenv("TRE_NOTEBOOK_IMAGE", "registry.example.org/tre/notebook:latest")
     cfg2 = Config()

@@ -33,11 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from rich.console import Console
 from rich.table import Table
 
+from tre.hub.config import AIRLOCK_SERVICE, public_host_of
+from tre.hub.harness import loopback_request
 from tre.settings import REPO_ROOT, Settings, load_settings
 
 RESEARCHERS = ("alice", "bob", "carol")
@@ -68,11 +71,21 @@ class DemoContext:
 
     @property
     def hub_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.hub_port}"
+        """The hub's public origin (researchers' servers and the airlock have hosts of their
+        own below it: ``tre.hub.config.public_host_of``)."""
+        return str(self.settings.hub.public_url)
 
     @property
     def airlock_prefix(self) -> str:
-        return "/services/airlock/"
+        return f"/services/{AIRLOCK_SERVICE}/"
+
+    @property
+    def airlock_url(self) -> str:
+        host = public_host_of(self.settings, AIRLOCK_SERVICE, "service")
+        return f"{host}{self.airlock_prefix}"
+
+    def server_url(self, user: str, server: str) -> str:
+        return f"{public_host_of(self.settings, user)}/user/{user}/{server}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,8 +297,9 @@ def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise DemoError(f"JupyterHub exited ({ctx.hub_proc.returncode}); log tail:\n{tail}")
         try:
-            hub_ok = httpx.get(f"{ctx.hub_url}/hub/api/", timeout=2).status_code == 200
-            airlock = httpx.get(f"{ctx.hub_url}{ctx.airlock_prefix}api/health", timeout=2)
+            hub = loopback_request("GET", f"{ctx.hub_url}/hub/api/", timeout=2)
+            airlock = loopback_request("GET", f"{ctx.airlock_url}api/health", timeout=2)
+            hub_ok = hub.status_code == 200
             if hub_ok and airlock.status_code == 200:
                 return
         except httpx.HTTPError:
@@ -385,9 +399,14 @@ def print_welcome(ctx: DemoContext) -> None:
     c = ctx.console
     c.rule("[bold green]The TRE is running")
     c.print(f"JupyterHub:            {ctx.hub_url}/hub/login")
-    c.print(f"Airlock (checkers):    {ctx.hub_url}{ctx.airlock_prefix}")
-    c.print(f"Admin pages:           {ctx.hub_url}{ctx.airlock_prefix}admin")
-    c.print(f"Transparency register: {ctx.hub_url}{ctx.airlock_prefix}transparency (public)")
+    c.print(f"Airlock (checkers):    {ctx.airlock_url}")
+    c.print(f"Admin pages:           {ctx.airlock_url}admin")
+    c.print(f"Transparency register: {ctx.airlock_url}transparency (public)")
+    c.print(
+        "[dim]Each researcher's servers and the airlock have host names of their own under "
+        f"{urlsplit(ctx.hub_url).hostname} (origin separation). Browsers resolve *.localhost "
+        "to this machine; if yours does not, see docs/deployment.md.[/dim]"
+    )
     table = Table(title="Demo accounts")
     for col in ("user", "password", "role"):
         table.add_column(col)

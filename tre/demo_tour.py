@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from tre.demo import EXAMPLE_NOTEBOOK, DemoContext, example_notebook
+from tre.hub.harness import CHROMIUM_LOOPBACK_RULES, loopback_client
 
 PROJECT = "wilms-outcomes"
 OTHER_PROJECT = "leukaemia-incidence"
@@ -36,6 +37,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    CHROMIUM_LOOPBACK_RULES,
 ]
 
 
@@ -63,13 +65,14 @@ class Tour:
         self.screenshots = screenshots
         self.state = TourState()
         self.base = ctx.hub_url
-        self.airlock = f"{ctx.hub_url}{ctx.airlock_prefix}"
+        self.airlock = ctx.airlock_url
 
     # -- helpers ----------------------------------------------------------------------------
 
     def client(self, **kw: Any) -> httpx.Client:
         # trust_env=False: never route through an outside proxy; everything here is loopback
-        return httpx.Client(base_url=self.base, timeout=60, trust_env=False, **kw)
+        # (the hub's public host names are sent to 127.0.0.1, never looked up)
+        return loopback_client(base_url=self.base, timeout=60, trust_env=False, **kw)
 
     def auth(self, user: str) -> dict[str, str]:
         return {"Authorization": f"token {self.state.tokens[user]}"}
@@ -118,7 +121,7 @@ class Tour:
 
         try:
             return execute_in_kernel(
-                f"{self.base}/user/alice/{PROJECT}",
+                self.ctx.server_url("alice", PROJECT),
                 self.state.kernel_id,
                 self.auth("alice"),
                 code,
@@ -158,7 +161,7 @@ class Tour:
     def step_query(self) -> str:
         with self.client() as c:
             r = c.post(
-                f"/user/alice/{PROJECT}/api/kernels",
+                f"{self.ctx.server_url('alice', PROJECT)}/api/kernels",
                 headers=self.auth("alice"),
                 json={"name": "python3"},
             )
@@ -325,7 +328,7 @@ print(json.dumps({{"status": r.status_code, "body": r.json()}}))
                 page = self._browser_login(browser, "alice")
                 page.goto(f"{self.base}/hub/home")
                 page.screenshot(path=str(out / "demo-hub-home.png"))
-                page.goto(f"{self.base}/user/alice/{PROJECT}/lab/tree/{EXAMPLE_NOTEBOOK}")
+                page.goto(f"{self.ctx.server_url('alice', PROJECT)}/lab/tree/{EXAMPLE_NOTEBOOK}")
                 page.wait_for_selector(".jp-Notebook", timeout=60000)
                 page.wait_for_timeout(2500)
                 page.screenshot(path=str(out / "demo-jupyterlab-notebook.png"))

@@ -7,10 +7,12 @@ under ``state_dir`` so that the embedded default needs no configuration at all.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -99,6 +101,17 @@ class HubSettings(BaseModel):
     )
     start_timeout_seconds: int = Field(default=60, ge=5, description="Spawn timeout.")
     proxy_api_port: int = Field(default=8001, description="Loopback port of the proxy's API.")
+    public_url: str | None = Field(
+        default=None,
+        description="Public origin of the hub, scheme://host[:port] (e.g. "
+        "https://tre.example.org). "
+        "Each researcher's servers are served on a host of their own below it "
+        "(<user>.<host>) and the airlock on airlock--service.<host> (JupyterHub's "
+        "subdomain_host), so that code in a sandbox can never run in the origin of the hub or "
+        "of the airlock. Needs wildcard DNS (and a wildcard certificate) for *.<host>. "
+        "Default: http://tre.localhost:<hub_port> (browsers resolve *.localhost to this "
+        "machine).",
+    )
 
     @model_validator(mode="after")
     def _known_choices(self) -> HubSettings:
@@ -108,7 +121,51 @@ class HubSettings(BaseModel):
             raise ValueError("hub.authenticator must be 'local' or 'oidc'")
         if self.airlock_service not in {"managed", "external", "none"}:
             raise ValueError("hub.airlock_service must be 'managed', 'external' or 'none'")
+        if self.public_url is not None:
+            self.public_url = check_public_url(self.public_url)
         return self
+
+
+def check_public_url(url: str) -> str:
+    """``scheme://host[:port]`` with a host name that can have subdomains; ValueError if not."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"hub.public_url must be http(s)://host[:port], not {url!r}")
+    if parts.path not in {"", "/"} or parts.query or parts.fragment or parts.username:
+        raise ValueError(
+            f"hub.public_url must be an origin only (scheme, host, port), not {url!r}: the hub "
+            "is served at the root of its host"
+        )
+    try:
+        ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        pass
+    else:
+        raise ValueError(
+            f"hub.public_url needs a host NAME, not an IP address ({parts.hostname}): researchers' "
+            "servers and the airlock get host names below it (e.g. tre.localhost, with "
+            "alice.tre.localhost and airlock--service.tre.localhost)"
+        )
+    if "." not in parts.hostname:
+        raise ValueError(
+            f"hub.public_url's host {parts.hostname!r} has no dot: browsers do not share cookies "
+            "safely below a single-label name; use e.g. tre.localhost or tre.example.org"
+        )
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"hub.public_url: {exc}") from None
+    return f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
+
+
+def public_origin(public_url: str, name: str, kind: str = "user") -> str:
+    """The origin JupyterHub (``subdomain_host`` = ``public_url``) gives a user's servers
+    (kind 'user': ``<name>.<host>``) or a service ('service': ``<name>--service.<host>``)."""
+    from jupyterhub.utils import subdomain_hook_idna  # JupyterHub's own naming, not a copy
+
+    parts = urlsplit(public_url)
+    domain = subdomain_hook_idna(name, parts.hostname, kind)
+    return f"{parts.scheme}://{domain}" + (f":{parts.port}" if parts.port else "")
 
 
 class Settings(BaseSettings):
@@ -215,6 +272,7 @@ class Settings(BaseSettings):
         self.hub_db_url = self.hub_db_url or f"sqlite:///{s / 'jupyterhub.sqlite'}"
         self.hub.runtime_dir = self.hub.runtime_dir or s / "run"
         self.hub.sandbox_env_dir = self.hub.sandbox_env_dir or s / "sandbox-env"
+        self.hub.public_url = self.hub.public_url or f"http://tre.localhost:{self.hub_port}"
         self.hub_api_url = self.hub_api_url or f"http://{self.hub_ip}:{self.hub_port}/hub/api"
         self.hub_admin_token_file = (
             self.hub_admin_token_file or s / "secrets" / "hub-provision.token"

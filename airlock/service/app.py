@@ -268,8 +268,10 @@ def create_app(
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret or secrets.token_hex(32),
-        session_cookie="airlock-session",
-        path=prefix,
+        # on https, a __Host- cookie (path / on the airlock's own host): a sibling host under
+        # the same domain (a researcher's server) cannot overwrite it
+        session_cookie="__Host-airlock-session" if https_only else "airlock-session",
+        path="/" if https_only else prefix,
         same_site="lax",
         https_only=https_only,
         max_age=8 * 3600,

@@ -61,6 +61,9 @@ class HubConfig:
     client_id: str = "service-airlock"
     hub_host: str = ""  # public origin of the hub when it differs from ours ("" = same proxy)
     hub_prefix: str = "/hub/"
+    # where the hub sends the browser back after login: our public URL (the hub registers
+    # <service host><prefix>oauth_callback); "" = <prefix>oauth_callback on the same host
+    public_url: str = ""
     cache_max_age: int = 30  # seconds a validated token is trusted before asking the hub again
 
     @classmethod
@@ -82,14 +85,21 @@ class HubConfig:
             client_id=os.environ.get("JUPYTERHUB_CLIENT_ID", f"service-{name}"),
             hub_host=os.environ.get("JUPYTERHUB_HOST", ""),
             hub_prefix=os.environ.get("JUPYTERHUB_BASE_URL", "/").rstrip("/") + "/hub/",
+            public_url=os.environ.get("JUPYTERHUB_PUBLIC_URL", ""),
         )
+
+    @property
+    def oauth_redirect_uri(self) -> str:
+        if self.public_url:
+            return self.public_url.rstrip("/") + "/oauth_callback"
+        return self.prefix + "oauth_callback"
 
     def hub_oauth(self) -> HubOAuth:
         return HubOAuth(
             api_url=self.api_url,
             api_token=self.api_token,
             oauth_client_id=self.client_id,
-            oauth_redirect_uri=self.prefix + "oauth_callback",
+            oauth_redirect_uri=self.oauth_redirect_uri,
             hub_host=self.hub_host,
             hub_prefix=self.hub_prefix,
             base_url=self.prefix,

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from tre.hub.access import named_server_gate
+from tre.settings import check_public_url, public_origin
 
 
 def env(name: str, default: str | None = None) -> str:
@@ -27,10 +28,26 @@ def secret(name: str) -> str:
 c = get_config()
 
 policies_dir = env("TRE_POLICIES_DIR", "/srv/tre/policies")
-public_url = env("TRE_PUBLIC_URL").rstrip("/")
+try:
+    public_url = check_public_url(env("TRE_PUBLIC_URL"))
+except ValueError as exc:
+    raise SystemExit(f"jupyterhub_config: TRE_PUBLIC_URL: {exc}") from None
+# the airlock is told its public URL (TRE_AIRLOCK_PUBLIC_URL, its OAuth redirect) by compose:
+# it must be the host the hub gives the service, or logins to the airlock fail
+airlock_public_url = public_origin(public_url, "airlock", "service") + "/services/airlock/"
+if env("TRE_AIRLOCK_PUBLIC_URL") != airlock_public_url:
+    raise SystemExit(
+        f"jupyterhub_config: TRE_AIRLOCK_PUBLIC_URL must be {airlock_public_url} "
+        f"(the airlock's own host under TRE_PUBLIC_URL={public_url})"
+    )
 
 # --- hub, proxy, database -------------------------------------------------------------------
 c.JupyterHub.bind_url = public_url
+# origin separation: each user's servers on <user>.<host>, the airlock on
+# airlock--service.<host> (wildcard DNS and certificate): a sandbox's pages can never run in
+# the hub's or the airlock's origin; __Host- cookies cannot be tossed from a sibling host
+c.JupyterHub.subdomain_host = public_url
+c.JupyterHub.cookie_host_prefix_enabled = public_url.startswith("https://")
 c.JupyterHub.hub_bind_url = "http://0.0.0.0:8081"
 c.JupyterHub.hub_connect_url = "http://hub:8081"
 c.JupyterHub.db_url = (

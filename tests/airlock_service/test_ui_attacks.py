@@ -16,7 +16,7 @@ import re
 import threading
 from collections import Counter
 from pathlib import Path
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import httpx
 import nbformat
@@ -693,5 +693,49 @@ def test_login_next_never_leaves_the_site(prefix):
                 assert not re.search(r"[\x00-\x1f\\]", location), (nxt, location)
             # a same-site next is kept
             assert await landing(http, prefix + "queue") == prefix + "queue"
+
+    anyio.run(main)
+
+
+def test_on_its_own_https_host_the_session_cookie_cannot_be_tossed(monkeypatch):
+    """Behind the hub with origin separation the airlock has a host of its own: the hub's
+    OAuth sends the browser back to that host (JUPYTERHUB_PUBLIC_URL), and on https the
+    session cookie is ``__Host-`` (Secure, Path=/, no Domain), which a researcher's server on a
+    sibling host cannot overwrite with a cookie of its own for the parent domain."""
+    import anyio
+
+    from airlock.service.auth import HubConfig, HubIdentityProvider
+
+    public = "https://airlock--service.tre.example.org/services/airlock/"
+    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://127.0.0.1:9/hub/api")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "x")
+    monkeypatch.setenv("JUPYTERHUB_HOST", "https://tre.example.org")
+    monkeypatch.setenv("JUPYTERHUB_PUBLIC_URL", public)
+    config = HubConfig.from_env()
+    assert config.oauth_redirect_uri == public + "oauth_callback"
+
+    class FakeHub(HubIdentityProvider):
+        async def token_for_code(self, code: str, verifier: str) -> str:
+            return "token-" + code
+
+    identity = FakeHub(config)
+    prefix = config.prefix
+    app = create_app(object(), identity, prefix=prefix, session_secret="s", https_only=True)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=app)
+        origin = "https://airlock--service.tre.example.org"
+        async with httpx.AsyncClient(transport=transport, base_url=origin) as http:
+            r = await http.get(f"{prefix}login")
+            assert r.status_code == 302
+            target = urlsplit(r.headers["location"])
+            assert (target.scheme, target.netloc) == ("https", "tre.example.org")  # the hub
+            query = dict(p.split("=", 1) for p in target.query.split("&"))
+            assert unquote(query["redirect_uri"]) == public + "oauth_callback"
+            cookie = r.headers["set-cookie"]
+            assert cookie.startswith("__Host-airlock-session="), cookie
+            attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+            assert {"secure", "path"} <= attributes and "domain" not in attributes, cookie
+            assert "path=/;" in cookie.replace(" ", "").lower() + ";", cookie
 
     anyio.run(main)

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from conftest import PASSWORDS
 
+from tre.hub.harness import CHROMIUM_LOOPBACK_RULES, loopback_request
 from tre.settings import REPO_ROOT
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox, pytest.mark.browser]
@@ -25,6 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    CHROMIUM_LOOPBACK_RULES,
 ]
 
 
@@ -39,7 +41,7 @@ def test_login_spawn_jupyterlab_in_chromium(hub, require_chromium):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.on("request", lambda req: requested.append(req.url))
-            page.goto(f"{hub.url}/hub/login")
+            page.goto(f"{hub.public_url}/hub/login")
             page.fill("#username_input", "bob")
             page.fill("#password_input", PASSWORDS["bob"])
             page.click("#login_submit")
@@ -58,7 +60,9 @@ def test_login_spawn_jupyterlab_in_chromium(hub, require_chromium):
         finally:
             browser.close()
     hosts = {urlparse(u).hostname for u in requested if u.startswith(("http", "ws"))}
-    assert hosts == {"127.0.0.1"}, hosts
+    # the hub's host and bob's own; nothing else (the airlock is not visited here)
+    hub_host = urlparse(hub.public_url).hostname
+    assert hosts == {hub_host, f"bob.{hub_host}"}, hosts
     assert not any("extensions" in u and "pypi" in u for u in requested)
     hub.stop_server("bob", "wilms-outcomes")
 
@@ -66,22 +70,23 @@ def test_login_spawn_jupyterlab_in_chromium(hub, require_chromium):
 def test_jupyterlab_settings_switch_off_every_outbound_fetch(hub, alice_server, alice_token):
     """The sandbox's JupyterLab serves the TRE's settings: no news, no update check, no
     extension manager; its news and update endpoints answer without fetching anything."""
-    import httpx
 
-    base = f"{hub.url}/user/alice/{alice_server}"
+    base = hub.server_url("alice", alice_server)
     headers = {"Authorization": f"token {alice_token}"}
-    notification = httpx.get(
-        f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification", headers=headers
+    notification = loopback_request(
+        "GET",
+        f"{base}/lab/api/settings/@jupyterlab/apputils-extension:notification",
+        headers=headers,
     ).json()
     # overrides.json becomes the schema's defaults, which is what JupyterLab then uses
     defaults = notification["schema"]["properties"]
     assert defaults["fetchNews"]["default"] == "false", defaults["fetchNews"]
     assert defaults["checkForUpdates"]["default"] is False
-    news = httpx.get(f"{base}/lab/api/news", headers=headers)
+    news = loopback_request("GET", f"{base}/lab/api/news", headers=headers)
     assert news.status_code == 200 and news.json()["news"] == []
-    update = httpx.get(f"{base}/lab/api/update", headers=headers)
+    update = loopback_request("GET", f"{base}/lab/api/update", headers=headers)
     assert update.status_code == 200 and not update.json().get("notification")
-    lab = httpx.get(f"{base}/lab", headers=headers).text
+    lab = loopback_request("GET", f"{base}/lab", headers=headers).text
     match = re.search(
         r'<script id="jupyter-config-data" type="application/json">(.*?)</script>', lab, re.S
     )
@@ -92,5 +97,5 @@ def test_jupyterlab_settings_switch_off_every_outbound_fetch(hub, alice_server, 
     assert "@jupyterlab/extensionmanager-extension:plugin" in disabled, disabled
     assert "@jupyterlab/apputils-extension:announcements" in disabled, disabled
     # and the extension listing answers from the read-only manager, without any index
-    listing = httpx.get(f"{base}/lab/api/extensions", headers=headers)
+    listing = loopback_request("GET", f"{base}/lab/api/extensions", headers=headers)
     assert listing.status_code == 200

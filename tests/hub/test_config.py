@@ -12,7 +12,7 @@ from traitlets.config.loader import PyFileConfigLoader
 from typer.testing import CliRunner
 
 from tre.cli import app
-from tre.hub.config import SERVER_TOKEN_SCOPES, hub_config, write_config
+from tre.hub.config import SERVER_TOKEN_SCOPES, hub_config, public_host_of, write_config
 from tre.registry import RegistryError, load_registry
 from tre.settings import REPO_ROOT, load_settings
 
@@ -267,3 +267,37 @@ def test_a_hub_restart_grants_admin_only_through_a_login(installation, tmp_path)
     hub.db.close()
     _, user = start_users()  # the restart
     assert user.admin is False
+
+
+def test_servers_and_the_airlock_get_origins_of_their_own(installation, tmp_path):
+    """Origin separation is on by default (JupyterHub's subdomain_host, *.localhost locally)."""
+    jh = hub_config(installation, load_registry(installation.policies_dir))["JupyterHub"]
+    assert jh["subdomain_host"] == "http://tre.localhost:18000"
+    assert jh["cookie_host_prefix_enabled"] is False  # __Host- cookies need https
+    https = load_settings(
+        state_dir=tmp_path / "s2",
+        policies_dir=installation.policies_dir,
+        hub={"public_url": "HTTPS://TRE.Example.org/"},
+    )
+    jh = hub_config(https, load_registry(https.policies_dir))["JupyterHub"]
+    assert jh["subdomain_host"] == "https://tre.example.org"
+    assert jh["cookie_host_prefix_enabled"] is True
+    assert public_host_of(https, "alice") == "https://alice.tre.example.org"
+    assert public_host_of(https, "airlock", "service") == "https://airlock--service.tre.example.org"
+
+
+@pytest.mark.parametrize(
+    "url,problem",
+    [
+        ("http://127.0.0.1:8000", "host NAME"),
+        ("http://[::1]:8000", "host NAME"),
+        ("http://localhost:8000", "no dot"),
+        ("https://tre.example.org/hub/", "origin only"),
+        ("https://tre.example.org?x=1", "origin only"),
+        ("tre.example.org", "http"),
+        ("https://tre.example.org:99999", "Port out of range"),
+    ],
+)
+def test_a_public_url_without_room_for_subdomains_is_refused(url, problem, tmp_path):
+    with pytest.raises(ValueError, match=problem):
+        load_settings(state_dir=tmp_path, hub={"public_url": url})

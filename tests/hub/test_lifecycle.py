@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_AUTH, make_state
 
-from tre.hub.harness import HubInstance, Kernel
+from tre.hub.harness import HubInstance, Kernel, loopback_request
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
 
@@ -64,8 +64,6 @@ def test_a_swapped_server_socket_does_not_redirect_the_proxy(hub):
     import socket
     import threading
 
-    import httpx
-
     daemon_dir = Path(tempfile.mkdtemp(dir="/tmp"))  # stands for a root daemon's socket
     daemon = socket.socket(socket.AF_UNIX)
     daemon.bind(str(daemon_dir / "daemon.sock"))
@@ -98,8 +96,9 @@ def test_a_swapped_server_socket_does_not_redirect_the_proxy(hub):
             "print(os.readlink('/run/tre/server/jupyter.sock'))"
         )
         assert out["error"] is None and "daemon.sock" in out["stdout"], out
-        status = httpx.get(
-            f"{hub.url}/user/bob/wilms-outcomes/api/status",
+        status = loopback_request(
+            "GET",
+            f"{hub.server_url('bob', 'wilms-outcomes')}/api/status",
             headers={"Authorization": f"token {token}"},
             timeout=30,
         )

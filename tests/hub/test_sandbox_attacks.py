@@ -14,8 +14,9 @@ import socketserver
 import threading
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tre.hub.harness import loopback_request
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
 SECRET = "HMAC-SECRET-DO-NOT-LEAK"  # the content of the test installation's HMAC key
@@ -485,8 +486,12 @@ def test_sandbox_token_cannot_reach_another_users_server(hub, alice_kernel, caro
     token = alice_kernel.run("import os; print(os.environ['JUPYTERHUB_API_TOKEN'])")["stdout"]
     token = token.strip()
     headers = {"Authorization": f"token {token}"}
-    own = httpx.get(f"{hub.url}/user/alice/wilms-outcomes/api/status", headers=headers)
+    own = loopback_request(
+        "GET", f"{hub.server_url('alice', 'wilms-outcomes')}/api/status", headers=headers
+    )
     assert own.status_code == 200  # the token works for its own server...
-    other = httpx.get(f"{hub.url}/user/carol/{carol_server}/api/kernels", headers=headers)
+    other = loopback_request(
+        "GET", f"{hub.server_url('carol', carol_server)}/api/kernels", headers=headers
+    )
     assert other.status_code in (302, 403), other.status_code  # ...and nowhere else
     assert "api/kernels" not in other.headers.get("location", "")

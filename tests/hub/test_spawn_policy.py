@@ -11,6 +11,8 @@ import httpx
 import pytest
 from conftest import PASSWORDS
 
+from tre.hub.harness import loopback_client
+
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
 
 
@@ -55,7 +57,7 @@ def test_suspending_a_project_takes_effect_without_restarting_the_hub(hub):
 
 
 def login(hub, username: str) -> httpx.Client:
-    client = httpx.Client(base_url=hub.url, follow_redirects=True, timeout=30)
+    client = loopback_client(base_url=hub.public_url, follow_redirects=True, timeout=30)
     page = client.get("/hub/login")
     xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
     data = {"username": username, "password": PASSWORDS[username]}
@@ -68,7 +70,7 @@ def login(hub, username: str) -> httpx.Client:
 
 
 def test_a_user_whose_only_project_ended_cannot_log_in(hub):
-    client = httpx.Client(base_url=hub.url, timeout=30)
+    client = loopback_client(base_url=hub.public_url, timeout=30)
     page = client.get("/hub/login")
     xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
     r = client.post(
@@ -79,7 +81,7 @@ def test_a_user_whose_only_project_ended_cannot_log_in(hub):
 
 
 def test_wrong_password_is_refused(hub):
-    client = httpx.Client(base_url=hub.url, timeout=30)
+    client = loopback_client(base_url=hub.public_url, timeout=30)
     page = client.get("/hub/login")
     xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
     r = client.post(

@@ -20,7 +20,7 @@ import yaml
 from tre.hub.access import projects_for_home
 from tre.hub.bwrap import unix_url
 from tre.registry import Registry, load_registry
-from tre.settings import REPO_ROOT, Settings
+from tre.settings import REPO_ROOT, Settings, public_origin
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 SPAWNERS = {
@@ -67,6 +67,15 @@ def hub_socket(settings: Settings) -> Path:
 
 def airlock_socket(settings: Settings) -> Path:
     return settings.hub.runtime_dir / "airlock" / "airlock.sock"
+
+
+def public_is_https(settings: Settings) -> bool:
+    return str(settings.hub.public_url).startswith("https://")
+
+
+def public_host_of(settings: Settings, name: str, kind: str = "user") -> str:
+    """The public origin of a user's servers or of a service (JupyterHub's own naming)."""
+    return public_origin(str(settings.hub.public_url), name, kind)
 
 
 def proxy_command() -> list[str]:
@@ -136,6 +145,14 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
     config: dict[str, dict[str, Any]] = {
         "JupyterHub": {
             "bind_url": f"http://{settings.hub_ip}:{settings.hub_port}",
+            # Origin separation: the hub at <host>, each user's servers at <user>.<host>, the
+            # airlock at airlock--service.<host>. On one origin, script that a sandbox serves
+            # (anything routed to its server) could read the airlock's pages as a checker who
+            # opens a researcher's link, and post with their CSRF token.
+            "subdomain_host": settings.hub.public_url,
+            # __Host- cookies cannot be set from a sibling host (cookie tossing); they need
+            # https, so only then.
+            "cookie_host_prefix_enabled": public_is_https(settings),
             "hub_bind_url": hub_url,
             "hub_connect_url": hub_url,
             "hub_socket_mode": 0o666,

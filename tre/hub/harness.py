@@ -13,6 +13,7 @@ sandbox kernel through the proxy (REST + websocket), as a browser would.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import secrets
@@ -29,8 +30,55 @@ from typing import Any
 
 import httpx
 
-from tre.hub.config import write_config
+from tre.hub.config import AIRLOCK_SERVICE, public_host_of, write_config
 from tre.settings import Settings
+
+
+class LoopbackTransport(httpx.HTTPTransport):
+    """Connects to 127.0.0.1 whatever the URL's host, which stays in the Host header.
+
+    The hub serves each user's servers and the airlock on host names of their own below its
+    public host (``alice.tre.localhost``, ``airlock--service.tre.localhost``). Browsers resolve
+    ``*.localhost`` to this machine themselves; Python would ask the system's DNS resolver, so
+    tests, the demo and the benchmarks send such requests through this transport instead:
+    nothing is looked up, and a URL whose host is not loopback is refused (tests and demos
+    talk to this machine only)."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if not (host == "localhost" or host.endswith(".localhost") or _is_loopback(host)):
+            raise httpx.ConnectError(f"{host} is not this machine: refused", request=request)
+        wire = httpx.Request(
+            request.method,
+            request.url.copy_with(host="127.0.0.1"),
+            headers=request.headers,  # keeps Host: <public host>
+            stream=request.stream,
+            extensions=request.extensions,
+        )
+        return super().handle_request(wire)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_client(**kwargs: Any) -> httpx.Client:
+    """An httpx client that reaches ``*.localhost`` public URLs on this machine (see above)."""
+    return httpx.Client(transport=LoopbackTransport(), **kwargs)
+
+
+def loopback_request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    kwargs.setdefault("timeout", 60)
+    with loopback_client() as client:
+        return client.request(method, url, **kwargs)
+
+
+# Chromium: resolve the hub's host names to the proxy on 127.0.0.1 without any lookup (it
+# resolves *.localhost to loopback by itself, possibly as ::1 where the proxy does not listen).
+CHROMIUM_LOOPBACK_RULES = "--host-resolver-rules=MAP *.localhost 127.0.0.1, MAP localhost 127.0.0.1"
 
 
 def free_port() -> int:
@@ -102,7 +150,23 @@ class HubInstance:
 
     @property
     def url(self) -> str:
+        """The proxy on loopback: the hub's pages and API (the hub answers any host name)."""
         return f"http://127.0.0.1:{self.settings.hub_port}"
+
+    @property
+    def public_url(self) -> str:
+        """The hub's public origin (what a browser uses: its cookies are set for this host)."""
+        return str(self.settings.hub.public_url)
+
+    def server_url(self, user: str, server: str) -> str:
+        """Public URL of a user's named server (on the user's own host)."""
+        return f"{public_host_of(self.settings, user)}/user/{user}/{server}"
+
+    @property
+    def airlock_url(self) -> str:
+        """Public URL of the airlock (on a host of its own)."""
+        host = public_host_of(self.settings, AIRLOCK_SERVICE, "service")
+        return f"{host}/services/{AIRLOCK_SERVICE}/"
 
     def write(self) -> Path:
         path = write_config(self.settings)
@@ -241,11 +305,11 @@ class Kernel:
     """A kernel in a live sandbox, driven through the proxy like JupyterLab drives it."""
 
     def __init__(self, hub: HubInstance, user: str, project: str, token: str) -> None:
-        self.base = f"{hub.url}/user/{user}/{project}"
+        self.base = hub.server_url(user, project)
         self.token = token
         self.headers = {"Authorization": f"token {token}"}
-        r = httpx.post(
-            f"{self.base}/api/kernels", headers=self.headers, json={"name": "python3"}, timeout=60
+        r = loopback_request(
+            "POST", f"{self.base}/api/kernels", headers=self.headers, json={"name": "python3"}
         )
         r.raise_for_status()
         self.kernel_id = r.json()["id"]
@@ -255,7 +319,9 @@ class Kernel:
         return execute_in_kernel(self.base, self.kernel_id, self.headers, code, timeout)
 
     def shutdown(self) -> None:
-        httpx.delete(f"{self.base}/api/kernels/{self.kernel_id}", headers=self.headers, timeout=30)
+        loopback_request(
+            "DELETE", f"{self.base}/api/kernels/{self.kernel_id}", headers=self.headers, timeout=30
+        )
 
 
 def execute_in_kernel(
@@ -272,8 +338,12 @@ async def _execute_in_kernel(
     from tornado.httpclient import HTTPRequest
     from tornado.websocket import websocket_connect
 
-    ws_url = server_url.replace("http://", "ws://") + f"/api/kernels/{kernel_id}/channels"
-    conn = await websocket_connect(HTTPRequest(ws_url, headers=headers))
+    # to the proxy on loopback, with the server's public host name in the Host header
+    public = httpx.URL(server_url)
+    wire = public.copy_with(scheme="ws", host="127.0.0.1")
+    ws_url = str(wire).rstrip("/") + f"/api/kernels/{kernel_id}/channels"
+    host = public.host + (f":{public.port}" if public.port else "")
+    conn = await websocket_connect(HTTPRequest(ws_url, headers={**headers, "Host": host}))
     msg_id = uuid.uuid4().hex
     conn.write_message(
         json.dumps(
