@@ -273,11 +273,14 @@ def ensure_sandbox_env(ctx: DemoContext) -> None:
 
 
 def start_hub(ctx: DemoContext, timeout: float = 90) -> None:
-    from tre.hub.config import hub_dir, write_config
+    from tre.hub.config import HubConfigError, hub_dir, write_config
 
     # the generated configuration registers the airlock and the provisioning service
     # (tre-provision: group mirroring, `tre project enforce --loop`) with their tokens
-    path = write_config(ctx.settings)
+    try:
+        path = write_config(ctx.settings)
+    except HubConfigError as exc:
+        raise DemoError(str(exc)) from None
     log_path = ctx.demo_dir / "jupyterhub.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}

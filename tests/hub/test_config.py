@@ -12,7 +12,13 @@ from traitlets.config.loader import PyFileConfigLoader
 from typer.testing import CliRunner
 
 from tre.cli import app
-from tre.hub.config import SERVER_TOKEN_SCOPES, hub_config, public_host_of, write_config
+from tre.hub.config import (
+    SERVER_TOKEN_SCOPES,
+    HubConfigError,
+    hub_config,
+    public_host_of,
+    write_config,
+)
 from tre.registry import RegistryError, load_registry
 from tre.settings import REPO_ROOT, load_settings
 
@@ -301,3 +307,16 @@ def test_servers_and_the_airlock_get_origins_of_their_own(installation, tmp_path
 def test_a_public_url_without_room_for_subdomains_is_refused(url, problem, tmp_path):
     with pytest.raises(ValueError, match=problem):
         load_settings(state_dir=tmp_path, hub={"public_url": url})
+
+
+def test_a_runtime_dir_with_capitals_is_refused_before_anything_is_written(tmp_path):
+    """JupyterHub reaches the sandboxes' sockets by http+unix URLs whose host part is the
+    path, lower-cased on the way: a capital letter made every spawn time out."""
+    settings = load_settings(
+        state_dir=tmp_path / "state",
+        policies_dir=REPO_ROOT / "policies",
+        hub={"runtime_dir": str(tmp_path / "Run")},
+    )
+    with pytest.raises(HubConfigError, match="lower-case"):
+        write_config(settings)
+    assert not (tmp_path / "state" / "hub").exists()

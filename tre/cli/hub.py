@@ -21,13 +21,16 @@ def config(
     output: Path | None = typer.Option(None, "--output", "-o", help="Where to write the file."),
 ) -> None:
     """Generate jupyterhub_config.py from the TRE settings and the project registry."""
-    from tre.hub.config import write_config
+    from tre.hub.config import HubConfigError, write_config
 
     settings = load_settings()
     try:
         path = write_config(settings, output)
     except RegistryError as exc:
         console.print(f"[red]The project registry is invalid; nothing written:[/red]\n{exc}")
+        raise typer.Exit(1) from None
+    except HubConfigError as exc:
+        console.print(f"[red]Nothing written:[/red] {exc}")
         raise typer.Exit(1) from None
     typer.echo(str(path))
 
@@ -56,13 +59,16 @@ def build_sandbox_env() -> None:
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(ctx: typer.Context) -> None:
     """Regenerate the configuration and start JupyterHub (extra arguments go to jupyterhub)."""
-    from tre.hub.config import hub_dir, write_config
+    from tre.hub.config import HubConfigError, hub_dir, write_config
 
     settings = load_settings()
     try:
         path = write_config(settings)
     except RegistryError as exc:
         console.print(f"[red]The project registry is invalid; the hub is not started:[/red]\n{exc}")
+        raise typer.Exit(1) from None
+    except HubConfigError as exc:
+        console.print(f"[red]The hub is not started:[/red] {exc}")
         raise typer.Exit(1) from None
     if settings.hub.spawner == "bubblewrap":
         from tre.hub.sandbox_env import SandboxEnvError, ensure_sandbox_user

@@ -47,6 +47,10 @@ SERVER_TOKEN_SCOPES = [
 ]
 
 
+class HubConfigError(ValueError):
+    """The settings cannot make a working hub (the message says which and why)."""
+
+
 def hub_dir(settings: Settings) -> Path:
     return settings.state_dir / "hub"
 
@@ -98,8 +102,21 @@ def users_of(registry: Registry) -> tuple[set[str], set[str]]:
     return members | staff, set(registry.staff.admins)
 
 
+def check_hub_settings(settings: Settings) -> None:
+    """HubConfigError if these settings cannot make a working hub."""
+    runtime = str(settings.hub.runtime_dir)
+    if runtime != runtime.lower():
+        # the hub reaches sockets by http+unix URLs whose host part is the socket's path, and
+        # host names are lower-cased on the way: /tmp/Run/x.sock would be looked up as /tmp/run
+        raise HubConfigError(
+            f"hub.runtime_dir must be a lower-case path, not {runtime}: JupyterHub reaches the "
+            "unix sockets under it by URLs whose host part (lower-cased) is the path"
+        )
+
+
 def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, Any]]:
     """Every configured trait, by class name: the content of the generated config file."""
+    check_hub_settings(settings)
     state = hub_dir(settings)
     allowed, _ = users_of(registry)
     hub_url = unix_url(hub_socket(settings))
@@ -295,7 +312,9 @@ def write_config(settings: Settings, path: Path | None = None) -> Path:
     """Validate the registry, write the hub config (and the settings snapshot the hub's
     services read), create the secrets it refers to; return the config path.
 
-    Raises RegistryError (and writes nothing) when a declaration is invalid."""
+    Raises RegistryError (and writes nothing) when a declaration is invalid, HubConfigError
+    when the settings cannot make a working hub."""
+    check_hub_settings(settings)
     registry = load_registry(settings.policies_dir)
     state = hub_dir(settings)
     state.mkdir(parents=True, exist_ok=True)
