@@ -31,7 +31,9 @@ from tre.audit import AuditEvent, verify_chain
 from tre.provision import AppliedState, state_path
 
 P = "wilms-outcomes"
-POLICY = RetentionPolicy(snapshot_retention_days=30, released_grace_days=60)
+POLICY = RetentionPolicy(
+    snapshot_retention_days=30, released_grace_days=60, released_content_retention_days=None
+)
 NOW = dt.datetime.now(dt.UTC)
 
 
@@ -376,7 +378,9 @@ def test_released_files_stay_for_the_grace_period_then_410_and_deleted(service, 
 
 def test_suspended_or_active_projects_keep_their_released_files(service):
     rid, fid = released_request(service)
-    policy = RetentionPolicy(snapshot_retention_days=1, released_grace_days=0)
+    policy = RetentionPolicy(
+        snapshot_retention_days=1, released_grace_days=0, released_content_retention_days=None
+    )
     project = service.registry.projects[P]
     service.registry.projects[P] = project.model_copy(update={"status": "suspended"})
     assert collect(service, policy, now=NOW + dt.timedelta(days=3650)).released == []
@@ -580,7 +584,9 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
 
     from tests.airlock_service import test_properties
 
-    policy = RetentionPolicy(snapshot_retention_days=1, released_grace_days=0)
+    policy = RetentionPolicy(
+        snapshot_retention_days=1, released_grace_days=0, released_content_retention_days=None
+    )
     removed: list[str] = []
     base = test_properties.make_machine(service, tre_settings.workspaces_dir)
 
