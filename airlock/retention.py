@@ -10,7 +10,13 @@
 2. Released files of a project that has ended (expired or closed) stay downloadable for
    ``released_grace_days`` after its end, then downloads answer 410 and ``airlock gc`` deletes
    ``released/<request>``.
-3. Staging directories of releases that never finished (``released/.staging/*``, and
+3. The file contents of a released request, its snapshots and ``released/<request>``, are
+   removed ``released_content_retention_days`` after its release (``null``: never). Its record
+   stays: the request, its files (names, sizes, sha256), votes, the release manifest and the
+   audit log. One ``release_content_purge`` audit event per request says what was removed and
+   why; from then on its downloads, previews and snapshots answer 410 for that request, even
+   where another request still needs the same bytes (that blob is then kept for the other).
+4. Staging directories of releases that never finished (``released/.staging/*``, and
    ``released/.staging-*`` of the layout before staging moved under ``.staging/``) are removed
    once nothing in them changed for ``STALE_STAGING_SECONDS``; they are never served. A release
    in progress owns a fresh one.
@@ -27,12 +33,21 @@ first renamed into a trash directory of the run (atomic, same filesystem), then 
 audit event commits, then the trash is deleted. A kill before the commit leaves only trash that
 no request needs (new requests write the content again under ``objects/``); the next run
 deletes it and names it in its own event (``finished_from_interrupted_run``). A kill at any
-point never removes a blob a request could still release or has released.
+point never removes a blob a request could still release, or has released and still keeps.
+
+The purge of a released request's content is recorded first: its ``release_content_purge``
+event commits (under the lock) before any of its blobs or released copies is moved into the
+trash, so no content goes without a record. The event is also what says "purged" (to the
+pages, the downloads and the next run), so a kill after it leaves a request whose content is
+refused and partly still on disk; the next run removes what is left (its blobs no longer count
+as released, its ``released/<request>`` is moved away) and names it in its own ``airlock_gc``
+event. A kill before it changes nothing.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import time
@@ -43,11 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from airlock.release import staging_root
-from airlock.service.models import ReleaseRequest, RequestFile
+from airlock.service.models import Release, ReleaseRequest, RequestFile
 from airlock.storage import fsync_dir
 from airlock.workflow import State
 from tre.audit import AuditEvent, record_event
@@ -61,6 +76,9 @@ RETENTION_FILE = "retention.yaml"
 ENDED_UNRELEASED = frozenset({State.REJECTED.value, State.WITHDRAWN.value})
 TRASH = "trash"  # under the snapshot store and under the released store
 GC_ACTION = "airlock_gc"  # the audit action of a run: one event per run, dry runs record none
+# the audit action of the removal of a released request's content: one per request, ever
+PURGE_ACTION = "release_content_purge"
+MAX_RELEASED_CONTENT_DAYS = 36500
 # a staging directory nothing was written to for this long belongs to no running release (the
 # same safety age as the extract builder's temporaries, tre/extract.py)
 STALE_STAGING_SECONDS = 3600
@@ -76,13 +94,24 @@ class RetentionPolicy(BaseModel):
         le=3650,
         description="Days after the last request or file referring to a snapshot ended without "
         "release (rejected, withdrawn, file withdrawn or replaced) before `airlock gc` removes "
-        "the snapshot; snapshots a request could still release, or released, are never removed.",
+        "the snapshot; snapshots a request could still release are never removed, released ones "
+        "only under `released_content_retention_days`.",
     )
     released_grace_days: int = Field(
         ge=0,
         le=3650,
         description="Days after a project ended (expired or closed) during which its released "
         "files stay downloadable; then downloads answer 410 and `airlock gc` deletes them.",
+    )
+    released_content_retention_days: int | None = Field(
+        ge=1,
+        le=MAX_RELEASED_CONTENT_DAYS,
+        strict=True,
+        description="Days after its release before `airlock gc` removes the file contents of a "
+        "released request (its snapshots and released copies; a blob another request still "
+        "needs is kept for that one), keeping its record (names, sizes, sha256, reviews, the "
+        "audit log); downloads then answer 410. `null` keeps released contents forever. "
+        "Required: a deployment states its choice.",
     )
     gc_interval_hours: int = Field(
         default=24,
@@ -92,6 +121,16 @@ class RetentionPolicy(BaseModel):
         "when the last `airlock_gc` audit event (its own run or an admin's `airlock gc`) is this "
         "many hours old. Checked on each enforcer pass (`enforce_interval_seconds`).",
     )
+
+    @field_validator("released_content_retention_days", mode="before")
+    @classmethod
+    def _days_not_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError(
+                f"a whole number of days (1-{MAX_RELEASED_CONTENT_DAYS}), or null to keep"
+                f" released contents forever; not the text {value[:40]!r}"
+            )
+        return value
 
 
 class RetentionPolicyError(ValueError):
@@ -154,6 +193,7 @@ class GcReport:
     dry_run: bool
     snapshot_retention_days: int
     released_grace_days: int
+    released_content_retention_days: int | None = None
     # removed (or, in a dry run, to be removed)
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     orphans: list[dict[str, Any]] = field(default_factory=list)
@@ -163,17 +203,22 @@ class GcReport:
     stale_staging: list[dict[str, Any]] = field(default_factory=list)
     # snapshots an ended request refers to, kept because another request still needs them
     kept_shared: list[str] = field(default_factory=list)
+    # released requests whose file contents this run purges (released_content_retention_days);
+    # each also gets its own release_content_purge event
+    released_content: list[dict[str, Any]] = field(default_factory=list)
 
     def details(self) -> dict[str, Any]:
         return {
             "snapshot_retention_days": self.snapshot_retention_days,
             "released_grace_days": self.released_grace_days,
+            "released_content_retention_days": self.released_content_retention_days,
             "snapshots": self.snapshots,
             "orphans": self.orphans,
             "released": self.released,
             "stale_staging": self.stale_staging,
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
+            "released_content": self.released_content,
         }
 
     def counts(self) -> dict[str, int]:
@@ -183,6 +228,7 @@ class GcReport:
             "orphans": len(self.orphans),
             "bytes": sum(s["size"] for s in self.snapshots + self.orphans),
             "released": len(self.released),
+            "released_content": len(self.released_content),
             "stale_staging": len(self.stale_staging),
             "finished_from_interrupted_run": len(self.finished_from_interrupted_run),
             "kept_shared": len(self.kept_shared),
@@ -195,9 +241,11 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 def _snapshot_plan(
-    service: AirlockService, cutoff: dt.datetime, report: GcReport
+    service: AirlockService, cutoff: dt.datetime, report: GcReport, purged: set[str]
 ) -> tuple[list[str], set[str]]:
-    """(shas to remove, every sha any row refers to)."""
+    """(shas to remove, every sha any row refers to). The files of the released requests in
+    ``purged`` (content purged, or being purged by this run) keep nothing: their blobs go now
+    unless another request still needs them."""
     with service.factory() as session:
         rows = session.execute(
             select(
@@ -222,9 +270,13 @@ def _snapshot_plan(
     ended: dict[str, dt.datetime] = {}  # sha -> when its last reference ended
     requests: dict[str, set[str]] = {}
     sizes: dict[str, int] = {}
+    only_purged: set[str] = set()  # shas a purged released request refers to
     for fid, rid, sha, size, withdrawn_round, state, updated_at in rows:
         sizes[sha] = size
         requests.setdefault(sha, set()).add(rid)
+        if withdrawn_round is None and state == State.RELEASED.value and rid in purged:
+            only_purged.add(sha)
+            continue
         if withdrawn_round is None and state not in ENDED_UNRELEASED:
             live.add(sha)  # could still be released, or was
             continue
@@ -234,6 +286,11 @@ def _snapshot_plan(
         if withdrawn_round is not None and f"file:{fid}" in withdrawn_at:
             when = withdrawn_at[f"file:{fid}"]
         ended[sha] = max(when, ended.get(sha, when))
+    # a purged request's blob: no end to wait for (the retention of released content has
+    # passed); another request's reference decides as usual
+    far_past = dt.datetime.min.replace(tzinfo=dt.UTC)
+    for sha in only_purged - set(ended):
+        ended[sha] = far_past
     removable = []
     for sha, when in sorted(ended.items()):
         if sha in live:
@@ -265,9 +322,92 @@ def _released_plan(
         if last_day is not None and today > last_day and directory.exists():
             due.append(rid)
             report.released.append(
-                {"request": rid, "project": project, "downloadable_until": last_day.isoformat()}
+                {
+                    "request": rid,
+                    "project": project,
+                    "downloadable_until": last_day.isoformat(),
+                    "reason": "project_ended",
+                }
             )
     return due
+
+
+def purged_requests(session: Any) -> dict[str, dt.datetime]:
+    """Released requests whose file contents were purged, and when (their purge events)."""
+    return {
+        target.removeprefix("request:"): dt.datetime.fromisoformat(ts)
+        for target, ts in session.execute(
+            select(AuditEvent.target, AuditEvent.ts).where(AuditEvent.action == PURGE_ACTION)
+        )
+    }
+
+
+def content_purge(session: Any, request_id: str) -> tuple[dt.datetime, dict[str, Any]] | None:
+    """When, and with what details, the released request's file contents were purged."""
+    row = session.execute(
+        select(AuditEvent.ts, AuditEvent.details)
+        .where(AuditEvent.target == f"request:{request_id}", AuditEvent.action == PURGE_ACTION)
+        .limit(1)
+    ).first()
+    return (dt.datetime.fromisoformat(row[0]), json.loads(row[1])) if row else None
+
+
+def purge_message(purge: tuple[dt.datetime, dict[str, Any]]) -> str:
+    """What a page or a download says about a purged request."""
+    at, details = purge
+    return (
+        f"the file contents of this request were removed on {at.date().isoformat()} under the"
+        f" retention policy: released outputs are kept {details['released_content_retention_days']}"
+        f" days after their release (released {details['released_at'][:10]}); the record of"
+        " what was released (names, sizes, sha256, reviews) is kept"
+    )
+
+
+def _purge_plan(
+    service: AirlockService, policy: RetentionPolicy, now: dt.datetime, report: GcReport
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """(every released request whose content is purged, before or by this run, with its
+    project; the purges this run makes: one ``release_content_purge`` event each)."""
+    days = policy.released_content_retention_days
+    with service.factory() as session:
+        done = set(purged_requests(session))
+        rows = session.execute(
+            select(
+                Release.request_id,
+                Release.released_at,
+                Release.manifest_json,
+                ReleaseRequest.project,
+            )
+            .join(ReleaseRequest, ReleaseRequest.id == Release.request_id)
+            .where(ReleaseRequest.state == State.RELEASED.value)
+            .order_by(Release.released_at, Release.request_id)
+        ).all()
+    purged = {rid: project for rid, _at, _m, project in rows if rid in done}
+    if days is None:
+        return purged, []
+    cutoff = now - dt.timedelta(days=days)
+    due = []
+    for rid, released_at, manifest, project in rows:
+        released_at = _aware(released_at)
+        if rid in done or released_at > cutoff:
+            continue
+        files = [
+            {"id": f["file_id"], "path": f["path"], "sha256": f["sha256"], "size": f["size"]}
+            for f in json.loads(manifest)
+        ]
+        due.append(
+            {
+                "request": rid,
+                "project": project,
+                "released_at": released_at.isoformat(),
+                "released_content_retention_days": days,
+                "reason": f"released more than {days} days ago"
+                " (released_content_retention_days, policies/retention.yaml)",
+                "files": files,
+            }
+        )
+    report.released_content = due
+    return {**purged, **{d["request"]: d["project"] for d in due}}, due
 
 
 def _newest_change(directory: Path) -> float:
@@ -349,24 +489,63 @@ def collect(
     kills the process there)."""
     step = on_step or (lambda _kind, _what: None)
     now = now or dt.datetime.now(dt.UTC)
-    report = GcReport(dry_run, policy.snapshot_retention_days, policy.released_grace_days)
+    report = GcReport(
+        dry_run,
+        policy.snapshot_retention_days,
+        policy.released_grace_days,
+        policy.released_content_retention_days,
+    )
     store = service.store
     cutoff = now - dt.timedelta(days=policy.snapshot_retention_days)
     with nullcontext() if dry_run else store.collecting():
         leftovers = list(_trash_dirs(service))
         for run in leftovers:
             report.finished_from_interrupted_run += sorted(p.name for p in run.iterdir())
-        removable, referenced = _snapshot_plan(service, cutoff, report)
+        purged, purges = _purge_plan(service, policy, now, report)
+        removable, referenced = _snapshot_plan(service, cutoff, report, set(purged))
         for sha, st in store.blobs():
             mtime = dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)
             if sha not in referenced and mtime <= cutoff:
                 removable.append(sha)
                 report.orphans.append({"sha256": sha, "size": st.st_size})
         due = _released_plan(service, policy, now.date(), report)
+        for rid in sorted(set(purged) - set(due)):
+            if (service.released_root / rid).exists():
+                due.append(rid)
+                report.released.append(
+                    {
+                        "request": rid,
+                        "project": purged[rid],
+                        "downloadable_until": None,  # purged: not downloadable at all
+                        "reason": "released_content_purged",
+                    }
+                )
+        going = set(removable)
+        for purge in purges:
+            shas = {f["sha256"] for f in purge["files"]}
+            purge["snapshots_removed"] = sorted(shas & going)
+            purge["snapshots_kept_shared"] = sorted(
+                s for s in shas - going if service.store.exists(s)
+            )
         stale_staging = _stale_staging_plan(service, report)
         if dry_run:
             return report
         run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        if purges:
+            # recorded before anything of theirs moves: no content goes without its record,
+            # and from this commit on the pages, downloads and later runs treat it as purged
+            with service.factory() as session, session.begin():
+                for purge in purges:
+                    details = {k: v for k, v in purge.items() if k != "request"}
+                    record_event(
+                        session,
+                        actor,
+                        PURGE_ACTION,
+                        f"request:{purge['request']}",
+                        {**details, "gc_run": run_id},
+                    )
+                step("purge", run_id)
+            step("purged", run_id)
         snapshot_trash = store.root / TRASH / run_id
         released_trash = service.released_root / f".{TRASH}" / run_id
         if removable:

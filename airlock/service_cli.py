@@ -104,8 +104,10 @@ def gc(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Apply policies/retention.yaml: remove snapshots no request can still release, the
-    released files of projects past their grace period and the staging directories of releases
-    that never finished (one audit event per run). The expiry enforcer runs this too."""
+    released files of projects past their grace period, the file contents of requests released
+    longer ago than released_content_retention_days (their record stays) and the staging
+    directories of releases that never finished (one audit event per run, and one per request
+    whose content is purged). The expiry enforcer runs this too."""
     import json
 
     from airlock.retention import RetentionPolicyError, collect, load_retention_policy
@@ -137,11 +139,24 @@ def gc(
     )
     for s in report.snapshots:
         typer.echo(f"  snapshot {s['sha256']} ({', '.join(s['requests'])})")
+    days = report.released_content_retention_days
+    if days is None:
+        typer.echo("kept the contents of released requests (released_content_retention_days null)")
+    else:
+        typer.echo(
+            f"{verb} the file contents of {len(report.released_content)} request(s) released"
+            f" more than {days} days ago"
+        )
+    for p in report.released_content:
+        typer.echo(f"  {p['request']} ({p['project']}, released {p['released_at'][:10]})")
     typer.echo(f"{verb} the released files of {len(report.released)} request(s)")
     for r in report.released:
-        typer.echo(
-            f"  {r['request']} ({r['project']}, downloadable until {r['downloadable_until']})"
+        why = (
+            f"downloadable until {r['downloadable_until']}"
+            if r["downloadable_until"]
+            else "contents purged"
         )
+        typer.echo(f"  {r['request']} ({r['project']}, {why})")
     typer.echo(f"{verb} {len(report.stale_staging)} stale staging dir(s) of unfinished releases")
     for st in report.stale_staging:
         typer.echo(f"  released/{st['path']} (last changed {st['last_changed']})")

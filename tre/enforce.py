@@ -52,7 +52,7 @@ ACTOR = "tre-enforce"
 
 
 # what a collection removes, in GcReport.counts(); the rest are what it found or kept
-GC_REMOVAL_KINDS = ("snapshots", "orphans", "released", "stale_staging")
+GC_REMOVAL_KINDS = ("snapshots", "orphans", "released", "released_content", "stale_staging")
 
 
 @dataclass
@@ -81,6 +81,11 @@ class GcOutcome:
             f"{c['orphans']} unreferenced ({c['bytes']} bytes), the released files of "
             f"{c['released']} request(s), {c['stale_staging']} stale release staging dir(s)"
         )
+        if c.get("released_content"):
+            text += (
+                f"; purged the file contents of {c['released_content']} request(s) past"
+                " released_content_retention_days"
+            )
         if c["finished_from_interrupted_run"]:
             text += f"; finished an interrupted run ({c['finished_from_interrupted_run']} item(s))"
         return text

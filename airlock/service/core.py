@@ -629,6 +629,7 @@ class AirlockService:
                 raise Conflict("this request has not been released")
             if f.withdrawn_round is not None:
                 raise NotFound("this file was not released")
+            self._check_content_not_purged(session, req.id)
             self._check_released_not_expired(req.project)
             path = released_dir(self.released_root, req.id) / str(f.id) / f.name
             if not path.is_file() or sha256_file(path) != f.sha256:
@@ -637,6 +638,15 @@ class AirlockService:
                 session, who.name, "download", f"file:{f.id}", {"request": req.id, "sha": f.sha256}
             )
             return path, f.name
+
+    @staticmethod
+    def _check_content_not_purged(session: Session, request_id: str) -> None:
+        """410 once the released request's file contents were purged (retention.py)."""
+        from airlock.retention import content_purge, purge_message
+
+        purge = content_purge(session, request_id)
+        if purge is not None:
+            raise Gone(purge_message(purge))
 
     def _check_released_not_expired(self, project: str) -> None:
         """410 once the project's released files are past their grace period (retention.py)."""
@@ -661,6 +671,9 @@ class AirlockService:
         with self.factory() as session:
             req = self._load(session, who, request_id, lock=False)
             f = _find_file(req, file_id)
+            if req.state == State.RELEASED and f.withdrawn_round is None:
+                # the blob may still be stored for another request: not for this one
+                self._check_content_not_purged(session, req.id)
             path = self.store.path(f.sha256)
             if not path.is_file():  # only the garbage collector removes snapshots
                 raise Gone(
@@ -760,17 +773,31 @@ class AirlockService:
                 "file_withdraw",
                 "file_replace",
                 "release",
+                "release_content_purge",
             )
             or (
                 e.action in ("vote", "vote_change")
                 and perm.can_see_vote(who, req, e.actor, 2 if round_complete else 0)
             )
         ]
+        purge = None
+        if req.state == State.RELEASED:
+            from airlock.retention import content_purge, purge_message
+
+            if found := content_purge(session, req.id):
+                purge = {
+                    "at": found[0].isoformat(),
+                    "released_at": found[1]["released_at"],
+                    "after_days": found[1]["released_content_retention_days"],
+                    "message": purge_message(found),
+                }
         return {
             **_request_summary(req),
             "files": files,
             "comments": comments,
             "history": history,
+            # None, or when and why the released file contents were removed (retention.py)
+            "content_purged": purge,
             "permissions": {
                 "edit": perm.can_edit_request(who, req),
                 "submit": perm.can_submit(who, req) and bool(req.active_files()),
@@ -778,7 +805,7 @@ class AirlockService:
                 "review": perm.can_review(who, req),
                 "decide": perm.can_decide(who, req),
                 "release": perm.can_release(who, req) and req.state == State.APPROVED,
-                "download": perm.can_download(who, req),
+                "download": perm.can_download(who, req) and purge is None,
                 "comment": perm.can_comment(who, req),
                 "comment_privately": perm.can_comment_privately(who, req),
             },

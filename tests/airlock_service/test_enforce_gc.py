@@ -256,3 +256,17 @@ def test_no_snapshot_store_yet_is_a_note(service, airlock_engine):
     report = run(service, NOW)
     assert report.ok and report.gc.note.startswith("skipped: no airlock snapshot store yet")
     assert not store.exists() and gc_events(service) == []
+
+
+def test_the_enforcer_purges_released_contents_past_their_retention(service, airlock_engine):
+    from tests.airlock_service.test_retention import age_release, purge_events, released_with
+
+    rid, _fid, sha = released_with(service, "enforced.csv", "group,count\nenf,51\n")
+    age_release(service, rid, 366)  # the shipped policy keeps released contents 365 days
+    report = run(service, NOW)
+    assert report.ok, report.errors
+    assert report.gc.counts["released_content"] == 1 and report.did_something
+    assert "purged the file contents of 1 request(s)" in report.gc.summary()
+    assert not service.store.exists(sha) and not (service.released_root / rid).exists()
+    events = purge_events(service)
+    assert set(events) == {rid} and events[rid]["actor"] == "tre-enforce"

@@ -25,13 +25,15 @@ from typer.testing import CliRunner
 from airlock import retention
 from airlock.retention import RetentionPolicy, collect, load_retention_policy
 from airlock.service.core import FileSpec, Gone
-from airlock.service.models import ReleaseRequest
+from airlock.service.models import Release, ReleaseRequest
 from airlock.storage import sha256_file
 from tre.audit import AuditEvent, verify_chain
 from tre.provision import AppliedState, state_path
 
 P = "wilms-outcomes"
-POLICY = RetentionPolicy(snapshot_retention_days=30, released_grace_days=60)
+POLICY = RetentionPolicy(
+    snapshot_retention_days=30, released_grace_days=60, released_content_retention_days=None
+)
 NOW = dt.datetime.now(dt.UTC)
 
 
@@ -376,7 +378,9 @@ def test_released_files_stay_for_the_grace_period_then_410_and_deleted(service, 
 
 def test_suspended_or_active_projects_keep_their_released_files(service):
     rid, fid = released_request(service)
-    policy = RetentionPolicy(snapshot_retention_days=1, released_grace_days=0)
+    policy = RetentionPolicy(
+        snapshot_retention_days=1, released_grace_days=0, released_content_retention_days=None
+    )
     project = service.registry.projects[P]
     service.registry.projects[P] = project.model_copy(update={"status": "suspended"})
     assert collect(service, policy, now=NOW + dt.timedelta(days=3650)).released == []
@@ -580,7 +584,9 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
 
     from tests.airlock_service import test_properties
 
-    policy = RetentionPolicy(snapshot_retention_days=1, released_grace_days=0)
+    policy = RetentionPolicy(
+        snapshot_retention_days=1, released_grace_days=0, released_content_retention_days=None
+    )
     removed: list[str] = []
     base = test_properties.make_machine(service, tre_settings.workspaces_dir)
 
@@ -728,3 +734,354 @@ def test_download_answers_410_over_http_after_the_grace_period(client):
     collect(service, POLICY)
     assert not (service.released_root / rid).exists()
     assert client.call("bob", "GET", url).status_code == 410
+
+
+# --- the file contents of released requests after released_content_retention_days -------------
+
+KEEP_A_YEAR = RetentionPolicy(
+    snapshot_retention_days=30, released_grace_days=60, released_content_retention_days=365
+)
+
+
+def age_release(service, rid: str, days: float) -> None:
+    """Pretend the request was released ``days`` before NOW."""
+    with service.factory() as s, s.begin():
+        s.execute(
+            update(Release)
+            .where(Release.request_id == rid)
+            .values(released_at=NOW - dt.timedelta(days=days))
+        )
+
+
+def purge_events(service) -> dict[str, dict]:
+    """request id -> details of its release_content_purge event (asserting one at most)."""
+    with service.factory() as s:
+        rows = s.execute(
+            select(AuditEvent).where(AuditEvent.action == "release_content_purge")
+        ).scalars()
+        out: dict[str, dict] = {}
+        for e in rows:
+            rid = e.target.removeprefix("request:")
+            assert rid not in out, f"two purge events for {rid}"
+            out[rid] = {**json.loads(e.details), "actor": e.actor}
+        return out
+
+
+def released_with(service, name: str, text: str) -> tuple[str, int, str]:
+    rid, [fid] = request(service, write(service, name, text))
+    assert review(service, rid, [fid]) == "released"
+    return rid, fid, sha_of(service, rid, fid)
+
+
+def test_released_content_goes_after_the_retention_and_a_younger_release_keeps_it(service):
+    old, old_fid, old_sha = released_with(service, "old.csv", "group,count\nold,41\n")
+    young, young_fid, young_sha = released_with(service, "young.csv", "group,count\nyng,42\n")
+    age_release(service, old, 366)
+    age_release(service, young, 364)
+    bob, alice = service.who("bob"), service.who("alice")
+    before = service.view(alice, old)
+
+    report = collect(service, KEEP_A_YEAR, now=NOW)
+    # the old release: its snapshot and its released copy are gone
+    assert [p["request"] for p in report.released_content] == [old]
+    assert not service.store.exists(old_sha)
+    assert not (service.released_root / old).exists()
+    assert {s["sha256"] for s in report.snapshots} == {old_sha}
+    # the young one keeps both and still downloads the exact bytes
+    assert service.store.verify(young_sha)
+    path, _ = service.download(bob, young, young_fid)
+    assert sha256_file(path) == young_sha
+    # one purge event, naming the request, its files by hash, and why
+    events = purge_events(service)
+    assert set(events) == {old}
+    event = events[old]
+    assert event["files"] == [
+        {"id": old_fid, "path": "outputs/old.csv", "sha256": old_sha, "size": 19}
+    ]
+    assert event["snapshots_removed"] == [old_sha] and event["snapshots_kept_shared"] == []
+    assert event["released_content_retention_days"] == 365
+    assert "365 days" in event["reason"] and "released_content_retention_days" in event["reason"]
+    assert event["actor"] == "airlock-gc"
+    [run] = gc_events(service)
+    assert [p["request"] for p in run["released_content"]] == [old]
+    assert run["released_content_retention_days"] == 365
+    # the record stays: files, hashes, sizes, votes, state, and the release in the history
+    after = service.view(alice, old)
+    assert after["state"] == "released"
+    for key in ("sha256", "size", "path", "votes"):
+        assert [f[key] for f in after["files"]] == [f[key] for f in before["files"]]
+    assert after["content_purged"]["after_days"] == 365
+    assert after["permissions"]["download"] is False
+    assert "release_content_purge" in [h["action"] for h in after["history"]]
+    assert service.view(alice, young)["content_purged"] is None
+    # downloads and previews say clearly what happened
+    with pytest.raises(Gone, match="removed on .* 365 days after their release"):
+        service.download(bob, old, old_fid)
+    with pytest.raises(Gone, match="removed on"):
+        service.snapshot_path(alice, old, old_fid)
+    with service.factory() as s:
+        assert verify_chain(s) == []
+    # a later run purges nothing again; the young one goes once it is old enough
+    assert collect(service, KEEP_A_YEAR, now=NOW).released_content == []
+    report = collect(service, KEEP_A_YEAR, now=NOW + dt.timedelta(days=2))
+    assert [p["request"] for p in report.released_content] == [young]
+    assert set(purge_events(service)) == {old, young}
+    assert not service.store.exists(young_sha)
+    with service.factory() as s:
+        assert verify_chain(s) == []
+
+
+def test_a_blob_another_request_still_needs_is_kept(service):
+    shared_text = "group,count\nshared,43\n"
+    old, old_fid, sha = released_with(service, "shared.csv", shared_text)
+    age_release(service, old, 400)
+    # the same bytes in a request that could still be released
+    live, [live_fid] = request(service, write(service, "shared.csv", shared_text), submit=False)
+    assert sha_of(service, live, live_fid) == sha
+    # and in another release, younger than the retention
+    other, other_fid, other_sha = released_with(service, "shared.csv", shared_text)
+    assert other_sha == sha
+    age_release(service, other, 100)
+
+    report = collect(service, KEEP_A_YEAR, now=NOW)
+    assert [p["request"] for p in report.released_content] == [old]
+    assert service.store.verify(sha)  # kept for the other two
+    assert report.snapshots == []
+    event = purge_events(service)[old]
+    assert event["snapshots_removed"] == [] and event["snapshots_kept_shared"] == [sha]
+    # the purged request's own copy is gone, and it serves the bytes no more, kept blob or not
+    assert not (service.released_root / old).exists()
+    with pytest.raises(Gone):
+        service.download(service.who("bob"), old, old_fid)
+    with pytest.raises(Gone):
+        service.snapshot_path(service.who("alice"), old, old_fid)
+    # the others still have theirs
+    path, _ = service.download(service.who("bob"), other, other_fid)
+    assert sha256_file(path) == sha
+    assert service.snapshot_path(service.who("alice"), live, live_fid)[0].is_file()
+    # the live request withdrawn long ago and the other release purged: now the blob goes
+    service.withdraw(service.who("alice"), live)
+    age(service, live, 31)
+    age_release(service, other, 366)
+    report = collect(service, KEEP_A_YEAR, now=NOW)
+    assert [p["request"] for p in report.released_content] == [other]
+    assert report.snapshots == [
+        {"sha256": sha, "size": len(shared_text), "requests": sorted([old, live, other])}
+    ]
+    assert not service.store.exists(sha)
+    assert purge_events(service)[other]["snapshots_removed"] == [sha]
+    with service.factory() as s:
+        assert verify_chain(s) == []
+
+
+def test_a_recently_ended_request_with_the_same_bytes_keeps_them_for_its_own_period(service):
+    text = "group,count\nended,44\n"
+    old, _fid, sha = released_with(service, "e.csv", text)
+    age_release(service, old, 400)
+    ended, _ = request(service, write(service, "e.csv", text))
+    service.withdraw(service.who("alice"), ended)
+    age(service, ended, 10)  # snapshot_retention_days is 30
+    collect(service, KEEP_A_YEAR, now=NOW)
+    assert set(purge_events(service)) == {old} and service.store.verify(sha)
+    age(service, ended, 31)
+    report = collect(service, KEEP_A_YEAR, now=NOW)
+    assert {s["sha256"] for s in report.snapshots} == {sha} and not service.store.exists(sha)
+
+
+def test_null_keeps_released_content_forever_and_dry_run_changes_nothing(service):
+    rid, fid, sha = released_with(service, "kept.csv", "group,count\nkeep,45\n")
+    age_release(service, rid, 3650)
+    forever = load_retention_policy(service.settings.policies_dir).model_copy(
+        update={"released_content_retention_days": None}
+    )
+    report = collect(service, forever, now=NOW)
+    assert report.released_content == [] and service.store.verify(sha)
+    assert purge_events(service) == {}
+    plan = collect(service, KEEP_A_YEAR, now=NOW, dry_run=True)
+    assert [p["request"] for p in plan.released_content] == [rid]
+    assert plan.released_content[0]["snapshots_removed"] == [sha]
+    assert service.store.verify(sha) and (service.released_root / rid).exists()
+    assert purge_events(service) == {} and len(gc_events(service)) == 1
+    path, _ = service.download(service.who("bob"), rid, fid)
+    assert sha256_file(path) == sha
+
+
+def test_the_shipped_policy_keeps_released_content_a_year(service):
+    policy = load_retention_policy(service.settings.policies_dir)
+    assert policy.released_content_retention_days == 365
+    rid, _fid, sha = released_with(service, "ship.csv", "group,count\nship,46\n")
+    age_release(service, rid, 366)
+    collect(service, policy, now=NOW)
+    assert set(purge_events(service)) == {rid} and not service.store.exists(sha)
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("-1", "greater than or equal to 1"),
+        ("0", "greater than or equal to 1"),
+        ("36501", "less than or equal to 36500"),
+        ("forever", "or null to keep"),
+        ("'365'", "not the text '365'"),
+        ("true", "valid integer"),
+        ("1.5", "valid integer"),
+        (None, "Field required"),
+    ],
+)
+def test_bad_released_content_retention_is_named_and_changes_nothing(
+    service, monkeypatch, value, words
+):
+    from tre.policy_validate import validate_policies
+
+    rid, fid, sha = released_with(service, "bad.csv", "group,count\nbad,47\n")
+    age_release(service, rid, 3650)
+    path = service.settings.policies_dir / "retention.yaml"
+    lines = [
+        line
+        for line in path.read_text().splitlines()
+        if not line.startswith("released_content_retention_days:")
+    ]
+    if value is not None:
+        lines.append(f"released_content_retention_days: {value}")
+    path.write_text("\n".join(lines) + "\n")
+    _registry, problems = validate_policies(service.settings.policies_dir)
+    [problem] = [p for p in problems if p.file.name == "retention.yaml"]
+    assert problem.field == "released_content_retention_days" and words in problem.message
+    result = cli(service, monkeypatch)
+    assert result.exit_code == 2
+    assert "retention.yaml: released_content_retention_days:" in result.output
+    assert words in result.output
+    assert service.store.verify(sha) and (service.released_root / rid).exists()
+    assert gc_events(service) == [] and purge_events(service) == {}
+
+
+def test_command_names_the_purged_requests(service, monkeypatch):
+    rid, _fid, sha = released_with(service, "cmd.csv", "group,count\ncmd,48\n")
+    age_release(service, rid, 366)
+    dry = cli(service, monkeypatch, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "would remove the file contents of 1 request(s) released more than 365" in dry.output
+    assert rid in dry.output and service.store.exists(sha)
+    run = cli(service, monkeypatch)
+    assert run.exit_code == 0, run.output
+    assert "removed the file contents of 1 request(s)" in run.output
+    assert f"{rid} ({P}, contents purged)" in run.output  # its released copy too
+    assert not service.store.exists(sha) and set(purge_events(service)) == {rid}
+
+
+@pytest.mark.hub
+def test_download_and_page_of_a_purged_request_over_http(client):
+    from tests.airlock_service.test_bad_requests import login
+
+    service = client.service
+    rid, fid, _sha = released_with(service, "http.csv", "group,count\nhttp,49\n")
+    url = f"api/requests/{rid}/files/{fid}/download"
+    assert client.call("bob", "GET", url).status_code == 200
+    age_release(service, rid, 366)
+    collect(service, KEEP_A_YEAR, now=NOW)
+    r = client.call("bob", "GET", url)
+    assert r.status_code == 410
+    assert "365 days after their release" in r.json()["detail"]
+    assert client.call("carol", "GET", url).status_code == 404  # not hers: still not found
+    r = client.call("bob", "GET", f"api/requests/{rid}")
+    assert r.status_code == 200 and r.json()["content_purged"]["after_days"] == 365
+    http = login(client.live, "alice")
+    page = http.get(f"{client.live.prefix}requests/{rid}")
+    assert page.status_code == 200 and 'id="content-purged"' in page.text
+    assert "365 days after its release" in page.text
+    assert f"files/{fid}/download" not in page.text and f"files/{fid}/preview" not in page.text
+    assert "sha256 " + _sha in page.text  # the record stays on the page
+    r = http.get(f"{client.live.prefix}requests/{rid}/files/{fid}/download")
+    assert r.status_code == 410
+    r = http.get(f"{client.live.prefix}requests/{rid}/files/{fid}/raw")
+    assert r.status_code == 410
+    http.close()
+
+
+# the steps of a run that purges two released requests (one blob of their own, one shared
+# with a live request): the purge events (inside the transaction), committed, one blob and two
+# released copies trashed, the run's event (inside the transaction), committed, trash deleted
+PURGE_STEPS = 8
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_purge_at_every_step_then_rerun(service, db):
+    """No content of a released request goes without its purge event, and the next run
+    finishes what a killed one started, with one event per request in all."""
+    policy = load_retention_policy(service.settings.policies_dir)
+    assert policy.released_content_retention_days == 365
+    shared = "group,count\nkill,50\n"
+    live, [live_fid] = request(service, write(service, "kshared.csv", shared), submit=False)
+    live_sha = sha_of(service, live, live_fid)
+    seen: set[str] = set()
+    for stop_at in range(PURGE_STEPS):
+        own, own_fid, own_sha = released_with(
+            service, f"kown{stop_at}.csv", f"group,count\nk{stop_at},{60 + stop_at}\n"
+        )
+        both, both_fid, both_sha = released_with(service, "kshared.csv", shared)
+        assert both_sha == live_sha
+        for rid in (own, both):
+            age_release(service, rid, 400)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(GC_WORKER),
+                db.url,
+                db.schema or "",
+                str(service.settings.state_dir),
+                str(service.settings.policies_dir),
+                NOW.isoformat(),
+                str(stop_at),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        line = proc.stdout.readline()
+        assert line.startswith("AT "), line
+        seen.add(line.split()[1])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        events = purge_events(service)
+        # recorded first: a request without its event still has all its content
+        for rid, fid, sha in ((own, own_fid, own_sha), (both, both_fid, both_sha)):
+            if rid not in events:
+                assert service.store.verify(sha)
+                path, _ = service.download(service.who("bob"), rid, fid)
+                assert sha256_file(path) == sha
+            else:  # recorded: refused from then on, whatever is still on disk
+                assert events[rid]["files"][0]["sha256"] == sha
+                with pytest.raises(Gone):
+                    service.download(service.who("bob"), rid, fid)
+        assert (own in events) == (both in events)  # one transaction for the run's purges
+        assert service.store.verify(live_sha)  # needed by the live request, always
+        trashed = set()
+        for root in (service.store.root / "trash", service.released_root / ".trash"):
+            if root.exists():
+                trashed |= {p.name for run in root.iterdir() for p in run.iterdir()}
+        assert trashed <= {own_sha, own, both}
+        assert not trashed or own in events
+        # the next run finishes the work, and audits it
+        report = collect(service, policy, now=NOW)
+        events = purge_events(service)  # (asserts one event per request)
+        assert {own, both} <= set(events)
+        assert events[own]["snapshots_removed"] == [own_sha]
+        assert events[both]["snapshots_kept_shared"] == [live_sha]
+        assert not service.store.exists(own_sha) and service.store.verify(live_sha)
+        assert not (service.released_root / own).exists()
+        assert not (service.released_root / both).exists()
+        for root in (service.store.root / "trash", service.released_root / ".trash"):
+            assert not root.exists() or not any(root.iterdir())
+        audited = set()
+        for event in gc_events(service):
+            audited |= {s["sha256"] for s in event["snapshots"]}
+            audited |= set(event["finished_from_interrupted_run"])
+        assert own_sha in audited and set(report.finished_from_interrupted_run) == trashed
+    assert seen == {"purge", "purged", "trashed", "commit", "committed", "deleted"}
+    with service.factory() as s:
+        assert verify_chain(s) == []
+    # the live request still gets released with the exact bytes
+    service.submit(service.who("alice"), live)
+    assert review(service, live, [live_fid]) == "released"
+    path, _ = service.download(service.who("bob"), live, live_fid)
+    assert sha256_file(path) == live_sha
