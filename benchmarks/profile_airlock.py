@@ -3,8 +3,10 @@ PostgreSQL with the production registry (``LiveRegistry``), after the load bench
 (about 200 requests in review). Not a benchmark (see ``bench_airlock``); a tool for finding
 hot spots.
 
-Run: ``uv run python -m benchmarks.profile_airlock [view|queue|vote|submit|all]``; prints the
-mean wall ms per operation and the top functions by cumulative time.
+Run: ``uv run python -m benchmarks.profile_airlock [view|queue|vote|submit|page|all]``; prints
+the mean wall ms per operation and the top functions by cumulative time. ``page`` profiles the
+request page through the whole ASGI application (middleware, session cookie, FastAPI, Jinja2),
+in process, with a stand-in identity provider (the hub's token check is cached in production).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from airlock.service.auth import Identity
 from airlock.service.core import AirlockService, FileSpec
 from airlock.service.db import make_engine, upgrade
 from benchmarks.bench_airlock import PG, _analyze, _prepare
@@ -38,6 +41,37 @@ def _profile(name: str, fn: Callable[[int], object], n: int) -> None:
     prof.disable()
     print(f"\n=== {name}: {(time.perf_counter() - t0) / n * 1000:.1f} ms per call (n={n})")
     pstats.Stats(prof).sort_stats("cumulative").print_stats(28)
+
+
+class _NamedTokens:
+    """Identity provider for the in-process page profile: the token is the user name."""
+
+    async def identify(self, token: str) -> Identity | None:
+        return Identity(name=token)
+
+
+def _profile_page(svc: AirlockService, ids: list[str]) -> None:
+    import base64
+    import json
+
+    from itsdangerous import TimestampSigner
+    from starlette.testclient import TestClient
+
+    from airlock.service.app import create_app
+
+    secret = "profile"
+    app = create_app(svc, _NamedTokens(), session_secret=secret)  # type: ignore[arg-type]
+    session = {"token": "checker3", "csrf": "x"}  # what the OAuth callback stores
+    cookie = TimestampSigner(secret).sign(base64.b64encode(json.dumps(session).encode()))
+    with TestClient(app, base_url="http://airlock.test") as http:
+        http.cookies.set("airlock-session", cookie.decode())
+
+        def page(i: int) -> None:
+            r = http.get(f"/services/airlock/requests/{ids[i % len(ids)]}")
+            assert r.status_code == 200, r.status_code
+
+        page(0)
+        _profile("request page over ASGI", page, 100)
 
 
 def main(argv: list[str]) -> None:
@@ -84,6 +118,8 @@ def main(argv: list[str]) -> None:
                 svc.submit(alice, rid)
 
             _profile("create + submit", submit, 20)
+        if which & {"all", "page"}:
+            _profile_page(svc, ids)
     finally:
         engine.dispose()
         with admin.begin() as conn:

@@ -57,6 +57,9 @@ def _zip(files: dict[str, bytes]) -> bytes:
         (b"text\x00with nul", "x.txt", "binary"),
         ("a,b\n".encode("utf-16"), "x.csv", "utf16"),
         (b"", "x.csv", "empty"),
+        # only blank lines: nothing to sniff, not JSON (an empty head used to read as '{' or '[')
+        (b"\t \r\n\n  \n", "x.tsv", "text"),
+        (b"\n\n", "x.csv", "text"),
     ],
 )
 def test_content_decides(data, name, kind):

@@ -178,7 +178,7 @@ def _text_kind(text: str, extension: str) -> str:
     head = text.lstrip("\ufeff \t\r\n")[:4096]
     if head.startswith("#!"):
         return "script"
-    if head[:1] in "{[":
+    if head[:1] and head[:1] in "{[":  # ("" is in every string)
         if head[:1] == "{" and '"cells"' in text[:200_000] and '"nbformat"' in text:
             return "ipynb"
         return "json"
