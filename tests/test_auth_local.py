@@ -304,11 +304,13 @@ def test_throttle_memory_is_bounded():
     assert len(throttle._failures) == 100
 
 
-def test_staff_get_their_groups_and_admin_rights(authenticator):
+def test_staff_get_their_groups_and_never_hub_admin_rights(authenticator):
     checker = login(authenticator, "checker1", PASSWORDS["checker1"])
     assert checker["groups"] == [CHECKERS_GROUP] and checker["admin"] is False
     admin = login(authenticator, "admin", PASSWORDS["admin"])
-    assert admin["groups"] == [ADMINS_GROUP] and admin["admin"] is True
+    # a TRE admin's rights come from the tre-admins group (the tre-admin role), never from
+    # JupyterHub's admin flag, which the login sets False (lowering one set by older versions)
+    assert admin["groups"] == [ADMINS_GROUP] and admin["admin"] is False
 
 
 def test_registry_changes_take_effect_on_refresh(accounts, authenticator):

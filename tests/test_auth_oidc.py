@@ -176,7 +176,8 @@ def test_staff_groups_become_hub_groups(oidc_hub):
     assert checker["groups"] == ["output-checkers"] and checker["admin"] is False
     assert oidc_login(hub, "admin", PASSWORD["admin"]).status_code == 200
     admin = hub.api("/users/admin").json()
-    assert admin["groups"] == ["tre-admins"] and admin["admin"] is True
+    # TRE admin rights come from the tre-admins group (tre-admin role), not the hub admin flag
+    assert admin["groups"] == ["tre-admins"] and admin["admin"] is False
     assert oidc_login(hub, "alice", PASSWORD["alice"]).status_code == 200
     groups = {g["name"]: g for g in hub.api("/groups").json()}
     assert groups["output-checkers"]["users"] == ["checker1"]
@@ -305,22 +306,24 @@ def test_update_auth_model_without_idp_groups_refuses(tmp_path):
 
 
 def test_refresh_without_auth_state_drops_admin_rights_the_registry_withdrew(tmp_path):
-    # an admin removed from staff.yaml but still in a project kept hub admin rights until their
-    # next login (the session cookie lasts days): the refresh did not touch the admin flag
+    # an admin removed from staff.yaml but still in a project kept admin rights until their
+    # next login (the session cookie lasts days) unless the refresh lowers them
     from types import SimpleNamespace
 
     policies = write_policies(tmp_path)  # admins: ["admin"]; alice is a project member only
     auth = TREOIDCAuthenticator(policies_dir=str(policies))
-    group = SimpleNamespace(name="project-wilms-outcomes")
-    alice = SimpleNamespace(name="alice", admin=True, groups=[group])
+    project, admins = (SimpleNamespace(name=n) for n in ("project-wilms-outcomes", "tre-admins"))
+    # alice: a hub admin and in tre-admins (from an older version, or by hand)
+    alice = SimpleNamespace(name="alice", admin=True, groups=[project, admins])
     refreshed = asyncio.run(auth.refresh_user(alice))
-    assert refreshed["admin"] is False  # alice is no admin in the registry
-    assert refreshed["groups"] == ["project-wilms-outcomes"]
-    admin = SimpleNamespace(name="admin", admin=True, groups=[])
-    assert asyncio.run(auth.refresh_user(admin))["admin"] is True  # still an admin: kept
+    assert refreshed["admin"] is False  # nobody is a JupyterHub admin
+    assert refreshed["groups"] == ["project-wilms-outcomes"]  # alice is no admin in the registry
+    admin = SimpleNamespace(name="admin", admin=True, groups=[admins])
+    kept = asyncio.run(auth.refresh_user(admin))
+    assert kept["groups"] == ["tre-admins"] and kept["admin"] is False  # still a TRE admin
     not_confirmed = SimpleNamespace(name="admin", admin=False, groups=[])
     # never raised by a refresh: only a login where the IdP confirms the role does that
-    assert asyncio.run(auth.refresh_user(not_confirmed))["admin"] is False
+    assert asyncio.run(auth.refresh_user(not_confirmed))["groups"] == []
 
 
 CHROMIUM_FLAGS = [

@@ -20,6 +20,7 @@ import yaml
 
 from tests.oidc.harness import write_policies
 from tre.hub.docker import TREDockerSpawner
+from tre.hub.roles import admin_roles
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"
@@ -420,6 +421,13 @@ def test_values_keep_the_sandbox_policy():
     assert values_policy_problems(load_values()) == []
 
 
+def test_values_give_admins_the_tre_admin_role_and_nobody_the_hub_admin_role():
+    load_roles = load_values()["hub"]["loadRoles"]
+    assert {name: {"name": name, **role} for name, role in load_roles.items()} == {
+        role["name"]: role for role in admin_roles()
+    }
+
+
 @pytest.mark.parametrize(
     "path,value",
     [
@@ -538,6 +546,10 @@ def test_compose_hub_config_loads_and_names_only_real_traits(tmp_path, monkeypat
             m.setenv(name, value)
             with pytest.raises(SystemExit, match=problem):
                 exec(compile(code, "jupyterhub_config.py", "exec"), {"get_config": Config})  # noqa: S102
+    # TRE admins get the tre-admin role, nobody JupyterHub's admin role (tre.hub.roles)
+    roles = {r["name"]: r for r in cfg.JupyterHub.load_roles}
+    for role in admin_roles():
+        assert roles[role["name"]] == role
     # a notebook image without a digest is refused when the hub loads the spawner
     monkeypatch.setenv("TRE_NOTEBOOK_IMAGE", "registry.example.org/tre/notebook:latest")
     cfg2 = Config()

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from tre.hub.access import named_server_gate
+from tre.hub.roles import admin_roles
 from tre.settings import check_public_url, public_origin
 
 
@@ -133,4 +134,7 @@ c.JupyterHub.load_roles = [
         "scopes": ["admin:users", "admin:groups", "admin:servers"],
         "services": ["tre-provision"],
     },
+    # TRE admins (the `tre-admins` group, set at each login): the `tre-admin` role, which runs
+    # the hub without access to researchers' servers; nobody is a JupyterHub `admin`
+    *admin_roles(),
 ]

@@ -320,3 +320,89 @@ def test_a_runtime_dir_with_capitals_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(HubConfigError, match="lower-case"):
         write_config(settings)
     assert not (tmp_path / "state" / "hub").exists()
+
+
+def _start_hub_db(config) -> object:  # noqa: ANN001 - a traitlets Config
+    """JupyterHub's start-up steps that set up roles, users, groups, services and their role
+    assignments (JupyterHub.initialize, in its order), without serving anything."""
+    import asyncio
+
+    from jupyterhub.app import JupyterHub
+
+    hub = JupyterHub(config=config)
+    hub.init_db()
+    hub.init_hub()
+    hub.init_oauth()
+
+    async def steps() -> None:
+        await hub.init_role_creation()
+        await hub.init_users()
+        await hub.init_groups()
+        hub.init_services()
+        await hub.init_api_tokens()
+        await hub.init_role_assignment()
+
+    asyncio.run(steps())
+    return hub
+
+
+def test_a_hub_restart_takes_hub_admin_from_everyone_and_tokens_lose_it(installation, tmp_path):
+    """A database where a TRE admin was a JupyterHub admin (what earlier versions did at login):
+    after a restart with the generated config nobody is, and the API token they held before
+    lost the scopes of the admin role (access:servers, tokens), not only their next login."""
+    from jupyterhub import orm, roles, scopes
+
+    s = installation.model_copy(update={"hub_db_url": f"sqlite:///{tmp_path}/hub.sqlite"})
+    c = load_generated(write_config(s))
+    hub = _start_hub_db(c)
+    admin = sorted(load_registry(s.policies_dir).staff.admins)[0]
+    user = orm.User.find(hub.db, admin)  # created at start: it is an allowed user
+    if user is None:
+        user = orm.User(name=admin)
+        hub.db.add(user)
+    user.admin = True
+    hub.db.commit()
+    roles.assign_default_roles(hub.db, user)  # what a login with admin=True did
+    token = user.new_api_token(note="before the upgrade")
+    hub.db.commit()
+    assert "access:servers" in scopes.get_scopes_for(orm.APIToken.find(hub.db, token))
+    hub.db.close()
+
+    hub = _start_hub_db(c)  # the restart
+    user = orm.User.find(hub.db, admin)
+    assert user.admin is False
+    assert "admin" not in {r.name for r in user.roles}
+    held = scopes.get_scopes_for(orm.APIToken.find(hub.db, token))
+    assert not _beyond_own(held, admin) & {"access:servers", "tokens", "admin:users", "servers"}
+
+
+def _beyond_own(held: frozenset[str], name: str) -> set[str]:
+    """The bases of the scopes in ``held`` that reach beyond user ``name``'s own resources."""
+    return {s.split("!", 1)[0] for s in held if not s.endswith((f"!user={name}", "=airlock"))}
+
+
+def test_tre_admin_role_expands_to_no_forbidden_scope(installation, tmp_path):
+    """The tre-admin role, as JupyterHub 6 expands it (sub-scopes included), holds what the admin
+    page needs and nothing that reaches into a researcher's server or identity."""
+    from jupyterhub import orm, roles, scopes
+
+    from tre.hub.roles import ADMINS_GROUP, FORBIDDEN_ADMIN_SCOPES, TRE_ADMIN_ROLE
+
+    s = installation.model_copy(update={"hub_db_url": f"sqlite:///{tmp_path}/hub.sqlite"})
+    hub = _start_hub_db(load_generated(write_config(s)))
+    role = orm.Role.find(hub.db, TRE_ADMIN_ROLE)
+    assert [g.name for g in role.groups] == [ADMINS_GROUP]
+    expanded = roles.roles_to_expanded_scopes([role], owner=None)
+    assert {"admin-ui", "list:users", "read:users", "read:servers", "delete:servers"} <= expanded
+    assert not expanded & FORBIDDEN_ADMIN_SCOPES, expanded & FORBIDDEN_ADMIN_SCOPES
+    # a member of tre-admins holds it; nobody else does
+    user = orm.User(name="someadmin")
+    hub.db.add(user)
+    hub.db.commit()
+    roles.assign_default_roles(hub.db, user)
+    assert "admin-ui" not in scopes.get_scopes_for(user)
+    orm.Group.find(hub.db, ADMINS_GROUP).users.append(user)
+    hub.db.commit()
+    held = scopes.get_scopes_for(user)
+    assert "admin-ui" in held and "delete:servers" in held
+    assert not _beyond_own(held, "someadmin") & FORBIDDEN_ADMIN_SCOPES

@@ -6,7 +6,9 @@ or an admin. Their hub groups follow from the registry:
 
 - ``project-<id>`` for every active project they are a member of,
 - ``output-checkers`` if they are listed in ``policies/staff.yaml`` as an output checker,
-- ``tre-admins`` (and hub admin rights) if they are listed there as an admin.
+- ``tre-admins`` if they are listed there as an admin: that group holds the ``tre-admin`` role
+  (``tre.hub.roles``: the admin page, stopping servers; no access to anyone's server, no tokens
+  for others). Nobody is ever a JupyterHub admin: every login and refresh sets ``admin`` False.
 
 ``TREOIDCAuthenticator`` (production) additionally requires the identity provider to agree:
 a project group is granted only when the IdP also puts the user in ``tre-project-<id>`` (or a
@@ -40,11 +42,11 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from traitlets import Bool, Dict, Float, Instance, Int, TraitError, Unicode, default, validate
 
+from tre.hub.roles import ADMINS_GROUP  # holds the tre-admin role
 from tre.provision import GROUP_PREFIX as PROJECT_GROUP_PREFIX  # the one naming rule
 from tre.registry import USERNAME, Registry, load_registry
 
 CHECKERS_GROUP = "output-checkers"
-ADMINS_GROUP = "tre-admins"
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +481,9 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         self.throttle.succeeded(username)
         access = registry_access(self.load_registry(), username)
         self.refuse_unregistered(access)
-        return {"name": username, "groups": access.hub_groups(), "admin": access.admin}
+        # never a JupyterHub admin (lowers anyone a former version made one): TRE admins get
+        # their rights from the tre-admins group (tre.hub.roles)
+        return {"name": username, "groups": access.hub_groups(), "admin": False}
 
     async def check_allowed(self, username: str, authentication: dict | None = None) -> bool:
         access = registry_access(self.load_registry(), username)
@@ -491,7 +495,7 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         access = registry_access(self.load_registry(), user.name)
         if not access.registered:
             return False
-        return {"name": user.name, "groups": access.hub_groups(), "admin": access.admin}
+        return {"name": user.name, "groups": access.hub_groups(), "admin": False}
 
 
 class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
@@ -674,7 +678,8 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             self.check_subject(auth_model["name"], user_info)
         auth_model["auth_state"]["tre_groups"] = access.hub_groups()
         auth_model["auth_state"]["tre_registered"] = registered.registered
-        auth_model["admin"] = access.admin
+        # never a JupyterHub admin; TRE admins are in tre-admins (tre.hub.roles)
+        auth_model["admin"] = False
         return auth_model
 
     async def get_user_groups(self, auth_state: dict) -> set[str]:
@@ -711,8 +716,8 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
             current = {g.name for g in user.groups}
             return {
                 "name": user.name,
+                # only ever lowered here (tre-admins included): raising needs the IdP's word
                 "groups": sorted(current & set(access.hub_groups())),
-                # only ever lowered here: raising it needs the IdP's word at a login
-                "admin": bool(user.admin) and access.admin,
+                "admin": False,
             }
         return refreshed

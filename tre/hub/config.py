@@ -19,6 +19,7 @@ import yaml
 
 from tre.hub.access import projects_for_home
 from tre.hub.bwrap import unix_url
+from tre.hub.roles import admin_roles
 from tre.registry import Registry, load_registry
 from tre.settings import REPO_ROOT, Settings, public_origin
 
@@ -96,7 +97,7 @@ def _loopback_hub_api(settings: Settings) -> str:
 
 
 def users_of(registry: Registry) -> tuple[set[str], set[str]]:
-    """(allowed users, admin users) from the registry: project members, checkers and admins."""
+    """(allowed users, TRE admins) from the registry: project members, checkers and admins."""
     members = {m for p in registry.projects.values() for m in p.member_names()}
     staff = set(registry.staff.output_checkers) | set(registry.staff.admins)
     return members | staff, set(registry.staff.admins)
@@ -209,15 +210,18 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
                     "scopes": ["read:users:name"],
                     "services": [AIRLOCK_SERVICE],
                 },
+                # TRE admins: the `tre-admin` role through the `tre-admins` group, and nobody
+                # in JupyterHub's all-powerful `admin` role (tre/hub/roles.py)
+                *admin_roles(),
             ],
         },
         "ConfigurableHTTPProxy": {
             "command": proxy_command(),
             "api_url": f"http://127.0.0.1:{settings.hub.proxy_api_port}",
         },
-        # No admin_users: JupyterHub would make them admins again at every start, overriding
-        # a login at which the IdP did not confirm the admin role. The authenticators decide
-        # admin rights at each login and refresh (registry, and IdP for OIDC).
+        # No admin_users: nobody is a JupyterHub admin (tre/hub/roles.py). The authenticators
+        # put TRE admins in the `tre-admins` group at each login and refresh (registry, and
+        # IdP for OIDC); that group holds the `tre-admin` role.
         "Authenticator": {"allowed_users": sorted(allowed)},
         "TRELocalAuthenticator": {
             "password_file": str(password_file(settings)),
