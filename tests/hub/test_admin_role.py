@@ -11,6 +11,7 @@ admin page and its listings, stopping a server.
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 
@@ -19,6 +20,7 @@ import pytest
 
 from tre.hub.auth import PasswordFile
 from tre.hub.config import password_file
+from tre.hub.harness import loopback_client, loopback_request
 from tre.hub.roles import ADMINS_GROUP
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
@@ -26,7 +28,6 @@ pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
 ADMIN = "admin"  # a TRE admin in the test installation's staff.yaml
 ADMIN_PASSWORD = "admin-correct-horse-battery"
 VICTIM, PROJECT = "bob", "wilms-outcomes"
-SERVER = f"/user/{VICTIM}/{PROJECT}"
 
 
 def send(call, *args: object, **kwargs: object) -> httpx.Response:  # noqa: ANN001
@@ -44,7 +45,10 @@ class AdminSession:
 
     def __init__(self, hub) -> None:  # noqa: ANN001 - HubInstance
         self.hub = hub
-        self.browser = httpx.Client(base_url=hub.url, follow_redirects=True, timeout=60)
+        # the hub's public host, as a browser reaches it (researchers' servers are on hosts of
+        # their own: the session cookie is not sent there, the server's OAuth asks the hub)
+        self.browser = loopback_client(base_url=hub.public_url, follow_redirects=True, timeout=60)
+        self.server = hub.server_url(VICTIM, PROJECT)
         page = self.browser.get("/hub/login")
         xsrf = re.search(r'name="_xsrf"[^>]*value="([^"]+)"', page.text)
         data = {"username": ADMIN, "password": ADMIN_PASSWORD}
@@ -117,26 +121,31 @@ def test_a_tre_admin_is_no_jupyterhub_admin_but_holds_the_tre_admin_role(hub, ad
 
 def test_the_admin_cannot_open_a_researchers_server_in_the_browser(admin, victim_server):
     # the target is there: bob's own token reaches his server through the proxy
-    own = httpx.get(
-        f"{admin.hub.url}{SERVER}/api/contents/",
-        headers={"Authorization": f"token {victim_server}"},
-        timeout=60,
+    own = loopback_request(
+        "GET", f"{admin.server}/api/contents/", headers={"Authorization": f"token {victim_server}"}
     )
     assert own.status_code == 200 and own.json()["type"] == "directory", own.text[:300]
     # the admin's browser follows the server's OAuth redirect to the hub, which refuses
-    page = admin.browser.get(f"{SERVER}/lab")
-    assert page.status_code == 403, (page.status_code, str(page.url))
+    page = admin.browser.get(f"{admin.server}/lab")
     assert "/hub/api/oauth2/authorize" in str(page.url)
-    listing = admin.browser.get(f"{SERVER}/api/contents/")
+    if page.status_code == 200 and 'name="scopes"' in page.text:
+        # a consent page (what a JupyterHub admin gets): click "Authorize", as they would
+        hidden = r'<input type="hidden" name="(_xsrf|scopes)" value="([^"]*)"'
+        form: dict[str, list[str]] = {}
+        for name, value in re.findall(hidden, page.text):
+            form.setdefault(name, []).append(html.unescape(value))
+        page = admin.browser.post(str(page.url), data=form)
+    assert page.status_code == 403, (page.status_code, str(page.url))
+    listing = admin.browser.get(f"{admin.server}/api/contents/")
     assert listing.status_code == 403, listing.text[:300]
 
 
 def test_the_admin_cannot_use_a_researchers_server_with_a_token(admin, victim_server):
     headers = {"Authorization": f"token {admin.token}"}
-    r = send(httpx.get, f"{admin.hub.url}{SERVER}/api/contents/", headers=headers, timeout=60)
+    r = send(loopback_request, "GET", f"{admin.server}/api/contents/", headers=headers)
     assert r.status_code == 403, r.text[:300]
     # start a kernel (the default one: no body) to run code on bob's data
-    kernel = send(httpx.post, f"{admin.hub.url}{SERVER}/api/kernels", headers=headers, timeout=60)
+    kernel = send(loopback_request, "POST", f"{admin.server}/api/kernels", headers=headers)
     assert kernel.status_code == 403, kernel.text[:300]
 
 
@@ -236,10 +245,10 @@ def test_the_admin_can_stop_a_researchers_server_last(admin, hub, victim_server)
     hub.stop_server(VICTIM, PROJECT)  # waits until it is down
     model = hub.api("GET", f"/users/{VICTIM}").json()
     assert PROJECT not in model["servers"] or not model["servers"][PROJECT].get("ready")
-    gone = httpx.get(
-        f"{hub.url}{SERVER}/api/contents/",
+    gone = loopback_request(
+        "GET",
+        f"{admin.server}/api/contents/",
         headers={"Authorization": f"token {victim_server}"},
-        timeout=60,
         follow_redirects=False,
     )
     assert gone.status_code != 200
