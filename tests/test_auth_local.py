@@ -22,6 +22,7 @@ from tre.hub.auth import (
     PasswordError,
     PasswordFile,
     TRELocalAuthenticator,
+    TREOIDCAuthenticator,
     ensure_accounts,
     verify_password,
 )
@@ -330,6 +331,20 @@ def test_registry_changes_take_effect_on_refresh(accounts, authenticator):
 def test_allow_all_cannot_be_switched_on():
     with pytest.raises(Exception, match="allow_all"):
         TRELocalAuthenticator(allow_all=True)
+
+
+@pytest.mark.parametrize("cls", [TRELocalAuthenticator, TREOIDCAuthenticator])
+def test_admin_users_cannot_be_set(cls):
+    """JupyterHub makes every name in admin_users a hub admin (every scope) at each start."""
+    from traitlets.config import Config
+
+    config = Config()
+    config.Authenticator.admin_users = {"admin"}
+    with pytest.raises(Exception, match="admin_users cannot be set"):
+        cls(config=config)
+    with pytest.raises(Exception, match="admin_users cannot be set"):
+        cls(admin_users={"admin"})
+    assert cls().admin_users == set()
 
 
 # ---------------------------------------------------------------- through a real hub

@@ -383,6 +383,17 @@ class LoginThrottle:
 # --------------------------------------------------------------------------------------------
 
 
+def _refuse_admin_users(proposal: Any) -> set:
+    """``Authenticator.admin_users`` would make those users JupyterHub admins at every start (all
+    scopes: any researcher's server, tokens as anyone); TRE admins have the tre-admin role."""
+    if proposal["value"]:
+        raise TraitError(
+            "admin_users cannot be set in the TRE: nobody is a JupyterHub admin; TRE admins "
+            "(policies/staff.yaml) get the tre-admin role through the tre-admins group"
+        )
+    return set()
+
+
 class _RegistryMixin:
     """Registry loading and the refusal rule; used by both authenticators."""
 
@@ -451,6 +462,10 @@ class TRELocalAuthenticator(_RegistryMixin, Authenticator):
         if proposal["value"]:
             raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
         return False
+
+    @validate("admin_users")
+    def _no_admin_users(self, proposal: Any) -> set:
+        return _refuse_admin_users(proposal)
 
     @validate("manage_groups")
     def _always_manage_groups(self, proposal: Any) -> bool:
@@ -582,6 +597,10 @@ class TREOIDCAuthenticator(_RegistryMixin, GenericOAuthenticator):
         if proposal["value"]:
             raise TraitError("allow_all cannot be enabled in the TRE: the registry decides")
         return False
+
+    @validate("admin_users")
+    def _no_admin_users(self, proposal: Any) -> set:
+        return _refuse_admin_users(proposal)
 
     @validate("manage_groups")
     def _always_manage_groups(self, proposal: Any) -> bool:
