@@ -238,6 +238,50 @@ def test_the_admin_page_loads_and_lists_users_servers_and_groups(admin):
     assert ADMIN in {g["name"]: g for g in groups.json()}[ADMINS_GROUP]["users"]
 
 
+@pytest.mark.browser
+def test_the_admin_page_works_in_chromium_and_a_researchers_server_does_not(
+    admin, hub, require_chromium
+):
+    """The admin page is a React app calling the hub API with the session: in a real browser it
+    lists bob's running server; bob's server itself answers the admin with 403."""
+    from playwright.sync_api import sync_playwright
+
+    from tre.hub.harness import CHROMIUM_LOOPBACK_RULES
+
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=require_chromium, args=[*args, CHROMIUM_LOOPBACK_RULES]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            failed: list[str] = []
+            page.on(
+                "response",
+                lambda r: (
+                    failed.append(f"{r.status} {r.url}")
+                    if "/hub/api/" in r.url and r.status >= 400
+                    else None
+                ),
+            )
+            page.goto(f"{hub.public_url}/hub/login")
+            page.fill("#username_input", ADMIN)
+            page.fill("#password_input", ADMIN_PASSWORD)
+            page.click("#login_submit")
+            page.wait_for_url("**/hub/home**")
+            page.goto(f"{hub.public_url}/hub/admin")
+            # one row per named server: bob's sandbox, running, with the admin page's Stop
+            row = page.locator(f'tr[data-testid="user-row-{VICTIM}-{PROJECT}"]')
+            row.wait_for(timeout=30_000)
+            assert row.locator(".stop-button").inner_text() == "Stop Server"
+            assert failed == []  # every API call of the admin page was allowed
+            response = page.goto(f"{hub.server_url(VICTIM, PROJECT)}/lab")
+            assert response is not None and response.status == 403
+            assert "/user/bob/" not in page.url or "oauth2/authorize" in page.url
+        finally:
+            browser.close()
+
+
 def test_the_admin_can_stop_a_researchers_server_last(admin, hub, victim_server):
     """Last in this module: it stops the server the attacks above targeted."""
     r = admin.ui_api("DELETE", f"/users/{VICTIM}/servers/{PROJECT}")
