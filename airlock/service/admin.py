@@ -49,6 +49,21 @@ def check_administer(who: perm.Who) -> None:
         raise perm.PermissionDenied("only TRE admins may do this (and never from a sandbox)")
 
 
+def can_grant_membership(who: perm.Who, username: str) -> bool:
+    """Separation of duties: an admin never makes themselves a member (which would give them
+    the project's sandbox and data); another admin must."""
+    return can_administer(who) and username != who.name
+
+
+def check_grant_membership(who: perm.Who, username: str) -> None:
+    check_administer(who)
+    if not can_grant_membership(who, username):
+        raise perm.PermissionDenied(
+            "an admin cannot make themselves a member of a project (it would give them its "
+            "data): another admin must"
+        )
+
+
 # --- what the pages show ------------------------------------------------------------------
 
 
@@ -334,6 +349,7 @@ def make_router(
     def admin_create(body: ProjectIn, who: perm.Who = api_who) -> JSONResponse:
         from tre.project_edit import create_project
 
+        check_grant_membership(who, body.lead)
         fields = body.model_dump(mode="json", exclude={"lead"})
         fields["members"] = [{"username": body.lead, "role": "lead"}]
         return edit_then_apply(
@@ -348,6 +364,7 @@ def make_router(
     def admin_add_member(project_id: str, body: MemberIn, who: perm.Who = api_who) -> JSONResponse:
         from tre.project_edit import add_member
 
+        check_grant_membership(who, body.username)
         return edit_then_apply(
             who,
             "add_member",

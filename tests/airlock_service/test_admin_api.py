@@ -222,3 +222,23 @@ def test_admin_pages_render_for_the_admin_only(client, pooled):
         assert marker in r.text, page
     alice = _browser_like_login(client, "alice")
     assert alice.get(f"{prefix}admin").status_code == 403
+
+
+def test_an_admin_cannot_make_themselves_a_member(client, pooled):
+    """Separation of duties: membership gives a project's sandbox and data; an admin may
+    grant it to others, never to themselves (as a member or as the lead of a new project)."""
+    projects = client.service.settings.policies_dir / "projects"
+    before = {p.name: p.read_bytes() for p in projects.glob("*.yaml")}
+    r = client.call(
+        "admin",
+        "POST",
+        "api/admin/projects/wilms-outcomes/members",
+        json={"username": "admin", "role": "researcher"},
+    )
+    assert r.status_code == 403 and "another admin" in r.text, r.text
+    create = dict(MATRIX["create"][2], lead="admin")
+    r = client.call("admin", "POST", "api/admin/projects", json=create)
+    assert r.status_code == 403, r.text
+    assert {p.name: p.read_bytes() for p in projects.glob("*.yaml")} == before
+    with client.service.factory() as session:
+        assert not [e for e in iter_events(session) if e.action.startswith("declaration.")]
