@@ -215,8 +215,8 @@ def _line_of(data: bytes, offset: int, eol: str) -> int:
 
 def _first_invalid_utf8(path: Path) -> tuple[int, int, bytes] | None:
     """(offset, byte value) of the first byte that is not UTF-8, and the file's bytes; None if
-    the file is UTF-8.
-    Only run once a reader has found invalid UTF-8 (it costs a pass over the file)."""
+    the file is UTF-8. Run only once polars has found invalid UTF-8 (it costs a pass over the
+    file), to name the line in the error."""
     data = path.read_bytes()
     try:
         data.decode("utf-8")
