@@ -150,16 +150,6 @@ def batch_identity(site_id: str, files: dict[str, tuple[Path, str]]) -> str:
     return h.hexdigest()[:24]
 
 
-def _csv_separator(path: Path) -> str:
-    """',' unless the header line is clearly separated by ';' or tabs (spreadsheets saved in
-    locales whose decimal mark is the comma write ';')."""
-    with path.open("rb") as fh:
-        header = fh.readline(1 << 16).decode("utf-8", errors="replace")
-    counts = {sep: header.count(sep) for sep in (",", ";", "\t")}
-    best = max(counts, key=lambda sep: counts[sep])
-    return best if counts[best] > counts[","] else ","
-
-
 def _header_names(columns: list[str], path: Path) -> list[str]:
     """Header names as the dictionary writes them: 'Patient ID ' and 'PATIENT_ID' are
     patient_id. Two headers that become the same name are refused, not merged; so are a
@@ -185,9 +175,12 @@ def _header_names(columns: list[str], path: Path) -> list[str]:
 
 _DUPLICATED = re.compile(r"(.*)_duplicated_\d+")
 # types a Parquet column may have: text, numbers, booleans and dates are read as text and typed
-# by the dictionary; nested, binary, duration... values are refused (as the dictionary does)
+# by the dictionary; nested, fixed-size binary, duration... values are refused (as the dictionary
+# does). BINARY columns are text without the UTF8 annotation (old exporters, some R/arrow
+# versions): read when every value is UTF-8 (``_PARQUET_BYTES``), refused otherwise.
+_PARQUET_BYTES = ("binary", "large_binary", "binary_view")
 _PARQUET_SCALAR = ("string", "large_string", "string_view", "integer", "floating", "decimal",
-                   "boolean", "null", "date", "time", "timestamp")  # fmt: skip
+                   "boolean", "null", "date", "time", "timestamp", *_PARQUET_BYTES)  # fmt: skip
 
 
 def _reader_message(exc: BaseException) -> str:
@@ -197,11 +190,67 @@ def _reader_message(exc: BaseException) -> str:
     return first if len(first) <= 200 else first[:200] + "..."
 
 
-def _check_text(path: Path) -> None:
-    """A CSV must be UTF-8 text: UTF-16/32 (a byte-order mark, NUL bytes) or a binary file is
-    refused with a hint instead of being read as one garbled column."""
+# text encodings a site may declare for its CSV files (``Site.encoding``), as Python names them
+TEXT_ENCODINGS = {"utf-8": "utf-8", "windows-1252": "cp1252", "iso-8859-1": "latin-1",
+                  "iso-8859-15": "iso8859_15"}  # fmt: skip
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF8_HINT = " (deliver text files as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+_HEAD = 1 << 16  # bytes read to find the header line (its separator and line end)
+
+
+@dataclass(frozen=True)
+class _CsvLayout:
+    """How a delivered CSV is laid out, found before polars reads it."""
+
+    source: Path | bytes  # the file, or its text re-encoded as UTF-8 (a declared encoding)
+    separator: str
+    eol: str  # "\n" (LF or CRLF line ends) or "\r" (old Mac: CR only)
+    header_line: int  # 1 unless empty lines come before the header (polars skips them)
+
+
+def _line_of(data: bytes, offset: int, eol: str) -> int:
+    """The 1-based line number of a byte offset."""
+    return data.count(eol.encode(), 0, offset) + 1
+
+
+def _first_invalid_utf8(path: Path) -> tuple[int, int, bytes] | None:
+    """(offset, byte value) of the first byte that is not UTF-8, and the file's bytes; None if
+    the file is UTF-8. Run only once polars has found invalid UTF-8 (it costs a pass over the
+    file), to name the line in the error."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start, data[exc.start], data
+    return None
+
+
+def _encoding_error(name: str, line: int, byte: int, site_hint: bool) -> IngestError:
+    hint = (
+        "save it as UTF-8 (e.g. `iconv -f windows-1252 -t utf-8`), or declare the site's "
+        "encoding (`encoding: windows-1252` in policies/sites/<site>.yaml)"
+        if site_hint
+        else "deliver text files as UTF-8"
+    )
+    return IngestError(
+        f"{name}: cannot be read: line {line}: byte 0x{byte:02X} is not UTF-8 text (the file "
+        f"looks saved in another encoding, e.g. Latin-1 or Windows-1252); {hint}"
+    )
+
+
+def _csv_layout(path: Path, encoding: str = "utf-8") -> _CsvLayout:
+    """Check that a CSV is text and find its layout: UTF-16/32 (a byte-order mark, NUL bytes)
+    or a binary file is refused with a hint instead of being read as one garbled column; the
+    header must be UTF-8 (polars would read it with replacement characters); a file whose
+    header line ends with a lone CR has old-Mac line ends and must not also hold LF.
+
+    ``encoding`` is the site's declared encoding (``Site.encoding``): a file that is not UTF-8
+    (and has no UTF-8 byte-order mark) is then decoded with it and handed to polars as UTF-8."""
+    if encoding not in TEXT_ENCODINGS:
+        raise IngestError(f"unknown text encoding {encoding!r}: one of {', '.join(TEXT_ENCODINGS)}")
+    lf = False
     with path.open("rb") as fh:
-        head = fh.read(4)
+        head = fh.read(_HEAD)
         if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
             raise IngestError(
                 f"{path.name}: cannot be read: it is UTF-16 or UTF-32 text{_UTF8_HINT}"
@@ -213,9 +262,83 @@ def _check_text(path: Path) -> None:
                     f"{path.name}: cannot be read: it holds NUL bytes, so it is not UTF-8 text "
                     f"(UTF-16? a binary file?){_UTF8_HINT}"
                 )
+            lf = lf or b"\n" in chunk
+    source: Path | bytes = path
+    if encoding != "utf-8" and not head.startswith(_UTF8_BOM):
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")  # UTF-8 is read as UTF-8 (legacy text is almost never valid)
+        except UnicodeDecodeError:
+            try:
+                source = data.decode(TEXT_ENCODINGS[encoding]).encode("utf-8")
+            except UnicodeDecodeError as exc:  # windows-1252 leaves five bytes undefined
+                eol = "\r" if not lf else "\n"
+                raise IngestError(
+                    f"{path.name}: cannot be read: line {_line_of(data, exc.start, eol)}: byte "
+                    f"0x{data[exc.start]:02X} is not {encoding} text (the encoding the site "
+                    "declares)"
+                ) from exc
+            head = source[:_HEAD]
+    # the line end: LF (or CRLF), or CR alone (old Mac) when the file holds no LF at all
+    eol = "\r" if not lf and b"\r" in head else "\n"
+    # empty lines before the header: polars skips them; counted so row numbers stay lines - 1
+    rest = head.removeprefix(_UTF8_BOM)
+    skipped = 0
+    while (m := re.match(rb"\r" if eol == "\r" else rb"\r?\n", rest)) is not None:
+        rest, skipped = rest[m.end() :], skipped + 1
+    cut = re.search(rb"\r\n|\n|\r", rest)
+    header = rest[: cut.start()] if cut else rest
+    if eol == "\n" and cut is not None and cut.group() == b"\r":
+        raise IngestError(
+            f"{path.name}: cannot be read: its header ends with a CR alone (old Mac line end) "
+            "but the file also holds LF line ends; save it with one kind of line end"
+        )
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if cut is None and len(head) == _HEAD and exc.start >= len(header) - 3:
+            text = header[: exc.start].decode("utf-8")  # a character cut at the read limit
+        else:
+            raise _encoding_error(path.name, skipped + 1, header[exc.start], True) from exc
+    counts = {sep: text.count(sep) for sep in (",", ";", "\t")}
+    best = max(counts, key=lambda sep: counts[sep])
+    # ',' unless the header is clearly separated by ';' or tabs (spreadsheets saved in locales
+    # whose decimal mark is the comma write ';')
+    separator = best if counts[best] > counts[","] else ","
+    return _CsvLayout(source, separator, eol, skipped + 1)
 
 
-_UTF8_HINT = " (deliver text files as UTF-8, e.g. `iconv -f latin1 -t utf-8`)"
+def _drop_empty_rows(df: pl.DataFrame, header_line: int) -> pl.DataFrame:
+    """Empty lines are not rows. A line that holds nothing (or only separators, or only empty
+    quotes ``""``) comes out of polars as a row with every value null or empty: it is dropped,
+    and the remaining rows keep the numbers they had: row N is on line N + 1 of the file (the
+    header's line, and any empty line before it, counted) as long as no quoted value above it
+    spans lines. They are given as the ``_row`` column, which the dictionary reports.
+    Only rows whose first value is empty are looked at more closely (cheap for a clean file)."""
+    if not df.height or not df.width:
+        return df
+    empty = pl.all_horizontal(
+        pl.col(c).is_null() | (pl.col(c).str.len_bytes() == 0) for c in df.columns
+    )
+    first = pl.col(df.columns[0])
+    candidates = df.select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).filter(
+            first.is_null() | (first.str.len_bytes() == 0)
+        )
+    ).to_series()
+    blank = (
+        candidates.filter(df[candidates].select(empty).to_series())
+        if candidates.len()
+        else candidates
+    )
+    if not blank.len() and header_line == 1:
+        return df  # numbered 1.. by the dictionary, as before
+    keep = pl.Series(values=[True]).extend_constant(True, df.height - 1).scatter(blank, False)
+    return (
+        df.with_row_index(ROW, offset=header_line)
+        .with_columns(pl.col(ROW).cast(pl.Int64))
+        .filter(keep)
+    )
 
 
 def _read_parquet(path: Path) -> pl.DataFrame:
@@ -247,6 +370,16 @@ def _read_parquet(path: Path) -> pl.DataFrame:
             "not text or numbers"
         )
     names = _header_names(table.column_names, path)
+    for f, column in zip(table.schema, table.columns, strict=True):
+        kind = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+        if any(getattr(pa.types, f"is_{k}")(kind) for k in _PARQUET_BYTES):
+            try:  # Arrow's cast to text checks that every value is UTF-8
+                column.cast(pa.large_string())
+            except (pa.ArrowException, ValueError) as exc:
+                raise IngestError(
+                    f"{path.name}: column {f.name} ({f.type}) holds bytes that are not UTF-8 "
+                    "text; store text as UTF-8 strings"
+                ) from exc
     try:
         # cast to text by Arrow: polars panicked on some types (decimal256); rebuilt without
         # schema or field metadata, which is not data (invalid UTF-8 in it made polars panic)
@@ -256,27 +389,45 @@ def _read_parquet(path: Path) -> pl.DataFrame:
         raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}") from exc
 
 
-def _read(path: Path) -> pl.DataFrame:
-    """Read a delivered file as text columns: the dictionary does the typing and says why a
-    value is wrong, instead of the reader guessing types."""
-    if SUPPORTED_SUFFIXES[path.suffix.lower()] == "parquet":
-        return _read_parquet(path)
-    _check_text(path)
+def _read_csv(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
+    layout = _csv_layout(path, encoding)
     try:
         df = pl.read_csv(
-            path, infer_schema=False, raise_if_empty=False, separator=_csv_separator(path)
+            layout.source,
+            infer_schema=False,
+            raise_if_empty=False,
+            separator=layout.separator,
+            eol_char=layout.eol,
         )
     except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        hint = _UTF8_HINT if "utf-8" in str(exc).lower() or "utf8" in str(exc).lower() else ""
+        message = str(exc).lower()
+        if ("utf-8" in message or "utf8" in message) and isinstance(layout.source, Path):
+            found = _first_invalid_utf8(path)
+            if found is not None:
+                offset, byte, data = found
+                line = _line_of(data, offset, layout.eol)
+                raise _encoding_error(path.name, line, byte, encoding == "utf-8") from exc
+        hint = _UTF8_HINT if "utf-8" in message or "utf8" in message else ""
         raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}{hint}") from exc
-    return df.rename(dict(zip(df.columns, _header_names(df.columns, path), strict=True)))
+    df = df.rename(dict(zip(df.columns, _header_names(df.columns, path), strict=True)))
+    return _drop_empty_rows(df, layout.header_line)
 
 
-def read_delivered_table(path: Path) -> pl.DataFrame:
+def _read(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
+    """Read a delivered file as text columns: the dictionary does the typing and says why a
+    value is wrong, instead of the reader guessing types. ``encoding``: the site's declared
+    text encoding of its CSV files (``Site.encoding``)."""
+    if SUPPORTED_SUFFIXES[path.suffix.lower()] == "parquet":
+        return _read_parquet(path)
+    return _read_csv(path, encoding)
+
+
+def read_delivered_table(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
     """One delivered file as text columns, read exactly as ingest reads it (the hardened readers
     above): for ``tre data check``, so that checking a delivery cannot crash where ingesting it
-    would give a clear error."""
-    return _read(path)
+    would give a clear error. Empty CSV lines are dropped and the other rows keep their
+    numbers in a ``_row`` column (see ``_drop_empty_rows``), which the dictionary reports."""
+    return _read(path, encoding)
 
 
 class _Steps:
@@ -771,15 +922,20 @@ class DeliveredFiles:
     invalid rows are quarantined (checked against the sha256 taken when the batch began, so the
     quarantine holds exactly what was validated)."""
 
-    def __init__(self, by_table: dict[str, tuple[Path, str]], rows: dict[str, int]) -> None:
+    def __init__(
+        self, by_table: dict[str, tuple[Path, str]], rows: dict[str, int], encoding: str = "utf-8"
+    ) -> None:
         self.by_table = by_table
         self.rows = rows
+        self.encoding = encoding  # the site's declared CSV encoding, as the first read used
 
     def read(self, table: str) -> pl.DataFrame:
+        """The file read exactly as validation read it (empty lines dropped, the same row
+        numbers in ``_row`` when they are not simply 1..n)."""
         path, sha256 = self.by_table[table]
         if _sha256_file(path) != sha256:
             raise IngestError(f"{path.name} changed while it was being ingested; deliver it again")
-        return _read(path)
+        return _read(path, self.encoding)
 
 
 @dataclass
@@ -807,7 +963,7 @@ def _prepare(
     """Read, validate and harmonise the batch, and add site columns and provenance."""
     raw = {}
     for table in order:
-        raw[table] = _read(by_table[table][0])
+        raw[table] = _read(by_table[table][0], site.encoding)
         step(f"read {table}")
     try:
         dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
@@ -819,7 +975,7 @@ def _prepare(
         if sep and table in by_table:
             raise IngestError(f"{by_table[table][0].name}: {rest}") from exc
         raise IngestError(str(exc)) from exc
-    delivered = DeliveredFiles(by_table, {t: df.height for t, df in raw.items()})
+    delivered = DeliveredFiles(by_table, {t: df.height for t, df in raw.items()}, site.encoding)
     del raw
     step("validated and harmonised")
     fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
@@ -1145,11 +1301,11 @@ def _quarantine_rows(
             pl.struct(["column", "value", "rule", "message"]).alias("_errs")
         )
         frame = delivered.read(str(table))
-        rows = (
-            frame.with_row_index(ROW, offset=1)
-            .with_columns(pl.col(ROW).cast(pl.Int64))
-            .join(grouped, left_on=ROW, right_on="row", how="inner")
-        )
+        if ROW not in frame.columns:  # the reader numbers rows itself when they are not 1..n
+            frame = frame.with_row_index(ROW, offset=1)
+        frame = frame.with_columns(pl.col(ROW).cast(pl.Int64))
+        rows = frame.join(grouped, left_on=ROW, right_on="row", how="inner")
+        frame = frame.drop(ROW)
         ids = [c for c in frame.columns if c in identifiers.get(str(table), [])]
         replace = ", ".join(
             pseudonymiser.sql(identifier_kind(c), site_id, f'"{c}"::VARCHAR', pads) + f' AS "{c}"'

@@ -60,6 +60,15 @@ class Site(_Strict):
         default=None, description="No project may see this site's rows before this date."
     )
     file_format: Literal["csv", "parquet"] = "csv"
+    encoding: Literal["utf-8", "windows-1252", "iso-8859-1", "iso-8859-15"] = Field(
+        default="utf-8",
+        description=(
+            "Text encoding of the site's CSV files when they are not UTF-8 (e.g. windows-1252 "
+            "for 'CSV' saved by a European Excel). A file that is valid UTF-8 or starts with a "
+            "UTF-8 byte-order mark is still read as UTF-8; any other file is decoded with this "
+            "encoding. Parquet text is always UTF-8."
+        ),
+    )
 
     @field_validator("allowed_jurisdictions")
     @classmethod

@@ -49,6 +49,11 @@ def check_cmd(
     errors_out: Path = typer.Option(
         None, "--errors-out", help="Also write every error (table, row, column, value, rule)."
     ),
+    site: str = typer.Option(
+        None,
+        "--site",
+        help="The delivering site: its declared CSV encoding is used, as ingest uses it.",
+    ),
 ) -> None:
     """Validate a delivery against the data dictionary without ingesting it (exit 1 on errors)."""
     import polars as pl
@@ -60,12 +65,22 @@ def check_cmd(
     if not site_dir.is_dir():
         console.print(f"[red]error:[/red] {site_dir} is not a directory")
         raise typer.Exit(2)
+    encoding = "utf-8"
+    if site is not None:
+        from tre.registry import load_registry
+        from tre.settings import get_settings
+
+        declared = load_registry(get_settings().policies_dir).sites.get(site)
+        if declared is None:
+            console.print(f"[red]error:[/red] unknown site {site!r}")
+            raise typer.Exit(2)
+        encoding = declared.encoding
     try:
         tables = {}
         for name in TABLE_NAMES:  # read as ingest reads them (a broken file: a clear error)
             found = [site_dir / f"{name}{s}" for s in SUPPORTED_SUFFIXES]
             for path in (f for f in found if f.is_file()):
-                tables[name] = read_delivered_table(path)
+                tables[name] = read_delivered_table(path, encoding)
                 break
         if not tables:
             raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(TABLE_NAMES)}")
