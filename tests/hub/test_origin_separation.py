@@ -19,6 +19,7 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pytest
@@ -50,15 +51,28 @@ window.results = (async () => ({
 </script>"""
 
 
+@dataclass
+class AttackerPages:
+    """A page server of the test (stands for code answering on a sandbox's route): answers
+    every path with ``pages[<last path segment>]`` (the probe by default) and records the
+    paths it was asked for."""
+
+    url: str
+    pages: dict[str, str] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+
+
 @pytest.fixture
-def attacker_pages(hub) -> Iterator[str]:
-    """A page server of the test (stands for code answering on a sandbox's route)."""
+def attacker_pages(hub) -> Iterator[AttackerPages]:
     airlock, public = hub.airlock_url, hub.public_url
-    page = PROBE.replace("AIRLOCK", json.dumps(airlock)).replace("HUB", json.dumps(public))
+    probe = PROBE.replace("AIRLOCK", json.dumps(airlock)).replace("HUB", json.dumps(public))
+    served = AttackerPages(url="")
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = page.encode()
+            served.requests.append(self.path)
+            name = self.path.split("?")[0].rstrip("/").rpartition("/")[2]
+            body = served.pages.get(name, probe).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
@@ -71,8 +85,9 @@ def attacker_pages(hub) -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    served.url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield served
     finally:
         server.shutdown()
         server.server_close()
@@ -125,8 +140,8 @@ def test_a_researchers_server_cannot_read_the_airlock_as_a_checker(
 ):
     from playwright.sync_api import sync_playwright
 
-    evil = add_route(hub, hub.server_url("alice", "evil") + "/", attacker_pages)
-    control = add_route(hub, hub.airlock_url + "evil-control/", attacker_pages)
+    evil = add_route(hub, hub.server_url("alice", "evil") + "/", attacker_pages.url)
+    control = add_route(hub, hub.airlock_url + "evil-control/", attacker_pages.url)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=require_chromium, args=FLAGS)
@@ -167,3 +182,81 @@ def test_a_researchers_server_cannot_read_the_airlock_as_a_checker(
     assert "checker1" not in seen["hub_own_host"].get("text", ""), seen["hub_own_host"]
     for cookie in ("airlock-session", "jupyterhub-hub-login", "jupyterhub-services"):
         assert cookie not in seen["cookies"], seen["cookies"]
+
+
+def hub_login(page, hub, user: str) -> None:
+    page.goto(f"{hub.public_url}/hub/login")
+    page.fill("#username_input", user)
+    page.fill("#password_input", PASSWORDS[user])
+    page.click("#login_submit")
+    page.wait_for_url("**/hub/home**")
+
+
+def airlock_page(page, hub, path: str) -> tuple[str, str]:
+    """Open an airlock page; (who is shown, the page's CSRF token), or (the answer, "")."""
+    page.goto(f"{hub.airlock_url}{path}")  # (HTTP redirects, the hub's OAuth, are followed)
+    if not page.locator("span.who").count():
+        return page.locator("body").inner_text(), ""
+    csrf = page.locator("input[name=csrf_token]").first.get_attribute("value") or ""
+    return page.locator("span.who").inner_text(), csrf
+
+
+def test_a_session_cookie_tossed_by_a_researchers_page_is_refused_and_expired(
+    hub, attacker_pages, require_chromium
+):
+    """Cookie tossing (http: no __Host- cookies): alice's page sets the airlock's session cookie
+    for the parent domain with her own valid session. Before OneSessionCookie the checker's
+    next airlock page ran in alice's session (login CSRF; the queue answered "only output
+    checkers have a queue"); now a request with the name twice uses neither and its answer
+    expires the tossed copies, so the checker goes on as themselves."""
+    from playwright.sync_api import sync_playwright
+
+    parent = urlsplit(hub.public_url).hostname
+    prefix = urlsplit(hub.airlock_url).path
+    evil = add_route(hub, hub.server_url("alice", "evil") + "/", attacker_pages.url)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=require_chromium, args=FLAGS)
+            try:
+                # alice's own airlock session (hers to take: her browser, her cookie)
+                alice = browser.new_context()
+                hub_login(alice.new_page(), hub, "alice")
+                airlock_page(alice.pages[0], hub, "requests")
+                mine = next(c for c in alice.cookies() if c["name"] == "airlock-session")
+                assert mine["domain"] == urlsplit(hub.airlock_url).hostname  # host-only
+
+                checker = browser.new_context()
+                page = checker.new_page()
+                hub_login(page, hub, "checker1")
+                who, _ = airlock_page(page, hub, "queue")
+                assert "checker1" in who
+                toss = "".join(
+                    f"document.cookie = {json.dumps(cookie)};"
+                    for cookie in (
+                        f"airlock-session={mine['value']}; Domain={parent}; Path={prefix}",
+                        f"airlock-session={mine['value']}; Domain={parent}; Path={prefix}queue",
+                    )
+                )
+                attacker_pages.pages["toss"] = f"<script>{toss}</script>"
+                page.goto(f"{hub.server_url('alice', 'evil')}/toss")
+                tossed = [
+                    c
+                    for c in checker.cookies()
+                    if c["name"] == "airlock-session" and c["domain"] == f".{parent}"
+                ]
+                assert len(tossed) == 2, checker.cookies()  # the browser took them
+
+                who, csrf = airlock_page(page, hub, "queue")
+                url = page.url
+                left = [
+                    c
+                    for c in checker.cookies()
+                    if c["name"] == "airlock-session" and c["domain"] == f".{parent}"
+                ]
+            finally:
+                browser.close()
+    finally:
+        delete_route(hub, evil)
+    assert "checker1" in who and "alice" not in who, who
+    assert url == f"{hub.airlock_url}queue" and csrf, url
+    assert not left, left  # expired by the airlock's answer
