@@ -20,13 +20,18 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import pytest
 from conftest import PASSWORDS
 
 from tre.hub.config import hub_dir, public_host_of
-from tre.hub.harness import CHROMIUM_LOOPBACK_RULES, free_port, loopback_request
+from tre.hub.harness import (
+    CHROMIUM_LOOPBACK_RULES,
+    execute_in_kernel,
+    free_port,
+    loopback_request,
+)
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox, pytest.mark.browser]
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", CHROMIUM_LOOPBACK_RULES]
@@ -260,3 +265,171 @@ def test_a_session_cookie_tossed_by_a_researchers_page_is_refused_and_expired(
     assert "checker1" in who and "alice" not in who, who
     assert url == f"{hub.airlock_url}queue" and csrf, url
     assert not left, left  # expired by the airlock's answer
+
+
+ACT = """<!doctype html><meta charset="utf-8"><body>
+<iframe src=AIRLOCK_QUEUE></iframe><iframe src=HUB_HOME></iframe><iframe src=HUB_TOKEN></iframe>
+<script>
+async function post(url, body) {
+  try {
+    const r = await fetch(url, {method: "POST", mode: "no-cors", credentials: "include",
+                                headers: {"Content-Type": "text/plain"}, body: body});
+    return r.type;
+  } catch (e) {
+    return "error " + e;
+  }
+}
+window.results = (async () => ({
+  hub_token: await post(HUB + "/hub/api/users/checker1/tokens", '{"note": "made-by-alice"}'),
+  hub_token_xsrf: await post(HUB + "/hub/api/users/checker1/tokens?_xsrf=x",
+                             '{"note": "made-by-alice"}'),
+  airlock_logout: await post(AIRLOCK + "logout", "csrf_token=x"),
+}))();
+</script>"""
+
+SOCKETS = """<!doctype html><meta charset="utf-8"><script>
+function attempt(url, code) {
+  return new Promise(resolve => {
+    const seen = {opened: false, executed: false};
+    const done = () => { clearTimeout(timer); resolve(seen); };
+    const timer = setTimeout(done, 8000);
+    let ws;
+    try { ws = new WebSocket(url); } catch (e) { seen.error = String(e); return done(); }
+    ws.onopen = () => {
+      seen.opened = true;
+      if (!code) return done();
+      ws.send(JSON.stringify({header: {msg_id: "m1", username: "x", session: "s",
+                                       msg_type: "execute_request", version: "5.3"},
+                              parent_header: {}, metadata: {}, channel: "shell",
+                              content: {code: code, silent: false, allow_stdin: false}}));
+    };
+    ws.onmessage = e => {
+      if (String(e.data).includes("OWN" + "ED")) { seen.executed = true; done(); }
+    };
+    ws.onerror = done;
+    ws.onclose = done;
+  });
+}
+window.results = (async () => ({
+  kernel: await attempt(KERNEL, "print('OWN' + 'ED')"),
+  terminal: await attempt(TERMINAL, ""),
+}))();
+</script>"""
+
+
+def test_a_researchers_page_cannot_act_for_its_visitor(
+    hub, alice_server, carol_server, attacker_pages, require_chromium
+):
+    """What holds (regression): from alice's server, a checker's or another researcher's
+    browser can be made to send requests, but none acts as them. Cross-site POSTs without the
+    hub's xsrf or the airlock's CSRF token change nothing; the airlock's and the hub's pages
+    refuse to be framed (clickjacking); the hub's OAuth refuses a redirect_uri on alice's host
+    and a client of alice's server for anyone without access to it, and login ``next=`` to
+    alice's host lands on the hub's host: no code or token reaches alice's server. Websockets
+    (no CORS) to carol's kernel and terminal from alice's origin are refused by the single-user
+    server's origin check, while the same page on carol's own host runs code in her kernel
+    (positive control: the probe would catch a missing check)."""
+    from playwright.sync_api import sync_playwright
+
+    carol = hub.server_url("carol", carol_server)
+    carol_token = hub.user_token("carol")
+    auth = {"Authorization": f"token {carol_token}"}
+    kernel = loopback_request(
+        "POST", f"{carol}/api/kernels", headers=auth, json={"name": "python3"}
+    )
+    terminal = loopback_request("POST", f"{carol}/api/terminals", headers=auth)
+    assert kernel.status_code == 201 and terminal.status_code == 200, (kernel.text, terminal.text)
+    # a kernel that answers (a websocket to a kernel still starting waits for it)
+    assert execute_in_kernel(carol, kernel.json()["id"], auth, "print(1)")["stdout"] == "1\n"
+    ws = carol.replace("http://", "ws://", 1)
+    attacker_pages.pages["act"] = (
+        ACT.replace("AIRLOCK_QUEUE", json.dumps(f"{hub.airlock_url}queue"))
+        .replace("HUB_HOME", json.dumps(f"{hub.public_url}/hub/home"))
+        .replace("HUB_TOKEN", json.dumps(f"{hub.public_url}/hub/token"))
+        .replace("AIRLOCK", json.dumps(hub.airlock_url))
+        .replace("HUB", json.dumps(hub.public_url))
+    )
+    attacker_pages.pages["sockets"] = SOCKETS.replace(
+        "KERNEL", json.dumps(f"{ws}/api/kernels/{kernel.json()['id']}/channels")
+    ).replace("TERMINAL", json.dumps(f"{ws}/terminals/websocket/{terminal.json()['name']}"))
+    evil_base = hub.server_url("alice", "evil")
+    evil = add_route(hub, evil_base + "/", attacker_pages.url)
+    control = add_route(hub, carol + "/evil-control/", attacker_pages.url)
+    authorize = f"{hub.public_url}/hub/api/oauth2/authorize?"
+    oauth = {
+        "airlock client, redirect to alice": (
+            400,
+            {"client_id": "service-airlock", "redirect_uri": f"{evil_base}/callback"},
+        ),
+        "alice's server's client": (
+            403,
+            {
+                "client_id": f"jupyterhub-user-alice-{alice_server}",
+                "redirect_uri": f"{hub.server_url('alice', alice_server)}/oauth_callback",
+            },
+        ),
+    }
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=require_chromium, args=FLAGS)
+            try:
+                page = browser.new_context().new_page()
+                hub_login(page, hub, "checker1")
+                who, csrf = airlock_page(page, hub, "queue")
+                assert "checker1" in who and csrf
+                page.goto(f"{evil_base}/act")
+                posted = page.evaluate("window.results")
+                page.wait_for_timeout(500)
+                framed = [(f.url, f.content()) for f in page.frames[1:]]
+                asked = len(attacker_pages.requests)
+                answers = {}
+                for name, (_, params) in oauth.items():
+                    query = urlencode({**params, "response_type": "code", "state": "s"})
+                    response = page.goto(authorize + query)
+                    answers[name] = (response.status if response else None, page.url)
+                page.goto(f"{hub.public_url}/hub/login?next={quote(evil_base + '/next')}")
+                after_next = page.url
+                reached = attacker_pages.requests[asked:]
+                who_after, csrf_after = airlock_page(page, hub, "queue")
+
+                visitor = browser.new_context().new_page()
+                hub_login(visitor, hub, "carol")
+                # her server's login (OAuth through the hub, a cookie on her host)
+                visitor.goto(f"{carol}/lab", wait_until="commit")
+                server_cookie = f"jupyterhub-user-carol-{carol_server}"
+                for _ in range(300):
+                    if any(c["name"] == server_cookie for c in visitor.context.cookies()):
+                        break
+                    visitor.wait_for_timeout(100)
+                visitor.goto(f"{evil_base}/sockets")
+                sockets = visitor.evaluate("window.results")
+                visitor.goto(f"{carol}/evil-control/sockets")
+                control_sockets = visitor.evaluate("window.results")
+            finally:
+                browser.close()
+    finally:
+        delete_route(hub, evil)
+        delete_route(hub, control)
+        loopback_request("DELETE", f"{carol}/api/kernels/{kernel.json()['id']}", headers=auth)
+        loopback_request("DELETE", f"{carol}/api/terminals/{terminal.json()['name']}", headers=auth)
+
+    # cross-site POSTs changed nothing: no token for the checker, the airlock session is theirs
+    assert all(kind == "opaque" for kind in posted.values()), posted  # sent, unreadable
+    notes = [t.get("note") for t in hub.api("GET", "/users/checker1/tokens").json()["api_tokens"]]
+    assert "made-by-alice" not in notes, notes
+    assert "checker1" in who_after and csrf_after == csrf
+    # no frame shows the checker's airlock or hub page
+    assert len(framed) == 3, [url for url, _ in framed]
+    for url, content in framed:
+        assert "checker1" not in content and csrf not in content, url
+    # OAuth and next=: refused, and nothing reached alice's server
+    for name, (status, _) in oauth.items():
+        assert answers[name][0] == status, (name, answers[name])
+        assert urlsplit(answers[name][1]).hostname == urlsplit(hub.public_url).hostname
+    assert urlsplit(after_next).hostname == urlsplit(hub.public_url).hostname, after_next
+    assert reached == [], reached
+    # websockets from alice's origin: refused; the same page on carol's host: runs code
+    assert control_sockets["kernel"]["executed"], control_sockets
+    assert control_sockets["terminal"]["opened"], control_sockets
+    assert not sockets["kernel"]["opened"] and not sockets["kernel"]["executed"], sockets
+    assert not sockets["terminal"]["opened"], sockets
