@@ -11,6 +11,9 @@ The test puts an attacker's page on alice's server route (a proxy route to a pag
 test's own, exactly where the hub routes alice's servers), logs checker1 in to the hub and the
 airlock, then opens the page. A positive control serves the same probe on the airlock's own host:
 there it must read the checker's page, which shows the probe would catch a shared origin.
+The other tests attack from the same place with what crosses origins within one site: cookies
+set for the parent domain (cookie tossing), cross-site POSTs, frames, the hub's OAuth and
+``next=``, and websockets (docs/airlock.md, "Origin separation").
 """
 
 from __future__ import annotations
