@@ -7,6 +7,7 @@ form carries a CSRF token that is checked on POST.
 """
 
 import functools
+import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
@@ -214,6 +215,90 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class OneSessionCookie:
+    """Refuse a session cookie that comes twice, and expire the copies set for parent domains.
+
+    The airlock sets its session cookie on its own host only (no ``Domain``). On http the name
+    cannot be ``__Host-``, so a page on a sibling host (a researcher's server,
+    ``alice.tre.localhost``) can set a cookie of the same name for the parent domain
+    (``Domain=tre.localhost``): cookie tossing. The browser then sends both, the session layer
+    would take one of them, and a checker's next page or vote would run in the researcher's
+    session (or fail). The airlock cannot tell which copy is its own, so a request that carries
+    the name twice carries neither (not logged in: pages go to the hub login, POSTs fail their
+    CSRF check), and the answer expires the name for every parent domain on every path that
+    could have sent it; the copy the airlock set itself is left to the session layer."""
+
+    def __init__(self, app: ASGIApp, cookie_name: str) -> None:
+        self.app, self.name = app, cookie_name
+
+    def _count(self, headers: list[tuple[bytes, bytes]]) -> int:
+        return sum(
+            1
+            for key, value in headers
+            if key.lower() == b"cookie"
+            for chunk in value.decode("latin-1").split(";")
+            if chunk.partition("=")[0].strip() == self.name
+        )
+
+    def _without_name(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        kept = []
+        for key, value in headers:
+            if key.lower() == b"cookie":
+                chunks = [
+                    c
+                    for c in value.decode("latin-1").split(";")
+                    if c.partition("=")[0].strip() != self.name
+                ]
+                value = ";".join(chunks).strip().encode("latin-1")
+            kept.append((key, value))
+        return kept
+
+    def _expiries(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").lower()
+        host = host if host.endswith("]") else host.rpartition(":")[0] or host
+        labels = host.split(".")
+        if _is_ip(host.strip("[]")):
+            labels = []  # no parent domains (and cookies with Domain= are refused anyway)
+        parents = [".".join(labels[i:]) for i in range(1, len(labels) - 1)]  # no bare TLD
+        path = scope.get("path") or "/"
+        paths = {"/", path}
+        for i, ch in enumerate(path):
+            if ch == "/" and i:
+                paths.update({path[:i], path[: i + 1]})
+        return [
+            (
+                b"set-cookie",
+                f"{self.name}=; Domain={domain}; Path={p}; Max-Age=0; "
+                "Expires=Thu, 01 Jan 1970 00:00:00 GMT".encode("latin-1"),
+            )
+            for domain in parents
+            for p in sorted(paths)
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = list(scope.get("headers") or [])
+        if scope["type"] != "http" or self._count(headers) < 2:
+            await self.app(scope, receive, send)
+            return
+        log.warning("request with %s twice (cookie tossing?): neither used", self.name)
+        expiries = self._expiries(scope)
+
+        async def send_expiring(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*(message.get("headers") or []), *expiries]}
+            await send(message)
+
+        await self.app({**scope, "headers": self._without_name(headers)}, receive, send_expiring)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class LoginRequired(Exception):  # noqa: N818
     def __init__(self, next_url: str) -> None:
         self.next_url = next_url
@@ -265,17 +350,19 @@ def create_app(
     templates.env.globals["prefix"] = prefix
     templates.env.filters["places"] = describe_places
     app.mount(f"{prefix}static", StaticFiles(directory=HERE / "static"), name="static")
+    # on https, a __Host- cookie (path / on the airlock's own host): a sibling host under the
+    # same domain (a researcher's server) cannot overwrite it; on http, OneSessionCookie
+    session_cookie = "__Host-airlock-session" if https_only else "airlock-session"
     app.add_middleware(
         SessionMiddleware,
         secret_key=session_secret or secrets.token_hex(32),
-        # on https, a __Host- cookie (path / on the airlock's own host): a sibling host under
-        # the same domain (a researcher's server) cannot overwrite it
-        session_cookie="__Host-airlock-session" if https_only else "airlock-session",
+        session_cookie=session_cookie,
         path="/" if https_only else prefix,
         same_site="lax",
         https_only=https_only,
         max_age=8 * 3600,
     )
+    app.add_middleware(OneSessionCookie, cookie_name=session_cookie)  # runs before the session
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(SecurityHeaders, static_prefix=f"{prefix}static/")
 

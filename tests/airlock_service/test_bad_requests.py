@@ -160,6 +160,49 @@ def test_csrf_on_forms(client):
     http.close()
 
 
+def test_a_session_cookie_sent_twice_is_refused_and_the_parent_domain_copies_expired(client):
+    """Cookie tossing (http): a page on a sibling host can set ``airlock-session`` for the
+    parent domain; the browser then sends the name twice. Neither copy counts (the POST fails
+    its CSRF check even with the right token, nothing changes) and the answer expires the name
+    for each parent domain on each path that could have sent it. Chromium attack:
+    tests/hub/test_origin_separation.py."""
+    service = client.service
+    alice = service.who("alice")
+    rid = service.create_request(alice, "wilms-outcomes", [FileSpec("notes.txt")])
+    http = login(client.live, "alice")
+    page = http.get(f"{client.live.prefix}requests/{rid}")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    mine = next(c.value for c in http.cookies.jar if c.name == "airlock-session")
+    url = f"{client.live.hub.url}{client.live.prefix}requests/{rid}/submit"
+    host = {"Host": "airlock--service.tre.example.org"}
+    for cookies in (
+        f"airlock-session={mine}; airlock-session={mine}",
+        f"a=1; airlock-session={mine};airlock-session=x",
+    ):
+        r = httpx.post(url, data={"csrf_token": token}, headers={**host, "Cookie": cookies})
+        assert r.status_code == 403, r.text
+        assert service.view(alice, rid)["state"] == "pending"
+        expired = {
+            (a["domain"], a["path"])
+            for a in (
+                dict(p.strip().split("=", 1) for p in c.lower().split(";")[1:] if "=" in p)
+                for c in r.headers.get_list("set-cookie")
+                if c.startswith("airlock-session=;")
+            )
+        }
+        paths = {"/", "/services", "/services/", f"{client.live.prefix}requests/{rid}/submit"}
+        for domain in ("tre.example.org", "example.org"):
+            assert {(domain, p) for p in paths} <= expired, expired
+        assert all(d in ("tre.example.org", "example.org") for d, _ in expired), expired
+    # the cookie once, the same token: accepted
+    r = httpx.post(
+        url, data={"csrf_token": token}, headers={**host, "Cookie": f"airlock-session={mine}"}
+    )
+    assert r.status_code == 303, r.text
+    assert service.view(alice, rid)["state"] == "submitted"
+    http.close()
+
+
 def test_pages_refuse_anonymous_and_sandbox(client):
     r = client.http.get("requests", follow_redirects=False)
     assert r.status_code == 303 and "login" in r.headers["location"]
