@@ -289,6 +289,8 @@ def test_servers_and_the_airlock_get_origins_of_their_own(installation, tmp_path
     assert jh["subdomain_host"] == "https://tre.example.org"
     assert jh["cookie_host_prefix_enabled"] is True
     assert public_host_of(https, "alice") == "https://alice.tre.example.org"
+    oidc = hub_config(https, load_registry(https.policies_dir))["TREOIDCAuthenticator"]
+    assert oidc["oauth_callback_url"] == "https://tre.example.org/hub/oauth_callback"
     assert public_host_of(https, "airlock", "service") == "https://airlock--service.tre.example.org"
 
 

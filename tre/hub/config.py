@@ -230,6 +230,10 @@ def hub_config(settings: Settings, registry: Registry) -> dict[str, dict[str, An
         "TREOIDCAuthenticator": {
             "policies_dir": str(settings.policies_dir),
             "subjects_file": str(oidc_subjects_file(settings)),
+            # fixed, not guessed from the request's host: the hub answers every host name
+            # (users' hosts included), and a login started on alice's host must not ask the
+            # IdP to send the code there
+            "oauth_callback_url": f"{settings.hub.public_url}/hub/oauth_callback",
         },
         "Spawner": {
             "start_timeout": settings.hub.start_timeout_seconds,
