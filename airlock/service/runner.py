@@ -111,12 +111,20 @@ class _Server(uvicorn.Server):
         yield
 
 
+# The proxy (configurable-http-proxy) keeps its connections to the airlock open and reuses them
+# without an idle limit; uvicorn closes idle ones after 5 s by default, and a request the proxy
+# sends on a connection just as it closes fails (a 503 for the user; the load benchmark saw such
+# resets). Closing idle connections far less often makes that race rare.
+KEEP_ALIVE_SECONDS = 75
+
+
 def _configs(
     app: FastAPI | str, host: str, port: int, uds: Path | None, log_level: str
 ) -> list[uvicorn.Config]:
-    configs = [uvicorn.Config(app, host=host, port=port, log_level=log_level, proxy_headers=False)]
+    common: dict = {"log_level": log_level, "timeout_keep_alive": KEEP_ALIVE_SECONDS}
+    configs = [uvicorn.Config(app, host=host, port=port, proxy_headers=False, **common)]
     if uds is not None:
-        configs.append(uvicorn.Config(app, uds=str(uds), log_level=log_level, lifespan="off"))
+        configs.append(uvicorn.Config(app, uds=str(uds), lifespan="off", **common))
     return configs
 
 
