@@ -408,3 +408,15 @@ def test_tre_admin_role_expands_to_no_forbidden_scope(installation, tmp_path):
     held = scopes.get_scopes_for(user)
     assert "admin-ui" in held and "delete:servers" in held
     assert not _beyond_own(held, "someadmin") & FORBIDDEN_ADMIN_SCOPES
+
+
+def test_sandbox_cgroups_are_per_installation(tmp_path):
+    """Two hubs on one machine must not share a (user, project)'s cgroup limits; one hub
+    must find its cgroups again after a restart."""
+    from tre.hub.bwrap import cgroup_name
+
+    one, other = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert cgroup_name(one, "alice.p") == cgroup_name(one, "alice.p")
+    assert cgroup_name(one, "alice.p") != cgroup_name(other, "alice.p")
+    assert cgroup_name(one, "alice.p") != cgroup_name(one, "bob.p")
+    assert cgroup_name(one, "alice.p").startswith("tre-sandbox-alice.p-")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tre.hub.bwrap import cgroup_name
 from tre.hub.harness import loopback_request
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
@@ -406,7 +407,8 @@ def test_a_fork_bomb_is_contained_by_the_sandboxs_cgroup(alice_kernel, hub):
     groups = dict(
         line.split(":", 2)[1:] for line in Path(f"/proc/{keeper}/cgroup").read_text().splitlines()
     )
-    key = "tre-sandbox-alice.wilms-outcomes"
+    key = cgroup_name(hub.settings.hub.runtime_dir, "alice.wilms-outcomes")
+    assert key.startswith("tre-sandbox-alice.wilms-outcomes-")
     assert groups["pids"].endswith(key) and groups["memory"].endswith(key), groups
     pids_dir = Path("/sys/fs/cgroup/pids") / groups["pids"].lstrip("/")
     memory_dir = Path("/sys/fs/cgroup/memory") / groups["memory"].lstrip("/")

@@ -25,6 +25,7 @@ What a sandbox is (the embedded default of the TRE):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import pwd
@@ -86,6 +87,16 @@ def pin_socket(sock: Path, route: Path, uid: int) -> bool:
         raise SocketSwapped(f"{sock} is not a socket of the sandbox user")
     os.replace(tmp, route)
     return True
+
+
+def cgroup_name(runtime_dir: Path, sandbox_key: str) -> str:
+    """The sandbox's cgroup: per (user, project) AND per installation. Cgroups are made beside
+    the hub's own, so two hubs on one machine (tests, staging beside production) would share
+    one ``pids.max`` and memory limit for the same (user, project), each rewriting the other's;
+    the hash of the runtime directory (one per installation, stable across restarts, so a
+    restarted hub still finds and removes its sandboxes' cgroups) keeps them apart."""
+    installation = hashlib.sha256(str(runtime_dir.resolve()).encode()).hexdigest()[:8]
+    return f"tre-sandbox-{sandbox_key}-{installation}"
 
 
 class BubblewrapSpawner(LocalProcessSpawner):
@@ -411,7 +422,7 @@ class BubblewrapSpawner(LocalProcessSpawner):
         """(cgroup directory, limit files) for this sandbox; empty where cgroups are not
         writable (then only the per-process rlimits apply)."""
         wanted: list[tuple[Path, dict[str, str]]] = []
-        name = f"tre-sandbox-{self.sandbox_key}"
+        name = cgroup_name(Path(self.runtime_dir), self.sandbox_key)
         own = {}
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
