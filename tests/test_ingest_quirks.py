@@ -371,3 +371,20 @@ def test_data_check_reads_deliveries_as_ingest_does(
         assert res.exit_code == 2 and "unknown site" in res.output
     finally:
         get_settings.cache_clear()
+
+
+def test_skipped_empty_lines_are_said(tmp_path, delivery, key):
+    """A site reconciling its row counts learns that empty lines were not rows."""
+    from structlog.testing import capture_logs
+
+    s = new_settings(tmp_path / "state", key)
+    with capture_logs() as logs:
+        r = ingest(s, "uk-ccr", edited(tmp_path / "in", delivery, _blank_blocks))
+    assert r.status == "loaded", r.errors
+    said = [e for e in logs if e["event"] == "empty lines skipped"]
+    assert said and all(e["lines"] > 0 for e in said), logs
+    with capture_logs() as logs:
+        ingest(
+            new_settings(tmp_path / "clean", key), "uk-ccr", edited(tmp_path / "c", delivery, bytes)
+        )
+    assert not [e for e in logs if e["event"] == "empty lines skipped"]

@@ -410,7 +410,10 @@ def _read_csv(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
         hint = _UTF8_HINT if "utf-8" in message or "utf8" in message else ""
         raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}{hint}") from exc
     df = df.rename(dict(zip(df.columns, _header_names(df.columns, path), strict=True)))
-    return _drop_empty_rows(df, layout.header_line)
+    kept = _drop_empty_rows(df, layout.header_line)
+    if kept.height < df.height:  # said, so that a site's row count can be reconciled
+        log.info("empty lines skipped", file=path.name, lines=df.height - kept.height)
+    return kept
 
 
 def _read(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
