@@ -222,3 +222,50 @@ def test_a_checker_who_was_a_member_of_an_ended_project_is_not_its_checker():
     assert not perm.is_eligible_checker(former, req)
     assert not perm.is_eligible_checker(current, req)
     assert perm.is_eligible_checker(outsider, req)
+
+
+def test_the_row_read_of_a_request_equals_the_orm_read_at_every_step(service, tre_settings):
+    """`view` reads rows, not ORM objects (`AirlockService._read`, for CPU): at every step of
+    a story with votes, private and public comments, a return, a replaced file and a release,
+    and for every kind of viewer, it must answer exactly what the ORM-loaded request gives
+    (`_load` + `_view`), and refuse exactly whom `_load` refuses."""
+    viewers = ["alice", "bob", "carol", "checker1", "checker2", "checker3", "admin"]
+
+    def same(rid: str) -> None:
+        for name in viewers:
+            who = service.who(name)
+            try:
+                with service.factory() as session:
+                    expected = service._view(session, who, service._load(session, who, rid, False))
+            except NotFound:
+                with pytest.raises(NotFound):
+                    service.view(who, rid)
+                continue
+            assert service.view(who, rid) == expected, name
+
+    alice, c1, c2 = service.who("alice"), service.who("checker1"), service.who("checker2")
+    rid = service.create_request(
+        alice, "wilms-outcomes", [FileSpec("outputs/table.csv", "tables")], title="t"
+    )
+    same(rid)  # pending: the author's draft
+    service.submit(alice, rid)
+    fid = only_file(service, rid)
+    service.vote(c1, rid, fid, "request_changes", comment="cell a is small")
+    service.comment(c1, rid, "private note", "private")
+    service.comment(c1, rid, "public note", "public")
+    same(rid)
+    service.vote(c2, rid, fid, "approve")
+    service.decide(c1, rid, "return", "see comments")
+    same(rid)
+    ws = tre_settings.workspaces_dir / "wilms-outcomes" / "outputs"
+    (ws / "table.csv").write_text("group,count\na,<10\nb,30\n")
+    new_fid = service.add_file(alice, rid, FileSpec("outputs/table.csv", "tables"))
+    service.submit(alice, rid)
+    service.vote(c1, rid, new_fid, "approve")
+    same(rid)
+    service.vote(c2, rid, new_fid, "approve")
+    same(rid)  # released
+    with pytest.raises(NotFound):
+        service.view(alice, "0" * 32)
+    with pytest.raises(NotFound):
+        service.view(alice, "short")
