@@ -9,9 +9,11 @@
    first snapshots) go after the same period, counted from the blob's mtime.
 2. Released files of a project that has ended (expired or closed) stay downloadable for
    ``released_grace_days`` after its end, then downloads answer 410 and ``airlock gc`` deletes
-   ``released/<request>``.
+   ``released/<request>``, and with it any copy of it a retried release set aside as corrupt
+   (``released/.corrupt-<request>-*``: never served, but holding the same bytes).
 3. The file contents of a released request, its snapshots and ``released/<request>``, are
-   removed ``released_content_retention_days`` after its release (``null``: never). Its record
+   removed ``released_content_retention_days`` after its release (``null``: never), with any
+   ``released/.corrupt-<request>-*`` copy. Its record
    stays: the request, its files (names, sizes, sha256), votes, the release manifest and the
    audit log. One ``release_content_purge`` audit event per request says what was removed and
    why; from then on its downloads, previews and snapshots answer 410 for that request, even
@@ -319,7 +321,8 @@ def _released_plan(
             expiry[project] = released_expiry(service, policy, project, today)
         last_day = expiry[project]
         directory = service.released_root / rid
-        if last_day is not None and today > last_day and directory.exists():
+        aside = set_aside_copies(service.released_root, rid)
+        if last_day is not None and today > last_day and (directory.exists() or aside):
             due.append(rid)
             report.released.append(
                 {
@@ -327,9 +330,21 @@ def _released_plan(
                     "project": project,
                     "downloadable_until": last_day.isoformat(),
                     "reason": "project_ended",
+                    "set_aside": aside,
                 }
             )
     return due
+
+
+def set_aside_copies(released_root: Path, request_id: str) -> list[str]:
+    """Names of the copies of ``released/<request>`` a retried release set aside because they
+    failed verification (``released/.corrupt-<request>-*``, airlock/release.py): never served,
+    but they hold the request's released bytes, so they go with its released copy."""
+    return sorted(
+        p.name
+        for p in released_root.glob(f".corrupt-{request_id}-*")
+        if p.is_dir() and not p.is_symlink()
+    )
 
 
 def purged_requests(session: Any) -> dict[str, dt.datetime]:
@@ -510,7 +525,8 @@ def collect(
                 report.orphans.append({"sha256": sha, "size": st.st_size})
         due = _released_plan(service, policy, now.date(), report)
         for rid in sorted(set(purged) - set(due)):
-            if (service.released_root / rid).exists():
+            aside = set_aside_copies(service.released_root, rid)
+            if (service.released_root / rid).exists() or aside:
                 due.append(rid)
                 report.released.append(
                     {
@@ -518,6 +534,7 @@ def collect(
                         "project": purged[rid],
                         "downloadable_until": None,  # purged: not downloadable at all
                         "reason": "released_content_purged",
+                        "set_aside": aside,
                     }
                 )
         going = set(removable)
@@ -556,10 +573,13 @@ def collect(
                 step("trashed", sha)
         if due:
             released_trash.mkdir(parents=True)
-            for rid in due:
-                os.rename(service.released_root / rid, released_trash / rid)
-                fsync_dir(service.released_root)
-                step("trashed", rid)
+            for entry in report.released:
+                for name in [entry["request"], *entry["set_aside"]]:
+                    if name == entry["request"] and not (service.released_root / name).exists():
+                        continue  # only set-aside copies were left
+                    os.rename(service.released_root / name, released_trash / name)
+                    fsync_dir(service.released_root)
+                    step("trashed", name)
         # the one event of the run, committed before anything is deleted for good
         with service.factory() as session, session.begin():
             record_event(session, actor, GC_ACTION, "airlock:store", report.details())

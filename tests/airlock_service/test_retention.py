@@ -1085,3 +1085,70 @@ def test_kill_9_of_a_purge_at_every_step_then_rerun(service, db):
     assert review(service, live, [live_fid]) == "released"
     path, _ = service.download(service.who("bob"), live, live_fid)
     assert sha256_file(path) == live_sha
+
+
+# --- red team: what a purge leaves behind, and what it must not take ------------------------
+
+
+def files_holding(root: Path, needle: bytes) -> list[str]:
+    """Every regular file under ``root`` whose bytes contain ``needle``."""
+    found = []
+    for parent, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(parent) / name
+            if not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path.relative_to(root)))
+    return sorted(found)
+
+
+def released_after_a_corrupt_copy(service, name: str, text: str) -> tuple[str, int]:
+    """A request whose first release attempt crashed after its rename and whose released copy
+    then failed verification (bit rot in its manifest): the retry moved that copy aside as
+    ``released/.corrupt-<request>-*`` (airlock/release.py) and released afresh."""
+
+    def crash(kind, _what):
+        if kind == "renamed":
+            raise OSError("simulated crash between the rename and the commit")
+
+    service.release_hook = crash
+    rid, [fid] = request(service, write(service, name, text))
+    assert review(service, rid, [fid]) == "approved"
+    service.release_hook = None
+    manifest = service.released_root / rid / "manifest.json"
+    manifest.write_text(manifest.read_text() + " ")
+    assert service.complete_pending_releases() == [rid]
+    [corrupt] = service.released_root.glob(f".corrupt-{rid}-*")
+    assert text.encode() in (corrupt / str(fid) / name).read_bytes()
+    return rid, fid
+
+
+def test_a_purge_leaves_no_copy_of_the_content_anywhere_in_the_store(service):
+    """Privacy: after the purge no file under the airlock's store holds the released bytes,
+    not even the copy a retried release set aside as corrupt."""
+    text = "group,count\ncorrupt-purge,51\n"
+    rid, fid = released_after_a_corrupt_copy(service, "cp.csv", text)
+    store_dir = service.settings.airlock_store_dir
+    assert len(files_holding(store_dir, text.encode())) == 3  # snapshot, released, set aside
+    age_release(service, rid, 366)
+    report = collect(service, KEEP_A_YEAR, now=NOW)
+    assert [p["request"] for p in report.released_content] == [rid]
+    assert files_holding(store_dir, text.encode()) == []
+    [entry] = report.released
+    assert entry["request"] == rid and len(entry["set_aside"]) == 1
+    assert entry["set_aside"][0].startswith(f".corrupt-{rid}-")
+    with pytest.raises(Gone):
+        service.download(service.who("bob"), rid, fid)
+    # a copy set aside for another request is not this purge's to take
+    other, _ = released_after_a_corrupt_copy(service, "cq.csv", "group,count\nother,52\n")
+    collect(service, KEEP_A_YEAR, now=NOW)
+    assert list(service.released_root.glob(f".corrupt-{other}-*"))
+
+
+def test_the_grace_period_removes_a_copy_set_aside_as_corrupt_too(service):
+    policy_file(service, released_grace_days=60)
+    policy = load_retention_policy(service.settings.policies_dir)
+    text = "group,count\ncorrupt-grace,53\n"
+    rid, _fid = released_after_a_corrupt_copy(service, "cg.csv", text)
+    end_project(service, days_ago=61)
+    collect(service, policy)
+    assert [f for f in files_holding(service.released_root, text.encode())] == []
