@@ -34,8 +34,10 @@ by a new request without a new write). Removal is two-phase: blobs and released 
 first renamed into a trash directory of the run (atomic, same filesystem), then the run's one
 audit event commits, then the trash is deleted. A kill before the commit leaves only trash that
 no request needs (new requests write the content again under ``objects/``); the next run
-deletes it and names it in its own event (``finished_from_interrupted_run``). A kill at any
-point never removes a blob a request could still release, or has released and still keeps.
+deletes it and names it in its own event (``finished_from_interrupted_run``); trash a live run
+is still deleting (it holds a ``flock`` on it, ``_claim``) is neither named nor deleted. A kill
+at any point never removes a blob a request could still release, or has released and still
+keeps.
 
 The purge of a released request's content is recorded first: its ``release_content_purge``
 event commits (under the lock) before any of its blobs or released copies is moved into the
@@ -49,6 +51,7 @@ event. A kill before it changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import shutil
@@ -489,6 +492,49 @@ def _trash_dirs(service: AirlockService) -> Iterator[Path]:
             yield from sorted(p for p in root.iterdir() if p.is_dir())
 
 
+def _claim(path: Path) -> int | None:
+    """An exclusive ``flock`` on a run's trash directory, held by the run deleting it until it
+    is gone (the deletion happens after the store lock is let go). None if a live run holds it
+    (or it is gone): another run then neither names it as an interrupted run's nor deletes it.
+    A killed run's lock goes with its process, so its trash is claimed by the next run."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _hold(run: Path, claims: list[int]) -> None:
+    """Claim this run's own new trash directory (nobody else can hold it: it was just made
+    under the store lock)."""
+    fd = _claim(run)
+    if fd is None:
+        raise RuntimeError(f"{run} is held by another run")
+    claims.append(fd)
+
+
+def _leftovers(service: AirlockService, report: GcReport, claims: list[int]) -> list[Path]:
+    """Trash directories of interrupted runs (claimed: their fds go into ``claims``)."""
+    runs = []
+    for run in _trash_dirs(service):
+        fd = _claim(run)
+        if fd is None:
+            continue
+        claims.append(fd)
+        try:
+            names = sorted(p.name for p in run.iterdir())
+        except FileNotFoundError:
+            continue  # its own run finished deleting it just before the claim
+        runs.append(run)
+        report.finished_from_interrupted_run += names
+    return runs
+
+
 def collect(
     service: AirlockService,
     policy: RetentionPolicy,
@@ -510,12 +556,28 @@ def collect(
         policy.released_grace_days,
         policy.released_content_retention_days,
     )
+    claims: list[int] = []  # flocks on trash directories this run deletes (_claim)
+    try:
+        return _collect(service, policy, now, dry_run, actor, step, report, claims)
+    finally:
+        for fd in claims:
+            os.close(fd)
+
+
+def _collect(
+    service: AirlockService,
+    policy: RetentionPolicy,
+    now: dt.datetime,
+    dry_run: bool,
+    actor: str,
+    step: Callable[[str, str], None],
+    report: GcReport,
+    claims: list[int],
+) -> GcReport:
     store = service.store
     cutoff = now - dt.timedelta(days=policy.snapshot_retention_days)
     with nullcontext() if dry_run else store.collecting():
-        leftovers = list(_trash_dirs(service))
-        for run in leftovers:
-            report.finished_from_interrupted_run += sorted(p.name for p in run.iterdir())
+        leftovers = _leftovers(service, report, claims)
         purged, purges = _purge_plan(service, policy, now, report)
         removable, referenced = _snapshot_plan(service, cutoff, report, set(purged))
         for sha, st in store.blobs():
@@ -567,12 +629,14 @@ def collect(
         released_trash = service.released_root / f".{TRASH}" / run_id
         if removable:
             snapshot_trash.mkdir(parents=True)
+            _hold(snapshot_trash, claims)
             for sha in removable:
                 os.rename(store.path(sha), snapshot_trash / sha)
                 fsync_dir(store.path(sha).parent)
                 step("trashed", sha)
         if due:
             released_trash.mkdir(parents=True)
+            _hold(released_trash, claims)
             for entry in report.released:
                 for name in [entry["request"], *entry["set_aside"]]:
                     if name == entry["request"] and not (service.released_root / name).exists():

@@ -1152,3 +1152,37 @@ def test_the_grace_period_removes_a_copy_set_aside_as_corrupt_too(service):
     end_project(service, days_ago=61)
     collect(service, policy)
     assert [f for f in files_holding(service.released_root, text.encode())] == []
+
+
+def test_a_run_that_starts_while_another_deletes_its_trash_does_not_claim_it(service, monkeypatch):
+    """Audit: a run deletes its trash after it lets go of the store lock, so a second run can
+    start while that trash is still there; it must neither name it as what an interrupted run
+    left (nothing was interrupted) nor delete it, and the first run still deletes all of it."""
+    rid, _fid, sha = released_with(service, "two.csv", "group,count\ntwo,54\n")
+    age_release(service, rid, 366)
+    real_rmtree = retention.shutil.rmtree
+    second: list[retention.GcReport] = []
+    started = []
+
+    def rmtree(path, *args, **kwargs):
+        if not started and "trash" in str(path):
+            started.append(path)  # the second run starts once, when the first one deletes
+            second.append(collect(service, KEEP_A_YEAR, now=NOW, actor="admin"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+    first = collect(service, KEEP_A_YEAR, now=NOW)
+    assert [p["request"] for p in first.released_content] == [rid]
+    [other] = second
+    assert other.finished_from_interrupted_run == []
+    runs = gc_events(service)
+    assert [r["finished_from_interrupted_run"] for r in runs] == [[], []]
+    assert not service.store.exists(sha)
+    for root in (service.store.root / "trash", service.released_root / ".trash"):
+        assert not root.exists() or not any(root.iterdir())
+    # a run killed while deleting (no one holds its trash) is still finished by the next
+    crashed = service.store.root / "trash" / "gc-crashed"
+    crashed.mkdir(parents=True)
+    (crashed / "ab").write_text("left")
+    assert collect(service, KEEP_A_YEAR, now=NOW).finished_from_interrupted_run == ["ab"]
+    assert not crashed.exists()
