@@ -97,6 +97,7 @@ class RetentionPolicy(BaseModel):
     snapshot_retention_days: int = Field(
         ge=1,
         le=3650,
+        strict=True,
         description="Days after the last request or file referring to a snapshot ended without "
         "release (rejected, withdrawn, file withdrawn or replaced) before `airlock gc` removes "
         "the snapshot; snapshots a request could still release are never removed, released ones "
@@ -105,6 +106,7 @@ class RetentionPolicy(BaseModel):
     released_grace_days: int = Field(
         ge=0,
         le=3650,
+        strict=True,
         description="Days after a project ended (expired or closed) during which its released "
         "files stay downloadable; then downloads answer 410 and `airlock gc` deletes them.",
     )
@@ -122,11 +124,13 @@ class RetentionPolicy(BaseModel):
         default=24,
         ge=1,
         le=720,
+        strict=True,
         description="How often the expiry enforcer (`tre project enforce`) runs the collection: "
         "when the last `airlock_gc` audit event (its own run or an admin's `airlock gc`) is this "
         "many hours old. Checked on each enforcer pass (`enforce_interval_seconds`).",
     )
 
+    # strict: YAML's `yes`/`true`, `2.5` or `"90"` are refused, never read as 1, 2 or 90 days
     @field_validator("released_content_retention_days", mode="before")
     @classmethod
     def _days_not_text(cls, value: object) -> object:
@@ -135,6 +139,15 @@ class RetentionPolicy(BaseModel):
                 f"a whole number of days (1-{MAX_RELEASED_CONTENT_DAYS}), or null to keep"
                 f" released contents forever; not the text {value[:40]!r}"
             )
+        return value
+
+    @field_validator(
+        "snapshot_retention_days", "released_grace_days", "gc_interval_hours", mode="before"
+    )
+    @classmethod
+    def _number_not_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError(f"a whole number, not the text {value[:40]!r}")
         return value
 
 

@@ -1186,3 +1186,34 @@ def test_a_run_that_starts_while_another_deletes_its_trash_does_not_claim_it(ser
     (crashed / "ab").write_text("left")
     assert collect(service, KEEP_A_YEAR, now=NOW).finished_from_interrupted_run == ["ab"]
     assert not crashed.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("snapshot_retention_days", "yes", "valid integer"),  # YAML 1.1: true, was 1 day
+        ("snapshot_retention_days", "'90'", "not the text '90'"),
+        ("released_grace_days", "true", "valid integer"),
+        ("released_grace_days", "60.0", "valid integer"),
+        ("gc_interval_hours", "on", "valid integer"),
+        ("gc_interval_hours", "24.0", "valid integer"),
+    ],
+)
+def test_a_boolean_fraction_or_text_for_a_period_is_refused_not_read_as_a_number(
+    service, monkeypatch, field, value, words
+):
+    from tre.policy_validate import validate_policies
+
+    rid, [fid] = request(service, write(service, "b.csv", "group,count\nb,55\n"))
+    service.withdraw(service.who("alice"), rid)
+    age(service, rid, 2)  # older than a day, younger than the shipped 90
+    sha = sha_of(service, rid, fid)
+    path = service.settings.policies_dir / "retention.yaml"
+    lines = [x for x in path.read_text().splitlines() if not x.startswith(f"{field}:")]
+    path.write_text("\n".join([*lines, f"{field}: {value}"]) + "\n")
+    _registry, problems = validate_policies(service.settings.policies_dir)
+    [problem] = [p for p in problems if p.file.name == "retention.yaml"]
+    assert problem.field == field and words in problem.message
+    result = cli(service, monkeypatch)
+    assert result.exit_code == 2 and f"retention.yaml: {field}:" in result.output
+    assert service.store.verify(sha) and gc_events(service) == []
