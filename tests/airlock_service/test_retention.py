@@ -1217,3 +1217,25 @@ def test_a_boolean_fraction_or_text_for_a_period_is_refused_not_read_as_a_number
     result = cli(service, monkeypatch)
     assert result.exit_code == 2 and f"retention.yaml: {field}:" in result.output
     assert service.store.verify(sha) and gc_events(service) == []
+
+
+def test_a_purged_request_serves_its_bytes_under_no_file_id_not_even_a_replaced_one(service):
+    """Privacy: a purged request's file replaced by the same bytes (its earlier row, now
+    'replaced', refers to the same blob) must not preview the content the purge took, while
+    another request keeps that blob."""
+    text = "group,count\nreplaced,56\n"
+    alice = service.who("alice")
+    rid, [first] = request(service, write(service, "rp.csv", text), submit=False)
+    again = service.add_file(alice, rid, FileSpec("outputs/rp.csv", "g"))  # same bytes
+    sha = sha_of(service, rid, again)
+    assert sha_of(service, rid, first) == sha
+    service.submit(alice, rid)
+    assert review(service, rid, [again]) == "released"
+    live, [live_fid] = request(service, write(service, "rp.csv", text), submit=False)
+    age_release(service, rid, 400)
+    collect(service, KEEP_A_YEAR, now=NOW)
+    assert purge_events(service)[rid]["snapshots_kept_shared"] == [sha]
+    for fid in (again, first):
+        with pytest.raises(Gone, match="removed on"):
+            service.snapshot_path(alice, rid, fid)
+    assert service.snapshot_path(alice, live, live_fid)[0].read_text() == text
