@@ -219,6 +219,8 @@ class GcReport:
     finished_from_interrupted_run: list[str] = field(default_factory=list)
     # staging directories of releases that never finished (path under released/, last change)
     stale_staging: list[dict[str, Any]] = field(default_factory=list)
+    # files a snapshot being stored left in snapshots/tmp when its process died (name, size)
+    stale_uploads: list[dict[str, Any]] = field(default_factory=list)
     # snapshots an ended request refers to, kept because another request still needs them
     kept_shared: list[str] = field(default_factory=list)
     # released requests whose file contents this run purges (released_content_retention_days);
@@ -234,6 +236,7 @@ class GcReport:
             "orphans": self.orphans,
             "released": self.released,
             "stale_staging": self.stale_staging,
+            "stale_uploads": self.stale_uploads,
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
             "released_content": self.released_content,
@@ -248,6 +251,7 @@ class GcReport:
             "released": len(self.released),
             "released_content": len(self.released_content),
             "stale_staging": len(self.stale_staging),
+            "stale_uploads": len(self.stale_uploads),
             "finished_from_interrupted_run": len(self.finished_from_interrupted_run),
             "kept_shared": len(self.kept_shared),
         }
@@ -487,6 +491,24 @@ def _stale_staging_plan(service: AirlockService, report: GcReport) -> list[Path]
     return stale
 
 
+def _stale_uploads_plan(service: AirlockService, report: GcReport) -> list[Path]:
+    """Partial or whole copies of workspace files that a snapshot being stored left in
+    ``snapshots/tmp`` (``put-*``) when its process was killed: no blob, no request, never
+    served, but the bytes of a file. Nothing stores under the collector's exclusive lock; the
+    real-clock age of STALE_STAGING_SECONDS is a second guard, as for staging directories."""
+    threshold = time.time() - STALE_STAGING_SECONDS
+    stale = []
+    for path in sorted(service.store.tmp.glob("put-*")):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if path.is_file() and not path.is_symlink() and st.st_mtime <= threshold:
+            stale.append(path)
+            report.stale_uploads.append({"name": path.name, "size": st.st_size})
+    return stale
+
+
 def last_collection(service: AirlockService) -> dt.datetime | None:
     """When the last collection (by anyone) committed: its ``airlock_gc`` audit event."""
     with service.factory() as session:
@@ -620,6 +642,7 @@ def _collect(
                 s for s in shas - going if service.store.exists(s)
             )
         stale_staging = _stale_staging_plan(service, report)
+        stale_uploads = _stale_uploads_plan(service, report)
         if dry_run:
             return report
         run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -666,5 +689,7 @@ def _collect(
     # deleting them may take long (a kill here leaves staging the next run names again)
     for run in [*leftovers, snapshot_trash, released_trash, *stale_staging]:
         shutil.rmtree(run, ignore_errors=True)
+    for upload in stale_uploads:
+        upload.unlink(missing_ok=True)
     step("deleted", run_id)
     return report

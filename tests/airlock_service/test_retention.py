@@ -1239,3 +1239,52 @@ def test_a_purged_request_serves_its_bytes_under_no_file_id_not_even_a_replaced_
         with pytest.raises(Gone, match="removed on"):
             service.snapshot_path(alice, rid, fid)
     assert service.snapshot_path(alice, live, live_fid)[0].read_text() == text
+
+
+KILLED_PUT = """
+import os, signal, sys
+from airlock.storage import FileSystemStore
+
+class Dying:
+    def __init__(self, data):
+        self.chunks = [data]
+
+    def read(self, _n):
+        if self.chunks:
+            return self.chunks.pop()
+        os.kill(os.getpid(), signal.SIGKILL)  # killed while storing, the bytes written
+
+# a file bigger than the write buffer: its bytes reach the disk before the kill
+FileSystemStore(sys.argv[1]).put_stream(Dying(sys.argv[2].encode() * 5000), 1 << 20)
+"""
+
+
+def test_what_a_killed_snapshot_left_in_tmp_goes_after_an_hour(service):
+    """Privacy: a snapshot whose process was killed while storing leaves the file's bytes in
+    snapshots/tmp; no request refers to them and nothing else would ever delete them."""
+    store = service.store
+
+    def killed_put(text: str) -> Path:
+        before = set(store.tmp.iterdir())
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLED_PUT, str(store.root), text],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            check=False,
+        )
+        assert proc.returncode == -signal.SIGKILL
+        [left] = set(store.tmp.iterdir()) - before
+        assert left.read_text() == text * 5000
+        return left
+
+    old = killed_put("killed-old,57\n")
+    backdate(old, 2 * 3600)
+    fresh = killed_put("killed-fresh,58\n")  # could be a put still running
+    plan = collect(service, POLICY, now=NOW, dry_run=True)
+    size = len("killed-old,57\n") * 5000
+    assert plan.stale_uploads == [{"name": old.name, "size": size}] and old.exists()
+    report = collect(service, POLICY, now=NOW)
+    assert [u["name"] for u in report.stale_uploads] == [old.name]
+    assert not old.exists() and fresh.exists()
+    assert files_holding(service.settings.airlock_store_dir, b"killed-old") == []
+    [event] = gc_events(service)
+    assert event["stale_uploads"] == [{"name": old.name, "size": size}]
