@@ -545,12 +545,11 @@ def _claim(path: Path) -> int | None:
 
 
 def _hold(run: Path, claims: list[int]) -> None:
-    """Claim this run's own new trash directory (nobody else can hold it: it was just made
-    under the store lock)."""
-    fd = _claim(run)
-    if fd is None:
-        raise RuntimeError(f"{run} is held by another run")
+    """Claim this run's own new trash directory. Made under the store lock, so no other run
+    holds it; a dry run (which takes no store lock) may be listing it for a moment: wait."""
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
     claims.append(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
 
 
 def _leftovers(service: AirlockService, report: GcReport, claims: list[int]) -> list[Path]:
