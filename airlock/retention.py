@@ -326,7 +326,11 @@ def _snapshot_plan(
 
 
 def _released_plan(
-    service: AirlockService, policy: RetentionPolicy, today: dt.date, report: GcReport
+    service: AirlockService,
+    policy: RetentionPolicy,
+    today: dt.date,
+    report: GcReport,
+    set_aside: dict[str, list[str]],
 ) -> list[str]:
     with service.factory() as session:
         released = session.execute(
@@ -341,7 +345,7 @@ def _released_plan(
             expiry[project] = released_expiry(service, policy, project, today)
         last_day = expiry[project]
         directory = service.released_root / rid
-        aside = set_aside_copies(service.released_root, rid)
+        aside = set_aside.get(rid, [])
         if last_day is not None and today > last_day and (directory.exists() or aside):
             due.append(rid)
             report.released.append(
@@ -356,15 +360,19 @@ def _released_plan(
     return due
 
 
-def set_aside_copies(released_root: Path, request_id: str) -> list[str]:
-    """Names of the copies of ``released/<request>`` a retried release set aside because they
-    failed verification (``released/.corrupt-<request>-*``, airlock/release.py): never served,
-    but they hold the request's released bytes, so they go with its released copy."""
-    return sorted(
-        p.name
-        for p in released_root.glob(f".corrupt-{request_id}-*")
-        if p.is_dir() and not p.is_symlink()
-    )
+def set_aside_copies(released_root: Path) -> dict[str, list[str]]:
+    """request id -> names of the copies of ``released/<request>`` a retried release set aside
+    because they failed verification (``released/.corrupt-<request>-<8 hex>``,
+    airlock/release.py): never served, but they hold the request's released bytes, so they go
+    with its released copy. One listing of ``released/`` per run."""
+    found: dict[str, list[str]] = {}
+    if not released_root.is_dir():
+        return found
+    for path in sorted(released_root.glob(".corrupt-*-*")):
+        if path.is_dir() and not path.is_symlink():
+            rid = path.name.removeprefix(".corrupt-").rsplit("-", 1)[0]
+            found.setdefault(rid, []).append(path.name)
+    return found
 
 
 def purged_requests(session: Any) -> dict[str, dt.datetime]:
@@ -619,9 +627,10 @@ def _collect(
             if sha not in referenced and mtime <= cutoff:
                 removable.append(sha)
                 report.orphans.append({"sha256": sha, "size": st.st_size})
-        due = _released_plan(service, policy, now.date(), report)
+        set_aside = set_aside_copies(service.released_root)
+        due = _released_plan(service, policy, now.date(), report, set_aside)
         for rid in sorted(set(purged) - set(due)):
-            aside = set_aside_copies(service.released_root, rid)
+            aside = set_aside.get(rid, [])
             if (service.released_root / rid).exists() or aside:
                 due.append(rid)
                 report.released.append(
