@@ -9,9 +9,11 @@
    first snapshots) go after the same period, counted from the blob's mtime.
 2. Released files of a project that has ended (expired or closed) stay downloadable for
    ``released_grace_days`` after its end, then downloads answer 410 and ``airlock gc`` deletes
-   ``released/<request>``.
+   ``released/<request>``, and with it any copy of it a retried release set aside as corrupt
+   (``released/.corrupt-<request>-*``: never served, but holding the same bytes).
 3. The file contents of a released request, its snapshots and ``released/<request>``, are
-   removed ``released_content_retention_days`` after its release (``null``: never). Its record
+   removed ``released_content_retention_days`` after its release (``null``: never), with any
+   ``released/.corrupt-<request>-*`` copy. Its record
    stays: the request, its files (names, sizes, sha256), votes, the release manifest and the
    audit log. One ``release_content_purge`` audit event per request says what was removed and
    why; from then on its downloads, previews and snapshots answer 410 for that request, even
@@ -32,8 +34,10 @@ by a new request without a new write). Removal is two-phase: blobs and released 
 first renamed into a trash directory of the run (atomic, same filesystem), then the run's one
 audit event commits, then the trash is deleted. A kill before the commit leaves only trash that
 no request needs (new requests write the content again under ``objects/``); the next run
-deletes it and names it in its own event (``finished_from_interrupted_run``). A kill at any
-point never removes a blob a request could still release, or has released and still keeps.
+deletes it and names it in its own event (``finished_from_interrupted_run``); trash a live run
+is still deleting (it holds a ``flock`` on it, ``_claim``) is neither named nor deleted. A kill
+at any point never removes a blob a request could still release, or has released and still
+keeps.
 
 The purge of a released request's content is recorded first: its ``release_content_purge``
 event commits (under the lock) before any of its blobs or released copies is moved into the
@@ -47,6 +51,7 @@ event. A kill before it changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import shutil
@@ -92,6 +97,7 @@ class RetentionPolicy(BaseModel):
     snapshot_retention_days: int = Field(
         ge=1,
         le=3650,
+        strict=True,
         description="Days after the last request or file referring to a snapshot ended without "
         "release (rejected, withdrawn, file withdrawn or replaced) before `airlock gc` removes "
         "the snapshot; snapshots a request could still release are never removed, released ones "
@@ -100,6 +106,7 @@ class RetentionPolicy(BaseModel):
     released_grace_days: int = Field(
         ge=0,
         le=3650,
+        strict=True,
         description="Days after a project ended (expired or closed) during which its released "
         "files stay downloadable; then downloads answer 410 and `airlock gc` deletes them.",
     )
@@ -117,11 +124,13 @@ class RetentionPolicy(BaseModel):
         default=24,
         ge=1,
         le=720,
+        strict=True,
         description="How often the expiry enforcer (`tre project enforce`) runs the collection: "
         "when the last `airlock_gc` audit event (its own run or an admin's `airlock gc`) is this "
         "many hours old. Checked on each enforcer pass (`enforce_interval_seconds`).",
     )
 
+    # strict: YAML's `yes`/`true`, `2.5` or `"90"` are refused, never read as 1, 2 or 90 days
     @field_validator("released_content_retention_days", mode="before")
     @classmethod
     def _days_not_text(cls, value: object) -> object:
@@ -130,6 +139,15 @@ class RetentionPolicy(BaseModel):
                 f"a whole number of days (1-{MAX_RELEASED_CONTENT_DAYS}), or null to keep"
                 f" released contents forever; not the text {value[:40]!r}"
             )
+        return value
+
+    @field_validator(
+        "snapshot_retention_days", "released_grace_days", "gc_interval_hours", mode="before"
+    )
+    @classmethod
+    def _number_not_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            raise ValueError(f"a whole number, not the text {value[:40]!r}")
         return value
 
 
@@ -201,6 +219,8 @@ class GcReport:
     finished_from_interrupted_run: list[str] = field(default_factory=list)
     # staging directories of releases that never finished (path under released/, last change)
     stale_staging: list[dict[str, Any]] = field(default_factory=list)
+    # files a snapshot being stored left in snapshots/tmp when its process died (name, size)
+    stale_uploads: list[dict[str, Any]] = field(default_factory=list)
     # snapshots an ended request refers to, kept because another request still needs them
     kept_shared: list[str] = field(default_factory=list)
     # released requests whose file contents this run purges (released_content_retention_days);
@@ -216,6 +236,7 @@ class GcReport:
             "orphans": self.orphans,
             "released": self.released,
             "stale_staging": self.stale_staging,
+            "stale_uploads": self.stale_uploads,
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
             "released_content": self.released_content,
@@ -230,6 +251,7 @@ class GcReport:
             "released": len(self.released),
             "released_content": len(self.released_content),
             "stale_staging": len(self.stale_staging),
+            "stale_uploads": len(self.stale_uploads),
             "finished_from_interrupted_run": len(self.finished_from_interrupted_run),
             "kept_shared": len(self.kept_shared),
         }
@@ -304,7 +326,11 @@ def _snapshot_plan(
 
 
 def _released_plan(
-    service: AirlockService, policy: RetentionPolicy, today: dt.date, report: GcReport
+    service: AirlockService,
+    policy: RetentionPolicy,
+    today: dt.date,
+    report: GcReport,
+    set_aside: dict[str, list[str]],
 ) -> list[str]:
     with service.factory() as session:
         released = session.execute(
@@ -319,7 +345,8 @@ def _released_plan(
             expiry[project] = released_expiry(service, policy, project, today)
         last_day = expiry[project]
         directory = service.released_root / rid
-        if last_day is not None and today > last_day and directory.exists():
+        aside = set_aside.get(rid, [])
+        if last_day is not None and today > last_day and (directory.exists() or aside):
             due.append(rid)
             report.released.append(
                 {
@@ -327,9 +354,25 @@ def _released_plan(
                     "project": project,
                     "downloadable_until": last_day.isoformat(),
                     "reason": "project_ended",
+                    "set_aside": aside,
                 }
             )
     return due
+
+
+def set_aside_copies(released_root: Path) -> dict[str, list[str]]:
+    """request id -> names of the copies of ``released/<request>`` a retried release set aside
+    because they failed verification (``released/.corrupt-<request>-<8 hex>``,
+    airlock/release.py): never served, but they hold the request's released bytes, so they go
+    with its released copy. One listing of ``released/`` per run."""
+    found: dict[str, list[str]] = {}
+    if not released_root.is_dir():
+        return found
+    for path in sorted(released_root.glob(".corrupt-*-*")):
+        if path.is_dir() and not path.is_symlink():
+            rid = path.name.removeprefix(".corrupt-").rsplit("-", 1)[0]
+            found.setdefault(rid, []).append(path.name)
+    return found
 
 
 def purged_requests(session: Any) -> dict[str, dt.datetime]:
@@ -456,6 +499,24 @@ def _stale_staging_plan(service: AirlockService, report: GcReport) -> list[Path]
     return stale
 
 
+def _stale_uploads_plan(service: AirlockService, report: GcReport) -> list[Path]:
+    """Partial or whole copies of workspace files that a snapshot being stored left in
+    ``snapshots/tmp`` (``put-*``) when its process was killed: no blob, no request, never
+    served, but the bytes of a file. Nothing stores under the collector's exclusive lock; the
+    real-clock age of STALE_STAGING_SECONDS is a second guard, as for staging directories."""
+    threshold = time.time() - STALE_STAGING_SECONDS
+    stale = []
+    for path in sorted(service.store.tmp.glob("put-*")):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if path.is_file() and not path.is_symlink() and st.st_mtime <= threshold:
+            stale.append(path)
+            report.stale_uploads.append({"name": path.name, "size": st.st_size})
+    return stale
+
+
 def last_collection(service: AirlockService) -> dt.datetime | None:
     """When the last collection (by anyone) committed: its ``airlock_gc`` audit event."""
     with service.factory() as session:
@@ -472,6 +533,48 @@ def _trash_dirs(service: AirlockService) -> Iterator[Path]:
     for root in (service.store.root / TRASH, service.released_root / f".{TRASH}"):
         if root.is_dir():
             yield from sorted(p for p in root.iterdir() if p.is_dir())
+
+
+def _claim(path: Path) -> int | None:
+    """An exclusive ``flock`` on a run's trash directory, held by the run deleting it until it
+    is gone (the deletion happens after the store lock is let go). None if a live run holds it
+    (or it is gone): another run then neither names it as an interrupted run's nor deletes it.
+    A killed run's lock goes with its process, so its trash is claimed by the next run."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _hold(run: Path, claims: list[int]) -> None:
+    """Claim this run's own new trash directory. Made under the store lock, so no other run
+    holds it; a dry run (which takes no store lock) may be listing it for a moment: wait."""
+    fd = os.open(run, os.O_RDONLY | os.O_DIRECTORY)
+    claims.append(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _leftovers(service: AirlockService, report: GcReport, claims: list[int]) -> list[Path]:
+    """Trash directories of interrupted runs (claimed: their fds go into ``claims``)."""
+    runs = []
+    for run in _trash_dirs(service):
+        fd = _claim(run)
+        if fd is None:
+            continue
+        claims.append(fd)
+        try:
+            names = sorted(p.name for p in run.iterdir())
+        except FileNotFoundError:
+            continue  # its own run finished deleting it just before the claim
+        runs.append(run)
+        report.finished_from_interrupted_run += names
+    return runs
 
 
 def collect(
@@ -495,12 +598,28 @@ def collect(
         policy.released_grace_days,
         policy.released_content_retention_days,
     )
+    claims: list[int] = []  # flocks on trash directories this run deletes (_claim)
+    try:
+        return _collect(service, policy, now, dry_run, actor, step, report, claims)
+    finally:
+        for fd in claims:
+            os.close(fd)
+
+
+def _collect(
+    service: AirlockService,
+    policy: RetentionPolicy,
+    now: dt.datetime,
+    dry_run: bool,
+    actor: str,
+    step: Callable[[str, str], None],
+    report: GcReport,
+    claims: list[int],
+) -> GcReport:
     store = service.store
     cutoff = now - dt.timedelta(days=policy.snapshot_retention_days)
     with nullcontext() if dry_run else store.collecting():
-        leftovers = list(_trash_dirs(service))
-        for run in leftovers:
-            report.finished_from_interrupted_run += sorted(p.name for p in run.iterdir())
+        leftovers = _leftovers(service, report, claims)
         purged, purges = _purge_plan(service, policy, now, report)
         removable, referenced = _snapshot_plan(service, cutoff, report, set(purged))
         for sha, st in store.blobs():
@@ -508,9 +627,11 @@ def collect(
             if sha not in referenced and mtime <= cutoff:
                 removable.append(sha)
                 report.orphans.append({"sha256": sha, "size": st.st_size})
-        due = _released_plan(service, policy, now.date(), report)
+        set_aside = set_aside_copies(service.released_root)
+        due = _released_plan(service, policy, now.date(), report, set_aside)
         for rid in sorted(set(purged) - set(due)):
-            if (service.released_root / rid).exists():
+            aside = set_aside.get(rid, [])
+            if (service.released_root / rid).exists() or aside:
                 due.append(rid)
                 report.released.append(
                     {
@@ -518,6 +639,7 @@ def collect(
                         "project": purged[rid],
                         "downloadable_until": None,  # purged: not downloadable at all
                         "reason": "released_content_purged",
+                        "set_aside": aside,
                     }
                 )
         going = set(removable)
@@ -528,6 +650,7 @@ def collect(
                 s for s in shas - going if service.store.exists(s)
             )
         stale_staging = _stale_staging_plan(service, report)
+        stale_uploads = _stale_uploads_plan(service, report)
         if dry_run:
             return report
         run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -550,16 +673,21 @@ def collect(
         released_trash = service.released_root / f".{TRASH}" / run_id
         if removable:
             snapshot_trash.mkdir(parents=True)
+            _hold(snapshot_trash, claims)
             for sha in removable:
                 os.rename(store.path(sha), snapshot_trash / sha)
                 fsync_dir(store.path(sha).parent)
                 step("trashed", sha)
         if due:
             released_trash.mkdir(parents=True)
-            for rid in due:
-                os.rename(service.released_root / rid, released_trash / rid)
-                fsync_dir(service.released_root)
-                step("trashed", rid)
+            _hold(released_trash, claims)
+            for entry in report.released:
+                for name in [entry["request"], *entry["set_aside"]]:
+                    if name == entry["request"] and not (service.released_root / name).exists():
+                        continue  # only set-aside copies were left
+                    os.rename(service.released_root / name, released_trash / name)
+                    fsync_dir(service.released_root)
+                    step("trashed", name)
         # the one event of the run, committed before anything is deleted for good
         with service.factory() as session, session.begin():
             record_event(session, actor, GC_ACTION, "airlock:store", report.details())
@@ -569,5 +697,7 @@ def collect(
     # deleting them may take long (a kill here leaves staging the next run names again)
     for run in [*leftovers, snapshot_trash, released_trash, *stale_staging]:
         shutil.rmtree(run, ignore_errors=True)
+    for upload in stale_uploads:
+        upload.unlink(missing_ok=True)
     step("deleted", run_id)
     return report

@@ -160,6 +160,10 @@ def gc(
     typer.echo(f"{verb} {len(report.stale_staging)} stale staging dir(s) of unfinished releases")
     for st in report.stale_staging:
         typer.echo(f"  released/{st['path']} (last changed {st['last_changed']})")
+    if report.stale_uploads:
+        typer.echo(
+            f"{verb} {len(report.stale_uploads)} file(s) a killed snapshot left in snapshots/tmp"
+        )
     if report.finished_from_interrupted_run:
         typer.echo(
             f"finished an interrupted run: {len(report.finished_from_interrupted_run)} item(s)"

@@ -52,7 +52,14 @@ ACTOR = "tre-enforce"
 
 
 # what a collection removes, in GcReport.counts(); the rest are what it found or kept
-GC_REMOVAL_KINDS = ("snapshots", "orphans", "released", "released_content", "stale_staging")
+GC_REMOVAL_KINDS = (
+    "snapshots",
+    "orphans",
+    "released",
+    "released_content",
+    "stale_staging",
+    "stale_uploads",
+)
 
 
 @dataclass
@@ -81,6 +88,8 @@ class GcOutcome:
             f"{c['orphans']} unreferenced ({c['bytes']} bytes), the released files of "
             f"{c['released']} request(s), {c['stale_staging']} stale release staging dir(s)"
         )
+        if c.get("stale_uploads"):
+            text += f", {c['stale_uploads']} file(s) a killed snapshot left in snapshots/tmp"
         if c.get("released_content"):
             text += (
                 f"; purged the file contents of {c['released_content']} request(s) past"

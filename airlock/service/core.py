@@ -671,8 +671,9 @@ class AirlockService:
         with self.factory() as session:
             req = self._load(session, who, request_id, lock=False)
             f = _find_file(req, file_id)
-            if req.state == State.RELEASED and f.withdrawn_round is None:
-                # the blob may still be stored for another request: not for this one
+            if req.state == State.RELEASED:
+                # the blob may still be stored for another request: not for this one, under
+                # none of its file ids (a withdrawn or replaced one may hold the same bytes)
                 self._check_content_not_purged(session, req.id)
             path = self.store.path(f.sha256)
             if not path.is_file():  # only the garbage collector removes snapshots

@@ -1085,3 +1085,206 @@ def test_kill_9_of_a_purge_at_every_step_then_rerun(service, db):
     assert review(service, live, [live_fid]) == "released"
     path, _ = service.download(service.who("bob"), live, live_fid)
     assert sha256_file(path) == live_sha
+
+
+# --- red team: what a purge leaves behind, and what it must not take ------------------------
+
+
+def files_holding(root: Path, needle: bytes) -> list[str]:
+    """Every regular file under ``root`` whose bytes contain ``needle``."""
+    found = []
+    for parent, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(parent) / name
+            if not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path.relative_to(root)))
+    return sorted(found)
+
+
+def released_after_a_corrupt_copy(service, name: str, text: str) -> tuple[str, int]:
+    """A request whose first release attempt crashed after its rename and whose released copy
+    then failed verification (bit rot in its manifest): the retry moved that copy aside as
+    ``released/.corrupt-<request>-*`` (airlock/release.py) and released afresh."""
+
+    def crash(kind, _what):
+        if kind == "renamed":
+            raise OSError("simulated crash between the rename and the commit")
+
+    service.release_hook = crash
+    rid, [fid] = request(service, write(service, name, text))
+    assert review(service, rid, [fid]) == "approved"
+    service.release_hook = None
+    manifest = service.released_root / rid / "manifest.json"
+    manifest.write_text(manifest.read_text() + " ")
+    assert service.complete_pending_releases() == [rid]
+    [corrupt] = service.released_root.glob(f".corrupt-{rid}-*")
+    assert text.encode() in (corrupt / str(fid) / name).read_bytes()
+    return rid, fid
+
+
+def test_a_purge_leaves_no_copy_of_the_content_anywhere_in_the_store(service):
+    """Privacy: after the purge no file under the airlock's store holds the released bytes,
+    not even the copy a retried release set aside as corrupt."""
+    text = "group,count\ncorrupt-purge,51\n"
+    rid, fid = released_after_a_corrupt_copy(service, "cp.csv", text)
+    store_dir = service.settings.airlock_store_dir
+    assert len(files_holding(store_dir, text.encode())) == 3  # snapshot, released, set aside
+    age_release(service, rid, 366)
+    report = collect(service, KEEP_A_YEAR, now=NOW)
+    assert [p["request"] for p in report.released_content] == [rid]
+    assert files_holding(store_dir, text.encode()) == []
+    [entry] = report.released
+    assert entry["request"] == rid and len(entry["set_aside"]) == 1
+    assert entry["set_aside"][0].startswith(f".corrupt-{rid}-")
+    with pytest.raises(Gone):
+        service.download(service.who("bob"), rid, fid)
+    # a copy set aside for another request is not this purge's to take
+    other, _ = released_after_a_corrupt_copy(service, "cq.csv", "group,count\nother,52\n")
+    collect(service, KEEP_A_YEAR, now=NOW)
+    assert list(service.released_root.glob(f".corrupt-{other}-*"))
+
+
+def test_the_grace_period_removes_a_copy_set_aside_as_corrupt_too(service):
+    policy_file(service, released_grace_days=60)
+    policy = load_retention_policy(service.settings.policies_dir)
+    text = "group,count\ncorrupt-grace,53\n"
+    rid, _fid = released_after_a_corrupt_copy(service, "cg.csv", text)
+    end_project(service, days_ago=61)
+    collect(service, policy)
+    assert [f for f in files_holding(service.released_root, text.encode())] == []
+
+
+def test_a_run_that_starts_while_another_deletes_its_trash_does_not_claim_it(service, monkeypatch):
+    """Audit: a run deletes its trash after it lets go of the store lock, so a second run can
+    start while that trash is still there; it must neither name it as what an interrupted run
+    left (nothing was interrupted) nor delete it, and the first run still deletes all of it."""
+    rid, _fid, sha = released_with(service, "two.csv", "group,count\ntwo,54\n")
+    age_release(service, rid, 366)
+    real_rmtree = retention.shutil.rmtree
+    second: list[retention.GcReport] = []
+    started = []
+
+    def rmtree(path, *args, **kwargs):
+        if not started and "trash" in str(path):
+            started.append(path)  # the second run starts once, when the first one deletes
+            second.append(collect(service, KEEP_A_YEAR, now=NOW, actor="admin"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+    first = collect(service, KEEP_A_YEAR, now=NOW)
+    assert [p["request"] for p in first.released_content] == [rid]
+    [other] = second
+    assert other.finished_from_interrupted_run == []
+    runs = gc_events(service)
+    assert [r["finished_from_interrupted_run"] for r in runs] == [[], []]
+    assert not service.store.exists(sha)
+    for root in (service.store.root / "trash", service.released_root / ".trash"):
+        assert not root.exists() or not any(root.iterdir())
+    # a run killed while deleting (no one holds its trash) is still finished by the next
+    crashed = service.store.root / "trash" / "gc-crashed"
+    crashed.mkdir(parents=True)
+    (crashed / "ab").write_text("left")
+    assert collect(service, KEEP_A_YEAR, now=NOW).finished_from_interrupted_run == ["ab"]
+    assert not crashed.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("snapshot_retention_days", "yes", "valid integer"),  # YAML 1.1: true, was 1 day
+        ("snapshot_retention_days", "'90'", "not the text '90'"),
+        ("released_grace_days", "true", "valid integer"),
+        ("released_grace_days", "60.0", "valid integer"),
+        ("gc_interval_hours", "on", "valid integer"),
+        ("gc_interval_hours", "24.0", "valid integer"),
+    ],
+)
+def test_a_boolean_fraction_or_text_for_a_period_is_refused_not_read_as_a_number(
+    service, monkeypatch, field, value, words
+):
+    from tre.policy_validate import validate_policies
+
+    rid, [fid] = request(service, write(service, "b.csv", "group,count\nb,55\n"))
+    service.withdraw(service.who("alice"), rid)
+    age(service, rid, 2)  # older than a day, younger than the shipped 90
+    sha = sha_of(service, rid, fid)
+    path = service.settings.policies_dir / "retention.yaml"
+    lines = [x for x in path.read_text().splitlines() if not x.startswith(f"{field}:")]
+    path.write_text("\n".join([*lines, f"{field}: {value}"]) + "\n")
+    _registry, problems = validate_policies(service.settings.policies_dir)
+    [problem] = [p for p in problems if p.file.name == "retention.yaml"]
+    assert problem.field == field and words in problem.message
+    result = cli(service, monkeypatch)
+    assert result.exit_code == 2 and f"retention.yaml: {field}:" in result.output
+    assert service.store.verify(sha) and gc_events(service) == []
+
+
+def test_a_purged_request_serves_its_bytes_under_no_file_id_not_even_a_replaced_one(service):
+    """Privacy: a purged request's file replaced by the same bytes (its earlier row, now
+    'replaced', refers to the same blob) must not preview the content the purge took, while
+    another request keeps that blob."""
+    text = "group,count\nreplaced,56\n"
+    alice = service.who("alice")
+    rid, [first] = request(service, write(service, "rp.csv", text), submit=False)
+    again = service.add_file(alice, rid, FileSpec("outputs/rp.csv", "g"))  # same bytes
+    sha = sha_of(service, rid, again)
+    assert sha_of(service, rid, first) == sha
+    service.submit(alice, rid)
+    assert review(service, rid, [again]) == "released"
+    live, [live_fid] = request(service, write(service, "rp.csv", text), submit=False)
+    age_release(service, rid, 400)
+    collect(service, KEEP_A_YEAR, now=NOW)
+    assert purge_events(service)[rid]["snapshots_kept_shared"] == [sha]
+    for fid in (again, first):
+        with pytest.raises(Gone, match="removed on"):
+            service.snapshot_path(alice, rid, fid)
+    assert service.snapshot_path(alice, live, live_fid)[0].read_text() == text
+
+
+KILLED_PUT = """
+import os, signal, sys
+from airlock.storage import FileSystemStore
+
+class Dying:
+    def __init__(self, data):
+        self.chunks = [data]
+
+    def read(self, _n):
+        if self.chunks:
+            return self.chunks.pop()
+        os.kill(os.getpid(), signal.SIGKILL)  # killed while storing, the bytes written
+
+# a file bigger than the write buffer: its bytes reach the disk before the kill
+FileSystemStore(sys.argv[1]).put_stream(Dying(sys.argv[2].encode() * 5000), 1 << 20)
+"""
+
+
+def test_what_a_killed_snapshot_left_in_tmp_goes_after_an_hour(service):
+    """Privacy: a snapshot whose process was killed while storing leaves the file's bytes in
+    snapshots/tmp; no request refers to them and nothing else would ever delete them."""
+    store = service.store
+
+    def killed_put(text: str) -> Path:
+        before = set(store.tmp.iterdir())
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLED_PUT, str(store.root), text],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            check=False,
+        )
+        assert proc.returncode == -signal.SIGKILL
+        [left] = set(store.tmp.iterdir()) - before
+        assert left.read_text() == text * 5000
+        return left
+
+    old = killed_put("killed-old,57\n")
+    backdate(old, 2 * 3600)
+    fresh = killed_put("killed-fresh,58\n")  # could be a put still running
+    plan = collect(service, POLICY, now=NOW, dry_run=True)
+    size = len("killed-old,57\n") * 5000
+    assert plan.stale_uploads == [{"name": old.name, "size": size}] and old.exists()
+    report = collect(service, POLICY, now=NOW)
+    assert [u["name"] for u in report.stale_uploads] == [old.name]
+    assert not old.exists() and fresh.exists()
+    assert files_holding(service.settings.airlock_store_dir, b"killed-old") == []
+    [event] = gc_events(service)
+    assert event["stale_uploads"] == [{"name": old.name, "size": size}]
