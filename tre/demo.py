@@ -39,7 +39,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from tre.hub.config import AIRLOCK_SERVICE, public_host_of
+from tre.hub.config import AIRLOCK_SERVICE, public_airlock_url, public_server_url
 from tre.hub.harness import loopback_request
 from tre.settings import REPO_ROOT, Settings, load_settings
 
@@ -81,11 +81,10 @@ class DemoContext:
 
     @property
     def airlock_url(self) -> str:
-        host = public_host_of(self.settings, AIRLOCK_SERVICE, "service")
-        return f"{host}{self.airlock_prefix}"
+        return public_airlock_url(self.settings)
 
     def server_url(self, user: str, server: str) -> str:
-        return f"{public_host_of(self.settings, user)}/user/{user}/{server}"
+        return public_server_url(self.settings, user, server)
 
 
 # --------------------------------------------------------------------------------------------

@@ -650,6 +650,33 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
 # --- a real kill -9 of `airlock gc` at every step -----------------------------------------------
 
 GC_WORKER = Path(__file__).with_name("gc_worker.py")
+
+
+def kill_gc_at(service, db, when: dt.datetime, stop_at: int) -> str:
+    """Run `airlock gc` as of ``when`` in a process of its own and SIGKILL it at its
+    ``stop_at``-th step (gc_worker.py says where it is); return that step's name."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(GC_WORKER),
+            db.url,
+            db.schema or "",
+            str(service.settings.state_dir),
+            str(service.settings.policies_dir),
+            when.isoformat(),
+            str(stop_at),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("AT "), line
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    return line.split()[1]
+
+
 GC_STEPS = 5  # two blobs trashed, commit (inside the transaction), committed, trash deleted
 
 
@@ -672,26 +699,7 @@ def test_kill_9_of_gc_at_every_step_then_rerun(service, db):
             ended.add(sha_of(service, rid, fid))
         rid, _ = request(service, shared)
         service.withdraw(service.who("alice"), rid)  # the shared blob: ended here, live there
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(GC_WORKER),
-                db.url,
-                db.schema or "",
-                str(service.settings.state_dir),
-                str(service.settings.policies_dir),
-                later.isoformat(),
-                str(stop_at),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        line = proc.stdout.readline()
-        assert line.startswith("AT "), line
-        seen.add(line.split()[1])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        seen.add(kill_gc_at(service, db, later, stop_at))
         # nothing a request needs is missing, whatever the step
         assert all(service.store.verify(s) for s in needed)
         trash = service.store.root / "trash"
@@ -1022,26 +1030,7 @@ def test_kill_9_of_a_purge_at_every_step_then_rerun(service, db):
         assert both_sha == live_sha
         for rid in (own, both):
             age_release(service, rid, 400)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(GC_WORKER),
-                db.url,
-                db.schema or "",
-                str(service.settings.state_dir),
-                str(service.settings.policies_dir),
-                NOW.isoformat(),
-                str(stop_at),
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
-        line = proc.stdout.readline()
-        assert line.startswith("AT "), line
-        seen.add(line.split()[1])
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        seen.add(kill_gc_at(service, db, NOW, stop_at))
         events = purge_events(service)
         # recorded first: a request without its event still has all its content
         for rid, fid, sha in ((own, own_fid, own_sha), (both, both_fid, both_sha)):

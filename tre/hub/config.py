@@ -83,6 +83,17 @@ def public_host_of(settings: Settings, name: str, kind: str = "user") -> str:
     return public_origin(str(settings.hub.public_url), name, kind)
 
 
+def public_server_url(settings: Settings, user: str, server: str) -> str:
+    """Public URL of a user's named server (on the user's own host)."""
+    return f"{public_host_of(settings, user)}/user/{user}/{server}"
+
+
+def public_airlock_url(settings: Settings) -> str:
+    """Public URL of the airlock (on a host of its own)."""
+    host = public_host_of(settings, AIRLOCK_SERVICE, "service")
+    return f"{host}/services/{AIRLOCK_SERVICE}/"
+
+
 def proxy_command() -> list[str]:
     return [str(REPO_ROOT / "node_modules" / ".bin" / "configurable-http-proxy")]
 

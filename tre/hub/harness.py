@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from tre.hub.config import AIRLOCK_SERVICE, public_host_of, write_config
+from tre.hub.config import public_airlock_url, public_server_url, write_config
 from tre.settings import Settings
 
 
@@ -160,13 +160,12 @@ class HubInstance:
 
     def server_url(self, user: str, server: str) -> str:
         """Public URL of a user's named server (on the user's own host)."""
-        return f"{public_host_of(self.settings, user)}/user/{user}/{server}"
+        return public_server_url(self.settings, user, server)
 
     @property
     def airlock_url(self) -> str:
         """Public URL of the airlock (on a host of its own)."""
-        host = public_host_of(self.settings, AIRLOCK_SERVICE, "service")
-        return f"{host}/services/{AIRLOCK_SERVICE}/"
+        return public_airlock_url(self.settings)
 
     def write(self) -> Path:
         path = write_config(self.settings)
