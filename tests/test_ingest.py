@@ -287,7 +287,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(settings, tmp_path, deli
     with pytest.raises(IngestError, match="which table"):
         ingest(settings, "uk-ccr", [odd])
     with pytest.raises(IngestError, match="unsupported file type"):
-        table_of(tmp_path / "patient.xlsx")
+        table_of(tmp_path / "patient.xlsx", ["patient"])
     extra = delivery["patient"].with_columns(pl.lit("Alice").alias("child_name"))
     (tmp_path / "x").mkdir()
     extra.write_csv(tmp_path / "x" / "patient.csv")

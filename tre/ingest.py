@@ -53,7 +53,7 @@ from tre.dictionary import (
 from tre.iccc3 import recode
 from tre.pooled import PooledStore
 from tre.pseudonymise import Pseudonymiser, load_key
-from tre.registry import CORE_TABLES, Registry, load_registry
+from tre.registry import Registry, load_registry
 from tre.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -116,21 +116,23 @@ def _crash_point(name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def table_of(path: Path) -> str:
-    """Which core table a delivered file holds, from its name (``tumour.csv``,
-    ``uk-ccr_tumour.parquet``, ``2026-tumour.csv``)."""
+def table_of(path: Path, tables: Sequence[str]) -> str:
+    """Which dictionary table a delivered file holds, from its name (``tumour.csv``,
+    ``uk-ccr_tumour.parquet``, ``2026-tumour.csv``). ``tables``: the data dictionary's tables
+    (a table added to policies/dictionary.yaml is delivered like a core one). The longest
+    name is tried first, so ``adverse_event.csv`` is not taken for ``event``."""
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise IngestError(
             f"{path.name}: unsupported file type {suffix!r}; deliver CSV or Parquet files"
         )
     stem = path.stem.lower()
-    for table in CORE_TABLES:
+    for table in sorted(tables, key=len, reverse=True):
         if stem == table or any(stem.endswith(sep + table) for sep in ("_", "-", ".")):
             return table
     raise IngestError(
         f"{path.name}: cannot tell which table this file holds; name it after one of "
-        f"{', '.join(CORE_TABLES)} (e.g. tumour.csv or {CORE_TABLES[0]}.parquet)"
+        f"{', '.join(tables)} (e.g. {tables[-1]}.csv or {tables[0]}.parquet)"
     )
 
 
@@ -797,6 +799,10 @@ def ingest_files(
         raise IngestError(f"unknown site {site_id!r}; declared sites: {', '.join(registry.sites)}")
     if not files:
         raise IngestError("no files given")
+    try:  # the dictionary names the tables a delivery may hold
+        dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
+    except DictionaryError as exc:
+        raise IngestError(str(exc)) from exc
     expanded: list[Path] = []
     for f in map(Path, files):  # a directory stands for the CSV/Parquet files in it
         if f.is_dir():
@@ -819,7 +825,7 @@ def ingest_files(
             raise IngestError(f"{f}: no such file")
         if not f.is_file():  # a directory, a FIFO (reading it would block), a device...
             raise IngestError(f"{f}: not a regular file")
-        table = table_of(f)
+        table = table_of(f, list(dictionary.tables))
         if table in by_table:
             raise IngestError(f"{f.name} and {by_table[table][0].name} both hold table {table!r}")
         by_table[table] = (f, _sha256_file(f))
@@ -832,7 +838,7 @@ def ingest_files(
     )
     pseudonymiser = Pseudonymiser(key)
     store = PooledStore(settings.pooled_dir)
-    order = [t for t in CORE_TABLES if t in by_table]
+    order = [t for t in dictionary.tables if t in by_table]
 
     with _progress(progress, 4 + 3 * len(order) + int(quality_report)) as step:
         previous = _loaded_record(store, batch_id)
@@ -840,7 +846,7 @@ def ingest_files(
         if previous is None:
             # the expensive part (read, validate, harmonise) runs without holding the store
             prepared = _prepare(
-                settings, site, by_table, order, batch_id, version_label, pseudonymiser, step
+                dictionary, site, by_table, order, batch_id, version_label, pseudonymiser, step
             )
         with store.writer() as con:
             previous = store.batch_record(con, batch_id)
@@ -851,7 +857,7 @@ def ingest_files(
             else:
                 if prepared is None:  # loaded by nobody after all (rare race): prepare now
                     prepared = _prepare(
-                        settings, site, by_table, order, batch_id, version_label,
+                        dictionary, site, by_table, order, batch_id, version_label,
                         pseudonymiser, step,
                     )  # fmt: skip
                 result = _ingest_new(
@@ -954,7 +960,7 @@ class _Prepared:
 
 
 def _prepare(
-    settings: Settings,
+    dictionary: DataDictionary,
     site,  # noqa: ANN001 - tre.registry.Site
     by_table: dict[str, tuple[Path, str]],
     order: list[str],
@@ -969,10 +975,7 @@ def _prepare(
         raw[table] = _read(by_table[table][0], site.encoding)
         step(f"read {table}")
     try:
-        dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
         results = validate_batch(dictionary, raw)
-    except DictionaryError as exc:
-        raise IngestError(str(exc)) from exc
     except DeliveryError as exc:  # 'tumour: unknown column(s) ...': name the delivered file
         table, sep, rest = str(exc).partition(": ")
         if sep and table in by_table:

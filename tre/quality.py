@@ -48,9 +48,8 @@ def _check_batch(pooled_db: Path, batch_id: str) -> None:
         }
         with_batch = [
             t
-            for t in ("patient", "tumour", "treatment", "event", "followup")
-            if t in names
-            and "load_batch" in {r[0] for r in con.execute(f'DESCRIBE "{t}"').fetchall()}  # noqa: S608
+            for t in sorted(names)  # every pooled table (the dictionary's, whatever they are)
+            if "load_batch" in {r[0] for r in con.execute(f'DESCRIBE "{t}"').fetchall()}  # noqa: S608
         ]
         if not with_batch:
             raise QualityReportError(f"{pooled_db} has no pooled tables with a load_batch column")

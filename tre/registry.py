@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SLUG = r"^[a-z][a-z0-9-]{1,38}[a-z0-9]$"
 USERNAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 M = TypeVar("M", bound=BaseModel)
+# the core dataset's tables; the data dictionary (policies/dictionary.yaml) may add more
 CORE_TABLES = ("patient", "tumour", "treatment", "event", "followup")
+TABLE_NAME = r"^[a-z][a-z0-9_]{0,62}$"
 
 
 class Purpose(StrEnum):
@@ -138,8 +140,9 @@ class Project(_Strict):
     @classmethod
     def _grants(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         for table, cols in v.items():
-            if table not in CORE_TABLES:
-                raise ValueError(f"unknown table {table!r}; tables are {', '.join(CORE_TABLES)}")
+            # which tables exist is the dictionary's to say (load_registry checks against it)
+            if not re.fullmatch(TABLE_NAME, table):
+                raise ValueError(f"{table!r} is not a table name")
             if not cols:
                 raise ValueError(f"table {table!r} is granted with no columns")
         return v
@@ -234,11 +237,24 @@ class Registry:
         ]
 
 
+def dictionary_tables(policies_dir: Path) -> tuple[str, ...]:
+    """The tables the data dictionary declares (read as plain YAML: the registry is loaded by
+    the hub and the airlock, which need no dataframe library). A missing or unreadable
+    dictionary gives the core tables: `tre policy validate` is where it is reported."""
+    try:
+        loaded = yaml.safe_load((policies_dir / "dictionary.yaml").read_text(encoding="utf-8"))
+        declared = tuple(str(t) for t in loaded["tables"])
+    except (OSError, yaml.YAMLError, TypeError, KeyError, UnicodeDecodeError):
+        return CORE_TABLES
+    return declared or CORE_TABLES
+
+
 def load_registry(policies_dir: Path) -> Registry:
     """Load and cross-check every declaration; raise RegistryError naming each problem."""
     problems: list[Problem] = []
     sites: dict[str, Site] = {}
     projects: dict[str, Project] = {}
+    tables = dictionary_tables(policies_dir)
     for path in sorted((policies_dir / "sites").glob("*.yaml")):
         site, errs = validate_file(Site, path)
         problems += errs
@@ -256,6 +272,16 @@ def load_registry(policies_dir: Path) -> Registry:
                 problems.append(Problem(path, "id", f"project {project.id!r} is declared twice"))
             if path.stem != project.id:
                 problems.append(Problem(path, "id", f"must match the file name ({path.stem!r})"))
+            for table in project.grants:
+                if table not in tables:
+                    problems.append(
+                        Problem(
+                            path,
+                            "grants",
+                            f"unknown table {table!r}; the data dictionary's tables are "
+                            f"{', '.join(tables)}",
+                        )
+                    )
             for s in project.row_filters.sites or []:
                 if s not in sites:
                     problems.append(Problem(path, "row_filters.sites", f"unknown site {s!r}"))

@@ -9,7 +9,6 @@ from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True)
 console = Console()
-TABLE_NAMES = ("patient", "tumour", "treatment", "event", "followup")
 
 
 @app.command("generate")
@@ -59,33 +58,52 @@ def check_cmd(
     import polars as pl
     from rich.table import Table
 
-    from tre.dictionary import DeliveryError, errors_of, load_dictionary, validate_batch
-    from tre.ingest import SUPPORTED_SUFFIXES, IngestError, read_delivered_table
+    from tre.dictionary import (
+        DeliveryError,
+        DictionaryError,
+        errors_of,
+        load_dictionary,
+        validate_batch,
+    )
+    from tre.ingest import SUPPORTED_SUFFIXES, IngestError, read_delivered_table, table_of
+    from tre.registry import load_registry
+    from tre.settings import get_settings
 
     if not site_dir.is_dir():
         console.print(f"[red]error:[/red] {site_dir} is not a directory")
         raise typer.Exit(2)
+    settings = get_settings()
     encoding = "utf-8"
     if site is not None:
-        from tre.registry import load_registry
-        from tre.settings import get_settings
-
-        declared = load_registry(get_settings().policies_dir).sites.get(site)
+        declared = load_registry(settings.policies_dir).sites.get(site)
         if declared is None:
             console.print(f"[red]error:[/red] unknown site {site!r}")
             raise typer.Exit(2)
         encoding = declared.encoding
     try:
-        tables = {}
-        for name in TABLE_NAMES:  # read as ingest reads them (a broken file: a clear error)
-            found = [site_dir / f"{name}{s}" for s in SUPPORTED_SUFFIXES]
-            for path in (f for f in found if f.is_file()):
-                tables[name] = read_delivered_table(path, encoding)
-                break
-        if not tables:
-            raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(TABLE_NAMES)}")
-        results = validate_batch(load_dictionary(), tables)
-    except (DeliveryError, IngestError, pl.exceptions.PolarsError, OSError) as exc:
+        # the files and the dictionary exactly as `tre data ingest` would take them
+        dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
+        names = list(dictionary.tables)
+        found: dict[str, Path] = {}
+        for path in sorted(p for p in site_dir.iterdir() if p.suffix.lower() in SUPPORTED_SUFFIXES):
+            table = table_of(path, names)
+            if table in found:
+                raise DeliveryError(
+                    f"{path.name} and {found[table].name} both hold table {table!r}"
+                )
+            found[table] = path
+        if not found:
+            raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(names)}")
+        # read as ingest reads them (a broken file: a clear error)
+        tables = {t: read_delivered_table(found[t], encoding) for t in names if t in found}
+        results = validate_batch(dictionary, tables)
+    except (
+        DeliveryError,
+        DictionaryError,
+        IngestError,
+        pl.exceptions.PolarsError,
+        OSError,
+    ) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
     errors = errors_of(results)
