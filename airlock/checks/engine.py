@@ -19,12 +19,13 @@ import polars as pl
 from airlock.checks import filetype as ft
 from airlock.checks.context import CheckContext, check_dataframe
 from airlock.checks.findings import FileReport, Finding, Status, worst
+from airlock.checks.jsondoc import MAX_JSON_DEPTH, check_json_value, json_records, json_text
+from airlock.checks.notebooks import check_notebook, check_prose, encoded_blobs, tables_from_text
 from airlock.policy import Policy
 
 FIGURE_KINDS = {"png", "jpeg", "svg"}
 TABLE_KINDS = {"csv", "tsv", "xlsx", "json"}
 _TABLE_EXTENSIONS = (".csv", ".tsv", ".xlsx", ".json")
-_MAX_JSON_DEPTH = 64
 
 
 def _finding(rule: str, status: Status, message: str, **evidence: Any) -> Finding:
@@ -35,82 +36,9 @@ def _unreadable(message: str) -> Finding:
     return _finding("file.unreadable", Status.FAIL, message)
 
 
-def _json_records(value: Any) -> pl.DataFrame | None:
-    """A JSON document that is a table: a list of flat records, or a dict of equal columns."""
-    try:
-        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-            if all(not isinstance(v, dict | list) for r in value for v in r.values()):
-                return pl.DataFrame(value, infer_schema_length=None, strict=False)
-        if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
-            lengths = {len(v) for v in value.values()}
-            if len(lengths) == 1 and all(
-                not isinstance(x, dict | list) for v in value.values() for x in v
-            ):
-                return pl.DataFrame(value, strict=False)
-    except (pl.exceptions.PolarsError, TypeError, ValueError):
-        return None
-    return None
-
-
-_MAX_JSON_TABLES = 100
-
-
-def json_tables(value: Any) -> list[tuple[str, pl.DataFrame]]:
-    """Every table nested in a JSON document (a list of flat records, a dict of equal
-    columns), with its path: ``{"results": df.to_dict("records")}`` is a table too."""
-    found: list[tuple[str, pl.DataFrame]] = []
-    stack: list[tuple[str, Any, int]] = [("", value, 0)]
-    while stack and len(found) < _MAX_JSON_TABLES:
-        path, node, depth = stack.pop()
-        if depth > _MAX_JSON_DEPTH:
-            raise ValueError(f"JSON nested deeper than {_MAX_JSON_DEPTH} levels")
-        df = _json_records(node)
-        if df is not None:
-            found.append((path.lstrip(".") or "$", df))
-        elif isinstance(node, dict):
-            stack.extend((f"{path}.{k}", v, depth + 1) for k, v in reversed(list(node.items())))
-        elif isinstance(node, list):
-            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(node))))
-    return found
-
-
-def check_json_value(
-    value: Any, ctx: CheckContext, location: dict[str, Any] | None = None
-) -> list[Finding]:
-    """The tables nested in a JSON value go to the table rules (``{"json": path}``), its
-    leaves to the text rules."""
-    from airlock.checks.text import check_text
-
-    location = location or {}
-    findings: list[Finding] = []
-    for path, df in json_tables(value):
-        raw = df.select(pl.all().cast(pl.String, strict=False))
-        findings += check_dataframe(df, ctx, {**location, "json": path}, raw=raw)[1]
-    return findings + check_text(_json_text(value), ctx.policy, location)
-
-
-def _json_text(value: Any) -> str:
-    """Every leaf of a JSON document as 'path: value' lines (iterative, depth-limited)."""
-    lines: list[str] = []
-    stack: list[tuple[str, Any, int]] = [("", value, 0)]
-    while stack:
-        path, node, depth = stack.pop()
-        if depth > _MAX_JSON_DEPTH:
-            raise ValueError(f"JSON nested deeper than {_MAX_JSON_DEPTH} levels")
-        if isinstance(node, dict):
-            stack.extend((f"{path}.{k}", v, depth + 1) for k, v in reversed(list(node.items())))
-        elif isinstance(node, list):
-            stack.extend((f"{path}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(node))))
-        else:
-            lines.append(f"{path.lstrip('.')}: {node}")
-    return "\n".join(lines)
-
-
 def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
-    from airlock.checks.notebooks import check_notebook, encoded_blobs
-
-    value = ft.loads_json(text, max_depth=_MAX_JSON_DEPTH)
-    df = _json_records(value)
+    value = ft.loads_json(text, max_depth=MAX_JSON_DEPTH)
+    df = json_records(value)
     findings = encoded_blobs(text, {})
     if df is not None:
         raw = df.select(pl.all().cast(pl.String, strict=False))
@@ -123,7 +51,6 @@ def _check_json(text: str, ctx: CheckContext) -> tuple[str, list[Finding]]:
 
 def _check_text_file(text: str, ctx: CheckContext, kind: str) -> tuple[str, list[Finding]]:
     from airlock.checks.models import looks_like_model
-    from airlock.checks.notebooks import check_prose, encoded_blobs, tables_from_text
     from airlock.checks.spreadsheets import read_delimited
 
     findings = encoded_blobs(text, {})
@@ -203,7 +130,6 @@ def _dispatch(
     data: bytes, detected: ft.DetectedType, path: Path, ctx: CheckContext, companions: Sequence
 ) -> tuple[str, list[Finding]]:
     from airlock.checks.html import check_html
-    from airlock.checks.notebooks import check_notebook
     from airlock.checks.spreadsheets import (
         check_xlsx,
         read_delimited,
@@ -220,7 +146,7 @@ def _dispatch(
         return (classes[0] if len(classes) == 1 else "spreadsheet"), findings
     text = ft.decode_text(data)
     if kind == "ipynb":
-        return "notebook", check_notebook(ft.loads_json(text, max_depth=_MAX_JSON_DEPTH), ctx)
+        return "notebook", check_notebook(ft.loads_json(text, max_depth=MAX_JSON_DEPTH), ctx)
     if kind == "json":
         return _check_json(text, ctx)
     if kind == "html":
@@ -439,7 +365,7 @@ def _file_texts(data: bytes, kind: str) -> list[str]:
     if "&" in text:
         texts.append(html.unescape(text))
     if kind in {"json", "ipynb"} and "\\" in text:
-        texts.append(_json_text(ft.loads_json(text, max_depth=_MAX_JSON_DEPTH)))
+        texts.append(json_text(ft.loads_json(text, max_depth=MAX_JSON_DEPTH)))
     return texts
 
 

@@ -19,6 +19,7 @@ import polars as pl
 
 from airlock.checks.blobs import decode_base64, encoded_blobs
 from airlock.checks.findings import Finding, Status
+from airlock.checks.jsondoc import check_json_value
 from airlock.checks.layout import parse_number
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -531,8 +532,6 @@ def _check_json_output(value: Any, ctx: Any, where: dict[str, Any]) -> list[Find
     """A JSON output (application/json, a vendor's +json such as a data resource): the tables
     it holds go to the table rules, the rest of its leaves to the text rules."""
     import json
-
-    from airlock.checks.engine import check_json_value
 
     if isinstance(value, str):
         try:
