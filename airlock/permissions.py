@@ -39,8 +39,7 @@ class Who:
 
 
 def who_from_registry(registry: Registry, name: str, sandbox_project: str | None = None) -> Who:
-    from tre.enforce import ENDED
-    from tre.provision import effective_status
+    from tre.provision import ENDED, effective_status
 
     projects = frozenset(p.id for p in registry.projects_of(name))
     today = dt.date.today()

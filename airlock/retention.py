@@ -177,8 +177,14 @@ def load_retention_policy(policies_dir: Path) -> RetentionPolicy:
 def project_ended_on(service: AirlockService, project_id: str, today: dt.date) -> dt.date | None:
     """The day the project ended (expired or closed; undeclared if provisioning recorded it),
     or None while it has not (active, suspended, not started) or the day is unknown."""
-    from tre.enforce import ENDED, _ended_on
-    from tre.provision import AppliedState, EffectiveStatus, effective_status, state_path
+    from tre.provision import (
+        ENDED,
+        AppliedState,
+        EffectiveStatus,
+        effective_status,
+        ended_on,
+        state_path,
+    )
 
     project = service.registry.projects.get(project_id)
     status = effective_status(project, today) if project else EffectiveStatus.undeclared
@@ -189,7 +195,7 @@ def project_ended_on(service: AirlockService, project_id: str, today: dt.date) -
         return None  # never provisioned here, nothing says when: keep
     # the same rule as the workspace archives (tre/enforce.py): the declared end date, or the
     # day provisioning saw the project close if earlier; never later than today
-    ended, _ = _ended_on(service.settings, service.registry, project_id, rec or {}, today)
+    ended, _ = ended_on(service.registry, project_id, rec or {}, today)
     return ended
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tre.provision import (
+    ENDED,
     AppliedState,
     AuditSink,
     Change,
@@ -39,6 +40,7 @@ from tre.provision import (
     apply_plan,
     atomic_write_text,
     effective_status,
+    ended_on,
     is_deactivation,
     plan,
     state_lock,
@@ -47,7 +49,6 @@ from tre.provision import (
 from tre.registry import Registry
 from tre.settings import Settings
 
-ENDED = {EffectiveStatus.expired, EffectiveStatus.closed, EffectiveStatus.undeclared}
 ACTOR = "tre-enforce"
 
 
@@ -120,20 +121,6 @@ class EnforceReport:
 
 def archive_dir(settings: Settings) -> Path:
     return settings.state_dir / "archive"
-
-
-def _ended_on(
-    settings: Settings, registry: Registry, pid: str, rec: dict[str, Any], today: dt.date
-) -> tuple[dt.date, int]:
-    """When the project ended and how many days its archive is kept."""
-    project = registry.projects.get(pid)
-    meta = rec.get("metadata") or {}
-    retention = project.retention_days if project else int(meta.get("retention_days", 0))
-    end = project.end_date if project else dt.date.fromisoformat(meta.get("end_date", str(today)))
-    since = rec.get("inactive_since")
-    if since:  # closed (or undeclared) before its end date: retention counts from then
-        end = min(end, dt.date.fromisoformat(since))
-    return min(end, today), retention
 
 
 def manifest_path(archive: Path) -> Path:
@@ -381,9 +368,7 @@ def _enforce_end_dates(
             if hub is not None and hub.running_servers(pid):
                 report.errors.append(f"{pid}: sandboxes still running; workspace not archived")
                 continue
-            ended, retention = _ended_on(
-                settings, registry, pid, applied.projects.get(pid, {}), today
-            )
+            ended, retention = ended_on(registry, pid, applied.projects.get(pid, {}), today)
             try:
                 archive = archive_workspace(settings, pid, ended, retention, now)
             except Exception as exc:  # noqa: BLE001 (one workspace must not stop the others)

@@ -58,6 +58,26 @@ def effective_status(project: Project, today: dt.date) -> EffectiveStatus:
     return EffectiveStatus.active
 
 
+# a project that has ended for good: its workspace is archived, its releases age out
+ENDED = frozenset({EffectiveStatus.expired, EffectiveStatus.closed, EffectiveStatus.undeclared})
+
+
+def ended_on(
+    registry: Registry, pid: str, rec: dict[str, Any], today: dt.date
+) -> tuple[dt.date, int]:
+    """When an ended project ended and how many days its archive is kept. ``rec``: what
+    provisioning recorded of it (``AppliedState.projects``), the only word on an undeclared
+    project. Closed (or undeclared) before its end date: it ended that day; never after today."""
+    project = registry.projects.get(pid)
+    meta = rec.get("metadata") or {}
+    retention = project.retention_days if project else int(meta.get("retention_days", 0))
+    end = project.end_date if project else dt.date.fromisoformat(meta.get("end_date", str(today)))
+    since = rec.get("inactive_since")
+    if since:
+        end = min(end, dt.date.fromisoformat(since))
+    return min(end, today), retention
+
+
 def group_name(project_id: str) -> str:
     return f"{GROUP_PREFIX}{project_id}"
 
