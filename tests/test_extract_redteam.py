@@ -4,11 +4,14 @@ its fix (see the commit that added it)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from pooled_synth import build_pooled
 from pydantic import ValidationError
 
 from tre.pooled import PooledStore
+from tre.registry import RegistryError, load_registry
 from tre.settings import Settings, load_settings
 
 
@@ -43,3 +46,26 @@ def test_build_all_never_touches_the_pooled_store_whatever_the_configuration(tmp
     # separate directories are fine
     assert load_settings(state_dir=state).extracts_dir == state / "extracts"
     assert store.db_path.exists()
+
+
+def _copy_policies(policies_dir, tmp_path):
+    copy = tmp_path / "policies"
+    shutil.copytree(policies_dir, copy)
+    return copy
+
+
+def test_a_year_window_that_selects_nothing_is_refused(policies_dir, tmp_path):
+    """min after max was accepted and silently gave the project an empty extract."""
+    policies = _copy_policies(policies_dir, tmp_path)
+    path = policies / "projects" / "wilms-outcomes.yaml"
+    text = path.read_text().replace(
+        "  iccc3_groups: [VI]", "  diagnosis_year_min: 2010\n  diagnosis_year_max: 2000"
+    )
+    path.write_text(text)
+    with pytest.raises(RegistryError) as exc:
+        load_registry(policies)
+    [problem] = exc.value.problems
+    assert (problem.file, problem.field) == (path, "row_filters")
+    assert "diagnosis_year_min (2010) is after diagnosis_year_max (2000)" in problem.message
+    path.write_text(text.replace("2000", "2010"))  # one year is a window
+    assert load_registry(policies).projects["wilms-outcomes"].row_filters.diagnosis_year_max
