@@ -306,3 +306,48 @@ def test_a_stale_build_finishing_after_apply_is_caught(provisioned):
     assert not t.path.exists()
     assert t.apply() == ["build_extract"]
     assert "uk-ccr" not in _extract_sites(t.path)
+
+
+@pytest.fixture
+def utc_plus_14(monkeypatch):
+    """The server's clock 14 hours east of UTC: from 10:00 UTC on, its date is UTC's + 1."""
+    import time
+
+    monkeypatch.setenv("TZ", "Etc/GMT-14")  # POSIX sign: 14 hours east of UTC
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_enforcement_ends_a_project_on_the_same_date_as_the_hub_gate(tmp_path, utc_plus_14):
+    """Enforcement took the UTC date, everything else the local one: east of UTC, the hub
+    refused to start a project past its end date while `enforce` still found it active and
+    left its sandboxes running and its extract in place for up to 14 hours."""
+    from tests.provision_support import FileExtracts, ListAudit, make_settings
+    from tre.enforce import enforce
+    from tre.hub.access import ProjectAccessDenied, check_can_start_project
+    from tre.project_edit import set_end_date
+    from tre.provision import reconcile
+
+    settings = make_settings(tmp_path)
+    extracts, audit = FileExtracts(), ListAudit()
+    end = dt.date(2026, 12, 31)
+    set_end_date(settings.policies_dir, "wilms-outcomes", end)
+    reconcile(
+        settings, load_registry(settings.policies_dir), actor="admin", use_hub=False,
+        audit=audit, extracts=extracts, today=end,
+    )  # fmt: skip
+    now = dt.datetime(2026, 12, 31, 20, 0, tzinfo=dt.UTC)  # 2027-01-01 10:00 on the server
+    local = now.astimezone().date()
+    assert local == end + dt.timedelta(days=1)
+    registry = load_registry(settings.policies_dir)
+    with pytest.raises(ProjectAccessDenied, match="expired"):
+        check_can_start_project(registry, "alice", "wilms-outcomes", settings.extracts_dir, local)
+    report = enforce(
+        settings, registry, hub=None, extracts=extracts, audit=audit, now=now, gc=False
+    )
+    assert ("wilms-outcomes", "remove_extract") in {
+        (c.project, c.action.value) for c in report.changes
+    }
+    assert not extracts.path(settings, "wilms-outcomes").exists()
