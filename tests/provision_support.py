@@ -48,10 +48,27 @@ class FileExtracts:
         body = {
             "grants": project.grants,
             "sites": sorted(s.id for s in registry.sites_for(project, on)),
+            "row_filters": project.row_filters.model_dump(mode="json"),
         }
         target.write_text(json.dumps(body, sort_keys=True))
         self.builds.append(project_id)
         return target
+
+    def exceeds(self, settings: Settings, registry: Registry, project_id: str, on) -> str | None:
+        """The real rule (``tre.extract.scope_exceeds``) applied to what this fake recorded."""
+        from tre.extract import scope_exceeds
+
+        path = self.path(settings, project_id)
+        project = registry.projects.get(project_id)
+        if not path.exists() or project is None:
+            return None
+        body = json.loads(path.read_text())
+        scope = {
+            "sites": body["sites"],
+            "tables": body["grants"],
+            "row_filters": body["row_filters"],
+        }
+        return scope_exceeds(scope, registry, project, on)
 
     def content(self, settings: Settings, project_id: str) -> dict:
         return json.loads(self.path(settings, project_id).read_text())

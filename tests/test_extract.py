@@ -329,7 +329,10 @@ def test_inactive_project_gets_no_extract_and_loses_the_old_one(settings, change
 def test_unknown_column_is_a_clear_error_and_keeps_the_old_extract(settings):
     path = build_extract(settings, registry([project()]), "wilms", TODAY)
     before = path.read_bytes()
-    bad = project(grants={"patient": ["patient_id", "name_of_child"]})
+    # a broader grant with a typo: the old extract is still within the rules, so it stays
+    bad = project(
+        grants={"patient": ["patient_id", "sex", "site_id", "name_of_child"], "tumour": ["*"]}
+    )
     with pytest.raises(ExtractError, match="name_of_child"):
         build_extract(settings, registry([bad]), "wilms", TODAY)
     assert path.read_bytes() == before

@@ -303,7 +303,9 @@ def enforce(
     runs; a failed collection is reported in ``errors`` (and ``gc.error``).
     """
     now = now or dt.datetime.now(dt.UTC)
-    today = today or now.date()
+    # the local date, as everywhere else (the hub's start gate, `apply`, the airlock): with the
+    # UTC date, a sandbox on a server east of UTC ran for hours past the project's end date
+    today = today or now.astimezone().date()
     report = EnforceReport()
     try:
         _enforce_end_dates(

@@ -12,6 +12,10 @@ new openers get the new file, and nobody ever sees a half-written extract. DuckD
 forbids writing a file that readers hold open, which is why the extract is never updated in
 place. A metadata table ``_extract`` records the project, the pooled version, the sites, the
 build time and what was granted.
+
+That record is also how an extract is judged against today's rules (``extract_exceeds``): a
+failed rebuild keeps the old file only while it holds nothing the declarations no longer allow,
+and provisioning withdraws one that does (``tre.provision``: ``withdraw_extract``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import duckdb
 
 from tre.dictionary import DictionaryError, load_dictionary
 from tre.pooled import PooledStore, PooledStoreError
-from tre.registry import Project, Registry
+from tre.registry import Project, Registry, RowFilters
 from tre.settings import Settings
 
 EXTRACT_SUFFIX = ".duckdb"
@@ -173,6 +177,82 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _filters_within(old: RowFilters, new: RowFilters) -> bool:
+    """Whether every row the ``old`` filters let through, the ``new`` ones let through too."""
+
+    def listed(a: list[str] | None, b: list[str] | None) -> bool:
+        return b is None or (a is not None and set(a) <= set(b))
+
+    def bound(a: int | None, b: int | None, at_least: bool) -> bool:
+        return b is None or (a is not None and (a >= b if at_least else a <= b))
+
+    return (
+        listed(old.iccc3_groups, new.iccc3_groups)
+        and listed(old.sites, new.sites)
+        and bound(old.diagnosis_year_min, new.diagnosis_year_min, at_least=True)
+        and bound(old.diagnosis_year_max, new.diagnosis_year_max, at_least=False)
+    )
+
+
+def scope_exceeds(scope: dict, registry: Registry, project: Project, on: dt.date) -> str | None:
+    """Why an extract with this ``scope`` (``sites`` whose rows it holds, ``tables`` -> columns,
+    ``row_filters``) holds more than the declarations allow the project on ``on``; None if not.
+
+    This is what must not outlive a change of the rules: a site that withdrew (purpose,
+    jurisdiction, embargo, removed), a revoked table or column, a narrower row filter."""
+    allowed = {s.id for s in registry.sites_for(project, on)}
+    withdrawn = sorted(set(scope.get("sites") or []) - allowed)
+    if withdrawn:
+        return f"rows of site(s) no longer allowed: {', '.join(withdrawn)}"
+    for table, columns in sorted((scope.get("tables") or {}).items()):
+        granted = project.grants.get(table)
+        if granted is None:
+            return f"table {table!r} is no longer granted"
+        extra = [c for c in columns if c not in granted] if "*" not in granted else []
+        if extra:
+            return f"column(s) of {table!r} no longer granted: {', '.join(extra)}"
+    try:
+        old = RowFilters.model_validate(scope.get("row_filters") or {})
+    except ValueError:
+        return "its row filters cannot be read"
+    if not _filters_within(old, project.row_filters):
+        return "the row filters are narrower now"
+    return None
+
+
+def extract_exceeds(
+    settings: Settings, registry: Registry, project_id: str, on: dt.date
+) -> str | None:
+    """Why the project's extract on disk holds more than its declarations allow on ``on``
+    (None: it does not, or there is none). It is judged by its own ``_extract`` record, so a
+    file built from older declarations, by whatever command, is caught; a file whose record
+    cannot be read is judged to exceed (it cannot be shown not to)."""
+    path = extract_path(settings, project_id)
+    if not path.exists():
+        return None
+    project = registry.projects.get(project_id)
+    if project is None or not project.is_active(on):
+        return "the project is not active"
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+        try:
+            pid, sites, tables, filters = con.execute(
+                f"SELECT project_id, contributing_sites, tables, row_filters FROM {METADATA_TABLE}"
+            ).fetchone()
+        finally:
+            con.close()
+        scope = {
+            "sites": sites,
+            "tables": {t: m["columns"] for t, m in json.loads(tables).items()},
+            "row_filters": json.loads(filters),
+        }
+    except (duckdb.Error, TypeError, ValueError, KeyError, AttributeError) as exc:
+        return f"its {METADATA_TABLE} record cannot be read ({type(exc).__name__})"
+    if pid != project_id:
+        return f"it was built for project {pid!r}"
+    return scope_exceeds(scope, registry, project, on)
+
+
 def build_extract(
     settings: Settings,
     registry: Registry,
@@ -306,6 +386,12 @@ def build_extract(
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return final
+    except BaseException:
+        # the old extract stays only while it is still within the rules: a failed rebuild
+        # after a site withdrew or a column was revoked must not leave the old rows served
+        if extract_exceeds(settings, registry, project_id, on) is not None:
+            _remove(final)
+        raise
     finally:
         _remove(tmp)
 

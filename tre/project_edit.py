@@ -20,6 +20,8 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from tre.dictionary import DataDictionary, DictionaryError, load_dictionary
+from tre.policy_validate import _check_grants
 from tre.provision import atomic_write_text
 from tre.registry import (
     SLUG,
@@ -57,7 +59,14 @@ def _validate_with(policies_dir: Path, path: Path, text: str) -> Registry:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
         try:
-            return load_registry(copy)
+            registry = load_registry(copy)
+            # grants are checked against the dictionary here too, not first at the next
+            # extract build (which fails and, until then, keeps the old extract)
+            dictionary = _dictionary(copy)
+            problems = _check_grants(copy, registry, dictionary) if dictionary else []
+            if problems:
+                raise RegistryError(problems)
+            return registry
         except RegistryError as exc:
             # name the real file, not the temporary copy
             raise RegistryError(
@@ -66,6 +75,14 @@ def _validate_with(policies_dir: Path, path: Path, text: str) -> Registry:
                     for p in exc.problems
                 ]
             ) from None
+
+
+def _dictionary(policies_dir: Path) -> DataDictionary | None:
+    """The data dictionary, or None when it cannot be read (``tre policy validate`` says why)."""
+    try:
+        return load_dictionary(policies_dir / "dictionary.yaml")
+    except DictionaryError:
+        return None
 
 
 def _dump(data: Any) -> str:
@@ -194,10 +211,28 @@ def grant(
 ) -> Registry:
     """Grant (or with ``revoke`` take away) columns of a table; ``['*']`` means every column."""
 
+    path = project_file(policies_dir, project_id)
+
     def mutate(data: CommentedMap) -> None:
         grants = data.setdefault("grants", CommentedMap())
         current = list(grants.get(table) or [])
+        if revoke and "*" in current and columns and set(columns) != {"*"}:
+            # '*' holds every column: taking some away leaves the others, named one by one
+            # (before, the '*' stayed and the revocation was a silent no-op, audited as done)
+            dictionary = _dictionary(policies_dir)
+            if dictionary is None or table not in dictionary.tables:
+                raise RegistryError(
+                    [Problem(path, f"grants.{table}", "is granted '*' and the data dictionary "
+                             "cannot be read to list its columns; edit the file instead")]
+                )  # fmt: skip
+            current = dictionary.pooled_columns(table)
         if revoke:
+            absent = [c for c in columns if c != "*" and c not in current]
+            if absent:
+                raise RegistryError(
+                    [Problem(path, f"grants.{table}", f"not granted, cannot be revoked: "
+                             f"{', '.join(map(repr, absent))}")]
+                )  # fmt: skip
             remaining = [c for c in current if c not in columns]
             if not columns or set(columns) == {"*"} or not remaining:
                 grants.pop(table, None)

@@ -88,6 +88,9 @@ class Action(StrEnum):
     create = "create"
     update = "update"
     status = "status"  # active / suspended / closed / expired / ...
+    # an active project's extract that holds more than the rules now allow; before its
+    # sandboxes are stopped, so that none can start again on it
+    withdraw_extract = "withdraw_extract"
     stop_servers = "stop_servers"  # running sandboxes of members who lost access
     hub_revoke = "hub_revoke"  # remove users from the project's hub group
     remove_extract = "remove_extract"
@@ -361,6 +364,9 @@ class ExtractBuilder(Protocol):
         self, settings: Settings, registry: Registry, project_id: str, on: dt.date
     ) -> Path | None: ...
     def path(self, settings: Settings, project_id: str) -> Path: ...
+    def exceeds(
+        self, settings: Settings, registry: Registry, project_id: str, on: dt.date
+    ) -> str | None: ...
 
 
 class TreExtracts:
@@ -388,6 +394,13 @@ class TreExtracts:
         from tre.extract import extract_path
 
         return extract_path(settings, project_id)
+
+    def exceeds(
+        self, settings: Settings, registry: Registry, project_id: str, on: dt.date
+    ) -> str | None:
+        from tre.extract import extract_exceeds
+
+        return extract_exceeds(settings, registry, project_id, on)
 
 
 class AuditSink(Protocol):
@@ -475,9 +488,16 @@ def plan(
                 changes.append(Change(pid, Action.change_role, detail, {"user": user}))
         # the extract: present and current while active, absent otherwise
         epath = extracts.path(settings, pid)
+        narrowed = None
         if active and project is not None:
             fp = extract_fingerprint(registry, project, today, pooled_version)
-            if not epath.exists():
+            # an extract holding more than the rules now allow (a site withdrew, a column was
+            # revoked...) goes before it is rebuilt, so a failed rebuild cannot leave it served
+            narrowed = extracts.exceeds(settings, registry, pid, today)
+            if narrowed:
+                changes.append(Change(pid, Action.withdraw_extract, narrowed))
+                changes.append(Change(pid, Action.build_extract, "narrowed", {"fingerprint": fp}))
+            elif not epath.exists():
                 changes.append(Change(pid, Action.build_extract, "missing", {"fingerprint": fp}))
             elif (rec or {}).get("extract_fingerprint") != fp:
                 changes.append(
@@ -500,11 +520,14 @@ def plan(
             if have - want:
                 users = sorted(have - want)
                 changes.append(Change(pid, Action.hub_revoke, ", ".join(users), {"users": users}))
-            running = [u for u in hub.running_servers(pid) if u not in want]
+            # a running sandbox keeps the extract it started with (its bind mount holds the
+            # old file), so after a narrowing every running sandbox of the project is stopped
+            running = [u for u in hub.running_servers(pid) if narrowed or u not in want]
             if running:
-                changes.append(
-                    Change(pid, Action.stop_servers, ", ".join(running), {"users": running})
-                )
+                data: dict[str, Any] = {"users": running}
+                if narrowed:
+                    data["narrowed"] = True
+                changes.append(Change(pid, Action.stop_servers, ", ".join(running), data))
         if project is None and rec is not None:
             changes.append(Change(pid, Action.forget, "declaration removed"))
     return sorted(changes, key=Change.sort_key)
@@ -550,7 +573,7 @@ def _record(applied: AppliedState, change: Change, project: Project | None, toda
         rec["members"].pop(change.data["user"], None)
     elif change.action == Action.build_extract:
         rec["extract_fingerprint"] = change.data["fingerprint"]
-    elif change.action == Action.remove_extract:
+    elif change.action in (Action.remove_extract, Action.withdraw_extract):
         rec["extract_fingerprint"] = None
 
 
@@ -613,7 +636,7 @@ def _execute(
         built = extracts.build(settings, registry, pid, today)
         if built is None or not Path(built).exists():
             raise ProvisionError(f"the extract of {pid} was not built")
-    elif change.action == Action.remove_extract:
+    elif change.action in (Action.remove_extract, Action.withdraw_extract):
         path = extracts.path(settings, pid)
         path.unlink(missing_ok=True)
     elif change.action in (Action.hub_group, Action.hub_grant, Action.hub_revoke):
@@ -633,7 +656,12 @@ def _execute(
 
 
 def is_deactivation(change: Change, registry: Registry, today: dt.date) -> bool:
-    """Changes that take access away from a project that is no longer active."""
+    """Changes that take access away: from a project that is no longer active, or the extract
+    (and the sandboxes reading it) of an active project that holds more than the rules allow."""
+    if change.action == Action.withdraw_extract or (
+        change.action == Action.stop_servers and change.data.get("narrowed")
+    ):
+        return True
     project = registry.projects.get(change.project)
     inactive = project is None or effective_status(project, today) != EffectiveStatus.active
     return inactive and change.action in {

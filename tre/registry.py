@@ -112,6 +112,13 @@ class RowFilters(_Strict):
                 raise ValueError(f"{g!r} is not an ICCC-3 main group (I..XII)")
         return v
 
+    @model_validator(mode="after")
+    def _years(self) -> RowFilters:
+        lo, hi = self.diagnosis_year_min, self.diagnosis_year_max
+        if lo is not None and hi is not None and lo > hi:  # would silently select nothing
+            raise ValueError(f"diagnosis_year_min ({lo}) is after diagnosis_year_max ({hi})")
+        return self
+
 
 class Project(_Strict):
     """An approved project: who, why, which data, until when."""

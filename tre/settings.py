@@ -279,7 +279,32 @@ class Settings(BaseSettings):
         )
         if self.ingest_invalid_rows not in {"reject", "quarantine"}:
             raise ValueError("ingest_invalid_rows must be 'reject' or 'quarantine'")
+        _check_separate_data_dirs(self)
         return self
+
+
+def _check_separate_data_dirs(settings: Settings) -> None:
+    """The data directories must be separate trees. Extracts are found and cleaned up by file
+    name (``<extracts_dir>/<project>.duckdb``; ``tre extract build --all`` removes every
+    ``*.duckdb`` no project declares): an extracts dir that is the pooled dir would delete
+    ``pooled.duckdb``, and a project named ``pooled`` would be served the whole pool."""
+    dirs = {
+        "pooled_dir": settings.pooled_dir,
+        "extracts_dir": settings.extracts_dir,
+        "workspaces_dir": settings.workspaces_dir,
+        "reports_dir": settings.reports_dir,
+        "airlock_store_dir": settings.airlock_store_dir,
+    }
+    # resolved: a symlink or '..' must not hide that two settings name the same place
+    real = {name: Path(os.path.realpath(path)) for name, path in dirs.items() if path is not None}
+    names = sorted(real)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if real[a] == real[b] or real[a] in real[b].parents or real[b] in real[a].parents:
+                raise ValueError(
+                    f"{a} ({dirs[a]}) and {b} ({dirs[b]}) overlap: each must be a directory "
+                    "of its own, neither inside the other"
+                )
 
 
 def load_settings(config_file: Path | None = None, **overrides: object) -> Settings:
