@@ -53,7 +53,7 @@ from tre.dictionary import (
 from tre.iccc3 import recode
 from tre.pooled import PooledStore
 from tre.pseudonymise import Pseudonymiser, load_key
-from tre.registry import Registry, load_registry
+from tre.registry import Registry, Site, load_registry
 from tre.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -152,11 +152,16 @@ def batch_identity(site_id: str, files: dict[str, tuple[Path, str]]) -> str:
     return h.hexdigest()[:24]
 
 
+def header_name(name: str) -> str:
+    """A delivered header as the dictionary writes names: 'Patient ID ' -> patient_id."""
+    return re.sub(r"[\s\-]+", "_", name.strip().lstrip("\ufeff").strip()).lower()
+
+
 def _header_names(columns: list[str], path: Path) -> list[str]:
     """Header names as the dictionary writes them: 'Patient ID ' and 'PATIENT_ID' are
     patient_id. Two headers that become the same name are refused, not merged; so are a
     header without a name and the internal row-number column."""
-    names = [re.sub(r"[\s\-]+", "_", c.strip().lstrip("\ufeff").strip()).lower() for c in columns]
+    names = [header_name(c) for c in columns]
     # the CSV reader renames a repeated header 'sex' to 'sex_duplicated_0': undo it, so the
     # clash is reported as what it is
     names = [
@@ -427,12 +432,116 @@ def _read(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
     return _read_csv(path, encoding)
 
 
-def read_delivered_table(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
+def read_delivered_table(
+    path: Path, table: str | None = None, site: Site | None = None
+) -> pl.DataFrame:
     """One delivered file as text columns, read exactly as ingest reads it (the hardened readers
     above): for ``tre data check``, so that checking a delivery cannot crash where ingesting it
     would give a clear error. Empty CSV lines are dropped and the other rows keep their
-    numbers in a ``_row`` column (see ``_drop_empty_rows``), which the dictionary reports."""
-    return _read(path, encoding)
+    numbers in a ``_row`` column (see ``_drop_empty_rows``), which the dictionary reports.
+    With the delivering ``site``, its declared encoding is used and, given the ``table``, its
+    own column names and local codes are mapped onto the dictionary's (``apply_site_mapping``)."""
+    df = _read(path, site.encoding if site is not None else "utf-8")
+    if site is not None and table is not None:
+        df = apply_site_mapping(site, table, df, path)
+    return df
+
+
+def site_mapping_problems(site: Site, dictionary: DataDictionary) -> list[tuple[str, str]]:
+    """What is wrong with a site's declared column names and local codes (``Site.columns``,
+    ``Site.codes``) against the dictionary, as (field, problem) pairs; empty if nothing."""
+    problems: list[tuple[str, str]] = []
+    for table, mapping in site.columns.items():
+        if table not in dictionary.tables:
+            problems.append((f"columns.{table}", "not a table of the data dictionary"))
+            continue
+        delivered = dictionary.delivered_columns(table)
+        seen: dict[str, str] = {}
+        for source, target in mapping.items():
+            if target not in delivered:
+                problems.append(
+                    (
+                        f"columns.{table}.{source}",
+                        f"{target!r} is not a delivered column of {table} ({', '.join(delivered)})",
+                    )
+                )
+            elif target in seen:
+                problems.append(
+                    (f"columns.{table}.{source}", f"{seen[target]!r} is mapped to {target} too")
+                )
+            seen[target] = source
+        names = [header_name(source) for source in mapping]
+        for name in {n for n in names if names.count(n) > 1}:
+            problems.append((f"columns.{table}", f"several names read as {name!r}"))
+    for key, mapping in site.codes.items():
+        table, _, column = key.partition(".")
+        spec = dictionary.tables[table].columns.get(column) if table in dictionary.tables else None
+        if spec is None or not spec.delivered or spec.type != "code":
+            problems.append((f"codes.{key}", "not a delivered code column ('table.column')"))
+            continue
+        known = set(spec.codes or [])
+        local: dict[str, str] = {}
+        for value, code in mapping.items():
+            if code not in known:
+                problems.append(
+                    (
+                        f"codes.{key}.{value}",
+                        f"{code!r} is not one of: {', '.join(spec.codes or [])}",
+                    )
+                )
+            folded = value.strip().lower()
+            if local.get(folded, code) != code:
+                problems.append(
+                    (
+                        f"codes.{key}.{value}",
+                        f"also given as {local[folded]!r} (case and blanks ignored)",
+                    )
+                )
+            local[folded] = code
+    return problems
+
+
+def check_site_mapping(site: Site, dictionary: DataDictionary) -> None:
+    """Raise IngestError naming every problem of the site's declared names and codes."""
+    problems = site_mapping_problems(site, dictionary)
+    if problems:
+        raise IngestError(
+            f"policies/sites/{site.id}.yaml: "
+            + "; ".join(f"{field}: {problem}" for field, problem in problems)
+        )
+
+
+def apply_site_mapping(site: Site, table: str, df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """A delivered table with the site's own column names and local codes replaced by the
+    dictionary's (``Site.columns``, ``Site.codes``; checked by ``site_mapping_problems``). A
+    local code replaces the value before the dictionary's synonyms are applied, so the site's
+    '1' can be Female where the dictionary's synonym '1' is Male."""
+    renames = {
+        header_name(source): target
+        for source, target in site.columns.get(table, {}).items()
+        if header_name(source) in df.columns and header_name(source) != target
+    }
+    both = sorted(f"{s} and {t}" for s, t in renames.items() if t in df.columns)
+    if both:
+        raise IngestError(
+            f"{path.name}: holds both {', '.join(both)}; the site's declaration reads the first "
+            "as the second (policies/sites/" + site.id + ".yaml, columns)"
+        )
+    df = df.rename(renames)
+    recode = []
+    for key, mapping in site.codes.items():
+        t, _, column = key.partition(".")
+        if t != table or column not in df.columns:
+            continue
+        local = {value.strip().lower(): code for value, code in mapping.items()}
+        folded = pl.col(column).cast(pl.String).str.strip_chars().str.to_lowercase()
+        recode.append(
+            pl.when(folded.is_in(list(local)))
+            .then(folded.replace_strict(local, default=None, return_dtype=pl.String))
+            .otherwise(pl.col(column).cast(pl.String))
+            .alias(column)
+        )
+    return df.with_columns(recode) if recode else df
 
 
 class _Steps:
@@ -803,6 +912,7 @@ def ingest_files(
         dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
     except DictionaryError as exc:
         raise IngestError(str(exc)) from exc
+    check_site_mapping(site, dictionary)
     expanded: list[Path] = []
     for f in map(Path, files):  # a directory stands for the CSV/Parquet files in it
         if f.is_dir():
@@ -932,11 +1042,11 @@ class DeliveredFiles:
     quarantine holds exactly what was validated)."""
 
     def __init__(
-        self, by_table: dict[str, tuple[Path, str]], rows: dict[str, int], encoding: str = "utf-8"
+        self, by_table: dict[str, tuple[Path, str]], rows: dict[str, int], site: Site | None = None
     ) -> None:
         self.by_table = by_table
         self.rows = rows
-        self.encoding = encoding  # the site's declared CSV encoding, as the first read used
+        self.site = site  # its declared CSV encoding and column names, as the first read used
 
     def read(self, table: str) -> pl.DataFrame:
         """The file read exactly as validation read it (empty lines dropped, the same row
@@ -944,7 +1054,7 @@ class DeliveredFiles:
         path, sha256 = self.by_table[table]
         if _sha256_file(path) != sha256:
             raise IngestError(f"{path.name} changed while it was being ingested; deliver it again")
-        return _read(path, self.encoding)
+        return read_delivered_table(path, table, self.site)
 
 
 @dataclass
@@ -961,7 +1071,7 @@ class _Prepared:
 
 def _prepare(
     dictionary: DataDictionary,
-    site,  # noqa: ANN001 - tre.registry.Site
+    site: Site,
     by_table: dict[str, tuple[Path, str]],
     order: list[str],
     batch_id: str,
@@ -972,7 +1082,7 @@ def _prepare(
     """Read, validate and harmonise the batch, and add site columns and provenance."""
     raw = {}
     for table in order:
-        raw[table] = _read(by_table[table][0], site.encoding)
+        raw[table] = read_delivered_table(by_table[table][0], table, site)
         step(f"read {table}")
     try:
         results = validate_batch(dictionary, raw)
@@ -981,7 +1091,7 @@ def _prepare(
         if sep and table in by_table:
             raise IngestError(f"{by_table[table][0].name}: {rest}") from exc
         raise IngestError(str(exc)) from exc
-    delivered = DeliveredFiles(by_table, {t: df.height for t, df in raw.items()}, site.encoding)
+    delivered = DeliveredFiles(by_table, {t: df.height for t, df in raw.items()}, site)
     del raw
     step("validated and harmonised")
     fk_rules = {r.id for r in dictionary.rules if r.kind == "foreign_key"}
@@ -1034,7 +1144,7 @@ def _ingest_new(
     store: PooledStore,
     pseudonymiser: Pseudonymiser,
     prepared: _Prepared,
-    site,  # noqa: ANN001 - tre.registry.Site
+    site: Site,
     by_table: dict[str, tuple[Path, str]],
     order: list[str],
     batch_id: str,

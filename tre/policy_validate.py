@@ -95,9 +95,21 @@ def validate_policies(policies_dir: Path) -> tuple[Registry | None, list[Problem
             dd = None
         if dd is not None and registry is not None:
             problems += _check_grants(policies_dir, registry, dd)
+            problems += _check_site_mappings(policies_dir, registry, dd)
     elif dictionary is not None:
         problems.append(Problem(dict_path, "", "missing: the core data dictionary is required"))
     return (registry if not problems else None), problems
+
+
+def _check_site_mappings(policies_dir: Path, registry: Registry, dd: Any) -> list[Problem]:
+    """Each site's own column names and local codes against the dictionary."""
+    from tre.ingest import site_mapping_problems
+
+    return [
+        Problem(policies_dir / "sites" / f"{site.id}.yaml", field, message)
+        for site in registry.sites.values()
+        for field, message in site_mapping_problems(site, dd)
+    ]
 
 
 def _check_grants(policies_dir: Path, registry: Registry, dd: Any) -> list[Problem]:

@@ -72,6 +72,45 @@ class Site(_Strict):
         ),
     )
 
+    columns: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description=(
+            "The site's own column names, per table, and the dictionary column each one is "
+            "(e.g. {patient: {PatID: patient_id}}): a delivery is read with these names "
+            "instead of the dictionary's. Names are compared as headers are (case, spaces "
+            "and hyphens ignored)."
+        ),
+    )
+    codes: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description=(
+            "The site's local codes of a code column ('table.column'), and the dictionary "
+            "code each one is (e.g. {patient.sex: {'1': Female, '2': Male}}): they take "
+            "precedence over the dictionary's synonyms for this site only; values are "
+            "compared ignoring case and surrounding blanks."
+        ),
+    )
+
+    @field_validator("columns", "codes", mode="before")
+    @classmethod
+    def _mapping(cls, v: object) -> object:
+        # YAML reads 1, 01, yes unquoted as numbers and booleans: a local code '01' would
+        # silently become 1 and never match, so only quoted text is taken
+        if not isinstance(v, dict):
+            return v
+        for where, mapping in v.items():
+            if not isinstance(mapping, dict) or not mapping:
+                raise ValueError(f"{where}: must be a non-empty mapping")
+            for source, target in mapping.items():
+                if not isinstance(source, str) or not isinstance(target, str):
+                    raise ValueError(
+                        f"{where}: {source!r}: {target!r}: write names and codes as quoted "
+                        "text (YAML reads 1, 01 or yes unquoted as numbers and booleans)"
+                    )
+                if not source.strip() or not target.strip():
+                    raise ValueError(f"{where}: {source!r}: {target!r}: a blank name or code")
+        return v
+
     @field_validator("allowed_jurisdictions")
     @classmethod
     def _jurisdictions(cls, v: list[str]) -> list[str]:

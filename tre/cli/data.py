@@ -51,7 +51,8 @@ def check_cmd(
     site: str = typer.Option(
         None,
         "--site",
-        help="The delivering site: its declared CSV encoding is used, as ingest uses it.",
+        help="The delivering site: its declared CSV encoding, column names and local codes "
+        "are used, as ingest uses them.",
     ),
 ) -> None:
     """Validate a delivery against the data dictionary without ingesting it (exit 1 on errors)."""
@@ -65,7 +66,13 @@ def check_cmd(
         load_dictionary,
         validate_batch,
     )
-    from tre.ingest import SUPPORTED_SUFFIXES, IngestError, read_delivered_table, table_of
+    from tre.ingest import (
+        SUPPORTED_SUFFIXES,
+        IngestError,
+        check_site_mapping,
+        read_delivered_table,
+        table_of,
+    )
     from tre.registry import load_registry
     from tre.settings import get_settings
 
@@ -73,13 +80,12 @@ def check_cmd(
         console.print(f"[red]error:[/red] {site_dir} is not a directory")
         raise typer.Exit(2)
     settings = get_settings()
-    encoding = "utf-8"
+    declared = None
     if site is not None:
         declared = load_registry(settings.policies_dir).sites.get(site)
         if declared is None:
             console.print(f"[red]error:[/red] unknown site {site!r}")
             raise typer.Exit(2)
-        encoding = declared.encoding
     try:
         # the files and the dictionary exactly as `tre data ingest` would take them
         dictionary = load_dictionary(settings.policies_dir / "dictionary.yaml")
@@ -95,7 +101,9 @@ def check_cmd(
         if not found:
             raise DeliveryError(f"{site_dir} holds none of the tables {', '.join(names)}")
         # read as ingest reads them (a broken file: a clear error)
-        tables = {t: read_delivered_table(found[t], encoding) for t in names if t in found}
+        if declared is not None:
+            check_site_mapping(declared, dictionary)
+        tables = {t: read_delivered_table(found[t], t, declared) for t in names if t in found}
         results = validate_batch(dictionary, tables)
     except (
         DeliveryError,
