@@ -75,6 +75,8 @@ class Action(StrEnum):
     remove_member = "remove_member"
     change_role = "change_role"
     build_extract = "build_extract"
+    # running sandboxes still mount the extract the rebuild replaced (see plan)
+    stop_stale_servers = "stop_stale_servers"
     hub_group = "hub_group"  # create the project's hub group
     hub_grant = "hub_grant"  # add users to the project's hub group
     forget = "forget"  # an undeclared project with nothing left to undo
@@ -457,12 +459,27 @@ def plan(
         epath = extracts.path(settings, pid)
         if active and project is not None:
             fp = extract_fingerprint(registry, project, today, pooled_version)
+            # what the project may see, without the pooled store's version (a new ingest)
+            access = extract_fingerprint(registry, project, today)
+            data = {"fingerprint": fp, "access_fingerprint": access}
             if not epath.exists():
-                changes.append(Change(pid, Action.build_extract, "missing", {"fingerprint": fp}))
+                changes.append(Change(pid, Action.build_extract, "missing", data))
             elif (rec or {}).get("extract_fingerprint") != fp:
-                changes.append(
-                    Change(pid, Action.build_extract, "declaration changed", {"fingerprint": fp})
-                )
+                changes.append(Change(pid, Action.build_extract, "declaration changed", data))
+                # A sandbox bind-mounts the extract's file as it was when it started: the
+                # rebuilt file is swapped in under the same name, and the sandbox keeps reading
+                # the replaced one for as long as it runs. When what the project may see
+                # changed (a revoked column or table, a narrower row filter, a site that
+                # withdrew this purpose), its running sandboxes are stopped after the rebuild,
+                # so they restart on the new file. A new ingest alone stops nothing.
+                if hub is not None and (rec or {}).get("access_fingerprint") != access:
+                    stale = [u for u in hub.running_servers(pid) if u in declared]
+                    if stale:
+                        changes.append(
+                            Change(
+                                pid, Action.stop_stale_servers, ", ".join(stale), {"users": stale}
+                            )
+                        )
         elif epath.exists():
             changes.append(Change(pid, Action.remove_extract, f"project is {status.value}"))
         # the hub: the project's group holds the members while active and nobody otherwise;
@@ -530,6 +547,7 @@ def _record(applied: AppliedState, change: Change, project: Project | None, toda
         rec["members"].pop(change.data["user"], None)
     elif change.action == Action.build_extract:
         rec["extract_fingerprint"] = change.data["fingerprint"]
+        rec["access_fingerprint"] = change.data.get("access_fingerprint")
     elif change.action == Action.remove_extract:
         rec["extract_fingerprint"] = None
 
@@ -608,6 +626,11 @@ def _execute(
     elif change.action == Action.stop_servers:
         assert hub is not None
         for user in change.data["users"]:
+            hub.stop_server(user, pid)
+    elif change.action == Action.stop_stale_servers:
+        assert hub is not None
+        # and whoever started one during the build (it may have mounted the old file)
+        for user in sorted(set(change.data["users"]) | set(hub.running_servers(pid))):
             hub.stop_server(user, pid)
     # create / update / status / members / forget change only the recorded state
 
