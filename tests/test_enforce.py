@@ -12,7 +12,7 @@ import pytest
 from tests.provision_hub import RunningHub, proxy_or_skip, start_hub
 from tests.provision_support import FileExtracts, ListAudit, make_settings
 from tre.enforce import archive_dir, enforce, manifest_path, purge_archives
-from tre.project_edit import set_end_date, set_status
+from tre.project_edit import remove_member, set_end_date, set_status
 from tre.provision import AppliedState, HubClient, group_name, reconcile, state_path
 from tre.registry import load_registry
 
@@ -116,6 +116,62 @@ def test_enforce_does_not_apply_other_declared_changes(env):
     assert extracts.builds == builds
 
 
+def test_a_member_removed_from_an_active_project_loses_the_running_sandbox_at_once(env, hub):
+    """Revocation: bob is taken off an active project by editing its file (as a pull of the
+    policies repository, or an editor, does; no `apply`). The enforcer's next pass must stop
+    his running sandbox (it mounts the project's data) and take him out of the project's hub
+    group; before, it only acted on projects that were no longer active, so his sandbox ran
+    on until someone remembered to run `tre project apply`."""
+    settings, client, extracts, audit = env
+    hub.start_server("alice", "wilms-outcomes")
+    hub.start_server("bob", "wilms-outcomes")
+    remove_member(settings.policies_dir, "wilms-outcomes", "bob")
+    registry = load_registry(settings.policies_dir)
+
+    report = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    assert report.ok, report.errors
+    assert client.running_servers("wilms-outcomes") == ["alice"]  # bob's stopped, alice's not
+    assert client.group_members(group_name("wilms-outcomes")) == {"alice"}
+    assert extracts.path(settings, "wilms-outcomes").exists()  # the project goes on
+    assert ("project.stop_servers", {"detail": "bob", "users": ["bob"]}) in [
+        (e[1], e[3]) for e in audit.events
+    ]
+    # taking access away is all it does: nothing granted, nothing rebuilt, and idempotent
+    assert {c.action.value for c in report.changes} == {"stop_servers", "hub_revoke"}
+    again = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    assert again.ok and not again.did_something
+    client.stop_server("alice", "wilms-outcomes")
+
+
+def test_staff_removed_from_staff_yaml_leave_the_staff_hub_groups(env):
+    """The hub group tre-admins holds the tre-admin role; JupyterHub keeps a user's groups on
+    their API tokens until a refresh it never makes for someone the registry no longer knows
+    (tests/hub/test_revocation.py shows that on a real TRE hub). The enforcer removes from the
+    staff groups whoever staff.yaml no longer lists, and adds nobody (that takes a login)."""
+    settings, client, extracts, audit = env
+    groups = {"tre-admins": ["admin", "former-admin"], "output-checkers": ["checker1", "eve"]}
+    for group, users in groups.items():
+        client.create_group(group)
+        client.add_to_group(group, users)
+    registry = load_registry(settings.policies_dir)
+    assert registry.staff.admins == ["admin"]
+    assert registry.staff.output_checkers == ["checker1", "checker2"]
+
+    report = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    assert report.ok, report.errors
+    assert client.group_members("tre-admins") == {"admin"}
+    assert client.group_members("output-checkers") == {"checker1"}  # checker2 not added
+    assert report.staff_revoked == [
+        ("tre-admins", ["former-admin"]),
+        ("output-checkers", ["eve"]),
+    ]
+    assert ("staff.hub_revoke", "group:tre-admins", {"users": ["former-admin"]}) in [
+        e[1:] for e in audit.events
+    ]
+    again = enforce(settings, registry, hub=client, extracts=extracts, audit=audit, today=TODAY)
+    assert again.ok and not again.did_something
+
+
 def test_suspended_project_loses_access_but_keeps_workspace(env):
     settings, client, extracts, audit = env
     _workspace(settings, "leukaemia-incidence")
@@ -208,6 +264,59 @@ def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
     assert ("wilms-outcomes", "remove_extract") in {
         (c.project, c.action.value) for c in reports[1].changes
     }
+    assert not extracts.path(settings, "wilms-outcomes").exists()
+
+
+def test_enforce_loop_acts_within_seconds_of_a_declaration_change(tmp_path):
+    """Between its passes (every enforce_interval_seconds, 300 s by default) the loop watches
+    the declarations: a suspension must take effect within enforce_poll_seconds, not at the
+    next interval. Here the interval is an hour; the change must be acted on in seconds (the
+    default enforce_poll_seconds, 5)."""
+    import threading
+    import time
+
+    from tre.enforce import enforce_loop
+
+    settings = make_settings(tmp_path, enforce_interval_seconds=3600)
+    extracts, audit = FileExtracts(), ListAudit()
+    reconcile(
+        settings,
+        load_registry(settings.policies_dir),
+        actor="admin",
+        use_hub=False,
+        audit=audit,
+        extracts=extracts,
+    )
+    stop, reports, changed_at = threading.Event(), [], []
+
+    def on_report(report):
+        reports.append((time.monotonic(), report))
+        if len(reports) == 1:
+            time.sleep(0.5)  # the pass is over; the project is suspended while the loop waits
+            set_status(settings.policies_dir, "wilms-outcomes", "suspended")
+            changed_at.append(time.monotonic())
+        else:
+            stop.set()
+
+    loop = threading.Thread(
+        target=enforce_loop,
+        args=(settings, lambda: load_registry(settings.policies_dir)),
+        kwargs={
+            "extracts": extracts,
+            "audit": audit,
+            "stop": stop,
+            "on_report": on_report,
+            "use_hub": False,
+            "gc": False,
+        },
+    )
+    loop.start()
+    loop.join(30)
+    stop.set()
+    loop.join(10)
+    assert len(reports) == 2, "no pass after the declaration changed"
+    took = reports[1][0] - changed_at[0]
+    assert took < 10, took
     assert not extracts.path(settings, "wilms-outcomes").exists()
 
 

@@ -170,6 +170,48 @@ def test_removed_member_loses_group_and_running_server(env, hub):  # noqa: ANN00
     assert client.group_members(group_name("wilms-outcomes")) == {"alice", "dave"}
 
 
+def test_a_narrowed_extract_stops_the_sandboxes_that_mount_the_old_one(env, hub):  # noqa: ANN001
+    """A sandbox bind-mounts its project's extract file as it was at start; a rebuild swaps a
+    new file in under the same name and the sandbox keeps reading the replaced one (checked
+    with bwrap: a bound file that is replaced on the host still reads the old bytes inside).
+    So a revoked column, or the rows of a site that withdrew this purpose, stayed readable in
+    every running sandbox of the project until it stopped. After such a rebuild the running
+    sandboxes are stopped (they restart on the new file); a new ingest alone stops nothing."""
+    settings, client, extracts, audit = env
+    run(settings, client, extracts, audit)
+    running_hub: RunningHub = hub
+    running_hub.start_server("alice", "wilms-outcomes")
+    running_hub.start_server("carol", "leukaemia-incidence")
+
+    grant(settings.policies_dir, "wilms-outcomes", "event", ["*"], revoke=True)
+    rec = run(settings, client, extracts, audit)
+    assert "event" not in extracts.content(settings, "wilms-outcomes")["grants"]
+    assert client.running_servers("wilms-outcomes") == []
+    assert actions(rec.changes) == {
+        ("wilms-outcomes", "withdraw_extract"),
+        ("wilms-outcomes", "build_extract"),
+        ("wilms-outcomes", "stop_servers"),
+    }
+    assert client.running_servers("leukaemia-incidence") == ["carol"]  # another project
+    assert run(settings, client, extracts, audit).changes == []
+
+    # a site withdraws public-health use: carol's project loses that site's rows
+    site = settings.policies_dir / "sites" / "uk-ccr.yaml"
+    site.write_text(site.read_text().replace("[academic, public_health]", "[academic]"))
+    rec = run(settings, client, extracts, audit)
+    assert ("leukaemia-incidence", "stop_servers") in actions(rec.changes)
+    assert client.running_servers("leukaemia-incidence") == []
+
+    # a new ingest (same grants, more rows) rebuilds but leaves the running sandbox alone
+    running_hub.start_server("carol", "leukaemia-incidence")
+    extracts.pooled_version = "2"
+    rec = run(settings, client, extracts, audit)
+    assert ("leukaemia-incidence", "build_extract") in actions(rec.changes)
+    assert ("leukaemia-incidence", "stop_servers") not in actions(rec.changes)
+    assert client.running_servers("leukaemia-incidence") == ["carol"]
+    client.stop_server("carol", "leukaemia-incidence")
+
+
 def test_suspend_then_reactivate(env):
     settings, hub, extracts, audit = env
     run(settings, hub, extracts, audit)

@@ -2,11 +2,19 @@
 
 For every project that is no longer active (expired, closed, suspended, or whose declaration was
 removed): running sandboxes are stopped and its hub group emptied (through the hub REST API), its
-extract removed. New starts are refused by the spawner, which checks the registry too, and the
-airlock refuses transitions of requests of inactive projects (``tre.registry.Project.is_active``).
+extract removed. For every project, active or not, the running sandboxes and hub group
+membership of people its declaration no longer lists are taken away too, and the staff groups
+(``tre-admins``, which holds the ``tre-admin`` hub role, and ``output-checkers``) lose whoever
+``staff.yaml`` no longer lists (see ``revoke_staff_groups``). New starts are refused by the
+spawner, which checks the registry too, and the airlock refuses transitions of requests of
+inactive projects (``tre.registry.Project.is_active``).
 Projects that have ended (expired, closed, undeclared; not merely suspended) also get their
 workspace archived as a tar.gz under ``Settings.state_dir/archive`` with a deletion date of
 end + ``retention_days``; archives past their date are deleted.
+
+``enforce_loop`` runs a pass every ``enforce_interval_seconds`` (end dates pass by themselves)
+and, between passes, within ``enforce_poll_seconds`` of any change to a declaration: access that
+ends in policy ends in practice within seconds, whoever edited the file and however.
 
 Each pass also runs the airlock's retention collection (``airlock gc``, ``airlock.retention``)
 when it is due: when the last run (its ``airlock_gc`` audit event, whoever ran it) is
@@ -25,10 +33,12 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tre.hub.roles import ADMINS_GROUP, CHECKERS_GROUP
 from tre.provision import (
     ENDED,
     AppliedState,
@@ -43,6 +53,7 @@ from tre.provision import (
     ended_on,
     is_deactivation,
     plan,
+    policies_stamp,
     state_lock,
     state_path,
 )
@@ -108,6 +119,8 @@ class EnforceReport:
     deleted: list[Path] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     gc: GcOutcome | None = None
+    # (hub group, users removed from it) by revoke_staff_groups
+    staff_revoked: list[tuple[str, list[str]]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -116,7 +129,9 @@ class EnforceReport:
     @property
     def did_something(self) -> bool:
         gc_removed = self.gc is not None and self.gc.removed_something
-        return bool(self.changes or self.archived or self.deleted or gc_removed)
+        return bool(
+            self.changes or self.archived or self.deleted or self.staff_revoked or gc_removed
+        )
 
 
 def archive_dir(settings: Settings) -> Path:
@@ -281,6 +296,37 @@ def collect_airlock_if_due(
             engine.dispose()
 
 
+def revoke_staff_groups(
+    registry: Registry, hub: Hub, audit: AuditSink
+) -> list[tuple[str, list[str]]]:
+    """Remove from the hub's staff groups whoever ``staff.yaml`` no longer lists; never add.
+
+    The authenticators set these groups at login and lower them at a refresh, but JupyterHub
+    refreshes only on a request, at most every ``auth_refresh_age`` (300 s), and never on a
+    token-authenticated request of someone the registry no longer knows at all: it keeps the
+    stale groups ("Cannot refresh on API requests"). So an admin removed from every role kept
+    ``tre-admins``, and with it the ``tre-admin`` role (list users, read servers, stop them), on
+    every API token they held, for good (``tests/hub/test_revocation.py``). The hub database is
+    where that role lives, so the enforcer takes it away there, through the REST API.
+
+    Only removal: adding someone needs the identity provider's word too (OIDC's two keys),
+    which only a login gives."""
+    wanted = {
+        ADMINS_GROUP: set(registry.staff.admins),
+        CHECKERS_GROUP: set(registry.staff.output_checkers),
+    }
+    revoked: list[tuple[str, list[str]]] = []
+    for group, allowed in wanted.items():
+        members = hub.group_members(group)
+        extra = sorted((members or set()) - allowed)
+        if not extra:
+            continue
+        hub.remove_from_group(group, extra)
+        audit.record(ACTOR, "staff.hub_revoke", f"group:{group}", {"users": extra})
+        revoked.append((group, extra))
+    return revoked
+
+
 def enforce(
     settings: Settings,
     registry: Registry,
@@ -313,6 +359,11 @@ def enforce(
         )
     except Exception as exc:  # noqa: BLE001 (reported; the collection below still runs)
         report.errors.append(f"enforcement failed: {type(exc).__name__}: {exc}")
+    if hub is not None:
+        try:
+            report.staff_revoked = revoke_staff_groups(registry, hub, audit)
+        except Exception as exc:  # noqa: BLE001 (reported; the collection below still runs)
+            report.errors.append(f"staff groups: {type(exc).__name__}: {exc}")
     if gc:
         report.gc = collect_airlock_if_due(settings, registry, now=now)
         if report.gc.error:
@@ -394,6 +445,30 @@ def _enforce_end_dates(
             )
 
 
+def _policies_stamp_or_none(settings: Settings) -> tuple | None:
+    try:
+        return policies_stamp(settings.policies_dir)
+    except OSError:  # a directory swapped while we walk it: compare again next time
+        return None
+
+
+def wait_for_next_pass(settings: Settings, stamp: tuple | None, stop: threading.Event) -> None:
+    """Return after ``enforce_interval_seconds``, or as soon as a declaration differs from
+    ``stamp`` (checked every ``enforce_poll_seconds``), or when ``stop`` is set.
+
+    The interval alone (300 s by default) let a removed member keep their running sandbox, and
+    a suspended project its sandboxes and extract, for up to five minutes after the file
+    changed; polling a stat of each declaration is cheap (the airlock does it on every
+    request), so a change is acted on within seconds."""
+    deadline = time.monotonic() + settings.enforce_interval_seconds
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or stop.wait(min(settings.enforce_poll_seconds, remaining)):
+            return
+        if _policies_stamp_or_none(settings) != stamp:
+            return
+
+
 def enforce_loop(
     settings: Settings,
     load: Any,
@@ -405,8 +480,9 @@ def enforce_loop(
     use_hub: bool = True,
     gc: bool = True,
 ) -> None:
-    """Run ``enforce`` every ``settings.enforce_interval_seconds`` until ``stop`` is set (the
-    airlock's collection runs in the passes where it is due, unless ``gc`` is False).
+    """Run ``enforce`` every ``settings.enforce_interval_seconds``, and within
+    ``settings.enforce_poll_seconds`` of a change to the declarations, until ``stop`` is set
+    (the airlock's collection runs in the passes where it is due, unless ``gc`` is False).
 
     ``load`` returns a fresh registry each pass, so edits to the declarations are picked up;
     the hub is connected afresh each pass too (it may start after us, or restart).
@@ -414,6 +490,8 @@ def enforce_loop(
     from tre.provision import open_hub
 
     while not stop.is_set():
+        # taken before the registry is read: an edit during the pass triggers another one
+        stamp = _policies_stamp_or_none(settings)
         hub, warning = open_hub(settings) if use_hub else (None, None)
         try:
             report = enforce(settings, load(), hub=hub, extracts=extracts, audit=audit, gc=gc)
@@ -426,4 +504,4 @@ def enforce_loop(
                 hub.close()
         if on_report is not None:
             on_report(report)
-        stop.wait(settings.enforce_interval_seconds)
+        wait_for_next_pass(settings, stamp, stop)

@@ -98,6 +98,7 @@ class Action(StrEnum):
     remove_member = "remove_member"
     change_role = "change_role"
     build_extract = "build_extract"
+    # running sandboxes still mount the extract the rebuild replaced (see plan)
     hub_group = "hub_group"  # create the project's hub group
     hub_grant = "hub_grant"  # add users to the project's hub group
     forget = "forget"  # an undeclared project with nothing left to undo
@@ -656,20 +657,22 @@ def _execute(
 
 
 def is_deactivation(change: Change, registry: Registry, today: dt.date) -> bool:
-    """Changes that take access away: from a project that is no longer active, or the extract
-    (and the sandboxes reading it) of an active project that holds more than the rules allow."""
-    if change.action == Action.withdraw_extract or (
-        change.action == Action.stop_servers and change.data.get("narrowed")
-    ):
+    """Changes that take access away: what ``tre project enforce`` applies without an admin.
+
+    For a project that is no longer active: its status, its running sandboxes, its hub group,
+    its extract. For an active one too: the running sandboxes and group membership of people
+    the declaration no longer lists (``stop_servers`` and ``hub_revoke`` only ever name users
+    who are not declared members, or everyone when the extract is withdrawn): a member removed
+    from the file must lose the sandbox and the data it mounts at once, not at the next
+    ``apply`` someone remembers to run; and an extract that holds more than the rules allow
+    (``withdraw_extract``) goes at once."""
+    if change.action == Action.withdraw_extract:
         return True
     project = registry.projects.get(change.project)
     inactive = project is None or effective_status(project, today) != EffectiveStatus.active
-    return inactive and change.action in {
-        Action.status,
-        Action.stop_servers,
-        Action.hub_revoke,
-        Action.remove_extract,
-    }
+    if change.action in {Action.stop_servers, Action.hub_revoke}:
+        return True
+    return inactive and change.action in {Action.status, Action.remove_extract}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,6 +743,33 @@ def reconcile(
             hub.close()
 
 
+def policies_stamp(policies_dir: Path) -> tuple:
+    """(path, mtime, size) of every ``*.yaml`` below the policies directory: changes whenever a
+    declaration does (the airlock's ``LiveRegistry`` and the enforcer's change watch).
+
+    One stat per file, on every call (the airlock asks several times per request), so it
+    walks with ``os.scandir`` rather than ``Path.rglob``: a quarter of the CPU (64 vs 240 us
+    for the 10 files of the demo declarations; the cost grows with every project declared).
+    Symlinked directories are followed, each directory once.
+    """
+    found: list[tuple[str, int, int]] = []
+    pending, seen = [str(policies_dir)], set()
+    while pending:
+        directory = pending.pop()
+        st = os.stat(directory)
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append(entry.path)
+                elif entry.name.endswith(".yaml"):
+                    st = entry.stat()
+                    found.append((entry.path, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(found))
+
+
 class LiveRegistry:
     """The registry, re-read whenever a declaration file changes (a callable for services).
 
@@ -755,29 +785,7 @@ class LiveRegistry:
         self._registry: Registry | None = None
 
     def _current_stamp(self) -> tuple:
-        """(path, mtime, size) of every ``*.yaml`` below the policies directory.
-
-        One stat per file, on every call (the airlock asks several times per request), so it
-        walks with ``os.scandir`` rather than ``Path.rglob``: a quarter of the CPU (64 vs 240 us
-        for the 10 files of the demo declarations; the cost grows with every project declared).
-        Symlinked directories are followed, each directory once.
-        """
-        found: list[tuple[str, int, int]] = []
-        pending, seen = [str(self.policies_dir)], set()
-        while pending:
-            directory = pending.pop()
-            st = os.stat(directory)
-            if (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.is_dir():
-                        pending.append(entry.path)
-                    elif entry.name.endswith(".yaml"):
-                        st = entry.stat()
-                        found.append((entry.path, st.st_mtime_ns, st.st_size))
-        return tuple(sorted(found))
+        return policies_stamp(self.policies_dir)
 
     def __call__(self) -> Registry:
         from tre.registry import load_registry

@@ -248,6 +248,14 @@ class Settings(BaseSettings):
     enforce_interval_seconds: int = Field(
         default=300, ge=1, description="How often `tre project enforce --loop` runs."
     )
+    enforce_poll_seconds: float = Field(
+        default=5,
+        gt=0,
+        le=300,
+        description="Between its passes, `tre project enforce --loop` checks the declarations "
+        "this often and runs a pass at once when one changed (a removed member, a suspended "
+        "project, a removed admin lose access within about this long).",
+    )
     extract_identifier_compression: Literal["zstd", "auto"] = Field(
         default="zstd",
         description="How extracts store pseudonym columns: 'zstd' (builds a full copy about a "

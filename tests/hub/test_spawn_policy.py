@@ -45,12 +45,17 @@ def test_refused_spawns_answer_4xx_with_a_message_and_leave_nothing(
 
 
 def test_suspending_a_project_takes_effect_without_restarting_the_hub(hub):
-    """The registry is read at each spawn: a project suspended now cannot start now."""
-    path = hub.settings.policies_dir / "projects" / "wilms-outcomes.yaml"
+    """The registry is read at each spawn: a project suspended now cannot start now.
+
+    The project is no-extract (active, so its refusal was 409 "no data extract"): the hub's
+    enforcer acts within seconds of a declaration change, and suspending a project whose
+    sandboxes and extract other tests of the session use could stop or remove them."""
+    path = hub.settings.policies_dir / "projects" / "no-extract.yaml"
     original = path.read_text()
+    assert hub.api("POST", "/users/alice/servers/no-extract").status_code == 409
     try:
         path.write_text(original + "status: suspended\n")
-        r = hub.api("POST", "/users/bob/servers/wilms-outcomes")
+        r = hub.api("POST", "/users/alice/servers/no-extract")
         assert r.status_code == 403 and "suspended" in r.json()["message"]
     finally:
         path.write_text(original)

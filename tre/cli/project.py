@@ -315,7 +315,12 @@ def extend(
 
 @app.command()
 def enforce(
-    loop: bool = typer.Option(False, "--loop", help="Run every enforce_interval_seconds."),
+    loop: bool = typer.Option(
+        False,
+        "--loop",
+        help="Run every enforce_interval_seconds, and within enforce_poll_seconds of a change "
+        "to the declarations.",
+    ),
     no_hub: bool = typer.Option(
         False,
         "--no-hub",
@@ -340,6 +345,8 @@ def enforce(
     def show(report: EnforceReport) -> None:
         for c in report.changes:
             console.print(f"{c.project}: {c.action.value} {c.detail}")
+        for group, users in report.staff_revoked:
+            console.print(f"hub group {group}: removed {', '.join(users)} (not in staff.yaml)")
         for a in report.archived:
             console.print(f"archived workspace -> {a}")
         for d in report.deleted:

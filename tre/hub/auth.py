@@ -42,12 +42,9 @@ from oauthenticator.generic import GenericOAuthenticator
 from tornado import web
 from traitlets import Bool, Dict, Float, Instance, Int, TraitError, Unicode, default, validate
 
-from tre.hub.roles import ADMINS_GROUP  # holds the tre-admin role
+from tre.hub.roles import ADMINS_GROUP, CHECKERS_GROUP  # tre-admins holds the tre-admin role
 from tre.provision import GROUP_PREFIX as PROJECT_GROUP_PREFIX  # the one naming rule
 from tre.registry import USERNAME, Registry, load_registry
-
-CHECKERS_GROUP = "output-checkers"
-
 
 # --------------------------------------------------------------------------------------------
 # The registry rule shared by both authenticators

@@ -19,6 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 ADMINS_GROUP = "tre-admins"  # the hub group of the TRE admins (tre.hub.auth.Access.hub_groups)
+# the output checkers' hub group: it holds no hub role (the airlock reads staff.yaml itself)
+CHECKERS_GROUP = "output-checkers"
 TRE_ADMIN_ROLE = "tre-admin"
 
 # JupyterHub 6 scopes (jupyterhub/scopes.py). The admin page (/hub/admin) needs ``admin-ui``
