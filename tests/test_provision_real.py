@@ -82,7 +82,9 @@ def test_apply_builds_real_extracts_and_a_real_failure_is_audited_and_retried(se
     assert not any(settings.extracts_dir.glob(f".{blocked}.*.tmp")), "a failed build left debris"
     events, broken = _audit(settings)
     assert broken == []
-    assert ("project.build_extract.failed", f"project:{blocked}") in events
+    # whatever sits at an extract's path must be shown to hold only what the project may see:
+    # a directory cannot, so it is withdrawn before the rebuild, and removing it is what fails
+    assert ("project.withdraw_extract.failed", f"project:{blocked}") in events
     state = AppliedState.load(state_path(settings))
     assert state.projects[blocked].get("extract_fingerprint") is None
 

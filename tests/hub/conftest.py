@@ -8,6 +8,7 @@ session; tests that restart or reconfigure a hub start their own.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ import duckdb
 import pytest
 import yaml
 
+from tre.extract import METADATA_TABLE
 from tre.hub.auth import PasswordFile
 from tre.hub.config import password_file
 from tre.hub.harness import HubInstance, Kernel, free_port
@@ -70,11 +72,22 @@ PROJECTS = [
 
 
 def make_extract(path: Path, project: str) -> None:
+    """A small extract with the record a real build writes (``_extract``): the enforcer
+    withdraws an extract whose record says it holds more than the project may see, or that
+    has none (``tre.extract.extract_exceeds``)."""
     con = duckdb.connect(str(path))
     con.execute(
         "CREATE TABLE patient AS SELECT i AS patient_id, "
         "CASE WHEN i % 2 = 0 THEN 'F' ELSE 'M' END AS sex, 2005 + i % 10 AS birth_year, "
         f"'{project}' AS project FROM range(200) t(i)"
+    )
+    tables = {"patient": {"columns": ["patient_id", "sex", "birth_year", "project"], "rows": 200}}
+    con.execute(
+        f"CREATE TABLE {METADATA_TABLE} AS SELECT $p AS project_id, 0::BIGINT AS pooled_version, "
+        "[]::VARCHAR[] AS sites, []::VARCHAR[] AS contributing_sites, "
+        "now() AS built_at, current_date AS built_for_date, 'academic' AS purpose, "
+        "'GB' AS jurisdiction, NULL::DATE AS end_date, '{}' AS row_filters, $t AS tables",
+        {"p": project, "t": json.dumps(tables)},
     )
     con.close()
     os.chmod(path, 0o644)
