@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
@@ -84,6 +85,7 @@ GC_ACTION = "airlock_gc"  # the audit action of a run: one event per run, dry ru
 # the audit action of the removal of a released request's content: one per request, ever
 PURGE_ACTION = "release_content_purge"
 MAX_RELEASED_CONTENT_DAYS = 36500
+NULL_FIELD = "released_content_retention_days"  # the one period where null means "forever"
 # a staging directory nothing was written to for this long belongs to no running release (the
 # same safety age as the extract builder's temporaries, tre/extract.py)
 STALE_STAGING_SECONDS = 3600
@@ -157,10 +159,43 @@ class RetentionPolicyError(ValueError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+def _blank_fields(path: Path) -> list[str]:
+    """Top-level keys written with no value at all (``released_content_retention_days:``).
+    YAML reads a blank as null, which for ``released_content_retention_days`` means "keep
+    forever": a value deleted by mistake must not silently mean that, so only an explicit
+    ``null`` (or ``~``) does."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return []  # validate_file names the syntax error
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    return [
+        str(key.value)
+        for key, value in node.value
+        if isinstance(key, yaml.ScalarNode)
+        and isinstance(value, yaml.ScalarNode)
+        and value.tag == "tag:yaml.org,2002:null"
+        and value.value == ""  # no text at all: `null` and `~` are explicit
+    ]
+
+
 def retention_problems(policies_dir: Path) -> tuple[RetentionPolicy | None, list[Problem]]:
     path = policies_dir / RETENTION_FILE
     if not path.exists():
         return None, [Problem(path, "", "missing: the airlock retention policy is required")]
+    forever = " of days, or `null` to keep released contents forever"
+    blank = [
+        Problem(
+            path,
+            name,
+            f"has no value: write a whole number{forever if name == NULL_FIELD else ''}"
+            " (an empty value is refused, never read as null)",
+        )
+        for name in _blank_fields(path)
+    ]
+    if blank:
+        return None, blank
     return validate_file(RetentionPolicy, path)
 
 
