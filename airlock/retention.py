@@ -430,14 +430,35 @@ def content_purge(session: Any, request_id: str) -> tuple[dt.datetime, dict[str,
     return (dt.datetime.fromisoformat(row[0]), json.loads(row[1])) if row else None
 
 
+def _retention_reason(days: int, released_at: str) -> str:
+    return (
+        f"under the retention policy: released outputs are kept {days} days after their release"
+        f" (released {released_at[:10]}); the record of what was released (names, sizes,"
+        " sha256, reviews) is kept"
+    )
+
+
 def purge_message(purge: tuple[dt.datetime, dict[str, Any]]) -> str:
     """What a page or a download says about a purged request."""
     at, details = purge
     return (
-        f"the file contents of this request were removed on {at.date().isoformat()} under the"
-        f" retention policy: released outputs are kept {details['released_content_retention_days']}"
-        f" days after their release (released {details['released_at'][:10]}); the record of"
-        " what was released (names, sizes, sha256, reviews) is kept"
+        f"the file contents of this request were removed on {at.date().isoformat()} "
+        + _retention_reason(details["released_content_retention_days"], details["released_at"])
+    )
+
+
+def content_expired(released_at: dt.datetime, days: int | None, now: dt.datetime) -> bool:
+    """Whether a release is past ``released_content_retention_days`` at ``now``: the one rule
+    of the collector (which purges it) and of the downloads and previews (which refuse it from
+    that moment, whether or not a collection ran since). None keeps it forever."""
+    return days is not None and _aware(released_at) <= now - dt.timedelta(days=days)
+
+
+def expired_message(released_at: dt.datetime, days: int) -> str:
+    """What a page or a download says about a release past its period that no run purged yet
+    (the same reason as after the purge)."""
+    return "the file contents of this request are no longer available " + _retention_reason(
+        days, _aware(released_at).isoformat()
     )
 
 
@@ -463,11 +484,10 @@ def _purge_plan(
     purged = {rid: project for rid, _at, _m, project in rows if rid in done}
     if days is None:
         return purged, []
-    cutoff = now - dt.timedelta(days=days)
     due = []
     for rid, released_at, manifest, project in rows:
         released_at = _aware(released_at)
-        if rid in done or released_at > cutoff:
+        if rid in done or not content_expired(released_at, days, now):
             continue
         files = [
             {"id": f["file_id"], "path": f["path"], "sha256": f["sha256"], "size": f["size"]}

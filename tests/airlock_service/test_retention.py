@@ -899,9 +899,9 @@ def test_a_recently_ended_request_with_the_same_bytes_keeps_them_for_its_own_per
 def test_null_keeps_released_content_forever_and_dry_run_changes_nothing(service):
     rid, fid, sha = released_with(service, "kept.csv", "group,count\nkeep,45\n")
     age_release(service, rid, 3650)
-    forever = load_retention_policy(service.settings.policies_dir).model_copy(
-        update={"released_content_retention_days": None}
-    )
+    policy_file(service, released_content_retention_days=None)  # what downloads read too
+    forever = load_retention_policy(service.settings.policies_dir)
+    assert forever.released_content_retention_days is None
     report = collect(service, forever, now=NOW)
     assert report.released_content == [] and service.store.verify(sha)
     assert purge_events(service) == {}
