@@ -37,7 +37,10 @@ no request needs (new requests write the content again under ``objects/``); the 
 deletes it and names it in its own event (``finished_from_interrupted_run``); trash a live run
 is still deleting (it holds a ``flock`` on it, ``_claim``) is neither named nor deleted. A kill
 at any point never removes a blob a request could still release, or has released and still
-keeps.
+keeps. Everything a run removes goes through its trash (stale staging directories and uploads
+too), so each removal is counted by one run. Trash that cannot be deleted stays there: the run
+records an ``airlock_gc_incomplete`` event naming each path and raises ``GcIncomplete``
+(``airlock gc`` exits 1); the next run retries it.
 
 The purge of a released request's content is recorded first: its ``release_content_purge``
 event commits (under the lock) before any of its blobs or released copies is moved into the
@@ -51,8 +54,10 @@ event. A kill before it changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -77,6 +82,8 @@ from tre.registry import Problem, validate_file
 if TYPE_CHECKING:
     from airlock.service.core import AirlockService
 
+log = logging.getLogger("airlock.retention")
+
 RETENTION_FILE = "retention.yaml"
 # requests in these states can never release anything (final, not released)
 ENDED_UNRELEASED = frozenset({State.REJECTED.value, State.WITHDRAWN.value})
@@ -84,6 +91,8 @@ TRASH = "trash"  # under the snapshot store and under the released store
 GC_ACTION = "airlock_gc"  # the audit action of a run: one event per run, dry runs record none
 # the audit action of the removal of a released request's content: one per request, ever
 PURGE_ACTION = "release_content_purge"
+# a run whose trash could not all be deleted: what is left and why (the next run retries it)
+INCOMPLETE_ACTION = "airlock_gc_incomplete"
 MAX_RELEASED_CONTENT_DAYS = 36500
 NULL_FIELD = "released_content_retention_days"  # the one period where null means "forever"
 # a staging directory nothing was written to for this long belongs to no running release (the
@@ -151,6 +160,21 @@ class RetentionPolicy(BaseModel):
         if isinstance(value, str):
             raise ValueError(f"a whole number, not the text {value[:40]!r}")
         return value
+
+
+class GcIncomplete(RuntimeError):
+    """The run decided and recorded everything, but some of its trash could not be deleted:
+    it stays in the trash (the next run deletes it, naming it as an interrupted run's)."""
+
+    def __init__(self, report: GcReport, store_dir: Path) -> None:
+        self.report = report
+        listed = "; ".join(
+            f"{store_dir / item['path']}: {item['error']}" for item in report.not_deleted
+        )
+        super().__init__(
+            f"could not delete {len(report.not_deleted)} item(s) of run {report.run} (left in"
+            f" the trash; the next run retries them): {listed}"
+        )
 
 
 class RetentionPolicyError(ValueError):
@@ -261,6 +285,11 @@ class GcReport:
     # released requests whose file contents this run purges (released_content_retention_days);
     # each also gets its own release_content_purge event
     released_content: list[dict[str, Any]] = field(default_factory=list)
+    # the run's id (its trash directories' name); None in a dry run
+    run: str | None = None
+    # what the run decided to delete but could not (path under the store, error); also in an
+    # airlock_gc_incomplete event: it stays in the trash and the next run retries it
+    not_deleted: list[dict[str, str]] = field(default_factory=list)
 
     def details(self) -> dict[str, Any]:
         return {
@@ -275,6 +304,7 @@ class GcReport:
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
             "released_content": self.released_content,
+            "gc_run": self.run,  # links a later airlock_gc_incomplete event to this run
         }
 
     def counts(self) -> dict[str, int]:
@@ -632,6 +662,33 @@ def _leftovers(service: AirlockService, report: GcReport, claims: list[int]) -> 
     return runs
 
 
+def _delete_trash(service: AirlockService, runs: list[Path], report: GcReport) -> None:
+    """Delete the trash directories ``runs``; what cannot be deleted goes into
+    ``report.not_deleted`` (path under the store, error), never silently ignored."""
+    store_dir = service.settings.airlock_store_dir
+    assert store_dir is not None
+
+    def failed(_func: Callable[..., Any], path: str, exc_info: Any) -> None:
+        exc = exc_info[1]
+        if isinstance(exc, FileNotFoundError):
+            return  # gone already
+        if isinstance(exc, OSError) and exc.errno == errno.ENOTEMPTY:
+            return  # a directory holding what could not be deleted: that is named itself
+        where = Path(path)
+        report.not_deleted.append(
+            {
+                "path": str(where.relative_to(store_dir))
+                if where.is_relative_to(store_dir)
+                else str(where),
+                "error": f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}",
+            }
+        )
+
+    for run in runs:
+        if run.exists():
+            shutil.rmtree(run, onerror=failed)
+
+
 def collect(
     service: AirlockService,
     policy: RetentionPolicy,
@@ -724,16 +781,23 @@ def _collect(
                     )
                 step("purge", run_id)
             step("purged", run_id)
+        report.run = run_id
         snapshot_trash = store.root / TRASH / run_id
         released_trash = service.released_root / f".{TRASH}" / run_id
-        if removable:
+        if removable or stale_uploads:
             snapshot_trash.mkdir(parents=True)
             _hold(snapshot_trash, claims)
             for sha in removable:
                 os.rename(store.path(sha), snapshot_trash / sha)
                 fsync_dir(store.path(sha).parent)
                 step("trashed", sha)
-        if due:
+            # moved away under the lock like the rest, so a run that starts once this one lets
+            # go of the lock neither sees them again nor counts them twice
+            for upload in stale_uploads:
+                os.rename(upload, snapshot_trash / upload.name)
+                fsync_dir(upload.parent)
+                step("trashed", upload.name)
+        if due or stale_staging:
             released_trash.mkdir(parents=True)
             _hold(released_trash, claims)
             for entry in report.released:
@@ -743,16 +807,31 @@ def _collect(
                     os.rename(service.released_root / name, released_trash / name)
                     fsync_dir(service.released_root)
                     step("trashed", name)
+            for staging in stale_staging:
+                os.rename(staging, released_trash / f"staging.{staging.name}")
+                fsync_dir(staging.parent)
+                step("trashed", staging.name)
         # the one event of the run, committed before anything is deleted for good
         with service.factory() as session, session.begin():
             record_event(session, actor, GC_ACTION, "airlock:store", report.details())
             step("commit", run_id)
         step("committed", run_id)
-    # outside the lock: the trash and the stale staging directories are no request's, and
-    # deleting them may take long (a kill here leaves staging the next run names again)
-    for run in [*leftovers, snapshot_trash, released_trash, *stale_staging]:
-        shutil.rmtree(run, ignore_errors=True)
-    for upload in stale_uploads:
-        upload.unlink(missing_ok=True)
+    # outside the lock: the trash is no request's, and deleting it may take long
+    _delete_trash(service, [*leftovers, snapshot_trash, released_trash], report)
+    if report.not_deleted:
+        # recorded, logged and raised (exit 1): the decision stands (its events are
+        # committed), the bytes are still on disk until a run deletes them
+        with service.factory() as session, session.begin():
+            record_event(
+                session,
+                actor,
+                INCOMPLETE_ACTION,
+                "airlock:store",
+                {"gc_run": run_id, "not_deleted": report.not_deleted},
+            )
+        error = GcIncomplete(report, service.settings.airlock_store_dir)
+        log.error("airlock gc: %s", error)
+        step("deleted", run_id)
+        raise error
     step("deleted", run_id)
     return report

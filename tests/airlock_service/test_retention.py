@@ -489,7 +489,8 @@ def test_stale_release_staging_goes_fresh_staging_and_everything_else_stays(
     assert {s["path"] for s in report.stale_staging} == stale
     assert not old_style.exists() and not old_new_style.exists()
     removed = {p for p in before if any(p == s or p.startswith(s + "/") for s in stale)}
-    assert tree(root) == before - removed
+    assert tree(root) == before - removed | {".trash"}  # they went through the run's trash
+    assert not any((root / ".trash").iterdir())
     assert (outside / "keep").is_dir() and crashed_staging.is_dir()
     [event] = gc_events(service)[len(events) :]
     assert {s["path"] for s in event["stale_staging"]} == stale
@@ -1036,8 +1037,11 @@ def test_kill_9_of_a_purge_at_every_step_then_rerun(service, db):
         for rid, fid, sha in ((own, own_fid, own_sha), (both, both_fid, both_sha)):
             if rid not in events:
                 assert service.store.verify(sha)
-                path, _ = service.download(service.who("bob"), rid, fid)
-                assert sha256_file(path) == sha
+                [copy] = (service.released_root / rid / str(fid)).iterdir()
+                assert sha256_file(copy) == sha
+                # past its period: refused already, though nothing was removed
+                with pytest.raises(Gone, match="no longer available"):
+                    service.download(service.who("bob"), rid, fid)
             else:  # recorded: refused from then on, whatever is still on disk
                 assert events[rid]["files"][0]["sha256"] == sha
                 with pytest.raises(Gone):

@@ -12,26 +12,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from airlock import retention
 from airlock.retention import RetentionPolicyError, collect, load_retention_policy
 from airlock.service.core import Gone
 from airlock.storage import sha256_file
 from tests.airlock_service.test_retention import (
     GC_WORKER,
     NOW,
+    POLICY,
     age,
     age_release,
+    backdate,
     cli,
     files_holding,
     gc_events,
@@ -41,7 +49,8 @@ from tests.airlock_service.test_retention import (
     request,
     write,
 )
-from tre.audit import AuditEvent
+from tests.conftest import require_component
+from tre.audit import AuditEvent, verify_chain
 
 # --- an empty value is not null ----------------------------------------------------------------
 
@@ -276,3 +285,110 @@ def test_a_download_racing_the_purge_gets_the_whole_file_or_410(client, db):
             assert "removed on" in detail
     assert {r[1] for r in results} == {200, 410}
     assert files_holding(service.settings.airlock_store_dir, b"race0x0-") == []
+
+
+# --- trash that cannot be deleted ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def undeletable(path: Path, under: Path) -> Iterator[None]:
+    """``path`` made immutable (chattr +i: not even root can unlink it) for the block, wherever
+    it is moved to under ``under`` meanwhile."""
+    chattr = shutil.which("chattr") or "chattr"
+    done = subprocess.run([chattr, "+i", str(path)], check=False, capture_output=True)
+    require_component(done.returncode == 0, "chattr +i on the test file system (ext4)")
+    try:
+        yield
+    finally:
+        subprocess.run([chattr, "-R", "-i", str(under)], check=True, capture_output=True)
+
+
+def events_of(service, action: str) -> list[dict]:
+    with service.factory() as s:
+        rows = s.execute(select(AuditEvent).where(AuditEvent.action == action)).scalars()
+        return [json.loads(e.details) for e in rows]
+
+
+def test_trash_that_cannot_be_deleted_is_reported_and_the_next_run_finishes_it(
+    service, monkeypatch
+):
+    """Before, the trash was deleted with errors ignored: a run said it removed the content,
+    exit 0, and the bytes stayed on disk (named again by every later run, silently)."""
+    text = "group,count\nstuck,66\n"
+    rid, fid, sha = released_with(service, "stuck.csv", text)
+    age_release(service, rid, 366)
+    store_dir = service.settings.airlock_store_dir
+    copy = service.released_root / rid / str(fid) / "stuck.csv"
+    with undeletable(copy, store_dir):
+        result = cli(service, monkeypatch)
+        assert result.exit_code == 1, result.output
+        [run] = gc_events(service)
+        trashed = f"released/.trash/{run['gc_run']}/{rid}/{fid}/stuck.csv"
+        assert f"could not delete 1 item(s) of run {run['gc_run']}" in result.output
+        assert f"{store_dir / trashed}: PermissionError: Operation not permitted" in result.output
+        assert f"NOT DELETED {trashed}" in result.output
+        # the decision stands: its record, and downloads refused
+        assert set(purge_events(service)) == {rid}
+        assert [p["request"] for p in run["released_content"]] == [rid]
+        [incomplete] = events_of(service, "airlock_gc_incomplete")
+        assert incomplete["gc_run"] == run["gc_run"]
+        assert incomplete["not_deleted"] == [
+            {"path": trashed, "error": "PermissionError: Operation not permitted"}
+        ]
+        with pytest.raises(Gone, match="removed on"):
+            service.download(service.who("bob"), rid, fid)
+        assert files_holding(store_dir, text.encode()) == [trashed]
+        # while it cannot be deleted, every run says so
+        again = cli(service, monkeypatch)
+        assert again.exit_code == 1 and trashed in again.output
+        assert len(events_of(service, "airlock_gc_incomplete")) == 2
+    # once it can, the next run deletes it and names it as an earlier run's leftover
+    result = cli(service, monkeypatch)
+    assert result.exit_code == 0, result.output
+    assert "finished an interrupted run: 1 item(s)" in result.output
+    assert gc_events(service)[-1]["finished_from_interrupted_run"] == [rid]
+    assert files_holding(store_dir, text.encode()) == []
+    assert not service.store.exists(sha)
+    with service.factory() as s:
+        assert verify_chain(s) == []
+
+
+# --- two runs at once count each removal once ---------------------------------------------------
+
+
+def test_two_concurrent_runs_count_each_stale_staging_dir_and_upload_once(service, monkeypatch):
+    """A run deletes its trash after letting go of the store lock; the stale staging
+    directories and killed uploads it had listed were deleted there too, straight from where
+    they were, so a second run starting meanwhile listed them again: two events for one
+    removal."""
+    root = service.released_root
+    staging = root / ".staging" / "r-stale-0badcafe"
+    (staging / "7").mkdir(parents=True)
+    (staging / "7" / "out.csv").write_text("group,count\nstale,67\n")
+    backdate(staging, 2 * 3600)
+    upload = service.store.tmp / "put-killed"
+    upload.write_text("group,count\nkilled,68\n")
+    backdate(upload, 2 * 3600)
+    real_rmtree = retention.shutil.rmtree
+    second: list[retention.GcReport] = []
+    started: list[bool] = []
+
+    def rmtree(path, *args, **kwargs):
+        if not started:  # the second run starts when the first one starts deleting
+            started.append(True)
+            second.append(collect(service, POLICY, now=NOW, actor="admin"))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(retention.shutil, "rmtree", rmtree)
+    first = collect(service, POLICY, now=NOW)
+    assert second, "the first run deleted nothing (it calls rmtree when it does)"
+    runs = gc_events(service)
+    assert len(runs) == 2
+    staged = [s["path"] for r in runs for s in r["stale_staging"]]
+    uploads = [u["name"] for r in runs for u in r["stale_uploads"]]
+    assert staged == [".staging/r-stale-0badcafe"] and uploads == ["put-killed"]
+    assert [r["finished_from_interrupted_run"] for r in runs] == [[], []]
+    assert first.counts()["stale_staging"] + second[0].counts()["stale_staging"] == 1
+    assert not staging.exists() and not upload.exists()
+    assert files_holding(service.settings.airlock_store_dir, b"stale,67") == []
+    assert files_holding(service.settings.airlock_store_dir, b"killed,68") == []
