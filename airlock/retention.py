@@ -74,7 +74,7 @@ from sqlalchemy import select
 
 from airlock.release import staging_root
 from airlock.service.models import Release, ReleaseRequest, RequestFile
-from airlock.storage import fsync_dir
+from airlock.storage import claim_stale_check_dirs, fsync_dir
 from airlock.workflow import State
 from tre.audit import AuditEvent, record_event
 from tre.registry import Problem, validate_file
@@ -280,6 +280,8 @@ class GcReport:
     stale_staging: list[dict[str, Any]] = field(default_factory=list)
     # files a snapshot being stored left in snapshots/tmp when its process died (name, size)
     stale_uploads: list[dict[str, Any]] = field(default_factory=list)
+    # working directories of disclosure checks whose process was killed (name, files, bytes)
+    stale_checks: list[dict[str, Any]] = field(default_factory=list)
     # snapshots an ended request refers to, kept because another request still needs them
     kept_shared: list[str] = field(default_factory=list)
     # released requests whose file contents this run purges (released_content_retention_days);
@@ -301,6 +303,7 @@ class GcReport:
             "released": self.released,
             "stale_staging": self.stale_staging,
             "stale_uploads": self.stale_uploads,
+            "stale_checks": self.stale_checks,
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
             "released_content": self.released_content,
@@ -317,6 +320,7 @@ class GcReport:
             "released_content": len(self.released_content),
             "stale_staging": len(self.stale_staging),
             "stale_uploads": len(self.stale_uploads),
+            "stale_checks": len(self.stale_checks),
             "finished_from_interrupted_run": len(self.finished_from_interrupted_run),
             "kept_shared": len(self.kept_shared),
         }
@@ -662,6 +666,13 @@ def _leftovers(service: AirlockService, report: GcReport, claims: list[int]) -> 
     return runs
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _delete_trash(service: AirlockService, runs: list[Path], report: GcReport) -> None:
     """Delete the trash directories ``runs``; what cannot be deleted goes into
     ``report.not_deleted`` (path under the store, error), never silently ignored."""
@@ -763,6 +774,13 @@ def _collect(
             )
         stale_staging = _stale_staging_plan(service, report)
         stale_uploads = _stale_uploads_plan(service, report)
+        # held (flock) from here until deleted: a check running in any worker holds its own
+        stale_checks = claim_stale_check_dirs(service.checking_dir, claims)
+        for path in stale_checks:
+            files = [Path(d, f) for d, _, names in os.walk(path) for f in names]
+            report.stale_checks.append(
+                {"name": path.name, "files": len(files), "bytes": sum(_size(f) for f in files)}
+            )
         if dry_run:
             return report
         run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -817,7 +835,7 @@ def _collect(
             step("commit", run_id)
         step("committed", run_id)
     # outside the lock: the trash is no request's, and deleting it may take long
-    _delete_trash(service, [*leftovers, snapshot_trash, released_trash], report)
+    _delete_trash(service, [*leftovers, snapshot_trash, released_trash, *stale_checks], report)
     if report.not_deleted:
         # recorded, logged and raised (exit 1): the decision stands (its events are
         # committed), the bytes are still on disk until a run deletes them

@@ -187,6 +187,11 @@ def _print_gc_report(report: GcReport, dry_run: bool, as_json: bool) -> None:
         typer.echo(
             f"{verb} {len(report.stale_uploads)} file(s) a killed snapshot left in snapshots/tmp"
         )
+    if report.stale_checks:
+        typer.echo(
+            f"{verb} {len(report.stale_checks)} working dir(s) of killed disclosure checks"
+            " in checking/"
+        )
     if report.finished_from_interrupted_run:
         typer.echo(
             f"finished an interrupted run: {len(report.finished_from_interrupted_run)} item(s)"

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -31,7 +30,7 @@ from airlock.release import ReleaseError, release_request, released_dir
 from airlock.service.checking import run_checks
 from airlock.service.db import session_factory
 from airlock.service.models import Comment, Release, ReleaseRequest, RequestFile, Vote
-from airlock.storage import FileSystemStore, StorageError, open_workspace_file
+from airlock.storage import FileSystemStore, StorageError, check_workdir, open_workspace_file
 from airlock.workflow import (
     Action,
     State,
@@ -114,6 +113,8 @@ class AirlockService:
         assert settings.airlock_store_dir is not None and settings.workspaces_dir is not None
         self.store = FileSystemStore(settings.airlock_store_dir / "snapshots")
         self.released_root = settings.airlock_store_dir / "released"
+        # working copies of the files being checked, one held directory per check
+        self.checking_dir = settings.airlock_store_dir / "checking"
         self.release_hook = release_hook
         # the disclosure checks run here if set (processes at lower priority, see runner.py)
         self.check_pool = check_pool
@@ -205,9 +206,10 @@ class AirlockService:
         rel, fh = open_workspace_file(workspace, spec.path)
         with fh:
             sha, size = self.store.put_stream(fh, policy.max_file_bytes)
-        # run the checks on a private copy named like the original (checks dispatch on it)
-        with tempfile.TemporaryDirectory(prefix="airlock-check-") as tmp:
-            named = Path(tmp) / rel.name
+        # run the checks on a private copy named like the original (checks dispatch on it),
+        # in a directory removed even if this process is killed (storage.check_workdir)
+        with check_workdir(self.checking_dir) as tmp:
+            named = tmp / rel.name
             shutil.copyfile(self.store.path(sha), named)
             extract = self.settings.extracts_dir / f"{project}.duckdb"  # type: ignore[operator]
             extract_path = extract if extract.exists() else None

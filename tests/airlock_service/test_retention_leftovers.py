@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -392,3 +393,115 @@ def test_two_concurrent_runs_count_each_stale_staging_dir_and_upload_once(servic
     assert not staging.exists() and not upload.exists()
     assert files_holding(service.settings.airlock_store_dir, b"stale,67") == []
     assert files_holding(service.settings.airlock_store_dir, b"killed,68") == []
+
+
+# --- working copies of killed disclosure checks -------------------------------------------------
+
+CHECK_WORKER = """
+import sys
+from pathlib import Path
+
+import airlock.service.core as core
+from airlock.service.core import AirlockService, FileSpec
+from airlock.service.db import make_engine
+from tre.registry import load_registry
+from tre.settings import Settings
+
+url, schema, state_dir, policies, path = sys.argv[1:6]
+
+
+def frozen(named, *args, **kwargs):
+    # the check has its copy of the file: say so, and wait (the test kills us, or lets us on)
+    print("CHECKING", named, flush=True)
+    sys.stdin.readline()
+    return real(named, *args, **kwargs)
+
+
+real, core.run_checks = core.run_checks, frozen
+settings = Settings(state_dir=Path(state_dir), policies_dir=Path(policies), airlock_db_url=url)
+engine = make_engine(url, schema=schema or None)
+service = AirlockService(settings, engine, load_registry(Path(policies)))
+service.create_request(service.who("alice"), "wilms-outcomes", [FileSpec(path, "g")])
+print("DONE", flush=True)
+"""
+
+
+def start_check(service, db, systmp: Path, name: str, text: str) -> subprocess.Popen:
+    """A real snapshot (airlock create_request) in a process of its own, stopped inside its
+    disclosure check, once the check's copy of the file is written."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHECK_WORKER,
+            db.url,
+            db.schema or "",
+            str(service.settings.state_dir),
+            str(service.settings.policies_dir),
+            write(service, name, text),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        # the system's temporary directory of the process: where the copies were made before
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TMPDIR": str(systmp)},
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("CHECKING"), line
+    return proc
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+
+
+def test_what_killed_checks_left_goes_at_the_next_start_or_run(service, db, tmp_path):
+    """Privacy: a disclosure check works on a copy of the researcher's file; a worker killed
+    during the check (kill -9, OOM) left that copy in /tmp/airlock-check-* for good. Now the
+    next start or `airlock gc` removes it, but never the directory of a check still running
+    in another process."""
+    from airlock.service.runner import prepare
+
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    checking = service.settings.airlock_store_dir / "checking"
+
+    def copies(needle: str) -> list[str]:
+        found = files_holding(systmp, needle.encode())
+        return found + (files_holding(checking, needle.encode()) if checking.is_dir() else [])
+
+    killed = start_check(service, db, systmp, "killed.csv", "group,count\nkilled-check,69\n")
+    kill_9(killed)
+    assert len(copies("killed-check")) == 1  # the check's copy, left behind
+    live = start_check(service, db, systmp, "live.csv", "group,count\nlive-check,70\n")
+    try:
+        # the next start (on a database of its own: the start cleans the store, not the rows)
+        prepare(
+            service.settings.model_copy(
+                update={"airlock_db_url": f"sqlite:///{tmp_path / 'start.sqlite'}"}
+            )
+        )
+        assert copies("killed-check") == []
+        assert len(copies("live-check")) == 1  # in use by the other process: kept
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert live.stdout.readline().strip() == "DONE" and live.wait(30) == 0
+    finally:
+        if live.poll() is None:
+            kill_9(live)
+    assert copies("live-check") == []  # removed by its own check once done
+    assert [r["title"] for r in service.list_requests(service.who("alice"))] == [""]
+
+    # and at the next collection
+    again = start_check(service, db, systmp, "again.csv", "group,count\nkilled-again,71\n")
+    kill_9(again)
+    [left] = [p for p in checking.iterdir()]
+    assert collect(service, POLICY, now=NOW, dry_run=True).stale_checks[0]["name"] == left.name
+    assert left.is_dir()
+    report = collect(service, POLICY, now=NOW)
+    size = len("group,count\nkilled-again,71\n")
+    assert report.stale_checks == [{"name": left.name, "files": 1, "bytes": size}]
+    assert copies("killed-again") == [] and not left.exists()
+    assert gc_events(service)[-1]["stale_checks"] == report.stale_checks
+    assert collect(service, POLICY, now=NOW).stale_checks == []
