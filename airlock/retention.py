@@ -37,7 +37,10 @@ no request needs (new requests write the content again under ``objects/``); the 
 deletes it and names it in its own event (``finished_from_interrupted_run``); trash a live run
 is still deleting (it holds a ``flock`` on it, ``_claim``) is neither named nor deleted. A kill
 at any point never removes a blob a request could still release, or has released and still
-keeps.
+keeps. Everything a run removes goes through its trash (stale staging directories and uploads
+too), so each removal is counted by one run. Trash that cannot be deleted stays there: the run
+records an ``airlock_gc_incomplete`` event naming each path and raises ``GcIncomplete``
+(``airlock gc`` exits 1); the next run retries it.
 
 The purge of a released request's content is recorded first: its ``release_content_purge``
 event commits (under the lock) before any of its blobs or released copies is moved into the
@@ -51,8 +54,10 @@ event. A kill before it changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -63,18 +68,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from airlock.release import staging_root
 from airlock.service.models import Release, ReleaseRequest, RequestFile
-from airlock.storage import fsync_dir
+from airlock.storage import claim_stale_check_dirs, fsync_dir
 from airlock.workflow import State
 from tre.audit import AuditEvent, record_event
 from tre.registry import Problem, validate_file
 
 if TYPE_CHECKING:
     from airlock.service.core import AirlockService
+
+log = logging.getLogger("airlock.retention")
 
 RETENTION_FILE = "retention.yaml"
 # requests in these states can never release anything (final, not released)
@@ -83,7 +91,10 @@ TRASH = "trash"  # under the snapshot store and under the released store
 GC_ACTION = "airlock_gc"  # the audit action of a run: one event per run, dry runs record none
 # the audit action of the removal of a released request's content: one per request, ever
 PURGE_ACTION = "release_content_purge"
+# a run whose trash could not all be deleted: what is left and why (the next run retries it)
+INCOMPLETE_ACTION = "airlock_gc_incomplete"
 MAX_RELEASED_CONTENT_DAYS = 36500
+NULL_FIELD = "released_content_retention_days"  # the one period where null means "forever"
 # a staging directory nothing was written to for this long belongs to no running release (the
 # same safety age as the extract builder's temporaries, tre/extract.py)
 STALE_STAGING_SECONDS = 3600
@@ -151,16 +162,64 @@ class RetentionPolicy(BaseModel):
         return value
 
 
+class GcIncomplete(RuntimeError):
+    """The run decided and recorded everything, but some of its trash could not be deleted:
+    it stays in the trash (the next run deletes it, naming it as an interrupted run's)."""
+
+    def __init__(self, report: GcReport, store_dir: Path) -> None:
+        self.report = report
+        listed = "; ".join(
+            f"{store_dir / item['path']}: {item['error']}" for item in report.not_deleted
+        )
+        super().__init__(
+            f"could not delete {len(report.not_deleted)} item(s) of run {report.run} (left in"
+            f" the trash; the next run retries them): {listed}"
+        )
+
+
 class RetentionPolicyError(ValueError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
 
 
+def _blank_fields(path: Path) -> list[str]:
+    """Top-level keys written with no value at all (``released_content_retention_days:``).
+    YAML reads a blank as null, which for ``released_content_retention_days`` means "keep
+    forever": a value deleted by mistake must not silently mean that, so only an explicit
+    ``null`` (or ``~``) does."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return []  # validate_file names the syntax error
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    return [
+        str(key.value)
+        for key, value in node.value
+        if isinstance(key, yaml.ScalarNode)
+        and isinstance(value, yaml.ScalarNode)
+        and value.tag == "tag:yaml.org,2002:null"
+        and value.value == ""  # no text at all: `null` and `~` are explicit
+    ]
+
+
 def retention_problems(policies_dir: Path) -> tuple[RetentionPolicy | None, list[Problem]]:
     path = policies_dir / RETENTION_FILE
     if not path.exists():
         return None, [Problem(path, "", "missing: the airlock retention policy is required")]
+    forever = " of days, or `null` to keep released contents forever"
+    blank = [
+        Problem(
+            path,
+            name,
+            f"has no value: write a whole number{forever if name == NULL_FIELD else ''}"
+            " (an empty value is refused, never read as null)",
+        )
+        for name in _blank_fields(path)
+    ]
+    if blank:
+        return None, blank
     return validate_file(RetentionPolicy, path)
 
 
@@ -227,11 +286,18 @@ class GcReport:
     stale_staging: list[dict[str, Any]] = field(default_factory=list)
     # files a snapshot being stored left in snapshots/tmp when its process died (name, size)
     stale_uploads: list[dict[str, Any]] = field(default_factory=list)
+    # working directories of disclosure checks whose process was killed (name, files, bytes)
+    stale_checks: list[dict[str, Any]] = field(default_factory=list)
     # snapshots an ended request refers to, kept because another request still needs them
     kept_shared: list[str] = field(default_factory=list)
     # released requests whose file contents this run purges (released_content_retention_days);
     # each also gets its own release_content_purge event
     released_content: list[dict[str, Any]] = field(default_factory=list)
+    # the run's id (its trash directories' name); None in a dry run
+    run: str | None = None
+    # what the run decided to delete but could not (path under the store, error); also in an
+    # airlock_gc_incomplete event: it stays in the trash and the next run retries it
+    not_deleted: list[dict[str, str]] = field(default_factory=list)
 
     def details(self) -> dict[str, Any]:
         return {
@@ -243,9 +309,11 @@ class GcReport:
             "released": self.released,
             "stale_staging": self.stale_staging,
             "stale_uploads": self.stale_uploads,
+            "stale_checks": self.stale_checks,
             "finished_from_interrupted_run": self.finished_from_interrupted_run,
             "kept_shared": self.kept_shared,
             "released_content": self.released_content,
+            "gc_run": self.run,  # links a later airlock_gc_incomplete event to this run
         }
 
     def counts(self) -> dict[str, int]:
@@ -258,6 +326,7 @@ class GcReport:
             "released_content": len(self.released_content),
             "stale_staging": len(self.stale_staging),
             "stale_uploads": len(self.stale_uploads),
+            "stale_checks": len(self.stale_checks),
             "finished_from_interrupted_run": len(self.finished_from_interrupted_run),
             "kept_shared": len(self.kept_shared),
         }
@@ -401,14 +470,35 @@ def content_purge(session: Any, request_id: str) -> tuple[dt.datetime, dict[str,
     return (dt.datetime.fromisoformat(row[0]), json.loads(row[1])) if row else None
 
 
+def _retention_reason(days: int, released_at: str) -> str:
+    return (
+        f"under the retention policy: released outputs are kept {days} days after their release"
+        f" (released {released_at[:10]}); the record of what was released (names, sizes,"
+        " sha256, reviews) is kept"
+    )
+
+
 def purge_message(purge: tuple[dt.datetime, dict[str, Any]]) -> str:
     """What a page or a download says about a purged request."""
     at, details = purge
     return (
-        f"the file contents of this request were removed on {at.date().isoformat()} under the"
-        f" retention policy: released outputs are kept {details['released_content_retention_days']}"
-        f" days after their release (released {details['released_at'][:10]}); the record of"
-        " what was released (names, sizes, sha256, reviews) is kept"
+        f"the file contents of this request were removed on {at.date().isoformat()} "
+        + _retention_reason(details["released_content_retention_days"], details["released_at"])
+    )
+
+
+def content_expired(released_at: dt.datetime, days: int | None, now: dt.datetime) -> bool:
+    """Whether a release is past ``released_content_retention_days`` at ``now``: the one rule
+    of the collector (which purges it) and of the downloads and previews (which refuse it from
+    that moment, whether or not a collection ran since). None keeps it forever."""
+    return days is not None and _aware(released_at) <= now - dt.timedelta(days=days)
+
+
+def expired_message(released_at: dt.datetime, days: int) -> str:
+    """What a page or a download says about a release past its period that no run purged yet
+    (the same reason as after the purge)."""
+    return "the file contents of this request are no longer available " + _retention_reason(
+        days, _aware(released_at).isoformat()
     )
 
 
@@ -434,11 +524,10 @@ def _purge_plan(
     purged = {rid: project for rid, _at, _m, project in rows if rid in done}
     if days is None:
         return purged, []
-    cutoff = now - dt.timedelta(days=days)
     due = []
     for rid, released_at, manifest, project in rows:
         released_at = _aware(released_at)
-        if rid in done or released_at > cutoff:
+        if rid in done or not content_expired(released_at, days, now):
             continue
         files = [
             {"id": f["file_id"], "path": f["path"], "sha256": f["sha256"], "size": f["size"]}
@@ -583,6 +672,40 @@ def _leftovers(service: AirlockService, report: GcReport, claims: list[int]) -> 
     return runs
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _delete_trash(service: AirlockService, runs: list[Path], report: GcReport) -> None:
+    """Delete the trash directories ``runs``; what cannot be deleted goes into
+    ``report.not_deleted`` (path under the store, error), never silently ignored."""
+    store_dir = service.settings.airlock_store_dir
+    assert store_dir is not None
+
+    def failed(_func: Callable[..., Any], path: str, exc_info: Any) -> None:
+        exc = exc_info[1]
+        if isinstance(exc, FileNotFoundError):
+            return  # gone already
+        if isinstance(exc, OSError) and exc.errno == errno.ENOTEMPTY:
+            return  # a directory holding what could not be deleted: that is named itself
+        where = Path(path)
+        report.not_deleted.append(
+            {
+                "path": str(where.relative_to(store_dir))
+                if where.is_relative_to(store_dir)
+                else str(where),
+                "error": f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}",
+            }
+        )
+
+    for run in runs:
+        if run.exists():
+            shutil.rmtree(run, onerror=failed)
+
+
 def collect(
     service: AirlockService,
     policy: RetentionPolicy,
@@ -657,6 +780,13 @@ def _collect(
             )
         stale_staging = _stale_staging_plan(service, report)
         stale_uploads = _stale_uploads_plan(service, report)
+        # held (flock) from here until deleted: a check running in any worker holds its own
+        stale_checks = claim_stale_check_dirs(service.checking_dir, claims)
+        for path in stale_checks:
+            files = [Path(d, f) for d, _, names in os.walk(path) for f in names]
+            report.stale_checks.append(
+                {"name": path.name, "files": len(files), "bytes": sum(_size(f) for f in files)}
+            )
         if dry_run:
             return report
         run_id = f"gc-{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -675,16 +805,23 @@ def _collect(
                     )
                 step("purge", run_id)
             step("purged", run_id)
+        report.run = run_id
         snapshot_trash = store.root / TRASH / run_id
         released_trash = service.released_root / f".{TRASH}" / run_id
-        if removable:
+        if removable or stale_uploads:
             snapshot_trash.mkdir(parents=True)
             _hold(snapshot_trash, claims)
             for sha in removable:
                 os.rename(store.path(sha), snapshot_trash / sha)
                 fsync_dir(store.path(sha).parent)
                 step("trashed", sha)
-        if due:
+            # moved away under the lock like the rest, so a run that starts once this one lets
+            # go of the lock neither sees them again nor counts them twice
+            for upload in stale_uploads:
+                os.rename(upload, snapshot_trash / upload.name)
+                fsync_dir(upload.parent)
+                step("trashed", upload.name)
+        if due or stale_staging:
             released_trash.mkdir(parents=True)
             _hold(released_trash, claims)
             for entry in report.released:
@@ -694,16 +831,31 @@ def _collect(
                     os.rename(service.released_root / name, released_trash / name)
                     fsync_dir(service.released_root)
                     step("trashed", name)
+            for staging in stale_staging:
+                os.rename(staging, released_trash / f"staging.{staging.name}")
+                fsync_dir(staging.parent)
+                step("trashed", staging.name)
         # the one event of the run, committed before anything is deleted for good
         with service.factory() as session, session.begin():
             record_event(session, actor, GC_ACTION, "airlock:store", report.details())
             step("commit", run_id)
         step("committed", run_id)
-    # outside the lock: the trash and the stale staging directories are no request's, and
-    # deleting them may take long (a kill here leaves staging the next run names again)
-    for run in [*leftovers, snapshot_trash, released_trash, *stale_staging]:
-        shutil.rmtree(run, ignore_errors=True)
-    for upload in stale_uploads:
-        upload.unlink(missing_ok=True)
+    # outside the lock: the trash is no request's, and deleting it may take long
+    _delete_trash(service, [*leftovers, snapshot_trash, released_trash, *stale_checks], report)
+    if report.not_deleted:
+        # recorded, logged and raised (exit 1): the decision stands (its events are
+        # committed), the bytes are still on disk until a run deletes them
+        with service.factory() as session, session.begin():
+            record_event(
+                session,
+                actor,
+                INCOMPLETE_ACTION,
+                "airlock:store",
+                {"gc_run": run_id, "not_deleted": report.not_deleted},
+            )
+        error = GcIncomplete(report, service.settings.airlock_store_dir)
+        log.error("airlock gc: %s", error)
+        step("deleted", run_id)
+        raise error
     step("deleted", run_id)
     return report

@@ -4,10 +4,14 @@ service side)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from tre.settings import get_settings
+
+if TYPE_CHECKING:
+    from airlock.retention import GcReport
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "airlock.md"
 
@@ -108,9 +112,12 @@ def gc(
     longer ago than released_content_retention_days (their record stays) and the staging
     directories of releases that never finished (one audit event per run, and one per request
     whose content is purged). The expiry enforcer runs this too."""
-    import json
-
-    from airlock.retention import RetentionPolicyError, collect, load_retention_policy
+    from airlock.retention import (
+        GcIncomplete,
+        RetentionPolicyError,
+        collect,
+        load_retention_policy,
+    )
     from airlock.service.core import AirlockService
     from airlock.service.db import make_engine
     from tre.registry import RegistryError, load_registry
@@ -123,12 +130,28 @@ def gc(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     engine = make_engine(url or settings.airlock_db_url or "")
+    failure: GcIncomplete | None = None
     try:
         report = collect(AirlockService(settings, engine, registry), policy, dry_run=dry_run)
+    except GcIncomplete as exc:  # everything decided and recorded; some trash is left
+        failure, report = exc, exc.report
+    except OSError as exc:  # a disk error mid-run: what it moved is finished by the next run
+        typer.echo(f"error: airlock gc stopped: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         engine.dispose()
+    _print_gc_report(report, dry_run, as_json)
+    if failure is not None:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(1)
+
+
+def _print_gc_report(report: GcReport, dry_run: bool, as_json: bool) -> None:
+    import json
+
     if as_json:
-        typer.echo(json.dumps({"dry_run": dry_run, **report.details()}, indent=2))
+        details = {"dry_run": dry_run, **report.details(), "not_deleted": report.not_deleted}
+        typer.echo(json.dumps(details, indent=2))
         return
     verb = "would remove" if dry_run else "removed"
     size = sum(s["size"] for s in report.snapshots + report.orphans)
@@ -164,10 +187,17 @@ def gc(
         typer.echo(
             f"{verb} {len(report.stale_uploads)} file(s) a killed snapshot left in snapshots/tmp"
         )
+    if report.stale_checks:
+        typer.echo(
+            f"{verb} {len(report.stale_checks)} working dir(s) of killed disclosure checks"
+            " in checking/"
+        )
     if report.finished_from_interrupted_run:
         typer.echo(
             f"finished an interrupted run: {len(report.finished_from_interrupted_run)} item(s)"
         )
+    for item in report.not_deleted:
+        typer.echo(f"  NOT DELETED {item['path']}: {item['error']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,14 +14,19 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
+log = logging.getLogger("airlock.storage")
+
 CHUNK = 1024 * 1024
+CHECK_DIR_PREFIX = "check-"
 SHA256_HEX = frozenset("0123456789abcdef")
 
 
@@ -142,6 +147,88 @@ class FileSystemStore:
                 for blob in sorted(sub.iterdir()):
                     if len(blob.name) == 64 and set(blob.name) <= SHA256_HEX:
                         yield blob.name, blob.stat()
+
+
+# --- working directories of the disclosure checks ---------------------------------------------
+#
+# A check runs on a copy of the snapshot named like the researcher's file (the checks dispatch on
+# the name), in a directory of its own under ``<airlock store>/checking``. The copy is the
+# researcher's bytes, so it must not outlive the check: the process running it holds an
+# exclusive ``flock`` on the directory while it is in use (a kill -9 lets go of it with the
+# process), and ``claim_stale_check_dirs`` (at the service's start and in ``airlock gc``)
+# removes every directory nobody holds, never one a check in another worker still uses.
+# They lived in the system's /tmp as ``airlock-check-*`` before, where a killed check left its
+# copy for good.
+
+
+def _held_dir(path: Path) -> int | None:
+    """An fd of ``path`` with an exclusive flock on it; None if someone holds it or it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def check_workdir(root: Path) -> Iterator[Path]:
+    """A private directory under ``root`` for one check, held until the check is done, then
+    removed."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=CHECK_DIR_PREFIX, dir=root))
+        fd = _held_dir(path)
+        if fd is None:
+            continue  # a cleaner found it before we held it: it is going, take another
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # a cleaner removed it between its creation and our lock
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)  # what is left goes at the next start or run
+        os.close(fd)
+
+
+def claim_stale_check_dirs(root: Path, claims: list[int]) -> list[Path]:
+    """Check directories no process holds (their check was killed): each one's fd, locked,
+    goes into ``claims``, to hold until it is deleted (so no second cleaner counts it too)."""
+    if not root.is_dir():
+        return []
+    stale = []
+    for path in sorted(root.iterdir()):
+        if not path.name.startswith(CHECK_DIR_PREFIX) or path.is_symlink() or not path.is_dir():
+            continue  # not ours: left alone
+        fd = _held_dir(path)
+        if fd is None:
+            continue  # a check in progress (in any process), or gone
+        claims.append(fd)
+        stale.append(path)
+    return stale
+
+
+def remove_stale_check_dirs(root: Path) -> list[str]:
+    """At the service's start: remove what killed checks left; the names removed."""
+    claims: list[int] = []
+    try:
+        stale = claim_stale_check_dirs(root, claims)
+        for path in stale:
+            shutil.rmtree(path, onerror=lambda _f, p, e: log.error("cannot delete %s: %s", p, e[1]))
+        if stale:
+            log.warning("removed %d check dir(s) that killed checks left in %s", len(stale), root)
+        return [p.name for p in stale]
+    finally:
+        for fd in claims:
+            os.close(fd)
 
 
 def clean_relative_path(relpath: str) -> PurePosixPath:

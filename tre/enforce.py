@@ -71,6 +71,7 @@ GC_REMOVAL_KINDS = (
     "released_content",
     "stale_staging",
     "stale_uploads",
+    "stale_checks",
 )
 
 

@@ -745,7 +745,10 @@ def render_notebook_html(path: Any) -> str:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # old notebooks without cell ids: render them anyway
-        nb = nbformat.read(str(path), as_version=4)
+        if hasattr(path, "read"):  # a file the caller opened (bytes)
+            nb = nbformat.reads(path.read().decode("utf-8"), as_version=4)
+        else:
+            nb = nbformat.read(str(path), as_version=4)
     exporter = HTMLExporter(
         sanitize_html=True, embed_images=True, filters={"clean_html": clean_notebook_html}
     )

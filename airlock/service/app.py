@@ -9,16 +9,24 @@ form carries a CSRF token that is checked on POST.
 import functools
 import ipaddress
 import logging
+import os
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
+from urllib.parse import quote
 
 import anyio.to_thread
 from anyio import CapacityLimiter
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from airlock import permissions as perm
 from airlock.checks.findings import describe_places
 from airlock.release import ReleaseError
+from airlock.retention import RetentionPolicyError
 from airlock.service import admin, preview
 from airlock.service.auth import HubIdentityProvider, Identity, IdentityProvider, TokenRefused
 from airlock.service.core import (
@@ -319,6 +328,9 @@ ERRORS: list[tuple[type[Exception], int]] = [
     (StorageError, 400),
     (ReleaseError, 409),
     (CsrfFailed, 403),
+    # the retention policy cannot be read: released contents are not served until it can be
+    # (they may be past their period), and the answer names the file and the field
+    (RetentionPolicyError, 503),
 ]
 
 
@@ -551,12 +563,12 @@ def create_app(
 
     @api.get(
         "/requests/{request_id}/files/{file_id}/download",
-        response_class=FileResponse,
+        response_class=StreamingResponse,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
-    def download(request_id: str, file_id: int, who: ApiUser) -> FileResponse:
-        path, name = service.download(who, request_id, file_id)
-        return _attachment(path, name)
+    def download(request_id: str, file_id: int, who: ApiUser) -> StreamingResponse:
+        fh, name = service.open_download(who, request_id, file_id)
+        return _attachment(fh, name)
 
     @api.get("/queue")
     def queue(who: ApiUser) -> dict[str, Any]:
@@ -670,10 +682,11 @@ def create_app(
     def file_preview(
         request: Request, request_id: str, file_id: int, who: PageUser
     ) -> HTMLResponse:
-        path, f = service.snapshot_path(who, request_id, file_id)
-        kind = preview.kind_for(f.name)
-        table = preview.table_preview(path, f.name, f.findings) if kind == "table" else None
-        text = preview.text_preview(path) if kind == "text" else None
+        fh, f = service.open_snapshot(who, request_id, file_id)
+        with fh:
+            kind = preview.kind_for(f.name)
+            table = preview.table_preview(fh, f.name, f.findings) if kind == "table" else None
+            text = preview.text_preview(fh) if kind == "text" else None
         return render(
             request,
             "preview.html",
@@ -687,19 +700,20 @@ def create_app(
 
     @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/raw", include_in_schema=False)
     def file_raw(request_id: str, file_id: int, who: PageUser) -> Response:
-        path, f = service.snapshot_path(who, request_id, file_id)
+        fh, f = service.open_snapshot(who, request_id, file_id)
         media = preview.image_media_type(f.name)
         if media is None:
-            return _attachment(path, f.name)
-        response = FileResponse(path, media_type=media)
+            return _attachment(fh, f.name)
+        response = OpenFileResponse(fh, media_type=media)
         response.headers["Content-Security-Policy"] = INERT_CSP
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 
     @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/notebook", include_in_schema=False)
     def file_notebook(request_id: str, file_id: int, who: PageUser) -> HTMLResponse:
-        path, f = service.snapshot_path(who, request_id, file_id)
-        html = preview.notebook_html(path)
+        fh, f = service.open_snapshot(who, request_id, file_id)
+        with fh:
+            html = preview.notebook_html(fh)
         return HTMLResponse(
             html,
             headers={
@@ -774,9 +788,9 @@ def create_app(
         return back_to(request_id)
 
     @app.get(f"{prefix}requests/{{request_id}}/files/{{file_id}}/download", include_in_schema=False)
-    def download_page(request_id: str, file_id: int, who: PageUser) -> FileResponse:
-        path, name = service.download(who, request_id, file_id)
-        return _attachment(path, name)
+    def download_page(request_id: str, file_id: int, who: PageUser) -> StreamingResponse:
+        fh, name = service.open_download(who, request_id, file_id)
+        return _attachment(fh, name)
 
     @app.get(f"{prefix}audit", include_in_schema=False)
     def audit_page(request: Request, who: PageUser) -> HTMLResponse:
@@ -799,8 +813,45 @@ def identity_logout_url(identity: IdentityProvider) -> str:
     return "/"
 
 
-def _attachment(path: Path, name: str) -> FileResponse:
-    response = FileResponse(path, media_type="application/octet-stream", filename=name)
+class OpenFileResponse(StreamingResponse):
+    """The bytes of a file the service already opened (and, for a download, verified), sent
+    from that open file: ``airlock gc`` may move or delete the path meanwhile, and a response
+    that opened the path again (Starlette's FileResponse) then failed with a 500 halfway or
+    could send other bytes than the ones verified. No ranges: every answer is the whole file."""
+
+    chunk_size = 256 * 1024
+
+    def __init__(
+        self, fh: BinaryIO, media_type: str, headers: dict[str, str] | None = None
+    ) -> None:
+        size = os.fstat(fh.fileno()).st_size
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await anyio.to_thread.run_sync(fh.read, self.chunk_size):
+                    yield chunk
+            finally:
+                fh.close()
+
+        super().__init__(
+            chunks(),
+            media_type=media_type,
+            headers={**(headers or {}), "content-length": str(size)},
+        )
+
+
+def _attachment(fh: BinaryIO, name: str) -> OpenFileResponse:
+    # the name the sandbox chose: plain ASCII as is, anything else percent-encoded, so it can
+    # neither end the header nor add one (tests/airlock_service/test_download_names.py)
+    quoted = quote(name)
+    disposition = (
+        f'attachment; filename="{name}"'
+        if quoted == name
+        else f"attachment; filename*=utf-8''{quoted}"
+    )
+    response = OpenFileResponse(
+        fh, "application/octet-stream", headers={"content-disposition": disposition}
+    )
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = INERT_CSP
     return response

@@ -8,17 +8,17 @@ the audit events; a failure anywhere rolls all of it back (bad input changes not
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import Engine, and_, case, func, select
 from sqlalchemy.exc import IntegrityError
@@ -29,8 +29,8 @@ from airlock.policy import Policy, load_policy
 from airlock.release import ReleaseError, release_request, released_dir
 from airlock.service.checking import run_checks
 from airlock.service.db import session_factory
-from airlock.service.models import Comment, ReleaseRequest, RequestFile, Vote
-from airlock.storage import FileSystemStore, StorageError, open_workspace_file, sha256_file
+from airlock.service.models import Comment, Release, ReleaseRequest, RequestFile, Vote
+from airlock.storage import FileSystemStore, StorageError, check_workdir, open_workspace_file
 from airlock.workflow import (
     Action,
     State,
@@ -113,6 +113,8 @@ class AirlockService:
         assert settings.airlock_store_dir is not None and settings.workspaces_dir is not None
         self.store = FileSystemStore(settings.airlock_store_dir / "snapshots")
         self.released_root = settings.airlock_store_dir / "released"
+        # working copies of the files being checked, one held directory per check
+        self.checking_dir = settings.airlock_store_dir / "checking"
         self.release_hook = release_hook
         # the disclosure checks run here if set (processes at lower priority, see runner.py)
         self.check_pool = check_pool
@@ -204,9 +206,10 @@ class AirlockService:
         rel, fh = open_workspace_file(workspace, spec.path)
         with fh:
             sha, size = self.store.put_stream(fh, policy.max_file_bytes)
-        # run the checks on a private copy named like the original (checks dispatch on it)
-        with tempfile.TemporaryDirectory(prefix="airlock-check-") as tmp:
-            named = Path(tmp) / rel.name
+        # run the checks on a private copy named like the original (checks dispatch on it),
+        # in a directory removed even if this process is killed (storage.check_workdir)
+        with check_workdir(self.checking_dir) as tmp:
+            named = tmp / rel.name
             shutil.copyfile(self.store.path(sha), named)
             extract = self.settings.extracts_dir / f"{project}.duckdb"  # type: ignore[operator]
             extract_path = extract if extract.exists() else None
@@ -620,8 +623,20 @@ class AirlockService:
     # --- download -------------------------------------------------------------------------
 
     def download(self, who: perm.Who, request_id: str, file_id: int) -> tuple[Path, str]:
-        """Path of a released file (verified against its sha256) and its download name."""
-        with self.factory() as session, session.begin():
+        """Path of a released file (verified against its sha256) and its download name, for
+        callers that read it at once (tests, tools); the service serves ``open_download``."""
+        fh, name = self.open_download(who, request_id, file_id)
+        fh.close()
+        return released_dir(self.released_root, request_id) / str(file_id) / name, name
+
+    def open_download(self, who: perm.Who, request_id: str, file_id: int) -> tuple[BinaryIO, str]:
+        """A released file, open and verified against its sha256, and its download name.
+
+        The caller sends the bytes of this open file, never the path again: ``airlock gc``
+        may move the released copy away and delete it at any moment (purge, end of the grace
+        period), and an open file keeps its bytes until it is closed, so a download either
+        gets the whole verified file or, once the copy is gone, 410 (not a 500)."""
+        with self.factory() as session:  # committed below, with the file open; else rolled back
             req = self._load(session, who, request_id, lock=False)
             perm.check_download(who, req)
             f = _find_file(req, file_id)
@@ -629,24 +644,90 @@ class AirlockService:
                 raise Conflict("this request has not been released")
             if f.withdrawn_round is not None:
                 raise NotFound("this file was not released")
-            self._check_content_not_purged(session, req.id)
+            self._check_content_available(session, req.id)
             self._check_released_not_expired(req.project)
             path = released_dir(self.released_root, req.id) / str(f.id) / f.name
-            if not path.is_file() or sha256_file(path) != f.sha256:
-                raise ReleaseError("the released copy does not match its sha256; not served")
-            record_event(
-                session, who.name, "download", f"file:{f.id}", {"request": req.id, "sha": f.sha256}
-            )
-            return path, f.name
+            project, name = req.project, f.name
+            fh = self._open_verified(path, f.sha256)
+            if fh is not None:
+                try:
+                    record_event(
+                        session,
+                        who.name,
+                        "download",
+                        f"file:{f.id}",
+                        {"request": req.id, "sha": f.sha256},
+                    )
+                    session.commit()
+                except BaseException:
+                    fh.close()
+                    raise
+                return fh, name
+        # taken since the checks above? Its record committed before it moved: say so (after
+        # this session ended: on SQLite a second one would wait for its write lock)
+        self._check_gone_since(request_id, project)
+        raise ReleaseError("the released copy does not match its sha256; not served")
 
     @staticmethod
-    def _check_content_not_purged(session: Session, request_id: str) -> None:
-        """410 once the released request's file contents were purged (retention.py)."""
+    def _open_verified(path: Path, sha256: str) -> BinaryIO | None:
+        """The file at ``path`` open and rewound if its bytes hash to ``sha256``, else None."""
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 (returned open)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            digest = hashlib.sha256()
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
+            if digest.hexdigest() == sha256:
+                fh.seek(0)
+                return fh
+        except BaseException:
+            fh.close()
+            raise
+        fh.close()
+        return None
+
+    def _check_gone_since(self, request_id: str, project: str) -> None:
+        """Gone if the request's content was purged (or its project's grace period passed)
+        after the caller's checks: read in a transaction of its own, which sees that commit."""
+        with self.factory() as session:
+            self._check_content_available(session, request_id)
+        self._check_released_not_expired(project)
+
+    def _check_content_available(self, session: Session, request_id: str) -> None:
+        """410 once the released request's file contents were purged, and from the moment
+        they are due to be (see ``_content_expiry``), whether or not ``airlock gc`` ran."""
         from airlock.retention import content_purge, purge_message
 
         purge = content_purge(session, request_id)
         if purge is not None:
             raise Gone(purge_message(purge))
+        expiry = self._content_expiry(session, request_id)
+        if expiry is not None:
+            raise Gone(expiry["message"])
+
+    def _content_expiry(self, session: Session, request_id: str) -> dict[str, Any] | None:
+        """None, or why a released request's contents are past ``released_content_retention_days``
+        on this machine's clock (the one ``airlock gc`` and the enforcer use): the period is
+        what the policy promises, the collection only deletes, so they are refused from then on
+        even before it runs. The policy is read anew each time: a change applies at once, and
+        null keeps contents forever. An unreleased request has no such period."""
+        from airlock.retention import content_expired, expired_message, load_retention_policy
+
+        released_at = session.execute(
+            select(Release.released_at).where(Release.request_id == request_id)
+        ).scalar_one_or_none()
+        if released_at is None:
+            return None
+        days = load_retention_policy(self.settings.policies_dir).released_content_retention_days
+        if days is None or not content_expired(released_at, days, dt.datetime.now(dt.UTC)):
+            return None
+        return {
+            "released_at": released_at.isoformat(),
+            "after_days": days,
+            "message": expired_message(released_at, days),
+        }
 
     def _check_released_not_expired(self, project: str) -> None:
         """410 once the project's released files are past their grace period (retention.py)."""
@@ -667,21 +748,36 @@ class AirlockService:
     def snapshot_path(
         self, who: perm.Who, request_id: str, file_id: int
     ) -> tuple[Path, RequestFile]:
-        """The snapshot bytes, for checkers' and authors' previews inside the airlock."""
+        """Where the snapshot is, for callers that read it at once (tests, tools); the
+        service's previews read ``open_snapshot``'s file."""
+        fh, f = self.open_snapshot(who, request_id, file_id)
+        fh.close()
+        return self.store.path(f.sha256), f
+
+    def open_snapshot(
+        self, who: perm.Who, request_id: str, file_id: int
+    ) -> tuple[BinaryIO, RequestFile]:
+        """The snapshot's bytes, open, for checkers' and authors' previews inside the airlock
+        (read from this open file: a collection may delete the blob meanwhile)."""
         with self.factory() as session:
             req = self._load(session, who, request_id, lock=False)
             f = _find_file(req, file_id)
-            if req.state == State.RELEASED:
+            released = req.state == State.RELEASED
+            if released:
                 # the blob may still be stored for another request: not for this one, under
                 # none of its file ids (a withdrawn or replaced one may hold the same bytes)
-                self._check_content_not_purged(session, req.id)
-            path = self.store.path(f.sha256)
-            if not path.is_file():  # only the garbage collector removes snapshots
-                raise Gone(
-                    "this snapshot was deleted under the retention policy"
-                    " (its request ended without releasing it)"
-                )
-            return path, f
+                self._check_content_available(session, req.id)
+            project = req.project
+            try:
+                return self.store.open(f.sha256), f
+            except FileNotFoundError:  # only the garbage collector removes snapshots
+                pass
+        if released:  # purged since the check above? (after the session, as in open_download)
+            self._check_gone_since(request_id, project)
+        raise Gone(
+            "this snapshot was deleted under the retention policy"
+            " (its request ended without releasing it)"
+        )
 
     # --- reading --------------------------------------------------------------------------
 
@@ -802,7 +898,7 @@ class AirlockService:
                 and perm.can_see_vote(who, req, e.actor, 2 if round_complete else 0)
             )
         ]
-        purge = None
+        purge = expiry = None
         if req.state == State.RELEASED:
             from airlock.retention import content_purge, purge_message
 
@@ -813,6 +909,8 @@ class AirlockService:
                     "after_days": found[1]["released_content_retention_days"],
                     "message": purge_message(found),
                 }
+            else:
+                expiry = self._content_expiry(session, req.id)
         return {
             **_request_summary(req),
             "files": files,
@@ -820,6 +918,8 @@ class AirlockService:
             "history": history,
             # None, or when and why the released file contents were removed (retention.py)
             "content_purged": purge,
+            # None, or why they are past their period though no collection removed them yet
+            "content_expired": expiry,
             "permissions": {
                 "edit": perm.can_edit_request(who, req),
                 "submit": perm.can_submit(who, req) and bool(req.active_files()),
@@ -827,7 +927,7 @@ class AirlockService:
                 "review": perm.can_review(who, req),
                 "decide": perm.can_decide(who, req),
                 "release": perm.can_release(who, req) and req.state == State.APPROVED,
-                "download": perm.can_download(who, req) and purge is None,
+                "download": perm.can_download(who, req) and purge is None and expiry is None,
                 "comment": perm.can_comment(who, req),
                 "comment_privately": perm.can_comment_privately(who, req),
             },

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 TABLE_SUFFIXES = {"csv": ",", "tsv": "\t"}
 IMAGE_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
@@ -18,6 +18,15 @@ _SEVERITY = {"pass": 0, "review": 1, "fail": 2}
 
 def _suffix(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _head(source: Path | BinaryIO, limit: int) -> bytes:
+    """The first ``limit`` bytes of a path or of a file the service opened (it reads from the
+    open file: the blob may be deleted meanwhile)."""
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            return fh.read(limit)
+    return source.read(limit)
 
 
 def kind_for(name: str) -> str:
@@ -54,14 +63,16 @@ def flagged_cells(findings: list[dict[str, Any]]) -> dict[tuple[int | None, str]
     return marks
 
 
-def table_preview(path: Path, name: str, findings: list[dict[str, Any]]) -> dict[str, Any]:
+def table_preview(
+    source: Path | BinaryIO, name: str, findings: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The table as the checks read it (same reader: sniffed separator, comment lines above the
     header set aside, several header rows joined), so flagged cells land where the rule saw
     them; a file the reader refuses is shown row by row as plain CSV."""
     from airlock.checks.spreadsheets import delimited_cells, split_preamble
 
     delimiter = TABLE_SUFFIXES[_suffix(name)]
-    text = path.read_bytes()[: 4 * 1024 * 1024].decode("utf-8", errors="replace")
+    text = _head(source, 4 * 1024 * 1024).decode("utf-8", errors="replace")
     try:
         frame, _ = delimited_cells(split_preamble(text)[1], "\t" if delimiter == "\t" else None)
         header = frame.columns[:MAX_COLS]
@@ -91,19 +102,18 @@ def table_preview(path: Path, name: str, findings: list[dict[str, Any]]) -> dict
     }
 
 
-def text_preview(path: Path) -> str:
-    with open(path, "rb") as fh:
-        data = fh.read(MAX_TEXT + 1)
+def text_preview(source: Path | BinaryIO) -> str:
+    data = _head(source, MAX_TEXT + 1)
     text = data[:MAX_TEXT].decode("utf-8", errors="replace")
     return text + ("\n[... truncated ...]" if len(data) > MAX_TEXT else "")
 
 
-def notebook_html(path: Path) -> str:
+def notebook_html(source: Path | BinaryIO) -> str:
     """The notebook as checkers see it: the checks engine's nbconvert rendering (one renderer
     for the whole airlock), with scripts, event handlers and remote references stripped."""
     from airlock.checks.notebooks import render_notebook_html
 
     try:
-        return render_notebook_html(path)
+        return render_notebook_html(source)
     except Exception as exc:  # noqa: BLE001 - any parse failure is shown, never executed
         return f"<p>This notebook cannot be rendered: {type(exc).__name__}</p>"

@@ -33,6 +33,7 @@ from airlock.service.auth import HubConfig, HubIdentityProvider
 from airlock.service.checkpool import check_pool
 from airlock.service.core import AirlockService
 from airlock.service.db import make_engine, upgrade
+from airlock.storage import remove_stale_check_dirs
 from tre.provision import LiveRegistry
 from tre.registry import load_registry
 from tre.settings import Settings
@@ -60,9 +61,10 @@ def prepare(settings: Settings) -> None:
     try:
         upgrade(engine)
         load_registry(settings.policies_dir)  # invalid declarations stop the start, clearly
-        AirlockService(
-            settings, engine, LiveRegistry(settings.policies_dir)
-        ).complete_pending_releases()
+        service = AirlockService(settings, engine, LiveRegistry(settings.policies_dir))
+        # the copies of the researchers' files that checks killed with the last run left
+        remove_stale_check_dirs(service.checking_dir)
+        service.complete_pending_releases()
     finally:
         engine.dispose()  # no connection may be shared with forked workers
 

@@ -27,7 +27,8 @@ def test_hostile_names_stay_inside_one_header(tmp_path: Path, name: str) -> None
     rel = clean_relative_path(f"outputs/{name}")  # what the workspace path check lets through
     assert rel.name == name
     (tmp_path / "f").write_bytes(b"x")
-    headers = _attachment(tmp_path / "f", rel.name).headers
+    with open(tmp_path / "f", "rb") as fh:
+        headers = _attachment(fh, rel.name).headers
     value = headers["content-disposition"]
     assert value.isascii() and value.isprintable()  # no CR/LF, no control bytes, no raw Unicode
     assert value.startswith("attachment; filename")

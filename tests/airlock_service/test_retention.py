@@ -489,7 +489,8 @@ def test_stale_release_staging_goes_fresh_staging_and_everything_else_stays(
     assert {s["path"] for s in report.stale_staging} == stale
     assert not old_style.exists() and not old_new_style.exists()
     removed = {p for p in before if any(p == s or p.startswith(s + "/") for s in stale)}
-    assert tree(root) == before - removed
+    assert tree(root) == before - removed | {".trash"}  # they went through the run's trash
+    assert not any((root / ".trash").iterdir())
     assert (outside / "keep").is_dir() and crashed_staging.is_dir()
     [event] = gc_events(service)[len(events) :]
     assert {s["path"] for s in event["stale_staging"]} == stale
@@ -899,9 +900,9 @@ def test_a_recently_ended_request_with_the_same_bytes_keeps_them_for_its_own_per
 def test_null_keeps_released_content_forever_and_dry_run_changes_nothing(service):
     rid, fid, sha = released_with(service, "kept.csv", "group,count\nkeep,45\n")
     age_release(service, rid, 3650)
-    forever = load_retention_policy(service.settings.policies_dir).model_copy(
-        update={"released_content_retention_days": None}
-    )
+    policy_file(service, released_content_retention_days=None)  # what downloads read too
+    forever = load_retention_policy(service.settings.policies_dir)
+    assert forever.released_content_retention_days is None
     report = collect(service, forever, now=NOW)
     assert report.released_content == [] and service.store.verify(sha)
     assert purge_events(service) == {}
@@ -1036,8 +1037,11 @@ def test_kill_9_of_a_purge_at_every_step_then_rerun(service, db):
         for rid, fid, sha in ((own, own_fid, own_sha), (both, both_fid, both_sha)):
             if rid not in events:
                 assert service.store.verify(sha)
-                path, _ = service.download(service.who("bob"), rid, fid)
-                assert sha256_file(path) == sha
+                [copy] = (service.released_root / rid / str(fid)).iterdir()
+                assert sha256_file(copy) == sha
+                # past its period: refused already, though nothing was removed
+                with pytest.raises(Gone, match="no longer available"):
+                    service.download(service.who("bob"), rid, fid)
             else:  # recorded: refused from then on, whatever is still on disk
                 assert events[rid]["files"][0]["sha256"] == sha
                 with pytest.raises(Gone):
