@@ -490,8 +490,7 @@ def statistical_red_team() -> None:
         "freq_pct_of_denominator.csv": "stage,patients,pct_died\nI,150,2.0\nII,120,15.0\n"
         "III,98,30.6",
         # 100 % of 25: every child in stage IV died (a zero in the complement)
-        "freq_pct_whole_group.csv": "stage,patients,pct_died\nI,150,12.0\nII,120,15.0\n"
-        "IV,25,100.0",
+        "freq_pct_whole_group.csv": "stage,patients,pct_died\nI,150,12.0\nII,120,15.0\nIV,25,100.0",
         "freq_pct_shares_within_group_safe.csv": "sex,stage,n,pct\nF,I,40,33.3\nF,II,50,41.7\n"
         "F,III,30,25.0\nM,I,60,40.0\nM,II,45,30.0\nM,III,45,30.0",
         "freq_pct_numerator_shown_safe.csv": "stage,deaths,patients,pct_died\nI,12,150,8.0\n"
