@@ -224,6 +224,8 @@ def test_derived_count_boundary_and_ranges():
     assert rules.derived_count(8.6, 10.2, "x", P) is None  # 10 is possible
     assert rules.derived_count(3.2, 3.8, "x", P) is None  # no whole number: not a count
     assert rules.derived_count(4, 4, "x", policy_for_project({"min_cell_count": 4})) is None
+    assert rules.derived_count(float("nan"), 1, "x", P) is None  # inf x 0: never an exception
+    assert rules.derived_count(1, float("inf"), "x", P) is None
 
 
 def test_negative_count_is_reviewed():
@@ -246,3 +248,29 @@ def test_ranges_and_scales_read_from_labels():
     assert percent_scale("pct_died", [2.0]) == 100
     assert percent_scale("proportion", [0.2]) == 1
     assert percent_scale("odds_ratio", [1.2]) is None
+
+
+def test_derived_counts_never_raise_on_infinite_or_huge_values():
+    import polars as pl
+
+    from airlock.checks.tables import check_table
+
+    for frame in (
+        pl.DataFrame(
+            {
+                "group": ["A", "B", "C"],
+                "population": [0.0, float("inf"), 1e308],
+                "rate_per_100000": [float("inf"), 0.0, 1e308],
+                "cum_n": [3.0, float("inf"), 5.0],
+            }
+        ),
+        pl.DataFrame({"age_band": ["0-4", "0-5"], "n": [float("inf"), 3.0]}),
+        pl.DataFrame(
+            {
+                "time": [0, 1, 2],
+                "at_risk": [float("inf"), 180.0, 0.0],
+                "survival": [1.0, 1e308, 0.5],
+            }
+        ),
+    ):
+        check_table(frame, P)  # a verdict, never an exception

@@ -126,7 +126,11 @@ def half_unit(values: list[float | None]) -> float:
 
 def _visible(layout: Layout, column: str) -> list[float | None]:
     parsed = layout.parsed[column]
-    return [None if s else v for v, s in zip(parsed.values, parsed.suppressed, strict=True)]
+    # infinite values ('inf') are not counts or percentages of people: set aside
+    return [
+        None if s or v is None or not math.isfinite(v) else v
+        for v, s in zip(parsed.values, parsed.suppressed, strict=True)
+    ]
 
 
 def _label_columns(layout: Layout) -> list[str]:
@@ -352,6 +356,8 @@ def implied_counts(frame: pl.DataFrame, layout: Layout) -> list[Derived]:
                 lo, hi = max(0.0, (pv - h) * dv / scale), (pv + h) * dv / scale
                 if scale <= 100:
                     hi = min(hi, dv)
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    continue  # overflow (1e308 x 1e308): no count of people
                 if math.ceil(lo - 1e-9) > math.floor(hi + 1e-9):
                     whole = False  # no whole number of people: not this column's denominator
                     break

@@ -114,6 +114,8 @@ def derived_count(
     percentages give a range); the rule fires only when every whole number in it is disclosive
     (positive and below ``min_cell_count``, or 0 when zeros are disclosive and ``zero_counts``).
     """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None  # an infinite or undefined product (inf x 0): not a count
     first = max(0, math.ceil(low - 1e-9))
     last = math.floor(high + 1e-9)
     if last < first:
