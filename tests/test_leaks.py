@@ -330,6 +330,14 @@ def test_any_table_names_and_columns(tmp_path):
             "measure": ["mean", "sd", "mean", "sd"],
             "value": [5.1, 2.2, 5.6, 2.4],
         },
+        # count columns named by what they count (cases, patients), not n/count
+        {"sex": ["F", "M"], "cases": [120, 140]},
+        {"sex": ["F", "M"], "patients": [120, 140]},
+        {
+            "period": ["2010-2014", "2015-2019"] * 2,
+            "sex": ["F", "F", "M", "M"],
+            "deaths": [40, 52, 45, 50],
+        },
     ],
 )
 def test_aggregates_are_not_row_level(table):

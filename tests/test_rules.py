@@ -210,3 +210,67 @@ def test_marker_upper_bounds_are_read():
     assert marker_upper_bound("<=5") == 5
     assert marker_upper_bound("≤7") == 7
     assert marker_upper_bound("*") is None
+
+
+def test_derived_count_boundary_and_ranges():
+    # a derived count fails as a printed one: 9 fails, 10 passes, 0 is the zero rule
+    assert rules.derived_count(9, 9, "x", P).status == Status.FAIL
+    assert rules.derived_count(10, 10, "x", P) is None
+    assert rules.derived_count(0, 0, "x", P).status == Status.FAIL
+    assert rules.derived_count(0, 0, "x", P, zero_counts=False) is None
+    assert rules.derived_count(0, 0, "x", policy_for_project({"zeros_disclosive": False})) is None
+    # a rounded percentage gives a range: it fires only when every whole number in it is small
+    assert rules.derived_count(2.6, 3.4, "x", P).evidence["derived"] == [3, 3]
+    assert rules.derived_count(8.6, 10.2, "x", P) is None  # 10 is possible
+    assert rules.derived_count(3.2, 3.8, "x", P) is None  # no whole number: not a count
+    assert rules.derived_count(4, 4, "x", policy_for_project({"min_cell_count": 4})) is None
+    assert rules.derived_count(float("nan"), 1, "x", P) is None  # inf x 0: never an exception
+    assert rules.derived_count(1, float("inf"), "x", P) is None
+
+
+def test_negative_count_is_reviewed():
+    assert rules.negative_count(-3).status == Status.REVIEW
+    assert rules.negative_count(0) is None
+
+
+def test_ranges_and_scales_read_from_labels():
+    from airlock.checks.derived import parse_range, percent_scale
+
+    assert parse_range("0-4") == (0, True, 5, False)  # whole years: 4.9 is in 0-4
+    assert parse_range("<5") == parse_range("under 5 years") == (0, True, 5, False)
+    assert parse_range("15+") == parse_range(">=15") == (15, True, float("inf"), False)
+    assert parse_range("(0.0, 5.0]") == (0.0, False, 5.0, True)
+    assert parse_range("2010-2014") == (2010, True, 2015, False)
+    assert parse_range("Wilms") is None and parse_range("5-2") is None
+    assert percent_scale("rate_per_100000", [2.5]) == 100000
+    assert percent_scale("Rate per 100k", [2.5]) == 100000
+    assert percent_scale("events_per_1000_py", [1.9]) == 1000
+    assert percent_scale("pct_died", [2.0]) == 100
+    assert percent_scale("proportion", [0.2]) == 1
+    assert percent_scale("odds_ratio", [1.2]) is None
+
+
+def test_derived_counts_never_raise_on_infinite_or_huge_values():
+    import polars as pl
+
+    from airlock.checks.tables import check_table
+
+    for frame in (
+        pl.DataFrame(
+            {
+                "group": ["A", "B", "C"],
+                "population": [0.0, float("inf"), 1e308],
+                "rate_per_100000": [float("inf"), 0.0, 1e308],
+                "cum_n": [3.0, float("inf"), 5.0],
+            }
+        ),
+        pl.DataFrame({"age_band": ["0-4", "0-5"], "n": [float("inf"), 3.0]}),
+        pl.DataFrame(
+            {
+                "time": [0, 1, 2],
+                "at_risk": [float("inf"), 180.0, 0.0],
+                "survival": [1.0, 1e308, 0.5],
+            }
+        ),
+    ):
+        check_table(frame, P)  # a verdict, never an exception

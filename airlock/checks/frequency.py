@@ -233,7 +233,7 @@ def check_count_cells(
     visible = [c for c in cells if not c.suppressed and c.value is not None]
     rounded = rules.is_rounded([c.value for c in visible if c.value is not None], policy)
     for c in visible:
-        breach = rules.count_cell(c.value or 0.0, policy)
+        breach = rules.count_cell(c.value or 0.0, policy) or rules.negative_count(c.value or 0.0)
         if breach:
             found.setdefault(breach.rule, []).append((breach, cell_ref(c, location)))
     findings = [_grouped(rule, items, policy) for rule, items in found.items()]
@@ -275,7 +275,7 @@ def check_count_cells(
                 policy_version=policy.label,
             )
         )
-    if not cells:
+    if not cells and not layout.columns(Role.CUMULATIVE):
         findings.append(
             Finding(
                 rule=rules.UNKNOWN_TABLE,

@@ -101,7 +101,21 @@ STAT_WORDS = {
     "median_": "median",
     "lq": "percentile",
     "uq": "percentile",
+    # extremes under everyday names: the oldest child's age is one child's value
+    "oldest": "max",
+    "youngest": "min",
+    "earliest": "min",
+    "latest": "max",
+    "highest": "max",
+    "lowest": "min",
+    "largest": "max",
+    "smallest": "min",
+    "longest": "max",
+    "shortest": "min",
 }
+# A column of running totals (cumulative counts): its cells are sums of the cells above, so the
+# differences between neighbouring rows are counts of people (airlock/checks/derived.py).
+CUMULATIVE_WORDS = {"cumulative", "cum", "cumul", "cumsum", "running", "ytd"}
 LABEL_WORDS = {
     "year",
     "yr",
@@ -156,6 +170,7 @@ class Role(StrEnum):
     COUNT = "count"
     PERCENT = "percent"
     STATISTIC = "statistic"
+    CUMULATIVE = "cumulative"  # running totals of counts
 
 
 @dataclass
@@ -320,6 +335,14 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
         tokens = []
     nums = [v for v in parsed.values if v is not None]
     integer_valued = all(float(v).is_integer() for v in nums)
+    if (
+        is_cumulative(tokens)
+        and integer_valued
+        and not set(tokens) & (PERCENT_WORDS - {"cumulative"})
+    ):
+        return Role.CUMULATIVE, None
+    if "at risk" in " ".join(tokens) and integer_valued:
+        return Role.COUNT, None  # 'n at risk' is a count of people, not a risk (a proportion)
     if any(t in PERCENT_WORDS for t in tokens):
         return Role.PERCENT, None
     for t in tokens:
@@ -340,6 +363,11 @@ def column_role(name: str, parsed: Parsed) -> tuple[Role, str | None]:
             return Role.LABEL, None  # calendar years
         return Role.COUNT, None
     return Role.STATISTIC, "unknown"
+
+
+def is_cumulative(tokens: list[str]) -> bool:
+    """Whether a column name (as ``words``) says it holds running totals."""
+    return bool(set(tokens) & CUMULATIVE_WORDS) or "to date" in " ".join(tokens)
 
 
 def row_statistic(label: str) -> str | None:

@@ -28,6 +28,7 @@ import polars as pl
 
 from airlock.checks.cells import INVISIBLE as INVISIBLE_CHARACTERS
 from airlock.checks.findings import Finding, Status
+from airlock.checks.layout import COUNT_WORDS, words
 
 if TYPE_CHECKING:
     from airlock.policy import Policy
@@ -570,7 +571,12 @@ def is_row_level(df: pl.DataFrame, policy: Any) -> bool:
         c
         for c, dtype in schema.items()
         if dtype == pl.String
-        or (dtype.is_integer() and not _STAT_NAME.search(c) and not _VALUE_HEADER.match(c))
+        or (
+            dtype.is_integer()
+            and not _STAT_NAME.search(c)
+            and not _VALUE_HEADER.match(c)
+            and not set(words(c)) & COUNT_WORDS  # 'cases', 'patients': counts, not groups
+        )
     ]
     key = list(dict.fromkeys(qis + groups))
     if df.select(key).n_unique() < df.height:

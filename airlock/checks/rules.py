@@ -33,6 +33,8 @@ MARGIN_INCONSISTENT = "frequency.margin_inconsistent"
 SUPPRESSION_APPLIED = "frequency.suppression_applied"
 ROUNDED = "frequency.rounded"
 PERCENT_REVEALS_SUPPRESSED = "frequency.percentage_reveals_suppressed"
+DERIVED_COUNT = "frequency.derived_count"
+NEGATIVE_COUNT = "frequency.negative_count"
 MIN_CONTRIBUTORS = "magnitude.min_contributors"
 NK_DOMINANCE = "magnitude.nk_dominance"
 P_RATIO = "magnitude.p_ratio"
@@ -101,6 +103,49 @@ def zero_cell(count: float, policy: Policy) -> Breach | None:
 def count_cell(count: float, policy: Policy) -> Breach | None:
     """The frequency rules for one visible count: zero rule, then minimum cell count."""
     return zero_cell(count, policy) or min_cell_count(count, policy)
+
+
+def derived_count(
+    low: float, high: float, what: str, policy: Policy, zero_counts: bool = True
+) -> Breach | None:
+    """A count the table does not print but gives away (a difference between running totals or
+    nested categories, a percentage times its denominator) is a count of people: it fails as a
+    printed one would. ``[low, high]`` holds every value the printed numbers allow (rounded
+    percentages give a range); the rule fires only when every whole number in it is disclosive
+    (positive and below ``min_cell_count``, or 0 when zeros are disclosive and ``zero_counts``).
+    """
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return None  # an infinite or undefined product (inf x 0): not a count
+    first = max(0, math.ceil(low - 1e-9))
+    last = math.floor(high + 1e-9)
+    if last < first:
+        return None
+    if last >= policy.min_cell_count:
+        return None  # some allowed value is a safe count
+    if first == 0 and not (zero_counts and policy.zeros_disclosive):
+        return None
+    shown = _fmt(first) if first == last else f"{_fmt(first)}-{_fmt(last)}"
+    return Breach(
+        DERIVED_COUNT,
+        Status.FAIL,
+        f"{what} is a count of {shown}, below the minimum cell count {policy.min_cell_count}"
+        + (" (or zero)" if first == 0 else ""),
+        {"derived": [first, last], "min_cell_count": policy.min_cell_count},
+    )
+
+
+def negative_count(count: float) -> Breach | None:
+    """A negative number in a count column is not a count of people: a difference or an
+    adjustment, whose size may be a small count. A checker must look."""
+    if count < 0:
+        return Breach(
+            NEGATIVE_COUNT,
+            Status.REVIEW,
+            f"negative value {_fmt(count)} in a count column: a difference of counts (or an "
+            "adjustment) can reveal a small count; a checker must look",
+            {"count": count},
+        )
+    return None
 
 
 def is_rounded(counts: Sequence[float], policy: Policy) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import polars as pl
 
 from airlock.checks import rules
+from airlock.checks.derived import half_unit
 from airlock.checks.findings import Finding, Status
 from airlock.checks.layout import Layout, Role, words
 
@@ -29,7 +30,17 @@ TIME_WORDS = {
     "followup",
     "follow",
 }
-AT_RISK = {"at risk", "at_risk", "n risk", "n_risk", "number at risk", "risk set", "nrisk"}
+AT_RISK = {
+    "at risk",
+    "at_risk",
+    "n risk",
+    "n_risk",
+    "n at risk",
+    "no at risk",
+    "number at risk",
+    "risk set",
+    "nrisk",
+}
 EVENTS = {
     "events",
     "observed",
@@ -55,6 +66,16 @@ CENSORED = {
     "n censored",
 }
 REMOVED = {"removed", "left", "leaving"}
+# 1 - S(t): cumulative incidence / failure curves step where the survival curve does
+INCIDENCE = {
+    "cumulative incidence",
+    "cuminc",
+    "cif",
+    "cumulative failure",
+    "failure probability",
+    "cumulative risk",
+    "1 survival",
+}
 ESTIMATE = {
     "survival",
     "surv",
@@ -76,6 +97,7 @@ def _kind(column: str) -> str | None:
         ("censored", CENSORED),
         ("removed", REMOVED),
         ("estimate", ESTIMATE),
+        ("incidence", INCIDENCE),
     ):
         if key in keys or key.replace(" ", "_") in keys:
             return name
@@ -92,7 +114,8 @@ def survival_columns(frame: pl.DataFrame) -> dict[str, str]:
         kind = _kind(column)
         if kind and kind not in kinds:
             kinds[kind] = column
-    if "time" not in kinds and ("estimate" in kinds or "at_risk" in kinds) and frame.width:
+    curve = "estimate" in kinds or "incidence" in kinds
+    if "time" not in kinds and (curve or "at_risk" in kinds) and frame.width:
         # an unnamed time axis (a pandas index written as 'index' or ''): the first column,
         # when it is numeric and never decreases
         first = frame.columns[0]
@@ -106,7 +129,10 @@ def survival_columns(frame: pl.DataFrame) -> dict[str, str]:
 def looks_like_survival(frame: pl.DataFrame) -> bool:
     kinds = survival_columns(frame)
     return "time" in kinds and (
-        "at_risk" in kinds or "estimate" in kinds or ("events" in kinds and "censored" in kinds)
+        "at_risk" in kinds
+        or "estimate" in kinds
+        or "incidence" in kinds
+        or ("events" in kinds and "censored" in kinds)
     )
 
 
@@ -135,10 +161,14 @@ def check_survival(
                 policy_version=policy.label,
             )
         ]
+    implied = implied_events(frame, layout, kinds, groups_by) if events is None else {}
     previous: dict[tuple, float] = {}
     for row in range(frame.height):
         group = tuple(str(frame[c][row]) for c in groups_by)
         checks = []
+        if row in implied:
+            # no events column, but the curve's step and the number at risk give the events
+            checks.append((f"events implied by the step of {implied[row][1]}", *implied[row]))
         for what, series in (("events", events), ("censored", censored), ("removed", removed)):
             if series is not None and series[row] is not None:
                 checks.append((f"{what} in one row", series[row], kinds[what]))
@@ -193,3 +223,44 @@ def check_survival(
             policy_version=policy.label,
         )
     ]
+
+
+def implied_events(
+    frame: pl.DataFrame, layout: Layout, kinds: dict[str, str], groups_by: list[str]
+) -> dict[int, tuple[float, str]]:
+    """Events a Kaplan-Meier table shows without an events column: each step of the curve is
+    S(t) = S(t-) (1 - d / n), so d = n (1 - S(t) / S(t-)) with n at risk. Rows whose step could
+    only come from few events map to (the most events the printed, rounded numbers allow,
+    the estimate column). The number at risk is taken as the larger of this row's and the
+    previous row's (a table sampled at intervals), so the bound never understates the events.
+    """
+    curve = kinds.get("estimate") or kinds.get("incidence")
+    if curve is None or "at_risk" not in kinds:
+        return {}
+    values = layout.parsed[curve].values
+    at_risk = layout.parsed[kinds["at_risk"]].values
+    known = [v for v in values if v is not None]
+    if not known:
+        return {}
+    scale = 100.0 if max(known) > 1.0 + 1e-9 else 1.0  # percentages
+    h = half_unit(known) / scale
+    survival = [
+        None if v is None else (1.0 - v / scale if curve == kinds.get("incidence") else v / scale)
+        for v in values
+    ]
+    out: dict[int, tuple[float, str]] = {}
+    last: dict[tuple, tuple[float, float, bool]] = {}  # group -> (S, at risk, printed S)
+    for row in range(frame.height):
+        group = tuple(str(frame[c][row]) for c in groups_by)
+        s, n = survival[row], at_risk[row]
+        if s is None or n is None:
+            continue
+        s_prev, n_prev, printed = last.get(group, (1.0, n, False))
+        last[group] = (s, n, True)
+        if s >= s_prev - 1e-12 or s_prev <= 0:
+            continue  # no step
+        h_prev = h if printed else 0.0  # the curve starts at exactly 1
+        ratio_low = max(0.0, (s - h) / (s_prev + h_prev))
+        most = max(n, n_prev) * (1.0 - ratio_low)
+        out[row] = (round(most, 3), curve)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import polars as pl
 
 from airlock.checks import rules
+from airlock.checks.derived import check_derived
 from airlock.checks.findings import Finding, Status
 from airlock.checks.frequency import check_frequency
 from airlock.checks.layout import COUNT_WORDS, Layout, Role, read_layout, words
@@ -55,7 +56,7 @@ def classify(frame: pl.DataFrame, layout: Layout, evidence: TableEvidence | None
         return "correlation_matrix"
     if layout.columns(Role.STATISTIC):
         return "magnitude_table"
-    if layout.columns(Role.COUNT):
+    if layout.columns(Role.COUNT) or layout.columns(Role.CUMULATIVE):
         if evidence is not None and evidence.output_class == "magnitude_table":
             return "magnitude_table"
         return "frequency_table"
@@ -151,6 +152,9 @@ def check_table(
                 policy_version=policy.label,
             )
         ]
+    if output_class in ("frequency_table", "magnitude_table"):
+        # counts given away by differences and denominators inside the table
+        findings += check_derived(df, layout, policy)
     if evidence is not None:
         findings += _mitigation_notes(evidence, policy)
     return output_class, _with_location(findings, location)

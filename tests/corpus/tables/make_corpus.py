@@ -460,7 +460,65 @@ see appendix,ab
 draft,cd
 """,
     )
+    statistical_red_team()
     acro_bundle()
+
+
+def statistical_red_team() -> None:
+    """Well-formed tables whose every printed count passes, but which give a small count away
+    by differencing inside the table (running totals, nested categories, a percentage or a rate
+    beside its denominator, a survival curve's steps), each with a safe look-alike."""
+    tables = {
+        # 12 -> 15: 3 children aged 1 (running totals)
+        "freq_cumulative_counts.csv": "age_years,cum_cases\n0,12\n1,15\n2,27\n3,30\n4,44",
+        "freq_cumulative_counts_safe.csv": "age_years,n,cumulative_n\n0,12\n1,15\n2,27\n3,30",
+        # 7.6 % -> 9.5 % of 158: 3 children aged 1
+        "freq_cumulative_pct.csv": "age_years,n_total,cumulative_pct\n"
+        "0,158,7.6\n1,158,9.5\n2,158,17.1\n3,158,19.0\n4,158,100.0",
+        "freq_cumulative_pct_safe.csv": "age_years,n,pct,cumulative_pct\n"
+        "0,12,7.6,7.6\n1,15,9.5,17.1\n2,27,17.1,34.2\n3,30,19.0,53.2\n4,74,46.8,100.0",
+        # 0-5 minus 0-4: 3 children aged 5; <6 minus <5 likewise
+        "freq_nested_bands.csv": "age_band,n\n0-4,40\n0-5,43\n5-9,52\n10-14,66",
+        "freq_nested_open_bands.csv": "age_group,cases\n<5,40\n<6,43\n15+,21\n14+,33",
+        "freq_nested_bands_safe.csv": "age_band,n\n0-4,40\n5-9,52\n10-14,66\n0-14,158",
+        # 158 - 155: 3 children with Wilms tumour
+        "freq_excluding.csv": "group,n\nAll cancers,158\nAll cancers excluding Wilms,155\n"
+        "Leukaemia,120",
+        "freq_excluding_safe.csv": "group,n\nAll cancers,158\nAll cancers excluding Wilms,120\n"
+        "Wilms,38",
+        # 2.0 % of 150 patients: 3 died
+        "freq_pct_of_denominator.csv": "stage,patients,pct_died\nI,150,2.0\nII,120,15.0\n"
+        "III,98,30.6",
+        # 100 % of 25: every child in stage IV died (a zero in the complement)
+        "freq_pct_whole_group.csv": "stage,patients,pct_died\nI,150,12.0\nII,120,15.0\nIV,25,100.0",
+        "freq_pct_shares_within_group_safe.csv": "sex,stage,n,pct\nF,I,40,33.3\nF,II,50,41.7\n"
+        "F,III,30,25.0\nM,I,60,40.0\nM,II,45,30.0\nM,III,45,30.0",
+        "freq_pct_numerator_shown_safe.csv": "stage,deaths,patients,pct_died\nI,12,150,8.0\n"
+        "II,18,120,15.0\nIII,30,98,30.6",
+        "freq_col_pct_wide_safe.csv": "sex,ALL_n,ALL_pct,AML_n,AML_pct\nF,120,46.2,35,46.1\n"
+        "M,140,53.8,41,53.9",
+        # 2.5 per 100,000 of 120,000: 3 cases
+        "freq_rate_population.csv": "region,population,rate_per_100000\nNorth,120000,2.5\n"
+        "South,95000,14.7",
+        "freq_rate_population_safe.csv": "region,cases,population,rate_per_100000\n"
+        "North,30,120000,25.0\nSouth,14,95000,14.7",
+        # 1.97 per 1000 person-years of 1523.4: 3 events
+        "mag_rate_person_years.csv": "group,person_years,events_per_1000_py\n"
+        "Wilms,1523.4,1.97\nNeuroblastoma,2210.7,9.95",
+        # a negative 'count': a difference of counts
+        "freq_negative_count.csv": "group,cases_2019,change_in_cases\nWilms,35,-3\nALL,120,12",
+        # the oldest child's age, under a name without min/max
+        "mag_oldest.csv": "iccc_group,n,oldest_age_days\nLeukaemia,120,6201\nWilms,35,4012",
+        # no events column, but S drops by 1/180 with 180 at risk: single deaths
+        "surv_implied_events.csv": "time,at_risk,survival\n0,200,1.0\n1,180,0.995\n"
+        "2,160,0.98875\n3,140,0.98257\n4,120,0.97555",
+        "surv_cumulative_incidence.csv": "years,n_at_risk,cumulative_incidence\n0,200,0.0\n"
+        "1,180,0.005\n2,160,0.0112\n3,140,0.0174",
+        "surv_implied_events_safe.csv": "time,at_risk,survival\n0,200,1.0\n365,170,0.90\n"
+        "730,140,0.82\n1095,120,0.75",
+    }
+    for name, text in tables.items():
+        csv(name, text)
 
 
 def acro_bundle() -> None:
