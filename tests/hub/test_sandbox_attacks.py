@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import socketserver
+import subprocess
 import threading
 from pathlib import Path
 
@@ -280,6 +282,45 @@ print(json.dumps(res))
     host = hub.settings.workspaces_dir / "wilms-outcomes" / "note.txt"
     assert host.read_text() == "hello from the sandbox"
     assert host.stat().st_uid != 0  # written as the unprivileged sandbox user
+
+
+def test_no_setuid_program_of_the_sandbox_user_for_local_accounts(alice_kernel, hub):
+    """A sandbox owned its workspace's top directory: it made it 0777 and left a setuid copy of
+    a program there, and any local account (here `nobody`) that ran it became the sandbox user,
+    owner of every project's workspace. Inside, setuid does nothing (nosuid, no_new_privs);
+    outside, the directory is root's (group: the sandbox user's) and stays 0770."""
+    ws = hub.settings.workspaces_dir / "wilms-outcomes"
+    planted = ws / "tools" / "planted-id"
+    result = run_json(
+        alice_kernel,
+        """
+import json, os, shutil
+os.makedirs("tools", exist_ok=True)
+shutil.copy("/usr/bin/id", "tools/planted-id")
+os.chmod("tools/planted-id", 0o6755)
+os.chmod("tools", 0o777)
+res = {"mode": oct(os.stat("tools/planted-id").st_mode)}
+try:
+    os.chmod("/home/jovyan/work", 0o777); res["top"] = "chmod-ed"
+except OSError as e:
+    res["top"] = e.strerror
+print(json.dumps(res))
+""",
+    )
+    try:
+        assert planted.stat().st_mode & 0o4000, result  # the sandbox did plant it
+        try:  # as `nobody`, a local account with no business in any workspace
+            euid = subprocess.run(
+                [str(planted), "-u"], capture_output=True, text=True, user=65534, group=65534
+            ).stdout.strip()
+        except PermissionError:
+            euid = "refused"
+        assert euid == "refused", f"nobody ran it with euid {euid}"
+        assert result["top"] != "chmod-ed"
+        top = ws.stat()
+        assert top.st_uid == 0 and top.st_mode & 0o7777 == 0o770
+    finally:
+        shutil.rmtree(ws / "tools")
 
 
 # -- processes and privileges -----------------------------------------------------------------

@@ -386,6 +386,21 @@ class BubblewrapSpawner(LocalProcessSpawner):
             what = "read and write" if write else "read"
             raise web.HTTPError(500, f"The sandbox user cannot {what} {path}: fix its mode.")
 
+    @staticmethod
+    def _seal_workspace(workspace: Path, gid: int) -> None:
+        """The workspace's top directory is root's, group ``gid`` (the sandbox user's), 0770,
+        at every spawn (older ones were the sandbox user's). The sandbox writes in it through
+        its group but, not owning it, cannot chmod it: when it owned it, a sandbox made it
+        0777 and left a setuid program of the sandbox user in it, and any local account that
+        ran it became the owner of every project's workspace and server socket. Whatever
+        modes the sandbox sets below, nobody but root and the sandbox user gets past here."""
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, 0o770)
+        finally:
+            os.close(fd)
+
     def _prepare_host_dirs(self, uid: int, gid: int, workspace: Path) -> None:
         runtime = Path(self.runtime_dir)
         for sub in ("hub", "airlock", "sandboxes", "etc"):
@@ -417,7 +432,7 @@ class BubblewrapSpawner(LocalProcessSpawner):
             )
         if not workspace.exists():
             workspace.mkdir(parents=True, mode=0o770)
-            os.chown(workspace, uid, gid)
+        self._seal_workspace(workspace, gid)
         self._check_sandbox_access(workspace, uid, gid, write=True)
         self._check_sandbox_access(Path(self.sandbox_env_dir), uid, gid)
 
