@@ -14,6 +14,8 @@ What a sandbox is (the embedded default of the TRE):
   no hub database, no secrets;
 - an unprivileged host uid (``sandbox_user``, default ``tre-sandbox``) and resource limits
   (address space, processes, file size, open files) set before bwrap starts;
+- nothing of the hub's stdin/stdout/stderr: stdin is /dev/null, the output goes to the
+  sandbox's own log (``<runtime_dir>/logs/<user>.<project>.log``, root's 0600);
 - ``--die-with-parent``: bwrap's parent is a small keeper process (``setsid --wait``) in a
   session of its own, not the hub. Stopping kills the keeper's process group; bwrap dies with
   its parent, the sandbox's pid 1 with bwrap, and every process in the pid namespace with its
