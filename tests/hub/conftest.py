@@ -32,6 +32,17 @@ PASSWORDS = {
     u: f"{u}-correct-horse-battery" for u in ("alice", "bob", "carol", "mallory", "checker1")
 }
 TODAY = dt.date.today()
+# kernel code: an httpx client of the airlock's API through its unix socket, with the
+# sandbox's own token (as tre.outputs calls it)
+AIRLOCK_CLIENT = """
+import json, os, httpx
+airlock = httpx.Client(
+    transport=httpx.HTTPTransport(uds=os.environ["TRE_AIRLOCK_SOCKET"]),
+    base_url="http://airlock/services/airlock/api",
+    headers={"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]},
+    timeout=60,
+)
+"""
 
 
 def _project(pid: str, members: list[str], **extra: object) -> dict:
@@ -60,6 +71,8 @@ PROJECTS = [
         end_date=(TODAY - dt.timedelta(days=2)).isoformat(),
     ),
     _project("leukaemia-incidence", ["carol"]),
+    # alice's second active project: one user in two projects' sandboxes at once
+    _project("second-study", ["alice"]),
     _project("paused-study", ["alice"], status="suspended"),
     _project(
         "ended-study",
@@ -177,6 +190,16 @@ def alice_server(hub: HubInstance) -> str:
 @pytest.fixture(scope="session")
 def alice_kernel(hub: HubInstance, alice_server: str, alice_token: str) -> Iterator[Kernel]:
     kernel = Kernel(hub, "alice", alice_server, alice_token)
+    yield kernel
+    kernel.shutdown()
+
+
+@pytest.fixture(scope="session")
+def alice_second_kernel(hub: HubInstance, alice_token: str) -> Iterator[Kernel]:
+    """A kernel in alice's second-study sandbox (beside her wilms-outcomes one)."""
+    r = hub.start_server("alice", "second-study")
+    assert r.status_code in (201, 202), r.text
+    kernel = Kernel(hub, "alice", "second-study", alice_token)
     yield kernel
     kernel.shutdown()
 

@@ -9,18 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import AIRLOCK_CLIENT
 
 pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
-
-AIRLOCK_CLIENT = """
-import json, os, httpx
-airlock = httpx.Client(
-    transport=httpx.HTTPTransport(uds=os.environ["TRE_AIRLOCK_SOCKET"]),
-    base_url="http://airlock/services/airlock/api",
-    headers={"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]},
-    timeout=60,
-)
-"""
 
 
 def run_json(kernel, code: str) -> dict:

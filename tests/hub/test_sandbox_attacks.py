@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import socketserver
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+from conftest import AIRLOCK_CLIENT
 
 from tre.hub.bwrap import cgroup_name
 from tre.hub.harness import loopback_request
@@ -281,6 +284,45 @@ print(json.dumps(res))
     assert host.stat().st_uid != 0  # written as the unprivileged sandbox user
 
 
+def test_no_setuid_program_of_the_sandbox_user_for_local_accounts(alice_kernel, hub):
+    """A sandbox owned its workspace's top directory: it made it 0777 and left a setuid copy of
+    a program there, and any local account (here `nobody`) that ran it became the sandbox user,
+    owner of every project's workspace. Inside, setuid does nothing (nosuid, no_new_privs);
+    outside, the directory is root's (group: the sandbox user's) and stays 0770."""
+    ws = hub.settings.workspaces_dir / "wilms-outcomes"
+    planted = ws / "tools" / "planted-id"
+    result = run_json(
+        alice_kernel,
+        """
+import json, os, shutil
+os.makedirs("tools", exist_ok=True)
+shutil.copy("/usr/bin/id", "tools/planted-id")
+os.chmod("tools/planted-id", 0o6755)
+os.chmod("tools", 0o777)
+res = {"mode": oct(os.stat("tools/planted-id").st_mode)}
+try:
+    os.chmod("/home/jovyan/work", 0o777); res["top"] = "chmod-ed"
+except OSError as e:
+    res["top"] = e.strerror
+print(json.dumps(res))
+""",
+    )
+    try:
+        assert planted.stat().st_mode & 0o4000, result  # the sandbox did plant it
+        try:  # as `nobody`, a local account with no business in any workspace
+            euid = subprocess.run(
+                [str(planted), "-u"], capture_output=True, text=True, user=65534, group=65534
+            ).stdout.strip()
+        except PermissionError:
+            euid = "refused"
+        assert euid == "refused", f"nobody ran it with euid {euid}"
+        assert result["top"] != "chmod-ed"
+        top = ws.stat()
+        assert top.st_uid == 0 and top.st_mode & 0o7777 == 0o770
+    finally:
+        shutil.rmtree(ws / "tools")
+
+
 # -- processes and privileges -----------------------------------------------------------------
 
 
@@ -356,6 +398,205 @@ print(json.dumps(res))
     assert result["su"] != 0
     assert result["mount"] != 0
     assert result["unshare_root"] != "0"  # no nested user namespace to be "root" in
+
+
+def test_no_descriptor_of_the_hubs_log_or_terminal(alice_kernel, hub, carol_server):
+    """Every sandbox ran with the hub's own stdin, stdout and stderr. A descriptor is re-opened
+    through /proc/<pid>/fd/<n> with the permissions of the file it names, whatever the
+    directories above it: any kernel read the hub's whole log (every user's and project's
+    server output and the host paths of their sandboxes) and wrote lines into it."""
+    assert "carol.leukaemia-incidence" in hub.log_path.read_text()  # the log names carol's
+    marker = f"FORGED-{os.getpid()}-{id(hub)}"
+    result = run_json(
+        alice_kernel,
+        f"""
+import json, os
+res = {{"targets": {{}}, "read": [], "written": []}}
+needle = "carol.leukaemia-" + "incidence"
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    try:
+        fds = os.listdir(f"/proc/{{pid}}/fd")
+    except OSError:
+        continue
+    for fd in fds:
+        path = f"/proc/{{pid}}/fd/{{fd}}"
+        try:
+            target = os.readlink(path)
+        except OSError:
+            continue
+        res["targets"][f"{{pid}}/{{fd}}"] = target
+        if not target.startswith("/"):
+            continue  # sockets, pipes, anonymous inodes
+        try:
+            with open(path, "rb") as fh:
+                if needle.encode() in fh.read(1 << 24):
+                    res["read"].append(target)
+        except OSError:
+            pass
+        if target != "/dev/null":
+            try:
+                with open(path, "ab") as fh:
+                    fh.write(b"{marker}\\n")
+                res["written"].append(target)
+            except OSError:
+                pass
+print(json.dumps(res))
+""",
+    )
+    targets = result["targets"]
+    assert any(k.endswith("/1") for k in targets), "the test must see the processes' stdout"
+    assert result["read"] == []  # nothing of another project through any descriptor
+    assert marker not in hub.log_path.read_text()
+    assert str(hub.log_path) not in targets.values()
+    # stdin is nobody's terminal (a kernel's is a pipe from its server)
+    assert targets["1/0"] == "/dev/null"
+    assert {t for k, t in targets.items() if k.endswith("/0") and t.startswith("/")} == {
+        "/dev/null"
+    }
+
+
+# raw system call numbers, resolved for this machine by libseccomp: a filter that forgets one
+# fails here even where libc has no wrapper for it
+DENIED = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "process_madvise",
+    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "fsopen", "fsmount",
+    "open_tree", "move_mount", "open_by_handle_at", "name_to_handle_at", "keyctl", "add_key",
+    "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "init_module", "finit_module", "delete_module", "kexec_load", "syslog",
+)  # fmt: skip
+
+
+def test_kernel_attack_surface_is_denied_by_raw_system_call(alice_kernel):
+    """io_uring (whose operations seccomp never sees), pidfd_getfd and process_madvise were
+    allowed; sockets of any family were allowed, AF_VSOCK included, which no network namespace
+    confines (a port bound inside a sandbox was taken on the host too). Now every one fails,
+    and system calls of another ABI (x32, i386 int 0x80) kill the caller."""
+    from tre.hub.seccomp import _lib
+
+    lib = _lib()
+    numbers = {name: lib.seccomp_syscall_resolve_name(name.encode()) for name in DENIED}
+    numbers = {name: nr for name, nr in numbers.items() if nr >= 0}
+    assert "io_uring_setup" in numbers and "ptrace" in numbers
+    result = run_json(
+        alice_kernel,
+        f"""
+import ctypes, errno, json, socket, subprocess, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+params = ctypes.create_string_buffer(120)  # struct io_uring_params
+def call(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return "ok" if r >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+res = {{"syscalls": {{}}}}
+for name, nr in {json.dumps(numbers)}.items():
+    args = (8, ctypes.addressof(params)) if name == "io_uring_setup" else (0, 0, 0, 0, 0)
+    res["syscalls"][name] = call(nr, *args)
+families = set()
+for fam in range(64):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_RAW):
+        try:
+            socket.socket(fam, kind).close()
+            families.add(fam)
+        except OSError:
+            pass
+res["families"] = sorted(families)
+try:
+    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close(); res["vsock"] = "ok"
+except OSError as e:
+    res["vsock"] = errno.errorcode[e.errno]
+# the kernel reads an int: high bits must not smuggle AF_VSOCK (40) past the filter
+res["vsock_high_bits"] = call(socket.SYS_socket if hasattr(socket, "SYS_socket") else 41, (1 << 32) | 40, 1, 0)
+abi = {{
+    "x32": "import ctypes; print('ran', ctypes.CDLL(None).syscall(0x40000000 + 39))",
+    "i386": "import ctypes, mmap; m = mmap.mmap(-1, 4096, prot=7); m.write(bytes.fromhex('b814000000cd80c3')); "
+            "print('ran', ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))())",
+}}
+res["abi"] = {{k: (p.returncode, p.stdout) for k, code in abi.items()
+              for p in [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)]}}
+print(json.dumps(res))
+""",
+    )
+    assert result["syscalls"] == dict.fromkeys(numbers, "EPERM"), result["syscalls"]
+    assert set(result["families"]) <= {1, 2, 10, 16}, result["families"]  # unix, inet(6), netlink
+    assert {1, 2}.issubset(result["families"])
+    assert result["vsock"] == "EAFNOSUPPORT"
+    assert result["vsock_high_bits"] == "EAFNOSUPPORT"
+    for abi, (code, out) in result["abi"].items():
+        assert code != 0 and "ran" not in out, (abi, code, out)  # killed (SIGSYS), never run
+
+
+def test_one_users_two_project_sandboxes_share_nothing(alice_kernel, alice_second_kernel, hub):
+    """alice in wilms-outcomes and in second-study at once: same user, same host uid. What one
+    sandbox leaves in /tmp, /dev/shm, $HOME, its workspace, SysV IPC or an abstract unix socket
+    is not seen by the other; no process of one is visible to the other; and the airlock takes
+    no request for second-study from the wilms-outcomes sandbox (it would snapshot and check
+    second-study's workspace files for a sandbox of another project)."""
+    result_b = run_json(
+        alice_second_kernel,
+        """
+import ctypes, json, os, socket
+for d in ("/tmp", "/dev/shm", "/home/jovyan", "/home/jovyan/work"):
+    open(os.path.join(d, "b-marker.txt"), "w").write("second-study")
+libc = ctypes.CDLL(None, use_errno=True)
+shm = libc.shmget(0x7E5B, 4096, 0o1600)  # IPC_CREAT | 0600
+sem = libc.semget(0x7E5B, 1, 0o1600)
+msq = libc.msgget(0x7E5B, 0o1600)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0tre-second-study"); s.listen()
+globals()["_listener"] = s
+print(json.dumps({"ipc": [shm, sem, msq], "ns": {n: os.readlink("/proc/self/ns/" + n) for n in ("ipc", "net", "mnt", "pid", "uts", "user")}}))
+""",
+    )
+    assert all(i >= 0 for i in result_b["ipc"]), result_b  # made in B
+    assert (hub.settings.workspaces_dir / "second-study" / "b-marker.txt").exists()
+    result_a = run_json(
+        alice_kernel,
+        AIRLOCK_CLIENT
+        + """
+import ctypes, socket
+res = {"ns": {n: os.readlink("/proc/self/ns/" + n) for n in ("ipc", "net", "mnt", "pid", "uts", "user")}}
+found = []
+for top in ("/tmp", "/dev", "/home", "/run"):
+    for root, dirs, files in os.walk(top):
+        if "b-marker.txt" in files:
+            found.append(root)
+# every visible process's root and cwd: none is in second-study's sandbox
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    for link in ("root", "cwd"):
+        try:
+            if os.path.exists(f"/proc/{pid}/{link}/b-marker.txt"):
+                found.append(f"/proc/{pid}/{link}")
+        except OSError:
+            pass
+res["found"] = found
+cmdlines = []
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    try:
+        cmdlines.append(open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace"))
+    except OSError:
+        pass
+res["b_process"] = any("second-" + "study" in c for c in cmdlines)
+libc = ctypes.CDLL(None, use_errno=True)
+res["ipc"] = [libc.shmget(0x7E5B, 0, 0), libc.semget(0x7E5B, 0, 0), libc.msgget(0x7E5B, 0)]
+c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    c.connect("\\0tre-second-study"); res["abstract"] = "connected"
+except OSError as e:
+    res["abstract"] = e.strerror
+r = airlock.post("/requests", json={"project": "second-study", "title": "x", "context": "x",
+                 "controls": "x", "files": [{"path": "b-marker.txt", "group": "tables"}], "submit": True})
+res["airlock_b"] = r.status_code
+print(json.dumps(res))
+""",
+    )
+    for ns, inode in result_a["ns"].items():
+        assert inode != result_b["ns"][ns], ns  # a namespace of its own, each
+    assert result_a["found"] == []
+    assert result_a["b_process"] is False
+    assert result_a["ipc"] == [-1, -1, -1]  # ENOENT: SysV IPC is per sandbox
+    assert result_a["abstract"] != "connected"
+    assert result_a["airlock_b"] in (400, 403), result_a
 
 
 def test_resource_limits_apply(alice_kernel, hub):

@@ -99,7 +99,7 @@ def test_wrong_password_is_refused(hub):
 def test_home_page_lists_only_the_users_active_projects(hub):
     html = login(hub, "alice").get("/hub/home").text
     listed = set(re.findall(r'data-project="([^"]+)"', html))
-    assert listed == {"wilms-outcomes", "no-extract"}
+    assert listed == {"wilms-outcomes", "second-study", "no-extract"}
     assert "no data extract yet" in html  # no-extract cannot be started from the page
     html = login(hub, "carol").get("/hub/home").text
     assert set(re.findall(r'data-project="([^"]+)"', html)) == {"leukaemia-incidence"}

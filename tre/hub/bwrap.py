@@ -14,6 +14,8 @@ What a sandbox is (the embedded default of the TRE):
   no hub database, no secrets;
 - an unprivileged host uid (``sandbox_user``, default ``tre-sandbox``) and resource limits
   (address space, processes, file size, open files) set before bwrap starts;
+- nothing of the hub's stdin/stdout/stderr: stdin is /dev/null, the output goes to the
+  sandbox's own log (``<runtime_dir>/logs/<user>.<project>.log``, root's 0600);
 - ``--die-with-parent``: bwrap's parent is a small keeper process (``setsid --wait``) in a
   session of its own, not the hub. Stopping kills the keeper's process group; bwrap dies with
   its parent, the sandbox's pid 1 with bwrap, and every process in the pid namespace with its
@@ -34,7 +36,7 @@ import shutil
 import signal
 import stat
 from pathlib import Path
-from subprocess import Popen
+from subprocess import DEVNULL, Popen
 from urllib.parse import quote
 
 import yaml
@@ -211,6 +213,11 @@ class BubblewrapSpawner(LocalProcessSpawner):
     def server_url(self) -> str:
         return unix_url(self.host_route_path)
 
+    @property
+    def host_log_path(self) -> Path:
+        """The sandbox's own stdout and stderr (its server's and kernels' output)."""
+        return Path(self.runtime_dir) / "logs" / f"{self.sandbox_key}.log"
+
     # -- the hub forgets connect_url on restart: derive it from our own state ---------------
 
     @property
@@ -381,6 +388,21 @@ class BubblewrapSpawner(LocalProcessSpawner):
             what = "read and write" if write else "read"
             raise web.HTTPError(500, f"The sandbox user cannot {what} {path}: fix its mode.")
 
+    @staticmethod
+    def _seal_workspace(workspace: Path, gid: int) -> None:
+        """The workspace's top directory is root's, group ``gid`` (the sandbox user's), 0770,
+        at every spawn (older ones were the sandbox user's). The sandbox writes in it through
+        its group but, not owning it, cannot chmod it: when it owned it, a sandbox made it
+        0777 and left a setuid program of the sandbox user in it, and any local account that
+        ran it became the owner of every project's workspace and server socket. Whatever
+        modes the sandbox sets below, nobody but root and the sandbox user gets past here."""
+        fd = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, 0, gid)
+            os.fchmod(fd, 0o770)
+        finally:
+            os.close(fd)
+
     def _prepare_host_dirs(self, uid: int, gid: int, workspace: Path) -> None:
         runtime = Path(self.runtime_dir)
         for sub in ("hub", "airlock", "sandboxes", "etc"):
@@ -412,9 +434,28 @@ class BubblewrapSpawner(LocalProcessSpawner):
             )
         if not workspace.exists():
             workspace.mkdir(parents=True, mode=0o770)
-            os.chown(workspace, uid, gid)
+        self._seal_workspace(workspace, gid)
         self._check_sandbox_access(workspace, uid, gid, write=True)
         self._check_sandbox_access(Path(self.sandbox_env_dir), uid, gid)
+
+    def _open_log(self) -> int:
+        """A write-only descriptor of the sandbox's own log, for its stdin-less stdout/stderr.
+
+        Never the hub's own: a descriptor is re-opened through ``/proc/self/fd/N`` with the
+        permissions of the file it names, and every sandbox ran with the hub's stdout and
+        stderr, so any kernel could read the hub's log (every user's and project's server
+        output, file names, the sandboxes' host paths) by opening ``/proc/self/fd/1``, and write
+        lines into it; a hub started from a terminal handed that terminal to every sandbox.
+        Root's file (0600) in root's directory (0700): the sandbox writes its own output
+        through the inherited descriptor and cannot re-open it. The previous run's log is kept
+        as ``<name>.log.1``."""
+        path = self.host_log_path
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".1"))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.open(path, flags, 0o600)
 
     # -- cgroups: whole-sandbox memory and process limits where the host lets us ---------------
 
@@ -529,7 +570,13 @@ class BubblewrapSpawner(LocalProcessSpawner):
                 ) from None
             cmd += ["--seccomp", str(fds[-1])]
         cmd += ["--info-fd", str(info_write), "--", *self.cmd, *self.get_args()]
-        self.log.info("Starting sandbox %s: %s", self.sandbox_key, " ".join(cmd))
+        self.log.info(
+            "Starting sandbox %s (output in %s): %s",
+            self.sandbox_key,
+            self.host_log_path,
+            " ".join(cmd),
+        )
+        log_fd = self._open_log()
         try:
             self.proc = Popen(
                 cmd,
@@ -538,9 +585,13 @@ class BubblewrapSpawner(LocalProcessSpawner):
                 start_new_session=True,
                 pass_fds=tuple(fds),
                 cwd="/",
+                # nothing of the hub's own stdin, stdout, stderr (see _open_log)
+                stdin=DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
             )
         finally:
-            for fd in fds:
+            for fd in (*fds, log_fd):
                 os.close(fd)
         self.pid = self.proc.pid
         self.pidns = await self._read_pidns(info_read)

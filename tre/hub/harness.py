@@ -203,7 +203,11 @@ class HubInstance:
         return self
 
     def log(self, tail: int = 6000) -> str:
-        return _tail(self.log_path, tail) if self.log_path else ""
+        """The tail of the hub's log, then of each sandbox's own (they are not in the hub's)."""
+        text = _tail(self.log_path, tail) if self.log_path else ""
+        for path in sorted((self.settings.hub.runtime_dir / "logs").glob("*.log")):
+            text += f"\n--- sandbox {path.stem} ---\n" + _tail(path, tail // 2)
+        return text
 
     def stop(self) -> None:
         """Stop the hub (and its proxy); sandboxes keep running (cleanup_servers is False)."""
