@@ -392,9 +392,10 @@ def _summary(kind: str, n: int) -> str:
 
 
 @pytest.mark.parametrize("kind", ["ols", "glm", "logit"])
-@pytest.mark.parametrize(("n", "verdict"), [(60, "pass"), (12, "fail")])
+@pytest.mark.parametrize(("n", "verdict"), [(60, "review"), (12, "fail")])
 def test_printed_statsmodels_summary_is_checked_as_a_model(tmp_path, kind, n, verdict):
-    """The residual degrees of freedom come from the summary itself (3 parameters: n - 3)."""
+    """The residual degrees of freedom come from the summary itself (3 parameters: n - 3);
+    the counts behind `sex[T.M]` do not, so without evidence it is for the checkers."""
     from airlock.checks.engine import check_file
 
     text = _summary(kind, n)
@@ -403,11 +404,41 @@ def test_printed_statsmodels_summary_is_checked_as_a_model(tmp_path, kind, n, ve
     report = check_file(path, POLICY)
     assert report.output_class == "model_summary"
     assert report.status.value == verdict, report.findings
+    rules_found = {f.rule: f.status.value for f in report.findings}
+    assert rules_found["model.categorical_unverified"] == "review"
     if verdict == "fail":
-        assert [f.rule for f in report.findings] == ["model.residual_dof"]
+        assert rules_found["model.residual_dof"] == "fail"
     nb = json.loads(notebook([code_cell("print(m.summary())", [stream(text)])]))
     statuses = {f.status.value for f in check_notebook(nb, CTX)}
-    assert statuses == ({"fail"} if verdict == "fail" else set())
+    assert max(statuses, key=["pass", "review", "fail"].index) == verdict
+
+
+def test_a_level_held_by_one_child_is_not_passed_on_the_models_dof(tmp_path):
+    """Red team: 60 children, one of them at site 'MT': the dummy for MT is fitted to that
+    child alone (residual 0), so its coefficient is the child's outcome. The summary's dof (56)
+    passes; only the counts per level show the breach, and they are not in the summary."""
+    import numpy as np
+    import pandas as pd
+    import statsmodels.formula.api as smf
+
+    from airlock.checks.engine import check_file
+
+    rng = np.random.default_rng(3)
+    d = pd.DataFrame(
+        {
+            "age": rng.integers(0, 15, 60),
+            "site": ["UK"] * 30 + ["FR"] * 29 + ["MT"],
+            "y": rng.normal(size=60),
+        }
+    )
+    fit = smf.ols("y ~ age + C(site)", d).fit()
+    assert abs(fit.resid.iloc[-1]) < 1e-9  # the MT child is fitted exactly
+    path = tmp_path / "model.txt"
+    path.write_text(str(fit.summary()))
+    report = check_file(path, POLICY)
+    assert report.status.value == "review", report.findings
+    (finding,) = [f for f in report.findings if f.rule == "model.categorical_unverified"]
+    assert "MT" in finding.message and finding.cells[0]["variable"] == "site"
 
 
 def test_prose_about_a_model_is_still_prose(tmp_path):

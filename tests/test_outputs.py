@@ -304,6 +304,22 @@ def test_regression_from_fitted_model_checks_categorical_levels():
     assert out.table["coef"].to_list() == pytest.approx(list(fitted.params.values))
 
 
+def test_a_numeric_column_used_as_levels_has_its_counts_recorded():
+    """`C(stage)` of an integer stage: each stage is a level (a coefficient fitted to its
+    children), so its counts are evidence like a text column's, and a small one fails."""
+    import statsmodels.formula.api as smf
+
+    rng = np.random.default_rng(9)
+    n = 120
+    stage = [1] * 60 + [2] * 57 + [4] * 3
+    d = pl.DataFrame({"x": rng.normal(size=n), "stage": stage})
+    d = d.with_columns(y=pl.col("x") + pl.Series(rng.normal(size=n)))
+    out = outputs.regression(smf.ols("y ~ x + C(stage)", d.to_pandas()).fit())
+    assert out.evidence.model.categorical_cells["stage"] == {"1": 60, "2": 57, "4": 3}
+    assert any(f.rule == rules.CATEGORICAL_CELL for f in out.findings)
+    assert not any(f.rule == rules.CATEGORICAL_UNVERIFIED for f in out.findings)
+
+
 # ---------------------------------------------------------------- survival
 
 

@@ -529,7 +529,9 @@ def regression(
             binary_outcome = (
                 column == str(getattr(result.model, "endog_names", "")) and series.n_unique() == 2
             )
-            if mentioned and (not series.dtype.is_numeric() or binary_outcome):
+            # a numeric column in C(...) is categorical too: `C(stage)[T.4]` is a level
+            as_levels = any(u.startswith(f"C({column}") for u in used)
+            if mentioned and (not series.dtype.is_numeric() or binary_outcome or as_levels):
                 counts = series.cast(pl.String).fill_null(MISSING_LABEL).value_counts()
                 categorical[column] = {str(r[0]): int(r[1]) for r in counts.iter_rows()}
     evidence = _evidence(

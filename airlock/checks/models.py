@@ -7,6 +7,7 @@ statsmodels summary lists "Df Residuals" and "No. Observations"); without either
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import polars as pl
@@ -119,6 +120,23 @@ def _key_values(frame: pl.DataFrame) -> dict[str, float]:
     return found
 
 
+# a level of a categorical predictor as formula front ends name it: patsy/statsmodels
+# `sex[T.M]`, `C(site)[T.Malta]`, `C(site, Treatment('UK'))[T.FR]`
+_LEVEL = re.compile(r"^\s*(?:C\(\s*)?([A-Za-z_][\w.]*)[^\[]*\[T\.(.+)\]\s*$")
+
+
+def _categorical_levels(frame: pl.DataFrame) -> dict[str, list[str]]:
+    """Categorical predictors and their levels named in the table's cells."""
+    found: dict[str, list[str]] = {}
+    for column in frame.columns:
+        if frame.schema[column] != pl.String:
+            continue
+        for cell in frame[column].drop_nulls().unique(maintain_order=True):
+            if m := _LEVEL.match(cell):
+                found.setdefault(m.group(1), []).append(m.group(2))
+    return found
+
+
 def check_model(
     frame: pl.DataFrame,
     layout: Layout,
@@ -169,6 +187,22 @@ def check_model(
         emit(rules.residual_dof(dof, policy))
     if nobs is not None and n_params is not None:
         emit(rules.params_vs_n(n_params, nobs, policy))
+    # A level held by one or two children is fitted to them: its coefficient is their outcome.
+    # Only the counts per level can show it is not (evidence; tre.outputs writes them).
+    known = set(model.categorical_cells) if model else set()
+    unverified = {v: ls for v, ls in _categorical_levels(frame).items() if v not in known}
+    if unverified:
+        names = "; ".join(f"{v}: {', '.join(ls)}" for v, ls in unverified.items())
+        emit(
+            rules.Breach(
+                rules.CATEGORICAL_UNVERIFIED,
+                Status.REVIEW,
+                f"how many children each level of a categorical predictor holds is not known "
+                f"({names}): a level held by very few is fitted to them, and its coefficient "
+                "gives their outcome; give the counts per level as evidence (tre.outputs does)",
+            ),
+            [{"variable": v, "levels": ls, **loc} for v, ls in unverified.items()],
+        )
     for variable, levels in (model.categorical_cells if model else {}).items():
         for level, count in levels.items():
             breach = rules.count_cell(count, policy)
