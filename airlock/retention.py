@@ -74,7 +74,7 @@ from sqlalchemy import select
 
 from airlock.release import staging_root
 from airlock.service.models import Release, ReleaseRequest, RequestFile
-from airlock.storage import claim_stale_check_dirs, fsync_dir
+from airlock.storage import claim_stale_check_dirs, fsync_dir, held_dir
 from airlock.workflow import State
 from tre.audit import AuditEvent, record_event
 from tre.registry import Problem, validate_file
@@ -635,16 +635,7 @@ def _claim(path: Path) -> int | None:
     is gone (the deletion happens after the store lock is let go). None if a live run holds it
     (or it is gone): another run then neither names it as an interrupted run's nor deletes it.
     A killed run's lock goes with its process, so its trash is claimed by the next run."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return held_dir(path)
 
 
 def _hold(run: Path, claims: list[int]) -> None:

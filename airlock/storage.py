@@ -161,7 +161,7 @@ class FileSystemStore:
 # copy for good.
 
 
-def _held_dir(path: Path) -> int | None:
+def held_dir(path: Path) -> int | None:
     """An fd of ``path`` with an exclusive flock on it; None if someone holds it or it is gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -182,7 +182,7 @@ def check_workdir(root: Path) -> Iterator[Path]:
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     while True:
         path = Path(tempfile.mkdtemp(prefix=CHECK_DIR_PREFIX, dir=root))
-        fd = _held_dir(path)
+        fd = held_dir(path)
         if fd is None:
             continue  # a cleaner found it before we held it: it is going, take another
         try:
@@ -208,7 +208,7 @@ def claim_stale_check_dirs(root: Path, claims: list[int]) -> list[Path]:
     for path in sorted(root.iterdir()):
         if not path.name.startswith(CHECK_DIR_PREFIX) or path.is_symlink() or not path.is_dir():
             continue  # not ours: left alone
-        fd = _held_dir(path)
+        fd = held_dir(path)
         if fd is None:
             continue  # a check in progress (in any process), or gone
         claims.append(fd)

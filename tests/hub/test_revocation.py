@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import PASSWORDS, make_state, stop_everything
+from conftest import AIRLOCK_CLIENT, PASSWORDS, make_state, stop_everything
 from tornado.httpclient import HTTPClientError
 
 from tre.hub.auth import ADMINS_GROUP, CHECKERS_GROUP, PasswordFile
@@ -39,15 +39,6 @@ pytestmark = [pytest.mark.hub, pytest.mark.sandbox]
 
 BOUND = 30.0  # seconds: enforce_poll_seconds (5) + one pass (stopping a sandbox) + slack
 ADMIN_PASSWORD = "admin-correct-horse-battery"
-AIRLOCK_CLIENT = """
-import json, os, httpx
-airlock = httpx.Client(
-    transport=httpx.HTTPTransport(uds=os.environ["TRE_AIRLOCK_SOCKET"]),
-    base_url="http://airlock/services/airlock/api",
-    headers={"Authorization": "token " + os.environ["JUPYTERHUB_API_TOKEN"]},
-    timeout=60,
-)
-"""
 NEW_REQUEST = """
 r = airlock.post("/requests", json={"project": os.environ["TRE_PROJECT"], "title": "t", "context": "c", "controls": "c", "files": [], "submit": False})
 print(json.dumps({"status": r.status_code}))
