@@ -176,9 +176,10 @@ def test_row_numbers_stay_the_files_own_after_empty_lines(tmp_path, delivery, ke
     assert loaded == sum(delivery[t].height for t in TABLES) - r.quarantined_rows
 
 
-def test_values_spanning_lines_are_one_row_and_keep_record_numbers(tmp_path, delivery, key):
+def test_values_spanning_lines_are_one_row_and_rows_keep_their_line(tmp_path, delivery, key):
     """A quoted value holding a line break is one value of one row, with LF, CRLF and CR line
-    ends; rows are numbered by record (row N is the N-th record after the header)."""
+    ends; row N still starts on line N + 1 of the file: the line break inside the value above
+    it is counted (the 21st record starts on line 23 here, so it is row 22)."""
     d = _defects(delivery)
     multi = pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("line one\nline two"))
     d["patient"] = d["patient"].with_columns(multi.otherwise(pl.col("study_id")).alias("study_id"))
@@ -188,7 +189,10 @@ def test_values_spanning_lines_are_one_row_and_keep_record_numbers(tmp_path, del
         r = ingest(s, "uk-ccr", files, on_invalid="quarantine")
         assert r.status == "loaded" and r.rows_added["patient"] == d["patient"].height - 1
         rows = pl.read_csv(r.errors_csv).filter(pl.col("table") == "patient")["row"].to_list()
-        assert rows == [21]
+        assert rows == [22]
+        patient = next(f for f in files if f.name.startswith("patient"))
+        line = patient.read_bytes().split(eol)[rows[0]]  # line N + 1, 0-based N
+        assert line.startswith(d["patient"]["patient_id"][20].encode())
         con = duckdb.connect(str(PooledStore(s.pooled_dir).db_path), read_only=True)
         try:
             [(text,)] = con.execute(

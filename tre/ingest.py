@@ -213,6 +213,7 @@ class _CsvLayout:
     separator: str
     eol: str  # "\n" (LF or CRLF line ends) or "\r" (old Mac: CR only)
     header_line: int  # 1 unless empty lines come before the header (polars skips them)
+    quoted: bool = False  # the file holds a double quote: a value may span lines
 
 
 def _line_of(data: bytes, offset: int, eol: str) -> int:
@@ -255,7 +256,7 @@ def _csv_layout(path: Path, encoding: str = "utf-8") -> _CsvLayout:
     (and has no UTF-8 byte-order mark) is then decoded with it and handed to polars as UTF-8."""
     if encoding not in TEXT_ENCODINGS:
         raise IngestError(f"unknown text encoding {encoding!r}: one of {', '.join(TEXT_ENCODINGS)}")
-    lf = False
+    lf = quoted = False
     with path.open("rb") as fh:
         head = fh.read(_HEAD)
         if head.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
@@ -270,6 +271,7 @@ def _csv_layout(path: Path, encoding: str = "utf-8") -> _CsvLayout:
                     f"(UTF-16? a binary file?){_UTF8_HINT}"
                 )
             lf = lf or b"\n" in chunk
+            quoted = quoted or b'"' in chunk
     source: Path | bytes = path
     if encoding != "utf-8" and not head.startswith(_UTF8_BOM):
         data = path.read_bytes()
@@ -312,16 +314,30 @@ def _csv_layout(path: Path, encoding: str = "utf-8") -> _CsvLayout:
     # ',' unless the header is clearly separated by ';' or tabs (spreadsheets saved in locales
     # whose decimal mark is the comma write ';')
     separator = best if counts[best] > counts[","] else ","
-    return _CsvLayout(source, separator, eol, skipped + 1)
+    return _CsvLayout(source, separator, eol, skipped + 1, quoted)
 
 
-def _drop_empty_rows(df: pl.DataFrame, header_line: int) -> pl.DataFrame:
+def _line_breaks_in_values(df: pl.DataFrame, eol: str) -> pl.Series | None:
+    """Per row, how many line breaks its quoted values hold (each puts the rows below one line
+    further down the file); None if no value holds one."""
+    breaks = df.select(
+        pl.sum_horizontal(
+            pl.col(c).str.count_matches(eol, literal=True).fill_null(0) for c in df.columns
+        ).cast(pl.Int64)
+    ).to_series()
+    return breaks if breaks.max() else None
+
+
+def _drop_empty_rows(
+    df: pl.DataFrame, header_line: int, breaks: pl.Series | None = None
+) -> pl.DataFrame:
     """Empty lines are not rows. A line that holds nothing (or only separators, or only empty
     quotes ``""``) comes out of polars as a row with every value null or empty: it is dropped,
-    and the remaining rows keep the numbers they had: row N is on line N + 1 of the file (the
-    header's line, and any empty line before it, counted) as long as no quoted value above it
-    spans lines. They are given as the ``_row`` column, which the dictionary reports.
-    Only rows whose first value is empty are looked at more closely (cheap for a clean file)."""
+    and the remaining rows keep the numbers they had: row N starts on line N + 1 of the file
+    (the header's line, any empty line before it, and the line breaks inside quoted values
+    above it (``breaks``, per row) counted). They are given as the ``_row`` column, which the
+    dictionary reports. Only rows whose first value is empty are looked at more closely (cheap
+    for a clean file)."""
     if not df.height or not df.width:
         return df
     empty = pl.all_horizontal(
@@ -338,14 +354,13 @@ def _drop_empty_rows(df: pl.DataFrame, header_line: int) -> pl.DataFrame:
         if candidates.len()
         else candidates
     )
-    if not blank.len() and header_line == 1:
+    if not blank.len() and header_line == 1 and breaks is None:
         return df  # numbered 1.. by the dictionary, as before
     keep = pl.Series(values=[True]).extend_constant(True, df.height - 1).scatter(blank, False)
-    return (
-        df.with_row_index(ROW, offset=header_line)
-        .with_columns(pl.col(ROW).cast(pl.Int64))
-        .filter(keep)
-    )
+    numbered = df.with_row_index(ROW, offset=header_line).with_columns(pl.col(ROW).cast(pl.Int64))
+    if breaks is not None:  # the breaks of the rows above push a row down
+        numbered = numbered.with_columns(pl.col(ROW) + (breaks.cum_sum() - breaks))
+    return numbered.filter(keep)
 
 
 def _read_parquet(path: Path) -> pl.DataFrame:
@@ -417,7 +432,8 @@ def _read_csv(path: Path, encoding: str = "utf-8") -> pl.DataFrame:
         hint = _UTF8_HINT if "utf-8" in message or "utf8" in message else ""
         raise IngestError(f"{path.name}: cannot be read: {_reader_message(exc)}{hint}") from exc
     df = df.rename(dict(zip(df.columns, _header_names(df.columns, path), strict=True)))
-    kept = _drop_empty_rows(df, layout.header_line)
+    breaks = _line_breaks_in_values(df, layout.eol) if layout.quoted else None
+    kept = _drop_empty_rows(df, layout.header_line, breaks)
     if kept.height < df.height:  # said, so that a site's row count can be reconciled
         log.info("empty lines skipped", file=path.name, lines=df.height - kept.height)
     return kept
