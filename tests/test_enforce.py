@@ -320,6 +320,23 @@ def test_enforce_loop_acts_within_seconds_of_a_declaration_change(tmp_path):
     assert not extracts.path(settings, "wilms-outcomes").exists()
 
 
+def test_the_loop_wakes_when_the_local_date_changes(tmp_path, monkeypatch):
+    """An end date passes at midnight without any file changing: the wait between passes ends
+    at the next poll after the date changes, not an interval (here an hour) later."""
+    import threading
+    import time
+
+    import tre.enforce as enforce_module
+
+    settings = make_settings(tmp_path, enforce_interval_seconds=3600, enforce_poll_seconds=1)
+    days = iter([TODAY, TODAY, TODAY + dt.timedelta(days=1)])
+    monkeypatch.setattr(enforce_module, "_local_date", lambda: next(days, TODAY))
+    stamp = enforce_module._policies_stamp_or_none(settings)
+    start = time.monotonic()
+    enforce_module.wait_for_next_pass(settings, stamp, threading.Event())
+    assert time.monotonic() - start < 10  # two polls, then the new day
+
+
 def test_without_a_hub_the_workspace_is_not_archived(tmp_path):
     """Nobody can say whether a sandbox still writes to it: wait, unless told there is no hub."""
     settings = make_settings(tmp_path)

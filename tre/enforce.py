@@ -453,20 +453,28 @@ def _policies_stamp_or_none(settings: Settings) -> tuple | None:
         return None
 
 
+def _local_date() -> dt.date:
+    return dt.datetime.now().astimezone().date()
+
+
 def wait_for_next_pass(settings: Settings, stamp: tuple | None, stop: threading.Event) -> None:
     """Return after ``enforce_interval_seconds``, or as soon as a declaration differs from
-    ``stamp`` (checked every ``enforce_poll_seconds``), or when ``stop`` is set.
+    ``stamp`` or the local date changes (both checked every ``enforce_poll_seconds``), or when
+    ``stop`` is set.
 
     The interval alone (300 s by default) let a removed member keep their running sandbox, and
     a suspended project its sandboxes and extract, for up to five minutes after the file
     changed; polling a stat of each declaration is cheap (the airlock does it on every
-    request), so a change is acted on within seconds."""
+    request), so a change is acted on within seconds. So is midnight: a project whose end date
+    has just passed loses its running sandboxes then, not up to an interval later (the hub's
+    start gate and the airlock refuse from midnight on their own)."""
     deadline = time.monotonic() + settings.enforce_interval_seconds
+    day = _local_date()
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or stop.wait(min(settings.enforce_poll_seconds, remaining)):
             return
-        if _policies_stamp_or_none(settings) != stamp:
+        if _policies_stamp_or_none(settings) != stamp or _local_date() != day:
             return
 
 
