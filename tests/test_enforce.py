@@ -222,12 +222,13 @@ def test_unreadable_manifest_is_never_purged(tmp_path):
     assert (d / "x-project-1.tar.gz").exists()
 
 
-def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
+def _run_enforce_loop(settings, on_report, stop, **kwargs) -> tuple:
+    """Apply the declarations, then run ``enforce_loop`` (no hub) in a thread until ``stop``
+    is set or 30 s pass; return the extracts, and whether the loop was still running."""
     import threading
 
     from tre.enforce import enforce_loop
 
-    settings = make_settings(tmp_path, enforce_interval_seconds=1)
     extracts, audit = FileExtracts(), ListAudit()
     reconcile(
         settings,
@@ -237,15 +238,6 @@ def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
         audit=audit,
         extracts=extracts,
     )
-    stop, reports = threading.Event(), []
-
-    def on_report(report):
-        reports.append(report)
-        if len(reports) == 1:  # between passes, the project is suspended by hand
-            set_status(settings.policies_dir, "wilms-outcomes", "suspended")
-        else:
-            stop.set()
-
     loop = threading.Thread(
         target=enforce_loop,
         args=(settings, lambda: load_registry(settings.policies_dir)),
@@ -255,11 +247,32 @@ def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
             "stop": stop,
             "on_report": on_report,
             "use_hub": False,
+            **kwargs,
         },
     )
     loop.start()
     loop.join(30)
-    assert not loop.is_alive()
+    alive = loop.is_alive()
+    stop.set()
+    loop.join(10)
+    return extracts, alive
+
+
+def test_enforce_loop_rereads_declarations_each_pass(tmp_path):
+    import threading
+
+    settings = make_settings(tmp_path, enforce_interval_seconds=1)
+    stop, reports = threading.Event(), []
+
+    def on_report(report):
+        reports.append(report)
+        if len(reports) == 1:  # between passes, the project is suspended by hand
+            set_status(settings.policies_dir, "wilms-outcomes", "suspended")
+        else:
+            stop.set()
+
+    extracts, alive = _run_enforce_loop(settings, on_report, stop)
+    assert not alive
     assert not reports[0].did_something
     assert ("wilms-outcomes", "remove_extract") in {
         (c.project, c.action.value) for c in reports[1].changes
@@ -275,18 +288,7 @@ def test_enforce_loop_acts_within_seconds_of_a_declaration_change(tmp_path):
     import threading
     import time
 
-    from tre.enforce import enforce_loop
-
     settings = make_settings(tmp_path, enforce_interval_seconds=3600)
-    extracts, audit = FileExtracts(), ListAudit()
-    reconcile(
-        settings,
-        load_registry(settings.policies_dir),
-        actor="admin",
-        use_hub=False,
-        audit=audit,
-        extracts=extracts,
-    )
     stop, reports, changed_at = threading.Event(), [], []
 
     def on_report(report):
@@ -298,22 +300,7 @@ def test_enforce_loop_acts_within_seconds_of_a_declaration_change(tmp_path):
         else:
             stop.set()
 
-    loop = threading.Thread(
-        target=enforce_loop,
-        args=(settings, lambda: load_registry(settings.policies_dir)),
-        kwargs={
-            "extracts": extracts,
-            "audit": audit,
-            "stop": stop,
-            "on_report": on_report,
-            "use_hub": False,
-            "gc": False,
-        },
-    )
-    loop.start()
-    loop.join(30)
-    stop.set()
-    loop.join(10)
+    extracts, _ = _run_enforce_loop(settings, on_report, stop, gc=False)
     assert len(reports) == 2, "no pass after the declaration changed"
     took = reports[1][0] - changed_at[0]
     assert took < 10, took

@@ -653,20 +653,27 @@ def test_random_sequences_with_gc_never_lose_a_needed_snapshot(service, tre_sett
 GC_WORKER = Path(__file__).with_name("gc_worker.py")
 
 
+def gc_worker_command(service, db, when: dt.datetime, stop_at: int) -> list[str]:
+    """`airlock gc` as of ``when`` in a process of its own (gc_worker.py), stopping (and
+    waiting to be killed) at its ``stop_at``-th step; -1: run to the end."""
+    settings = service.settings
+    return [
+        sys.executable,
+        str(GC_WORKER),
+        db.url,
+        db.schema or "",
+        str(settings.state_dir),
+        str(settings.policies_dir),
+        when.isoformat(),
+        str(stop_at),
+    ]
+
+
 def kill_gc_at(service, db, when: dt.datetime, stop_at: int) -> str:
     """Run `airlock gc` as of ``when`` in a process of its own and SIGKILL it at its
     ``stop_at``-th step (gc_worker.py says where it is); return that step's name."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(GC_WORKER),
-            db.url,
-            db.schema or "",
-            str(service.settings.state_dir),
-            str(service.settings.policies_dir),
-            when.isoformat(),
-            str(stop_at),
-        ],
+        gc_worker_command(service, db, when, stop_at),
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},

@@ -35,7 +35,6 @@ from airlock.retention import RetentionPolicyError, collect, load_retention_poli
 from airlock.service.core import Gone
 from airlock.storage import sha256_file
 from tests.airlock_service.test_retention import (
-    GC_WORKER,
     NOW,
     POLICY,
     age,
@@ -44,6 +43,7 @@ from tests.airlock_service.test_retention import (
     cli,
     files_holding,
     gc_events,
+    gc_worker_command,
     policy_file,
     purge_events,
     released_with,
@@ -195,16 +195,7 @@ def big_text(seed: str) -> str:
 def run_gc(service, db, when: dt.datetime) -> None:
     """`airlock gc` as of ``when``, in a process of its own (gc_worker.py), to the end."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(GC_WORKER),
-            db.url,
-            db.schema or "",
-            str(service.settings.state_dir),
-            str(service.settings.policies_dir),
-            when.isoformat(),
-            "-1",  # no step to stop at
-        ],
+        gc_worker_command(service, db, when, -1),
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
